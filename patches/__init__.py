@@ -1,0 +1,10 @@
+"""Model-family adapters, keyed by ``model.config.model_type`` (importable as ``tokenprune.patches``)."""
+
+from __future__ import annotations
+
+from tokenprune.patches.base import VisionStageAdapter
+from tokenprune.patches.llava import LlavaAdapter
+
+ADAPTERS: dict[str, type[VisionStageAdapter]] = {t: cls for cls in (LlavaAdapter,) for t in cls.model_types}
+
+__all__ = ["ADAPTERS", "LlavaAdapter", "VisionStageAdapter"]

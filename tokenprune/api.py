@@ -1,0 +1,141 @@
+"""The one-line API: ``enable_pruning``, ``disable_pruning``, ``pruning`` and ``list_methods``."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from tokenprune.budget import Keep, validate_keep
+from tokenprune.config import PruningConfig
+from tokenprune.methods import METHODS, PruningMethod, make_method
+from tokenprune.record import PruneRecord
+
+_HANDLE_ATTR = "_tokenprune_handle"
+
+
+class PruningHandle:
+    """What ``enable_pruning`` returns: the active config, the method and the record of the last pruned prefill."""
+
+    def __init__(self, model: torch.nn.Module, config: PruningConfig, method: PruningMethod):
+        self.model = model
+        self.config = config
+        self.method = method
+        self.last: PruneRecord | None = None
+        self._adapter: Any = None
+
+    def _record(self, record: PruneRecord) -> None:
+        self.last = record
+
+    @property
+    def active(self) -> bool:
+        return getattr(self.model, _HANDLE_ATTR, None) is self
+
+    def remove(self) -> None:
+        """Same as ``disable_pruning(model)`` (if this handle is still the active one)."""
+        if self.active:
+            disable_pruning(self.model)
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"PruningHandle({self.method.describe()}, keep={self.config.keep!r}, {state})"
+
+
+def _adapter_class(model: torch.nn.Module) -> type:
+    from tokenprune.patches import ADAPTERS  # late import: the adapters import the core, not the other way round
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ADAPTERS:
+        raise ValueError(
+            f"tokenprune does not support model_type {model_type!r} ({type(model).__name__}); supported model types: "
+            f"{', '.join(sorted(ADAPTERS))}. Load the model with its *ForConditionalGeneration class."
+        )
+    return ADAPTERS[model_type]
+
+
+def enable_pruning(
+    model: torch.nn.Module,
+    method: str | PruningMethod | PruningConfig,
+    keep: Keep | None = None,
+    **options: Any,
+) -> PruningHandle:
+    """Prune the visual tokens of every later ``model.generate``/``model(...)`` call with images.
+
+    ``method`` is a name from :func:`list_methods`, a method instance or a :class:`PruningConfig`; ``keep`` a ratio
+    in (0, 1] or an int token count per image; ``options`` the method's hyper-parameters. Calling it again on the
+    same model replaces the previous pruning (with a warning). Returns a :class:`PruningHandle`.
+    """
+    if isinstance(method, PruningConfig):
+        if keep is not None or options:
+            raise TypeError("pass either a PruningConfig or method/keep/options, not both")
+        config = method
+        instance = config.build_method()
+    else:
+        if keep is None:
+            raise TypeError("enable_pruning needs keep=: a ratio in (0, 1] (e.g. keep=0.11) or a token count (keep=64)")
+        validate_keep(keep)
+        instance = make_method(method, **options)
+        config = PruningConfig.from_method(instance, keep)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"enable_pruning expects a transformers model (torch.nn.Module); got {type(model).__name__}")
+    adapter_cls = _adapter_class(model)
+
+    previous = getattr(model, _HANDLE_ATTR, None)
+    handle = PruningHandle(model, config, instance)
+    adapter = adapter_cls(model, instance, config.keep, handle)  # validates method vs model before touching it
+    if previous is not None:
+        warnings.warn(
+            f"pruning was already enabled on this model ({previous.method.describe()}, keep={previous.config.keep!r});"
+            f" replacing it with {instance.describe()}, keep={config.keep!r}",
+            UserWarning,
+            stacklevel=2,
+        )
+        disable_pruning(model)
+    handle._adapter = adapter
+    _activate(handle)
+    return handle
+
+
+def _activate(handle: PruningHandle) -> None:
+    handle._adapter.install()
+    setattr(handle.model, _HANDLE_ATTR, handle)
+
+
+def disable_pruning(model: torch.nn.Module) -> bool:
+    """Remove everything ``enable_pruning`` installed. Returns False if pruning was not enabled."""
+    handle = model.__dict__.get(_HANDLE_ATTR)
+    if handle is None:
+        return False
+    handle._adapter.uninstall()
+    del model.__dict__[_HANDLE_ATTR]
+    return True
+
+
+def get_handle(model: torch.nn.Module) -> PruningHandle | None:
+    """The active handle of ``model``, or None."""
+    return model.__dict__.get(_HANDLE_ATTR)
+
+
+@contextlib.contextmanager
+def pruning(
+    model: torch.nn.Module, method: str | PruningMethod | PruningConfig, keep: Keep | None = None, **options: Any
+) -> Iterator[PruningHandle]:
+    """Context manager: pruning inside the block; on exit the model is restored (including an earlier pruning)."""
+    previous = get_handle(model)
+    if previous is not None:
+        disable_pruning(model)
+    handle = enable_pruning(model, method, keep, **options)
+    try:
+        yield handle
+    finally:
+        disable_pruning(model)
+        if previous is not None:
+            _activate(previous)
+
+
+def list_methods() -> dict[str, str]:
+    """Registered methods: name -> paper."""
+    return {name: METHODS[name].paper for name in sorted(METHODS)}

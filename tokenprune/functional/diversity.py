@@ -1,0 +1,48 @@
+"""Diversity selectors."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenprune.functional._ranking import check_k
+
+
+def cosine_distance(features: torch.Tensor) -> torch.Tensor:
+    """``1 - cos(x_i, x_j)`` for the rows of ``features`` ``[N, D]``, computed in fp32 -> ``[N, N]``."""
+    x = features.float()
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    return 1.0 - x @ x.T
+
+
+def divprune(features: torch.Tensor, k: int) -> torch.Tensor:
+    """DivPrune (DivPrune: Diversity-based Visual Token Pruning for LMMs, Alvar et al., CVPR 2025).
+
+    Greedy max-min diversity in cosine distance over the visual tokens ``[N, D]`` (the official code uses the
+    projected tokens, i.e. the LLM's input space). The first pick is the token farthest from its nearest
+    neighbour (second-smallest entry of its distance column, the smallest being itself); each next pick
+    maximises the distance to the nearest already selected token; ``argmax`` ties go to the lowest index.
+
+    Deliberate deviation: selected tokens are excluded from later picks (as the official Qwen port does). The
+    official LLaVA loop has no exclusion and, once every remaining token duplicates a selected one, can
+    re-pick an index and silently keep fewer than ``k`` tokens; whenever it picks ``k`` distinct tokens the
+    two selections are identical.
+    """
+    n = features.shape[0]
+    check_k(k, n)
+    if k >= n:
+        return torch.arange(n, device=features.device)
+    dist = cosine_distance(features)
+    if n == 1:
+        first = 0
+    else:
+        nearest_other = torch.sort(dist, dim=0).values[1]  # per column: second smallest = nearest other token
+        first = int(torch.argmax(nearest_other))
+    selected = [first]
+    min_dist = dist[first].clone()  # running min over the selected rows: O(kN) instead of the official O(k^2 N)
+    min_dist[first] = -torch.inf
+    for _ in range(k - 1):
+        pick = int(torch.argmax(min_dist))
+        selected.append(pick)
+        min_dist = torch.minimum(min_dist, dist[pick])
+        min_dist[selected] = -torch.inf
+    return torch.sort(torch.tensor(selected, dtype=torch.long, device=features.device)).values

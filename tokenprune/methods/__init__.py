@@ -1,0 +1,41 @@
+"""Pruning methods: small dataclasses over :mod:`tokenprune.functional`, looked up by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenprune.methods.base import CLS_ATTENTION, FEATURES, SIGNALS, PruningMethod, SelectionContext
+from tokenprune.methods.baselines import RandomPrune, UniformPrune
+from tokenprune.methods.divprune import DivPrune
+from tokenprune.methods.fastervlm import FasterVLM
+
+METHODS: dict[str, type[PruningMethod]] = {cls.name: cls for cls in (DivPrune, FasterVLM, RandomPrune, UniformPrune)}
+
+
+def make_method(method: str | PruningMethod, **options: Any) -> PruningMethod:
+    """A method instance from a name plus hyper-parameters (or an instance, returned as is)."""
+    if isinstance(method, PruningMethod):
+        if options:
+            raise TypeError(
+                f"hyper-parameters {sorted(options)} were given together with a method instance; set them on the "
+                f"instance instead, e.g. {type(method).__name__}(...)"
+            )
+        return method
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a method name or a PruningMethod instance; got {type(method).__name__}")
+    key = method.lower().replace("-", "").replace("_", "")
+    if key not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known methods: {', '.join(sorted(METHODS))}")
+    cls = METHODS[key]
+    fields = cls.__dataclass_fields__
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        allowed = ", ".join(sorted(fields)) or "none"
+        raise TypeError(f"{cls.name} got unknown option(s) {unknown}; its options are: {allowed}")
+    return cls(**options)
+
+
+__all__ = [
+    "CLS_ATTENTION", "FEATURES", "METHODS", "SIGNALS", "DivPrune", "FasterVLM", "PruningMethod", "RandomPrune",
+    "SelectionContext", "UniformPrune", "make_method",
+]

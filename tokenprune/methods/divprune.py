@@ -1,0 +1,27 @@
+"""DivPrune: keep a maximally diverse subset of the visual tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenprune import functional as F
+from tokenprune.methods.base import FEATURES, PruningMethod, SelectionContext
+
+
+@dataclass
+class DivPrune(PruningMethod):
+    """DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models (Alvar et al., CVPR 2025).
+
+    Greedy max-min diversity in cosine distance over the projected visual tokens (LLM input space, as the
+    official code). The paper's default ratio is 0.098 (56 of 576 tokens); positions are re-indexed
+    contiguously after pruning, as in the official code.
+    """
+
+    name = "divprune"
+    paper = "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models (CVPR 2025)"
+    needs = frozenset({FEATURES})
+
+    def select(self, ctx: SelectionContext) -> torch.Tensor:
+        return F.divprune(ctx.signal(FEATURES), ctx.k)
