@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from tokenprune.methods.base import CLS_ATTENTION, FEATURES, SIGNALS, PruningMethod, SelectionContext
@@ -27,7 +28,7 @@ def make_method(method: str | PruningMethod, **options: Any) -> PruningMethod:
     if key not in METHODS:
         raise ValueError(f"unknown method {method!r}; known methods: {', '.join(sorted(METHODS))}")
     cls = METHODS[key]
-    fields = cls.__dataclass_fields__
+    fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - set(fields))
     if unknown:
         allowed = ", ".join(sorted(fields)) or "none"

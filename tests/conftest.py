@@ -1,0 +1,36 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tokenprune.tiny_models import random_image, tiny_llava  # noqa: E402
+
+PROMPT = "USER : <image>\nwhat is in the image ? ASSISTANT :"
+OTHER_PROMPT = "USER : <image>\ndescribe a red circle and a blue square left of the dog ? ASSISTANT :"
+TWO_IMAGES = "USER : <image>\n<image>\nhow many dog are there ? ASSISTANT :"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(params=["eager", "sdpa"])
+def attn(request):
+    return request.param
+
+
+@pytest.fixture
+def llava(attn):
+    return tiny_llava(attn_implementation=attn)
+
+
+def encode(processor, prompts, images):
+    """Processor output for a batch (left padding), images in prompt order."""
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+
+
+@pytest.fixture
+def one_prompt(llava):
+    _, processor = llava
+    return encode(processor, [PROMPT], [random_image(80, 96, seed=1)])

@@ -1,0 +1,174 @@
+"""LLaVA-1.5 end to end on tiny models built from configs, under eager and sdpa, for every method."""
+
+import pytest
+import torch
+from conftest import OTHER_PROMPT, PROMPT, TWO_IMAGES, encode
+
+from tokenprune import disable_pruning, enable_pruning, list_methods
+from tokenprune.tiny_models import random_image
+
+METHODS = sorted(list_methods())
+GEN = dict(max_new_tokens=6, do_sample=False)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_keep_all_is_bit_identical(llava, one_prompt, method):
+    model, _ = llava
+    with torch.no_grad():
+        ref_logits = model(**one_prompt).logits
+        ref_ids = model.generate(**one_prompt, **GEN)
+        handle = enable_pruning(model, method, keep=1.0)
+        logits = model(**one_prompt).logits
+        ids = model.generate(**one_prompt, **GEN)
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(ids, ref_ids)
+    assert handle.last.n_kept == handle.last.n_visual == 64
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pruned_generate_is_transparent_and_cache_consistent(llava, one_prompt, method):
+    model, _ = llava
+    handle = enable_pruning(model, method, keep=0.11)
+    with torch.no_grad():
+        cached = model.generate(**one_prompt, **GEN)
+        uncached = model.generate(**one_prompt, **GEN, use_cache=False)
+    prompt = one_prompt["input_ids"]
+    assert torch.equal(cached[:, : prompt.shape[1]], prompt)  # original prompt ids, then new tokens
+    assert cached.shape[1] == prompt.shape[1] + GEN["max_new_tokens"]
+    assert torch.equal(cached, uncached)
+    (image,) = handle.last.images
+    assert image.n == 64 and image.n_kept == 7  # round(0.11 * 64) = 7
+    assert handle.last.seq_len_after == prompt.shape[1] - 64 + 7
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pruned_forward_equals_the_model_run_on_the_kept_tokens(llava, one_prompt, method):
+    """Oracle: pruning == feeding the LLM exactly the kept features at contiguous positions."""
+    model, _ = llava
+    handle = enable_pruning(model, method, keep=16)
+    with torch.no_grad():
+        logits = model(**one_prompt).logits
+    kept = handle.last.images[0].kept
+    disable_pruning(model)
+    ids = one_prompt["input_ids"][0]
+    image_pos = (ids == model.config.image_token_id).nonzero().squeeze(1)
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[image_pos] = False
+    keep[image_pos[kept]] = True
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=one_prompt["pixel_values"]).pooler_output[0]
+        embeds = model.get_input_embeddings()(ids[keep][None])
+        embeds[0, ids[keep] == model.config.image_token_id] = feats[kept]
+        expected = model(inputs_embeds=embeds).logits
+    assert logits.shape[1] == int(keep.sum())
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_rows_match_each_prompt_alone(llava, method):
+    """Two different prompts, different images and lengths, left padded, one with two images."""
+    model, processor = llava
+    prompts = [PROMPT, OTHER_PROMPT, TWO_IMAGES]
+    images = [[random_image(80, 96, seed=1)], [random_image(64, 64, seed=2)],
+              [random_image(70, 50, seed=3), random_image(90, 90, seed=4)]]
+    handle = enable_pruning(model, method, keep=0.25)
+    alone = []
+    with torch.no_grad():
+        for prompt, imgs in zip(prompts, images):
+            out = model(**encode(processor, [prompt], imgs)).logits[0, -1]
+            alone.append((out, [im.kept for im in handle.last.images]))
+        batch = encode(processor, prompts, [im for imgs in images for im in imgs])
+        assert batch["attention_mask"][0, 0] == 0  # really left padded
+        logits = model(**batch).logits[:, -1]
+    for row, (ref, kept) in enumerate(alone):
+        torch.testing.assert_close(logits[row], ref, rtol=1e-4, atol=1e-5)
+        batch_kept = [im.kept for im in handle.last.images if im.row == row]
+        assert [k.tolist() for k in batch_kept] == [k.tolist() for k in kept]
+    assert [im.row for im in handle.last.images] == [0, 1, 2, 2]
+    assert [im.index_in_row for im in handle.last.images] == [0, 0, 0, 1]
+
+
+def test_batched_generate_matches_each_prompt_alone(llava):
+    model, processor = llava
+    prompts, images = [PROMPT, OTHER_PROMPT], [random_image(80, 96, seed=1), random_image(64, 64, seed=2)]
+    enable_pruning(model, "divprune", keep=8)
+    with torch.no_grad():
+        batch = encode(processor, prompts, images)
+        out = model.generate(**batch, **GEN, output_scores=True, return_dict_in_generate=True)
+        assert torch.equal(out.sequences[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+        for row in range(2):
+            single = model.generate(**encode(processor, [prompts[row]], [images[row]]), **GEN,
+                                    output_scores=True, return_dict_in_generate=True)
+            torch.testing.assert_close(out.scores[0][row], single.scores[0][0], rtol=1e-4, atol=1e-5)
+
+
+def test_manual_decode_loop_with_original_mask_matches_generate(llava):
+    """A hand-written loop that extends the ORIGINAL (left-padded) attention mask still lines up with the
+    pruned KV cache: step by step it gives the logits generate gave for the same tokens."""
+    model, processor = llava
+    images = [random_image(80, 96, seed=1), random_image(64, 64, seed=2), random_image(90, 90, seed=3)]
+    batch = encode(processor, [PROMPT, TWO_IMAGES], images)  # rows lose different counts: re-padded
+    enable_pruning(model, "fastervlm", keep=0.25)
+    with torch.no_grad():
+        ref = model.generate(**batch, **GEN, output_logits=True, return_dict_in_generate=True)
+        new_tokens = ref.sequences[:, batch["input_ids"].shape[1]:]
+        out = model(**batch, use_cache=True)
+        mask, steps = batch["attention_mask"], [out.logits[:, -1]]
+        for t in range(GEN["max_new_tokens"] - 1):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = model(input_ids=new_tokens[:, t:t + 1], attention_mask=mask, past_key_values=out.past_key_values,
+                        use_cache=True)
+            steps.append(out.logits[:, -1])
+    for step, expected in zip(steps, ref.logits):
+        torch.testing.assert_close(step, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_num_return_sequences_keeps_the_original_prompt(llava, one_prompt):
+    model, _ = llava
+    enable_pruning(model, "uniform", keep=0.25)
+    with torch.no_grad():
+        out = model.generate(**one_prompt, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    assert out.shape[0] == 2
+    assert torch.equal(out[:, : one_prompt["input_ids"].shape[1]], one_prompt["input_ids"].expand(2, -1))
+
+
+def test_positional_call_and_labels(llava, one_prompt):
+    model, _ = llava
+    handle = enable_pruning(model, "random", keep=10, seed=3)
+    labels = one_prompt["input_ids"].clone()
+    labels[labels == model.config.image_token_id] = -100
+    with torch.no_grad():
+        out = model(one_prompt["input_ids"], one_prompt["pixel_values"], one_prompt["attention_mask"], labels=labels)
+    assert out.logits.shape[1] == handle.last.seq_len_after == one_prompt["input_ids"].shape[1] - 54
+    assert torch.isfinite(out.loss)
+
+
+def test_cls_attention_recomputation_matches_eager_attention_maps(llava, one_prompt):
+    """The pre-hook's [CLS] row equals the eager attention map of the feature layer (not the last layer)."""
+    from tokenprune.patches.llava import cls_attention_hook
+
+    model, _ = llava
+    tower = model.model.vision_tower
+    layer = len(tower.encoder.layers) - 2  # vision_feature_layer = -2
+    store = {}
+    hook = cls_attention_hook(tower.encoder.layers[layer].self_attn, store)
+    with torch.no_grad():
+        tower(one_prompt["pixel_values"])
+    hook.remove()
+    model.model.vision_tower.set_attn_implementation("eager")
+    with torch.no_grad():
+        maps = tower(one_prompt["pixel_values"], output_attentions=True).attentions
+    torch.testing.assert_close(store["cls_attention"], maps[layer][:, :, 0].float(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(maps[layer][:, :, 0], maps[-1][:, :, 0])
+
+
+def test_prompts_without_images_are_untouched(llava):
+    model, processor = llava
+    text = processor.tokenizer(["USER : what is a cat ? ASSISTANT :"], return_tensors="pt")
+    with torch.no_grad():
+        ref = model.generate(**text, **GEN)
+        handle = enable_pruning(model, "divprune", keep=0.1)
+        out = model.generate(**text, **GEN)
+        logits = model(**text).logits
+    assert torch.equal(out, ref) and logits.shape[1] == text["input_ids"].shape[1]
+    assert handle.last is None
