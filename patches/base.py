@@ -108,7 +108,7 @@ class VisionStageAdapter:
             return inner(*args, **kwargs)
         if len(args) > len(self._forward_params):
             return inner(*args, **kwargs)
-        kwargs.update(zip(self._forward_params, args))
+        kwargs.update(zip(self._forward_params, args, strict=False))
         call = self.prune(kwargs)
         if call is None:
             return inner(**self._translate_decode_mask(kwargs))

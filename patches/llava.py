@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from tokenprune.patches.base import PrunedCall, VisionStageAdapter
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from tokenprune.patches.base import PrunedCall, VisionStageAdapter
 from tokenprune.budget import kept_count
 from tokenprune.compaction import compact, padding_side, reindex_positions
 from tokenprune.methods import CLS_ATTENTION, FEATURES, SelectionContext

@@ -74,7 +74,7 @@ def test_batch_rows_match_each_prompt_alone(llava, method):
     handle = enable_pruning(model, method, keep=0.25)
     alone = []
     with torch.no_grad():
-        for prompt, imgs in zip(prompts, images):
+        for prompt, imgs in zip(prompts, images, strict=True):
             out = model(**encode(processor, [prompt], imgs)).logits[0, -1]
             alone.append((out, [im.kept for im in handle.last.images]))
         batch = encode(processor, prompts, [im for imgs in images for im in imgs])
@@ -119,7 +119,7 @@ def test_manual_decode_loop_with_original_mask_matches_generate(llava):
             out = model(input_ids=new_tokens[:, t:t + 1], attention_mask=mask, past_key_values=out.past_key_values,
                         use_cache=True)
             steps.append(out.logits[:, -1])
-    for step, expected in zip(steps, ref.logits):
+    for step, expected in zip(steps, ref.logits, strict=True):
         torch.testing.assert_close(step, expected, rtol=1e-4, atol=1e-5)
 
 

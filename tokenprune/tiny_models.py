@@ -61,7 +61,11 @@ DEMO = LlavaSize(image_size=336, patch_size=14, vision_hidden=256, vision_layers
 def tiny_llava(size: LlavaSize = TINY, attn_implementation: str = "sdpa", seed: int = 0):
     """``(model, processor)``: a LLaVA-1.5-architecture model with random weights (eval mode, fp32)."""
     from transformers import (
-        CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
         LlavaProcessor,
     )
 

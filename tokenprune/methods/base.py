@@ -11,7 +11,7 @@ import torch
 
 # Signals an adapter can compute for a vision-stage method (one image at a time).
 FEATURES = "features"            # [N, D] the image's visual tokens after the projector (the LLM's input space)
-CLS_ATTENTION = "cls_attention"  # [H, N] [CLS] -> image-token attention of the vision feature layer (softmax over all keys)
+CLS_ATTENTION = "cls_attention"  # [H, N] [CLS] -> image-token attention at the vision feature layer (softmax: all keys)
 SIGNALS = (FEATURES, CLS_ATTENTION)
 
 

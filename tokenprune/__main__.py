@@ -1,0 +1,5 @@
+import sys
+
+from tokenprune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,88 @@
+"""Command line: ``tokenprune`` (also ``python -m tokenprune``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def parse_keep(text: str) -> float | int:
+    """'64' -> 64 tokens, '0.11' -> a ratio (validated by the budget controller)."""
+    from tokenprune.budget import validate_keep
+
+    try:
+        value: float | int = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            message = f"keep must be a ratio like 0.11 or a token count like 64; got {text!r}"
+            raise argparse.ArgumentTypeError(message) from None
+    try:
+        return validate_keep(value)
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tokenprune import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="tokenprune", description="Training-free visual-token pruning for Hugging Face vision-language models."
+    )
+    parser.add_argument("--version", action="version", version=f"tokenprune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo", help="prune one prompt on an offline LLaVA-1.5-shaped model and print a timing table",
+        description="Build a LLaVA-1.5-architecture model offline (576 visual tokens per image, random weights), "
+        "run one prompt on a generated image unpruned and pruned, and print visual tokens, sequence length, "
+        "prefill time (median of several runs), speed-up and which patches were kept.",
+    )
+    demo.add_argument("--method", default="divprune", help="pruning method (see `tokenprune methods`)")
+    demo.add_argument("--keep", type=parse_keep, default=0.11, help="ratio in (0, 1] or token count (default 0.11)")
+    demo.add_argument("--repeats", type=int, default=5, help="timed runs per setting after one warm-up (default 5)")
+
+    methods = sub.add_parser("methods", help="list the available pruning methods",
+                             description="List the pruning methods with their paper, stage and needed signals.")
+    methods.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from tokenprune.demo import run
+        from tokenprune.methods import make_method
+
+        try:
+            make_method(args.method)
+        except (TypeError, ValueError) as err:
+            parser.error(str(err))
+        if args.repeats < 1:
+            parser.error("--repeats must be >= 1")
+        run(method=args.method, keep=args.keep, repeats=args.repeats)
+        return 0
+    if args.command == "methods":
+        from tokenprune.methods import METHODS
+
+        info = {
+            name: {"paper": cls.paper, "stage": cls.stage, "needs": sorted(cls.needs)}
+            for name, cls in sorted(METHODS.items())
+        }
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            width = max(map(len, info))
+            for name, item in info.items():
+                needs = ", ".join(item["needs"]) or "-"
+                print(f"{name:<{width}}  {item['stage']:<7} needs: {needs:<14} {item['paper']}")
+        return 0
+    parser.print_help()
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
