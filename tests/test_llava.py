@@ -172,3 +172,55 @@ def test_prompts_without_images_are_untouched(llava):
         logits = model(**text).logits
     assert torch.equal(out, ref) and logits.shape[1] == text["input_ids"].shape[1]
     assert handle.last is None
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_eager_and_sdpa_select_the_same_tokens(method):
+    from tokenprune.tiny_models import tiny_llava
+
+    kept = {}
+    for attn in ("eager", "sdpa"):
+        model, processor = tiny_llava(attn_implementation=attn, seed=5)
+        handle = enable_pruning(model, method, keep=0.2)
+        with torch.no_grad():
+            model(**encode(processor, [TWO_IMAGES], [random_image(64, 80, seed=7), random_image(50, 50, seed=8)]))
+        kept[attn] = [im.kept.tolist() for im in handle.last.images]
+    assert kept["eager"] == kept["sdpa"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bfloat16_model(method, one_prompt):
+    from tokenprune.tiny_models import tiny_llava
+
+    model, _ = tiny_llava()
+    model.to(torch.bfloat16)
+    inputs = {**one_prompt, "pixel_values": one_prompt["pixel_values"].to(torch.bfloat16)}
+    handle = enable_pruning(model, method, keep=0.25)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3 and handle.last.images[0].n_kept == 16
+
+
+def test_wraps_and_restores_an_existing_instance_forward(llava, one_prompt):
+    """accelerate (device_map=...) installs its own instance-level forward: we wrap it and give it back."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model, _ = llava
+    add_hook_to_module(model, ModelHook())
+    accelerate_forward = model.forward
+    enable_pruning(model, "divprune", keep=8)
+    assert model.forward is not accelerate_forward
+    with torch.no_grad():
+        assert model(**one_prompt).logits.shape[1] == one_prompt["input_ids"].shape[1] - 56
+    disable_pruning(model)
+    assert model.forward is accelerate_forward
+
+
+def test_explicit_position_ids_are_reindexed(llava, one_prompt):
+    model, _ = llava
+    enable_pruning(model, "fastervlm", keep=5)
+    positions = torch.arange(one_prompt["input_ids"].shape[1])[None]
+    with torch.no_grad():
+        implicit = model(**one_prompt).logits
+        explicit = model(**one_prompt, position_ids=positions).logits
+    assert torch.equal(explicit, implicit)
