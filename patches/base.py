@@ -36,8 +36,6 @@ class PrunedCall:
 
     kwargs: dict[str, Any]
     record: PruneRecord
-    attention_mask: torch.Tensor | None  # the pruned mask (for decode-step translation)
-    original_length: int
 
 
 class VisionStageAdapter:
@@ -53,7 +51,9 @@ class VisionStageAdapter:
         self.handle = handle
         self._saved: dict[str, Any] = {}
         self._generating = 0
-        self._last_call: PrunedCall | None = None
+        # (pruned attention mask, original prompt length) of the last pruned forward prefill, for decode steps;
+        # kept small on purpose: holding the call's kwargs would keep its KV cache alive.
+        self._decode_map: tuple[torch.Tensor | None, int] | None = None
         self._forward_params = [
             p.name
             for p in inspect.signature(type(model).forward).parameters.values()
@@ -100,7 +100,7 @@ class VisionStageAdapter:
             else:
                 setattr(self.model, name, saved)
         self._saved.clear()
-        self._last_call = None
+        self._decode_map = None
 
     # --- wrappers -----------------------------------------------------------------------------------------------
     def _forward(self, inner: Any, *args: Any, **kwargs: Any) -> Any:
@@ -112,7 +112,7 @@ class VisionStageAdapter:
         call = self.prune(kwargs)
         if call is None:
             return inner(**self._translate_decode_mask(kwargs))
-        self._last_call = call
+        self._decode_map = (call.kwargs.get("attention_mask"), call.record.seq_len_before)
         self.handle._record(call.record)
         return inner(**call.kwargs)
 
@@ -139,18 +139,18 @@ class VisionStageAdapter:
 
     def _translate_decode_mask(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Map a decode step's mask from original-prompt coordinates onto the pruned KV cache (manual loops)."""
-        call, mask, cache = self._last_call, kwargs.get("attention_mask"), kwargs.get("past_key_values")
+        mask, cache = kwargs.get("attention_mask"), kwargs.get("past_key_values")
         ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        if call is None or mask is None or mask.ndim != 2 or cache is None or ids is None:
+        if self._decode_map is None or mask is None or mask.ndim != 2 or cache is None or ids is None:
             return kwargs
         cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else None
-        pruned_mask = call.attention_mask
+        pruned_mask, original_length = self._decode_map
         if cached is None or pruned_mask is None or mask.shape[0] != pruned_mask.shape[0]:
             return kwargs
         new_tokens = cached - pruned_mask.shape[1]  # generated since the pruned prefill
-        if new_tokens < 0 or mask.shape[1] != call.original_length + new_tokens + ids.shape[1]:
+        if new_tokens < 0 or mask.shape[1] != original_length + new_tokens + ids.shape[1]:
             return kwargs
-        translated = torch.cat([pruned_mask.to(mask.dtype), mask[:, call.original_length:]], dim=1)
+        translated = torch.cat([pruned_mask.to(mask.dtype), mask[:, original_length:]], dim=1)
         return {**kwargs, "attention_mask": translated}
 
 

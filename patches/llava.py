@@ -162,7 +162,7 @@ class LlavaAdapter(VisionStageAdapter):
         new_kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=kept_features)}
         new_length = new_kwargs["input_ids"].shape[1]
         record = PruneRecord(self.method.name, tuple(images), length, new_length)
-        return PrunedCall(new_kwargs, record, new_kwargs.get("attention_mask"), length)
+        return PrunedCall(new_kwargs, record)
 
 
 def _pad_id(config: Any) -> int:
