@@ -152,7 +152,8 @@ class LlavaAdapter(VisionStageAdapter):
         new_kwargs = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "image_sizes")}
         mask = kwargs.get("attention_mask")
         per_token: dict[str, tuple[torch.Tensor, int]] = {"input_ids": (input_ids, _pad_id(self.model.config))}
-        if mask is not None or bool((keep.sum(1) != keep.sum(1)[0]).any()):
+        counts = keep.sum(dim=1)
+        if mask is not None or bool((counts != counts[0]).any()):  # unequal rows need a mask for the re-padding
             per_token["attention_mask"] = (mask if mask is not None else torch.ones_like(input_ids), 0)
         if kwargs.get("labels") is not None:
             per_token["labels"] = (kwargs["labels"], -100)

@@ -189,12 +189,13 @@ def test_eager_and_sdpa_select_the_same_tokens(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_bfloat16_model(method, one_prompt):
+def test_bfloat16_model(method):
     from tokenprune.tiny_models import tiny_llava
 
-    model, _ = tiny_llava()
+    model, processor = tiny_llava()
     model.to(torch.bfloat16)
-    inputs = {**one_prompt, "pixel_values": one_prompt["pixel_values"].to(torch.bfloat16)}
+    inputs = encode(processor, [PROMPT], [random_image(80, 96, seed=1)])
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
     handle = enable_pruning(model, method, keep=0.25)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
