@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from tokenprune.budget import kept_count
 from tokenprune.methods import PruningMethod
 from tokenprune.record import PruneRecord
 
@@ -74,6 +75,14 @@ class VisionStageAdapter:
     def prune(self, kwargs: dict[str, Any]) -> PrunedCall | None:
         """Pruned keyword arguments for a prefill call, or ``None`` when there is nothing to prune."""
         raise NotImplementedError
+
+    def kept_counts(self, sizes: list[int], kwargs: dict[str, Any]) -> list[int]:
+        """The budget of each selection unit (image, crop or frame) of one call, in prompt order.
+
+        The one place adapters turn ``keep`` into counts (:func:`tokenprune.budget.kept_count` per unit); budgets
+        that depend on the whole call (a FLOPs target) hook in here.
+        """
+        return [kept_count(self.keep, n) for n in sizes]
 
     # --- installation -------------------------------------------------------------------------------------------
     def install(self) -> None:

@@ -16,10 +16,9 @@ import torch
 from tokenprune.patches.base import PrunedCall, VisionStageAdapter
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from tokenprune.budget import kept_count
 from tokenprune.compaction import compact, padding_side, reindex_positions
 from tokenprune.methods import CLS_ATTENTION, FEATURES, SelectionContext
-from tokenprune.record import ImageRecord, PruneRecord
+from tokenprune.record import ImageRecord, PruneRecord, grid_boxes
 
 
 def cls_attention_hook(attn: torch.nn.Module, store: dict[str, torch.Tensor]) -> Any:
@@ -129,6 +128,7 @@ class LlavaAdapter(VisionStageAdapter):
 
         keep = torch.ones_like(input_ids, dtype=torch.bool)
         kept_features, images, start, seen_in_row = [], [], 0, [0] * batch
+        budgets = self.kept_counts([f.shape[0] for f in features], kwargs)
         for i, feats in enumerate(features):
             n = feats.shape[0]
             positions = flat_positions[start:start + n]
@@ -138,7 +138,7 @@ class LlavaAdapter(VisionStageAdapter):
             if cls_rows is not None:
                 signals[CLS_ATTENTION] = cls_rows[i]
             ctx = SelectionContext(
-                k=kept_count(self.keep, n), n=n, signals=signals, grid=self._grid(n),
+                k=budgets[i], n=n, signals=signals, grid=self._grid(n),
                 image_index=i, row=row, index_in_row=seen_in_row[row],
             )
             kept = _checked(self.method.select(ctx), n, self.method.name).to(feats.device)
@@ -146,7 +146,7 @@ class LlavaAdapter(VisionStageAdapter):
             dropped[kept] = False
             keep.view(-1)[positions[dropped.to(positions.device)]] = False
             kept_features.append(feats[kept])
-            images.append(ImageRecord(row, seen_in_row[row], n, kept.cpu(), ctx.grid))
+            images.append(ImageRecord(row, seen_in_row[row], n, kept.cpu(), ctx.grid, boxes=grid_boxes(ctx.grid, n)))
             seen_in_row[row] += 1
 
         new_kwargs = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "image_sizes")}

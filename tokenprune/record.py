@@ -9,17 +9,39 @@ import torch
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image of a pruned prefill. ``kept`` indexes the image's own tokens (raster order for LLaVA-1.5)."""
+    """One image (or video) of a pruned prefill. ``kept`` indexes the image's own tokens in the order the model
+    lays them out in the prompt (raster order for LLaVA-1.5 and Qwen; base tile then high-resolution grid for
+    LLaVA-NeXT).
+
+    Geometry, enough to draw the kept tokens over the picture (:mod:`tokenprune.viz`):
+
+    * ``boxes`` ``[n, 4]`` float: ``(x0, y0, x1, y1)`` of each token as fractions of the picture named by ``view``;
+      NaN rows for tokens with no place in the picture (LLaVA-NeXT's ``image_newline`` tokens).
+    * ``view``: ``"center_crop"`` when the boxes are fractions of the square centre crop the CLIP processor takes
+      (LLaVA-1.5), ``"image"`` when they are fractions of the original image (LLaVA-NeXT, Qwen).
+    * ``segments`` ``[n]`` long: which view of the picture a token belongs to. LLaVA-NeXT: 0 = the base tile (the
+      whole image at low resolution), 1 = the high-resolution crops (unpadded); Qwen video: the temporal index of the
+      token's merged frame pair. ``None`` when all tokens belong to one view.
+    * ``merged`` ``[n]`` long: for tokens that were not kept but were folded into a merged token (VisionZip's
+      contextual tokens, recycled tokens), the index of that merged token (0..n_merged-1); -1 otherwise.
+    """
 
     row: int                          # batch row of the prompt the image belongs to
     index_in_row: int                 # 0 for the first image of that prompt, 1 for the second, ...
     n: int                            # visual tokens before pruning
     kept: torch.Tensor                # [n_kept] long, sorted ascending
     grid: tuple[int, int] | None = None  # (h, w) patch grid when the tokens form one raster grid
+    boxes: torch.Tensor | None = None
+    view: str = "center_crop"
+    segments: torch.Tensor | None = None
+    merged: torch.Tensor | None = None
+    n_merged: int = 0                 # merged tokens placed after the kept ones in the image's span
+    kind: str = "image"               # "image" or "video"
 
     @property
     def n_kept(self) -> int:
-        return int(self.kept.numel())
+        """Tokens of this image in the pruned prompt: the kept ones plus any merged tokens."""
+        return int(self.kept.numel()) + self.n_merged
 
     def kept_mask(self) -> torch.Tensor:
         """``[n]`` bool, True where a token was kept (reshape to ``grid`` to draw it)."""
@@ -50,3 +72,13 @@ class PruneRecord:
             f"{self.method}: kept {self.n_kept}/{self.n_visual} visual tokens over {len(self.images)} image(s); "
             f"prompt length {self.seq_len_before} -> {self.seq_len_after}"
         )
+
+
+def grid_boxes(grid: tuple[int, int] | None, n: int | None = None) -> torch.Tensor | None:
+    """``[h*w, 4]`` boxes ``(x0, y0, x1, y1)`` of a raster patch grid, as fractions of the picture it covers."""
+    if grid is None or (n is not None and grid[0] * grid[1] != n):
+        return None
+    h, w = grid
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    ys, xs = ys.reshape(-1), xs.reshape(-1)
+    return torch.stack([xs / w, ys / h, (xs + 1) / w, (ys + 1) / h], dim=1)

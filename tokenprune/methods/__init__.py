@@ -5,7 +5,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from tokenprune.methods.base import CLS_ATTENTION, FEATURES, SIGNALS, PruningMethod, SelectionContext
+from tokenprune.methods.base import (
+    CLS_ATTENTION,
+    FEATURES,
+    SIGNALS,
+    PruningMethod,
+    Selection,
+    SelectionContext,
+    SignalRequest,
+)
 from tokenprune.methods.baselines import RandomPrune, UniformPrune
 from tokenprune.methods.divprune import DivPrune
 from tokenprune.methods.fastervlm import FasterVLM
@@ -38,5 +46,5 @@ def make_method(method: str | PruningMethod, **options: Any) -> PruningMethod:
 
 __all__ = [
     "CLS_ATTENTION", "FEATURES", "METHODS", "SIGNALS", "DivPrune", "FasterVLM", "PruningMethod", "RandomPrune",
-    "SelectionContext", "UniformPrune", "make_method",
+    "Selection", "SelectionContext", "SignalRequest", "UniformPrune", "make_method",
 ]

@@ -9,10 +9,40 @@ from typing import Any, ClassVar
 
 import torch
 
-# Signals an adapter can compute for a vision-stage method (one image at a time).
+# Signals an adapter can compute for a vision-stage method (one selection unit -- an image, a crop or a frame --
+# at a time). A method lists the names it needs in ``needs``; signals of a vision-encoder layer other than the
+# feature layer are asked for through :meth:`PruningMethod.requests` with a ``layer``.
 FEATURES = "features"            # [N, D] the image's visual tokens after the projector (the LLM's input space)
 CLS_ATTENTION = "cls_attention"  # [H, N] [CLS] -> image-token attention at the vision feature layer (softmax: all keys)
 SIGNALS = (FEATURES, CLS_ATTENTION)
+
+
+@dataclass(frozen=True)
+class SignalRequest:
+    """One signal a method needs. ``layer`` indexes the vision encoder's layers (0-based, negative from the end,
+    HF ``encoder.layers[layer]``); ``None`` means the feature layer (the layer whose output the projector reads)."""
+
+    name: str
+    layer: int | None = None
+
+    @property
+    def key(self) -> str:
+        return self.name if self.layer is None else f"{self.name}@{self.layer}"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a merging method returns instead of bare indices.
+
+    ``kept`` as for :meth:`PruningMethod.select`; ``merged`` ``[m, D]`` extra tokens in the FEATURES space that the
+    adapter places in the image's span right after the kept tokens (VisionZip's contextual tokens, as officially
+    appended after the dominant ones); ``assign`` ``[N]`` long: for each original token, the merged token it was
+    folded into, or -1 (for drawing and records).
+    """
+
+    kept: torch.Tensor
+    merged: torch.Tensor | None = None
+    assign: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -31,12 +61,14 @@ class SelectionContext:
     row: int = 0
     index_in_row: int = 0
 
-    def signal(self, name: str) -> torch.Tensor:
-        if name not in self.signals:
+    def signal(self, name: str, layer: int | None = None) -> torch.Tensor:
+        key = SignalRequest(name, layer).key
+        if key not in self.signals:
             raise KeyError(
-                f"signal {name!r} was not computed; a method must list it in `needs` (computed: {sorted(self.signals)})"
+                f"signal {key!r} was not computed; a method must declare it in `needs` / `requests()` "
+                f"(computed: {sorted(self.signals)})"
             )
-        return self.signals[name]
+        return self.signals[key]
 
 
 @dataclass
@@ -51,8 +83,14 @@ class PruningMethod:
     stage: ClassVar[str] = "vision"
     needs: ClassVar[frozenset[str]] = frozenset()
 
-    def select(self, ctx: SelectionContext) -> torch.Tensor:
-        """Kept indices of one image: ``torch.long``, sorted ascending, unique, in ``range(ctx.n)``."""
+    def requests(self) -> tuple[SignalRequest, ...]:
+        """The signals to compute, with their layers. Default: every name in ``needs`` at the feature layer;
+        methods that read other vision layers (HiPrune's object/deep layers) override this."""
+        return tuple(SignalRequest(name) for name in sorted(self.needs))
+
+    def select(self, ctx: SelectionContext) -> torch.Tensor | Selection:
+        """Kept indices of one image: ``torch.long``, sorted ascending, unique, in ``range(ctx.n)`` (or a
+        :class:`Selection` for methods that also merge tokens)."""
         raise NotImplementedError
 
     def options(self) -> dict[str, Any]:
