@@ -45,10 +45,18 @@ class VisionStageAdapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     signals: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, model: torch.nn.Module, method: PruningMethod, keep: float | int, handle: PruningHandle):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        method: PruningMethod,
+        keep: float | int,
+        handle: PruningHandle,
+        scope: str | None = None,
+    ):
         self.model = model
         self.method = method
         self.keep = keep
+        self.scope = scope
         self.handle = handle
         self._saved: dict[str, Any] = {}
         self._generating = 0

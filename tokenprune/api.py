@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from tokenprune.budget import Keep, validate_keep
+from tokenprune.budget import Keep, validate_keep, validate_scope
 from tokenprune.config import PruningConfig
 from tokenprune.methods import METHODS, PruningMethod, make_method
 from tokenprune.record import PruneRecord
@@ -60,32 +60,38 @@ def enable_pruning(
     model: torch.nn.Module,
     method: str | PruningMethod | PruningConfig,
     keep: Keep | None = None,
+    *,
+    scope: str | None = None,
     **options: Any,
 ) -> PruningHandle:
     """Prune the visual tokens of every later ``model.generate``/``model(...)`` call with images.
 
     ``method`` is a name from :func:`list_methods`, a method instance or a :class:`PruningConfig`; ``keep`` a ratio
-    in (0, 1] or an int token count per image; ``options`` the method's hyper-parameters. Calling it again on the
-    same model replaces the previous pruning (with a warning). Returns a :class:`PruningHandle`.
+    in (0, 1] or an int token count per budget unit; ``scope`` what one budget covers (``None``: the method's paper
+    convention; ``"image"``; ``"crop"``: per LLaVA-NeXT crop and per video frame); ``options`` the method's
+    hyper-parameters. Calling it again on the same model replaces the previous pruning (with a warning).
+    Returns a :class:`PruningHandle`.
     """
     if isinstance(method, PruningConfig):
-        if keep is not None or options:
-            raise TypeError("pass either a PruningConfig or method/keep/options, not both")
+        if keep is not None or options or scope is not None:
+            raise TypeError("pass either a PruningConfig or method/keep/scope/options, not both")
         config = method
         instance = config.build_method()
     else:
         if keep is None:
             raise TypeError("enable_pruning needs keep=: a ratio in (0, 1] (e.g. keep=0.11) or a token count (keep=64)")
         validate_keep(keep)
+        validate_scope(scope)
         instance = make_method(method, **options)
-        config = PruningConfig.from_method(instance, keep)
+        config = PruningConfig.from_method(instance, keep, scope)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"enable_pruning expects a transformers model (torch.nn.Module); got {type(model).__name__}")
     adapter_cls = _adapter_class(model)
 
     previous = getattr(model, _HANDLE_ATTR, None)
     handle = PruningHandle(model, config, instance)
-    adapter = adapter_cls(model, instance, config.keep, handle)  # validates method vs model before touching it
+    # the adapter validates method vs model before touching anything
+    adapter = adapter_cls(model, instance, config.keep, handle, scope=config.scope)
     if previous is not None:
         warnings.warn(
             f"pruning was already enabled on this model ({previous.method.describe()}, keep={previous.config.keep!r});"
@@ -121,13 +127,18 @@ def get_handle(model: torch.nn.Module) -> PruningHandle | None:
 
 @contextlib.contextmanager
 def pruning(
-    model: torch.nn.Module, method: str | PruningMethod | PruningConfig, keep: Keep | None = None, **options: Any
+    model: torch.nn.Module,
+    method: str | PruningMethod | PruningConfig,
+    keep: Keep | None = None,
+    *,
+    scope: str | None = None,
+    **options: Any,
 ) -> Iterator[PruningHandle]:
     """Context manager: pruning inside the block; on exit the model is restored (including an earlier pruning)."""
     previous = get_handle(model)
     if previous is not None:
         disable_pruning(model)
-    handle = enable_pruning(model, method, keep, **options)
+    handle = enable_pruning(model, method, keep, scope=scope, **options)
     try:
         yield handle
     finally:

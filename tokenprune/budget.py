@@ -50,3 +50,17 @@ def kept_count(keep: Keep, n: int) -> int:
     else:
         k = keep
     return max(1, min(k, n))
+
+
+# What one budget covers. None: the method's paper convention (``PruningMethod.crop_scope`` on LLaVA-NeXT, per frame
+# on videos); "image": one budget per image or video; "crop": one per LLaVA-NeXT crop (base tile, each
+# high-resolution tile) and per video frame.
+SCOPES = ("image", "crop")
+
+
+def validate_scope(scope: object) -> None:
+    if scope is not None and scope not in SCOPES:
+        raise ValueError(
+            f"scope must be None (the method's paper convention), 'image' (one budget per image or video) or 'crop' "
+            f"(one per LLaVA-NeXT crop and per video frame); got {scope!r}"
+        )

@@ -1,7 +1,11 @@
-"""Small LLaVA-1.5-architecture models built offline from configs, for tests, the demo and the notebooks.
+"""Small models of the four supported families, built offline from configs, for tests, the demo and the notebooks.
 
-They are the real transformers classes (``LlavaForConditionalGeneration``, ``LlavaProcessor``) with random
-weights and a word-level tokenizer: every code path is the one a user's ``from_pretrained`` model takes.
+They are the real transformers classes (``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
+``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration`` and their processors) with random
+weights and a word-level tokenizer: every code path is the one a user's ``from_pretrained`` model takes. The one
+exception is the Qwen processor (:class:`TinyQwenProcessor`): transformers' ``Qwen2VLProcessor`` cannot be built
+without torchvision (its video processor needs it), so the prompt expansion it does is reproduced here, on top of
+the real ``Qwen2VLImageProcessorPil``.
 """
 
 from __future__ import annotations
@@ -13,23 +17,25 @@ import torch
 from PIL import Image, ImageDraw
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+QWEN_SPECIAL_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
 WORDS = (
     "USER ASSISTANT : what is in the image ? describe a cat dog red blue green yellow circle square triangle "
     "left right top bottom one two three yes no how many are there of and color shape"
 ).split()
 
 
-def make_tokenizer():
+def make_tokenizer(extra_special_tokens: tuple[str, ...] = ()):
     """A word-level fast tokenizer with LLaVA's special tokens (``<image>`` is matched before splitting)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + WORDS + [str(i) for i in range(10)] + list(".,!\n"))}
+    specials = SPECIAL_TOKENS + list(extra_special_tokens)
+    vocab = {t: i for i, t in enumerate(specials + WORDS + [str(i) for i in range(10)] + list(".,!\n"))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()]
     )
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_special_tokens(specials)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         padding_side="left",
@@ -98,6 +104,175 @@ def tiny_llava(size: LlavaSize = TINY, attn_implementation: str = "sdpa", seed: 
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
     )
     return model, processor
+
+
+def _clip_vision(image_size: int, patch_size: int, hidden: int = 64, layers: int = 3, heads: int = 4):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        image_size=image_size, patch_size=patch_size, projection_dim=hidden,
+    )
+
+
+def _text_config(tok, cls=None, **extra):
+    from transformers import LlamaConfig
+
+    cls = cls or LlamaConfig
+    return cls(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **extra,
+    )
+
+
+def _finish(model, tok, attn_implementation: str):
+    model.eval()
+    model.set_attn_implementation(attn_implementation)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model
+
+
+# LLaVA-NeXT: a 32-px base tile of 4x4 patches; AnyRes crops on a grid of up to 2x2 tiles.
+NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
+
+def tiny_llava_next(attn_implementation: str = "sdpa", seed: int = 0):
+    """``(model, processor)``: a LLaVA-NeXT (AnyRes) model with random weights, real ``LlavaNextProcessor``.
+
+    16 base-tile tokens per image plus the unpadded high-resolution grid with one ``image_newline`` per row, e.g.
+    a 40x70 image gives 16 + 4 x (8 + 1) = 52 image tokens.
+    """
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    tok = make_tokenizer()
+    config = LlavaNextConfig(
+        vision_config=_clip_vision(32, 8), text_config=_text_config(tok),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=NEXT_PINPOINTS,
+        image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = _finish(LlavaNextForConditionalGeneration(config), tok, attn_implementation)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=NEXT_PINPOINTS,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return model, processor
+
+
+class TinyQwenProcessor:
+    """What ``Qwen2VLProcessor`` does to a prompt, on the real ``Qwen2VLImageProcessorPil``.
+
+    Each ``<|image_pad|>`` (``<|video_pad|>``) of the text is expanded into the image's (video's) number of merged
+    tokens ``t*h*w / merge**2`` and ``mm_token_type_ids`` marks them (1 image, 2 video). Videos are given as
+    ready-made ``(pixel_values_videos, video_grid_thw)`` pairs (the real video processor needs torchvision).
+    """
+
+    def __init__(self, tokenizer, image_processor, merge_size: int = 2):
+        self.tokenizer, self.image_processor, self.merge_size = tokenizer, image_processor, merge_size
+
+    def __call__(self, text, images=None, videos=None, return_tensors="pt", padding=True):
+        from transformers import BatchFeature
+
+        texts = [text] if isinstance(text, str) else list(text)
+        out: dict[str, torch.Tensor] = {}
+        image_counts: list[int] = []
+        if images:
+            vision = self.image_processor(images=images, return_tensors="pt")
+            out.update(pixel_values=vision["pixel_values"], image_grid_thw=vision["image_grid_thw"])
+            image_counts = (vision["image_grid_thw"].prod(-1) // self.merge_size**2).tolist()
+        video_counts: list[int] = []
+        if videos:
+            out["pixel_values_videos"] = torch.cat([v[0] for v in videos])
+            out["video_grid_thw"] = torch.cat([v[1] for v in videos])
+            video_counts = (out["video_grid_thw"].prod(-1) // self.merge_size**2).tolist()
+        expanded = [self._expand(t, "<|image_pad|>", image_counts) for t in texts]
+        expanded = [self._expand(t, "<|video_pad|>", video_counts) for t in expanded]
+        if image_counts or video_counts:
+            raise ValueError("more images/videos than placeholders in the text")
+        enc = self.tokenizer(expanded, return_tensors=return_tensors, padding=padding)
+        ids = enc["input_ids"]
+        mm = torch.zeros_like(ids, dtype=torch.int32)
+        mm[ids == self.tokenizer.convert_tokens_to_ids("<|image_pad|>")] = 1
+        mm[ids == self.tokenizer.convert_tokens_to_ids("<|video_pad|>")] = 2
+        return BatchFeature({**enc, "mm_token_type_ids": mm, **out})
+
+    @staticmethod
+    def _expand(text: str, placeholder: str, counts: list[int]) -> str:
+        parts = text.split(placeholder)
+        pieces = [parts[0]]
+        for part in parts[1:]:
+            if not counts:
+                raise ValueError(f"more {placeholder} placeholders in the text than inputs")
+            pieces.append(placeholder * counts.pop(0) + part)
+        return "".join(pieces)
+
+
+def tiny_qwen(version: str = "2", attn_implementation: str = "sdpa", seed: int = 0, max_pixels: int = 112 * 140):
+    """``(model, processor)``: a Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) model with random weights.
+
+    ViT patch 14, 2x2 merge (one LLM token per 28x28 pixels), dynamic resolution up to ``max_pixels``. The
+    Qwen2.5-VL tower uses window attention (56 px windows = 2x2 merged tokens) in block 0 and full attention in
+    block 1, so its window order differs from raster order on any image wider or taller than 56 px.
+    """
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+    )
+
+    tok = make_tokenizer(tuple(QWEN_SPECIAL_TOKENS))
+    ids = {
+        "image_token_id": tok.convert_tokens_to_ids("<|image_pad|>"),
+        "video_token_id": tok.convert_tokens_to_ids("<|video_pad|>"),
+        "vision_start_token_id": tok.convert_tokens_to_ids("<|vision_start|>"),
+        "vision_end_token_id": tok.convert_tokens_to_ids("<|vision_end|>"),
+    }
+    text = _text_config(tok).to_dict()
+    text.update(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
+    text = {k: v for k, v in text.items() if k not in ("model_type", "architectures", "transformers_version")}
+    if version == "2":
+        vision = dict(depth=2, embed_dim=64, hidden_size=128, mlp_ratio=2, num_heads=4, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        config, cls = Qwen2VLConfig(text_config=text, vision_config=vision, **ids), Qwen2VLForConditionalGeneration
+    elif version == "2.5":
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+        cls = Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(f"version must be '2' (Qwen2-VL) or '2.5' (Qwen2.5-VL); got {version!r}")
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = _finish(cls(config), tok, attn_implementation)
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=28 * 28, max_pixels=max_pixels,
+    )
+    return model, TinyQwenProcessor(tok, image_processor)
+
+
+def random_video(frames: int, height: int, width: int, seed: int = 0, channels: int = 3, patch: int = 14):
+    """``(pixel_values_videos, video_grid_thw)`` of a random clip, in the layout Qwen's video processor emits.
+
+    ``frames`` must be even (temporal patch 2); ``height``/``width`` multiples of 28.
+    """
+    if frames % 2 or height % 28 or width % 28:
+        raise ValueError("frames must be even and height/width multiples of 28")
+    grid = torch.tensor([[frames // 2, height // patch, width // patch]])
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(int(grid.prod()), channels * 2 * patch * patch, generator=generator)
+    return pixels, grid
 
 
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:

@@ -49,8 +49,10 @@ class Selection:
 class SelectionContext:
     """Everything a vision-stage method may look at for one image.
 
-    ``k`` is the budget already resolved by :mod:`tokenprune.budget`; ``n`` the image's token count; ``grid`` the
-    ``(h, w)`` patch grid when the tokens form one raster grid; ``index_in_row`` counts the images of one prompt.
+    ``k`` is the budget already resolved by :mod:`tokenprune.budget`; ``n`` the unit's token count; ``grid`` the
+    ``(h, w)`` patch grid when the tokens form one raster grid; ``index_in_row`` counts the images of one prompt;
+    ``unit_index`` the selection unit within the image (the crop of a LLaVA-NeXT image under a per-crop budget, the
+    frame of a video under a per-frame budget; 0 when the whole image is one unit).
     """
 
     k: int
@@ -60,6 +62,7 @@ class SelectionContext:
     image_index: int = 0
     row: int = 0
     index_in_row: int = 0
+    unit_index: int = 0
 
     def signal(self, name: str, layer: int | None = None) -> torch.Tensor:
         key = SignalRequest(name, layer).key
@@ -82,6 +85,12 @@ class PruningMethod:
     paper: ClassVar[str]
     stage: ClassVar[str] = "vision"
     needs: ClassVar[frozenset[str]] = frozenset()
+    # The paper's budget on LLaVA-NeXT (specs/methods_vision.md §1): "crop" = one budget per crop (base tile and
+    # each high-resolution tile, FasterVLM-style), "image" = one global pool over the whole packed image (DivPrune).
+    crop_scope: ClassVar[str] = "crop"
+    # LLaVA-NeXT's image_newline tokens are candidates (DivPrune's official code selects over the packed sequence,
+    # newlines included); otherwise they are dropped whenever the image is pruned (per-crop official code has none).
+    newline_candidates: ClassVar[bool] = False
 
     def requests(self) -> tuple[SignalRequest, ...]:
         """The signals to compute, with their layers. Default: every name in ``needs`` at the feature layer;

@@ -14,7 +14,8 @@ from tokenprune.methods.base import PruningMethod, SelectionContext
 class RandomPrune(PruningMethod):
     """Random pruning, the control of every pruning paper (e.g. UniPruneBench, 2025; LightCompress RandomPrune).
 
-    The i-th image of a prompt draws from ``seed + i``, so a prompt is pruned the same way alone or in a batch.
+    The u-th selection unit (crop or frame; 0 for a whole image) of the i-th image of a prompt draws from
+    ``seed + 1000 * i + u``, so a prompt is pruned the same way alone or in a batch.
     """
 
     name = "random"
@@ -26,7 +27,7 @@ class RandomPrune(PruningMethod):
             raise TypeError(f"random: seed must be an int; got {self.seed!r}")
 
     def select(self, ctx: SelectionContext) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed + ctx.index_in_row)
+        generator = torch.Generator().manual_seed(self.seed + 1000 * ctx.index_in_row + ctx.unit_index)
         return F.random(ctx.n, ctx.k, generator=generator)
 
 

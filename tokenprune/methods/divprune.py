@@ -22,6 +22,8 @@ class DivPrune(PruningMethod):
     name = "divprune"
     paper = "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models (CVPR 2025)"
     needs = frozenset({FEATURES})
+    crop_scope = "image"          # LLaVA-NeXT: one global pool over the packed image (base + unpadded crops)
+    newline_candidates = True     # ... including the image_newline tokens, as the official code does
 
     def select(self, ctx: SelectionContext) -> torch.Tensor:
         return F.divprune(ctx.signal(FEATURES), ctx.k)

@@ -1,0 +1,96 @@
+"""Selection units: run a method on one image, crop or frame and map its answer back to the image's tokens.
+
+An image's visual tokens (as laid out in the prompt) are split into one or more *units* -- the whole image, each
+LLaVA-NeXT crop under a per-crop budget, each video frame under a per-frame budget. The method selects within each
+unit; this module checks the answer against the selector contract and turns it into the image-level slots that
+stay in the prompt and the features that fill them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenprune.methods import PruningMethod, Selection, SelectionContext
+
+
+@dataclass(frozen=True)
+class Unit:
+    """``index``: ``[n_u]`` long, the unit's tokens within the image's tokens; ``grid``: its ``(h, w)`` raster grid."""
+
+    index: torch.Tensor
+    grid: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class ImageSelection:
+    """What survives of one image: placeholder ``slots`` (image-level indices, ascending) filled with ``features``.
+
+    ``kept`` are the original tokens kept; merged tokens (``n_merged``) sit in the slot of the first token they
+    absorbed (``assign``: per image token, the merged token it was folded into, or -1).
+    """
+
+    slots: torch.Tensor
+    features: torch.Tensor
+    kept: torch.Tensor
+    n_merged: int = 0
+    assign: torch.Tensor | None = None
+
+
+def checked_indices(kept: torch.Tensor, n: int, name: str) -> torch.Tensor:
+    """Enforce the selector contract: long, 1-D, sorted ascending, unique, in range, non-empty."""
+    kept = torch.as_tensor(kept)
+    ok = (
+        kept.dtype == torch.long and kept.ndim == 1 and 0 < kept.numel() <= n
+        and int(kept.min()) >= 0 and int(kept.max()) < n and bool((kept[1:] > kept[:-1]).all())
+    )
+    if not ok:
+        raise RuntimeError(
+            f"method {name!r} returned invalid kept indices (need a sorted, unique 1-D long tensor within "
+            f"range({n})): {kept.tolist()[:20]}"
+        )
+    return kept
+
+
+def select_image(
+    method: PruningMethod,
+    features: torch.Tensor,
+    units: list[Unit],
+    budgets: list[int],
+    signals: list[dict[str, torch.Tensor]],
+    *,
+    image_index: int,
+    row: int,
+    index_in_row: int,
+) -> ImageSelection:
+    """Select in every unit of one image (``features``: ``[n, D]``); ``signals[u]`` are unit ``u``'s signals."""
+    n = features.shape[0]
+    kept_parts, merged_slots, merged_features = [], [], []
+    assign = torch.full((n,), -1, dtype=torch.long)
+    for u, (unit, k) in enumerate(zip(units, budgets, strict=True)):
+        index = unit.index.cpu()
+        ctx = SelectionContext(
+            k=k, n=index.numel(), signals=signals[u], grid=unit.grid, image_index=image_index, row=row,
+            index_in_row=index_in_row, unit_index=u,
+        )
+        out = method.select(ctx)
+        selection = out if isinstance(out, Selection) else Selection(out)
+        kept = checked_indices(selection.kept, ctx.n, method.name).cpu()
+        kept_parts.append(index[kept])
+        if selection.merged is not None and selection.merged.shape[0] > 0:
+            unit_assign = torch.as_tensor(selection.assign).cpu()
+            for j in range(selection.merged.shape[0]):
+                members = (unit_assign == j).nonzero().squeeze(1)
+                if members.numel() == 0 or bool(torch.isin(members, kept).any()):
+                    raise RuntimeError(f"method {method.name!r}: merged token {j} has no members or absorbs a kept one")
+                assign[index[members]] = len(merged_slots)
+                merged_slots.append(int(index[members].min()))
+            merged_features.append(selection.merged.to(features.device, features.dtype))
+    kept_all = torch.cat(kept_parts).sort().values
+    if not merged_slots:
+        return ImageSelection(kept_all, features[kept_all.to(features.device)], kept_all)
+    slots = torch.cat([kept_all, torch.tensor(merged_slots, dtype=torch.long)])
+    order = slots.argsort()
+    stacked = torch.cat([features[kept_all.to(features.device)], *merged_features])
+    return ImageSelection(slots[order], stacked[order.to(features.device)], kept_all, len(merged_slots), assign)
