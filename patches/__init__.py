@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from tokenprune.patches.base import VisionStageAdapter
 from tokenprune.patches.llava import LlavaAdapter
+from tokenprune.patches.qwen2_vl import QwenVLAdapter
 
-ADAPTERS: dict[str, type[VisionStageAdapter]] = {t: cls for cls in (LlavaAdapter,) for t in cls.model_types}
+ADAPTERS: dict[str, type[VisionStageAdapter]] = {
+    t: cls for cls in (LlavaAdapter, QwenVLAdapter) for t in cls.model_types
+}
 
-__all__ = ["ADAPTERS", "LlavaAdapter", "VisionStageAdapter"]
+__all__ = ["ADAPTERS", "LlavaAdapter", "QwenVLAdapter", "VisionStageAdapter"]

@@ -1,0 +1,196 @@
+"""Qwen2-VL and Qwen2.5-VL (model_types ``qwen2_vl``, ``qwen2_5_vl``): vision-stage pruning of images and videos.
+
+Per prefill: compute the M-RoPE position ids of the UNPRUNED prompt (``get_rope_index``), run the vision tower once
+(``get_image_features`` / ``get_video_features``: merged 2x2 tokens, in raster order -- Qwen2.5-VL's merger output
+is already un-permuted from window order), select per image (per frame for videos by default), drop the unselected
+``<|image_pad|>``/``<|video_pad|>`` placeholders together with their ``mm_token_type_ids``, and gather the kept
+tokens' ORIGINAL (t, h, w) positions. Row 0 of the 4-row position ids (text positions, the only row the mask code
+reads) is re-numbered contiguously, which keeps HF's packed-sequence detection off. The text after an image keeps
+its original (larger) positions, exactly as in the unpruned prompt.
+
+``model.model.rope_deltas`` (HF's per-model decode offset) is reset before each pruned prefill and then set so that
+a later decode step without explicit position ids (a manual loop on the pruned KV cache) continues at the
+unpruned prompt's next position: ``max_position + 1 - pruned_length`` per row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tokenprune.patches.base import PrunedCall, VisionStageAdapter
+from tokenprune.patches.units import Unit, select_image
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from tokenprune.compaction import compact, padding_side
+from tokenprune.methods import CLS_ATTENTION, FEATURES
+from tokenprune.record import ImageRecord, PruneRecord, grid_boxes
+
+_MODALITIES = (  # (kind, token id attribute, pixel kwarg, grid kwarg, features getter, mm_token_type id)
+    ("image", "image_token_id", "pixel_values", "image_grid_thw", "get_image_features", 1),
+    ("video", "video_token_id", "pixel_values_videos", "video_grid_thw", "get_video_features", 2),
+)
+
+
+class QwenVLAdapter(VisionStageAdapter):
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    signals = frozenset({FEATURES})
+
+    def check_method(self) -> None:
+        if CLS_ATTENTION in self.method.needs:
+            raise ValueError(
+                f"method {self.method.name!r} ranks tokens by the vision encoder's [CLS] attention, but Qwen's ViT "
+                f"has no [CLS] token; use a method without [CLS], e.g. 'divprune', or one with a Qwen substitute "
+                f"signal (see the README's method table)"
+            )
+        super().check_method()
+
+    def uninstall(self) -> None:
+        super().uninstall()
+        self.model.model.rope_deltas = None  # drop the pruned-cache offset; HF recomputes it on the next prefill
+
+    # --- pruning ---------------------------------------------------------------------------------------------
+    def prune(self, kwargs: dict[str, Any]) -> PrunedCall | None:
+        present = [m for m in _MODALITIES if kwargs.get(m[2]) is not None]
+        if not present or kwargs.get("mm_encoder_outputs") is not None:
+            return None
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError(
+                "tokenprune needs input_ids to find the vision placeholders, but got inputs_embeds with pixel values; "
+                "pass input_ids (as the processor returns them) or call disable_pruning(model) first"
+            )
+        cache = kwargs.get("past_key_values")
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            return None  # a continuation with a warm cache: not a fresh prefill
+        mm_types = kwargs.get("mm_token_type_ids")
+        if mm_types is None:
+            raise ValueError(
+                "Qwen2-VL needs mm_token_type_ids (0 text, 1 image, 2 video) to place M-RoPE positions; the processor "
+                "returns it with input_ids -- pass it through"
+            )
+        batch, length = input_ids.shape
+        mask = kwargs.get("attention_mask")
+        positions = self._original_positions(kwargs)  # [3, B, L] M-RoPE ids of the unpruned prompt
+
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+        encoder_outputs, images = {}, []
+        seen_in_row = [0] * batch
+        for kind, token_attr, pixel_key, grid_key, getter, _ in present:
+            features = self._encode(getter, kwargs[pixel_key], kwargs[grid_key])
+            kept_features = self._select(
+                kind, features, kwargs[grid_key], input_ids == getattr(self.model.config, token_attr),
+                keep, images, seen_in_row, kwargs,
+            )
+            encoder_outputs[kind] = BaseModelOutputWithPooling(pooler_output=kept_features)
+
+        new_kwargs = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "pixel_values_videos")}
+        full_mask = mask if mask is not None else torch.ones_like(input_ids)
+        per_token: dict[str, tuple[torch.Tensor, int]] = {
+            "input_ids": (input_ids, _pad_id(self.model.config)),
+            "attention_mask": (full_mask, 0),
+            "mm_token_type_ids": (mm_types, 0),
+            "position_ids": (positions, 0),
+        }
+        if kwargs.get("labels") is not None:
+            per_token["labels"] = (kwargs["labels"], -100)
+        new_kwargs.update(compact(keep, per_token, side=padding_side(mask)))
+        new_mask = new_kwargs["attention_mask"]
+        if mask is None and bool((new_mask == 1).all()):
+            new_kwargs["attention_mask"] = None
+        text_row = (new_mask.long().cumsum(-1) - 1).masked_fill(new_mask == 0, 0)
+        new_kwargs["position_ids"] = torch.cat([text_row[None], new_kwargs["position_ids"]], dim=0)  # [4, B, L']
+        new_kwargs["mm_encoder_outputs"] = encoder_outputs
+        self._set_rope_deltas(positions, full_mask, new_mask)
+        record = PruneRecord(self.method.name, tuple(images), length, new_kwargs["input_ids"].shape[1])
+        return PrunedCall(new_kwargs, record)
+
+    def _original_positions(self, kwargs: dict[str, Any]) -> torch.Tensor:
+        given = kwargs.get("position_ids")
+        if given is not None:
+            if given.ndim == 3 and given.shape[0] in (3, 4):
+                return given[-3:]
+            raise ValueError(
+                f"Qwen position_ids must be [3, B, L] or [4, B, L] M-RoPE ids; got shape {tuple(given.shape)}"
+            )
+        extra = {}
+        if kwargs.get("second_per_grid_ts") is not None:
+            extra["second_per_grid_ts"] = kwargs["second_per_grid_ts"]
+        positions, _ = self.model.model.get_rope_index(
+            kwargs["input_ids"], mm_token_type_ids=kwargs["mm_token_type_ids"],
+            image_grid_thw=kwargs.get("image_grid_thw"), video_grid_thw=kwargs.get("video_grid_thw"),
+            attention_mask=kwargs.get("attention_mask"), **extra,
+        )
+        return positions
+
+    def _set_rope_deltas(self, positions: torch.Tensor, mask: torch.Tensor, new_mask: torch.Tensor) -> None:
+        """Decode offset on the pruned cache: next position = max original position + 1, per row."""
+        valid = mask.bool()
+        top = positions.masked_fill(~valid[None], -1).amax(dim=(0, 2))  # [B]
+        self.model.model.rope_deltas = (top + 1 - new_mask.long().sum(-1))[:, None]
+
+    def _encode(self, getter: str, pixels: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        out = getattr(self.model.model, getter)(pixels, grid_thw, return_dict=True)
+        return list(out.pooler_output)
+
+    def _units(self, kind: str, thw: torch.Tensor) -> list[Unit]:
+        merge = self.model.config.vision_config.spatial_merge_size
+        t, h, w = int(thw[0]), int(thw[1]) // merge, int(thw[2]) // merge
+        per_frame = kind == "video" and self.scope != "image"
+        if not per_frame:
+            return [Unit(torch.arange(t * h * w), (h, w) if t == 1 else None)]
+        return [Unit(torch.arange(f * h * w, (f + 1) * h * w), (h, w)) for f in range(t)]
+
+    def _select(
+        self, kind: str, features: list[torch.Tensor], grid_thw: torch.Tensor, is_placeholder: torch.Tensor,
+        keep: torch.Tensor, images: list[ImageRecord], seen_in_row: list[int], kwargs: dict[str, Any],
+    ) -> list[torch.Tensor]:
+        length = is_placeholder.shape[1]
+        flat_positions = is_placeholder.reshape(-1).nonzero().squeeze(1)
+        total = sum(f.shape[0] for f in features)
+        if flat_positions.numel() != total:
+            raise ValueError(
+                f"the prompt has {flat_positions.numel()} {kind} placeholder tokens but the {len(features)} {kind}(s) "
+                f"give {total} features; build the inputs with the model's processor"
+            )
+        all_units = [self._units(kind, thw) for thw in grid_thw]
+        budgets = self.kept_counts([u.index.numel() for units in all_units for u in units], kwargs)
+        kept_features, start = [], 0
+        for i, (feats, units) in enumerate(zip(features, all_units, strict=True)):
+            n = feats.shape[0]
+            positions = flat_positions[start:start + n]
+            start += n
+            row = int(positions[0]) // length
+            unit_budgets, budgets = budgets[: len(units)], budgets[len(units):]
+            signals = [{FEATURES: feats[u.index.to(feats.device)].detach()} for u in units]
+            chosen = select_image(
+                self.method, feats, units, unit_budgets, signals, image_index=len(images), row=row,
+                index_in_row=seen_in_row[row],
+            )
+            dropped = torch.ones(n, dtype=torch.bool)
+            dropped[chosen.slots] = False
+            keep.view(-1)[positions[dropped.to(positions.device)]] = False
+            kept_features.append(chosen.features)
+            images.append(self._record(kind, grid_thw[i], row, seen_in_row[row], n, chosen))
+            seen_in_row[row] += 1
+        return kept_features
+
+    def _record(self, kind: str, thw: torch.Tensor, row: int, index_in_row: int, n: int, chosen: Any) -> ImageRecord:
+        merge = self.model.config.vision_config.spatial_merge_size
+        t, h, w = int(thw[0]), int(thw[1]) // merge, int(thw[2]) // merge
+        boxes = grid_boxes((h, w)).repeat(t, 1)
+        segments = torch.arange(t).repeat_interleave(h * w) if t > 1 else None
+        return ImageRecord(
+            row, index_in_row, n, chosen.kept, (h, w) if t == 1 else None, boxes=boxes, view="image",
+            segments=segments, merged=chosen.assign, n_merged=chosen.n_merged, kind=kind,
+        )
+
+
+def _pad_id(config: Any) -> int:
+    pad = getattr(config.text_config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(config, "pad_token_id", None)
+    reserved = {config.image_token_id, config.video_token_id}
+    if pad is None or pad in reserved:
+        pad = next(i for i in range(len(reserved) + 1) if i not in reserved)
+    return int(pad)
