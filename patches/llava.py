@@ -1,9 +1,10 @@
 """LLaVA-1.5 (``LlavaForConditionalGeneration``, model_type ``llava``): vision-stage pruning.
 
-Per prefill: run ``get_image_features`` once (with a pre-hook that recomputes only the [CLS] query row of the
-feature layer's attention when the method needs it: works under eager, sdpa and flash-attention), select per
-image, drop the unselected ``<image>`` placeholders from ``input_ids``/``attention_mask`` (and ``labels``), re-pad
-rows to a common length, and hand the kept features to the model through ``mm_encoder_outputs``.
+Per prefill: run ``get_image_features`` once inside a :class:`~tokenprune.patches.clip_signals.ClipProbe` (hooks
+that recompute only the signals the method declared, at the layers it asked for: works under eager, sdpa and
+flash-attention), select per image, drop the unselected ``<image>`` placeholders from ``input_ids``/
+``attention_mask`` (and ``labels``), re-pad rows to a common length, and hand the kept features (plus any merged
+tokens of a :class:`~tokenprune.methods.Selection`) to the model through ``mm_encoder_outputs``.
 
 Positions: re-indexed contiguously (0..L'-1), as every official LLaVA-side implementation does.
 """
@@ -14,41 +15,26 @@ from typing import Any
 
 import torch
 from tokenprune.patches.base import PrunedCall, VisionStageAdapter
+from tokenprune.patches.clip_signals import PROBE_SIGNALS, ClipProbe
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenprune.compaction import compact, padding_side, reindex_positions
-from tokenprune.methods import CLS_ATTENTION, FEATURES, SelectionContext
+from tokenprune.methods import CLS_SIGNALS, FEATURES, TEXT_EMBEDDINGS, Selection, SelectionContext
 from tokenprune.record import ImageRecord, PruneRecord, grid_boxes
-
-
-def cls_attention_hook(attn: torch.nn.Module, store: dict[str, torch.Tensor]) -> Any:
-    """Pre-hook on a CLIP-style attention module: stores ``[B, H, T]``, the [CLS] query row's softmax (fp32)."""
-
-    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, T, D], after layer_norm1
-        batch, length, _ = hidden.shape
-        heads, head_dim = module.num_heads, module.head_dim
-        with torch.no_grad():
-            q = module.q_proj(hidden[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2).float()
-            k = module.k_proj(hidden).view(batch, length, heads, head_dim).transpose(1, 2).float()
-            scores = (q @ k.transpose(-1, -2)) * module.scale  # [B, H, 1, T]
-            store["cls_attention"] = torch.softmax(scores, dim=-1)[:, :, 0]
-
-    return attn.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 class LlavaAdapter(VisionStageAdapter):
     model_types = ("llava",)
-    signals = frozenset({FEATURES, CLS_ATTENTION})
+    signals = frozenset({FEATURES, TEXT_EMBEDDINGS}) | PROBE_SIGNALS
 
     def check_method(self) -> None:
         super().check_method()
         tower = self.model.model.vision_tower
-        if CLS_ATTENTION in self.method.needs and getattr(tower.embeddings, "class_embedding", None) is None:
+        if self.method.needs & CLS_SIGNALS and getattr(tower.embeddings, "class_embedding", None) is None:
             raise ValueError(
-                f"method {self.method.name!r} needs the [CLS] token's attention, but this model's vision tower "
-                f"({self.model.config.vision_config.model_type}) has no [CLS] token; use a method that needs no "
-                f"[CLS], e.g. 'divprune'"
+                f"method {self.method.name!r} needs the [CLS] token ({sorted(self.method.needs & CLS_SIGNALS)}), but "
+                f"this model's vision tower ({self.model.config.vision_config.model_type}) has no [CLS] token; use a "
+                f"method that needs no [CLS], e.g. 'divprune'"
             )
 
     # --- signals ---------------------------------------------------------------------------------------------
@@ -56,7 +42,7 @@ class LlavaAdapter(VisionStageAdapter):
         """Index of the encoder layer whose output is ``hidden_states[vision_feature_layer]``."""
         if not isinstance(vision_feature_layer, int):
             raise ValueError(
-                f"method {self.method.name!r} needs the [CLS] attention of one feature layer, but the model "
+                f"method {self.method.name!r} needs signals of one feature layer, but the model "
                 f"concatenates several (vision_feature_layer={vision_feature_layer!r})"
             )
         n_layers = len(self.model.model.vision_tower.encoder.layers)
@@ -65,33 +51,50 @@ class LlavaAdapter(VisionStageAdapter):
             raise ValueError(f"vision_feature_layer={vision_feature_layer} selects no encoder layer's output")
         return hidden_index - 1
 
-    def _encode(self, kwargs: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        """Projected features per image ``[N_i, D]`` and, if needed, [CLS] rows per image ``[H, N_i]``."""
+    def _encode(self, kwargs: dict[str, Any]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        """Projected features per image ``[N_i, D]`` and the vision-tower signals the method requested, per image."""
         cfg, llava = self.model.config, self.model.model
         layer = kwargs.get("vision_feature_layer")
         layer = cfg.vision_feature_layer if layer is None else layer
         strategy = kwargs.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
         extra = {"image_sizes": kwargs["image_sizes"]} if kwargs.get("image_sizes") is not None else {}
-        store: dict[str, torch.Tensor] = {}
-        hook = None
-        if CLS_ATTENTION in self.method.needs:
-            attn = llava.vision_tower.encoder.layers[self._feature_layer_index(layer)].self_attn
-            hook = cls_attention_hook(attn, store)
-        try:
+        requests = [r for r in self.method.requests() if r.name in PROBE_SIGNALS]
+        feature_layer = self._feature_layer_index(layer) if requests else 0
+        with ClipProbe(llava.vision_tower, requests, feature_layer) as probe:
             out = llava.get_image_features(
                 pixel_values=kwargs["pixel_values"], vision_feature_layer=layer,
                 vision_feature_select_strategy=strategy, return_dict=True, **extra,
             )
-        finally:
-            if hook is not None:
-                hook.remove()
         features = list(out.pooler_output)
-        cls_rows = None
-        if hook is not None:
-            rows = store["cls_attention"]  # [n_images, H, 1 + patches]
-            rows = rows[:, :, 1:] if strategy == "default" else rows
-            cls_rows = list(rows)
-        return features, cls_rows
+        signals = probe.per_image(drop_cls=strategy == "default") or [{} for _ in features]
+        return features, signals
+
+    def _text_embeddings(self, input_ids: torch.Tensor, mask: torch.Tensor | None, row: int, end: int) -> torch.Tensor:
+        """TEXT_EMBEDDINGS (see ``methods/base.py``): embeddings of the row's text tokens after position ``end``."""
+        ids = input_ids[row]
+        text = ids != self.model.config.image_token_id
+        if mask is not None:
+            text &= mask[row].bool()
+        after = text.clone()
+        after[: end + 1] = False
+        chosen = ids[after] if bool(after.any()) else ids[text]
+        with torch.no_grad():
+            return self.model.get_input_embeddings()(chosen)
+
+    def _place(self, feats: torch.Tensor, result: torch.Tensor | Selection, n: int) -> tuple[torch.Tensor, Any]:
+        """The image's new span ``[k + m, D]`` and its selection (merged rows projected if pre-projector)."""
+        if not isinstance(result, Selection):
+            return feats[_checked(result, n, self.method.name).to(feats.device)], None
+        kept = _checked(result.kept, n, self.method.name, allow_empty=result.n_merged > 0).to(feats.device)
+        if not result.n_merged:
+            return feats[kept], result
+        merged = result.merged
+        if result.space != FEATURES:
+            projector = self.model.model.multi_modal_projector
+            with torch.no_grad():
+                merged = projector(merged.to(next(projector.parameters()).dtype))
+        merged = merged.to(device=feats.device, dtype=feats.dtype)
+        return torch.cat([merged[: result.lead], feats[kept], merged[result.lead:]]), result
 
     def _grid(self, n: int) -> tuple[int, int] | None:
         vc = self.model.config.vision_config
@@ -116,7 +119,7 @@ class LlavaAdapter(VisionStageAdapter):
         if not bool(is_image.any()):
             return None
 
-        features, cls_rows = self._encode(kwargs)
+        features, probe_signals = self._encode(kwargs)
         batch, length = input_ids.shape
         flat_positions = is_image.reshape(-1).nonzero().squeeze(1)
         total = sum(f.shape[0] for f in features)
@@ -134,19 +137,24 @@ class LlavaAdapter(VisionStageAdapter):
             positions = flat_positions[start:start + n]
             start += n
             row = int(positions[0]) // length
-            signals = {FEATURES: feats.detach()}
-            if cls_rows is not None:
-                signals[CLS_ATTENTION] = cls_rows[i]
+            signals = {FEATURES: feats.detach(), **probe_signals[i]}
+            if TEXT_EMBEDDINGS in self.method.needs:
+                signals[TEXT_EMBEDDINGS] = self._text_embeddings(input_ids, kwargs.get("attention_mask"), row,
+                                                                 int(positions[-1]) % length)
             ctx = SelectionContext(
                 k=budgets[i], n=n, signals=signals, grid=self._grid(n),
                 image_index=i, row=row, index_in_row=seen_in_row[row],
             )
-            kept = _checked(self.method.select(ctx), n, self.method.name).to(feats.device)
-            dropped = torch.ones(n, dtype=torch.bool, device=feats.device)
-            dropped[kept] = False
-            keep.view(-1)[positions[dropped.to(positions.device)]] = False
-            kept_features.append(feats[kept])
-            images.append(ImageRecord(row, seen_in_row[row], n, kept.cpu(), ctx.grid, boxes=grid_boxes(ctx.grid, n)))
+            result = self.method.select(ctx)
+            span, selection = self._place(feats, result, n)
+            kept = (selection.kept if selection is not None else result).cpu()
+            keep.view(-1)[positions[span.shape[0]:]] = False  # placeholders are identical: keep the first k + m
+            kept_features.append(span)
+            merged = selection.assign.cpu() if selection is not None and selection.assign is not None else None
+            images.append(ImageRecord(
+                row, seen_in_row[row], n, kept, ctx.grid, boxes=grid_boxes(ctx.grid, n),
+                merged=merged, n_merged=selection.n_merged if selection is not None else 0,
+            ))
             seen_in_row[row] += 1
 
         new_kwargs = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "image_sizes")}
@@ -173,9 +181,12 @@ def _pad_id(config: Any) -> int:
     return int(pad)
 
 
-def _checked(kept: torch.Tensor, n: int, name: str) -> torch.Tensor:
-    """Enforce the selector contract: long, 1-D, sorted ascending, unique, in range, non-empty."""
+def _checked(kept: torch.Tensor, n: int, name: str, allow_empty: bool = False) -> torch.Tensor:
+    """Enforce the selector contract: long, 1-D, sorted ascending, unique, in range, non-empty (unless merged
+    tokens carry the image)."""
     kept = torch.as_tensor(kept)
+    if allow_empty and kept.numel() == 0:
+        return kept.long()
     ok = (
         kept.dtype == torch.long and kept.ndim == 1 and 0 < kept.numel() <= n
         and int(kept.min()) >= 0 and int(kept.max()) < n and bool((kept[1:] > kept[:-1]).all())

@@ -2,11 +2,20 @@
 
 One image at a time, no batch dimension, any float dtype (scores in fp32). Each returns a 1-D ``torch.long``
 tensor of kept indices, sorted ascending, without duplicates; ``k >= N`` returns ``arange(N)``; exact ties go to
-the lowest index.
+the lowest index. Merging methods also return the merged rows.
 """
 
-from tokenprune.functional.attention import fastervlm
+from tokenprune.functional.attention import fastervlm, fopru
 from tokenprune.functional.baselines import random, uniform
-from tokenprune.functional.diversity import cosine_distance, divprune
+from tokenprune.functional.chunks import holov, holov_chunk_count
+from tokenprune.functional.coverage import mmtok
+from tokenprune.functional.diversity import cosine_distance, divprune, kcenter
+from tokenprune.functional.dpp import cdpruner, instruction_relevance
+from tokenprune.functional.hierarchy import hiprune, hiprune_anchor_count
+from tokenprune.functional.merging import contextual_merge, visiondrop, visionzip, visionzip_with_assign
 
-__all__ = ["cosine_distance", "divprune", "fastervlm", "random", "uniform"]
+__all__ = [
+    "cdpruner", "contextual_merge", "cosine_distance", "divprune", "fastervlm", "fopru", "hiprune",
+    "hiprune_anchor_count", "holov", "holov_chunk_count", "instruction_relevance", "kcenter", "mmtok", "random",
+    "uniform", "visiondrop", "visionzip", "visionzip_with_assign",
+]

@@ -46,3 +46,29 @@ def divprune(features: torch.Tensor, k: int) -> torch.Tensor:
         min_dist = torch.minimum(min_dist, dist[pick])
         min_dist[selected] = -torch.inf
     return torch.sort(torch.tensor(selected, dtype=torch.long, device=features.device)).values
+
+
+def kcenter(features: torch.Tensor, k: int, pivot: int = 0, *, rule: str = "kcenter") -> torch.Tensor:
+    """ToDRE stage 1 (Effective Visual Token Pruning via Token Diversity and Task Relevance, 2025).
+
+    Starting from the ``pivot`` token (ToDRE: the patch with the highest [CLS] attention of the last vision layer),
+    ``rule="kcenter"`` (paper v1) greedily adds the token farthest, in cosine distance, from its nearest chosen
+    token; ``rule="maxsum"`` (paper v2, Algorithm 1) adds the token with the smallest summed cosine similarity to
+    the chosen ones. Ties to the lowest index; kept indices ascending.
+    """
+    n = features.shape[0]
+    check_k(k, n)
+    if k >= n:
+        return torch.arange(n, device=features.device)
+    if rule not in ("kcenter", "maxsum"):
+        raise ValueError(f"kcenter rule must be 'kcenter' or 'maxsum'; got {rule!r}")
+    dist = cosine_distance(features)
+    selected = [pivot]
+    score = dist[pivot].clone() if rule == "kcenter" else -(1.0 - dist[pivot])
+    score[pivot] = -torch.inf
+    for _ in range(k - 1):
+        pick = int(torch.argmax(score))
+        selected.append(pick)
+        score = torch.minimum(score, dist[pick]) if rule == "kcenter" else score - (1.0 - dist[pick])
+        score[selected] = -torch.inf
+    return torch.sort(torch.tensor(selected, dtype=torch.long, device=features.device)).values

@@ -6,9 +6,17 @@ import dataclasses
 from typing import Any
 
 from tokenprune.methods.base import (
+    ATTENTION_MAP,
+    ATTENTION_RECEIVED,
     CLS_ATTENTION,
+    CLS_ATTENTION_WIDE,
+    CLS_HIDDEN,
+    CLS_SIGNALS,
     FEATURES,
     SIGNALS,
+    TEXT_EMBEDDINGS,
+    VISION_HIDDEN,
+    VISION_KEYS,
     PruningMethod,
     Selection,
     SelectionContext,
@@ -45,6 +53,7 @@ def make_method(method: str | PruningMethod, **options: Any) -> PruningMethod:
 
 
 __all__ = [
-    "CLS_ATTENTION", "FEATURES", "METHODS", "SIGNALS", "DivPrune", "FasterVLM", "PruningMethod", "RandomPrune",
-    "Selection", "SelectionContext", "SignalRequest", "UniformPrune", "make_method",
+    "ATTENTION_MAP", "ATTENTION_RECEIVED", "CLS_ATTENTION", "CLS_ATTENTION_WIDE", "CLS_HIDDEN", "CLS_SIGNALS",
+    "FEATURES", "METHODS", "SIGNALS", "TEXT_EMBEDDINGS", "VISION_HIDDEN", "VISION_KEYS", "DivPrune", "FasterVLM",
+    "PruningMethod", "RandomPrune", "Selection", "SelectionContext", "SignalRequest", "UniformPrune", "make_method",
 ]

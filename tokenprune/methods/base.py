@@ -9,12 +9,42 @@ from typing import Any, ClassVar
 
 import torch
 
-# Signals an adapter can compute for a vision-stage method (one selection unit -- an image, a crop or a frame --
-# at a time). A method lists the names it needs in ``needs``; signals of a vision-encoder layer other than the
-# feature layer are asked for through :meth:`PruningMethod.requests` with a ``layer``.
-FEATURES = "features"            # [N, D] the image's visual tokens after the projector (the LLM's input space)
-CLS_ATTENTION = "cls_attention"  # [H, N] [CLS] -> image-token attention at the vision feature layer (softmax: all keys)
-SIGNALS = (FEATURES, CLS_ATTENTION)
+# Signals an adapter can compute for a vision-stage method, one selection unit (an image, a crop or a frame) at a
+# time. A method lists the names it needs in ``needs``; signals of a vision-encoder layer other than the feature
+# layer are asked for through :meth:`PruningMethod.requests` with a ``layer``. N = the unit's visual tokens in the
+# order of its placeholder span; every attention is a softmax in fp32 over ALL keys of the layer (incl. [CLS]),
+# recomputed for just the rows needed (never read from the kernel). Semantics per family:
+#
+# CLIP towers (LLaVA-1.5, LLaVA-NeXT crops; ``patches/clip_signals.py``), layer l = ``encoder.layers[l]``:
+FEATURES = "features"            # [N, D]  the visual tokens after the projector (the LLM's input space)
+CLS_ATTENTION = "cls_attention"  # [H, N]  [CLS] query row of layer l over the image-token keys
+ATTENTION_RECEIVED = "attention_received"  # [N] attention each image token receives in layer l: mean over heads
+#                                    and over ALL query rows ([CLS] included), [CLS] column dropped (HiPrune).
+#                                    Qwen2-VL/2.5-VL (no [CLS]): mean over heads and over the image's query rows of
+#                                    ViT block l, then mean over the 4 rows of each 2x2 merge unit, un-permuted from
+#                                    window order to raster order -> one value per merged token (HiPrune/HoloV ports).
+ATTENTION_MAP = "attention_map"  # [N, N]  head-mean attention among image tokens (rows = queries); the [CLS] row
+#                                    and column are dropped after the softmax, so rows need not sum to 1 (FoPru).
+VISION_HIDDEN = "vision_hidden"  # [N, Dv] output of layer l at the image tokens (pre-projector; at the feature layer
+#                                    exactly what the projector reads). Qwen: output of ViT block l averaged over each
+#                                    merge unit, un-permuted (MMTok's vision-vision space on Qwen2.5-VL).
+CLS_HIDDEN = "cls_hidden"        # [Dv]    output of layer l at [CLS] (VisionZip keeps it as a dominant token)
+VISION_KEYS = "vision_keys"      # [H, N, d_h] per-head keys of layer l at the image tokens: ``k_proj`` output before
+#                                    any scaling (CLIP has no RoPE). Qwen: not provided.
+CLS_ATTENTION_WIDE = "cls_attention_wide"  # [N] [CLS] row of layer l computed as ONE full-width head:
+#                                    softmax(q_cls . k^T / sqrt(D_v)) with q, k the whole q_proj/k_proj outputs
+#                                    (Recoverable Compression's hook on q_proj/k_proj), image-token columns.
+TEXT_EMBEDDINGS = "text_embeddings"  # [M, D] the LLM input embeddings (``get_input_embeddings()``) of the text tokens
+#                                    of the image's prompt row that FOLLOW the image's placeholder span (the user's
+#                                    question and the rest of the prompt; other images' placeholders and padding
+#                                    excluded); if no text follows, every non-image, non-padding token of the row.
+#                                    Same definition on every family (BOS is never after an image).
+SIGNALS = (
+    FEATURES, CLS_ATTENTION, ATTENTION_RECEIVED, ATTENTION_MAP, VISION_HIDDEN, CLS_HIDDEN, VISION_KEYS,
+    CLS_ATTENTION_WIDE, TEXT_EMBEDDINGS,
+)
+# Signals that exist only on vision towers with a [CLS] token (CLIP); a Qwen adapter never computes them.
+CLS_SIGNALS = frozenset({CLS_ATTENTION, CLS_HIDDEN, CLS_ATTENTION_WIDE})
 
 
 @dataclass(frozen=True)
@@ -34,15 +64,24 @@ class SignalRequest:
 class Selection:
     """What a merging method returns instead of bare indices.
 
-    ``kept`` as for :meth:`PruningMethod.select`; ``merged`` ``[m, D]`` extra tokens in the FEATURES space that the
-    adapter places in the image's span right after the kept tokens (VisionZip's contextual tokens, as officially
-    appended after the dominant ones); ``assign`` ``[N]`` long: for each original token, the merged token it was
-    folded into, or -1 (for drawing and records).
+    ``kept`` as for :meth:`PruningMethod.select`; ``merged`` ``[m, D]`` extra tokens that the adapter places in the
+    image's span right after the kept tokens (VisionZip's contextual tokens, as officially appended after the
+    dominant ones), except the first ``lead`` rows, which go right BEFORE the kept tokens (VisionZip's [CLS] token,
+    officially the first dominant token). ``space`` says where the merged rows live: ``"features"`` (projector
+    output, placed as they are) or ``"vision_hidden"`` (pre-projector, like :data:`VISION_HIDDEN`; the adapter runs
+    them through the projector, as the official codes merge before projecting). ``assign`` ``[N]`` long: for each
+    original token, the merged token it was folded into, or -1 (for drawing and records).
     """
 
     kept: torch.Tensor
     merged: torch.Tensor | None = None
     assign: torch.Tensor | None = None
+    lead: int = 0
+    space: str = FEATURES
+
+    @property
+    def n_merged(self) -> int:
+        return 0 if self.merged is None else int(self.merged.shape[0])
 
 
 @dataclass(frozen=True)
@@ -52,7 +91,8 @@ class SelectionContext:
     ``k`` is the budget already resolved by :mod:`tokenprune.budget`; ``n`` the unit's token count; ``grid`` the
     ``(h, w)`` patch grid when the tokens form one raster grid; ``index_in_row`` counts the images of one prompt;
     ``unit_index`` the selection unit within the image (the crop of a LLaVA-NeXT image under a per-crop budget, the
-    frame of a video under a per-frame budget; 0 when the whole image is one unit).
+    frame of a video under a per-frame budget; 0 when the whole image is one unit); ``cls_token`` is False on vision
+    towers without [CLS] (the signals are then those of ``needs_without_cls``).
     """
 
     k: int
@@ -63,6 +103,7 @@ class SelectionContext:
     row: int = 0
     index_in_row: int = 0
     unit_index: int = 0
+    cls_token: bool = True
 
     def signal(self, name: str, layer: int | None = None) -> torch.Tensor:
         key = SignalRequest(name, layer).key
@@ -79,6 +120,11 @@ class PruningMethod:
     """Base of every method. Subclasses set ``name``, ``paper``, ``needs`` and implement :meth:`select`.
 
     Hyper-parameters are dataclass fields with the official defaults; ``__post_init__`` validates them.
+
+    Families: ``needs`` are the signals on a vision tower with [CLS] (CLIP: LLaVA-1.5, LLaVA-NeXT). On towers
+    without [CLS] (Qwen2-VL/2.5-VL) a method uses ``needs_without_cls`` (a documented substitute, e.g. attention
+    received instead of the [CLS] row); if that is None and ``needs`` contains a [CLS] signal, or ``no_cls_reason``
+    is set, the method cannot run there and :meth:`check_family` raises with that reason.
     """
 
     name: ClassVar[str]
@@ -91,11 +137,35 @@ class PruningMethod:
     # LLaVA-NeXT's image_newline tokens are candidates (DivPrune's official code selects over the packed sequence,
     # newlines included); otherwise they are dropped whenever the image is pruned (per-crop official code has none).
     newline_candidates: ClassVar[bool] = False
+    needs_without_cls: ClassVar[frozenset[str] | None] = None
+    no_cls_reason: ClassVar[str] = ""
+    # False for methods whose kept count is data-dependent (Recoverable Compression): ``k`` is then only honoured
+    # as "keep everything" when ``k >= n``.
+    fixed_budget: ClassVar[bool] = True
 
-    def requests(self) -> tuple[SignalRequest, ...]:
-        """The signals to compute, with their layers. Default: every name in ``needs`` at the feature layer;
-        methods that read other vision layers (HiPrune's object/deep layers) override this."""
-        return tuple(SignalRequest(name) for name in sorted(self.needs))
+    @classmethod
+    def signals_needed(cls, cls_token: bool = True) -> frozenset[str]:
+        """Signal names on a tower with (``cls_token=True``) or without [CLS]; raises if unsupported there."""
+        if cls_token:
+            return cls.needs
+        if cls.needs_without_cls is not None:
+            return cls.needs_without_cls
+        if cls.no_cls_reason or cls.needs & CLS_SIGNALS:
+            reason = cls.no_cls_reason or f"it needs {sorted(cls.needs & CLS_SIGNALS)}"
+            raise ValueError(
+                f"method {cls.name!r} cannot run on a vision tower without a [CLS] token (Qwen2-VL/Qwen2.5-VL): "
+                f"{reason}"
+            )
+        return cls.needs
+
+    def check_family(self, cls_token: bool = True) -> None:
+        """Raise a ``ValueError`` saying why not and what to use instead if the method cannot run there."""
+        self.signals_needed(cls_token)
+
+    def requests(self, cls_token: bool = True) -> tuple[SignalRequest, ...]:
+        """The signals to compute, with their layers. Default: every needed name at the feature layer; methods
+        that read other vision layers (HiPrune's object/deep layers) override this."""
+        return tuple(SignalRequest(name) for name in sorted(self.signals_needed(cls_token)))
 
     def select(self, ctx: SelectionContext) -> torch.Tensor | Selection:
         """Kept indices of one image: ``torch.long``, sorted ascending, unique, in ``range(ctx.n)`` (or a

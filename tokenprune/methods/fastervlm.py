@@ -22,6 +22,10 @@ class FasterVLM(PruningMethod):
     name = "fastervlm"
     paper = "FasterVLM: [CLS] Attention is All You Need for Training-Free Visual Token Pruning (2024)"
     needs = frozenset({CLS_ATTENTION})
+    no_cls_reason = (
+        "FasterVLM ranks tokens by the [CLS] attention row and its paper gives no substitute; use 'hiprune' or "
+        "'holov' (attention received) or 'divprune' (features only) instead"
+    )
 
     def select(self, ctx: SelectionContext) -> torch.Tensor:
         return F.fastervlm(ctx.signal(CLS_ATTENTION), ctx.k)
