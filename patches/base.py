@@ -44,6 +44,7 @@ class VisionStageAdapter:
 
     model_types: ClassVar[tuple[str, ...]] = ()
     signals: ClassVar[frozenset[str]] = frozenset()
+    cls_token: ClassVar[bool] = True  # does the family's vision tower have a [CLS] token?
 
     def __init__(
         self,
@@ -73,7 +74,7 @@ class VisionStageAdapter:
     # --- family-specific ---------------------------------------------------------------------------------------
     def check_method(self) -> None:
         """Raise a ``ValueError`` if this model cannot provide what the method needs."""
-        missing = self.method.needs - self.signals
+        missing = self.method.signals_needed(self.cls_token) - self.signals
         if missing:
             raise ValueError(
                 f"method {self.method.name!r} needs signal(s) {sorted(missing)}, which the "
@@ -169,6 +170,23 @@ class VisionStageAdapter:
             return kwargs
         translated = torch.cat([pruned_mask.to(mask.dtype), mask[:, original_length:]], dim=1)
         return {**kwargs, "attention_mask": translated}
+
+
+def text_embeddings(
+    model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor | None, row: int, end: int,
+    placeholder_ids: tuple[int, ...],
+) -> torch.Tensor:
+    """TEXT_EMBEDDINGS (``methods/base.py``): LLM input embeddings of the row's text tokens after position ``end``
+    (the image's last placeholder); every text token of the row if none follows. Placeholders and padding excluded."""
+    ids = input_ids[row]
+    text = ~torch.isin(ids, torch.tensor(placeholder_ids, device=ids.device))
+    if mask is not None:
+        text &= mask[row].bool()
+    after = text.clone()
+    after[: end + 1] = False
+    chosen = ids[after] if bool(after.any()) else ids[text]
+    with torch.no_grad():
+        return model.get_input_embeddings()(chosen)
 
 
 def _with_original_prompt(out: Any, prompt_ids: torch.Tensor, pruned_length: int) -> Any:

@@ -18,12 +18,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from tokenprune.patches.base import PrunedCall, VisionStageAdapter
+from tokenprune.patches.base import PrunedCall, VisionStageAdapter, text_embeddings
+from tokenprune.patches.qwen_signals import QWEN_SIGNALS, QwenProbe
 from tokenprune.patches.units import Unit, select_image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenprune.compaction import compact, padding_side
-from tokenprune.methods import CLS_ATTENTION, FEATURES
+from tokenprune.methods import FEATURES, TEXT_EMBEDDINGS
 from tokenprune.record import ImageRecord, PruneRecord, grid_boxes
 
 _MODALITIES = (  # (kind, token id attribute, pixel kwarg, grid kwarg, features getter, mm_token_type id)
@@ -34,16 +35,17 @@ _MODALITIES = (  # (kind, token id attribute, pixel kwarg, grid kwarg, features 
 
 class QwenVLAdapter(VisionStageAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl")
-    signals = frozenset({FEATURES})
+    signals = frozenset({FEATURES, TEXT_EMBEDDINGS}) | QWEN_SIGNALS
+    cls_token = False
 
     def check_method(self) -> None:
-        if CLS_ATTENTION in self.method.needs:
+        try:
+            super().check_method()
+        except ValueError as err:
             raise ValueError(
-                f"method {self.method.name!r} ranks tokens by the vision encoder's [CLS] attention, but Qwen's ViT "
-                f"has no [CLS] token; use a method without [CLS], e.g. 'divprune', or one with a Qwen substitute "
-                f"signal (see the README's method table)"
-            )
-        super().check_method()
+                f"{err}. Qwen's ViT has no [CLS] token; use a method without [CLS], e.g. 'divprune', or one with a "
+                f"Qwen substitute signal (see the README's method table)"
+            ) from None
 
     def uninstall(self) -> None:
         super().uninstall()
@@ -77,9 +79,9 @@ class QwenVLAdapter(VisionStageAdapter):
         encoder_outputs, images = {}, []
         seen_in_row = [0] * batch
         for kind, token_attr, pixel_key, grid_key, getter, _ in present:
-            features = self._encode(getter, kwargs[pixel_key], kwargs[grid_key])
+            features, probed = self._encode(getter, kwargs[pixel_key], kwargs[grid_key])
             kept_features = self._select(
-                kind, features, kwargs[grid_key], input_ids == getattr(self.model.config, token_attr),
+                kind, features, probed, kwargs[grid_key], input_ids == getattr(self.model.config, token_attr),
                 keep, images, seen_in_row, kwargs,
             )
             encoder_outputs[kind] = BaseModelOutputWithPooling(pooler_output=kept_features)
@@ -129,9 +131,14 @@ class QwenVLAdapter(VisionStageAdapter):
         top = positions.masked_fill(~valid[None], -1).amax(dim=(0, 2))  # [B]
         self.model.model.rope_deltas = (top + 1 - new_mask.long().sum(-1))[:, None]
 
-    def _encode(self, getter: str, pixels: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
-        out = getattr(self.model.model, getter)(pixels, grid_thw, return_dict=True)
-        return list(out.pooler_output)
+    def _encode(
+        self, getter: str, pixels: torch.Tensor, grid_thw: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        """Merged features per image/video ``[N_i, D]`` and the requested ViT signals per image/video."""
+        requests = list(self.method.requests(cls_token=False))
+        with QwenProbe(self.model.model.visual, requests, grid_thw) as probe:
+            out = getattr(self.model.model, getter)(pixels, grid_thw, return_dict=True)
+        return list(out.pooler_output), probe.per_item()
 
     def _units(self, kind: str, thw: torch.Tensor) -> list[Unit]:
         merge = self.model.config.vision_config.spatial_merge_size
@@ -142,7 +149,8 @@ class QwenVLAdapter(VisionStageAdapter):
         return [Unit(torch.arange(f * h * w, (f + 1) * h * w), (h, w)) for f in range(t)]
 
     def _select(
-        self, kind: str, features: list[torch.Tensor], grid_thw: torch.Tensor, is_placeholder: torch.Tensor,
+        self, kind: str, features: list[torch.Tensor], probed: list[dict[str, torch.Tensor]], grid_thw: torch.Tensor,
+        is_placeholder: torch.Tensor,
         keep: torch.Tensor, images: list[ImageRecord], seen_in_row: list[int], kwargs: dict[str, Any],
     ) -> list[torch.Tensor]:
         length = is_placeholder.shape[1]
@@ -162,10 +170,21 @@ class QwenVLAdapter(VisionStageAdapter):
             start += n
             row = int(positions[0]) // length
             unit_budgets, budgets = budgets[: len(units)], budgets[len(units):]
-            signals = [{FEATURES: feats[u.index.to(feats.device)].detach()} for u in units]
+            shared = {}
+            if TEXT_EMBEDDINGS in self.method.signals_needed(cls_token=False):
+                config = self.model.config
+                shared[TEXT_EMBEDDINGS] = text_embeddings(
+                    self.model, kwargs["input_ids"], kwargs.get("attention_mask"), row, int(positions[-1]) % length,
+                    (config.image_token_id, config.video_token_id),
+                )
+            signals = [
+                {FEATURES: feats[u.index.to(feats.device)].detach(), **shared,
+                 **{key: value[u.index.to(value.device)] for key, value in probed[i].items()}}
+                for u in units
+            ]
             chosen = select_image(
                 self.method, feats, units, unit_budgets, signals, image_index=len(images), row=row,
-                index_in_row=seen_in_row[row],
+                index_in_row=seen_in_row[row], cls_token=False,
             )
             dropped = torch.ones(n, dtype=torch.bool)
             dropped[chosen.slots] = False

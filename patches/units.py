@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenprune.methods import PruningMethod, Selection, SelectionContext
+from tokenprune.methods import FEATURES, PruningMethod, Selection, SelectionContext
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ def select_image(
     image_index: int,
     row: int,
     index_in_row: int,
+    cls_token: bool = True,
 ) -> ImageSelection:
     """Select in every unit of one image (``features``: ``[n, D]``); ``signals[u]`` are unit ``u``'s signals."""
     n = features.shape[0]
@@ -72,13 +73,18 @@ def select_image(
         index = unit.index.cpu()
         ctx = SelectionContext(
             k=k, n=index.numel(), signals=signals[u], grid=unit.grid, image_index=image_index, row=row,
-            index_in_row=index_in_row, unit_index=u,
+            index_in_row=index_in_row, unit_index=u, cls_token=cls_token,
         )
         out = method.select(ctx)
         selection = out if isinstance(out, Selection) else Selection(out)
         kept = checked_indices(selection.kept, ctx.n, method.name).cpu()
         kept_parts.append(index[kept])
         if selection.merged is not None and selection.merged.shape[0] > 0:
+            if selection.space != FEATURES:
+                raise ValueError(
+                    f"method {method.name!r} merges tokens in the {selection.space!r} space, which this model family "
+                    f"cannot project into the LLM's input space; use it on LLaVA-1.5 / LLaVA-NeXT"
+                )
             unit_assign = torch.as_tensor(selection.assign).cpu()
             for j in range(selection.merged.shape[0]):
                 members = (unit_assign == j).nonzero().squeeze(1)
