@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from tokenprune.patches.base import VisionStageAdapter
 from tokenprune.patches.llava import LlavaAdapter
+from tokenprune.patches.llava_next import LlavaNextAdapter
 from tokenprune.patches.qwen2_vl import QwenVLAdapter
 
 ADAPTERS: dict[str, type[VisionStageAdapter]] = {
-    t: cls for cls in (LlavaAdapter, QwenVLAdapter) for t in cls.model_types
+    t: cls for cls in (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter) for t in cls.model_types
 }
 
-__all__ = ["ADAPTERS", "LlavaAdapter", "QwenVLAdapter", "VisionStageAdapter"]
+__all__ = ["ADAPTERS", "LlavaAdapter", "LlavaNextAdapter", "QwenVLAdapter", "VisionStageAdapter"]

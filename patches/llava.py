@@ -102,7 +102,8 @@ class LlavaAdapter(VisionStageAdapter):
         return (side, side) if side * side == n else None
 
     # --- pruning ---------------------------------------------------------------------------------------------
-    def prune(self, kwargs: dict[str, Any]) -> PrunedCall | None:
+    def _placeholders(self, kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """``[B, L]`` bool image-placeholder mask of a fresh prefill with images, else None (nothing to prune)."""
         if kwargs.get("pixel_values") is None or kwargs.get("mm_encoder_outputs") is not None:
             return None
         input_ids = kwargs.get("input_ids")
@@ -114,13 +115,11 @@ class LlavaAdapter(VisionStageAdapter):
         cache = kwargs.get("past_key_values")
         if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
             return None  # a continuation with a warm cache: not a fresh prefill
-        image_token = self.model.config.image_token_id
-        is_image = input_ids == image_token
-        if not bool(is_image.any()):
-            return None
+        is_image = input_ids == self.model.config.image_token_id
+        return is_image if bool(is_image.any()) else None
 
-        features, probe_signals = self._encode(kwargs)
-        batch, length = input_ids.shape
+    @staticmethod
+    def _flat_positions(is_image: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
         flat_positions = is_image.reshape(-1).nonzero().squeeze(1)
         total = sum(f.shape[0] for f in features)
         if flat_positions.numel() != total:
@@ -128,6 +127,16 @@ class LlavaAdapter(VisionStageAdapter):
                 f"the prompt has {flat_positions.numel()} image placeholder tokens but the {len(features)} image(s) "
                 f"give {total} features; build the inputs with the model's processor"
             )
+        return flat_positions
+
+    def prune(self, kwargs: dict[str, Any]) -> PrunedCall | None:
+        is_image = self._placeholders(kwargs)
+        if is_image is None:
+            return None
+        input_ids = kwargs["input_ids"]
+        features, probe_signals = self._encode(kwargs)
+        batch, length = input_ids.shape
+        flat_positions = self._flat_positions(is_image, features)
 
         keep = torch.ones_like(input_ids, dtype=torch.bool)
         kept_features, images, start, seen_in_row = [], [], 0, [0] * batch
@@ -157,6 +166,14 @@ class LlavaAdapter(VisionStageAdapter):
             ))
             seen_in_row[row] += 1
 
+        return self._compacted(kwargs, keep, kept_features, images)
+
+    def _compacted(
+        self, kwargs: dict[str, Any], keep: torch.Tensor, kept_features: list[torch.Tensor], images: list[ImageRecord]
+    ) -> PrunedCall:
+        """Drop the placeholders where ``keep`` is False from every per-token input, re-pad, re-index positions."""
+        input_ids = kwargs["input_ids"]
+        length = input_ids.shape[1]
         new_kwargs = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "image_sizes")}
         mask = kwargs.get("attention_mask")
         per_token: dict[str, tuple[torch.Tensor, int]] = {"input_ids": (input_ids, _pad_id(self.model.config))}

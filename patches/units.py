@@ -8,6 +8,7 @@ stay in the prompt and the features that fill them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,9 +39,12 @@ class ImageSelection:
     assign: torch.Tensor | None = None
 
 
-def checked_indices(kept: torch.Tensor, n: int, name: str) -> torch.Tensor:
-    """Enforce the selector contract: long, 1-D, sorted ascending, unique, in range, non-empty."""
+def checked_indices(kept: torch.Tensor, n: int, name: str, allow_empty: bool = False) -> torch.Tensor:
+    """Enforce the selector contract: long, 1-D, sorted ascending, unique, in range, non-empty (unless merged tokens
+    carry the unit)."""
     kept = torch.as_tensor(kept)
+    if allow_empty and kept.numel() == 0:
+        return kept.long()
     ok = (
         kept.dtype == torch.long and kept.ndim == 1 and 0 < kept.numel() <= n
         and int(kept.min()) >= 0 and int(kept.max()) < n and bool((kept[1:] > kept[:-1]).all())
@@ -64,8 +68,13 @@ def select_image(
     row: int,
     index_in_row: int,
     cls_token: bool = True,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> ImageSelection:
-    """Select in every unit of one image (``features``: ``[n, D]``); ``signals[u]`` are unit ``u``'s signals."""
+    """Select in every unit of one image (``features``: ``[n, D]``); ``signals[u]`` are unit ``u``'s signals.
+
+    ``project`` maps merged tokens that a method built before the projector (``Selection.space``) into the LLM's
+    input space; families without one (Qwen) reject such methods.
+    """
     n = features.shape[0]
     kept_parts, merged_slots, merged_features = [], [], []
     assign = torch.full((n,), -1, dtype=torch.long)
@@ -77,14 +86,18 @@ def select_image(
         )
         out = method.select(ctx)
         selection = out if isinstance(out, Selection) else Selection(out)
-        kept = checked_indices(selection.kept, ctx.n, method.name).cpu()
+        has_merged = selection.merged is not None and selection.merged.shape[0] > 0
+        kept = checked_indices(selection.kept, ctx.n, method.name, allow_empty=has_merged).cpu()
         kept_parts.append(index[kept])
-        if selection.merged is not None and selection.merged.shape[0] > 0:
+        if has_merged:
+            merged = selection.merged
             if selection.space != FEATURES:
-                raise ValueError(
-                    f"method {method.name!r} merges tokens in the {selection.space!r} space, which this model family "
-                    f"cannot project into the LLM's input space; use it on LLaVA-1.5 / LLaVA-NeXT"
-                )
+                if project is None:
+                    raise ValueError(
+                        f"method {method.name!r} merges tokens in the {selection.space!r} space, which this model "
+                        f"family cannot project into the LLM's input space; use it on LLaVA-1.5 / LLaVA-NeXT"
+                    )
+                merged = project(merged)
             unit_assign = torch.as_tensor(selection.assign).cpu()
             for j in range(selection.merged.shape[0]):
                 members = (unit_assign == j).nonzero().squeeze(1)
@@ -92,8 +105,8 @@ def select_image(
                     raise RuntimeError(f"method {method.name!r}: merged token {j} has no members or absorbs a kept one")
                 assign[index[members]] = len(merged_slots)
                 merged_slots.append(int(index[members].min()))
-            merged_features.append(selection.merged.to(features.device, features.dtype))
-    kept_all = torch.cat(kept_parts).sort().values
+            merged_features.append(merged.to(features.device, features.dtype))
+    kept_all = torch.cat(kept_parts).sort().values if kept_parts else torch.zeros(0, dtype=torch.long)
     if not merged_slots:
         return ImageSelection(kept_all, features[kept_all.to(features.device)], kept_all)
     slots = torch.cat([kept_all, torch.tensor(merged_slots, dtype=torch.long)])

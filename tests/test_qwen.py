@@ -6,6 +6,7 @@ import torch
 from tokenprune import disable_pruning, enable_pruning, list_methods
 from tokenprune.api import _HANDLE_ATTR
 from tokenprune.budget import kept_count
+from tokenprune.methods import METHODS as REGISTRY
 from tokenprune.tiny_models import random_image, random_video, tiny_qwen
 
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -15,8 +16,18 @@ OTHER = f"USER : {IMG}\ndescribe a red circle and a blue square left of the dog 
 TWO = f"USER : {IMG}{IMG}how many dog are there ? ASSISTANT :"
 VIDEO = f"USER : {VID}what is the dog doing ? ASSISTANT :"
 GEN = dict(max_new_tokens=5, do_sample=False)
-NO_CLS = ["fastervlm"]
-METHODS = [m for m in sorted(list_methods()) if m not in NO_CLS]
+
+
+def _runs_without_cls(name: str) -> bool:
+    try:
+        REGISTRY[name].signals_needed(cls_token=False)
+    except ValueError:
+        return False
+    return True
+
+
+METHODS = [m for m in sorted(list_methods()) if _runs_without_cls(m)]
+NO_CLS = [m for m in sorted(list_methods()) if not _runs_without_cls(m)]
 
 
 @pytest.fixture(params=["2", "2.5"])
@@ -75,10 +86,11 @@ def test_pruned_generate_is_transparent_and_cache_consistent(qwen, one, method):
     assert handle.last.seq_len_after == prompt.shape[1] - 10
 
 
-def test_fastervlm_explains_why_it_cannot_run(qwen):
+@pytest.mark.parametrize("method", NO_CLS)
+def test_methods_without_a_qwen_signal_explain_why(qwen, method):
     model, _ = qwen
-    with pytest.raises(ValueError, match=r"no \[CLS\] token.*divprune"):
-        enable_pruning(model, "fastervlm", keep=0.5)
+    with pytest.raises(ValueError, match=r"\[CLS\].*divprune"):
+        enable_pruning(model, method, keep=0.5)
     assert _HANDLE_ATTR not in model.__dict__
 
 

@@ -1,0 +1,231 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``, model_type ``llava_next``): vision-stage pruning with AnyRes.
+
+transformers packs each image as ``[base tile (side x side)] + [unpadded high-resolution grid, one image_newline
+token after each row]`` (``pack_image_features``). The adapter reproduces that layout on token coordinates (with
+transformers' own ``get_anyres_image_grid_shape`` and ``unpad_image``), so it knows for every packed token its
+crop, its place inside the crop and its box in the image, and then:
+
+* **Budget** (``scope``): per crop -- the base tile and every high-resolution tile keep ``keep`` of their tokens
+  (FasterVLM, HiPrune, CDPruner, VisionZip, MMTok) -- or per image, one pool over the packed image (DivPrune,
+  HoloV); each method's paper convention is its default (``PruningMethod.crop_scope``), ``scope=`` overrides it.
+* **Newline tokens**, one documented rule: they are selection candidates only for methods whose official code
+  selects over the packed sequence (``newline_candidates``: DivPrune); for every other method they are dropped as
+  soon as the image is pruned at all (the official per-crop implementations have no newline tokens), and kept when
+  every unit keeps all its tokens (so ``keep=1.0`` is exactly the unpruned model).
+* **Signals** of the CLIP tower are computed per crop (``ClipProbe``) and gathered into each unit's token order;
+  in a per-image pool they are concatenated over crops (an attention map becomes block-diagonal).
+
+Positions are re-indexed contiguously, as in LLaVA-1.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tokenprune.patches.base import PrunedCall, text_embeddings
+from tokenprune.patches.llava import LlavaAdapter
+from tokenprune.patches.units import Unit, select_image
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+from tokenprune.methods import (
+    ATTENTION_MAP,
+    CLS_ATTENTION,
+    CLS_HIDDEN,
+    FEATURES,
+    TEXT_EMBEDDINGS,
+    VISION_KEYS,
+)
+from tokenprune.record import ImageRecord, grid_boxes
+
+# Where the image-token axes of each per-crop signal are (all others: axis 0 only; CLS_HIDDEN has none).
+_TOKEN_AXES = {CLS_ATTENTION: (1,), VISION_KEYS: (1,), ATTENTION_MAP: (0, 1), CLS_HIDDEN: ()}
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Per packed token of one image: its crop (0 = base tile, -1 = newline), its index inside the crop's
+    ``side x side`` raster, and its box in the image (NaN for newlines)."""
+
+    crop: torch.Tensor      # [n] long
+    position: torch.Tensor  # [n] long
+    boxes: torch.Tensor     # [n, 4] float
+    side: int
+    n_crops: int            # tower rows of this image (base + high-resolution tiles)
+
+    @property
+    def newline(self) -> torch.Tensor:
+        return self.crop < 0
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    model_types = ("llava_next",)
+
+    def layout(self, image_size: tuple[int, int], n_crops: int) -> PackedLayout:
+        """The packed token layout of one image of ``image_size`` (H, W) with ``n_crops`` tower rows."""
+        config = self.model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        crop = [torch.zeros(side * side, dtype=torch.long)]
+        position = [torch.arange(side * side)]
+        boxes = [grid_boxes((side, side))]
+        if n_crops > 1:
+            rows, cols = get_anyres_image_grid_shape(
+                list(image_size), config.image_grid_pinpoints, config.vision_config.image_size
+            )
+            r = torch.arange(rows * side)[:, None].expand(rows * side, cols * side)
+            c = torch.arange(cols * side)[None, :].expand(rows * side, cols * side)
+            coords = torch.stack([(r // side) * cols + c // side + 1, (r % side) * side + c % side])
+            coords = unpad_image(coords, list(image_size))  # [2, h, w]: the crops transformers keeps
+            h, w = coords.shape[1:]
+            newline = torch.full((2, h, 1), -1, dtype=torch.long)
+            coords = torch.cat([coords, newline], dim=2).reshape(2, -1)
+            grid = grid_boxes((h, w)).reshape(h, w, 4)
+            nan = torch.full((h, 1, 4), float("nan"))
+            crop.append(coords[0])
+            position.append(coords[1])
+            boxes.append(torch.cat([grid, nan], dim=1).reshape(-1, 4))
+        else:  # a single tile: transformers appends one newline token after it
+            crop.append(torch.tensor([-1]))
+            position.append(torch.tensor([-1]))
+            boxes.append(torch.full((1, 4), float("nan")))
+        return PackedLayout(torch.cat(crop), torch.cat(position), torch.cat(boxes), side, n_crops)
+
+    def _units(self, layout: PackedLayout) -> tuple[list[Unit], list[int]]:
+        """Selection units over the candidate tokens, and the crop of each unit (-1: a per-image pool)."""
+        candidate = torch.ones_like(layout.crop, dtype=torch.bool)
+        if not self.method.newline_candidates:
+            candidate &= ~layout.newline
+        scope = self.scope or self.method.crop_scope
+        if scope == "image":
+            return [Unit(candidate.nonzero().squeeze(1), None)], [-1]
+        units, crops = [], []
+        for crop in range(layout.n_crops):
+            index = (layout.crop == crop).nonzero().squeeze(1)
+            if index.numel():
+                units.append(Unit(index, _rect(layout, index)))
+                crops.append(crop)
+        if self.method.newline_candidates and bool(layout.newline.any()):
+            units.append(Unit(layout.newline.nonzero().squeeze(1), None))
+            crops.append(-1)
+        return units, crops
+
+    def _unit_signals(
+        self, layout: PackedLayout, unit: Unit, crop_signals: list[dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """The CLIP signals of one unit's tokens, in the unit's order (newline tokens get zeros)."""
+        if not crop_signals or not crop_signals[0]:
+            return {}
+        crops, positions = layout.crop[unit.index], layout.position[unit.index]
+        present = [c for c in crops.unique().tolist() if c >= 0]
+        out = {}
+        for key, first in crop_signals[0].items():
+            axes = _TOKEN_AXES.get(key.split("@")[0], (0,))
+            if not axes:  # one value per crop ([CLS] hidden state): the unit's first crop
+                out[key] = crop_signals[present[0] if present else 0][key]
+                continue
+            shape = list(first.shape)
+            for axis in axes:
+                shape[axis] = unit.index.numel()
+            value = first.new_zeros(shape)
+            for c in present:
+                where = (crops == c).nonzero().squeeze(1)
+                source = crop_signals[c][key]
+                for axis in axes:
+                    source = source.index_select(axis, positions[where].to(source.device))
+                if len(axes) == 1:
+                    value.index_copy_(axes[0], where.to(value.device), source)
+                else:  # [N, N] attention among image tokens: within a crop; zero across crops (block-diagonal)
+                    value[where[:, None], where[None, :]] = source
+            out[key] = value
+        return out
+
+    # --- pruning ---------------------------------------------------------------------------------------------
+    def prune(self, kwargs: dict[str, Any]) -> PrunedCall | None:
+        is_image = self._placeholders(kwargs)
+        if is_image is None:
+            return None
+        strategy = kwargs.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
+        if strategy != "default":
+            raise ValueError(
+                f"tokenprune supports LLaVA-NeXT with vision_feature_select_strategy='default' (all released "
+                f"checkpoints); got {strategy!r}"
+            )
+        input_ids, sizes = kwargs["input_ids"], kwargs["image_sizes"]
+        features, crop_signals = self._encode(kwargs)
+        batch, length = input_ids.shape
+        flat_positions = self._flat_positions(is_image, features)
+        n_crops = self._crops_per_image(sizes, len(features))
+        layouts = [self.layout(tuple(int(v) for v in sizes[i]), n_crops[i]) for i in range(len(features))]
+        for layout, feats in zip(layouts, features, strict=True):
+            if layout.crop.numel() != feats.shape[0]:
+                raise RuntimeError(f"LLaVA-NeXT layout has {layout.crop.numel()} tokens, features {feats.shape[0]}")
+        all_units = [self._units(layout)[0] for layout in layouts]
+        sizes_per_unit = [u.index.numel() for units in all_units for u in units]
+        budgets = self.kept_counts(sizes_per_unit, kwargs)
+        prunes = any(k < n for k, n in zip(budgets, sizes_per_unit, strict=True))
+
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+        kept_features, images, start, seen_in_row, first_crop = [], [], 0, [0] * batch, 0
+        for i, (feats, layout, units) in enumerate(zip(features, layouts, all_units, strict=True)):
+            n = feats.shape[0]
+            positions = flat_positions[start:start + n]
+            start += n
+            row = int(positions[0]) // length
+            mine = crop_signals[first_crop:first_crop + layout.n_crops] if crop_signals else []
+            first_crop += layout.n_crops
+            shared = {}
+            if TEXT_EMBEDDINGS in self.method.needs:
+                shared[TEXT_EMBEDDINGS] = text_embeddings(
+                    self.model, input_ids, kwargs.get("attention_mask"), row, int(positions[-1]) % length,
+                    (self.model.config.image_token_id,),
+                )
+            signals = [
+                {FEATURES: feats[u.index.to(feats.device)].detach(), **shared, **self._unit_signals(layout, u, mine)}
+                for u in units
+            ]
+            unit_budgets, budgets = budgets[: len(units)], budgets[len(units):]
+            chosen = select_image(
+                self.method, feats, units, unit_budgets, signals, image_index=i, row=row,
+                index_in_row=seen_in_row[row], project=self._project,
+            )
+            slots, span = chosen.slots, chosen.features
+            if not prunes:  # nothing pruned anywhere: keep the newline tokens too (bit-identical to unpruned)
+                slots, span = torch.arange(n), feats
+            dropped = torch.ones(n, dtype=torch.bool)
+            dropped[slots] = False
+            keep.view(-1)[positions[dropped.to(positions.device)]] = False
+            kept_features.append(span)
+            images.append(ImageRecord(
+                row, seen_in_row[row], n, chosen.kept, None, boxes=layout.boxes, view="image",
+                segments=(layout.crop > 0).long() | layout.newline.long(), merged=chosen.assign,
+                n_merged=chosen.n_merged,
+            ))
+            seen_in_row[row] += 1
+        return self._compacted(kwargs, keep, kept_features, images)
+
+    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
+        projector = self.model.model.multi_modal_projector
+        with torch.no_grad():
+            return projector(hidden.to(next(projector.parameters()).dtype))
+
+    def _crops_per_image(self, sizes: torch.Tensor, n_images: int) -> list[int]:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        config = self.model.config
+        return [
+            image_size_to_num_patches(
+                image_size=tuple(int(v) for v in size), grid_pinpoints=config.image_grid_pinpoints,
+                patch_size=config.vision_config.image_size,
+            )
+            for size in sizes[:n_images]
+        ]
+
+
+def _rect(layout: PackedLayout, index: torch.Tensor) -> tuple[int, int] | None:
+    """``(h, w)`` of a crop's kept rectangle (its tokens in packed order are that rectangle's raster order)."""
+    positions = layout.position[index]
+    side = layout.side
+    rows = (positions // side).unique().numel()
+    cols = (positions % side).unique().numel()
+    return (rows, cols) if rows * cols == index.numel() else None
