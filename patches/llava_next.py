@@ -187,7 +187,7 @@ class LlavaNextAdapter(LlavaAdapter):
             unit_budgets, budgets = budgets[: len(units)], budgets[len(units):]
             chosen = select_image(
                 self.method, feats, units, unit_budgets, signals, image_index=i, row=row,
-                index_in_row=seen_in_row[row], project=self._project,
+                index_in_row=seen_in_row[row], project=self._project, placement="span",
             )
             slots, span = chosen.slots, chosen.features
             if not prunes:  # nothing pruned anywhere: keep the newline tokens too (bit-identical to unpruned)

@@ -28,8 +28,8 @@ class Unit:
 class ImageSelection:
     """What survives of one image: placeholder ``slots`` (image-level indices, ascending) filled with ``features``.
 
-    ``kept`` are the original tokens kept; merged tokens (``n_merged``) sit in the slot of the first token they
-    absorbed (``assign``: per image token, the merged token it was folded into, or -1).
+    ``kept`` are the original tokens kept; ``n_merged`` merged tokens were added (``assign``: per image token, the
+    merged token it was folded into, or -1); where they sit depends on the placement (:func:`select_image`).
     """
 
     slots: torch.Tensor
@@ -69,15 +69,20 @@ def select_image(
     index_in_row: int,
     cls_token: bool = True,
     project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    placement: str = "slots",
 ) -> ImageSelection:
     """Select in every unit of one image (``features``: ``[n, D]``); ``signals[u]`` are unit ``u``'s signals.
 
     ``project`` maps merged tokens that a method built before the projector (``Selection.space``) into the LLM's
-    input space; families without one (Qwen) reject such methods.
+    input space; families without one (Qwen) reject such methods. ``placement``: ``"slots"`` puts each merged token
+    in the placeholder slot of the first token it absorbed (families that keep original positions: Qwen);
+    ``"span"`` lays each unit out as the official LLaVA codes do -- leading merged tokens ([CLS]), the kept tokens,
+    the other merged tokens -- in the image's first placeholders (families that re-index positions).
     """
     n = features.shape[0]
-    kept_parts, merged_slots, merged_features = [], [], []
+    kept_parts, spans, merged_slots, merged_features = [], [], [], []
     assign = torch.full((n,), -1, dtype=torch.long)
+    n_merged = 0
     for u, (unit, k) in enumerate(zip(units, budgets, strict=True)):
         index = unit.index.cpu()
         ctx = SelectionContext(
@@ -86,30 +91,44 @@ def select_image(
         )
         out = method.select(ctx)
         selection = out if isinstance(out, Selection) else Selection(out)
-        has_merged = selection.merged is not None and selection.merged.shape[0] > 0
+        has_merged = selection.n_merged > 0
         kept = checked_indices(selection.kept, ctx.n, method.name, allow_empty=has_merged).cpu()
         kept_parts.append(index[kept])
-        if has_merged:
-            merged = selection.merged
-            if selection.space != FEATURES:
-                if project is None:
+        kept_features = features[index[kept].to(features.device)]
+        if not has_merged:
+            spans.append(kept_features)
+            continue
+        merged = selection.merged
+        if selection.space != FEATURES:
+            if project is None:
+                raise ValueError(
+                    f"method {method.name!r} merges tokens in the {selection.space!r} space, which this model "
+                    f"family cannot project into the LLM's input space; use it on LLaVA-1.5 / LLaVA-NeXT"
+                )
+            merged = project(merged)
+        merged = merged.to(features.device, features.dtype)
+        unit_assign = torch.as_tensor(selection.assign).cpu()
+        members = unit_assign >= 0
+        assign[index[members]] = unit_assign[members] + n_merged
+        n_merged += merged.shape[0]
+        spans.append(torch.cat([merged[: selection.lead], kept_features, merged[selection.lead:]]))
+        if placement == "slots":  # each merged token takes the slot (and so the position) of its first member
+            for j in range(merged.shape[0]):
+                group = (unit_assign == j).nonzero().squeeze(1)
+                if group.numel() == 0:
                     raise ValueError(
-                        f"method {method.name!r} merges tokens in the {selection.space!r} space, which this model "
-                        f"family cannot project into the LLM's input space; use it on LLaVA-1.5 / LLaVA-NeXT"
+                        f"method {method.name!r} adds a merged token with no source token (e.g. VisionZip's [CLS]); "
+                        f"this model family keeps original positions and has no place for it"
                     )
-                merged = project(merged)
-            unit_assign = torch.as_tensor(selection.assign).cpu()
-            for j in range(selection.merged.shape[0]):
-                members = (unit_assign == j).nonzero().squeeze(1)
-                if members.numel() == 0 or bool(torch.isin(members, kept).any()):
-                    raise RuntimeError(f"method {method.name!r}: merged token {j} has no members or absorbs a kept one")
-                assign[index[members]] = len(merged_slots)
-                merged_slots.append(int(index[members].min()))
-            merged_features.append(merged.to(features.device, features.dtype))
+                merged_slots.append(int(index[group].min()))
+            merged_features.append(merged)
     kept_all = torch.cat(kept_parts).sort().values if kept_parts else torch.zeros(0, dtype=torch.long)
-    if not merged_slots:
+    if not n_merged:
         return ImageSelection(kept_all, features[kept_all.to(features.device)], kept_all)
+    if placement == "span":  # LLaVA family: the span holds [lead merged, kept, merged] per unit, re-indexed
+        span = torch.cat(spans)
+        return ImageSelection(torch.arange(span.shape[0]), span, kept_all, n_merged, assign)
     slots = torch.cat([kept_all, torch.tensor(merged_slots, dtype=torch.long)])
     order = slots.argsort()
     stacked = torch.cat([features[kept_all.to(features.device)], *merged_features])
-    return ImageSelection(slots[order], stacked[order.to(features.device)], kept_all, len(merged_slots), assign)
+    return ImageSelection(slots[order], stacked[order.to(features.device)], kept_all, n_merged, assign)

@@ -6,6 +6,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tokenprune import enable_pruning  # noqa: E402
 from tokenprune.tiny_models import random_image, tiny_llava  # noqa: E402
 
 PROMPT = "USER : <image>\nwhat is in the image ? ASSISTANT :"
@@ -34,3 +35,12 @@ def encode(processor, prompts, images):
 def one_prompt(llava):
     _, processor = llava
     return encode(processor, [PROMPT], [random_image(80, 96, seed=1)])
+
+
+# The tiny towers have 2-3 layers: methods whose official layer lies deeper are pointed at an existing one.
+OPTIONS = {"hiprune": {"object_layer": 0}}
+MERGING = {"visionzip", "visiondrop"}  # spans hold merged rows: oracle in tests/test_methods_vision.py
+
+
+def enable(model, method, keep, **kwargs):
+    return enable_pruning(model, method, keep=keep, **OPTIONS.get(method, {}), **kwargs)

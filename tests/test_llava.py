@@ -2,21 +2,13 @@
 
 import pytest
 import torch
-from conftest import OTHER_PROMPT, PROMPT, TWO_IMAGES, encode
+from conftest import MERGING, OTHER_PROMPT, PROMPT, TWO_IMAGES, enable, encode
 
 from tokenprune import disable_pruning, enable_pruning, list_methods
 from tokenprune.tiny_models import random_image
 
 METHODS = sorted(list_methods())
 GEN = dict(max_new_tokens=6, do_sample=False)
-# The tiny tower has 3 layers: methods whose official layer lies deeper are pointed at an existing one.
-OPTIONS = {"hiprune": {"object_layer": 0}}
-MERGING = {"visionzip", "visiondrop"}  # spans hold merged rows: oracle in tests/test_methods_vision.py
-
-
-def enable(model, method, keep):
-    return enable_pruning(model, method, keep=keep, **OPTIONS.get(method, {}))
-
 
 @pytest.mark.parametrize("method", METHODS)
 def test_keep_all_is_bit_identical(llava, one_prompt, method):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import enable
 
 from tokenprune import disable_pruning, enable_pruning, list_methods
 from tokenprune import functional as F
@@ -55,7 +56,7 @@ def test_keep_all_is_bit_identical(nxt, one, method):
     model, _ = nxt
     with torch.no_grad():
         ref_logits, ref_ids = model(**one).logits, model.generate(**one, **GEN)
-        handle = enable_pruning(model, method, keep=1.0)
+        handle = enable(model, method, 1.0)
         logits, ids = model(**one).logits, model.generate(**one, **GEN)
     assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids)
     assert handle.last.n_visual == 52 and handle.last.seq_len_after == handle.last.seq_len_before
@@ -68,7 +69,7 @@ def test_keep_all_is_bit_identical(nxt, one, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_pruned_generate_is_transparent_and_cache_consistent(nxt, one, method):
     model, _ = nxt
-    handle = enable_pruning(model, method, keep=0.25)
+    handle = enable(model, method, 0.25)
     with torch.no_grad():
         cached = model.generate(**one, **GEN)
         uncached = model.generate(**one, **GEN, use_cache=False)
@@ -133,7 +134,7 @@ def test_batch_rows_match_each_prompt_alone(nxt, method):
     prompts = [PROMPT, OTHER, TWO]
     images = [[random_image(40, 70, seed=1)], [random_image(32, 32, seed=2)],
               [random_image(70, 40, seed=3), random_image(64, 64, seed=4)]]
-    handle = enable_pruning(model, method, keep=0.3)
+    handle = enable(model, method, 0.3)
     alone = []
     with torch.no_grad():
         for prompt, imgs in zip(prompts, images, strict=True):

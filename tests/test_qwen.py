@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import MERGING, enable
 
 from tokenprune import disable_pruning, enable_pruning, list_methods
 from tokenprune.api import _HANDLE_ATTR
@@ -61,7 +62,7 @@ def test_keep_all_is_bit_identical(qwen, one, method):
     model, _ = qwen
     with torch.no_grad():
         ref_logits, ref_ids = model(**one).logits, model.generate(**one, **GEN)
-        handle = enable_pruning(model, method, keep=1.0)
+        handle = enable(model, method, 1.0)
         logits, ids = model(**one).logits, model.generate(**one, **GEN)
     assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids)
     assert handle.last.n_kept == handle.last.n_visual == 15
@@ -75,7 +76,7 @@ def test_keep_all_is_bit_identical(qwen, one, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_pruned_generate_is_transparent_and_cache_consistent(qwen, one, method):
     model, _ = qwen
-    handle = enable_pruning(model, method, keep=0.34)
+    handle = enable(model, method, 0.34)
     with torch.no_grad():
         cached = model.generate(**one, **GEN)
         uncached = model.generate(**one, **GEN, use_cache=False)
@@ -90,7 +91,7 @@ def test_pruned_generate_is_transparent_and_cache_consistent(qwen, one, method):
 def test_methods_without_a_qwen_signal_explain_why(qwen, method):
     model, _ = qwen
     with pytest.raises(ValueError, match=r"\[CLS\].*divprune"):
-        enable_pruning(model, method, keep=0.5)
+        enable(model, method, 0.5)
     assert _HANDLE_ATTR not in model.__dict__
 
 
@@ -101,7 +102,7 @@ def test_kept_tokens_keep_their_original_mrope_positions(qwen, one, method):
     try:
         with torch.no_grad():
             model(**one)
-            handle = enable_pruning(model, method, keep=6)
+            handle = enable(model, method, 6)
             model(**one)
     finally:
         hook.remove()
@@ -117,7 +118,7 @@ def test_kept_tokens_keep_their_original_mrope_positions(qwen, one, method):
     assert int(pruned[1, 0, -1]) == int(unpruned[0, 0, -1]) > int(keep[: last_image + 1].sum())  # gap preserved
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in MERGING])
 def test_pruned_forward_equals_the_model_run_on_the_kept_tokens(qwen, one, method):
     """Oracle: the language model fed exactly the kept features at their original M-RoPE positions."""
     model, _ = qwen
@@ -126,7 +127,7 @@ def test_pruned_forward_equals_the_model_run_on_the_kept_tokens(qwen, one, metho
             one["input_ids"], mm_token_type_ids=one["mm_token_type_ids"], image_grid_thw=one["image_grid_thw"]
         )
         feats = model.model.get_image_features(one["pixel_values"], one["image_grid_thw"]).pooler_output[0]
-        handle = enable_pruning(model, method, keep=4)
+        handle = enable(model, method, 4)
         logits = model(**one).logits
     kept = handle.last.images[0].kept
     disable_pruning(model)
@@ -149,7 +150,7 @@ def test_batch_rows_match_each_prompt_alone(qwen, method):
     prompts = [PROMPT, OTHER, TWO]
     images = [[random_image(84, 140, seed=1)], [random_image(56, 56, seed=2)],
               [random_image(112, 84, seed=3), random_image(56, 112, seed=4)]]
-    handle = enable_pruning(model, method, keep=0.3)
+    handle = enable(model, method, 0.3)
     alone = []
     with torch.no_grad():
         for prompt, imgs in zip(prompts, images, strict=True):
@@ -162,7 +163,7 @@ def test_batch_rows_match_each_prompt_alone(qwen, method):
         ids = model.generate(**batch, **GEN)
         ids_nocache = model.generate(**batch, **GEN, use_cache=False)
     assert [im.index_in_row for im in handle.last.images] == [0, 0, 0, 1]
-    assert [len(im.kept) for im in handle.last.images] == [kept_count(0.3, n) for n in (15, 4, 12, 8)]  # 5,1,4,2
+    assert [im.n_kept for im in handle.last.images] == [kept_count(0.3, n) for n in (15, 4, 12, 8)]  # 5,1,4,2
     flat_alone = [k for _, kept in alone for k in kept]
     assert all(torch.equal(a, b) for a, b in zip(flat_alone, batch_kept, strict=True))
     for row, (out, _) in enumerate(alone):
@@ -256,3 +257,26 @@ def test_record_geometry(qwen, one):
     (image,) = handle.last.images
     assert image.grid == (3, 5) and image.view == "image" and image.boxes.shape == (15, 4)
     torch.testing.assert_close(image.boxes[6], torch.tensor([1 / 5, 1 / 3, 2 / 5, 2 / 3]))
+
+
+def test_merged_tokens_take_the_slot_and_position_of_their_first_member(qwen, one):
+    """VisionDrop on Qwen merges in the LLM input space; a merged token sits at its first member's M-RoPE position."""
+    model, _ = qwen
+    seen, hook = language_positions(model)
+    try:
+        with torch.no_grad():
+            model(**one)
+            handle = enable(model, "visiondrop", 6)
+            model(**one)
+    finally:
+        hook.remove()
+    unpruned, pruned = seen
+    (image,) = handle.last.images
+    assert image.n_merged > 0 and image.n_kept == 6
+    ids = one["input_ids"][0]
+    image_pos = (ids == model.config.image_token_id).nonzero().squeeze(1)
+    firsts = [int((image.merged == j).nonzero().min()) for j in range(image.n_merged)]
+    slots = sorted(image.kept.tolist() + firsts)
+    keep = ids != model.config.image_token_id
+    keep[image_pos[slots]] = True
+    assert torch.equal(pruned[1:, 0], unpruned[:, 0][:, keep])

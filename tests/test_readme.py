@@ -11,7 +11,7 @@ def python_blocks():
 
 
 def test_offline_quickstart_runs_as_written(capsys):
-    blocks = [b for b in python_blocks() if "tiny_llava" in b]
+    blocks = [b for b in python_blocks() if "tiny_llava()" in b]
     assert len(blocks) == 1
     exec(compile(blocks[0], str(README), "exec"), {})
     out = capsys.readouterr().out
@@ -23,3 +23,12 @@ def test_readme_gives_the_two_commands_first():
     text = README.read_text()
     first_bash = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)
     assert [line.split()[0:2] for line in first_bash.strip().splitlines()] == [["make", "demo"], ["make", "test"]]
+
+
+def test_offline_family_snippet_runs_as_written(capsys):
+    blocks = [b for b in python_blocks() if "tiny_qwen" in b]
+    assert len(blocks) == 1
+    exec(compile(blocks[0], str(README), "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "fastervlm: kept 12/52 visual tokens over 1 image(s); prompt length 62 -> 22"
+    assert out[1:] == ["divprune: kept 14/27 visual tokens over 2 image(s); prompt length 41 -> 28"] * 2
