@@ -11,6 +11,8 @@ from tokenprune.tiny_models import random_image, tiny_llava  # noqa: E402
 PROMPT = "USER : <image>\nwhat is in the image ? ASSISTANT :"
 OTHER_PROMPT = "USER : <image>\ndescribe a red circle and a blue square left of the dog ? ASSISTANT :"
 TWO_IMAGES = "USER : <image>\n<image>\nhow many dog are there ? ASSISTANT :"
+# The tiny vision tower has 3 layers: methods whose official layer lies deeper are pointed at an existing one.
+TINY_OPTIONS = {"hiprune": {"object_layer": 0}}
 
 torch.set_num_threads(2)
 

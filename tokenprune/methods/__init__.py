@@ -23,10 +23,23 @@ from tokenprune.methods.base import (
     SignalRequest,
 )
 from tokenprune.methods.baselines import RandomPrune, UniformPrune
+from tokenprune.methods.cdpruner import CDPruner
 from tokenprune.methods.divprune import DivPrune
 from tokenprune.methods.fastervlm import FasterVLM
+from tokenprune.methods.fopru import FoPru
+from tokenprune.methods.hiprune import HiPrune
+from tokenprune.methods.holov import HoloV
+from tokenprune.methods.kcenter import KCenter
+from tokenprune.methods.mmtok import MMTok
+from tokenprune.methods.visionzip import VisionDrop, VisionZip
 
-METHODS: dict[str, type[PruningMethod]] = {cls.name: cls for cls in (DivPrune, FasterVLM, RandomPrune, UniformPrune)}
+METHODS: dict[str, type[PruningMethod]] = {
+    cls.name: cls
+    for cls in (
+        CDPruner, DivPrune, FasterVLM, FoPru, HiPrune, HoloV, KCenter, MMTok, RandomPrune, UniformPrune, VisionDrop,
+        VisionZip,
+    )
+}
 
 
 def make_method(method: str | PruningMethod, **options: Any) -> PruningMethod:
@@ -54,6 +67,7 @@ def make_method(method: str | PruningMethod, **options: Any) -> PruningMethod:
 
 __all__ = [
     "ATTENTION_MAP", "ATTENTION_RECEIVED", "CLS_ATTENTION", "CLS_ATTENTION_WIDE", "CLS_HIDDEN", "CLS_SIGNALS",
-    "FEATURES", "METHODS", "SIGNALS", "TEXT_EMBEDDINGS", "VISION_HIDDEN", "VISION_KEYS", "DivPrune", "FasterVLM",
-    "PruningMethod", "RandomPrune", "Selection", "SelectionContext", "SignalRequest", "UniformPrune", "make_method",
+    "FEATURES", "METHODS", "SIGNALS", "TEXT_EMBEDDINGS", "VISION_HIDDEN", "VISION_KEYS", "CDPruner", "DivPrune",
+    "FasterVLM", "FoPru", "HiPrune", "HoloV", "KCenter", "MMTok", "PruningMethod", "RandomPrune", "Selection",
+    "SelectionContext", "SignalRequest", "UniformPrune", "VisionDrop", "VisionZip", "make_method",
 ]

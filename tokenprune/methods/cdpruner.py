@@ -1,0 +1,33 @@
+"""CDPruner: a conditional DPP that keeps diverse tokens weighted by their relevance to the instruction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenprune import functional as F
+from tokenprune.methods.base import FEATURES, TEXT_EMBEDDINGS, PruningMethod, SelectionContext
+
+
+@dataclass
+class CDPruner(PruningMethod):
+    """Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning in MLLMs (CDPruner, 2025).
+
+    Kernel similarity = cosine of the projected tokens; relevance = mean cosine between each projected token and the
+    prompt's text embeddings (LLM input space, as third-party ports do: the official code uses a separate CLIP text
+    tower, which LLaVA/Qwen checkpoints do not ship). ``quirks=True`` negates the relevance as the official code.
+    Budget: ``ctx.k`` tokens per image/crop.
+    """
+
+    name = "cdpruner"
+    paper = "CDPruner: Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning in MLLMs " \
+            "(2025)"
+    needs = frozenset({FEATURES, TEXT_EMBEDDINGS})
+    quirks: bool = True
+
+    def select(self, ctx: SelectionContext) -> torch.Tensor:
+        feats = ctx.signal(FEATURES)
+        text = ctx.signal(TEXT_EMBEDDINGS)
+        relevance = F.instruction_relevance(feats, text) if text.shape[0] else feats.new_ones(ctx.n).float()
+        return F.cdpruner(feats, relevance, ctx.k, quirks=self.quirks)
