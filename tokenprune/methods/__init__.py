@@ -31,13 +31,14 @@ from tokenprune.methods.hiprune import HiPrune
 from tokenprune.methods.holov import HoloV
 from tokenprune.methods.kcenter import KCenter
 from tokenprune.methods.mmtok import MMTok
+from tokenprune.methods.recoverable import Recoverable
 from tokenprune.methods.visionzip import VisionDrop, VisionZip
 
 METHODS: dict[str, type[PruningMethod]] = {
     cls.name: cls
     for cls in (
-        CDPruner, DivPrune, FasterVLM, FoPru, HiPrune, HoloV, KCenter, MMTok, RandomPrune, UniformPrune, VisionDrop,
-        VisionZip,
+        CDPruner, DivPrune, FasterVLM, FoPru, HiPrune, HoloV, KCenter, MMTok, RandomPrune, Recoverable, UniformPrune,
+        VisionDrop, VisionZip,
     )
 }
 
@@ -68,6 +69,6 @@ def make_method(method: str | PruningMethod, **options: Any) -> PruningMethod:
 __all__ = [
     "ATTENTION_MAP", "ATTENTION_RECEIVED", "CLS_ATTENTION", "CLS_ATTENTION_WIDE", "CLS_HIDDEN", "CLS_SIGNALS",
     "FEATURES", "METHODS", "SIGNALS", "TEXT_EMBEDDINGS", "VISION_HIDDEN", "VISION_KEYS", "CDPruner", "DivPrune",
-    "FasterVLM", "FoPru", "HiPrune", "HoloV", "KCenter", "MMTok", "PruningMethod", "RandomPrune", "Selection",
-    "SelectionContext", "SignalRequest", "UniformPrune", "VisionDrop", "VisionZip", "make_method",
+    "FasterVLM", "FoPru", "HiPrune", "HoloV", "KCenter", "MMTok", "PruningMethod", "RandomPrune", "Recoverable",
+    "Selection", "SelectionContext", "SignalRequest", "UniformPrune", "VisionDrop", "VisionZip", "make_method",
 ]
