@@ -14,6 +14,13 @@ TWO_IMAGES = "USER : <image>\n<image>\nhow many dog are there ? ASSISTANT :"
 # The tiny vision tower has 3 layers: methods whose official layer lies deeper are pointed at an existing one.
 TINY_OPTIONS = {"hiprune": {"object_layer": 0}}
 
+
+def runnable_methods():
+    """Registered methods an adapter can run (FlowCut is registered but says why it cannot run yet)."""
+    from tokenprune.methods import METHODS
+
+    return sorted(name for name, cls in METHODS.items() if not cls.unavailable)
+
 torch.set_num_threads(2)
 
 

@@ -4,9 +4,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import TINY_OPTIONS
+from conftest import TINY_OPTIONS, runnable_methods
 
-from tokenprune import PruningConfig, disable_pruning, enable_pruning, get_handle, list_methods, pruning
+from tokenprune import PruningConfig, disable_pruning, enable_pruning, get_handle, pruning
 from tokenprune.methods import METHODS, DivPrune
 from tokenprune.tiny_models import tiny_llava
 
@@ -29,7 +29,7 @@ def test_disable_restores_outputs_and_leaves_nothing_behind(llava, one_prompt):
     with torch.no_grad():
         ref = model(**one_prompt).logits  # first, so transformers' own lazy state is in `before`
     before = hook_and_attribute_census(model)
-    for method in list_methods():
+    for method in runnable_methods():
         handle = enable_pruning(model, method, keep=0.2, **TINY_OPTIONS.get(method, {}))
         with torch.no_grad():
             pruned = model(**one_prompt).logits

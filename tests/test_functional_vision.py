@@ -147,3 +147,18 @@ def test_recoverable_centres_absorb_their_cluster_weighted_by_attention():
 def test_lof_flags_an_isolated_value():
     assert F.lof_outlier_fraction(torch.tensor([0.0, 1, 2, 3, 4, 100]), 2) == pytest.approx(1 / 6)
     assert F.lof_outlier_fraction(torch.ones(10), 3) == 0.0
+
+
+def test_flowcut_worked_example():
+    cls_attn = torch.tensor([0.40, 0.05, 0.20, 0.05, 0.25, 0.05])
+    sem = torch.tensor([0.10, 0.30, 0.10, 0.20, 0.20, 0.10])
+    v1 = torch.tensor([1.0, 2.0, 1.5, 1.0, 0.5, 3.0])
+    torch.testing.assert_close(F.flowcut_scores(cls_attn, sem, v1), torch.tensor([.5, .7, .45, .25, .225, .45]))
+    prev = torch.full((6,), 0.5)
+    kept, cum = F.flowcut_step(cls_attn, sem, v1, prev, length=7, target=3, remaining=4)
+    torch.testing.assert_close(cum, torch.tensor([.5, .6, .475, .375, .3625, .475]))
+    assert kept.tolist() == [0, 1, 2, 3, 5]  # r = round(0.627) = 1
+    assert F.flowcut_step(cls_attn, sem, v1, prev, length=7, target=3, remaining=0)[0].tolist() == [0, 1]
+    assert F.flowcut_step(cls_attn, sem, v1, prev, length=7, target=3, remaining=3)[0].tolist() == list(range(6))
+    kept, cum = F.flowcut_step(torch.tensor([1.0, 0, 0]), sem[:3], v1[:3], None, length=4, target=2, remaining=2)
+    assert bool(torch.isfinite(cum).all()) and kept.numel() >= 1  # zero attention: no NaN from 0 log 0

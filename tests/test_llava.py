@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from conftest import OTHER_PROMPT, PROMPT, TINY_OPTIONS, TWO_IMAGES, encode
+from conftest import OTHER_PROMPT, PROMPT, TINY_OPTIONS, TWO_IMAGES, encode, runnable_methods
 
-from tokenprune import disable_pruning, enable_pruning, list_methods
+from tokenprune import disable_pruning, enable_pruning
 from tokenprune.tiny_models import random_image
 
-METHODS = sorted(list_methods())
+METHODS = runnable_methods()
 GEN = dict(max_new_tokens=6, do_sample=False)
 MERGING = {"visionzip", "visiondrop", "recoverable"}  # spans hold merged rows: oracle in tests/test_methods_vision.py
 
