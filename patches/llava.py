@@ -28,6 +28,7 @@ class LlavaAdapter(VisionStageAdapter):
     signals = frozenset({FEATURES, TEXT_EMBEDDINGS}) | PROBE_SIGNALS
 
     def check_method(self) -> None:
+        self.method.check_family(cls_token=True)  # methods no adapter can run yet (FlowCut) say why
         super().check_method()
         tower = self.model.model.vision_tower
         if self.method.needs & CLS_SIGNALS and getattr(tower.embeddings, "class_embedding", None) is None:

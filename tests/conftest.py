@@ -12,6 +12,16 @@ from tokenprune.tiny_models import random_image, tiny_llava  # noqa: E402
 PROMPT = "USER : <image>\nwhat is in the image ? ASSISTANT :"
 OTHER_PROMPT = "USER : <image>\ndescribe a red circle and a blue square left of the dog ? ASSISTANT :"
 TWO_IMAGES = "USER : <image>\n<image>\nhow many dog are there ? ASSISTANT :"
+# The tiny vision towers have 2-3 layers: methods whose official layer lies deeper are pointed at an existing one.
+TINY_OPTIONS = {"hiprune": {"object_layer": 0}}
+
+
+def runnable_methods():
+    """Registered methods an adapter can run (FlowCut is registered but says why it cannot run yet)."""
+    from tokenprune.methods import METHODS
+
+    return sorted(name for name, cls in METHODS.items() if not cls.unavailable)
+
 
 torch.set_num_threads(2)
 
@@ -37,10 +47,9 @@ def one_prompt(llava):
     return encode(processor, [PROMPT], [random_image(80, 96, seed=1)])
 
 
-# The tiny towers have 2-3 layers: methods whose official layer lies deeper are pointed at an existing one.
-OPTIONS = {"hiprune": {"object_layer": 0}}
-MERGING = {"visionzip", "visiondrop"}  # spans hold merged rows: oracle in tests/test_methods_vision.py
+# Spans hold merged rows (or a data-dependent count): oracle in tests/test_methods_vision.py.
+MERGING = {"visionzip", "visiondrop", "recoverable"}
 
 
 def enable(model, method, keep, **kwargs):
-    return enable_pruning(model, method, keep=keep, **OPTIONS.get(method, {}), **kwargs)
+    return enable_pruning(model, method, keep=keep, **TINY_OPTIONS.get(method, {}), **kwargs)

@@ -7,6 +7,7 @@ import pytest
 
 from tokenprune import demo
 from tokenprune.cli import main
+from tokenprune.methods import METHODS
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["methods", "--help"]])
@@ -20,7 +21,7 @@ def test_every_command_has_help(argv, capsys):
 def test_methods_json(capsys):
     assert main(["methods", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert set(info) == {"divprune", "fastervlm", "random", "uniform"}
+    assert set(info) == set(METHODS)
     assert info["fastervlm"]["needs"] == ["cls_attention"]
 
 

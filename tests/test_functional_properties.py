@@ -81,3 +81,17 @@ def test_ties_go_to_the_lowest_index(dtype):
     assert F.visionzip(attn, feats, feats, 2, 0)[0].tolist() == [0, 1]
     assert F.mmtok(feats, feats[:1], 2).tolist() == [0, 1]
     assert F.cdpruner(feats, attn, 2).tolist() == [0, 1]
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(2, 40), d=st.integers(1, 6), seed=st.integers(0, 10_000),
+       kind=st.sampled_from(["random", "equal", "zero"]), dtype=st.sampled_from(DTYPES))
+def test_recoverable_contract(n, d, seed, kind, dtype):
+    """Data-dependent count: at least one token, never more than n, sorted unique main set, finite merged rows."""
+    feats, attn, _ = _inputs(n, d, seed, kind, dtype)
+    main, merged = F.recoverable(attn, attn.flip(0), feats, feats)
+    again = F.recoverable(attn, attn.flip(0), feats, feats)
+    assert torch.equal(main, again[0]) and torch.equal(merged, again[1])
+    assert main.dtype == torch.long and bool((main[1:] > main[:-1]).all())
+    assert 1 <= main.numel() + merged.shape[0] <= n and int(main.max()) < n
+    assert bool(torch.isfinite(merged).all())

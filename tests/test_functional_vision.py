@@ -104,3 +104,61 @@ def test_todre_kcenter_and_maxsum_worked_example():
     feats = torch.stack([angles.cos(), angles.sin()], dim=1)
     assert F.kcenter(feats, 3, 0).tolist() == [0, 4, 5]
     assert F.kcenter(feats, 3, 0, rule="maxsum").tolist() == [0, 3, 5]
+
+
+def _recoverable_example(centre=None):
+    n = 30
+    cls = torch.tensor([0.01 + 0.001 * i for i in range(n)], dtype=torch.float64)
+    cls[4], cls[17], cls[25] = 0.20, 0.15, 0.12
+    if centre is not None:
+        cls[8] = centre
+    txt = torch.tensor([0.10 + 0.002 * ((7 * i) % 30) for i in range(n)], dtype=torch.float64)
+    txt[3], txt[17], txt[28] = 0.40, 0.35, 0.38
+    return cls / cls.sum(), txt
+
+
+def test_recoverable_worked_example():
+    cls, txt = _recoverable_example()
+    assert F.lof_outlier_fraction(cls, 20) == pytest.approx(0.1)
+    masked = txt.clone()
+    masked[[4, 17, 25]] = masked.min()
+    assert F.lof_outlier_fraction(masked, 20) == pytest.approx(2 / 30)
+    main, merged = F.recoverable(cls, txt, torch.randn(30, 8), torch.randn(30, 4))
+    assert main.tolist() == [3, 4, 17, 25] and merged.shape == (0, 8)  # no centres: the lone extra token is dropped
+
+
+def test_recoverable_centres_absorb_their_cluster_weighted_by_attention():
+    cls, txt = _recoverable_example(centre=0.045)  # an outlier among the rest only -> one cluster centre
+    hidden = torch.eye(30, dtype=torch.float64)  # one-hot rows: merged rows show who was folded in, with what weight
+    keys = torch.randn(30, 4, generator=torch.Generator().manual_seed(0))
+    main, merged = F.recoverable(cls, txt, hidden, keys, cluster_size=3)
+    assert main.tolist() == [3, 4, 17, 25] and merged.shape == (2, 30)  # one centre + the extra token
+    centre, extra = merged[0].double(), merged[1].double()
+    assert centre[8] == 1.0 and int((centre > 0).sum()) == 4  # the centre itself + its 3 best candidates
+    members = (centre > 0).nonzero().squeeze(1)
+    members = members[members != 8]
+    torch.testing.assert_close(centre[members], cls[members], rtol=1e-6, atol=0)  # weights = [CLS] attention
+    others = torch.ones(30, dtype=torch.bool)
+    others[[3, 4, 17, 25, 8]] = False
+    torch.testing.assert_close(extra[others], cls[others], rtol=1e-6, atol=0)
+    assert float(extra[~others].abs().sum()) == 0.0
+
+
+def test_lof_flags_an_isolated_value():
+    assert F.lof_outlier_fraction(torch.tensor([0.0, 1, 2, 3, 4, 100]), 2) == pytest.approx(1 / 6)
+    assert F.lof_outlier_fraction(torch.ones(10), 3) == 0.0
+
+
+def test_flowcut_worked_example():
+    cls_attn = torch.tensor([0.40, 0.05, 0.20, 0.05, 0.25, 0.05])
+    sem = torch.tensor([0.10, 0.30, 0.10, 0.20, 0.20, 0.10])
+    v1 = torch.tensor([1.0, 2.0, 1.5, 1.0, 0.5, 3.0])
+    torch.testing.assert_close(F.flowcut_scores(cls_attn, sem, v1), torch.tensor([.5, .7, .45, .25, .225, .45]))
+    prev = torch.full((6,), 0.5)
+    kept, cum = F.flowcut_step(cls_attn, sem, v1, prev, length=7, target=3, remaining=4)
+    torch.testing.assert_close(cum, torch.tensor([.5, .6, .475, .375, .3625, .475]))
+    assert kept.tolist() == [0, 1, 2, 3, 5]  # r = round(0.627) = 1
+    assert F.flowcut_step(cls_attn, sem, v1, prev, length=7, target=3, remaining=0)[0].tolist() == [0, 1]
+    assert F.flowcut_step(cls_attn, sem, v1, prev, length=7, target=3, remaining=3)[0].tolist() == list(range(6))
+    kept, cum = F.flowcut_step(torch.tensor([1.0, 0, 0]), sem[:3], v1[:3], None, length=4, target=2, remaining=2)
+    assert bool(torch.isfinite(cum).all()) and kept.numel() >= 1  # zero attention: no NaN from 0 log 0

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import enable
+from conftest import enable, runnable_methods
 
-from tokenprune import disable_pruning, enable_pruning, list_methods
+from tokenprune import disable_pruning, enable_pruning
 from tokenprune import functional as F
 from tokenprune.api import _HANDLE_ATTR
 from tokenprune.budget import kept_count
@@ -14,7 +14,7 @@ PROMPT = "USER : <image>\nwhat is in the image ? ASSISTANT :"
 OTHER = "USER : <image>\ndescribe a red circle and a blue square left of the dog ? ASSISTANT :"
 TWO = "USER : <image>\n<image>\nhow many dog are there ? ASSISTANT :"
 GEN = dict(max_new_tokens=5, do_sample=False)
-METHODS = sorted(list_methods())
+METHODS = runnable_methods()
 
 
 @pytest.fixture

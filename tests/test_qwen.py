@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import MERGING, enable
+from conftest import MERGING, enable, runnable_methods
 
-from tokenprune import disable_pruning, enable_pruning, list_methods
+from tokenprune import disable_pruning, enable_pruning
 from tokenprune.api import _HANDLE_ATTR
 from tokenprune.budget import kept_count
 from tokenprune.methods import METHODS as REGISTRY
@@ -27,8 +27,8 @@ def _runs_without_cls(name: str) -> bool:
     return True
 
 
-METHODS = [m for m in sorted(list_methods()) if _runs_without_cls(m)]
-NO_CLS = [m for m in sorted(list_methods()) if not _runs_without_cls(m)]
+METHODS = [m for m in runnable_methods() if _runs_without_cls(m)]
+NO_CLS = [m for m in runnable_methods() if not _runs_without_cls(m)]
 
 
 @pytest.fixture(params=["2", "2.5"])

@@ -11,11 +11,14 @@ from tokenprune.functional.chunks import holov, holov_chunk_count
 from tokenprune.functional.coverage import mmtok
 from tokenprune.functional.diversity import cosine_distance, divprune, kcenter
 from tokenprune.functional.dpp import cdpruner, instruction_relevance
+from tokenprune.functional.flow import flowcut_scores, flowcut_step
 from tokenprune.functional.hierarchy import hiprune, hiprune_anchor_count
 from tokenprune.functional.merging import contextual_merge, visiondrop, visionzip, visionzip_with_assign
+from tokenprune.functional.recovery import lof_outlier_fraction, recoverable
 
 __all__ = [
-    "cdpruner", "contextual_merge", "cosine_distance", "divprune", "fastervlm", "fopru", "hiprune",
-    "hiprune_anchor_count", "holov", "holov_chunk_count", "instruction_relevance", "kcenter", "mmtok", "random",
-    "uniform", "visiondrop", "visionzip", "visionzip_with_assign",
+    "cdpruner", "contextual_merge", "cosine_distance", "divprune", "fastervlm", "flowcut_scores", "flowcut_step",
+    "fopru", "hiprune",
+    "hiprune_anchor_count", "holov", "holov_chunk_count", "instruction_relevance", "kcenter", "lof_outlier_fraction",
+    "mmtok", "random", "recoverable", "uniform", "visiondrop", "visionzip", "visionzip_with_assign",
 ]

@@ -26,18 +26,20 @@ from tokenprune.methods.baselines import RandomPrune, UniformPrune
 from tokenprune.methods.cdpruner import CDPruner
 from tokenprune.methods.divprune import DivPrune
 from tokenprune.methods.fastervlm import FasterVLM
+from tokenprune.methods.flowcut import FlowCut
 from tokenprune.methods.fopru import FoPru
 from tokenprune.methods.hiprune import HiPrune
 from tokenprune.methods.holov import HoloV
 from tokenprune.methods.kcenter import KCenter
 from tokenprune.methods.mmtok import MMTok
+from tokenprune.methods.recoverable import Recoverable
 from tokenprune.methods.visionzip import VisionDrop, VisionZip
 
 METHODS: dict[str, type[PruningMethod]] = {
     cls.name: cls
     for cls in (
-        CDPruner, DivPrune, FasterVLM, FoPru, HiPrune, HoloV, KCenter, MMTok, RandomPrune, UniformPrune, VisionDrop,
-        VisionZip,
+        CDPruner, DivPrune, FasterVLM, FlowCut, FoPru, HiPrune, HoloV, KCenter, MMTok, RandomPrune, Recoverable,
+        UniformPrune, VisionDrop, VisionZip,
     )
 }
 
@@ -68,6 +70,7 @@ def make_method(method: str | PruningMethod, **options: Any) -> PruningMethod:
 __all__ = [
     "ATTENTION_MAP", "ATTENTION_RECEIVED", "CLS_ATTENTION", "CLS_ATTENTION_WIDE", "CLS_HIDDEN", "CLS_SIGNALS",
     "FEATURES", "METHODS", "SIGNALS", "TEXT_EMBEDDINGS", "VISION_HIDDEN", "VISION_KEYS", "CDPruner", "DivPrune",
-    "FasterVLM", "FoPru", "HiPrune", "HoloV", "KCenter", "MMTok", "PruningMethod", "RandomPrune", "Selection",
-    "SelectionContext", "SignalRequest", "UniformPrune", "VisionDrop", "VisionZip", "make_method",
+    "FasterVLM", "FlowCut", "FoPru", "HiPrune", "HoloV", "KCenter", "MMTok", "PruningMethod", "RandomPrune",
+    "Recoverable", "Selection", "SelectionContext", "SignalRequest", "UniformPrune", "VisionDrop", "VisionZip",
+    "make_method",
 ]

@@ -142,10 +142,15 @@ class PruningMethod:
     # False for methods whose kept count is data-dependent (Recoverable Compression): ``k`` is then only honoured
     # as "keep everything" when ``k >= n``.
     fixed_budget: ClassVar[bool] = True
+    # Non-empty when no adapter can run the method yet (FlowCut: pruning inside the vision encoder's layer loop);
+    # :meth:`check_family` raises ``NotImplementedError`` with it: ``enable_pruning`` fails before touching the model.
+    unavailable: ClassVar[str] = ""
 
     @classmethod
     def signals_needed(cls, cls_token: bool = True) -> frozenset[str]:
         """Signal names on a tower with (``cls_token=True``) or without [CLS]; raises if unsupported there."""
+        if cls.unavailable:
+            raise NotImplementedError(f"method {cls.name!r} cannot run yet: {cls.unavailable}")
         if cls_token:
             return cls.needs
         if cls.needs_without_cls is not None:
