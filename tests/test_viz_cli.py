@@ -1,11 +1,15 @@
 """``tokenprune visualize``: writes a valid PNG, with the built-in model or a checkpoint loaded by path."""
 
+import re
+import shlex
+from pathlib import Path
+
 import pytest
 from PIL import Image
 
 from tokenprune import tiny_models
-from tokenprune.cli import main
-from tokenprune.viz import HEADER, LEGEND
+from tokenprune.cli import build_parser, main
+from tokenprune.viz import GAP, HEADER, LEGEND
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -52,7 +56,7 @@ def test_model_path_and_a_grid_of_methods_and_budgets(picture, tmp_path, capsys)
     assert main(argv) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     width, height = assert_png(out)
-    assert width > 2 * 100 and height == 2 * HEADER + 2 * (HEADER + 100 + 6) + LEGEND
+    assert width > 2 * 100 and height == 2 * HEADER + 2 * (HEADER + 100 + GAP) + LEGEND
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -73,3 +77,18 @@ def test_unreadable_image(tmp_path, capsys):
         main(["visualize", str(bad)])
     assert exit_.value.code == 2
     assert "cannot read IMAGE" in capsys.readouterr().err
+
+
+def test_readme_picture_is_committed_and_made_by_the_command_shown(tmp_path):
+    """The README's "See what was kept" section: its command is a valid `visualize` call writing the picture shown."""
+    root = Path(__file__).resolve().parents[1]
+    section = (root / "README.md").read_text().split("## See what was kept", 1)[1].split("\n## ", 1)[0]
+    command = next(line for line in section.splitlines() if line.startswith("tokenprune visualize"))
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    picture = re.search(r"!\[[^\]]*\]\(([^)]+\.png)\)", section).group(1)
+    assert str(args.out) == picture
+    path = root / picture
+    assert path.stat().st_size < 200_000
+    width, height = assert_png(path)
+    rows, columns = len(args.method), len(args.keep)
+    assert height == 2 * HEADER + rows * (HEADER + args.size + GAP) + LEGEND and width > columns * args.size

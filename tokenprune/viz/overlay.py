@@ -191,10 +191,13 @@ def legend_items(rec: ImageRecord, picture: Image.Image) -> list[tuple[str, tupl
 
 def _compose(panels: list[Image.Image], captions: list[str],
              legend: list[tuple[str, tuple[int, int, int]]] | None) -> Image.Image:
+    small = font(12)
     width = sum(p.width for p in panels) + GAP * (len(panels) - 1)
+    last_caption = width - panels[-1].width + 4 + _text_width(captions[-1], small)  # a long caption widens the figure
+    width = max(width, last_caption, legend_width(legend) if legend else 0)
     height = HEADER + max(p.height for p in panels) + (LEGEND if legend else 0)
     figure = Image.new("RGB", (width, height), BACKGROUND)
-    draw, small = ImageDraw.Draw(figure), font(12)
+    draw = ImageDraw.Draw(figure)
     x = 0
     for panel, caption in zip(panels, captions, strict=True):
         figure.paste(panel, (x, HEADER))
@@ -203,6 +206,15 @@ def _compose(panels: list[Image.Image], captions: list[str],
     if legend:
         draw_legend(draw, height - LEGEND + 4, legend)
     return figure
+
+
+def _text_width(text: str, which: Any) -> int:
+    return int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=which))
+
+
+def legend_width(items: Sequence[tuple[str, tuple[int, int, int]]]) -> int:
+    """Pixels the legend line of ``items`` needs."""
+    return 2 + sum(15 + _text_width(label, font(12)) + 12 for label, _ in items)
 
 
 def draw_legend(draw: ImageDraw.ImageDraw, y: int, items: Sequence[tuple[str, tuple[int, int, int]]]) -> None:
@@ -219,12 +231,14 @@ def tile(cells: dict[tuple[str, str], Image.Image], rows: Sequence[str], columns
     """A labelled grid of figures: ``cells[(row, column)]``; rows labelled on the left, columns on top, an optional
     legend strip of :data:`LEGEND` px at the bottom."""
     small = font(13)
-    label_w = 8 + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(r, font=small)) for r in rows)
+    label_w = 8 + max(_text_width(r, small) for r in rows)
     cell_w = max(c.width for c in cells.values())
     cell_h = max(c.height for c in cells.values())
     top = HEADER * (2 if title else 1)
     height = top + len(rows) * (cell_h + GAP) + (LEGEND if legend else 0)
-    grid = Image.new("RGB", (label_w + len(columns) * (cell_w + GAP), height), BACKGROUND)
+    width = max(label_w + len(columns) * (cell_w + GAP), 8 + _text_width(title or "", small),
+                legend_width(legend) if legend else 0)
+    grid = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(grid)
     if title:
         draw.text((4, 3), title, fill=TEXT, font=small)
