@@ -38,7 +38,7 @@ PALETTE = (                     # merged-token colours, cycled by merged-token i
     (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
     (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
 )
-SEGMENT_NAMES = {"image": {0: "base tile", 1: "high-res crops"}, "video": {}}
+NEXT_VIEWS = {0: "base tile", 1: "high-res crops"}  # captions of an image's segments (LLaVA-NeXT)
 
 
 def font(size: int = 12) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -129,7 +129,7 @@ def _caption(rec: ImageRecord, tokens: np.ndarray, name: str | None) -> str:
     if rec.merged is not None:
         folded = int((rec.merged.cpu().numpy()[tokens] >= 0).sum())
         if folded:
-            text += f", {folded} merged"
+            text += f", {folded} merged into {rec.n_merged}"
     return f"{name}: {text}" if name else text
 
 
@@ -147,8 +147,8 @@ def draw_kept(
     """Draw which visual tokens of one image survived pruning, over the original picture.
 
     ``record``: ``handle.last`` (pick the image with ``image_index``), one of its ``images``, or the handle itself.
-    ``image``: the picture given to the processor (a list of frames for a video: segment ``s`` of ``m`` is drawn
-    over frame ``s * len(frames) // m``). ``title`` prefixes the caption (default: the method's name when known);
+    ``image``: the picture given to the processor (a list of frames for a video: the ``j``-th of ``m`` segments is
+    drawn over frame ``j * len(frames) // m``). ``title`` prefixes the caption (default: the method's name when known);
     ``outline`` an RGB colour to frame each kept token. Returns the figure; ``save`` also writes it as PNG.
     """
     rec = image_record(record, image_index)
@@ -164,12 +164,13 @@ def draw_kept(
         tokens = np.flatnonzero(placed & (segments == seg))
         frame = frames[min(len(frames) - 1, j * len(frames) // len(views))]
         panels.append(_panel(frame, rec, boxes, tokens, size, outline))
-        name = (f"t={seg}" if rec.kind == "video" else SEGMENT_NAMES["image"].get(seg, f"view {seg}")) \
-            if rec.segments is not None else None
+        name = None
+        if rec.segments is not None:
+            name = f"t={seg}" if rec.kind == "video" else NEXT_VIEWS.get(seg, f"view {seg}")
         captions.append(_caption(rec, tokens, name))
     unplaced = int((~placed).sum())
     if unplaced:
-        captions[-1] += f" (+{int(rec.kept_mask().numpy()[~placed].sum())}/{unplaced} unplaced kept)"
+        captions[-1] += f" (+{int(rec.kept_mask().numpy()[~placed].sum())} of {unplaced} unplaced kept)"
     if title:
         captions[0] = f"{title} | {captions[0]}"
     figure = _compose(panels, captions, legend=legend_items(rec, frames[0]) if legend else None)
