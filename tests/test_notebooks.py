@@ -1,5 +1,6 @@
 """The notebooks in notebooks/ execute top to bottom, fresh, on the venv's own Python kernel (so they cannot rot)."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +22,9 @@ def test_notebook_executes(path, tmp_path):
     # first, which Python runs the kernel: it must be this test's interpreter (the venv), not a system one
     book.cells.insert(0, nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
     client = NotebookClient(book, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()
+    # One torch thread per kernel: with other processes on the 2 cores, two OpenMP threads made the notebooks
+    # 2-4x slower (measured: 23-57 s vs 12-16 s each). The notebooks themselves keep torch's default for users.
+    client.execute(env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert book.cells[0].outputs[0]["text"].strip() == sys.executable
     errors = [o for cell in book.cells for o in cell.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
