@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     methods = sub.add_parser("methods", help="list the available pruning methods",
                              description="List the pruning methods with their paper, stage and needed signals.")
     methods.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    from tokenprune.viz.command import add_parser as add_visualize
+
+    add_visualize(sub, parse_keep)
     return parser
 
 
@@ -80,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
                 needs = ", ".join(item["needs"]) or "-"
                 print(f"{name:<{width}}  {item['stage']:<7} needs: {needs:<14} {item['paper']}")
         return 0
+    if args.command == "visualize":
+        from tokenprune.viz.command import run as visualize
+
+        return visualize(args, parser)
     parser.print_help()
     return 1
 

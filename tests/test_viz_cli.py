@@ -1,0 +1,94 @@
+"""``tokenprune visualize``: writes a valid PNG, with the built-in model or a checkpoint loaded by path."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tokenprune import tiny_models
+from tokenprune.cli import build_parser, main
+from tokenprune.viz import GAP, HEADER, LEGEND
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def picture(tmp_path):
+    path = tmp_path / "photo.jpg"
+    tiny_models.demo_image(96).save(path)
+    return path
+
+
+def assert_png(path):
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        return image.size
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["visualize", "--help"])
+    assert exit_.value.code == 0
+    assert "--method" in capsys.readouterr().out
+
+
+def test_builtin_model_writes_the_overlay_next_to_the_working_directory(picture, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tiny_models, "DEMO", tiny_models.TINY)  # the built-in model's code path, at test size
+    monkeypatch.chdir(tmp_path)
+    assert main(["visualize", str(picture), "--method", "uniform", "--keep", "16", "--size", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "uniform: kept 16/64 visual tokens" in out
+    assert assert_png(tmp_path / "photo.tokenprune.png") == (200, HEADER + 200 + LEGEND)
+
+
+def test_model_path_and_a_grid_of_methods_and_budgets(picture, tmp_path, capsys):
+    model, processor = tiny_models.tiny_llava()
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    processor.save_pretrained(checkpoint)
+    out = tmp_path / "grid.png"
+    argv = ["visualize", str(picture), "--model", str(checkpoint), "--method", "random,uniform", "--keep", "0.5,8",
+            "--prompt", "USER : <image>\nhow many dog ? ASSISTANT :", "-o", str(out), "--size", "100"]
+    assert main(argv) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    width, height = assert_png(out)
+    assert width > 2 * 100 and height == 2 * HEADER + 2 * (HEADER + 100 + GAP) + LEGEND
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "nope"], "known methods"), (["--keep", "0.2,many"], "ratio like 0.11"),
+    (["--keep", "1.5"], "(0, 1]"), (["--size", "3"], "--size"),
+])
+def test_bad_arguments(picture, extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["visualize", str(picture), *extra])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unreadable_image(tmp_path, capsys):
+    bad = tmp_path / "not_an_image.png"
+    bad.write_text("hello")
+    with pytest.raises(SystemExit) as exit_:
+        main(["visualize", str(bad)])
+    assert exit_.value.code == 2
+    assert "cannot read IMAGE" in capsys.readouterr().err
+
+
+def test_readme_picture_is_committed_and_made_by_the_command_shown(tmp_path):
+    """The README's "See what was kept" section: its command is a valid `visualize` call writing the picture shown."""
+    root = Path(__file__).resolve().parents[1]
+    section = (root / "README.md").read_text().split("## See what was kept", 1)[1].split("\n## ", 1)[0]
+    command = next(line for line in section.splitlines() if line.startswith("tokenprune visualize"))
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    picture = re.search(r"!\[[^\]]*\]\(([^)]+\.png)\)", section).group(1)
+    assert str(args.out) == picture
+    path = root / picture
+    assert path.stat().st_size < 200_000
+    width, height = assert_png(path)
+    rows, columns = len(args.method), len(args.keep)
+    assert height == 2 * HEADER + rows * (HEADER + args.size + GAP) + LEGEND and width > columns * args.size
