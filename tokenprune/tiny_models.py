@@ -184,6 +184,8 @@ class TinyQwenProcessor:
         from transformers import BatchFeature
 
         texts = [text] if isinstance(text, str) else list(text)
+        if images is not None and not isinstance(images, (list, tuple)):
+            images = [images]
         out: dict[str, torch.Tensor] = {}
         image_counts: list[int] = []
         if images:
