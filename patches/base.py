@@ -45,6 +45,8 @@ class VisionStageAdapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     signals: ClassVar[frozenset[str]] = frozenset()
     cls_token: ClassVar[bool] = True  # does the family's vision tower have a [CLS] token?
+    # Does the adapter run the vision encoder's layer loop for ``stage = "vision-encoder"`` methods (FlowCut)?
+    encoder_loop: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -75,6 +77,13 @@ class VisionStageAdapter:
     def check_method(self) -> None:
         """Raise a ``ValueError`` if this model cannot provide what the method needs."""
         missing = self.method.signals_needed(self.cls_token) - self.signals
+        if self.method.stage == "vision-encoder" and not self.encoder_loop:
+            raise ValueError(
+                f"method {self.method.name!r} prunes inside the vision encoder, layer by layer; the "
+                f"{self.model.config.model_type!r} adapter does not run the encoder's layer loop (only LLaVA-1.5, "
+                f"model_type 'llava', does). Use 'fastervlm' or 'visionzip' ([CLS]-attention methods after the "
+                f"encoder) instead"
+            )
         if missing:
             raise ValueError(
                 f"method {self.method.name!r} needs signal(s) {sorted(missing)}, which the "

@@ -4,7 +4,9 @@ Per prefill: run ``get_image_features`` once inside a :class:`~tokenprune.patche
 that recompute only the signals the method declared, at the layers it asked for: works under eager, sdpa and
 flash-attention), select per image, drop the unselected ``<image>`` placeholders from ``input_ids``/
 ``attention_mask`` (and ``labels``), re-pad rows to a common length, and hand the kept features (plus any merged
-tokens of a :class:`~tokenprune.methods.Selection`) to the model through ``mm_encoder_outputs``.
+tokens of a :class:`~tokenprune.methods.Selection`) to the model through ``mm_encoder_outputs``. Methods that prune
+inside the vision encoder (``stage = "vision-encoder"``: FlowCut) run the tower's layer loop instead
+(``patches/clip_encoder_loop.py``) and are placed the same way, by their original patch indices.
 
 Positions: re-indexed contiguously (0..L'-1), as every official LLaVA-side implementation does.
 """
@@ -15,6 +17,7 @@ from typing import Any
 
 import torch
 from tokenprune.patches.base import PrunedCall, VisionStageAdapter
+from tokenprune.patches.clip_encoder_loop import encode_pruned
 from tokenprune.patches.clip_signals import PROBE_SIGNALS, ClipProbe
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -26,9 +29,10 @@ from tokenprune.record import ImageRecord, PruneRecord, grid_boxes
 class LlavaAdapter(VisionStageAdapter):
     model_types = ("llava",)
     signals = frozenset({FEATURES, TEXT_EMBEDDINGS}) | PROBE_SIGNALS
+    encoder_loop = True  # runs "vision-encoder" methods (FlowCut) in the tower's layer loop
 
     def check_method(self) -> None:
-        self.method.check_family(cls_token=True)  # methods no adapter can run yet (FlowCut) say why
+        self.method.check_family(cls_token=True)  # methods no adapter can run yet say why
         super().check_method()
         tower = self.model.model.vision_tower
         if self.method.needs & CLS_SIGNALS and getattr(tower.embeddings, "class_embedding", None) is None:
@@ -135,6 +139,10 @@ class LlavaAdapter(VisionStageAdapter):
         if is_image is None:
             return None
         input_ids = kwargs["input_ids"]
+        if self.method.stage == "vision-encoder":
+            pruned = self._prune_in_encoder(kwargs, is_image)
+            if pruned is not None:
+                return pruned
         features, probe_signals = self._encode(kwargs)
         batch, length = input_ids.shape
         flat_positions = self._flat_positions(is_image, features)
@@ -167,6 +175,48 @@ class LlavaAdapter(VisionStageAdapter):
             ))
             seen_in_row[row] += 1
 
+        return self._compacted(kwargs, keep, kept_features, images)
+
+    def _prune_in_encoder(self, kwargs: dict[str, Any], is_image: torch.Tensor) -> PrunedCall | None:
+        """A "vision-encoder" method: prune in the tower's layer loop, project the survivors, place them by their
+        original patch indices. ``None`` when no image loses a token (the stock path is then bit-identical)."""
+        cfg, llava = self.model.config, self.model.model
+        layer = kwargs.get("vision_feature_layer")
+        layer = cfg.vision_feature_layer if layer is None else layer
+        strategy = kwargs.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
+        if strategy != "default":
+            raise ValueError(
+                f"method {self.method.name!r} prunes the patch tokens inside the encoder and drops [CLS] at the end; "
+                f"it needs vision_feature_select_strategy='default', got {strategy!r}"
+            )
+        pixel_values = kwargs["pixel_values"]
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        n = side * side
+        budgets = self.kept_counts([n] * pixel_values.shape[0], kwargs)
+        if all(k >= n for k in budgets):
+            return None
+        input_ids = kwargs["input_ids"]
+        length = input_ids.shape[1]
+        flat_positions = is_image.reshape(-1).nonzero().squeeze(1)
+        if flat_positions.numel() != n * len(budgets):
+            raise ValueError(
+                f"the prompt has {flat_positions.numel()} image placeholder tokens but the {len(budgets)} image(s) "
+                f"give {n * len(budgets)} features; build the inputs with the model's processor"
+            )
+        survivors = encode_pruned(llava.vision_tower, self.method, pixel_values, self._feature_layer_index(layer),
+                                  budgets)
+        projector = llava.multi_modal_projector
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+        kept_features, images, seen_in_row = [], [], [0] * input_ids.shape[0]
+        for i, (hidden, kept) in enumerate(survivors):
+            positions = flat_positions[i * n:(i + 1) * n]
+            row = int(positions[0]) // length
+            with torch.no_grad():
+                kept_features.append(projector(hidden[None])[0])  # [k_i, D]
+            keep.view(-1)[positions[kept.numel():]] = False  # placeholders are identical: keep the first k
+            grid = self._grid(n)
+            images.append(ImageRecord(row, seen_in_row[row], n, kept, grid, boxes=grid_boxes(grid, n)))
+            seen_in_row[row] += 1
         return self._compacted(kwargs, keep, kept_features, images)
 
     def _compacted(

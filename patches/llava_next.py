@@ -61,6 +61,7 @@ class PackedLayout:
 
 class LlavaNextAdapter(LlavaAdapter):
     model_types = ("llava_next",)
+    encoder_loop = False  # FlowCut's AnyRes variant (per-crop ViT stage + LLM-layer-1 stage) is not implemented
 
     def layout(self, image_size: tuple[int, int], n_crops: int) -> PackedLayout:
         """The packed token layout of one image of ``image_size`` (H, W) with ``n_crops`` tower rows."""

@@ -16,11 +16,17 @@ TWO_IMAGES = "USER : <image>\n<image>\nhow many dog are there ? ASSISTANT :"
 TINY_OPTIONS = {"hiprune": {"object_layer": 0}}
 
 
-def runnable_methods():
-    """Registered methods an adapter can run (FlowCut is registered but says why it cannot run yet)."""
+def runnable_methods(model_type="llava"):
+    """Registered methods that can run, on LLaVA-1.5 by default; in-encoder methods (FlowCut) only where the
+    family's adapter runs the encoder's layer loop."""
+    from tokenprune.patches import ADAPTERS
+
     from tokenprune.methods import METHODS
 
-    return sorted(name for name, cls in METHODS.items() if not cls.unavailable)
+    loop = ADAPTERS[model_type].encoder_loop
+    return sorted(
+        name for name, cls in METHODS.items() if not cls.unavailable and (cls.stage != "vision-encoder" or loop)
+    )
 
 
 torch.set_num_threads(2)

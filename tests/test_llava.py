@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import MERGING, OTHER_PROMPT, PROMPT, TWO_IMAGES, enable, encode, runnable_methods
+from flowcut_reference import flowcut_reference
 
 from tokenprune import disable_pruning, enable_pruning
 from tokenprune.tiny_models import random_image
@@ -56,7 +57,12 @@ def test_pruned_forward_equals_the_model_run_on_the_kept_tokens(llava, one_promp
     keep[image_pos] = False
     keep[image_pos[kept]] = True
     with torch.no_grad():
-        feats = model.model.get_image_features(pixel_values=one_prompt["pixel_values"]).pooler_output[0]
+        if handle.method.stage == "vision-encoder":  # pruned inside the tower: independent reference features
+            feats, ref_kept, _ = flowcut_reference(model, one_prompt["pixel_values"][0], 16)
+            assert ref_kept.tolist() == kept.tolist()
+            kept = torch.arange(16)
+        else:
+            feats = model.model.get_image_features(pixel_values=one_prompt["pixel_values"]).pooler_output[0]
         embeds = model.get_input_embeddings()(ids[keep][None])
         embeds[0, ids[keep] == model.config.image_token_id] = feats[kept]
         expected = model(inputs_embeds=embeds).logits

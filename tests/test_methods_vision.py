@@ -28,7 +28,7 @@ from tokenprune.methods import (
 from tokenprune.tiny_models import random_image, tiny_llava
 
 X = torch.tensor([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [-1, 0], [0.7, 0.7]])
-NO_CLS_UNSUPPORTED = {"fastervlm", "fopru", "recoverable", "visionzip"}
+NO_CLS_UNSUPPORTED = {"flowcut", "fastervlm", "fopru", "recoverable", "visionzip"}
 
 
 def test_paper_budget_splits():
@@ -55,7 +55,7 @@ def test_holov_official_zero_padding_is_optional():
     assert HoloV(chunks=3, quirks=False).select(ctx).tolist() == [0, 1, 2]
 
 
-@pytest.mark.parametrize("name", sorted(set(METHODS) - {"flowcut"}))
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_runs_on_cls_towers_and_says_what_happens_without_cls(name):
     method = make_method(name)
     assert {r.name for r in method.requests(cls_token=True)} <= set(method.needs)
@@ -65,14 +65,6 @@ def test_every_method_runs_on_cls_towers_and_says_what_happens_without_cls(name)
     else:
         method.check_family(cls_token=False)
         assert all(r.name not in {CLS_ATTENTION, CLS_HIDDEN} for r in method.requests(cls_token=False))
-
-
-def test_flowcut_is_listed_but_refuses_to_run_with_the_reason():
-    model, _ = tiny_llava()
-    before = model.forward
-    with pytest.raises(NotImplementedError, match="layer loop.*flowcut_step"):
-        enable_pruning(model, "flowcut", keep=0.11)
-    assert model.forward == before and "flowcut" in METHODS and METHODS["flowcut"].stage == "vision-encoder"
 
 
 def test_hiprune_layers_follow_the_paper_per_family():

@@ -129,7 +129,7 @@ class PruningMethod:
 
     name: ClassVar[str]
     paper: ClassVar[str]
-    stage: ClassVar[str] = "vision"
+    stage: ClassVar[str] = "vision"  # "vision-encoder": prunes inside the tower's layer loop (``encoder_step``)
     needs: ClassVar[frozenset[str]] = frozenset()
     # The paper's budget on LLaVA-NeXT (specs/methods_vision.md §1): "crop" = one budget per crop (base tile and
     # each high-resolution tile, FasterVLM-style), "image" = one global pool over the whole packed image (DivPrune).
@@ -142,8 +142,8 @@ class PruningMethod:
     # False for methods whose kept count is data-dependent (Recoverable Compression): ``k`` is then only honoured
     # as "keep everything" when ``k >= n``.
     fixed_budget: ClassVar[bool] = True
-    # Non-empty when no adapter can run the method yet (FlowCut: pruning inside the vision encoder's layer loop);
-    # :meth:`check_family` raises ``NotImplementedError`` with it: ``enable_pruning`` fails before touching the model.
+    # Non-empty when no adapter can run the method yet; :meth:`check_family` raises ``NotImplementedError`` with it:
+    # ``enable_pruning`` fails before touching the model.
     unavailable: ClassVar[str] = ""
 
     @classmethod

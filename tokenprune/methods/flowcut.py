@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenprune.methods.base import CLS_ATTENTION, PruningMethod, SelectionContext
+from tokenprune.functional import flowcut_step
+from tokenprune.methods.base import CLS_ATTENTION, PruningMethod, SelectionContext, SignalRequest
 
 
 @dataclass
@@ -15,20 +16,36 @@ class FlowCut(PruningMethod):
 
     Prunes the OUTPUT tokens of vision layers 0..select-1 (a real encoder speed-up): per layer a score from the
     [CLS] attention, the [CLS]-value similarity and the value norms, accumulated across layers, and an
-    entropy-adaptive number of tokens removed at every second layer (:func:`tokenprune.functional.flowcut_step`,
-    tested against the paper's worked example). Budget: ``ctx.k`` patches after the feature layer (target ``k + 1``
-    with [CLS]). Not runnable yet: the adapters do not run the encoder's layer loop with per-layer pruning.
+    entropy-adaptive number of tokens removed at every second layer (:meth:`encoder_step` =
+    :func:`tokenprune.functional.flowcut_step`, tested against the paper's worked example). Budget: ``ctx.k``
+    patches after the feature layer (target ``k + 1`` with [CLS]). The adapter runs the encoder's layer loop
+    (``patches/clip_encoder_loop.py``); LLaVA-1.5 only.
     """
 
     name = "flowcut"
     paper = "FlowCut: Rethinking Redundancy via Information Flow for Efficient Vision-Language Models (2025)"
     stage = "vision-encoder"
-    needs = frozenset({CLS_ATTENTION})
-    unavailable = (
-        "FlowCut prunes inside the vision encoder, layer by layer; the adapters do not yet run the encoder's layer "
-        "loop with per-layer pruning (its selection rule is available as tokenprune.functional.flowcut_step). Use "
-        "'fastervlm' or 'visionzip' ([CLS]-attention methods after the encoder) instead"
+    needs = frozenset({CLS_ATTENTION})  # per encoder layer, recomputed by the encoder loop (not by the probe)
+    no_cls_reason = (
+        "its Qwen2-VL variant is a different algorithm (mean-query scores without the semantic term, a ViT target "
+        "of 8K patches before the 2x2 merger, then LLM-stage re-scoring at decoder layer 1) that is not "
+        "implemented; use 'divprune' or 'hiprune' instead"
     )
 
+    def requests(self, cls_token: bool = True) -> tuple[SignalRequest, ...]:
+        self.signals_needed(cls_token)  # family check only: the encoder loop computes the per-layer rows itself
+        return ()
+
+    def encoder_step(
+        self, cls_attn: torch.Tensor, semantic: torch.Tensor, value_l1: torch.Tensor,
+        cumulative: torch.Tensor | None, length: int, target: int, remaining: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One vision layer: ``(kept patches ascending, cumulative scores of all current patches)``."""
+        return flowcut_step(cls_attn, semantic, value_l1, cumulative, length, target, remaining)
+
     def select(self, ctx: SelectionContext) -> torch.Tensor:
-        raise NotImplementedError(self.unavailable)
+        if ctx.k >= ctx.n:  # nothing to prune: the adapters run the stock tower (bit-identical)
+            return torch.arange(ctx.n)
+        raise NotImplementedError(
+            "FlowCut selects inside the vision encoder's layer loop (patches/clip_encoder_loop.py), not after it"
+        )
