@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tokenprune.patches.base import PrunedCall, VisionStageAdapter
 from tokenprune.patches.clip_encoder_loop import encode_pruned
-from tokenprune.patches.clip_signals import PROBE_SIGNALS, ClipProbe
+from tokenprune.patches.clip_signals import PROBE_SIGNALS, ClipProbe, encoder_layers, resolve_layer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenprune.compaction import compact, padding_side, reindex_positions
@@ -41,6 +41,11 @@ class LlavaAdapter(VisionStageAdapter):
                 f"this model's vision tower ({self.model.config.vision_config.model_type}) has no [CLS] token; use a "
                 f"method that needs no [CLS], e.g. 'divprune'"
             )
+        layers = [r.layer for r in self.method.requests(cls_token=True) if r.layer is not None]
+        if layers:  # fail at enable time, not at the first prefill, when a requested vision layer does not exist
+            n_layers = len(encoder_layers(tower))
+            for layer in layers:
+                resolve_layer(layer, 0, n_layers)
 
     # --- signals ---------------------------------------------------------------------------------------------
     def _feature_layer_index(self, vision_feature_layer: Any) -> int:

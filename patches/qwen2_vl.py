@@ -46,6 +46,13 @@ class QwenVLAdapter(VisionStageAdapter):
                 f"{err}. Qwen's ViT has no [CLS] token; use a method without [CLS], e.g. 'divprune', or one with a "
                 f"Qwen substitute signal (see the README's method table)"
             ) from None
+        n_blocks = len(self.model.model.visual.blocks)
+        for request in self.method.requests(cls_token=False):
+            if request.layer is not None and not -n_blocks <= request.layer < n_blocks:
+                raise ValueError(
+                    f"method {self.method.name!r} asks for vision layer {request.layer}, but this Qwen ViT has "
+                    f"{n_blocks} blocks (valid: {-n_blocks}..{n_blocks - 1}); set the method's layer option"
+                )
 
     def uninstall(self) -> None:
         super().uninstall()

@@ -159,3 +159,13 @@ def test_tiny_models_are_real_transformers_classes():
 
     model, processor = tiny_llava()
     assert type(model) is LlavaForConditionalGeneration and model.config.model_type == "llava"
+
+
+def test_a_missing_vision_layer_fails_at_enable_time():
+    """HiPrune's official object layer (9th) does not exist in a 3-layer tower: refused before touching the model."""
+    from tokenprune.tiny_models import tiny_qwen
+
+    for model in (tiny_llava()[0], tiny_qwen()[0]):
+        with pytest.raises(ValueError, match="vision layer"):
+            enable_pruning(model, "hiprune", keep=0.5)
+        assert "forward" not in model.__dict__
