@@ -100,3 +100,13 @@ def task_dir(workdir) -> Path:
 @pytest.fixture(scope="session")
 def llava_dir(workdir) -> Path:
     return save_tiny_llava(workdir / "tiny_llava")
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(workdir) -> Path:
+    return save_tiny_qwen(workdir / "tiny_qwen2", "2")
+
+
+@pytest.fixture(scope="session")
+def qwen25_dir(workdir) -> Path:
+    return save_tiny_qwen(workdir / "tiny_qwen25", "2.5")

@@ -72,3 +72,30 @@ def test_llava_unpruned_run_records_the_full_count(llava_dir, task_dir, workdir)
     records = pruning_records(samples)
     assert [r["kept_tokens"] for r in records] == [TINY_LLAVA_TOKENS] * N_DOCS
     assert all(r["seq_len_before"] == r["seq_len_after"] for r in records)
+
+
+def expected_qwen_tokens(task_dir: Path, max_pixels: int) -> list[int]:
+    """Visual tokens per doc: one per 28x28 px of the image after qwen_vl_utils' smart resize."""
+    from datasets import load_from_disk
+
+    from tokenprune.integrations.qwen_images import smart_resize
+
+    docs = load_from_disk(str(task_dir.parent / "data"))["test"]
+    sizes = [smart_resize(im.height, im.width, 28, min_pixels=3136, max_pixels=max_pixels) for im in docs["image"]]
+    return [h * w // 28**2 for h, w in sizes]
+
+
+@pytest.mark.parametrize("model", ["tokenprune_qwen2_vl", "tokenprune_qwen2_5_vl"])
+def test_qwen_pruned_run_without_torchvision(model, qwen2_dir, qwen25_dir, task_dir, workdir):
+    """The Qwen wrappers on this CPU venv (no torchvision): image-only processor and vision info, pruned."""
+    pretrained = qwen2_dir if model == "tokenprune_qwen2_vl" else qwen25_dir
+    max_pixels = 112 * 112
+    args = (f"pretrained={pretrained},device=cpu,device_map=cpu,min_pixels=3136,max_pixels={max_pixels},"
+            "method=divprune,keep=0.5")
+    results, samples = run_lmms_eval(model, args, task_dir, workdir / f"out_{model}")
+    records = pruning_records(samples)
+    expected = expected_qwen_tokens(task_dir, max_pixels)
+    by_doc = {s["doc_id"]: r for s, r in zip(samples, records, strict=True)}
+    assert [by_doc[i]["visual_tokens"] for i in range(N_DOCS)] == expected
+    assert [by_doc[i]["kept_tokens"] for i in range(N_DOCS)] == [round(n / 2 + 1e-9) for n in expected]
+    assert "accuracy,none" in results["results"][TASK]

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from lmms_eval.api.instance import GenerationResult, TokenCounts
+from lmms_eval.models.chat import qwen2_5_vl as _qwen25_chat_module
 from lmms_eval.models.chat.llava_hf import LlavaHf as _LlavaHfChat
 from lmms_eval.models.chat.qwen2_5_vl import Qwen2_5_VL as _Qwen25VLChat
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
@@ -41,6 +42,7 @@ from lmms_eval.models.simple.qwen2_5_vl import Qwen2_5_VL as _Qwen25VLSimple
 from lmms_eval.models.simple.qwen2_vl import Qwen2_VL as _Qwen2VLSimple
 
 from tokenprune.api import enable_pruning
+from tokenprune.integrations import qwen_images
 from tokenprune.integrations.model_args import pruning_kwargs
 
 RECORD_FIELDS = (
@@ -248,14 +250,36 @@ def _image_only_qwen_processor(module: Any, processor_class: type) -> Iterator[N
         module.AutoProcessor = original
 
 
+@contextlib.contextmanager
+def _image_only_vision_info(modules: tuple[Any, ...]) -> Iterator[None]:
+    """Give the wrapper modules whose ``qwen_vl_utils`` import failed (no torchvision) the image-only
+    :func:`tokenprune.integrations.qwen_images.process_vision_info` for the duration of a call."""
+    missing = [m for m in modules if getattr(m, "process_vision_info", None) is None]
+    for module in missing:
+        module.process_vision_info = qwen_images.process_vision_info
+    try:
+        yield
+    finally:
+        for module in missing:
+            module.process_vision_info = None
+
+
 class _QwenMixin(PruningWrapperMixin):
+    """Qwen wrappers: without torchvision, the processor and ``process_vision_info`` fall back to image-only
+    versions of the same code (the released ones need torchvision for videos only)."""
+
     _simple_module: Any = None
+    _modules: tuple[Any, ...] = ()
     _processor_name = "Qwen2VLProcessor"
 
     def _processor_loading(self) -> contextlib.AbstractContextManager:
         import transformers
 
         return _image_only_qwen_processor(self._simple_module, getattr(transformers, self._processor_name))
+
+    def generate_until(self, requests: list) -> list:
+        with _image_only_vision_info(self._modules):
+            return super().generate_until(requests)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,12 +298,14 @@ class TokenpruneQwen2VL(_QwenMixin, _Qwen2VLSimple):
     """``--model tokenprune_qwen2_vl``: lmms-eval's ``qwen2_vl`` (simple only) with pruning."""
 
     _simple_module = _qwen2_simple_module
+    _modules = (_qwen2_simple_module,)
 
 
 class TokenpruneQwen25VL(_QwenMixin, _Qwen25VLChat):
     """``--model tokenprune_qwen2_5_vl``: lmms-eval's ``qwen2_5_vl`` (chat) with pruning."""
 
     _simple_module = _qwen25_simple_module
+    _modules = (_qwen25_chat_module,)
     _processor_name = "Qwen2_5_VLProcessor"
 
 
@@ -287,4 +313,5 @@ class TokenpruneQwen25VLSimple(_QwenMixin, _Qwen25VLSimple):
     """``--model tokenprune_qwen2_5_vl --force_simple``."""
 
     _simple_module = _qwen25_simple_module
+    _modules = (_qwen25_simple_module,)
     _processor_name = "Qwen2_5_VLProcessor"
