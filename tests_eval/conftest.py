@@ -59,6 +59,7 @@ def write_task(root: Path, n: int = 6) -> Path:
         "generation_kwargs:\n  max_new_tokens: 3\n  temperature: 0\n  do_sample: false\n"
         "process_results: !function utils.process_results\n"
         "metric_list:\n  - metric: accuracy\n    aggregation: mean\n    higher_is_better: true\n"
+        "  - metric: nonempty\n    aggregation: mean\n    higher_is_better: true\n"
     )
     return task_dir
 

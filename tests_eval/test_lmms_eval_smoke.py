@@ -99,3 +99,33 @@ def test_qwen_pruned_run_without_torchvision(model, qwen2_dir, qwen25_dir, task_
     assert [by_doc[i]["visual_tokens"] for i in range(N_DOCS)] == expected
     assert [by_doc[i]["kept_tokens"] for i in range(N_DOCS)] == [round(n / 2 + 1e-9) for n in expected]
     assert "accuracy,none" in results["results"][TASK]
+
+
+def test_aggregator_renders_the_smoke_runs(llava_pruned, workdir, tmp_path):
+    """The paper-table aggregator on the smoke run's output folders (pruned and unpruned LLaVA)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lmms_eval" / "aggregate.py"
+    spec = importlib.util.spec_from_file_location("aggregate", path)
+    aggregate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(aggregate)
+    folders = [workdir / "out_llava_divprune", workdir / "out_llava_unpruned"]
+    assert all(f.is_dir() for f in folders)
+    table_json = tmp_path / "table.json"
+    assert aggregate.main([*map(str, folders), "--metric", f"{TASK}=nonempty", "--json", str(table_json)]) == 0
+    table = json.loads(table_json.read_text())
+    rows = {r["setting"]: r for r in table["rows"]}
+    assert set(rows) == {"unpruned", "divprune keep=0.25"}
+    assert rows["unpruned"]["kept_tokens"] == TINY_LLAVA_TOKENS and rows["divprune keep=0.25"]["kept_tokens"] == 16
+    scores = {}
+    for folder in folders:
+        (results_file,) = folder.rglob("*_results.json")
+        scores[folder.name] = json.loads(results_file.read_text())["results"][TASK]["nonempty,none"]
+    assert rows["divprune keep=0.25"][TASK] == scores["out_llava_divprune"]
+    if scores["out_llava_unpruned"]:
+        expected = 100 * scores["out_llava_divprune"] / scores["out_llava_unpruned"]
+        assert abs(rows["divprune keep=0.25"][f"{TASK} %"] - expected) < 1e-9
+        assert rows["unpruned"]["avg %"] == 100.0
+    assert all(r["prefill_ms"] > 0 for r in rows.values())
+    text = aggregate.render(table["tasks"], table["rows"])
+    assert "| tiny_llava | divprune keep=0.25 |" in text and "prefill ms" in text.splitlines()[0]

@@ -10,4 +10,5 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 
 def process_results(doc, results):
-    return {"accuracy": float(results[0].strip() == doc["answer"])}
+    answer = results[0].strip()
+    return {"accuracy": float(answer == doc["answer"]), "nonempty": float(bool(answer))}
