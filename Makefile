@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean eval-env eval-test
 
 install: $(STAMP)
 
@@ -33,5 +33,32 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# lmms-eval lives in its own venv, .venv-eval, so that .venv stays light for `make test`. `pip install lmms-eval`
+# would pull torchvision and with it a CUDA torch (5+ GB) that breaks the PIL image processors; instead: the CPU
+# torch first, lmms-eval with --no-deps, then its dependency list without torchvision/timm (specs/feasibility.md §1).
+EVAL_VENV := .venv-eval
+EVAL_PY := $(EVAL_VENV)/bin/python
+EVAL_STAMP := $(EVAL_VENV)/.tokenprune-installed
+LMMS_EVAL_VERSION := 0.7.3
+EVAL_REQUIREMENTS := benchmarks/lmms_eval/requirements-cpu.txt
+
+eval-env: $(EVAL_STAMP)
+
+$(EVAL_STAMP): pyproject.toml $(EVAL_REQUIREMENTS)
+	$(PYTHON) -m venv $(EVAL_VENV)
+	$(EVAL_PY) -m pip install --quiet --upgrade pip
+	$(EVAL_PY) -m pip install --quiet torch==2.13.0
+	$(EVAL_PY) -m pip install --quiet --no-deps lmms-eval==$(LMMS_EVAL_VERSION)
+	$(EVAL_PY) -m pip install --quiet torch==2.13.0 -e . -r $(EVAL_REQUIREMENTS)
+	$(EVAL_PY) -c "import importlib.util as u; assert u.find_spec('torchvision') is None, 'torchvision got in'"
+	$(EVAL_PY) -c "import lmms_eval.evaluator, torch, tokenprune.integrations.lmms_eval; print('eval env: lmms-eval', \
+	  __import__('importlib.metadata').metadata.version('lmms-eval'), '| torch', torch.__version__)"
+	touch $(EVAL_STAMP)
+
+# The offline lmms-eval smoke run (real CLI, tiny saved models, a generated local task) and the aggregator on its
+# output; a CI step of its own (.ci/run), after make test and make demo.
+eval-test: $(EVAL_STAMP)
+	WANDB_MODE=disabled $(EVAL_PY) -m pytest tests_eval
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(EVAL_VENV) build *.egg-info .pytest_cache .ruff_cache

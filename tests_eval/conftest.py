@@ -1,0 +1,113 @@
+"""Fixtures of the offline lmms-eval smoke run: a generated local task and tiny saved models (run in .venv-eval)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+TASK = "tokenprune_tiny_vqa"
+QUESTIONS = [("what color is the circle ?", "red"), ("how many are there ?", "two"), ("is there a dog ?", "no")]
+
+# What the released chat wrappers need: messages with content lists ({"type": "image"} / {"type": "text"}).
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER : {% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT : {% for c in message['content'] %}{{ c['text'] }}{% endfor %} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT :{% endif %}"
+)
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['content'] is string %}{{ message['content'] }} "
+    "{% else %}{% if message['role'] == 'user' %}USER : {% else %}ASSISTANT : {% endif %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT :{% endif %}"
+)
+
+
+def write_task(root: Path, n: int = 6) -> Path:
+    """A ``load_from_disk`` dataset of ``n`` generated pictures with questions, and its task YAML; returns the
+    ``--include_path`` folder."""
+    from datasets import Dataset, DatasetDict, Features, Image, Value
+
+    from tokenprune.tiny_models import demo_image, random_image
+
+    images = [demo_image(64) if i % 2 == 0 else random_image(48 + 8 * i, 64, seed=i) for i in range(n)]
+    rows = {
+        "question_id": [str(i) for i in range(n)],
+        "image": images,
+        "question": [QUESTIONS[i % len(QUESTIONS)][0] for i in range(n)],
+        "answer": [QUESTIONS[i % len(QUESTIONS)][1] for i in range(n)],
+    }
+    features = Features(question_id=Value("string"), image=Image(), question=Value("string"), answer=Value("string"))
+    data_dir = root / "data"
+    DatasetDict({"test": Dataset.from_dict(rows, features=features)}).save_to_disk(str(data_dir))
+    task_dir = root / "tasks"
+    task_dir.mkdir()
+    shutil.copy(HERE / "tiny_task_utils.py", task_dir / "utils.py")
+    (task_dir / f"{TASK}.yaml").write_text(
+        f"task: {TASK}\n"
+        f"dataset_path: {data_dir}\n"
+        "dataset_kwargs:\n  load_from_disk: true\n"
+        "test_split: test\n"
+        "output_type: generate_until\n"
+        "doc_to_visual: !function utils.doc_to_visual\n"
+        "doc_to_text: !function utils.doc_to_text\n"
+        "doc_to_target: answer\n"
+        "generation_kwargs:\n  max_new_tokens: 3\n  temperature: 0\n  do_sample: false\n"
+        "process_results: !function utils.process_results\n"
+        "metric_list:\n  - metric: accuracy\n    aggregation: mean\n    higher_is_better: true\n"
+        "  - metric: nonempty\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return task_dir
+
+
+def save_tiny_llava(path: Path) -> Path:
+    from tokenprune.tiny_models import tiny_llava
+
+    model, processor = tiny_llava()
+    processor.chat_template = LLAVA_CHAT_TEMPLATE
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def save_tiny_qwen(path: Path, version: str) -> Path:
+    import transformers
+
+    from tokenprune.integrations.lmms_eval import _image_only_processor_class
+    from tokenprune.tiny_models import tiny_qwen
+
+    model, tiny = tiny_qwen(version)
+    base = transformers.Qwen2VLProcessor if version == "2" else transformers.Qwen2_5_VLProcessor
+    processor = _image_only_processor_class(base)(tiny.image_processor, tiny.tokenizer, QWEN_CHAT_TEMPLATE)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("lmms_eval_smoke")
+
+
+@pytest.fixture(scope="session")
+def task_dir(workdir) -> Path:
+    return write_task(workdir)
+
+
+@pytest.fixture(scope="session")
+def llava_dir(workdir) -> Path:
+    return save_tiny_llava(workdir / "tiny_llava")
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(workdir) -> Path:
+    return save_tiny_qwen(workdir / "tiny_qwen2", "2")
+
+
+@pytest.fixture(scope="session")
+def qwen25_dir(workdir) -> Path:
+    return save_tiny_qwen(workdir / "tiny_qwen25", "2.5")
