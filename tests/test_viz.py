@@ -69,7 +69,8 @@ def test_llava_center_crop_on_a_wide_picture_end_to_end():
     for method in runnable_methods(model):
         record = prune_once(model, processor, image, PROMPT, method, keep=16)
         rec = record.images[0]
-        assert rec.view == "center_crop" and rec.kept.numel() == 16
+        assert rec.view == "center_crop"
+        assert rec.n_kept == 16 or method == "recoverable"  # kept + merged; Recoverable's count is data-dependent
         figure = draw_kept(image, record, size=384, legend=False)  # panel 384x256, crop 256x256 at x=64
         assert figure.size == (384, HEADER + 256)
         assert_looks(figure, rec, lambda i: (0, None), {0: (64, 0, 256, 256)})
@@ -158,7 +159,8 @@ def test_save_writes_png(tmp_path):
 def test_compare_grid_cells_are_the_single_overlays():
     model, processor = tiny_llava()
     image = grey(64, 64)
-    assert runnable_methods(model) == sorted(list_methods())
+    # HiPrune's official object layer (the 9th) does not exist in the 3-layer tiny tower: refused at enable time
+    assert runnable_methods(model) == sorted(set(list_methods()) - {"hiprune"})
     methods, keeps = ["random", "uniform"], [0.5, 16]
     figure = compare(model, processor, image, PROMPT, methods, keeps, size=128)
     cell = draw_kept(image, prune_once(model, processor, image, PROMPT, "uniform", 16), size=128, title="",
