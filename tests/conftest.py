@@ -17,10 +17,18 @@ TINY_OPTIONS = {"hiprune": {"object_layer": 0}}
 
 
 def runnable_methods():
-    """Registered methods an adapter can run (FlowCut is registered but says why it cannot run yet)."""
+    """Registered VISION-stage methods an adapter can run (FlowCut is registered but says why it cannot run yet);
+    decoder-stage methods: ``decoder_methods()`` (tests/test_decoder*.py)."""
     from tokenprune.methods import METHODS
 
-    return sorted(name for name, cls in METHODS.items() if not cls.unavailable)
+    return sorted(name for name, cls in METHODS.items() if not cls.unavailable and cls.stage == "vision")
+
+
+def decoder_methods():
+    """Registered decoder-stage (in-LLM) methods."""
+    from tokenprune.methods import METHODS
+
+    return sorted(name for name, cls in METHODS.items() if cls.stage == "decoder")
 
 
 torch.set_num_threads(2)
