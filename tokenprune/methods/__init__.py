@@ -49,7 +49,7 @@ METHODS: dict[str, type[PruningMethod]] = {
 
 def split_stages(methods: tuple[PruningMethod, ...]) -> tuple[PruningMethod | None, PruningMethod | None]:
     """``(vision, decoder)`` of a stage list: at most one of each, the vision stage first."""
-    stages = [m.stage for m in methods]
+    stages = ["decoder" if m.stage == "decoder" else "vision" for m in methods]  # FlowCut: "vision-encoder"
     if stages not in (["vision"], ["decoder"], ["vision", "decoder"]):
         raise ValueError(
             f"a method list is applied in order and may hold one vision-stage method followed by one decoder-stage "
