@@ -78,6 +78,8 @@ class VisionStageAdapter:
             for p in inspect.signature(type(model).forward).parameters.values()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"
         ]
+        if method is not None and method.stage == "decoder":
+            raise ValueError(f"{method.name!r} is a decoder-stage method: pass it as decoder=, not as the vision stage")
         if method is not None:
             self.check_method()
         self._pending: PruneRecord | None = None  # the vision-stage record of the call in progress
