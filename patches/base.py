@@ -10,19 +10,25 @@ arguments with the image placeholders and features compacted together (``mm_enco
 * ``forward`` with images: prunes and runs; logits cover the pruned sequence (see ``handle.last``).
 * ``forward`` decode steps of a manual loop after a pruned prefill: an attention mask built on the original
   prompt length is mapped onto the pruned KV cache.
+
+A decoder-stage method (``decoder``) runs inside the language model through a
+:class:`~tokenprune.patches.decoder.DecoderLoop` (hooks installed with the wrappers, removed with them); with a
+vision-stage method too (composition, ``method=["divprune", "fastv"]``) it sees the vision-pruned prompt.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from tokenprune.patches.decoder import DecoderLoop, LayerRecord
 
-from tokenprune.budget import kept_count
+from tokenprune.budget import Keep, kept_count
 from tokenprune.methods import PruningMethod
-from tokenprune.record import PruneRecord
+from tokenprune.record import ImageRecord, PruneRecord
 
 if TYPE_CHECKING:
     from tokenprune.api import PruningHandle
@@ -47,6 +53,7 @@ class VisionStageAdapter:
     cls_token: ClassVar[bool] = True  # does the family's vision tower have a [CLS] token?
     # Does the adapter run the vision encoder's layer loop for ``stage = "vision-encoder"`` methods (FlowCut)?
     encoder_loop: ClassVar[bool] = False
+    decoder_keep_positions: ClassVar[bool] = False  # True: decoder stages always KEEP positions (M-RoPE)
 
     def __init__(
         self,
@@ -55,6 +62,8 @@ class VisionStageAdapter:
         keep: float | int,
         handle: PruningHandle,
         scope: str | None = None,
+        decoder: PruningMethod | None = None,
+        decoder_keep: Keep | None = None,
     ):
         self.model = model
         self.method = method
@@ -71,7 +80,19 @@ class VisionStageAdapter:
             for p in inspect.signature(type(model).forward).parameters.values()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"
         ]
-        self.check_method()
+        if method is not None and method.stage == "decoder":
+            raise ValueError(f"{method.name!r} is a decoder-stage method: pass it as decoder=, not as the vision stage")
+        if method is not None:
+            self.check_method()
+        self._pending: PruneRecord | None = None  # the vision-stage record of the call in progress
+        self.decoder = None if decoder is None else DecoderLoop(
+            model, decoder, decoder_keep if decoder_keep is not None else keep, self.visual_token_ids(),
+            self._decoder_record, force_keep_positions=self.decoder_keep_positions,
+        )
+
+    def visual_token_ids(self) -> tuple[int, ...]:
+        """Placeholder ids of the visual tokens in the LLM's input (where decoder-stage methods look)."""
+        return (int(self.model.config.image_token_id),)
 
     # --- family-specific ---------------------------------------------------------------------------------------
     def check_method(self) -> None:
@@ -119,6 +140,8 @@ class VisionStageAdapter:
             fn.__doc__, fn.__name__ = inner.__doc__, name
             fn.__wrapped__ = inner  # type: ignore[attr-defined]
             setattr(model, name, fn)
+        if self.decoder is not None:
+            self.decoder.install()
 
     def uninstall(self) -> None:
         for name, saved in self._saved.items():
@@ -128,6 +151,8 @@ class VisionStageAdapter:
                 setattr(self.model, name, saved)
         self._saved.clear()
         self._decode_map = None
+        if self.decoder is not None:
+            self.decoder.uninstall()
 
     # --- wrappers -----------------------------------------------------------------------------------------------
     def _forward(self, inner: Any, *args: Any, **kwargs: Any) -> Any:
@@ -136,12 +161,15 @@ class VisionStageAdapter:
         if len(args) > len(self._forward_params):
             return inner(*args, **kwargs)
         kwargs.update(zip(self._forward_params, args, strict=False))
-        call = self.prune(kwargs)
+        call = self.prune(kwargs) if self.method is not None else None
         if call is None:
             return inner(**self._translate_decode_mask(kwargs))
         self._decode_map = (call.kwargs.get("attention_mask"), call.record.seq_len_before)
-        self.handle._record(call.record)
-        return inner(**call.kwargs)
+        self._vision_record(call)
+        try:
+            return inner(**call.kwargs)
+        finally:
+            self._pending = None
 
     def _generate(self, inner: Any, *args: Any, **kwargs: Any) -> Any:
         if len(args) > 1 or (args and not isinstance(args[0], torch.Tensor)):
@@ -150,19 +178,56 @@ class VisionStageAdapter:
             kwargs["input_ids"] = args[0]
         elif isinstance(kwargs.get("inputs"), torch.Tensor) and "input_ids" not in kwargs:
             kwargs["input_ids"] = kwargs.pop("inputs")
-        call = self.prune(kwargs)
+        call = self.prune(kwargs) if self.method is not None else None
         if call is None:
             return self._run_generate(inner, **kwargs)
-        self.handle._record(call.record)
-        out = self._run_generate(inner, **call.kwargs)
+        self._vision_record(call)
+        try:
+            out = self._run_generate(inner, **call.kwargs)
+        finally:
+            self._pending = None
         return _with_original_prompt(out, kwargs["input_ids"], call.kwargs["input_ids"].shape[1])
 
     def _run_generate(self, inner: Any, *args: Any, **kwargs: Any) -> Any:
         self._generating += 1
+        if self.decoder is not None:
+            self.decoder.frozen += 1  # use_cache=False steps replay this generate's first decoder selection
+            self.decoder.selection = None
         try:
             return inner(*args, **kwargs)
         finally:
             self._generating -= 1
+            if self.decoder is not None:
+                self.decoder.frozen -= 1
+
+    # --- records ------------------------------------------------------------------------------------------------
+    def _vision_record(self, call: PrunedCall) -> None:
+        """Record a vision-stage prefill (per-layer counts: the pruned prompt in every layer); a decoder stage of the
+        same call refines it when the language model has run."""
+        mask = call.kwargs.get("attention_mask")
+        ids = call.kwargs["input_ids"]
+        tokens = int(mask.sum()) if mask is not None else ids.numel()
+        n_layers = len(self.model.model.language_model.layers)
+        record = dataclasses.replace(
+            call.record, tokens_per_layer=(tokens,) * n_layers, visual_per_layer=(call.record.n_kept,) * n_layers
+        )
+        self._pending = record
+        self.handle._record(record)
+
+    def _decoder_record(self, info: LayerRecord) -> None:
+        """``handle.last`` after a decoder-stage prefill; with a vision stage before it, each image's ``kept``
+        indexes the ORIGINAL image tokens (composed through both stages) where the spans line up."""
+        vision = self._pending
+        images = [ImageRecord(row, m, n, kept) for row, m, n, kept in info.images]
+        name = self.decoder.method.name
+        before = info.seq_len_before
+        if vision is not None:
+            name, before = f"{vision.method}+{name}", vision.seq_len_before
+            images = _compose(vision.images, images)
+        self.handle._record(PruneRecord(
+            name, tuple(images), before, info.seq_len_after,
+            tokens_per_layer=info.tokens_per_layer, visual_per_layer=info.visual_per_layer,
+        ))
 
     def _translate_decode_mask(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Map a decode step's mask from original-prompt coordinates onto the pruned KV cache (manual loops)."""
@@ -196,6 +261,21 @@ def text_embeddings(
     chosen = ids[after] if bool(after.any()) else ids[text]
     with torch.no_grad():
         return model.get_input_embeddings()(chosen)
+
+
+def _compose(vision: tuple[ImageRecord, ...], decoder: list[ImageRecord]) -> list[ImageRecord]:
+    """Vision-stage images refined by the decoder stage's survivors (spans without merged tokens); where the two
+    do not line up (merged tokens, image/video order), the decoder stage's own view of the spans is kept."""
+    ordered = sorted(vision, key=lambda im: (im.row, im.index_in_row))
+    if len(ordered) != len(decoder) or any(v.n_kept != d.n for v, d in zip(ordered, decoder, strict=True)):
+        return decoder
+    out = []
+    for v, d in zip(ordered, decoder, strict=True):
+        if v.n_merged:
+            out.append(d)
+        else:
+            out.append(dataclasses.replace(v, kept=v.kept[d.kept.to(v.kept.device)]))
+    return out
 
 
 def _with_original_prompt(out: Any, prompt_ids: torch.Tensor, pruned_length: int) -> Any:

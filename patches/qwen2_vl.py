@@ -37,6 +37,11 @@ class QwenVLAdapter(VisionStageAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl")
     signals = frozenset({FEATURES, TEXT_EMBEDDINGS}) | QWEN_SIGNALS
     cls_token = False
+    decoder_keep_positions = True  # M-RoPE (t, h, w) ids: only KEEP is defined (specs/methods_llm.md §1.3)
+
+    def visual_token_ids(self) -> tuple[int, ...]:
+        config = self.model.config
+        return (int(config.image_token_id), int(config.video_token_id))
 
     def check_method(self) -> None:
         try:

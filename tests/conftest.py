@@ -17,16 +17,24 @@ TINY_OPTIONS = {"hiprune": {"object_layer": 0}}
 
 
 def runnable_methods(model_type="llava"):
-    """Registered methods that can run, on LLaVA-1.5 by default; in-encoder methods (FlowCut) only where the
-    family's adapter runs the encoder's layer loop."""
+    """Registered vision-side methods that can run, on LLaVA-1.5 by default; in-encoder methods (FlowCut) only where
+    the family's adapter runs the encoder's layer loop. Decoder-stage methods: ``decoder_methods()``."""
     from tokenprune.patches import ADAPTERS
 
     from tokenprune.methods import METHODS
 
     loop = ADAPTERS[model_type].encoder_loop
     return sorted(
-        name for name, cls in METHODS.items() if not cls.unavailable and (cls.stage != "vision-encoder" or loop)
+        name for name, cls in METHODS.items()
+        if not cls.unavailable and (cls.stage == "vision" or (cls.stage == "vision-encoder" and loop))
     )
+
+
+def decoder_methods():
+    """Registered decoder-stage (in-LLM) methods."""
+    from tokenprune.methods import METHODS
+
+    return sorted(name for name, cls in METHODS.items() if cls.stage == "decoder")
 
 
 torch.set_num_threads(2)

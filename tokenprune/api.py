@@ -11,16 +11,19 @@ import torch
 
 from tokenprune.budget import Keep, validate_keep, validate_scope
 from tokenprune.config import PruningConfig
-from tokenprune.methods import METHODS, PruningMethod, make_method
+from tokenprune.methods import METHODS, PruningMethod, make_method, split_stages
 from tokenprune.record import PruneRecord
 
 _HANDLE_ATTR = "_tokenprune_handle"
 
 
 class PruningHandle:
-    """What ``enable_pruning`` returns: the active config, the method and the record of the last pruned prefill."""
+    """What ``enable_pruning`` returns: the active config, the method (a tuple of methods for a stage list) and the
+    record of the last pruned prefill."""
 
-    def __init__(self, model: torch.nn.Module, config: PruningConfig, method: PruningMethod):
+    def __init__(
+        self, model: torch.nn.Module, config: PruningConfig, method: PruningMethod | tuple[PruningMethod, ...]
+    ):
         self.model = model
         self.config = config
         self.method = method
@@ -39,9 +42,13 @@ class PruningHandle:
         if self.active:
             disable_pruning(self.model)
 
+    def describe(self) -> str:
+        methods = self.method if isinstance(self.method, tuple) else (self.method,)
+        return " -> ".join(m.describe() for m in methods)
+
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
-        return f"PruningHandle({self.method.describe()}, keep={self.config.keep!r}, {state})"
+        return f"PruningHandle({self.describe()}, keep={self.config.keep!r}, {state})"
 
 
 def _adapter_class(model: torch.nn.Module) -> type:
@@ -58,16 +65,19 @@ def _adapter_class(model: torch.nn.Module) -> type:
 
 def enable_pruning(
     model: torch.nn.Module,
-    method: str | PruningMethod | PruningConfig,
-    keep: Keep | None = None,
+    method: str | PruningMethod | PruningConfig | list | tuple,
+    keep: Keep | list | tuple | None = None,
     *,
     scope: str | None = None,
     **options: Any,
 ) -> PruningHandle:
     """Prune the visual tokens of every later ``model.generate``/``model(...)`` call with images.
 
-    ``method`` is a name from :func:`list_methods`, a method instance or a :class:`PruningConfig`; ``keep`` a ratio
-    in (0, 1] or an int token count per budget unit; ``scope`` what one budget covers (``None``: the method's paper
+    ``method`` is a name from :func:`list_methods`, a method instance, a :class:`PruningConfig`, or a list of
+    stages applied in order: a vision-stage method then a decoder-stage method (``["divprune", "fastv"]``; set
+    hyper-parameters on instances, ``[DivPrune(), FastV(k=3)]``). ``keep`` a ratio in (0, 1] or an int token count
+    per budget unit, in each method's paper convention (decoder methods: see their docstrings); for a stage list
+    one ``keep`` per stage or a single one for all; ``scope`` what one budget covers (``None``: the method's paper
     convention; ``"image"``; ``"crop"``: per LLaVA-NeXT crop and per video frame); ``options`` the method's
     hyper-parameters. Calling it again on the same model replaces the previous pruning (with a warning).
     Returns a :class:`PruningHandle`.
@@ -77,6 +87,17 @@ def enable_pruning(
             raise TypeError("pass either a PruningConfig or method/keep/scope/options, not both")
         config = method
         instance = config.build_method()
+    elif isinstance(method, (list, tuple)):
+        if keep is None:
+            raise TypeError("enable_pruning needs keep=: one budget per stage (keep=[0.5, 0.5]) or one for all")
+        if options:
+            raise TypeError(
+                f"hyper-parameters {sorted(options)} are ambiguous with a list of methods; set them on the instances, "
+                f"e.g. [DivPrune(), FastV(k=3)]"
+            )
+        validate_scope(scope)
+        instance = tuple(make_method(m) for m in method)
+        config = PruningConfig.from_method(instance, tuple(keep) if isinstance(keep, (list, tuple)) else keep, scope)
     else:
         if keep is None:
             raise TypeError("enable_pruning needs keep=: a ratio in (0, 1] (e.g. keep=0.11) or a token count (keep=64)")
@@ -91,11 +112,16 @@ def enable_pruning(
     previous = getattr(model, _HANDLE_ATTR, None)
     handle = PruningHandle(model, config, instance)
     # the adapter validates method vs model before touching anything
-    adapter = adapter_cls(model, instance, config.keep, handle, scope=config.scope)
+    vision, decoder = split_stages(instance if isinstance(instance, tuple) else (instance,))
+    keeps = {name: k for name, k, _ in config.stages}
+    adapter = adapter_cls(
+        model, vision, keeps[vision.name] if vision else config.stages[0][1], handle, scope=config.scope,
+        decoder=decoder, decoder_keep=keeps[decoder.name] if decoder else None,
+    )
     if previous is not None:
         warnings.warn(
-            f"pruning was already enabled on this model ({previous.method.describe()}, keep={previous.config.keep!r});"
-            f" replacing it with {instance.describe()}, keep={config.keep!r}",
+            f"pruning was already enabled on this model ({previous.describe()}, keep={previous.config.keep!r});"
+            f" replacing it with {handle.describe()}, keep={config.keep!r}",
             UserWarning,
             stacklevel=2,
         )

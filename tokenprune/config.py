@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenprune.budget import Keep, validate_keep, validate_scope
-from tokenprune.methods import PruningMethod, make_method
+from tokenprune.methods import PruningMethod, make_method, split_stages
 
 
 @dataclass(frozen=True)
@@ -18,29 +18,71 @@ class PruningConfig:
     (per crop or per image on LLaVA-NeXT; per frame on videos), ``"image"`` one budget per image or video, ``"crop"``
     one per LLaVA-NeXT crop and per video frame.
 
+    A list of stages (a vision-stage method followed by a decoder-stage method) is a tuple of names with a tuple
+    of budgets and a tuple of option dicts (a single ``keep`` applies to every stage):
+
     >>> PruningConfig("random", 0.25, {"seed": 3}).to_dict()
     {'method': 'random', 'keep': 0.25, 'options': {'seed': 3}}
+    >>> PruningConfig(["divprune", "fastv"], 0.5).to_dict()
+    {'method': ['divprune', 'fastv'], 'keep': [0.5, 0.5], 'options': [{}, {'k': 2}]}
     """
 
-    method: str
-    keep: Keep
-    options: dict[str, Any] = field(default_factory=dict)
+    method: str | tuple[str, ...]
+    keep: Keep | tuple[Keep, ...]
+    options: dict[str, Any] | tuple[dict[str, Any], ...] = field(default_factory=dict)
     scope: str | None = None
 
     def __post_init__(self) -> None:
-        validate_keep(self.keep)
         validate_scope(self.scope)
-        make_method(self.method, **self.options)  # validates the name and the option names/values
+        if isinstance(self.method, str):
+            validate_keep(self.keep)
+            make_method(self.method, **self.options)  # validates the name and the option names/values
+            return
+        names = tuple(self.method)
+        keeps = tuple(self.keep) if isinstance(self.keep, (list, tuple)) else (self.keep,) * len(names)
+        options = tuple(dict(o) for o in self.options) if isinstance(self.options, (list, tuple)) else (
+            ({},) * len(names) if not self.options else None
+        )
+        if options is None or len(keeps) != len(names) or len(options) != len(names):
+            raise ValueError(
+                f"a stage list needs one keep (or a single keep for all) and one options dict per stage; got "
+                f"method={list(names)}, keep={self.keep!r}, options={self.options!r}"
+            )
+        for keep in keeps:
+            validate_keep(keep)
+        built = tuple(make_method(n, **o) for n, o in zip(names, options, strict=True))
+        split_stages(built)
+        object.__setattr__(self, "method", names)
+        object.__setattr__(self, "keep", keeps)
+        object.__setattr__(self, "options", tuple(m.options() for m in built))
+
+    @property
+    def stages(self) -> tuple[tuple[str, Keep, dict[str, Any]], ...]:
+        """``(method, keep, options)`` per stage, in order (one entry for a single method)."""
+        if isinstance(self.method, str):
+            return ((self.method, self.keep, dict(self.options)),)
+        return tuple(zip(self.method, self.keep, self.options, strict=True))
 
     @classmethod
-    def from_method(cls, method: PruningMethod, keep: Keep, scope: str | None = None) -> PruningConfig:
+    def from_method(
+        cls, method: PruningMethod | tuple[PruningMethod, ...], keep: Keep | tuple[Keep, ...],
+        scope: str | None = None,
+    ) -> PruningConfig:
+        if isinstance(method, tuple):
+            return cls(tuple(m.name for m in method), keep, tuple(m.options() for m in method), scope)
         return cls(method.name, keep, method.options(), scope)
 
-    def build_method(self) -> PruningMethod:
-        return make_method(self.method, **self.options)
+    def build_method(self) -> PruningMethod | tuple[PruningMethod, ...]:
+        """The method instance, or a tuple of instances for a stage list."""
+        if isinstance(self.method, str):
+            return make_method(self.method, **self.options)
+        return tuple(make_method(n, **o) for n, _, o in self.stages)
 
     def to_dict(self) -> dict[str, Any]:
-        data = {"method": self.method, "keep": self.keep, "options": dict(self.options)}
+        if isinstance(self.method, str):
+            data = {"method": self.method, "keep": self.keep, "options": dict(self.options)}
+        else:
+            data = {"method": list(self.method), "keep": list(self.keep), "options": [dict(o) for o in self.options]}
         if self.scope is not None:
             data["scope"] = self.scope
         return data
@@ -54,7 +96,14 @@ class PruningConfig:
             )
         if "method" not in data or "keep" not in data:
             raise ValueError(f"a PruningConfig needs 'method' and 'keep'; got keys {sorted(data)}")
-        return cls(data["method"], data["keep"], dict(data.get("options") or {}), data.get("scope"))
+        method, keep, options = data["method"], data["keep"], data.get("options") or {}
+        if isinstance(method, list):
+            method = tuple(method)
+            keep = tuple(keep) if isinstance(keep, list) else keep
+            options = tuple(dict(o) for o in options) if isinstance(options, list) else options
+        else:
+            options = dict(options)
+        return cls(method, keep, options, data.get("scope"))
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)

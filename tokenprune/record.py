@@ -58,6 +58,11 @@ class PruneRecord:
     images: tuple[ImageRecord, ...]
     seq_len_before: int               # padded prompt length given to the model
     seq_len_after: int                # padded prompt length after pruning (rows re-padded to the longest)
+    # Per decoder layer l of the LLM: prompt tokens (padding excluded, summed over the batch rows) entering layer l,
+    # and how many of them are visual tokens. Constant for vision-stage methods; after a decoder stage's first
+    # pruned layer they drop. What a FLOPs / KV-cache estimate needs (specs/methods_llm.md §13-14).
+    tokens_per_layer: tuple[int, ...] | None = None
+    visual_per_layer: tuple[int, ...] | None = None
 
     @property
     def n_visual(self) -> int:
@@ -67,11 +72,21 @@ class PruneRecord:
     def n_kept(self) -> int:
         return sum(im.n_kept for im in self.images)
 
+    @property
+    def average_visual(self) -> float | None:
+        """Layer-averaged visual tokens (the "192 tokens" of PDrop/SparseVLM-style budgets), or None."""
+        if not self.visual_per_layer:
+            return None
+        return sum(self.visual_per_layer) / len(self.visual_per_layer)
+
     def summary(self) -> str:
-        return (
+        text = (
             f"{self.method}: kept {self.n_kept}/{self.n_visual} visual tokens over {len(self.images)} image(s); "
             f"prompt length {self.seq_len_before} -> {self.seq_len_after}"
         )
+        if self.visual_per_layer and len(set(self.visual_per_layer)) > 1:
+            text += f"; visual tokens per layer {list(self.visual_per_layer)}"
+        return text
 
 
 def grid_boxes(grid: tuple[int, int] | None, n: int | None = None) -> torch.Tensor | None:

@@ -115,12 +115,13 @@ def _clip_vision(image_size: int, patch_size: int, hidden: int = 64, layers: int
     )
 
 
-def _text_config(tok, cls=None, **extra):
+def _text_config(tok, cls=None, text_layers: int = 2, **extra):
     from transformers import LlamaConfig
 
     cls = cls or LlamaConfig
     return cls(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=text_layers,
+        num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **extra,
     )
@@ -137,8 +138,9 @@ def _finish(model, tok, attn_implementation: str):
 NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
 
-def tiny_llava_next(attn_implementation: str = "sdpa", seed: int = 0):
-    """``(model, processor)``: a LLaVA-NeXT (AnyRes) model with random weights, real ``LlavaNextProcessor``.
+def tiny_llava_next(attn_implementation: str = "sdpa", seed: int = 0, text_layers: int = 2):
+    """``(model, processor)``: a LLaVA-NeXT (AnyRes) model with random weights, real ``LlavaNextProcessor``;
+    ``text_layers`` LLM decoder layers.
 
     16 base-tile tokens per image plus the unpadded high-resolution grid with one ``image_newline`` per row, e.g.
     a 40x70 image gives 16 + 4 x (8 + 1) = 52 image tokens.
@@ -152,7 +154,7 @@ def tiny_llava_next(attn_implementation: str = "sdpa", seed: int = 0):
 
     tok = make_tokenizer()
     config = LlavaNextConfig(
-        vision_config=_clip_vision(32, 8), text_config=_text_config(tok),
+        vision_config=_clip_vision(32, 8), text_config=_text_config(tok, text_layers=text_layers),
         image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=NEXT_PINPOINTS,
         image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default",
     )
@@ -219,8 +221,12 @@ class TinyQwenProcessor:
         return "".join(pieces)
 
 
-def tiny_qwen(version: str = "2", attn_implementation: str = "sdpa", seed: int = 0, max_pixels: int = 112 * 140):
-    """``(model, processor)``: a Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) model with random weights.
+def tiny_qwen(
+    version: str = "2", attn_implementation: str = "sdpa", seed: int = 0, max_pixels: int = 112 * 140,
+    text_layers: int = 2,
+):
+    """``(model, processor)``: a Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) model with random weights
+    (``text_layers`` LLM decoder layers).
 
     ViT patch 14, 2x2 merge (one LLM token per 28x28 pixels), dynamic resolution up to ``max_pixels``. The
     Qwen2.5-VL tower uses window attention (56 px windows = 2x2 merged tokens) in block 0 and full attention in
@@ -241,7 +247,7 @@ def tiny_qwen(version: str = "2", attn_implementation: str = "sdpa", seed: int =
         "vision_start_token_id": tok.convert_tokens_to_ids("<|vision_start|>"),
         "vision_end_token_id": tok.convert_tokens_to_ids("<|vision_end|>"),
     }
-    text = _text_config(tok).to_dict()
+    text = _text_config(tok, text_layers=text_layers).to_dict()
     text.update(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
     text = {k: v for k, v in text.items() if k not in ("model_type", "architectures", "transformers_version")}
     if version == "2":

@@ -9,6 +9,7 @@ from tokenprune.functional.attention import fastervlm, fopru
 from tokenprune.functional.baselines import random, uniform
 from tokenprune.functional.chunks import holov, holov_chunk_count
 from tokenprune.functional.coverage import mmtok
+from tokenprune.functional.decoder import fastv, layer_average, pdrop_counts, pdrop_ratio
 from tokenprune.functional.diversity import cosine_distance, divprune, kcenter
 from tokenprune.functional.dpp import cdpruner, instruction_relevance
 from tokenprune.functional.flow import flowcut_scores, flowcut_step
@@ -17,8 +18,8 @@ from tokenprune.functional.merging import contextual_merge, visiondrop, visionzi
 from tokenprune.functional.recovery import lof_outlier_fraction, recoverable
 
 __all__ = [
-    "cdpruner", "contextual_merge", "cosine_distance", "divprune", "fastervlm", "flowcut_scores", "flowcut_step",
-    "fopru", "hiprune",
+    "cdpruner", "contextual_merge", "cosine_distance", "divprune", "fastervlm", "fastv", "flowcut_scores",
+    "flowcut_step", "fopru", "hiprune", "layer_average", "pdrop_counts", "pdrop_ratio",
     "hiprune_anchor_count", "holov", "holov_chunk_count", "instruction_relevance", "kcenter", "lof_outlier_fraction",
     "mmtok", "random", "recoverable", "uniform", "visiondrop", "visionzip", "visionzip_with_assign",
 ]

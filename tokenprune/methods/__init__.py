@@ -24,24 +24,40 @@ from tokenprune.methods.base import (
 )
 from tokenprune.methods.baselines import RandomPrune, UniformPrune
 from tokenprune.methods.cdpruner import CDPruner
+from tokenprune.methods.decoder import DecoderMethod, RowSignals, StagePlan
 from tokenprune.methods.divprune import DivPrune
 from tokenprune.methods.fastervlm import FasterVLM
+from tokenprune.methods.fastv import FastV
 from tokenprune.methods.flowcut import FlowCut
 from tokenprune.methods.fopru import FoPru
 from tokenprune.methods.hiprune import HiPrune
 from tokenprune.methods.holov import HoloV
 from tokenprune.methods.kcenter import KCenter
 from tokenprune.methods.mmtok import MMTok
+from tokenprune.methods.pdrop import PyramidDrop
 from tokenprune.methods.recoverable import Recoverable
 from tokenprune.methods.visionzip import VisionDrop, VisionZip
 
 METHODS: dict[str, type[PruningMethod]] = {
     cls.name: cls
     for cls in (
-        CDPruner, DivPrune, FasterVLM, FlowCut, FoPru, HiPrune, HoloV, KCenter, MMTok, RandomPrune, Recoverable,
-        UniformPrune, VisionDrop, VisionZip,
+        CDPruner, DivPrune, FasterVLM, FastV, FlowCut, FoPru, HiPrune, HoloV, KCenter, MMTok, PyramidDrop,
+        RandomPrune, Recoverable, UniformPrune, VisionDrop, VisionZip,
     )
 }
+
+
+def split_stages(methods: tuple[PruningMethod, ...]) -> tuple[PruningMethod | None, PruningMethod | None]:
+    """``(vision, decoder)`` of a stage list: at most one of each, the vision stage first."""
+    stages = ["decoder" if m.stage == "decoder" else "vision" for m in methods]  # FlowCut: "vision-encoder"
+    if stages not in (["vision"], ["decoder"], ["vision", "decoder"]):
+        raise ValueError(
+            f"a method list is applied in order and may hold one vision-stage method followed by one decoder-stage "
+            f"method (e.g. ['divprune', 'fastv']); got {[f'{m.name} ({m.stage})' for m in methods]}"
+        )
+    vision = methods[0] if stages[0] == "vision" else None
+    decoder = methods[-1] if stages[-1] == "decoder" else None
+    return vision, decoder
 
 
 def make_method(method: str | PruningMethod, **options: Any) -> PruningMethod:
@@ -69,8 +85,8 @@ def make_method(method: str | PruningMethod, **options: Any) -> PruningMethod:
 
 __all__ = [
     "ATTENTION_MAP", "ATTENTION_RECEIVED", "CLS_ATTENTION", "CLS_ATTENTION_WIDE", "CLS_HIDDEN", "CLS_SIGNALS",
-    "FEATURES", "METHODS", "SIGNALS", "TEXT_EMBEDDINGS", "VISION_HIDDEN", "VISION_KEYS", "CDPruner", "DivPrune",
-    "FasterVLM", "FlowCut", "FoPru", "HiPrune", "HoloV", "KCenter", "MMTok", "PruningMethod", "RandomPrune",
-    "Recoverable", "Selection", "SelectionContext", "SignalRequest", "UniformPrune", "VisionDrop", "VisionZip",
-    "make_method",
+    "FEATURES", "METHODS", "SIGNALS", "TEXT_EMBEDDINGS", "VISION_HIDDEN", "VISION_KEYS", "CDPruner", "DecoderMethod",
+    "DivPrune", "FastV", "FasterVLM", "FlowCut", "FoPru", "HiPrune", "HoloV", "KCenter", "MMTok", "PruningMethod",
+    "PyramidDrop", "RandomPrune", "Recoverable", "RowSignals", "Selection", "SelectionContext", "SignalRequest",
+    "StagePlan", "UniformPrune", "VisionDrop", "VisionZip", "make_method", "split_stages",
 ]

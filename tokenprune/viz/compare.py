@@ -52,7 +52,7 @@ def runnable_methods(model: torch.nn.Module) -> list[str]:
     for name in list_methods():
         try:
             adapter(model, make_method(name), 1.0, None)  # validates method vs model; installs nothing
-        except (ValueError, NotImplementedError):  # unsupported on this family (e.g. flowcut off LLaVA-1.5)
+        except (ValueError, NotImplementedError):  # [CLS]-only on Qwen, decoder-stage methods, FlowCut off LLaVA
             continue
         names.append(name)
     return names

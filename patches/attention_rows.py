@@ -1,0 +1,64 @@
+"""Attention rows without attention weights (specs/methods_llm.md §1.2).
+
+The rows a decoder-stage method needs (the last prompt token, or the text rows) are recomputed for just those rows
+from the layer's INPUT hidden states: the layer's own ``input_layernorm``, ``q_proj``/``k_proj`` (with bias on
+Qwen), the same rotary cos/sin the layer receives (M-RoPE already recomposed by HF), GQA key repetition, the causal
+and padding masks, and a softmax in fp32 over ALL keys. The attention kernel is never asked for weights, so the
+selection is the same under ``eager``, ``sdpa`` and ``flash_attention_2``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, H, N, d_h]``, ``cos``/``sin`` ``[B, N, d_h]`` (what HF's ``apply_rotary_pos_emb`` does)."""
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+def layer_keys(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Post-RoPE keys ``[B, H_kv, N, d_h]`` the layer computes from its input ``hidden`` ``[B, N, D]``."""
+    attn = layer.self_attn
+    b, n, _ = hidden.shape
+    x = layer.input_layernorm(hidden)
+    k = attn.k_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)
+    return _rope(k, cos.expand(b, -1, -1), sin.expand(b, -1, -1))
+
+
+@torch.no_grad()
+def attention_rows(
+    layer: torch.nn.Module,
+    hidden: torch.Tensor,
+    rows: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    valid: torch.Tensor,
+) -> torch.Tensor:
+    """``[B, H, R, N]`` fp32 attention probabilities of query slots ``rows`` ``[B, R]`` over all ``N`` key slots.
+
+    ``hidden`` ``[B, N, D]`` is the layer's input; slots are in sequence order, so key ``j`` is visible to row ``i``
+    iff ``j <= i`` (causal) and ``valid[b, j]`` (padding). ``cos``/``sin`` ``[B or 1, N, d_h]``.
+    """
+    attn = layer.self_attn
+    b, n, _ = hidden.shape
+    cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+    x = layer.input_layernorm(hidden)
+    x_rows = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))  # [B, R, D]
+    r = rows.shape[1]
+    q = attn.q_proj(x_rows).view(b, r, -1, attn.head_dim).transpose(1, 2)  # [B, H, R, d_h]
+    gather = rows[..., None].expand(-1, -1, cos.shape[-1])
+    q = _rope(q, cos.gather(1, gather), sin.gather(1, gather))
+    k = attn.k_proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2)
+    k = _rope(k, cos, sin)  # [B, H_kv, N, d_h]
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA
+    scores = (q.float() @ k.float().transpose(-1, -2)) * float(attn.scaling)  # [B, H, R, N]
+    keys = torch.arange(n, device=hidden.device)
+    allowed = (keys[None, None, :] <= rows[..., None]) & valid[:, None, :].bool()  # [B, R, N]
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)

@@ -1,0 +1,288 @@
+"""The decoder loop of decoder-stage methods, for the Llama LM of LLaVA-1.5/LLaVA-NeXT and the Qwen2-VL/Qwen2.5-VL
+text model (specs/methods_llm.md §1).
+
+Installed on the instance as hooks, never on the class: a pre-hook on ``model.model`` (reads the prompt's
+``input_ids``), a pre-hook and a hook on ``model.model.language_model`` (start and finish of one LLM call) and a
+pre-hook on every decoder layer. HF's own loop still runs each layer exactly once; at the first pruned layer of a
+stage the layer's pre-hook gathers the kept slots of the hidden states and hands that layer and the later ones a
+rebuilt mask, the matching rotary cos/sin and no ``position_ids`` (gapped ids must not look like packed sequences
+to flash-attention). Layers from that point on therefore write a shorter KV cache (HF ``DynamicCache`` keeps one
+length per layer); layer 0 always holds the whole prompt, so HF's own position and mask logic, which reads
+``get_seq_length()`` of layer 0, stays right for the unpruned layers.
+
+Three kinds of call:
+
+* ``select`` -- a prefill: scores (``attention_rows``), selection, records; the selection is kept for later calls.
+* ``decode`` -- a call on the cache the selection wrote (``generate`` steps or a manual loop): no gathering; for
+  each stage the 2-D attention mask's prompt columns are gathered by the stage's index (per-layer padding masks),
+  the new tokens appended. KEEP: HF's positions (original numbering) are used as they are; REINDEX: each stage
+  shifts them by the prompt tokens removed before it (per row).
+* ``replay`` -- a ``use_cache=False`` step of ``generate``: the whole sequence again; the prompt is pruned with the
+  stored selection (never re-selected with a newer last token), so cached and uncached generation agree.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tokenprune.patches.decoder_select import Stage, gather, select_stage
+
+from tokenprune.budget import Keep
+from tokenprune.methods.decoder import DecoderMethod, StagePlan
+
+
+@dataclass
+class Selection:
+    ids: torch.Tensor       # [B, n] prompt ids the selection was made on
+    stages: list[Stage]
+    cache: Any = None       # weakref to the KV cache the prefill wrote
+
+
+@dataclass
+class LayerRecord:
+    """What one ``select`` call did (the adapter turns it into ``handle.last``)."""
+
+    images: list[tuple[int, int, int, torch.Tensor]]  # (row, index_in_row, n, kept local indices)
+    tokens_per_layer: tuple[int, ...]
+    visual_per_layer: tuple[int, ...]
+    seq_len_before: int
+    seq_len_after: int
+
+
+@dataclass
+class _Call:
+    mode: str
+    q: int
+    n: int
+    mask2d: torch.Tensor            # [B, past + q] bool, layer-0 key coordinates
+    pos: torch.Tensor | None        # [B, q] position ids of the call (REINDEX only)
+    sel: Selection
+    image_of: torch.Tensor | None = None   # [B, n] image number of each prompt token within its row, -1 text
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+    index: torch.Tensor | None = None      # current layout (select)
+    valid: torch.Tensor | None = None
+    removed: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+    override: dict[str, Any] | None = None
+    inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    counts: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+class DecoderLoop:
+    """Runs one :class:`~tokenprune.methods.decoder.DecoderMethod` inside a model's language model."""
+
+    def __init__(
+        self, model: torch.nn.Module, method: DecoderMethod, keep: Keep, visual_ids: tuple[int, ...],
+        on_record: Callable[[LayerRecord], None], force_keep_positions: bool = False,
+    ):
+        self.model, self.method, self.keep = model, method, keep
+        self.lm = model.model.language_model
+        self.layers = self.lm.layers
+        self.n_layers = len(self.layers)
+        self.plan: tuple[StagePlan, ...] = method.check_layers(self.n_layers)
+        self.visual_ids = visual_ids
+        self.reindex = method.positions == "reindex" and not force_keep_positions
+        self.on_record = on_record
+        self.frozen = 0  # > 0 inside generate: a use_cache=False step replays the prefill's selection
+        self.selection: Selection | None = None
+        self._ids: torch.Tensor | None = None
+        self._call: _Call | None = None
+        self._hooks: list[Any] = []
+
+    # --- installation -------------------------------------------------------------------------------------------
+    def install(self) -> None:
+        self._hooks.append(self.model.model.register_forward_pre_hook(self._model_pre, with_kwargs=True))
+        self._hooks.append(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+        self._hooks.append(self.lm.register_forward_hook(self._lm_post, always_call=True))
+        for i, layer in enumerate(self.layers):
+            self._hooks.append(layer.register_forward_pre_hook(self._layer_pre(i), with_kwargs=True))
+
+    def uninstall(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self.selection, self._call, self._ids = None, None, None
+
+    # --- call start / end ---------------------------------------------------------------------------------------
+    def _model_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._ids = ids if isinstance(ids, torch.Tensor) else None
+
+    def _lm_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        ids, self._ids, self._call = self._ids, None, None
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            return
+        batch, q = embeds.shape[:2]
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim != 2):
+            if past == 0 and ids is not None and not self._has_visual(ids):
+                return
+            raise ValueError(
+                f"decoder-stage pruning ({self.method.name}) needs a 2-D attention mask (or None); got "
+                f"{type(mask).__name__} {getattr(mask, 'shape', '')}"
+            )
+        mask2d = (mask.bool() if mask is not None
+                  else torch.ones(batch, past + q, dtype=torch.bool, device=embeds.device))
+        pos = self._call_positions(kwargs.get("position_ids"), batch, q, past, embeds.device) if self.reindex else None
+        sel = self.selection
+        if past > 0:
+            if sel is None or not sel.stages or sel.cache is None or sel.cache() is not cache:
+                return
+            self._call = _Call("decode", q, sel.ids.shape[1], mask2d, pos, sel)
+            return
+        if ids is None:
+            return
+        use_cache = kwargs.get("use_cache")
+        use_cache = self.lm.config.use_cache if use_cache is None else use_cache
+        if (self.frozen and cache is None and not use_cache and sel is not None and sel.ids.shape[0] == batch
+                and q >= sel.ids.shape[1]
+                and torch.equal(ids[:, : sel.ids.shape[1]], sel.ids)):
+            if sel.stages:
+                self._call = _Call("replay", q, sel.ids.shape[1], mask2d, pos, sel)
+            return
+        if not self._has_visual(ids):
+            return
+        sel = Selection(ids.clone(), [])
+        self.selection = sel
+        call = _Call("select", q, q, mask2d, pos, sel, image_of=self._image_of(ids))
+        call.index = torch.arange(q, device=ids.device).expand(batch, -1)
+        call.valid = mask2d[:, :q].clone()
+        call.removed = torch.zeros_like(call.index)
+        call.shift = torch.zeros(batch, dtype=torch.long, device=ids.device)
+        self._call = call
+
+    def _lm_post(self, module: Any, args: tuple, output: Any) -> None:
+        call, self._call = self._call, None
+        if call is None or call.mode != "select" or not call.counts:
+            return
+        tokens = tuple(int(c.sum()) for c, _ in call.counts)
+        visual = tuple(int(v.sum()) for _, v in call.counts)
+        self.on_record(LayerRecord(self._images(call), tokens, visual, call.n, int(call.index.shape[1])))
+
+    # --- per layer ----------------------------------------------------------------------------------------------
+    def _layer_pre(self, i: int) -> Callable:
+        def hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            call = self._call
+            if call is None:
+                return None
+            if args:
+                h, rest = args[0], args[1:]
+            else:
+                h, rest = kwargs.pop("hidden_states"), ()
+            if call.cos_sin is None:  # first layer: HF's (unpruned) rotary tables and the call's cache
+                call.cos_sin = kwargs["position_embeddings"]
+                cache = kwargs.get("past_key_values")
+                if call.mode == "select":
+                    call.sel.cache = weakref.ref(cache) if cache is not None else None
+            if call.override:
+                kwargs.update(call.override)
+            if call.mode == "select":
+                h = self._select_at(i, h, kwargs, call)
+            else:
+                stage = next((s for s in call.sel.stages if s.layer == i), None)
+                if stage is not None:
+                    if call.mode == "replay":
+                        t = call.q - call.n
+                        extra = torch.arange(stage.prev_len, stage.prev_len + t, device=h.device)
+                        h = gather(h, torch.cat([stage.slots, extra.expand(h.shape[0], -1)], dim=1))
+                    call.override = self._override(stage, call, h)
+                    kwargs.update(call.override)
+            return (h, *rest), kwargs
+
+        return hook
+
+    def _select_at(self, i: int, h: torch.Tensor, kwargs: dict, call: _Call) -> torch.Tensor:
+        if any(p.score_layer == i for p in self.plan):
+            cos, sin = kwargs["position_embeddings"]
+            call.inputs[i] = (h, cos, sin)
+        s = next((j for j, p in enumerate(self.plan) if p.layer == i), None)
+        if s is not None:
+            stage = select_stage(self, s, h, call)
+            if stage is not None:
+                call.sel.stages.append(stage)
+                h = gather(h, stage.slots)
+                call.index, call.valid, call.removed, call.shift = stage.index, stage.valid, stage.removed, stage.shift
+                call.override = self._override(stage, call, h)
+                kwargs.update(call.override)
+        visual = call.valid & (call.image_of.gather(1, call.index) >= 0)
+        call.counts.append((call.valid.sum(1), visual.sum(1)))
+        return h
+
+    def _override(self, stage: Stage, call: _Call, h: torch.Tensor) -> dict[str, Any]:
+        """Mask, rotary cos/sin and position ids of the layers from ``stage.layer`` on, for this call."""
+        n, batch = call.n, h.shape[0]
+        prompt_valid = stage.valid & call.mask2d[:, :n].gather(1, stage.index)
+        kv_valid = torch.cat([prompt_valid, call.mask2d[:, n:]], dim=1)
+        q = call.q if call.mode == "decode" else kv_valid.shape[1]
+        cos, sin = call.cos_sin
+        t = 0 if call.mode == "decode" else call.q - call.n  # replay: generated tokens after the prompt
+        index = torch.cat([stage.index, torch.arange(n, n + t, device=h.device).expand(batch, -1)], dim=1)
+        if self.reindex:
+            if call.mode == "decode":
+                pos = call.pos - stage.shift[:, None]
+            else:
+                removed = torch.cat([stage.removed, stage.shift[:, None].expand(-1, t)], dim=1)
+                pos = call.pos.gather(1, index) - removed
+            emb = self.lm.rotary_emb(h, pos)
+        elif call.mode == "decode":
+            emb = (cos, sin)
+        else:
+            emb = tuple(gather(x.expand(batch, -1, -1), index) for x in (cos, sin))
+        mask = build_mask(self.lm.config._attn_implementation, kv_valid, q, h.dtype)
+        return {"attention_mask": mask, "position_embeddings": emb, "position_ids": None}
+
+    # --- bookkeeping --------------------------------------------------------------------------------------------
+    def _has_visual(self, ids: torch.Tensor) -> bool:
+        return bool(torch.isin(ids, torch.tensor(self.visual_ids, device=ids.device)).any())
+
+    def _image_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """Image number of each token within its row (a contiguous run of visual placeholders), -1 for text."""
+        visual = torch.isin(ids, torch.tensor(self.visual_ids, device=ids.device))
+        starts = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]
+        number = starts.long().cumsum(1) - 1
+        return number.masked_fill(~visual, -1)
+
+    def _images(self, call: _Call) -> list[tuple[int, int, int, torch.Tensor]]:
+        out = []
+        for b in range(call.image_of.shape[0]):
+            of = call.image_of[b]
+            final = call.index[b][call.valid[b]]
+            for m in range(int(of.max()) + 1):
+                members = (of == m).nonzero().squeeze(1)
+                kept = torch.isin(members, final).nonzero().squeeze(1)
+                out.append((b, m, int(members.numel()), kept.cpu()))
+        return out
+
+    @staticmethod
+    def _call_positions(given: Any, batch: int, q: int, past: int, device: torch.device) -> torch.Tensor:
+        if given is None:
+            return (torch.arange(q, device=device) + past).expand(batch, -1)
+        if given.ndim == 3:  # Qwen rows; REINDEX never runs there, kept for completeness
+            given = given[0]
+        return given.expand(batch, -1)
+
+
+def build_mask(impl: str, kv_valid: torch.Tensor, q: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The attention mask for ``q`` queries that are the last ``q`` of ``kv_valid.shape[1]`` keys (causal + padding),
+    in the form the kernel takes: flash -- 2-D 0/1 (None without padding); eager -- additive float; others (sdpa)
+    -- boolean ``[B, 1, q, kv]``. Query rows with no visible key (padding) see every key: no NaN, never read."""
+    if "flash" in impl:
+        return None if bool(kv_valid.all()) else kv_valid.long()
+    kv = kv_valid.shape[1]
+    keys = torch.arange(kv, device=kv_valid.device)
+    causal = keys[None, :] <= (keys[kv - q:])[:, None]                    # [q, kv]
+    allowed = causal[None] & kv_valid[:, None, :]                          # [B, q, kv]
+    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    allowed = allowed[:, None]
+    if impl == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=kv_valid.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+    return allowed

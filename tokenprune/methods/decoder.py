@@ -1,0 +1,88 @@
+"""The decoder-stage contract: methods that prune visual tokens between the LLM's decoder layers.
+
+A decoder method says WHERE it prunes (:meth:`DecoderMethod.plan`: the first pruned layer of each stage and the
+layer whose input its scores come from), HOW MANY visual tokens of each image survive each stage
+(:meth:`DecoderMethod.counts`, the paper's budget convention) and WHICH (:meth:`DecoderMethod.select_stage`, from
+the per-row signals the adapter's decoder loop computes lazily: :class:`RowSignals`). The loop
+(``patches/decoder.py``) does the rest: gathering, positions (``positions``: ``"keep"`` or ``"reindex"``; Qwen is
+always KEEP), masks, KV cache and decode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+import torch
+
+from tokenprune.budget import Keep
+from tokenprune.functional._ranking import top_k_indices
+from tokenprune.methods.base import PruningMethod
+
+POSITIONS = ("keep", "reindex")
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One pruning point. ``layer``: first decoder layer (0-based) that receives the reduced sequence;
+    ``score_layer``: the layer whose INPUT hidden states (and weights) give the scores, ``<= layer``."""
+
+    layer: int
+    score_layer: int
+
+
+class RowSignals(Protocol):
+    """What a decoder method may look at for one batch row at one stage. Slots index the row's CURRENT sequence
+    (padding included, ``valid`` False there); every attention is recomputed for just the rows asked for
+    (``patches/attention_rows.py``): softmax in fp32 over all keys, causal and padding masked."""
+
+    valid: torch.Tensor   # [N] bool
+    last: int             # slot of the last prompt token
+    hidden: torch.Tensor  # [N, D] input of the pruning layer (output of layer ``plan.layer - 1``)
+
+    def attention(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``[H, R, N]`` attention of the score layer for query slots ``rows`` (default: the last prompt token)."""
+        ...
+
+    def text_after(self) -> torch.Tensor:
+        """Slots of the valid non-visual tokens after the row's last visual token (question + template)."""
+        ...
+
+
+@dataclass
+class DecoderMethod(PruningMethod):
+    """Base of the decoder-stage methods."""
+
+    stage: ClassVar[str] = "decoder"
+    positions: ClassVar[str] = "keep"
+
+    def plan(self, n_layers: int) -> tuple[StagePlan, ...]:
+        raise NotImplementedError
+
+    def check_layers(self, n_layers: int) -> tuple[StagePlan, ...]:
+        """The plan, validated against the model's depth (a clear error instead of a silent no-op)."""
+        plan = self.plan(n_layers)
+        last = -1
+        for p in plan:
+            if not (0 <= p.score_layer <= p.layer < n_layers and p.layer >= 1) or p.layer <= last:
+                scored = [p.score_layer for p in plan]
+                raise ValueError(
+                    f"{self.name}: pruning layers {[p.layer for p in plan]} (scored at {scored}) do not fit a "
+                    f"{n_layers}-layer language model; choose increasing layers in 1..{n_layers - 1}"
+                )
+            last = p.layer
+        return plan
+
+    def counts(self, n: int, keep: Keep, n_layers: int) -> list[int]:
+        """Kept visual tokens of one image (``n`` entering the LLM) after each stage of the plan."""
+        raise NotImplementedError
+
+    def scores(self, stage: int, row: RowSignals) -> torch.Tensor:
+        """``[N]`` importance of every slot of the row (only visual slots are read)."""
+        raise NotImplementedError
+
+    def select_stage(self, stage: int, row: RowSignals, images: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+        """Per image ``(visual slots [n_i], k_i)``: kept positions among those slots (sorted, ``torch.long``).
+        Default: top-``k_i`` of :meth:`scores` within each image, ties to the lowest index."""
+        scores = self.scores(stage, row)
+        return [top_k_indices(scores[slots], k) for slots, k in images]
