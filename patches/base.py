@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from tokenprune import flops_budget
 from tokenprune.budget import kept_count
 from tokenprune.methods import PruningMethod
 from tokenprune.record import PruneRecord
@@ -79,10 +80,18 @@ class VisionStageAdapter:
     def kept_counts(self, sizes: list[int], kwargs: dict[str, Any]) -> list[int]:
         """The budget of each selection unit (image, crop or frame) of one call, in prompt order.
 
-        The one place adapters turn ``keep`` into counts (:func:`tokenprune.budget.kept_count` per unit); budgets
-        that depend on the whole call (a FLOPs target) hook in here.
+        The one place adapters turn the budget into counts: ``keep`` per unit (:func:`tokenprune.budget.kept_count`),
+        or a FLOPs target (``enable_pruning(..., flops=f)``) solved per prompt row over the whole call
+        (:func:`tokenprune.flops_budget.solve_counts`).
         """
+        flops = getattr(getattr(self.handle, "config", None), "flops", None)
+        if flops is not None:
+            return flops_budget.solve_counts(flops, sizes, kwargs, self.model.config, self.method)
         return [kept_count(self.keep, n) for n in sizes]
+
+    def finish_record(self, call: PrunedCall, kwargs: dict[str, Any]) -> PruneRecord:
+        """The record ``handle.last`` gets: the adapter's, plus the prefill FLOPs estimate if it has none."""
+        return flops_budget.with_estimate(call.record, kwargs, call.kwargs, self.model.config, self.method)
 
     # --- installation -------------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -122,7 +131,7 @@ class VisionStageAdapter:
         if call is None:
             return inner(**self._translate_decode_mask(kwargs))
         self._decode_map = (call.kwargs.get("attention_mask"), call.record.seq_len_before)
-        self.handle._record(call.record)
+        self.handle._record(self.finish_record(call, kwargs))
         return inner(**call.kwargs)
 
     def _generate(self, inner: Any, *args: Any, **kwargs: Any) -> Any:
@@ -135,7 +144,7 @@ class VisionStageAdapter:
         call = self.prune(kwargs)
         if call is None:
             return self._run_generate(inner, **kwargs)
-        self.handle._record(call.record)
+        self.handle._record(self.finish_record(call, kwargs))
         out = self._run_generate(inner, **call.kwargs)
         return _with_original_prompt(out, kwargs["input_ids"], call.kwargs["input_ids"].shape[1])
 

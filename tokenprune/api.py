@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from tokenprune.budget import Keep, validate_keep
+from tokenprune.budget import Keep, validate_budget
 from tokenprune.config import PruningConfig
 from tokenprune.methods import METHODS, PruningMethod, make_method
 from tokenprune.record import PruneRecord
@@ -41,7 +41,7 @@ class PruningHandle:
 
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
-        return f"PruningHandle({self.method.describe()}, keep={self.config.keep!r}, {state})"
+        return f"PruningHandle({self.method.describe()}, {self.config.budget}, {state})"
 
 
 def _adapter_class(model: torch.nn.Module) -> type:
@@ -60,25 +60,32 @@ def enable_pruning(
     model: torch.nn.Module,
     method: str | PruningMethod | PruningConfig,
     keep: Keep | None = None,
+    *,
+    flops: float | None = None,
     **options: Any,
 ) -> PruningHandle:
     """Prune the visual tokens of every later ``model.generate``/``model(...)`` call with images.
 
     ``method`` is a name from :func:`list_methods`, a method instance or a :class:`PruningConfig`; ``keep`` a ratio
-    in (0, 1] or an int token count per image; ``options`` the method's hyper-parameters. Calling it again on the
-    same model replaces the previous pruning (with a warning). Returns a :class:`PruningHandle`.
+    in (0, 1] or an int token count per image, or instead ``flops`` a fraction in (0, 1] of the unpruned LLM
+    prefill FLOPs (the counts are solved per prompt; ``handle.last`` reports the estimate); ``options`` the
+    method's hyper-parameters. Calling it again on the same model replaces the previous pruning (with a warning).
+    Returns a :class:`PruningHandle`.
     """
     if isinstance(method, PruningConfig):
-        if keep is not None or options:
-            raise TypeError("pass either a PruningConfig or method/keep/options, not both")
+        if keep is not None or flops is not None or options:
+            raise TypeError("pass either a PruningConfig or method/keep/flops/options, not both")
         config = method
         instance = config.build_method()
     else:
-        if keep is None:
-            raise TypeError("enable_pruning needs keep=: a ratio in (0, 1] (e.g. keep=0.11) or a token count (keep=64)")
-        validate_keep(keep)
+        if keep is None and flops is None:
+            raise TypeError(
+                "enable_pruning needs keep= (a ratio in (0, 1] such as keep=0.11, or a token count such as keep=64) "
+                "or flops= (a fraction of the unpruned LLM prefill FLOPs, such as flops=0.25)"
+            )
+        validate_budget(keep, flops)
         instance = make_method(method, **options)
-        config = PruningConfig.from_method(instance, keep)
+        config = PruningConfig.from_method(instance, keep, flops)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"enable_pruning expects a transformers model (torch.nn.Module); got {type(model).__name__}")
     adapter_cls = _adapter_class(model)
@@ -88,8 +95,8 @@ def enable_pruning(
     adapter = adapter_cls(model, instance, config.keep, handle)  # validates method vs model before touching it
     if previous is not None:
         warnings.warn(
-            f"pruning was already enabled on this model ({previous.method.describe()}, keep={previous.config.keep!r});"
-            f" replacing it with {instance.describe()}, keep={config.keep!r}",
+            f"pruning was already enabled on this model ({previous.method.describe()}, {previous.config.budget});"
+            f" replacing it with {instance.describe()}, {config.budget}",
             UserWarning,
             stacklevel=2,
         )
@@ -121,13 +128,14 @@ def get_handle(model: torch.nn.Module) -> PruningHandle | None:
 
 @contextlib.contextmanager
 def pruning(
-    model: torch.nn.Module, method: str | PruningMethod | PruningConfig, keep: Keep | None = None, **options: Any
+    model: torch.nn.Module, method: str | PruningMethod | PruningConfig, keep: Keep | None = None, *,
+    flops: float | None = None, **options: Any,
 ) -> Iterator[PruningHandle]:
     """Context manager: pruning inside the block; on exit the model is restored (including an earlier pruning)."""
     previous = get_handle(model)
     if previous is not None:
         disable_pruning(model)
-    handle = enable_pruning(model, method, keep, **options)
+    handle = enable_pruning(model, method, keep, flops=flops, **options)
     try:
         yield handle
     finally:
