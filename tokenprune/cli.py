@@ -47,12 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     methods = sub.add_parser("methods", help="list the available pruning methods",
                              description="List the pruning methods with their paper, stage and needed signals.")
     methods.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    from tokenprune.bench.cli import add_commands
+
+    add_commands(sub)  # flops, bench, bench-selection
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is not None:
+        return args.handler(args)
     if args.command == "demo":
         from tokenprune.demo import run
         from tokenprune.methods import make_method
