@@ -24,6 +24,13 @@ REQUIRED = ("method", "keep", "visual_tokens", "kept_tokens", "tflops_unpruned",
             "peak_mem_unpruned", "peak_mem_pruned", "kv_bytes_unpruned", "kv_bytes_pruned")
 
 
+@pytest.mark.parametrize("command", ["flops", "bench", "bench-selection"])
+def test_commands_have_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0 and f"usage: tokenprune {command}" in capsys.readouterr().out
+
+
 def test_flops_command_json_and_line(capsys):
     argv = ["flops", "--model", "llava-1.5-7b", "--tokens-per-layer", "576x2,288x30", "--formula", "pdrop"]
     assert main([*argv, "--json"]) == 0
@@ -144,3 +151,30 @@ def test_selection_micro_benchmark_covers_every_method():
     layer = selection.layer_ms(8, torch.float32, selection.Timer(torch.device("cpu")), 0, 1, hidden=64,
                                intermediate=128, heads=4)
     assert len(layer) == 1 and layer[0] > 0
+
+
+def test_selection_micro_benchmark_reports_methods_it_cannot_run(monkeypatch):
+    from dataclasses import dataclass
+
+    from tokenprune.methods import METHODS, PruningMethod
+
+    @dataclass
+    class NeedsAudio(PruningMethod):
+        name = "needsaudio"
+        paper = "test"
+        needs = frozenset({"audio"})
+
+    @dataclass
+    class Broken(PruningMethod):
+        name = "broken"
+        paper = "test"
+
+        def select(self, ctx):
+            raise NotImplementedError("not yet")
+
+    monkeypatch.setitem(METHODS, "needsaudio", NeedsAudio)
+    monkeypatch.setitem(METHODS, "broken", Broken)
+    rows = selection.run(sizes=(16,), d=8, repeats=1, warmup=0, layer=False, progress=False,
+                         methods=["needsaudio", "broken", "random"])
+    assert [r.get("skipped") for r in rows] == [
+        "no synthetic generator for signal 'audio'", "NotImplementedError: not yet", None]

@@ -47,6 +47,9 @@ def rows_of_units(
         real = torch.ones_like(input_ids, dtype=torch.bool)
     ids = torch.tensor(visual_ids, device=input_ids.device)
     per_row = (torch.isin(input_ids, ids) & real).sum(dim=1).tolist()
+    if sizes and not sum(per_row):
+        raise ValueError(f"flops= budgets need the visual placeholders in input_ids (token ids {visual_ids}); none "
+                         "were found")
     lengths = real.sum(dim=1).tolist()
     bounds = [sum(per_row[: r + 1]) for r in range(len(per_row))]
     rows: list[list[int]] = [[] for _ in per_row]

@@ -64,7 +64,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--flops", type=_csv(float), default=None, help="comma list of FLOPs targets, e.g. 0.25,0.5")
     bench.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default 5)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
-    bench.add_argument("--decode-tokens", type=int, default=8, help="tokens generated to time decoding (default 8)")
+    bench.add_argument("--decode-tokens", type=int, default=8,
+                       help="tokens generated to time TTFT and decoding; 0 skips (default 8)")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     bench.add_argument("--json", nargs="?", const="-", default=None, help="write JSON to PATH (or stdout without PATH)")
     bench.add_argument("--csv", nargs="?", const="-", default=None, help="write CSV to PATH (or stdout without PATH)")

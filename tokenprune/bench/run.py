@@ -10,7 +10,7 @@ physical limit, for one model and a sweep of methods x budgets.
   ``prefill_ms_pruned / prefill_ms_limit`` is the plugin's overhead.
 * **ttft** and **decode**: one ``generate(max_new_tokens=T, min_new_tokens=T)`` per repeat with a logits
   processor that stamps every step: the first gap is the time to first token, the median of the later gaps the
-  decode time per token (against the pruned KV cache when pruned).
+  decode time per token (against the pruned KV cache when pruned). ``decode_tokens=0`` skips them.
 * **peak memory**: one prefill, CUDA peak allocation or peak RSS above the baseline (see ``measure``).
 * **KV bytes**: measured on the cache a prefill returns, next to ``flops.kv_bytes`` for the padded prompt.
 
@@ -72,6 +72,8 @@ def generation_steps(model: torch.nn.Module, inputs: dict[str, Any], tokens: int
 
 
 def _generation(model, inputs, tokens, device, warmup, repeats) -> tuple[list[float], list[float]]:
+    if tokens < 1:
+        return [], []  # decode_tokens=0: no generation measured
     for _ in range(warmup):
         generation_steps(model, inputs, tokens, device)
     ttft, decode = [], []
@@ -159,8 +161,8 @@ def run(bm: BenchModel, budgets: Iterable[Budget], *, repeats: int = 5, warmup: 
     """Measure the unpruned model once, then every budget; one flat dict per budget (see ``report.COLUMNS``)."""
     from tqdm.auto import tqdm
 
-    if repeats < 1 or warmup < 0 or decode_tokens < 1:
-        raise ValueError(f"need repeats >= 1, warmup >= 0, decode_tokens >= 1; got {repeats}, {warmup}, "
+    if repeats < 1 or warmup < 0 or decode_tokens < 0:
+        raise ValueError(f"need repeats >= 1, warmup >= 0, decode_tokens >= 0; got {repeats}, {warmup}, "
                          f"{decode_tokens}")
     budgets = list(budgets)
     context = {

@@ -18,7 +18,7 @@ import torch
 from tokenprune.bench.measure import Timer
 from tokenprune.bench.references import REFERENCES
 from tokenprune.flops import layer_flops, preset
-from tokenprune.methods import CLS_ATTENTION, FEATURES, METHODS, SelectionContext
+from tokenprune.methods import METHODS, SelectionContext
 
 
 def _softmax_rows(heads: int, n: int, g: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -26,14 +26,18 @@ def _softmax_rows(heads: int, n: int, g: torch.Generator, dtype: torch.dtype) ->
     return torch.softmax(logits, dim=-1)[:, 1:].to(dtype)
 
 
-# signal name -> (n, d, generator, dtype) -> tensor of the shape an adapter hands the method
+# signal name -> (n, d, generator, dtype) -> a tensor of the shape an adapter hands the method (names and shapes of
+# ``tokenprune.methods.base``; CLIP ViT-L/14 tower: 16 heads x 64, width 1024; M = 32 text tokens)
 SYNTHETIC: dict[str, Callable[[int, int, torch.Generator, torch.dtype], torch.Tensor]] = {
-    FEATURES: lambda n, d, g, dt: torch.randn(n, d, generator=g).to(dt),                # [N, D]
-    CLS_ATTENTION: lambda n, d, g, dt: _softmax_rows(16, n, g, dt),                      # [H=16 (CLIP-L), N]
-    "text_embeddings": lambda n, d, g, dt: torch.randn(32, d, generator=g).to(dt),       # [M=32, D]
-    "relevance": lambda n, d, g, dt: torch.randn(n, generator=g).to(dt),                 # [N]
-    "vision_hidden": lambda n, d, g, dt: torch.randn(n, 1024, generator=g).to(dt),       # [N, 1024] CLIP-L
-    "keys": lambda n, d, g, dt: torch.randn(n, 1024, generator=g).to(dt),                # [N, 1024] CLIP-L
+    "features": lambda n, d, g, dt: torch.randn(n, d, generator=g).to(dt),                    # [N, D]
+    "cls_attention": lambda n, d, g, dt: _softmax_rows(16, n, g, dt),                         # [H, N]
+    "attention_received": lambda n, d, g, dt: _softmax_rows(1, n, g, dt)[0],                  # [N]
+    "attention_map": lambda n, d, g, dt: _softmax_rows(n, n, g, dt),                          # [N, N]
+    "vision_hidden": lambda n, d, g, dt: torch.randn(n, 1024, generator=g).to(dt),            # [N, Dv]
+    "cls_hidden": lambda n, d, g, dt: torch.randn(1024, generator=g).to(dt),                  # [Dv]
+    "vision_keys": lambda n, d, g, dt: torch.randn(16, n, 64, generator=g).to(dt),            # [H, N, d_h]
+    "cls_attention_wide": lambda n, d, g, dt: _softmax_rows(1, n, g, dt)[0],                  # [N]
+    "text_embeddings": lambda n, d, g, dt: torch.randn(32, d, generator=g).to(dt),            # [M, D]
 }
 
 
@@ -108,11 +112,15 @@ def run(sizes: tuple[int, ...] = (576, 2880), d: int = 4096, keep_per_576: int =
             row: dict[str, Any] = {"method": name, "n": n, "d": d, "k": k, "dtype": dtype, "stage": method.stage}
             try:
                 ctx = synthetic_context(method, n, d, k, torch_dtype)
+                runs = _time(lambda m=method, c=ctx: m.select(c), timer, warmup, repeats)
             except KeyError as missing:
                 rows.append({**row, "skipped": f"no synthetic generator for signal {missing}"})
                 bar.update()
                 continue
-            runs = _time(lambda m=method, c=ctx: m.select(c), timer, warmup, repeats)
+            except Exception as err:  # a method that cannot run here (e.g. needs the encoder loop) is reported
+                rows.append({**row, "skipped": f"{type(err).__name__}: {str(err)[:60]}"})
+                bar.update()
+                continue
             row.update(ms=statistics.median(runs), ms_min=min(runs), ms_max=max(runs))
             if name in REFERENCES:
                 out = method.select(ctx)
