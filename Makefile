@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint clean eval-env eval-test
+.PHONY: install demo test lint bench clean eval-env eval-test
 
 install: $(STAMP)
 
@@ -29,6 +29,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+# The CPU benchmark runs behind benchmarks/results/ (about 40 minutes on 2 cores; see benchmarks/README.md).
+bench: $(STAMP)
+	nice $(PY) benchmarks/run.py benchmarks/overhead_llava15_7b_eighth.json benchmarks/overhead_llava15_7b_fullvision.json
+	nice $(PY) benchmarks/selection_cost.py
+	nice $(PY) benchmarks/run.py benchmarks/sweep_llava15_7b_eighth.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

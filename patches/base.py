@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from tokenprune.patches.decoder import DecoderLoop, LayerRecord
 
+from tokenprune import flops_budget
 from tokenprune.budget import Keep, kept_count
 from tokenprune.methods import PruningMethod
 from tokenprune.record import ImageRecord, PruneRecord
@@ -118,10 +119,18 @@ class VisionStageAdapter:
     def kept_counts(self, sizes: list[int], kwargs: dict[str, Any]) -> list[int]:
         """The budget of each selection unit (image, crop or frame) of one call, in prompt order.
 
-        The one place adapters turn ``keep`` into counts (:func:`tokenprune.budget.kept_count` per unit); budgets
-        that depend on the whole call (a FLOPs target) hook in here.
+        The one place adapters turn the budget into counts: ``keep`` per unit (:func:`tokenprune.budget.kept_count`),
+        or a FLOPs target (``enable_pruning(..., flops=f)``) solved per prompt row over the whole call
+        (:func:`tokenprune.flops_budget.solve_counts`).
         """
+        flops = getattr(getattr(self.handle, "config", None), "flops", None)
+        if flops is not None:
+            return flops_budget.solve_counts(flops, sizes, kwargs, self.model.config, self.method)
         return [kept_count(self.keep, n) for n in sizes]
+
+    def finish_record(self, call: PrunedCall, kwargs: dict[str, Any]) -> PruneRecord:
+        """The record ``handle.last`` gets: the adapter's, plus the prefill FLOPs estimate if it has none."""
+        return flops_budget.with_estimate(call.record, kwargs, call.kwargs, self.model.config, self.method)
 
     # --- installation -------------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -165,7 +174,7 @@ class VisionStageAdapter:
         if call is None:
             return inner(**self._translate_decode_mask(kwargs))
         self._decode_map = (call.kwargs.get("attention_mask"), call.record.seq_len_before)
-        self._vision_record(call)
+        self._vision_record(call, kwargs)
         try:
             return inner(**call.kwargs)
         finally:
@@ -181,7 +190,7 @@ class VisionStageAdapter:
         call = self.prune(kwargs) if self.method is not None else None
         if call is None:
             return self._run_generate(inner, **kwargs)
-        self._vision_record(call)
+        self._vision_record(call, kwargs)
         try:
             out = self._run_generate(inner, **call.kwargs)
         finally:
@@ -201,15 +210,16 @@ class VisionStageAdapter:
                 self.decoder.frozen -= 1
 
     # --- records ------------------------------------------------------------------------------------------------
-    def _vision_record(self, call: PrunedCall) -> None:
-        """Record a vision-stage prefill (per-layer counts: the pruned prompt in every layer); a decoder stage of the
-        same call refines it when the language model has run."""
+    def _vision_record(self, call: PrunedCall, kwargs: dict[str, Any]) -> None:
+        """Record a vision-stage prefill (per-layer counts: the pruned prompt in every layer; the prefill FLOPs
+        estimate); a decoder stage of the same call refines it when the language model has run."""
         mask = call.kwargs.get("attention_mask")
         ids = call.kwargs["input_ids"]
         tokens = int(mask.sum()) if mask is not None else ids.numel()
         n_layers = len(self.model.model.language_model.layers)
         record = dataclasses.replace(
-            call.record, tokens_per_layer=(tokens,) * n_layers, visual_per_layer=(call.record.n_kept,) * n_layers
+            self.finish_record(call, kwargs), tokens_per_layer=(tokens,) * n_layers,
+            visual_per_layer=(call.record.n_kept,) * n_layers,
         )
         self._pending = record
         self.handle._record(record)

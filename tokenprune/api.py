@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from tokenprune.budget import Keep, validate_keep, validate_scope
+from tokenprune.budget import Keep, validate_budget, validate_scope
 from tokenprune.config import PruningConfig
 from tokenprune.methods import METHODS, PruningMethod, make_method, split_stages
 from tokenprune.record import PruneRecord
@@ -48,7 +48,7 @@ class PruningHandle:
 
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
-        return f"PruningHandle({self.describe()}, keep={self.config.keep!r}, {state})"
+        return f"PruningHandle({self.describe()}, {self.config.budget}, {state})"
 
 
 def _adapter_class(model: torch.nn.Module) -> type:
@@ -69,6 +69,7 @@ def enable_pruning(
     keep: Keep | list | tuple | None = None,
     *,
     scope: str | None = None,
+    flops: float | None = None,
     **options: Any,
 ) -> PruningHandle:
     """Prune the visual tokens of every later ``model.generate``/``model(...)`` call with images.
@@ -77,14 +78,15 @@ def enable_pruning(
     stages applied in order: a vision-stage method then a decoder-stage method (``["divprune", "fastv"]``; set
     hyper-parameters on instances, ``[DivPrune(), FastV(k=3)]``). ``keep`` a ratio in (0, 1] or an int token count
     per budget unit, in each method's paper convention (decoder methods: see their docstrings); for a stage list
-    one ``keep`` per stage or a single one for all; ``scope`` what one budget covers (``None``: the method's paper
-    convention; ``"image"``; ``"crop"``: per LLaVA-NeXT crop and per video frame); ``options`` the method's
-    hyper-parameters. Calling it again on the same model replaces the previous pruning (with a warning).
-    Returns a :class:`PruningHandle`.
+    one ``keep`` per stage or a single one for all. Instead of ``keep``, ``flops`` a fraction in (0, 1] of the
+    unpruned LLM prefill FLOPs (counts solved per prompt; ``handle.last`` reports the estimate). ``scope`` what one
+    budget covers (``None``: the method's paper convention; ``"image"``; ``"crop"``: per LLaVA-NeXT crop and per
+    video frame); ``options`` the method's hyper-parameters. Calling it again on the same model replaces the
+    previous pruning (with a warning). Returns a :class:`PruningHandle`.
     """
     if isinstance(method, PruningConfig):
-        if keep is not None or options or scope is not None:
-            raise TypeError("pass either a PruningConfig or method/keep/scope/options, not both")
+        if keep is not None or flops is not None or options or scope is not None:
+            raise TypeError("pass either a PruningConfig or method/keep/flops/scope/options, not both")
         config = method
         instance = config.build_method()
     elif isinstance(method, (list, tuple)):
@@ -99,12 +101,15 @@ def enable_pruning(
         instance = tuple(make_method(m) for m in method)
         config = PruningConfig.from_method(instance, tuple(keep) if isinstance(keep, (list, tuple)) else keep, scope)
     else:
-        if keep is None:
-            raise TypeError("enable_pruning needs keep=: a ratio in (0, 1] (e.g. keep=0.11) or a token count (keep=64)")
-        validate_keep(keep)
+        if keep is None and flops is None:
+            raise TypeError(
+                "enable_pruning needs keep= (a ratio in (0, 1] such as keep=0.11, or a token count such as keep=64) "
+                "or flops= (a fraction of the unpruned LLM prefill FLOPs, such as flops=0.25)"
+            )
+        validate_budget(keep, flops)
         validate_scope(scope)
         instance = make_method(method, **options)
-        config = PruningConfig.from_method(instance, keep, scope)
+        config = PruningConfig.from_method(instance, keep, scope, flops)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"enable_pruning expects a transformers model (torch.nn.Module); got {type(model).__name__}")
     adapter_cls = _adapter_class(model)
@@ -120,8 +125,8 @@ def enable_pruning(
     )
     if previous is not None:
         warnings.warn(
-            f"pruning was already enabled on this model ({previous.describe()}, keep={previous.config.keep!r});"
-            f" replacing it with {handle.describe()}, keep={config.keep!r}",
+            f"pruning was already enabled on this model ({previous.describe()}, {previous.config.budget});"
+            f" replacing it with {handle.describe()}, {config.budget}",
             UserWarning,
             stacklevel=2,
         )
@@ -154,17 +159,18 @@ def get_handle(model: torch.nn.Module) -> PruningHandle | None:
 @contextlib.contextmanager
 def pruning(
     model: torch.nn.Module,
-    method: str | PruningMethod | PruningConfig,
-    keep: Keep | None = None,
+    method: str | PruningMethod | PruningConfig | list | tuple,
+    keep: Keep | list | tuple | None = None,
     *,
     scope: str | None = None,
+    flops: float | None = None,
     **options: Any,
 ) -> Iterator[PruningHandle]:
     """Context manager: pruning inside the block; on exit the model is restored (including an earlier pruning)."""
     previous = get_handle(model)
     if previous is not None:
         disable_pruning(model)
-    handle = enable_pruning(model, method, keep, scope=scope, **options)
+    handle = enable_pruning(model, method, keep, scope=scope, flops=flops, **options)
     try:
         yield handle
     finally:

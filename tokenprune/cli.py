@@ -51,12 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     from tokenprune.viz.command import add_parser as add_visualize
 
     add_visualize(sub, parse_keep)
+
+    from tokenprune.bench.cli import add_commands
+
+    add_commands(sub)  # flops, bench, bench-selection
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is not None:
+        return args.handler(args)
     if args.command == "demo":
         from tokenprune.demo import run
         from tokenprune.methods import make_method

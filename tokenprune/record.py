@@ -52,7 +52,12 @@ class ImageRecord:
 
 @dataclass(frozen=True)
 class PruneRecord:
-    """The last pruned prefill: ``handle.last``."""
+    """The last pruned prefill: ``handle.last``.
+
+    ``tflops_unpruned``/``tflops_pruned``: estimated LLM prefill TFLOPs (:mod:`tokenprune.flops`, "exact"
+    GQA-aware formula, multiply-accumulates, text tokens included, padding excluded, summed over the batch rows)
+    of the prompt without and with pruning; filled in by the adapter base class after every pruned prefill.
+    """
 
     method: str
     images: tuple[ImageRecord, ...]
@@ -63,6 +68,15 @@ class PruneRecord:
     # pruned layer they drop. What a FLOPs / KV-cache estimate needs (specs/methods_llm.md §13-14).
     tokens_per_layer: tuple[int, ...] | None = None
     visual_per_layer: tuple[int, ...] | None = None
+    tflops_unpruned: float | None = None
+    tflops_pruned: float | None = None
+
+    @property
+    def flops_ratio(self) -> float | None:
+        """Estimated pruned / unpruned LLM prefill FLOPs."""
+        if self.tflops_unpruned is None or self.tflops_pruned is None or not self.tflops_unpruned:
+            return None
+        return self.tflops_pruned / self.tflops_unpruned
 
     @property
     def n_visual(self) -> int:

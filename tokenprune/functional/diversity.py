@@ -35,7 +35,8 @@ def divprune(features: torch.Tensor, k: int) -> torch.Tensor:
     if n == 1:
         first = 0
     else:
-        nearest_other = torch.sort(dist, dim=0).values[1]  # per column: second smallest = nearest other token
+        # per column: second smallest = nearest other token (topk(2), not a full column sort: O(N^2), not O(N^2 log N))
+        nearest_other = torch.topk(dist, 2, dim=0, largest=False).values[1]
         first = int(torch.argmax(nearest_other))
     selected = [first]
     min_dist = dist[first].clone()  # running min over the selected rows: O(kN) instead of the official O(k^2 N)

@@ -1,0 +1,251 @@
+"""The ``flops``, ``bench`` and ``bench-selection`` commands (registered by :func:`add_commands`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    return parse
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``flops``, ``bench`` and ``bench-selection`` to the ``tokenprune`` sub-command parser."""
+    from tokenprune.flops import FORMULAS
+
+    flops = sub.add_parser(
+        "flops", help="analytic LLM prefill FLOPs, KV-cache bytes and decode FLOPs for a per-layer token schedule",
+        description="Prefill FLOPs (multiply-accumulates, the papers' convention) of the LLM for the tokens each "
+        "layer processes, KV-cache bytes and decode FLOPs per token. Example (PyramidDrop's table): tokenprune "
+        "flops --model llava-1.5-7b --tokens-per-layer 576x2,288x30 --formula pdrop",
+    )
+    flops.add_argument("--model", default="llava-1.5-7b",
+                       help="a preset (see --list) or a checkpoint directory / config.json (default llava-1.5-7b)")
+    flops.add_argument("--tokens-per-layer", default=None,
+                       help="e.g. 576x2,288x30 (tokens x layers) or 576 for every layer (default: the preset's "
+                       "visual tokens)")
+    flops.add_argument("--text-tokens", type=int, default=0,
+                       help="unprunable tokens added to every layer (PyramidDrop counts image tokens only: 0)")
+    flops.add_argument("--unpruned", type=int, default=None,
+                       help="tokens per layer of the unpruned prompt for the ratio (default: the schedule's largest)")
+    flops.add_argument("--formula", default="exact",
+                       help=f"{', '.join(FORMULAS)} (aliases f2=fastv, f3/sparsevlm=pdrop, gqa=exact; default exact)")
+    flops.add_argument("--kv-dtype", default="fp16", help="KV-cache dtype: fp16, bf16, fp32, fp8 (default fp16)")
+    flops.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
+    flops.add_argument("--list", action="store_true", help="list the model presets and exit")
+    flops.add_argument("--json", action="store_true", help="print a JSON object instead of a line")
+    flops.set_defaults(handler=run_flops, command_parser=flops)
+
+    bench = sub.add_parser(
+        "bench", help="measure prefill/decode latency, TTFT, peak memory, KV cache: unpruned, pruned, physical limit",
+        description="For a model (a preset with real shapes and random weights, or a checkpoint directory), "
+        "methods and budgets, measure after warm-up (median, min, max of repeats): prefill unpruned / pruned / "
+        "physical limit (the same model on an input that already has only the kept tokens, vision tower "
+        "included), time to first token, decode time per token, peak memory, KV-cache bytes (measured and "
+        "analytic) and the estimated LLM prefill TFLOPs.",
+    )
+    bench.add_argument("--config", default=None, help="a JSON file of these options (command-line flags override)")
+    bench.add_argument("--model", default="tiny",
+                       help="tiny, demo, llava-1.5-7b, llava-1.5-13b or a checkpoint directory (default tiny)")
+    bench.add_argument("--layers", type=int, default=None, help="build the preset with this many LLM layers")
+    bench.add_argument("--vision-layers", type=int, default=None, help="... and this many vision-tower layers")
+    bench.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    bench.add_argument("--attn", default="sdpa", help="attn_implementation (default sdpa)")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    bench.add_argument("--prompt", default=None, help="prompt with the model's image placeholder")
+    bench.add_argument("--method", type=_csv(str), default=["divprune"], help="comma list, or 'all' (default divprune)")
+    bench.add_argument("--keep", type=_csv(_parse_keep), default=None, help="comma list of budgets, e.g. 64,128,0.25")
+    bench.add_argument("--flops", type=_csv(float), default=None, help="comma list of FLOPs targets, e.g. 0.25,0.5")
+    bench.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default 5)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
+    bench.add_argument("--decode-tokens", type=int, default=8,
+                       help="tokens generated to time TTFT and decoding; 0 skips (default 8)")
+    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    bench.add_argument("--json", nargs="?", const="-", default=None, help="write JSON to PATH (or stdout without PATH)")
+    bench.add_argument("--csv", nargs="?", const="-", default=None, help="write CSV to PATH (or stdout without PATH)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.set_defaults(handler=run_bench, command_parser=bench)
+
+    selection = sub.add_parser(
+        "bench-selection", help="micro-benchmark every selector at real sizes vs one LLM layer's prefill",
+        description="Time every registered method's selection on synthetic signals (N tokens, D dims) and one "
+        "Llama-7B-shaped decoder layer's prefill over N tokens, plus naive reference implementations (same "
+        "output asserted).",
+    )
+    selection.add_argument("--sizes", type=_csv(int), default=[576, 2880], help="token counts (default 576,2880)")
+    selection.add_argument("--dim", type=int, default=4096, help="feature width D (default 4096)")
+    selection.add_argument("--method", type=_csv(str), default=None, help="comma list (default: every method)")
+    selection.add_argument("--dtype", default="bfloat16", help="features' and layer's dtype (default bfloat16)")
+    selection.add_argument("--repeats", type=int, default=5)
+    selection.add_argument("--warmup", type=int, default=1)
+    selection.add_argument("--no-layer", action="store_true", help="skip timing the LLM layer")
+    selection.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    selection.add_argument("--json", nargs="?", const="-", default=None, help="write JSON to PATH (or stdout)")
+    selection.set_defaults(handler=run_selection, command_parser=selection)
+
+
+def _parse_keep(text: str):
+    from tokenprune.cli import parse_keep
+
+    return parse_keep(text)
+
+
+def run_flops(args: argparse.Namespace) -> int:
+    from tokenprune import flops as F
+
+    parser = args.command_parser
+    if args.list:
+        for s in F.PRESETS.values():
+            print(f"{s.name:<15} d={s.hidden_size:<5} m={s.intermediate_size:<6} L={s.num_layers:<3} "
+                  f"H={s.num_heads:<3} H_kv={s.num_kv_heads:<3} d_h={s.d_head}  "
+                  f"visual tokens: {s.visual_tokens or '-'}")
+        return 0
+    try:
+        shape = F.PRESETS.get(args.model.lower())
+        if shape is None:
+            if not Path(args.model).exists():
+                raise ValueError(f"unknown model preset {args.model!r}; presets: {', '.join(F.PRESETS)} "
+                                 "(or give a checkpoint directory / config.json)")
+            from transformers import AutoConfig
+
+            shape = F.ModelShape.from_config(AutoConfig.from_pretrained(args.model), name=args.model)
+        if args.layers:
+            shape = shape.with_layers(args.layers)
+        formula = F.resolve_formula(args.formula)
+        if args.tokens_per_layer is None and shape.visual_tokens is None:
+            raise ValueError(f"{shape.name} has no fixed visual-token count; give --tokens-per-layer")
+        schedule = F.parse_schedule(args.tokens_per_layer or str(shape.visual_tokens), shape.num_layers)
+        tokens = [t + args.text_tokens for t in schedule]
+        unpruned = (args.unpruned + args.text_tokens) if args.unpruned is not None else max(tokens)
+        kv = F.dtype_bytes(args.kv_dtype)
+    except ValueError as err:
+        parser.error(str(err))
+    result = {
+        "model": shape.name, "formula": formula, "layers": shape.num_layers, "text_tokens": args.text_tokens,
+        "schedule": _run_length(tokens), "tokens_per_layer": tokens, "avg_tokens": sum(tokens) / len(tokens),
+        "tflops": F.prefill_flops(shape, tokens, formula) / 1e12,
+        "tflops_unpruned": F.prefill_flops(shape, unpruned, formula) / 1e12,
+        "kv_bytes": F.kv_bytes(shape, tokens, kv), "kv_bytes_unpruned": F.kv_bytes(shape, unpruned, kv),
+        "kv_dtype": args.kv_dtype,
+        "decode_gflops_per_token": F.decode_flops(shape, tokens, formula) / 1e9,
+        "decode_gflops_per_token_unpruned": F.decode_flops(shape, unpruned, formula) / 1e9,
+    }
+    result["flops_ratio"] = result["tflops"] / result["tflops_unpruned"]
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{shape.name}, {formula} formula: prefill {result['tflops']:.3f} TFLOPs "
+              f"({100 * result['flops_ratio']:.1f}% of {unpruned} tokens in all {shape.num_layers} layers: "
+              f"{result['tflops_unpruned']:.3f}); "
+              f"KV cache {result['kv_bytes'] / 1e6:.1f} MB {args.kv_dtype} (avg {result['avg_tokens']:.1f} tokens per "
+              f"layer); decode {result['decode_gflops_per_token']:.2f} GFLOPs per token")
+    return 0
+
+
+def _run_length(tokens: list[int]) -> str:
+    """``[576, 576, 288]`` -> ``"576x2,288x1"`` (the form ``--tokens-per-layer`` reads)."""
+    runs: list[list[int]] = []
+    for t in tokens:
+        if runs and runs[-1][0] == t:
+            runs[-1][1] += 1
+        else:
+            runs.append([t, 1])
+    return ",".join(f"{t}x{n}" for t, n in runs)
+
+
+def _apply_config(args: argparse.Namespace) -> None:
+    """Options from ``--config`` JSON fill in every option left at its default on the command line."""
+    parser = args.command_parser
+    if not args.config:
+        return
+    data: dict[str, Any] = json.loads(Path(args.config).read_text())
+    for key, value in data.items():
+        dest = key.replace("-", "_")
+        if dest in ("config", "handler", "command_parser") or not hasattr(args, dest):
+            parser.error(f"{args.config}: unknown option {key!r}")
+        if getattr(args, dest) == parser.get_default(dest):
+            if dest in ("method", "keep", "flops") and not isinstance(value, list):
+                value = [value]
+            if dest == "keep":
+                value = [_parse_keep(str(v)) for v in value]
+            setattr(args, dest, value)
+
+
+def _emit(text: str, target: str | None) -> None:
+    if target == "-":
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    elif target:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(text if text.endswith("\n") else text + "\n")
+        print(f"wrote {target}", file=sys.stderr)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from tokenprune.bench import report
+    from tokenprune.bench.models import load
+    from tokenprune.bench.run import Budget, run
+    from tokenprune.budget import validate_flops
+    from tokenprune.methods import METHODS
+
+    _apply_config(args)
+    parser = args.command_parser
+    methods = sorted(METHODS) if args.method == ["all"] else args.method
+    unknown = [m for m in methods if m.lower() not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; known methods: {', '.join(sorted(METHODS))}")
+    if not args.keep and not args.flops:
+        args.keep = [0.11]
+    try:
+        for f in args.flops or []:
+            validate_flops(f)
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+    budgets = [Budget(m, keep=k) for m in methods for k in args.keep or []]
+    budgets += [Budget(m, flops=f) for m in methods for f in args.flops or []]
+    previous = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        bm = load(args.model, layers=args.layers, vision_layers=args.vision_layers, dtype=args.dtype,
+                  attn_implementation=args.attn, device=args.device, prompt=args.prompt)
+        rows = run(bm, budgets, repeats=args.repeats, warmup=args.warmup, decode_tokens=args.decode_tokens,
+                   progress=False if args.no_progress else None)
+    except ValueError as err:
+        parser.error(str(err))
+    finally:
+        torch.set_num_threads(previous)
+    if "-" not in (args.json, args.csv):
+        print(report.format_table(rows))
+    if args.json:
+        _emit(report.to_json(rows), args.json)
+    if args.csv:
+        _emit(report.to_csv(rows), args.csv)
+    return 0
+
+
+def run_selection(args: argparse.Namespace) -> int:
+    import torch
+
+    from tokenprune.bench import selection
+
+    previous = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        rows = selection.run(tuple(args.sizes), d=args.dim, dtype=args.dtype, repeats=args.repeats,
+                             warmup=args.warmup, methods=args.method, layer=not args.no_layer)
+    finally:
+        torch.set_num_threads(previous)
+    if args.json != "-":
+        print(selection.format_table(rows))
+    if args.json:
+        _emit(json.dumps(rows, indent=2), args.json)
+    return 0

@@ -1,0 +1,157 @@
+"""The models a benchmark runs: a real checkpoint, or a real-shape preset with random weights (no download).
+
+A preset builds the real transformers class with the checkpoint's shapes (LLaVA-1.5: CLIP ViT-L/14-336 vision
+tower, 2-layer GELU projector, Vicuna LLM) and optionally fewer LLM layers (``layers``) or vision layers
+(``vision_layers``) so that it fits a CPU; timings then cover the model as built, which the report states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenprune.flops import PRESETS, ModelShape
+from tokenprune.tiny_models import DEMO, TINY, LlavaSize, demo_image, tiny_llava
+
+PRESET_PROMPT = "USER : <image>\nwhat is in the image ? ASSISTANT :"
+CHECKPOINT_QUESTION = "What is shown in this image?"
+
+# CLIP ViT-L/14 at 336 px, the vision tower of LLaVA-1.5 (and of LLaVA-NeXT's crops).
+CLIP_L_336 = {"hidden": 1024, "intermediate": 4096, "layers": 24, "heads": 16, "image_size": 336, "patch_size": 14}
+LLAVA_PRESETS = ("llava-1.5-7b", "llava-1.5-13b")
+SMALL = {"tiny": TINY, "demo": DEMO}
+
+
+@dataclass
+class BenchModel:
+    """A model, its processor and what to feed it, plus a description of what was built."""
+
+    model: torch.nn.Module
+    processor: Any
+    inputs: dict[str, Any]
+    description: str
+    shape: ModelShape  # the LLM as built (layers included)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def llava_preset(name: str, layers: int | None, vision_layers: int | None, dtype: torch.dtype,
+                 attn_implementation: str) -> tuple[torch.nn.Module, Any]:
+    """A LLaVA-1.5 model with the checkpoint's shapes and random weights, built directly in ``dtype``."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from tokenprune.tiny_models import make_tokenizer
+
+    llm = PRESETS[name]
+    tok = make_tokenizer()
+    v = CLIP_L_336
+    vision = CLIPVisionConfig(
+        hidden_size=v["hidden"], intermediate_size=v["intermediate"], num_hidden_layers=vision_layers or v["layers"],
+        num_attention_heads=v["heads"], image_size=v["image_size"], patch_size=v["patch_size"], projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        vocab_size=32064, hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
+        num_hidden_layers=layers or llm.num_layers, num_attention_heads=llm.num_heads,
+        num_key_value_heads=llm.num_kv_heads, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    side = v["image_size"] // v["patch_size"]
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=side * side, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    config._attn_implementation = attn_implementation
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in the target dtype: no fp32 copy of the weights
+    try:
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    model.set_attn_implementation(attn_implementation)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    crop = {"height": v["image_size"], "width": v["image_size"]}
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": v["image_size"]}, crop_size=crop),
+        tokenizer=tok, patch_size=v["patch_size"], vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return model, processor
+
+
+def checkpoint(path: str, dtype: torch.dtype, attn_implementation: str, device: str) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    return model.to(device).eval(), AutoProcessor.from_pretrained(path)
+
+
+def checkpoint_prompt(processor: Any, question: str) -> str:
+    """The checkpoint's chat template around one image and ``question`` (LLaVA-1.5 style if it has none)."""
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
+def load(model: str, *, layers: int | None = None, vision_layers: int | None = None, dtype: str = "float32",
+         attn_implementation: str = "sdpa", device: str = "cpu", prompt: str | None = None,
+         image_size: int | None = None) -> BenchModel:
+    """A :class:`BenchModel` for a preset name (``tiny``, ``demo``, ``llava-1.5-7b``, ``llava-1.5-13b``) or a
+    checkpoint directory, with one prompt and one generated image (``image_size`` px, default the model's)."""
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if model in SMALL:
+        size: LlavaSize = SMALL[model]
+        if layers or vision_layers:
+            from dataclasses import replace
+
+            size = replace(size, text_layers=layers or size.text_layers,
+                           vision_layers=vision_layers or size.vision_layers)
+        net, processor = tiny_llava(size, attn_implementation=attn_implementation)
+        net = net.to(device=device, dtype=torch_dtype)
+        what = f"{model} LLaVA-1.5-architecture model, random weights ({_depths(net)})"
+    elif model in LLAVA_PRESETS:
+        net, processor = llava_preset(model, layers, vision_layers, torch_dtype, attn_implementation)
+        net = net.to(device)
+        what = f"{model} shapes, random weights ({_depths(net)})"
+    elif model in PRESETS:
+        raise ValueError(
+            f"bench builds random-weight models for the presets {', '.join(list(SMALL) + list(LLAVA_PRESETS))}; "
+            f"for {model!r} pass a checkpoint directory (its shapes are in `tokenprune flops --model {model}`)"
+        )
+    elif Path(model).exists():
+        net, processor = checkpoint(model, torch_dtype, attn_implementation, device)
+        what = f"checkpoint {model} ({_depths(net)})"
+    else:
+        raise ValueError(f"--model must be a preset ({', '.join(list(SMALL) + list(LLAVA_PRESETS))}) or an "
+                         f"existing checkpoint directory; got {model!r}")
+    if prompt is None:
+        prompt = PRESET_PROMPT if model in SMALL or model in LLAVA_PRESETS else checkpoint_prompt(
+            processor, CHECKPOINT_QUESTION)
+    side = image_size or getattr(getattr(net.config, "vision_config", None), "image_size", 336)
+    inputs = processor(images=[demo_image(side)], text=[prompt], return_tensors="pt").to(device)
+    inputs = {k: (v.to(torch_dtype) if torch.is_floating_point(v) else v) for k, v in inputs.items()}
+    what += f", {dtype}, {attn_implementation}, {device}"
+    return BenchModel(net, processor, inputs, what, ModelShape.from_config(net.config, name=model))
+
+
+def _depths(model: torch.nn.Module) -> str:
+    text = model.config.get_text_config()
+    vision = getattr(model.config, "vision_config", None)
+    v_layers = getattr(vision, "num_hidden_layers", None) or getattr(vision, "depth", "?")
+    return (f"LLM {text.num_hidden_layers} layers x d={text.hidden_size}/m={text.intermediate_size}, "
+            f"vision {v_layers} layers")

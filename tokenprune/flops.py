@@ -1,0 +1,182 @@
+"""Analytic prefill/decode FLOPs and KV-cache bytes of the LLM of a VLM, from its shape alone (no weights).
+
+Counting convention (the papers'): multiply-accumulates are counted once, so "FLOPs" here are MACs -- double them
+for hardware FLOPs. Only the LLM's decoder layers are counted (no vision tower, embedding or LM head), and
+attention is counted over the full ``n x n`` score matrix (no causal halving), as every paper does. Per decoder
+layer with ``n`` tokens, hidden size ``d`` and FFN intermediate size ``m``:
+
+* ``"fastv"`` -- FastV (An Image is Worth 1/2 Tokens After Layer 2, Chen et al., ECCV 2024):
+  ``4nd^2 + 2n^2d + 2ndm`` (a 2-matrix FFN).
+* ``"pdrop"`` -- PyramidDrop (Xing et al., CVPR 2025) and SparseVLM (Zhang et al., ICML 2025):
+  ``4nd^2 + 2n^2d + 3ndm`` (SwiGLU has 3 matrices).
+* ``"exact"`` -- GQA-aware: ``2nd(H d_h) + 2nd(H_kv d_h) + 2n^2(H d_h) + 3ndm`` (Q/O, K/V, QK^T + AV, SwiGLU).
+  Equals ``"pdrop"`` for multi-head attention with ``H d_h = d`` (LLaVA's Vicuna); smaller for Qwen2-VL's GQA.
+
+A prefill is described by the tokens each layer processes (``tokens_per_layer``): ``[n] * L`` for an unpruned
+or vision-stage-pruned prompt, ``[576] * 2 + [288] * 30`` for FastV K=2 R=50%. Which tokens to count (image only
+as PyramidDrop does, or system + image + question) is the caller's choice; absolute TFLOPs are comparable across
+papers only under one convention (``specs/methods_llm.md`` section 13).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+FORMULAS = ("fastv", "pdrop", "exact")
+FORMULA_ALIASES = {"f2": "fastv", "f3": "pdrop", "sparsevlm": "pdrop", "pyramiddrop": "pdrop", "gqa": "exact"}
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2, "fp8": 1, "int8": 1}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of an LLM that FLOPs and KV bytes depend on. ``visual_tokens``: visual tokens of one image at
+    the family's default resolution (informational; ``None`` when it depends on the image, as for Qwen2-VL)."""
+
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None
+    visual_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for f in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
+                raise ValueError(f"{self.name}: {f} must be a positive int; got {getattr(self, f)!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{self.name}: num_heads={self.num_heads} is not a multiple of {self.num_kv_heads}")
+
+    @property
+    def d_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    def with_layers(self, num_layers: int) -> ModelShape:
+        """The same shape with fewer (or more) decoder layers: what a ``--layers N`` benchmark model runs."""
+        return dataclasses.replace(self, name=f"{self.name} ({num_layers} layers)", num_layers=num_layers)
+
+    @classmethod
+    def from_config(cls, config: Any, name: str | None = None) -> ModelShape:
+        """The shape of a transformers config (a VLM config: its text config is used)."""
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = text.num_attention_heads
+        return cls(
+            name=name or getattr(config, "model_type", "model"), hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size, num_layers=text.num_hidden_layers, num_heads=heads,
+            num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text, "head_dim", None) or None,
+        )
+
+
+_VICUNA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_layers": 32, "num_heads": 32, "num_kv_heads": 32}
+_VICUNA_13B = {"hidden_size": 5120, "intermediate_size": 13824, "num_layers": 40, "num_heads": 40, "num_kv_heads": 40}
+_QWEN2_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_layers": 28, "num_heads": 28, "num_kv_heads": 4}
+
+PRESETS: dict[str, ModelShape] = {
+    s.name: s
+    for s in (
+        ModelShape("llava-1.5-7b", **_VICUNA_7B, visual_tokens=576),
+        ModelShape("llava-1.5-13b", **_VICUNA_13B, visual_tokens=576),
+        ModelShape("llava-next-7b", **_VICUNA_7B, visual_tokens=2880),   # anyres max: base + 4 crops of 576
+        ModelShape("llava-next-13b", **_VICUNA_13B, visual_tokens=2880),
+        ModelShape("qwen2-vl-2b", 1536, 8960, 28, 12, 2, head_dim=128),
+        ModelShape("qwen2-vl-7b", **_QWEN2_7B, head_dim=128),
+        ModelShape("qwen2.5-vl-3b", 2048, 11008, 36, 16, 2, head_dim=128),
+        ModelShape("qwen2.5-vl-7b", **_QWEN2_7B, head_dim=128),
+    )
+}
+
+
+def preset(name: str) -> ModelShape:
+    key = name.lower()
+    if key not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[key]
+
+
+def resolve_formula(formula: str) -> str:
+    key = FORMULA_ALIASES.get(formula.lower(), formula.lower())
+    if key not in FORMULAS:
+        raise ValueError(f"unknown FLOPs formula {formula!r}; use one of {', '.join(FORMULAS)} "
+                         f"(aliases: {', '.join(f'{a}={b}' for a, b in FORMULA_ALIASES.items())})")
+    return key
+
+
+def expand(tokens_per_layer: int | Sequence[int], num_layers: int) -> list[int]:
+    """An int means the same count in every layer; a list must have one entry per layer."""
+    if isinstance(tokens_per_layer, int):
+        tokens = [tokens_per_layer] * num_layers
+    else:
+        tokens = [int(t) for t in tokens_per_layer]
+    if len(tokens) != num_layers:
+        raise ValueError(f"got token counts for {len(tokens)} layers, but the model has {num_layers} layers")
+    if any(t < 0 for t in tokens):
+        raise ValueError(f"token counts must be >= 0; got {tokens}")
+    return tokens
+
+
+def parse_schedule(text: str, num_layers: int | None = None) -> list[int]:
+    """``"576x2,288x30"`` -> ``[576, 576, 288, ...]`` (``x`` or ``*``); a bare ``"576"`` fills every layer."""
+    parts = [p.strip() for p in text.replace("*", "x").split(",") if p.strip()]
+    if len(parts) == 1 and "x" not in parts[0] and num_layers is not None:
+        parts = [f"{parts[0]}x{num_layers}"]
+    tokens: list[int] = []
+    for part in parts:
+        count, _, repeat = part.partition("x")
+        try:
+            tokens += [int(count)] * (int(repeat) if repeat else 1)
+        except ValueError:
+            raise ValueError(f"cannot read {part!r} in {text!r}; write e.g. 576x2,288x30 (tokens x layers)") from None
+    return tokens if num_layers is None else expand(tokens, num_layers)
+
+
+def layer_flops(shape: ModelShape, n: int, formula: str = "exact") -> int:
+    """FLOPs (MACs) of one decoder layer's prefill over ``n`` tokens."""
+    formula = resolve_formula(formula)
+    d, m = shape.hidden_size, shape.intermediate_size
+    if formula == "fastv":
+        return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+    if formula == "pdrop":
+        return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
+    q_width, kv_width = shape.num_heads * shape.d_head, shape.num_kv_heads * shape.d_head
+    return 2 * n * d * q_width + 2 * n * d * kv_width + 2 * n * n * q_width + 3 * n * d * m
+
+
+def prefill_flops(shape: ModelShape, tokens_per_layer: int | Sequence[int], formula: str = "exact") -> int:
+    """FLOPs (MACs) of the LLM prefill where layer ``l`` processes ``tokens_per_layer[l]`` tokens."""
+    return sum(layer_flops(shape, n, formula) for n in expand(tokens_per_layer, shape.num_layers))
+
+
+def decode_flops(shape: ModelShape, cached_per_layer: int | Sequence[int], formula: str = "exact") -> int:
+    """FLOPs (MACs) of generating ONE token against a KV cache of ``cached_per_layer[l]`` tokens per layer.
+
+    Per layer: the projections and FFN of one token plus ``2 d (c_l + 1)`` for its attention over the cache and
+    itself (ToDRE's decode formula, arXiv 2505.18757). Decoding is memory-bound: this understates its latency.
+    """
+    width = shape.hidden_size if resolve_formula(formula) != "exact" else shape.num_heads * shape.d_head
+    one = layer_flops(shape, 1, formula)  # projections, FFN and attention of the token to itself
+    return sum(one + 2 * c * width for c in expand(cached_per_layer, shape.num_layers))
+
+
+def kv_bytes_per_token(shape: ModelShape, bytes_per_value: int = 2) -> int:
+    """KV-cache bytes of one token over all layers: ``2 (K, V) * H_kv * d_h * bytes * L``."""
+    return 2 * shape.num_kv_heads * shape.d_head * bytes_per_value * shape.num_layers
+
+
+def kv_bytes(shape: ModelShape, tokens_per_layer: int | Sequence[int], bytes_per_value: int = 2) -> int:
+    """KV-cache bytes when layer ``l`` caches ``tokens_per_layer[l]`` tokens (fp16/bf16: ``bytes_per_value=2``)."""
+    per_layer = 2 * shape.num_kv_heads * shape.d_head * bytes_per_value
+    return per_layer * sum(expand(tokens_per_layer, shape.num_layers))
+
+
+def dtype_bytes(dtype: Any) -> int:
+    """Bytes per value of a dtype name (``"fp16"``) or a ``torch.dtype``."""
+    if isinstance(dtype, str):
+        if dtype.lower() not in DTYPE_BYTES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
+        return DTYPE_BYTES[dtype.lower()]
+    return int(dtype.itemsize)
