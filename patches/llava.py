@@ -16,9 +16,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from tokenprune.patches.base import PrunedCall, VisionStageAdapter
+from tokenprune.patches.base import PrunedCall, VisionStageAdapter, text_embeddings
 from tokenprune.patches.clip_encoder_loop import encode_pruned
 from tokenprune.patches.clip_signals import PROBE_SIGNALS, ClipProbe, encoder_layers, resolve_layer
+from tokenprune.patches.units import checked_indices
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenprune.compaction import compact, padding_side, reindex_positions
@@ -79,23 +80,11 @@ class LlavaAdapter(VisionStageAdapter):
         signals = probe.per_image(drop_cls=strategy == "default") or [{} for _ in features]
         return features, signals
 
-    def _text_embeddings(self, input_ids: torch.Tensor, mask: torch.Tensor | None, row: int, end: int) -> torch.Tensor:
-        """TEXT_EMBEDDINGS (see ``methods/base.py``): embeddings of the row's text tokens after position ``end``."""
-        ids = input_ids[row]
-        text = ids != self.model.config.image_token_id
-        if mask is not None:
-            text &= mask[row].bool()
-        after = text.clone()
-        after[: end + 1] = False
-        chosen = ids[after] if bool(after.any()) else ids[text]
-        with torch.no_grad():
-            return self.model.get_input_embeddings()(chosen)
-
     def _place(self, feats: torch.Tensor, result: torch.Tensor | Selection, n: int) -> tuple[torch.Tensor, Any]:
         """The image's new span ``[k + m, D]`` and its selection (merged rows projected if pre-projector)."""
         if not isinstance(result, Selection):
-            return feats[_checked(result, n, self.method.name).to(feats.device)], None
-        kept = _checked(result.kept, n, self.method.name, allow_empty=result.n_merged > 0).to(feats.device)
+            return feats[checked_indices(result, n, self.method.name).to(feats.device)], None
+        kept = checked_indices(result.kept, n, self.method.name, allow_empty=result.n_merged > 0).to(feats.device)
         if not result.n_merged:
             return feats[kept], result
         merged = result.merged
@@ -162,8 +151,10 @@ class LlavaAdapter(VisionStageAdapter):
             row = int(positions[0]) // length
             signals = {FEATURES: feats.detach(), **probe_signals[i]}
             if TEXT_EMBEDDINGS in self.method.needs:
-                signals[TEXT_EMBEDDINGS] = self._text_embeddings(input_ids, kwargs.get("attention_mask"), row,
-                                                                 int(positions[-1]) % length)
+                signals[TEXT_EMBEDDINGS] = text_embeddings(
+                    self.model, input_ids, kwargs.get("attention_mask"), row, int(positions[-1]) % length,
+                    (self.model.config.image_token_id,),
+                )
             ctx = SelectionContext(
                 k=budgets[i], n=n, signals=signals, grid=self._grid(n),
                 image_index=i, row=row, index_in_row=seen_in_row[row],
@@ -252,21 +243,3 @@ def _pad_id(config: Any) -> int:
     if pad is None or pad == config.image_token_id:
         pad = 0 if config.image_token_id != 0 else 1
     return int(pad)
-
-
-def _checked(kept: torch.Tensor, n: int, name: str, allow_empty: bool = False) -> torch.Tensor:
-    """Enforce the selector contract: long, 1-D, sorted ascending, unique, in range, non-empty (unless merged
-    tokens carry the image)."""
-    kept = torch.as_tensor(kept)
-    if allow_empty and kept.numel() == 0:
-        return kept.long()
-    ok = (
-        kept.dtype == torch.long and kept.ndim == 1 and 0 < kept.numel() <= n
-        and int(kept.min()) >= 0 and int(kept.max()) < n and bool((kept[1:] > kept[:-1]).all())
-    )
-    if not ok:
-        raise RuntimeError(
-            f"method {name!r} returned invalid kept indices (need a sorted, unique 1-D long tensor within "
-            f"range({n})): {kept.tolist()[:20]}"
-        )
-    return kept
