@@ -116,6 +116,21 @@ class VisionStageAdapter:
         """Pruned keyword arguments for a prefill call, or ``None`` when there is nothing to prune."""
         raise NotImplementedError
 
+    @staticmethod
+    def prefill_ids(kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """``input_ids`` of a fresh prefill with pixels; None for a continuation with a warm KV cache. Raises when
+        the call has pixels but no ``input_ids`` (the placeholders cannot be found)."""
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            raise ValueError(
+                "tokenprune needs input_ids to find the image/video placeholders, but got inputs_embeds with pixel "
+                "values; pass input_ids (as the processor returns them) or call disable_pruning(model) first"
+            )
+        cache = kwargs.get("past_key_values")
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            return None  # a continuation with a warm cache: not a fresh prefill
+        return input_ids
+
     def kept_counts(self, sizes: list[int], kwargs: dict[str, Any]) -> list[int]:
         """The budget of each selection unit (image, crop or frame) of one call, in prompt order.
 

@@ -105,15 +105,9 @@ class LlavaAdapter(VisionStageAdapter):
         """``[B, L]`` bool image-placeholder mask of a fresh prefill with images, else None (nothing to prune)."""
         if kwargs.get("pixel_values") is None or kwargs.get("mm_encoder_outputs") is not None:
             return None
-        input_ids = kwargs.get("input_ids")
+        input_ids = self.prefill_ids(kwargs)
         if input_ids is None:
-            raise ValueError(
-                "tokenprune needs input_ids to find the image placeholders, but got inputs_embeds with pixel_values; "
-                "pass input_ids (as the processor returns them) or call disable_pruning(model) first"
-            )
-        cache = kwargs.get("past_key_values")
-        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
-            return None  # a continuation with a warm cache: not a fresh prefill
+            return None
         is_image = input_ids == self.model.config.image_token_id
         return is_image if bool(is_image.any()) else None
 

@@ -68,15 +68,9 @@ class QwenVLAdapter(VisionStageAdapter):
         present = [m for m in _MODALITIES if kwargs.get(m[2]) is not None]
         if not present or kwargs.get("mm_encoder_outputs") is not None:
             return None
-        input_ids = kwargs.get("input_ids")
+        input_ids = self.prefill_ids(kwargs)
         if input_ids is None:
-            raise ValueError(
-                "tokenprune needs input_ids to find the vision placeholders, but got inputs_embeds with pixel values; "
-                "pass input_ids (as the processor returns them) or call disable_pruning(model) first"
-            )
-        cache = kwargs.get("past_key_values")
-        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
-            return None  # a continuation with a warm cache: not a fresh prefill
+            return None
         mm_types = kwargs.get("mm_token_type_ids")
         if mm_types is None:
             raise ValueError(
