@@ -271,6 +271,20 @@ class VisionStageAdapter:
         return {**kwargs, "attention_mask": translated}
 
 
+def placeholder_positions(
+    is_placeholder: torch.Tensor, features: list[torch.Tensor], kind: str = "image"
+) -> torch.Tensor:
+    """Flat (row-major) positions of the ``[B, L]`` placeholder mask, checked against the features they will hold."""
+    flat_positions = is_placeholder.reshape(-1).nonzero().squeeze(1)
+    total = sum(f.shape[0] for f in features)
+    if flat_positions.numel() != total:
+        raise ValueError(
+            f"the prompt has {flat_positions.numel()} {kind} placeholder tokens but the {len(features)} {kind}(s) "
+            f"give {total} features; build the inputs with the model's processor"
+        )
+    return flat_positions
+
+
 def text_embeddings(
     model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor | None, row: int, end: int,
     placeholder_ids: tuple[int, ...],

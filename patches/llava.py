@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from tokenprune.patches.base import PrunedCall, VisionStageAdapter, text_embeddings
+from tokenprune.patches.base import PrunedCall, VisionStageAdapter, placeholder_positions, text_embeddings
 from tokenprune.patches.clip_encoder_loop import encode_pruned
 from tokenprune.patches.clip_signals import PROBE_SIGNALS, ClipProbe, encoder_layers, resolve_layer
 from tokenprune.patches.units import checked_indices
@@ -111,17 +111,6 @@ class LlavaAdapter(VisionStageAdapter):
         is_image = input_ids == self.model.config.image_token_id
         return is_image if bool(is_image.any()) else None
 
-    @staticmethod
-    def _flat_positions(is_image: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
-        flat_positions = is_image.reshape(-1).nonzero().squeeze(1)
-        total = sum(f.shape[0] for f in features)
-        if flat_positions.numel() != total:
-            raise ValueError(
-                f"the prompt has {flat_positions.numel()} image placeholder tokens but the {len(features)} image(s) "
-                f"give {total} features; build the inputs with the model's processor"
-            )
-        return flat_positions
-
     def prune(self, kwargs: dict[str, Any]) -> PrunedCall | None:
         is_image = self._placeholders(kwargs)
         if is_image is None:
@@ -133,7 +122,7 @@ class LlavaAdapter(VisionStageAdapter):
                 return pruned
         features, probe_signals = self._encode(kwargs)
         batch, length = input_ids.shape
-        flat_positions = self._flat_positions(is_image, features)
+        flat_positions = placeholder_positions(is_image, features)
 
         keep = torch.ones_like(input_ids, dtype=torch.bool)
         kept_features, images, start, seen_in_row = [], [], 0, [0] * batch

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tokenprune.patches.base import PrunedCall, text_embeddings
+from tokenprune.patches.base import PrunedCall, placeholder_positions, text_embeddings
 from tokenprune.patches.llava import LlavaAdapter
 from tokenprune.patches.units import Unit, select_image
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
@@ -155,7 +155,7 @@ class LlavaNextAdapter(LlavaAdapter):
         input_ids, sizes = kwargs["input_ids"], kwargs["image_sizes"]
         features, crop_signals = self._encode(kwargs)
         batch, length = input_ids.shape
-        flat_positions = self._flat_positions(is_image, features)
+        flat_positions = placeholder_positions(is_image, features)
         n_crops = self._crops_per_image(sizes, len(features))
         layouts = [self.layout(tuple(int(v) for v in sizes[i]), n_crops[i]) for i in range(len(features))]
         for layout, feats in zip(layouts, features, strict=True):

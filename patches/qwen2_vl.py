@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from tokenprune.patches.base import PrunedCall, VisionStageAdapter, text_embeddings
+from tokenprune.patches.base import PrunedCall, VisionStageAdapter, placeholder_positions, text_embeddings
 from tokenprune.patches.qwen_signals import QWEN_SIGNALS, QwenProbe
 from tokenprune.patches.units import Unit, select_image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -160,13 +160,7 @@ class QwenVLAdapter(VisionStageAdapter):
         keep: torch.Tensor, images: list[ImageRecord], seen_in_row: list[int], kwargs: dict[str, Any],
     ) -> list[torch.Tensor]:
         length = is_placeholder.shape[1]
-        flat_positions = is_placeholder.reshape(-1).nonzero().squeeze(1)
-        total = sum(f.shape[0] for f in features)
-        if flat_positions.numel() != total:
-            raise ValueError(
-                f"the prompt has {flat_positions.numel()} {kind} placeholder tokens but the {len(features)} {kind}(s) "
-                f"give {total} features; build the inputs with the model's processor"
-            )
+        flat_positions = placeholder_positions(is_placeholder, features, kind)
         all_units = [self._units(kind, thw) for thw in grid_thw]
         budgets = self.kept_counts([u.index.numel() for units in all_units for u in units], kwargs)
         kept_features, start = [], 0
