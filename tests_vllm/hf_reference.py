@@ -1,0 +1,101 @@
+"""The HF-transformers side of the end-to-end tests: ``generate`` on the unpruned prompt, and an independent pruned
+forward that drops the same image tokens (LLaVA: positions re-indexed, as vLLM does; Qwen: each kept token keeps
+its column of HF's own ``get_rope_index`` on the unpruned prompt) and decodes greedily without a cache."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tokenprune.integrations.vllm.options import VllmPruning
+from tokenprune.integrations.vllm.selection import select_image
+from tokenprune.methods import CLS_ATTENTION, FEATURES
+
+from conftest import MAX_TOKENS, PROMPTS, Run, image  # noqa: I001  (tests_vllm/ is on sys.path)
+
+
+class HFReference:
+    def __init__(self, path: str, name: str):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.name = name
+        self.qwen = name.startswith("qwen")
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+        self.inputs = self.processor(text=PROMPTS[name], images=image(name), return_tensors="pt")
+        self.image_token_id = self.model.config.image_token_id
+
+    @torch.no_grad()
+    def generate(self) -> Run:
+        out = self.model.generate(
+            **self.inputs, max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None,
+            output_logits=True, return_dict_in_generate=True,
+        )
+        prompt_len = self.inputs["input_ids"].shape[1]
+        tokens = out.sequences[0, prompt_len:].tolist()
+        logprobs = [float(torch.log_softmax(lg[0].float(), -1)[t]) for lg, t in zip(out.logits, tokens, strict=True)]
+        return Run(prompt_len, tokens, logprobs)
+
+    @torch.no_grad()
+    def signals(self, pruning: VllmPruning | None):
+        """``(features [N, D], {signal key: tensor}, grid)`` of the one image, computed the HF way."""
+        model = self.model.model
+        if self.qwen:
+            grid_thw = self.inputs["image_grid_thw"]
+            feats = model.get_image_features(self.inputs["pixel_values"], grid_thw).pooler_output[0]
+            merge = self.model.config.vision_config.spatial_merge_size
+            _, h, w = grid_thw[0].tolist()
+            return feats, {FEATURES: feats}, (h // merge, w // merge)
+        config = self.model.config
+        vision = model.vision_tower(self.inputs["pixel_values"], output_hidden_states=True, output_attentions=True)
+        feats = model.multi_modal_projector(vision.hidden_states[config.vision_feature_layer][:, 1:])[0]
+        signals = {FEATURES: feats}
+        layers = config.vision_config.num_hidden_layers
+        for request in pruning.method.requests(cls_token=True) if pruning else ():
+            if request.name == CLS_ATTENTION:
+                layer = config.vision_feature_layer % layers if request.layer is None else request.layer % layers
+                signals[request.key] = vision.attentions[layer][0, :, 0, 1:]  # [H, N]
+        side = math.isqrt(feats.shape[0])
+        return feats, signals, (side, side)
+
+    def kept(self, pruning: VllmPruning) -> torch.Tensor:
+        feats, signals, grid = self.signals(pruning)
+        return select_image(pruning, feats.shape[0], signals, grid, cls_token=not self.qwen)
+
+    @torch.no_grad()
+    def pruned(self, kept: torch.Tensor, reindex_positions: bool = False) -> Run:
+        """Greedy decode of the prompt with only the ``kept`` image tokens (no KV cache: full recompute per step).
+        ``reindex_positions`` (Qwen): give the pruned sequence fresh contiguous positions instead (a wrong variant
+        the tests use to show that the comparison sees positions)."""
+        feats, _, _ = self.signals(None)
+        ids = self.inputs["input_ids"][0]
+        is_image = ids == self.image_token_id
+        keep = ~is_image
+        keep[is_image.nonzero()[:, 0][kept]] = True
+        embed = self.model.get_input_embeddings()
+        embeds = embed(ids[keep])[None].clone()
+        embeds[0, ids[keep] == self.image_token_id] = feats[kept]
+        positions = None
+        if self.qwen:
+            full, _ = self.model.model.get_rope_index(
+                self.inputs["input_ids"], self.inputs["mm_token_type_ids"], image_grid_thw=self.inputs["image_grid_thw"]
+            )
+            positions = full[:, :, keep]  # [3, 1, L']
+            if reindex_positions:
+                positions = torch.arange(positions.shape[-1]).view(1, 1, -1).expand(3, 1, -1)
+        lm = self.model.model.language_model
+        tokens, logprobs = [], []
+        for _ in range(MAX_TOKENS):
+            kwargs = {} if positions is None else {"position_ids": positions}
+            hidden = lm(inputs_embeds=embeds, **kwargs).last_hidden_state[:, -1]
+            logp = torch.log_softmax(self.model.lm_head(hidden).float(), -1)[0]
+            token = int(logp.argmax())
+            tokens.append(token)
+            logprobs.append(float(logp[token]))
+            embeds = torch.cat([embeds, embed(torch.tensor([[token]]))], dim=1)
+            if positions is not None:
+                positions = torch.cat([positions, (positions.max() + 1).view(1, 1, 1).expand(3, 1, 1)], dim=-1)
+        return Run(int(keep.sum()), tokens, logprobs)

@@ -1,0 +1,72 @@
+"""End to end on the vLLM CPU build: vanilla vLLM == HF, keep=all == vanilla bit for bit, keep=k == HF reference."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+from hf_reference import HFReference
+
+from tokenprune.integrations.vllm import vllm_overrides
+from tokenprune.integrations.vllm.options import parse_options
+
+MODELS = ["llava", "qwen2_vl", "qwen2_5_vl"]
+TOL = 1e-5  # fp32 noise between the engines is ~5e-7; a position off by one shifts logprobs by ~1e-3 here
+
+
+@pytest.fixture(scope="module")
+def hf(model_dirs):
+    return functools.cache(lambda name: HFReference(model_dirs[name], name))
+
+
+def max_diff(a, b) -> float:
+    return max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_vanilla_vllm_matches_hf_generate(name, vllm_run, hf):
+    ours, ref = vllm_run(name), hf(name).generate()
+    assert ours.prompt_len == ref.prompt_len
+    assert ours.tokens == ref.tokens
+    assert max_diff(ours, ref) < TOL
+
+
+@pytest.mark.parametrize(("name", "keep"), [("llava", 10_000), ("qwen2_vl", 10_000), ("qwen2_5_vl", 10_000),
+                                            ("qwen2_5_vl", 1.0)])
+def test_keep_all_is_bit_identical_to_vanilla(name, keep, vllm_run):
+    """An int budget above the image's token count runs the whole pruning path (selection, position channels,
+    position rewrite); keep=1.0 takes the stock path."""
+    vanilla = vllm_run(name)
+    pruned = vllm_run(name, vllm_overrides(name, "divprune", keep=keep))
+    assert pruned == vanilla  # same prompt length, token ids and logprobs, exactly
+
+
+CASES = [
+    ("llava", "divprune", 10, {}),
+    ("llava", "fastervlm", 10, {}),
+    ("llava", "random", 0.2, {"seed": 1}),
+    ("qwen2_vl", "divprune", 0.25, {}),
+    ("qwen2_5_vl", "divprune", 6, {}),
+    ("qwen2_5_vl", "kcenter", 6, {"rule": "maxsum"}),
+    ("qwen2_5_vl", "uniform", 8, {}),
+]
+
+
+@pytest.mark.parametrize(("name", "method", "keep", "options"), CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_pruned_matches_hf_reference(name, method, keep, options, vllm_run, hf):
+    overrides = vllm_overrides(name, method, keep=keep, **options)
+    pruning = parse_options(overrides["tokenprune"], cls_token=name == "llava")
+    ref_model = hf(name)
+    kept = ref_model.kept(pruning)
+    n = ref_model.signals(None)[0].shape[0]
+    assert len(kept) == pruning.kept(n) < n
+
+    ours, ref = vllm_run(name, overrides), ref_model.pruned(kept)
+    vanilla = vllm_run(name)
+    assert ours.prompt_len == ref.prompt_len == vanilla.prompt_len - (n - len(kept))
+    assert ours.tokens == ref.tokens
+    assert max_diff(ours, ref) < TOL
+    # the comparison can fail: the unpruned prompt gives other logprobs
+    assert max_diff(vanilla, ref) > 100 * TOL
+    if name.startswith("qwen"):  # ... and so do re-indexed positions (kept tokens must keep their own)
+        assert max_diff(ours, ref_model.pruned(kept, reindex_positions=True)) > 10 * TOL
