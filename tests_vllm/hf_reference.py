@@ -7,12 +7,11 @@ from __future__ import annotations
 import math
 
 import torch
+from cases import MAX_TOKENS, PROMPTS, Run, image
 
 from tokenprune.integrations.vllm.options import VllmPruning
 from tokenprune.integrations.vllm.selection import select_image
 from tokenprune.methods import CLS_ATTENTION, FEATURES
-
-from conftest import MAX_TOKENS, PROMPTS, Run, image  # noqa: I001  (tests_vllm/ is on sys.path)
 
 
 class HFReference:

@@ -44,6 +44,7 @@ def test_keep_all_is_bit_identical_to_vanilla(name, keep, vllm_run):
 CASES = [
     ("llava", "divprune", 10, {}),
     ("llava", "fastervlm", 10, {}),
+    ("llava", "kcenter", 10, {}),        # pivot from the LAST CLIP layer, past vLLM's truncated tower
     ("llava", "random", 0.2, {"seed": 1}),
     ("qwen2_vl", "divprune", 0.25, {}),
     ("qwen2_5_vl", "divprune", 6, {}),

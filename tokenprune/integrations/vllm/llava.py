@@ -13,17 +13,24 @@ import math
 import torch
 from transformers import CLIPVisionConfig
 from vllm.distributed import tensor_model_parallel_all_gather
+from vllm.model_executor.layers.attention import MMEncoderAttention
+from vllm.model_executor.models.clip import CLIPEncoderLayer
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
     LlavaMultiModalProcessor,
     LlavaProcessingInfo,
 )
+from vllm.model_executor.models.utils import maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from tokenprune.integrations.vllm.options import CONFIG_KEY, VllmPruning, parse_options
 from tokenprune.integrations.vllm.selection import select_image
 from tokenprune.methods import CLS_ATTENTION, FEATURES
+
+
+def _pass_through(hidden_states: torch.Tensor) -> torch.Tensor:
+    return hidden_states
 
 
 def _pruning(hf_config) -> VllmPruning | None:
@@ -50,38 +57,51 @@ class TokenpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.tokenprune = _pruning(self.config)
         self._captured: dict[str, torch.Tensor] | None = None
-        self._cls_layers: dict[str, int] = {}
+        self._cls_keys: list[str] = []
         if self.tokenprune is None:
             return
-        requests = self.tokenprune.method.requests(cls_token=True)
-        if any(r.name == CLS_ATTENTION for r in requests):
-            self._install_cls_probes([r for r in requests if r.name == CLS_ATTENTION])
+        requests = [r for r in self.tokenprune.method.requests(cls_token=True) if r.name == CLS_ATTENTION]
+        if requests:
+            self._install_cls_probes(requests, vllm_config, prefix)
 
     # --- signals -------------------------------------------------------------------------------------------------
-    def _install_cls_probes(self, requests) -> None:
-        if not isinstance(self.config.vision_config, CLIPVisionConfig):
+    def _install_cls_probes(self, requests, vllm_config, prefix: str) -> None:
+        """A forward pre-hook per requested CLIP layer computes its [CLS] attention row from the layer's input.
+
+        vLLM builds the tower only up to the feature layer. A layer past it (k-center's pivot reads the LAST layer)
+        is appended as a signal-only layer: its weights are loaded, the pre-hook reads its input (the feature
+        layer's output), and its forward returns that input unchanged, so the features stay the feature layer's.
+        """
+        vision = self.config.vision_config
+        if not isinstance(vision, CLIPVisionConfig):
             raise ValueError(
                 f"{self.tokenprune.method.name} needs [CLS] attention from a CLIP vision tower; this model's tower is "
-                f"{type(self.config.vision_config).__name__}"
+                f"{type(vision).__name__}"
             )
-        layers = self.vision_tower.vision_model.encoder.layers  # vLLM builds the tower up to the feature layer
-        total = self.config.vision_config.num_hidden_layers
+        layers = self.vision_tower.vision_model.encoder.layers
+        total, built = vision.num_hidden_layers, len(layers)
         for request in requests:
-            index = len(layers) - 1 if request.layer is None else request.layer % total
-            if not 0 <= index < len(layers) or (request.layer is not None and not -total <= request.layer < total):
+            if request.layer is not None and not -total <= request.layer < total:
                 raise ValueError(
-                    f"{self.tokenprune.method.name} asks for [CLS] attention at vision layer {request.layer}, but "
-                    f"vLLM builds LLaVA's CLIP tower only up to the feature layer "
-                    f"(vision_feature_layer={self.config.vision_feature_layer}: layers 0..{len(layers) - 1} of "
-                    f"{total}); choose a method or layer option that reads layers up to the feature layer"
+                    f"{self.tokenprune.method.name} asks for [CLS] attention at vision layer {request.layer}; the "
+                    f"tower has {total} layers (valid: {-total}..{total - 1})"
                 )
-            self._cls_layers[request.key] = index
-            layers[index].self_attn.register_forward_pre_hook(self._cls_hook(request.key), with_kwargs=True)
+            index = built - 1 if request.layer is None else request.layer % total
+            while len(layers) <= index:
+                i = len(layers)
+                layer = CLIPEncoderLayer(
+                    vision, vllm_config.quant_config, attn_cls=MMEncoderAttention,
+                    prefix=f"{maybe_prefix(prefix, 'vision_tower')}.vision_model.encoder.layers.{i}",
+                )
+                layer.forward = _pass_through
+                layers.append(layer)
+            layers[index].register_forward_pre_hook(self._cls_hook(request.key))
+            self._cls_keys.append(request.key)
 
     def _cls_hook(self, key: str):
-        def hook(module, args, kwargs):  # the layer calls self_attn(hidden_states=layer_norm1(x))
+        def hook(layer, args):
             if self._captured is not None:
-                self._captured[key] = self._cls_attention(module, kwargs.get("hidden_states", *args[:1]))
+                self._captured[key] = self._cls_attention(layer.self_attn, layer.layer_norm1(args[0]))
         return hook
 
     @staticmethod
@@ -116,7 +136,7 @@ class TokenpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         kept = []
         for b in range(embeds.shape[0]):
             signals = {FEATURES: embeds[b]}
-            for key in self._cls_layers:
+            for key in self._cls_keys:
                 signals[key] = captured[key][b, :, 1:] if drop_cls else captured[key][b]   # [H, N]
             idx = select_image(self.tokenprune, n, signals, grid, cls_token=True)
             kept.append(embeds[b, idx.to(embeds.device)])

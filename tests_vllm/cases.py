@@ -1,0 +1,29 @@
+"""What the vLLM tests run: prompts, images, generation length, and the result record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenprune.tiny_models import random_image
+
+PROMPTS = {
+    "llava": "USER : <image>\nwhat is in the image ? ASSISTANT :",
+    "qwen2_vl": "USER : <|vision_start|><|image_pad|><|vision_end|> what is in the image ? ASSISTANT :",
+}
+PROMPTS["qwen2_5_vl"] = PROMPTS["qwen2_vl"]
+# Qwen: 112 px wide, 168 px tall -> 12 x 8 patches -> 6 x 4 = 24 merged tokens; taller than wide, so a text position
+# resuming at llm_grid_w (vLLM's EVS helper) instead of max(h, w) would show. LLaVA: 64 px -> 8 x 8 = 64 tokens.
+IMAGE_SIZE = {"llava": (64, 64), "qwen2_vl": (112, 168), "qwen2_5_vl": (112, 168)}  # (width, height)
+MAX_TOKENS = 6
+
+
+def image(name: str):
+    width, height = IMAGE_SIZE[name]
+    return random_image(height, width, seed=3)
+
+
+@dataclass(frozen=True)
+class Run:
+    prompt_len: int
+    tokens: list[int]
+    logprobs: list[float]

@@ -1,0 +1,57 @@
+"""Tiny random-weight checkpoints saved in the layout vLLM loads, for offline tests and the README snippet.
+
+The models are :mod:`tokenprune.tiny_models` (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL; text head_dim 32, which vLLM's CPU
+attention needs). Two things make a saved tiny model loadable by vLLM 0.32: LLaVA's CLIP weights are renamed to the
+hub layout (``vision_tower.vision_model.*``; transformers >= 5 saves ``vision_tower.*``), and Qwen gets a real
+``Qwen2VLProcessor`` (image + video processor; the latter needs torchvision, present in vLLM's environment).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _hub_clip_name(key: str) -> str:
+    for prefix in ("vision_tower.", "model.vision_tower."):
+        if key.startswith(prefix) and not key.startswith(prefix + "vision_model."):
+            return prefix + "vision_model." + key[len(prefix):]
+    return key
+
+
+def _save_llava(path: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from tokenprune.tiny_models import tiny_llava
+
+    model, processor = tiny_llava()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    file = os.path.join(path, "model.safetensors")
+    state = {_hub_clip_name(key): value for key, value in load_file(file).items()}
+    save_file(state, file, metadata={"format": "pt"})
+
+
+def _save_qwen(path: str, version: str) -> None:
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    from tokenprune.tiny_models import tiny_qwen
+
+    model, tiny_processor = tiny_qwen(version)
+    model.save_pretrained(path)
+    sizes = dict(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=28 * 28, max_pixels=28 * 28 * 64)
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tiny_processor.tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**sizes), chat_template=None,
+    )
+    processor.save_pretrained(path)
+
+
+def save_tiny_checkpoint(model_type: str, path: str) -> str:
+    """Save a tiny ``model_type`` (``"llava"``, ``"qwen2_vl"``, ``"qwen2_5_vl"``) model that vLLM can load; returns
+    ``path``. LLaVA: 64x64 px images, 64 visual tokens; Qwen: one token per 28x28 px, up to 64 per image."""
+    savers = {"llava": _save_llava, "qwen2_vl": lambda p: _save_qwen(p, "2"),
+              "qwen2_5_vl": lambda p: _save_qwen(p, "2.5")}
+    if model_type not in savers:
+        raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(savers)}")
+    savers[model_type](path)
+    return path
