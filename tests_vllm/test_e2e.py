@@ -23,11 +23,16 @@ def max_diff(a, b) -> float:
     return max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True))
 
 
+def report(label: str, diff: float) -> None:
+    print(f"max |dlogprob| {label}: {diff:.2e}")  # shown with pytest -s / -rP (make vllm-test)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_vanilla_vllm_matches_hf_generate(name, vllm_run, hf):
     ours, ref = vllm_run(name), hf(name).generate()
     assert ours.prompt_len == ref.prompt_len
     assert ours.tokens == ref.tokens
+    report(f"vanilla vLLM vs HF generate, {name}", max_diff(ours, ref))
     assert max_diff(ours, ref) < TOL
 
 
@@ -66,6 +71,7 @@ def test_pruned_matches_hf_reference(name, method, keep, options, vllm_run, hf):
     vanilla = vllm_run(name)
     assert ours.prompt_len == ref.prompt_len == vanilla.prompt_len - (n - len(kept))
     assert ours.tokens == ref.tokens
+    report(f"pruned vLLM vs HF reference, {name} {method} keep={keep}", max_diff(ours, ref))
     assert max_diff(ours, ref) < TOL
     # the comparison can fail: the unpruned prompt gives other logprobs
     assert max_diff(vanilla, ref) > 100 * TOL

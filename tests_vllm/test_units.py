@@ -110,7 +110,11 @@ def test_unpruned_placeholder_positions_equal_hf(qwen):
     assert delta == int(hf.max()) + 1 - hf.shape[1]
 
 
-def test_video_positions_equal_hf(qwen):
+def test_video_positions_follow_vllm(qwen):
+    """Videos are not pruned, so their positions must be vLLM's unpruned ones: media positions as HF's, and the text
+    after the video resuming at the media's max position + 1 (vLLM's ``get_mrope_input_positions``). transformers
+    5.19 resumes at ``base + max(t, h, w)`` instead when ``t_factor != 1`` (Qwen2.5-VL videos); the two engines
+    disagree there, and the plugin follows vLLM."""
     from tokenprune.tiny_models import random_video
 
     model, processor = qwen
@@ -121,13 +125,16 @@ def test_video_positions_equal_hf(qwen):
     factor = seconds * model.config.vision_config.tokens_per_second
     assert factor != 1.0
     spans = _spans(inputs, "video_grid_thw", t_factor=factor)
-    ours, _ = placeholder_positions(hf.shape[1], spans)
-    assert torch.equal(ours, hf)
     span = spans[0]
+    end = span.offset + span.length
+    ours, _ = placeholder_positions(hf.shape[1], spans)
+    assert torch.equal(ours[:, :end], hf[:, :end])
+    resume = int(hf[:, span.offset:end].max()) + 1
+    assert torch.equal(ours[:, end:], torch.arange(resume, resume + hf.shape[1] - end).expand(3, -1))
     coords = media_coords(span.t, span.h, span.w, span.t_factor)
     base = hf[0, span.offset - 1] + 1  # the token before the video is <|vision_start|>
-    assert torch.equal(coords[:, :3].T + base, hf[:, span.offset:span.offset + span.length])
-    assert int(coords[0, 3]) + base == hf[0, span.offset + span.length]  # text resumes at base + extent
+    assert torch.equal(coords[:, :3].T + base, hf[:, span.offset:end])
+    assert int(coords[0, 3]) + base == resume
 
 
 def _recompute(ids, coords, provisional, config):

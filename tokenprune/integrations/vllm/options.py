@@ -41,37 +41,41 @@ class VllmPruning:
 
 def supported_methods(cls_token: bool) -> list[str]:
     """Names of the registered methods that :func:`parse_options` accepts on a tower with/without [CLS]."""
-    names = []
-    for name in sorted(METHODS):
-        try:
-            check_method(make_method(name), cls_token)
-        except (ValueError, NotImplementedError):
-            continue
-        names.append(name)
-    return names
+    return [name for name in sorted(METHODS) if _why_not(make_method(name), cls_token) is None]
 
 
-def check_method(method: PruningMethod, cls_token: bool) -> None:
-    """Raise a ``ValueError`` unless ``method`` can run inside vLLM on this tower."""
+def _why_not(method: PruningMethod, cls_token: bool) -> str | None:
+    """Why ``method`` cannot run inside vLLM on this tower, or ``None`` if it can."""
     if method.stage != "vision":
-        raise ValueError(
+        return (
             f"method {method.name!r} is a {method.stage}-stage method; the vLLM plugin runs vision-stage methods "
             f"only (pruning after the projector, before the LLM)"
         )
     if not method.fixed_budget:
-        raise ValueError(
+        return (
             f"method {method.name!r} decides its kept count from the image content, but vLLM needs each image's "
             f"placeholder count when the prompt is processed, before the vision tower runs; use a method with a "
             f"fixed budget"
         )
-    names = {request.name for request in method.requests(cls_token)}  # raises for e.g. FasterVLM without [CLS]
+    try:
+        names = {request.name for request in method.requests(cls_token)}
+    except (ValueError, NotImplementedError) as error:  # e.g. FasterVLM on a tower without [CLS]
+        return str(error)
     supported = SIGNALS_WITH_CLS if cls_token else SIGNALS_WITHOUT_CLS
     missing = sorted(names - supported)
     if missing:
-        raise ValueError(
+        return (
             f"method {method.name!r} needs the signal(s) {missing}, which the vLLM plugin does not compute on this "
-            f"model (it computes {sorted(supported)}); supported methods here: {supported_methods(cls_token)}"
+            f"model (it computes {sorted(supported)})"
         )
+    return None
+
+
+def check_method(method: PruningMethod, cls_token: bool) -> None:
+    """Raise a ``ValueError`` (listing the methods that do run) unless ``method`` can run inside vLLM here."""
+    reason = _why_not(method, cls_token)
+    if reason is not None:
+        raise ValueError(f"{reason}; methods the vLLM plugin runs on this model: {supported_methods(cls_token)}")
 
 
 def parse_options(raw: Any, cls_token: bool) -> VllmPruning | None:
