@@ -99,7 +99,7 @@ $(VLLM_STAMP): pyproject.toml
 
 # End-to-end tests of the plugin on tiny saved models with the vLLM CPU build (a CI step of its own, .ci/run).
 vllm-test: $(VLLM_STAMP)
-	VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -p no:cacheprovider -rP tests_vllm
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -p no:cacheprovider tests_vllm
 
 clean:
 	rm -rf $(VENV) $(EVAL_VENV) $(VLLM_VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -15,6 +15,8 @@ PROMPTS["qwen2_5_vl"] = PROMPTS["qwen2_vl"]
 # resuming at llm_grid_w (vLLM's EVS helper) instead of max(h, w) would show. LLaVA: 64 px -> 8 x 8 = 64 tokens.
 IMAGE_SIZE = {"llava": (64, 64), "qwen2_vl": (112, 168), "qwen2_5_vl": (112, 168)}  # (width, height)
 MAX_TOKENS = 6
+# "label: max |dlogprob|" lines the end-to-end tests measured, printed at the end of the run (conftest.py)
+MEASURED: list[str] = []
 
 
 def image(name: str):

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-from cases import MAX_TOKENS, PROMPTS, Run, image  # noqa: E402
+from cases import MAX_TOKENS, MEASURED, PROMPTS, Run, image  # noqa: E402
 
 from tokenprune.integrations.vllm.checkpoints import save_tiny_checkpoint  # noqa: E402
 
@@ -56,3 +56,10 @@ def vllm_run(model_dirs):
     def run(name: str, overrides: dict | None = None) -> Run:
         return _vllm_run(model_dirs[name], name, json.dumps(overrides or {}, sort_keys=True))
     return run
+
+
+def pytest_terminal_summary(terminalreporter):
+    if MEASURED:
+        terminalreporter.section("measured (vLLM vs HF, fp32, greedy)")
+        for line in MEASURED:
+            terminalreporter.write_line(line)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import pytest
+from cases import MEASURED
 from hf_reference import HFReference
 
 from tokenprune.integrations.vllm import vllm_overrides
@@ -24,7 +25,7 @@ def max_diff(a, b) -> float:
 
 
 def report(label: str, diff: float) -> None:
-    print(f"max |dlogprob| {label}: {diff:.2e}")  # shown with pytest -s / -rP (make vllm-test)
+    MEASURED.append(f"max |dlogprob| {label}: {diff:.2e}")
 
 
 @pytest.mark.parametrize("name", MODELS)
