@@ -10,8 +10,8 @@ import torch
 from cases import MAX_TOKENS, PROMPTS, Run, image
 
 from tokenprune.integrations.vllm.options import VllmPruning
-from tokenprune.integrations.vllm.selection import select_image
-from tokenprune.methods import CLS_ATTENTION, FEATURES
+from tokenprune.integrations.vllm.selection import image_rows, select_image
+from tokenprune.methods import CLS_ATTENTION, FEATURES, Selection
 
 
 class HFReference:
@@ -60,23 +60,27 @@ class HFReference:
         side = math.isqrt(feats.shape[0])
         return feats, signals, (side, side)
 
-    def kept(self, pruning: VllmPruning) -> torch.Tensor:
+    def selection(self, pruning: VllmPruning) -> Selection:
         feats, signals, grid = self.signals(pruning)
-        return select_image(pruning, feats.shape[0], signals, grid, cls_token=not self.qwen)
+        return select_image(pruning, feats.shape[0], signals, grid, cls_token=not self.qwen,
+                            allow_extra_rows=not self.qwen)
 
     @torch.no_grad()
-    def pruned(self, kept: torch.Tensor, reindex_positions: bool = False) -> Run:
-        """Greedy decode of the prompt with only the ``kept`` image tokens (no KV cache: full recompute per step).
+    def pruned(self, selection: Selection, reindex_positions: bool = False) -> Run:
+        """Greedy decode of the prompt with only the selected image rows (no KV cache: full recompute per step).
         ``reindex_positions`` (Qwen): give the pruned sequence fresh contiguous positions instead (a wrong variant
         the tests use to show that the comparison sees positions)."""
         feats, _, _ = self.signals(None)
+        rows = image_rows(feats, selection)
         ids = self.inputs["input_ids"][0]
         is_image = ids == self.image_token_id
         keep = ~is_image
-        keep[is_image.nonzero()[:, 0][kept]] = True
+        slots = is_image.nonzero()[:, 0]
+        # Qwen: the kept tokens' own columns (their positions matter); LLaVA (re-indexed): the first k slots
+        keep[slots[selection.kept] if self.qwen else slots[: rows.shape[0]]] = True
         embed = self.model.get_input_embeddings()
         embeds = embed(ids[keep])[None].clone()
-        embeds[0, ids[keep] == self.image_token_id] = feats[kept]
+        embeds[0, ids[keep] == self.image_token_id] = rows
         positions = None
         if self.qwen:
             full, _ = self.model.model.get_rope_index(

@@ -52,6 +52,7 @@ CASES = [
     ("llava", "fastervlm", 10, {}),
     ("llava", "kcenter", 10, {}),        # pivot from the LAST CLIP layer, past vLLM's truncated tower
     ("llava", "random", 0.2, {"seed": 1}),
+    ("llava", "holov", 60, {}),          # 53 kept + 7 zero rows (the official padding, quirks=True)
     ("qwen2_vl", "divprune", 0.25, {}),
     ("qwen2_5_vl", "divprune", 6, {}),
     ("qwen2_5_vl", "kcenter", 6, {"rule": "maxsum"}),
@@ -64,17 +65,18 @@ def test_pruned_matches_hf_reference(name, method, keep, options, vllm_run, hf):
     overrides = vllm_overrides(name, method, keep=keep, **options)
     pruning = parse_options(overrides["tokenprune"], cls_token=name == "llava")
     ref_model = hf(name)
-    kept = ref_model.kept(pruning)
+    selection = ref_model.selection(pruning)
     n = ref_model.signals(None)[0].shape[0]
-    assert len(kept) == pruning.kept(n) < n
+    k = pruning.kept(n)
+    assert len(selection.kept) + selection.n_merged == k < n
 
-    ours, ref = vllm_run(name, overrides), ref_model.pruned(kept)
+    ours, ref = vllm_run(name, overrides), ref_model.pruned(selection)
     vanilla = vllm_run(name)
-    assert ours.prompt_len == ref.prompt_len == vanilla.prompt_len - (n - len(kept))
+    assert ours.prompt_len == ref.prompt_len == vanilla.prompt_len - (n - k)
     assert ours.tokens == ref.tokens
     report(f"pruned vLLM vs HF reference, {name} {method} keep={keep}", max_diff(ours, ref))
     assert max_diff(ours, ref) < TOL
     # the comparison can fail: the unpruned prompt gives other logprobs
     assert max_diff(vanilla, ref) > 100 * TOL
     if name.startswith("qwen"):  # ... and so do re-indexed positions (kept tokens must keep their own)
-        assert max_diff(ours, ref_model.pruned(kept, reindex_positions=True)) > 10 * TOL
+        assert max_diff(ours, ref_model.pruned(selection, reindex_positions=True)) > 10 * TOL

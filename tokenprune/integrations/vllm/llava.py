@@ -25,7 +25,7 @@ from vllm.model_executor.models.utils import maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from tokenprune.integrations.vllm.options import CONFIG_KEY, VllmPruning, parse_options
-from tokenprune.integrations.vllm.selection import select_image
+from tokenprune.integrations.vllm.selection import image_rows, select_image
 from tokenprune.methods import CLS_ATTENTION, FEATURES
 
 
@@ -138,6 +138,6 @@ class TokenpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             signals = {FEATURES: embeds[b]}
             for key in self._cls_keys:
                 signals[key] = captured[key][b, :, 1:] if drop_cls else captured[key][b]   # [H, N]
-            idx = select_image(self.tokenprune, n, signals, grid, cls_token=True)
-            kept.append(embeds[b, idx.to(embeds.device)])
+            selection = select_image(self.tokenprune, n, signals, grid, cls_token=True, allow_extra_rows=True)
+            kept.append(image_rows(embeds[b], selection))
         return torch.stack(kept)

@@ -122,7 +122,7 @@ class _QwenPruning:
         out = []
         for emb, (t, h, w) in zip(embeds, grid_thw.tolist(), strict=True):
             h, w = h // merge, w // merge
-            kept = select_image(self.tokenprune, emb.shape[0], {FEATURES: emb}, (h, w), cls_token=False)
+            kept = select_image(self.tokenprune, emb.shape[0], {FEATURES: emb}, (h, w), cls_token=False).kept
             coords = media_coords(t, h, w)[kept].to(emb.device, emb.dtype)
             out.append(torch.cat([emb[kept.to(emb.device)], coords], dim=1))
         return out

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from tokenprune.integrations.vllm.options import VllmPruning
-from tokenprune.methods import Selection, SelectionContext
+from tokenprune.methods import FEATURES, Selection, SelectionContext
 
 
 def select_image(
@@ -16,8 +16,12 @@ def select_image(
     signals: Mapping[str, torch.Tensor],
     grid: tuple[int, int] | None,
     cls_token: bool,
-) -> torch.Tensor:
-    """Kept indices (``torch.long``, ascending, on the CPU) of one image with ``n`` visual tokens.
+    allow_extra_rows: bool = False,
+) -> Selection:
+    """The selection of one image with ``n`` visual tokens: ``kept`` (``torch.long``, ascending, on the CPU) plus,
+    for methods that add rows (HoloV's zero rows with ``quirks``), ``merged`` rows in the projected space, placed as
+    ``merged[:lead]``, the kept tokens, ``merged[lead:]`` (:func:`image_rows`). Either way the image gets exactly
+    ``pruning.kept(n)`` rows, the count its placeholders were given.
 
     vLLM batches images of different prompts together, so each image is selected as the first image of its
     prompt (``index_in_row=0``): seeded methods (random, k-center's pivot without [CLS]) match
@@ -25,15 +29,28 @@ def select_image(
     """
     k = pruning.kept(n)
     if k >= n:
-        return torch.arange(n)
+        return Selection(torch.arange(n))
     ctx = SelectionContext(k=k, n=n, signals=dict(signals), grid=grid, cls_token=cls_token)
-    kept = pruning.method.select(ctx)
-    if isinstance(kept, Selection):
-        raise ValueError(f"method {pruning.method.name!r} merges tokens; the vLLM plugin supports pure selection")
-    kept = kept.detach().to("cpu", torch.long)
-    if kept.ndim != 1 or kept.numel() != k or not bool((kept[1:] > kept[:-1]).all()):
-        raise RuntimeError(
-            f"{pruning.method.name} returned {kept.tolist()} for k={k}, n={n}; expected {k} ascending unique indices "
-            f"(vLLM reserved exactly {k} placeholders for this image)"
+    out = pruning.method.select(ctx)
+    selection = out if isinstance(out, Selection) else Selection(out)
+    if selection.n_merged and (not allow_extra_rows or selection.space != FEATURES):
+        raise ValueError(
+            f"method {pruning.method.name!r} adds {selection.n_merged} merged row(s) in the {selection.space!r} "
+            f"space, which the vLLM plugin cannot place on this model"
         )
-    return kept
+    kept = selection.kept.detach().to("cpu", torch.long)
+    if kept.ndim != 1 or kept.numel() + selection.n_merged != k or not bool((kept[1:] > kept[:-1]).all()):
+        raise RuntimeError(
+            f"{pruning.method.name} returned {kept.tolist()} (+{selection.n_merged} merged rows) for k={k}, n={n}; "
+            f"expected ascending unique indices, {k} rows in all (vLLM reserved {k} placeholders for this image)"
+        )
+    return Selection(kept, selection.merged, lead=selection.lead, space=selection.space)
+
+
+def image_rows(features: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """``[k, D]``: the image's rows in placeholder order (merged lead rows, kept tokens, other merged rows)."""
+    rows = features[selection.kept.to(features.device)]
+    if not selection.n_merged:
+        return rows
+    merged = selection.merged.to(features.device, features.dtype)
+    return torch.cat([merged[: selection.lead], rows, merged[selection.lead:]])
