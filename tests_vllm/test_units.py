@@ -185,7 +185,7 @@ def test_supported_methods():
 
 @pytest.mark.parametrize(("raw", "cls_token", "message"), [
     ({"method": "recoverable", "keep": 64}, True, "decides its kept count"),
-    ({"method": "fastv", "keep": 64}, True, "decoder-stage"),
+    ({"method": "fastv", "keep": 64}, True, "runs at the 'decoder' stage"),
     ({"method": "mmtok", "keep": 64}, True, "text_embeddings"),
     ({"method": "fastervlm", "keep": 64}, False, "without a [CLS] token"),
     ({"method": "divprune"}, True, "needs 'method' and 'keep'"),

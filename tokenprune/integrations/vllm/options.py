@@ -41,14 +41,22 @@ class VllmPruning:
 
 def supported_methods(cls_token: bool) -> list[str]:
     """Names of the registered methods that :func:`parse_options` accepts on a tower with/without [CLS]."""
-    return [name for name in sorted(METHODS) if _why_not(make_method(name), cls_token) is None]
+    names = []
+    for name in sorted(METHODS):
+        try:
+            method = make_method(name)
+        except (TypeError, ValueError):  # a method without defaults for its hyper-parameters
+            continue
+        if _why_not(method, cls_token) is None:
+            names.append(name)
+    return names
 
 
 def _why_not(method: PruningMethod, cls_token: bool) -> str | None:
     """Why ``method`` cannot run inside vLLM on this tower, or ``None`` if it can."""
     if method.stage != "vision":
         return (
-            f"method {method.name!r} is a {method.stage}-stage method; the vLLM plugin runs vision-stage methods "
+            f"method {method.name!r} runs at the {method.stage!r} stage; the vLLM plugin runs vision-stage methods "
             f"only (pruning after the projector, before the LLM)"
         )
     if not method.fixed_budget:
