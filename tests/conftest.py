@@ -37,6 +37,13 @@ def decoder_methods():
     return sorted(name for name, cls in METHODS.items() if cls.stage == "decoder")
 
 
+def two_stage_methods():
+    """Registered two-stage methods (one name that prunes before and inside the LLM, e.g. ToDRE)."""
+    from tokenprune.methods import METHODS
+
+    return sorted(name for name, cls in METHODS.items() if cls.stage == "two-stage")
+
+
 torch.set_num_threads(2)
 
 

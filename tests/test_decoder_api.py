@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tokenprune import PruningConfig, disable_pruning, enable_pruning
-from tokenprune.methods import DivPrune, FastV
+from tokenprune.methods import METHODS, DivPrune, FastV, TwoStageMethod
 from tokenprune.tiny_models import LlavaSize, random_image, tiny_llava, tiny_qwen
 
 GEN = dict(max_new_tokens=4, do_sample=False)
@@ -55,4 +55,38 @@ def test_vision_then_decoder_stage(family):
     assert "DivPrune" not in repr(handle) and "divprune(" in repr(handle) and "fastv(" in repr(handle)
     with pytest.raises(TypeError, match="instances"):
         enable_pruning(model, ["divprune", "fastv"], keep=0.5, k=3)
+    disable_pruning(model)
+
+
+class _DivThenFastV(TwoStageMethod):
+    """A test two-stage method: DivPrune keeps half, FastV (K=2) then keeps half of those: one keep, split evenly."""
+
+    name = "testtwostage"
+    paper = "test"
+
+    def stages(self):
+        return DivPrune(), FastV(k=2)
+
+    def stage_keeps(self, keep):
+        return keep**0.5, keep**0.5
+
+
+def test_two_stage_method_installs_what_its_stage_list_would(monkeypatch):
+    monkeypatch.setitem(METHODS, _DivThenFastV.name, _DivThenFastV)  # configs resolve methods by name
+    model, processor = tiny_llava(LlavaSize(text_layers=4))
+    prompt = "USER : <image>\nwhat is in the image ? ASSISTANT :"
+    inputs = processor(images=[random_image(80, 96, seed=1)], text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        listed = enable_pruning(model, ["divprune", "fastv"], keep=[0.5, 0.5])
+        expected = model(**inputs).logits
+        expected_counts = listed.last.visual_per_layer
+        disable_pruning(model)
+        two = enable_pruning(model, _DivThenFastV(), keep=0.25)
+        got = model(**inputs).logits
+    assert two.last.visual_per_layer == expected_counts and expected_counts[-1] < expected_counts[0]
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="use it alone"):
+        enable_pruning(model, [_DivThenFastV(), FastV()], keep=0.5)
+    with pytest.raises(ValueError, match="keep= budget instead"):
+        enable_pruning(model, _DivThenFastV(), flops=0.5)
     disable_pruning(model)

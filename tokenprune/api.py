@@ -11,7 +11,7 @@ import torch
 
 from tokenprune.budget import Keep, validate_budget, validate_scope
 from tokenprune.config import PruningConfig
-from tokenprune.methods import METHODS, PruningMethod, make_method, split_stages
+from tokenprune.methods import METHODS, PruningMethod, TwoStageMethod, make_method, split_stages
 from tokenprune.record import PruneRecord
 
 _HANDLE_ATTR = "_tokenprune_handle"
@@ -118,10 +118,14 @@ def enable_pruning(
     handle = PruningHandle(model, config, instance)
     # the adapter validates method vs model before touching anything
     vision, decoder = split_stages(instance if isinstance(instance, tuple) else (instance,))
-    keeps = {name: k for name, k, _ in config.stages}
+    if isinstance(instance, TwoStageMethod):
+        vision_keep, decoder_keep = instance.stage_keeps(config.keep)
+    else:
+        keeps = {name: k for name, k, _ in config.stages}
+        vision_keep = keeps[vision.name] if vision else config.stages[0][1]
+        decoder_keep = keeps[decoder.name] if decoder else None
     adapter = adapter_cls(
-        model, vision, keeps[vision.name] if vision else config.stages[0][1], handle, scope=config.scope,
-        decoder=decoder, decoder_keep=keeps[decoder.name] if decoder else None,
+        model, vision, vision_keep, handle, scope=config.scope, decoder=decoder, decoder_keep=decoder_keep
     )
     if previous is not None:
         warnings.warn(

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenprune.budget import Keep, validate_budget, validate_keep, validate_scope
-from tokenprune.methods import PruningMethod, make_method, split_stages
+from tokenprune.methods import PruningMethod, TwoStageMethod, make_method, split_stages
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,12 @@ class PruningConfig:
         validate_scope(self.scope)
         if isinstance(self.method, str):
             validate_budget(self.keep, self.flops)
-            make_method(self.method, **self.options)  # validates the name and the option names/values
+            built = make_method(self.method, **self.options)  # validates the name and the option names/values
+            if self.flops is not None and isinstance(built, TwoStageMethod):
+                raise ValueError(
+                    f"flops= budgets apply to single-stage methods for now; {built.name!r} prunes before and inside "
+                    f"the LLM: give it a keep= budget instead"
+                )
             return
         if self.flops is not None:
             raise ValueError(

@@ -36,6 +36,7 @@ from tokenprune.methods.kcenter import KCenter
 from tokenprune.methods.mmtok import MMTok
 from tokenprune.methods.pdrop import PyramidDrop
 from tokenprune.methods.recoverable import Recoverable
+from tokenprune.methods.two_stage import TwoStageMethod
 from tokenprune.methods.visionzip import VisionDrop, VisionZip
 
 METHODS: dict[str, type[PruningMethod]] = {
@@ -48,7 +49,16 @@ METHODS: dict[str, type[PruningMethod]] = {
 
 
 def split_stages(methods: tuple[PruningMethod, ...]) -> tuple[PruningMethod | None, PruningMethod | None]:
-    """``(vision, decoder)`` of a stage list: at most one of each, the vision stage first."""
+    """``(vision, decoder)`` of a stage list: at most one of each, the vision stage first. A single
+    :class:`TwoStageMethod` (e.g. ToDRE) is its own two stages."""
+    if len(methods) == 1 and isinstance(methods[0], TwoStageMethod):
+        return methods[0].stages()
+    two = [m.name for m in methods if isinstance(m, TwoStageMethod)]
+    if two:
+        raise ValueError(
+            f"{two} already prune(s) both before and inside the LLM (two-stage methods); use it alone, e.g. "
+            f"method={two[0]!r}, or list its stages explicitly"
+        )
     stages = ["decoder" if m.stage == "decoder" else "vision" for m in methods]  # FlowCut: "vision-encoder"
     if stages not in (["vision"], ["decoder"], ["vision", "decoder"]):
         raise ValueError(
@@ -88,5 +98,5 @@ __all__ = [
     "FEATURES", "METHODS", "SIGNALS", "TEXT_EMBEDDINGS", "VISION_HIDDEN", "VISION_KEYS", "CDPruner", "DecoderMethod",
     "DivPrune", "FastV", "FasterVLM", "FlowCut", "FoPru", "HiPrune", "HoloV", "KCenter", "MMTok", "PruningMethod",
     "PyramidDrop", "RandomPrune", "Recoverable", "RowSignals", "Selection", "SelectionContext", "SignalRequest",
-    "StagePlan", "UniformPrune", "VisionDrop", "VisionZip", "make_method", "split_stages",
+    "StagePlan", "TwoStageMethod", "UniformPrune", "VisionDrop", "VisionZip", "make_method", "split_stages",
 ]
