@@ -13,7 +13,7 @@ from tokenprune.bench import selection
 from tokenprune.bench.measure import cache_bytes, peak_memory
 from tokenprune.bench.models import load
 from tokenprune.bench.plots import plot_sweep
-from tokenprune.bench.references import divprune_naive
+from tokenprune.bench.references import REFERENCES, cdpruner_naive, divprune_naive, kcenter_naive, mmtok_naive
 from tokenprune.bench.report import COLUMNS
 from tokenprune.bench.run import prefill, vision_tower
 from tokenprune.cli import main
@@ -140,6 +140,34 @@ def test_divprune_naive_reference_matches(seed, n, k, duplicates):
     assert torch.equal(divprune_naive(x, k), F.divprune(x, k))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_naive_references_match(seed):
+    """k-center (both rules), CDPruner (both signs) and MMTok (with and without text) == their textbook greedy.
+    CDPruner only on a full-rank kernel (D > N, no duplicates): past the kernel's rank the residuals are rounding
+    noise and both implementations pick by it."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(8, 70, (1,), generator=g))
+    k = int(torch.randint(1, n, (1,), generator=g))
+    x, text, vh = torch.randn(n, 80, generator=g), torch.randn(3, 80, generator=g), torch.randn(n, 24, generator=g)
+    if seed % 2:
+        x[1:4] = x[0]  # duplicates: exact ties
+    pivot = int(torch.randint(n, (1,), generator=g))
+    assert torch.equal(kcenter_naive(x, k, pivot), F.kcenter(x, k, pivot))
+    assert torch.equal(kcenter_naive(x, k, pivot, "maxsum"), F.kcenter(x, k, pivot, rule="maxsum"))
+    y = torch.randn(n, 80, generator=g)
+    relevance = F.instruction_relevance(y, text)
+    assert torch.equal(cdpruner_naive(y, relevance, k), F.cdpruner(y, relevance, k))
+    assert torch.equal(cdpruner_naive(y, relevance, k, quirks=False), F.cdpruner(y, relevance, k, quirks=False))
+    assert torch.equal(mmtok_naive(x, text, k, vh, tv_temp=0.05), F.mmtok(x, text, k, vh, tv_temp=0.05))
+    assert torch.equal(mmtok_naive(x, text[:0], k), F.mmtok(x, text[:0], k))
+
+
+def test_mmtok_lazy_greedy_refreshes_past_ties():
+    """Many tokens with equal gains (more than one refresh block): the lazy greedy still picks the lowest index."""
+    x = torch.eye(6).repeat_interleave(20, dim=0)  # 120 tokens, 6 groups of 20 identical ones
+    assert F.mmtok(x, x[:0], 6).tolist() == mmtok_naive(x, x[:0], 6).tolist() == [0, 20, 40, 60, 80, 100]
+
+
 def test_selection_micro_benchmark_covers_every_method():
     rows = selection.run(sizes=(64,), d=32, repeats=1, warmup=0, layer=False, progress=False)
     from tokenprune.methods import METHODS
@@ -147,6 +175,8 @@ def test_selection_micro_benchmark_covers_every_method():
     assert sorted(r["method"] for r in rows) == sorted(METHODS)
     div = next(r for r in rows if r["method"] == "divprune")
     assert div["k"] == 7 and div["ms"] > 0 and div["reference_ms"] > 0  # the same-output check ran
+    assert {r["method"] for r in rows if "reference_speedup" in r} == set(REFERENCES) >= {
+        "divprune", "kcenter", "cdpruner", "mmtok"}
     assert "divprune" in selection.format_table(rows)
     layer = selection.layer_ms(8, torch.float32, selection.Timer(torch.device("cpu")), 0, 1, hidden=64,
                                intermediate=128, heads=4)
