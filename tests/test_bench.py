@@ -24,7 +24,7 @@ REQUIRED = ("method", "keep", "visual_tokens", "kept_tokens", "tflops_unpruned",
             "peak_mem_unpruned", "peak_mem_pruned", "kv_bytes_unpruned", "kv_bytes_pruned")
 
 
-@pytest.mark.parametrize("command", ["flops", "bench", "bench-selection"])
+@pytest.mark.parametrize("command", ["flops", "bench", "bench-selection", "bench-decoder"])
 def test_commands_have_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -208,3 +208,41 @@ def test_selection_micro_benchmark_reports_methods_it_cannot_run(monkeypatch):
                          methods=["needsaudio", "broken", "random"])
     assert [r.get("skipped") for r in rows] == [
         "no synthetic generator for signal 'audio'", "NotImplementedError: not yet", None]
+
+
+def test_decoder_cost_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    """Every decoder-stage method runs; the recomputation is timed inside the prefill, the eager route agrees."""
+    from tokenprune.bench.decoder_cost import decoder_methods
+
+    json_path, md_path = tmp_path / "d.json", tmp_path / "d.md"
+    assert main(["bench-decoder", "--layers", "4", "--keep", "16", "--repeats", "1", "--warmup", "0",
+                 "--no-progress", "--json", str(json_path), "--markdown", str(md_path)]) == 0
+    rows = json.loads(json_path.read_text())
+    assert [r["method"] for r in rows] == decoder_methods() and {"fastv", "pdrop"} <= set(decoder_methods())
+    for r in rows:
+        assert r["visual_tokens"] == 64 and 0 < r["kept_tokens"] < 64 and r["visual_per_layer"][0] == 64
+        assert 0 < r["prefill_ms_pruned"] and r["prefill_ms_unpruned"] > 0
+        assert 0 <= r["rows_ms"] <= r["select_ms"] < r["prefill_ms_pruned"]
+        assert 0 <= r["rows_fraction"] <= r["select_fraction"] < 1
+        if r["rows_calls"]:  # a method scoring by attention rows: the eager route ran and agrees (fp32)
+            assert r["score_layers_ms_eager"] > 0 and r["score_layers_ms_sdpa"] > 0
+            assert r["scores_max_abs_diff"] < 1e-5 and r["selection_identical"] and r["kept_agreement"] == 1.0
+    fastv = next(r for r in rows if r["method"] == "fastv")
+    assert fastv["stages"] == [[2, 1]] and fastv["kept_tokens"] == 16 and fastv["rows_calls"] == 1
+    table = md_path.read_text()
+    assert table.startswith("| method |") and "| fastv | (2, 1) | 16/64 |" in table
+    with pytest.raises(SystemExit):
+        main(["bench-decoder", "--method", "divprune"])
+    assert "not decoder-stage methods" in capsys.readouterr().err
+
+
+def test_decoder_cost_probe_leaves_the_mechanism_as_it_was():
+    import tokenprune.patches.decoder as decoder
+    import tokenprune.patches.decoder_select as decoder_select
+
+    from tokenprune.bench.decoder_cost import Probe
+
+    before = decoder.select_stage, decoder_select.attention_rows
+    with Probe(lambda: None).installed():
+        assert (decoder.select_stage, decoder_select.attention_rows) != before
+    assert (decoder.select_stage, decoder_select.attention_rows) == before

@@ -1,0 +1,20 @@
+"""Cost of decoder-stage selection inside the prefill: for every registered decoder-stage method, the time spent
+recomputing attention rows (and in the whole selection step) as a share of the pruned sdpa prefill, next to the
+eager alternative (each scoring layer eager with ``output_attentions``), LLaVA-1.5-7B shape at 1/4 depth (8 of 32
+LLM layers, 6 of 24 CLIP-L layers, full widths), bf16, 64 of 576 tokens.
+
+``python benchmarks/decoder_cost.py`` writes ``benchmarks/results/decoder_cost.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenprune.cli import main
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+if __name__ == "__main__":
+    main(["bench-decoder", "--model", "llava-1.5-7b", "--layers", "8", "--vision-layers", "6", "--dtype", "bfloat16",
+          "--keep", "64", "--repeats", "5", "--warmup", "1", "--threads", "2", "--no-progress",
+          "--json", str(RESULTS / "decoder_cost.json"), "--markdown", str(RESULTS / "decoder_cost.md")])
