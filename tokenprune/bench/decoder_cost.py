@@ -14,9 +14,12 @@ model and prompt, after warm-up (median, min, max of repeats):
 * **the eager alternative**: computing the same scores the way the official code does, by running each scoring
   layer in eager mode with ``output_attentions=True`` (the full ``[H, N, N]`` probabilities, from which the
   method's rows are read). On the very input the scoring layer received in the pruned prefill (captured), the
-  layer is timed once with sdpa (``score_layers_ms_sdpa``, what the prefill runs anyway) and once eager with
-  weights (``score_layers_ms_eager``); ``eager_extra_ms`` = eager - sdpa is what the prefill would pay instead of
-  ``rows_ms`` (``eager_extra_fraction`` of the pruned prefill), summed over the method's scoring layers.
+  layer is timed once with sdpa (``score_layers_ms_sdpa``) and once eager with weights
+  (``score_layers_ms_eager``). ``eager_extra_ms`` is what the prefill would pay instead of ``rows_ms``
+  (``eager_extra_fraction`` of the pruned prefill), summed over stages: eager - sdpa when the scoring layer is
+  before the pruned one (FastV: layer K-1 runs on every token anyway, eager instead of sdpa); the whole eager
+  layer when a stage scores the pruned layer's own input (PyramidDrop: that layer then runs on the kept tokens
+  only, so its full-length scores need one extra run of it).
 * **agreement**: the method's selection replayed on the eager probabilities (``select_stage`` with a row whose
   ``attention(rows)`` reads the eager map; everything else from the real row) against the selection it made on
   the recomputed rows: ``kept_agreement`` (smallest share of common kept tokens over stages and images),
@@ -220,14 +223,14 @@ def measure_method(bm: BenchModel, name: str, keep: Keep, repeats: int, warmup: 
         }
         if unpruned:
             row["prefill_ms_unpruned"] = statistics.median(unpruned)
-        row.update(_eager_alternative(stages, method, timer, repeats, warmup, row["prefill_ms_pruned"],
+        row.update(_eager_alternative(stages, method, plan, timer, repeats, warmup, row["prefill_ms_pruned"],
                                       row["rows_ms"]))
     finally:
         disable_pruning(model)
     return row
 
 
-def _eager_alternative(stages: list[_StageCall], method: Any, timer: Timer, repeats: int, warmup: int,
+def _eager_alternative(stages: list[_StageCall], method: Any, plan: tuple, timer: Timer, repeats: int, warmup: int,
                        prefill_ms: float, rows_ms: float) -> dict[str, Any]:
     none = dict.fromkeys(("score_layers_ms_sdpa", "score_layers_ms_eager", "eager_extra_ms", "eager_extra_fraction",
                           "rows_vs_eager", "rows_fraction_of_score_layers", "scores_max_abs_diff", "kept_agreement",
@@ -237,6 +240,7 @@ def _eager_alternative(stages: list[_StageCall], method: Any, timer: Timer, repe
         return none
     sdpa_ms = eager_ms = 0.0
     max_diff, agreement, identical = 0.0, 1.0, True
+    extra = 0.0
     for stage in scored:
         args = stage.rows_calls[0].args
         layer = args[0]
@@ -245,6 +249,8 @@ def _eager_alternative(stages: list[_StageCall], method: Any, timer: Timer, repe
         stats = interleaved({"sdpa": sdpa, "eager": eager}, timer, max(warmup, 1), repeats)
         sdpa_ms += stats["sdpa"].median
         eager_ms += stats["eager"].median
+        own_input = plan[stage.stage].score_layer == plan[stage.stage].layer  # scored on the pruned layer's input
+        extra += stats["eager"].median - (0.0 if own_input else stats["sdpa"].median)
         probs = got["probs"]  # [H, N, N] from the last eager run
         for rc in stage.rows_calls:
             rows = rc.args[2][0]
@@ -254,7 +260,6 @@ def _eager_alternative(stages: list[_StageCall], method: Any, timer: Timer, repe
             common = len(set(ours.tolist()) & set(theirs.tolist()))
             agreement = min(agreement, common / k if k else 1.0)
             identical = identical and torch.equal(ours.cpu(), theirs.cpu())
-    extra = eager_ms - sdpa_ms
     return {
         "score_layers_ms_sdpa": sdpa_ms, "score_layers_ms_eager": eager_ms, "eager_extra_ms": extra,
         "eager_extra_fraction": extra / prefill_ms, "rows_vs_eager": rows_ms / extra if extra > 0 else None,
@@ -334,5 +339,6 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
               f"after {first['warmup']} warm-up{unpruned}. recompute = time inside attention_rows during the pruned "
               "prefill; selection step = inside select_stage (rows + rule + layout); eager = each scoring layer "
               "run on its captured input with eager attention and output_attentions, next to the same layer on "
-              "sdpa; eager extra = eager - sdpa, the cost of getting the scores that way instead."]
+              "sdpa; eager extra = the cost of getting the scores that way instead: eager - sdpa for a layer before "
+              "the pruned one, the whole eager layer for a stage scored on the pruned layer's own input."]
     return "\n".join(lines)
