@@ -323,7 +323,7 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
         eager = "-" if r["score_layers_ms_eager"] is None else (
             f"{r['score_layers_ms_eager']:.0f} ({r['score_layers_ms_sdpa']:.0f})")
         same = "-" if r["selection_identical"] is None else (
-            "yes" if r["selection_identical"] else f"no ({100 * r['kept_agreement']:.0f}% common)")
+            "yes" if r["selection_identical"] else f"no ({100 * r['kept_agreement']:.1f}% common)")
         diff = "-" if r["scores_max_abs_diff"] is None else f"{r['scores_max_abs_diff']:.1e}"
         cells = (
             r["method"], " ".join(f"({a}, {b})" for a, b in r["stages"]), f"{r['kept_tokens']}/{r['visual_tokens']}",
