@@ -215,10 +215,11 @@ def test_decoder_cost_end_to_end_on_a_tiny_model(tmp_path, capsys):
     from tokenprune.bench.decoder_cost import decoder_methods
 
     json_path, md_path = tmp_path / "d.json", tmp_path / "d.md"
-    assert main(["bench-decoder", "--layers", "4", "--keep", "16", "--repeats", "1", "--warmup", "0",
+    assert main(["bench-decoder", "--layers", "32", "--keep", "16", "--repeats", "1", "--warmup", "0",
                  "--no-progress", "--json", str(json_path), "--markdown", str(md_path)]) == 0
     rows = json.loads(json_path.read_text())
     assert [r["method"] for r in rows] == decoder_methods() and {"fastv", "pdrop"} <= set(decoder_methods())
+    assert not [r for r in rows if "skipped" in r]  # 32 layers: every decoder method's default plan fits
     for r in rows:
         assert r["visual_tokens"] == 64 and 0 < r["kept_tokens"] < 64 and r["visual_per_layer"][0] == 64
         assert 0 < r["prefill_ms_pruned"] and r["prefill_ms_unpruned"] > 0
@@ -246,3 +247,12 @@ def test_decoder_cost_probe_leaves_the_mechanism_as_it_was():
     with Probe(lambda: None).installed():
         assert (decoder.select_stage, decoder_select.attention_rows) != before
     assert (decoder.select_stage, decoder_select.attention_rows) == before
+
+
+def test_decoder_cost_reports_a_method_whose_plan_does_not_fit():
+    from tokenprune.bench import decoder_cost
+
+    rows = decoder_cost.run(load("tiny", layers=2), ["fastv"], 16, repeats=1, warmup=0, unpruned=False,
+                            progress=False)
+    assert rows[0]["method"] == "fastv" and "do not fit a 2-layer language model" in rows[0]["skipped"]
+    assert "| fastv | skipped: ValueError" in decoder_cost.format_markdown(rows)

@@ -26,7 +26,8 @@ model and prompt, after warm-up (median, min, max of repeats):
   ``selection_identical`` and ``scores_max_abs_diff`` (largest difference of any recomputed probability from the
   eager one; eager weights are rounded to the model's dtype, recomputed rows are fp32).
 
-Methods whose rule reads no attention rows (``rows_calls`` 0) have no eager alternative (``None``).
+Methods whose rule reads no attention rows (``rows_calls`` 0) have no eager alternative (``None``); a method that
+cannot run on the model (e.g. its layers do not fit a reduced depth) gets a row with ``skipped`` and the reason.
 """
 
 from __future__ import annotations
@@ -296,7 +297,10 @@ def run(bm: BenchModel, methods: list[str] | None = None, keep: Keep = 64, *, re
             bar.update()
         for name in names:
             bar.set_postfix_str(name)
-            rows.append({**measure_method(bm, name, keep, repeats, warmup, base), **context})
+            try:
+                rows.append({**measure_method(bm, name, keep, repeats, warmup, base), **context})
+            except (ValueError, NotImplementedError) as err:  # e.g. a plan that does not fit a reduced depth
+                rows.append({"method": name, "keep": keep, "skipped": f"{type(err).__name__}: {err}", **context})
             bar.update()
     bar.close()
     return rows
@@ -319,6 +323,9 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
               "eager extra % of prefill", "eager / recompute", "same selection", "max |Δp|")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['method']} | skipped: {r['skipped'][:150]} |" + " |" * (len(header) - 2))
+            continue
         ratio = "-" if r.get("rows_vs_eager") in (None, 0) else f"{1 / r['rows_vs_eager']:.1f}x"
         eager = "-" if r["score_layers_ms_eager"] is None else (
             f"{r['score_layers_ms_eager']:.0f} ({r['score_layers_ms_sdpa']:.0f})")
@@ -332,7 +339,7 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
             _pct(r["select_fraction"]), eager, _pct(r["eager_extra_fraction"], 1), ratio, same, diff,
         )
         lines.append("| " + " | ".join(cells) + " |")
-    first = rows[0]
+    first = next((r for r in rows if "skipped" not in r), rows[0])
     unpruned = (f"; unpruned prefill {first['prefill_ms_unpruned']:.0f} ms"
                 if first.get("prefill_ms_unpruned") is not None else "")
     lines += ["", f"{first['model']}; {first['threads']} threads; median (min-max) of {first['repeats']} repeats "
