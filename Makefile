@@ -34,6 +34,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	nice $(PY) benchmarks/run.py benchmarks/overhead_llava15_7b_eighth.json benchmarks/overhead_llava15_7b_fullvision.json
 	nice $(PY) benchmarks/selection_cost.py
+	nice $(PY) benchmarks/decoder_cost.py
 	nice $(PY) benchmarks/run.py benchmarks/sweep_llava15_7b_eighth.json
 
 lint: $(STAMP)

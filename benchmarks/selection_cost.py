@@ -18,6 +18,7 @@ if __name__ == "__main__":
     table = io.StringIO()
     with contextlib.redirect_stdout(table):
         main(["bench-selection", "--sizes", "576,2880", "--dim", "4096", "--dtype", "bfloat16", "--repeats", "5",
+              "--reference-repeats", "3",
               "--threads", "2", "--json", str(RESULTS / "selection_cost.json")])
     print(table.getvalue(), end="")
     (RESULTS / "selection_cost.txt").write_text(table.getvalue())

@@ -13,7 +13,7 @@ from tokenprune.bench import selection
 from tokenprune.bench.measure import cache_bytes, peak_memory
 from tokenprune.bench.models import load
 from tokenprune.bench.plots import plot_sweep
-from tokenprune.bench.references import divprune_naive
+from tokenprune.bench.references import REFERENCES, cdpruner_naive, divprune_naive, kcenter_naive, mmtok_naive
 from tokenprune.bench.report import COLUMNS
 from tokenprune.bench.run import prefill, vision_tower
 from tokenprune.cli import main
@@ -24,7 +24,7 @@ REQUIRED = ("method", "keep", "visual_tokens", "kept_tokens", "tflops_unpruned",
             "peak_mem_unpruned", "peak_mem_pruned", "kv_bytes_unpruned", "kv_bytes_pruned")
 
 
-@pytest.mark.parametrize("command", ["flops", "bench", "bench-selection"])
+@pytest.mark.parametrize("command", ["flops", "bench", "bench-selection", "bench-decoder"])
 def test_commands_have_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -140,6 +140,34 @@ def test_divprune_naive_reference_matches(seed, n, k, duplicates):
     assert torch.equal(divprune_naive(x, k), F.divprune(x, k))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_naive_references_match(seed):
+    """k-center (both rules), CDPruner (both signs) and MMTok (with and without text) == their textbook greedy.
+    CDPruner only on a full-rank kernel (D > N, no duplicates): past the kernel's rank the residuals are rounding
+    noise and both implementations pick by it."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(8, 70, (1,), generator=g))
+    k = int(torch.randint(1, n, (1,), generator=g))
+    x, text, vh = torch.randn(n, 80, generator=g), torch.randn(3, 80, generator=g), torch.randn(n, 24, generator=g)
+    if seed % 2:
+        x[1:4] = x[0]  # duplicates: exact ties
+    pivot = int(torch.randint(n, (1,), generator=g))
+    assert torch.equal(kcenter_naive(x, k, pivot), F.kcenter(x, k, pivot))
+    assert torch.equal(kcenter_naive(x, k, pivot, "maxsum"), F.kcenter(x, k, pivot, rule="maxsum"))
+    y = torch.randn(n, 80, generator=g)
+    relevance = F.instruction_relevance(y, text)
+    assert torch.equal(cdpruner_naive(y, relevance, k), F.cdpruner(y, relevance, k))
+    assert torch.equal(cdpruner_naive(y, relevance, k, quirks=False), F.cdpruner(y, relevance, k, quirks=False))
+    assert torch.equal(mmtok_naive(x, text, k, vh, tv_temp=0.05), F.mmtok(x, text, k, vh, tv_temp=0.05))
+    assert torch.equal(mmtok_naive(x, text[:0], k), F.mmtok(x, text[:0], k))
+
+
+def test_mmtok_lazy_greedy_refreshes_past_ties():
+    """Many tokens with equal gains (more than one refresh block): the lazy greedy still picks the lowest index."""
+    x = torch.eye(6).repeat_interleave(20, dim=0)  # 120 tokens, 6 groups of 20 identical ones
+    assert F.mmtok(x, x[:0], 6).tolist() == mmtok_naive(x, x[:0], 6).tolist() == [0, 20, 40, 60, 80, 100]
+
+
 def test_selection_micro_benchmark_covers_every_method():
     rows = selection.run(sizes=(64,), d=32, repeats=1, warmup=0, layer=False, progress=False)
     from tokenprune.methods import METHODS
@@ -147,6 +175,8 @@ def test_selection_micro_benchmark_covers_every_method():
     assert sorted(r["method"] for r in rows) == sorted(METHODS)
     div = next(r for r in rows if r["method"] == "divprune")
     assert div["k"] == 7 and div["ms"] > 0 and div["reference_ms"] > 0  # the same-output check ran
+    assert {r["method"] for r in rows if "reference_speedup" in r} == set(REFERENCES) >= {
+        "divprune", "kcenter", "cdpruner", "mmtok"}
     assert "divprune" in selection.format_table(rows)
     layer = selection.layer_ms(8, torch.float32, selection.Timer(torch.device("cpu")), 0, 1, hidden=64,
                                intermediate=128, heads=4)
@@ -178,3 +208,51 @@ def test_selection_micro_benchmark_reports_methods_it_cannot_run(monkeypatch):
                          methods=["needsaudio", "broken", "random"])
     assert [r.get("skipped") for r in rows] == [
         "no synthetic generator for signal 'audio'", "NotImplementedError: not yet", None]
+
+
+def test_decoder_cost_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    """Every decoder-stage method runs; the recomputation is timed inside the prefill, the eager route agrees."""
+    from tokenprune.bench.decoder_cost import decoder_methods
+
+    json_path, md_path = tmp_path / "d.json", tmp_path / "d.md"
+    assert main(["bench-decoder", "--layers", "32", "--keep", "16", "--repeats", "1", "--warmup", "0",
+                 "--no-progress", "--json", str(json_path), "--markdown", str(md_path)]) == 0
+    rows = json.loads(json_path.read_text())
+    assert [r["method"] for r in rows] == decoder_methods() and {"fastv", "pdrop"} <= set(decoder_methods())
+    assert not [r for r in rows if "skipped" in r]  # 32 layers: every decoder method's default plan fits
+    for r in rows:
+        assert r["visual_tokens"] == 64 and 0 < r["kept_tokens"] < 64 and r["visual_per_layer"][0] == 64
+        assert 0 < r["prefill_ms_pruned"] and r["prefill_ms_unpruned"] > 0
+        assert 0 <= r["rows_ms"] <= r["select_ms"] < r["prefill_ms_pruned"]
+        assert 0 <= r["rows_fraction"] <= r["select_fraction"] < 1
+        if r["rows_calls"]:  # a method scoring by attention rows: the eager route ran and agrees (fp32)
+            assert r["score_layers_ms_eager"] > 0 and r["score_layers_ms_sdpa"] > 0
+            assert r["scores_max_abs_diff"] < 1e-5 and r["selection_identical"] and r["kept_agreement"] == 1.0
+    fastv = next(r for r in rows if r["method"] == "fastv")
+    assert fastv["stages"] == [[2, 1]] and fastv["kept_tokens"] == 16 and fastv["rows_calls"] == 1
+    table = md_path.read_text()
+    assert table.startswith("| method |") and "| fastv | (2, 1) | 16/64 |" in table
+    with pytest.raises(SystemExit):
+        main(["bench-decoder", "--method", "divprune"])
+    assert "not decoder-stage methods" in capsys.readouterr().err
+
+
+def test_decoder_cost_probe_leaves_the_mechanism_as_it_was():
+    import tokenprune.patches.decoder as decoder
+    import tokenprune.patches.decoder_select as decoder_select
+
+    from tokenprune.bench.decoder_cost import Probe
+
+    before = decoder.select_stage, decoder_select.attention_rows
+    with Probe(lambda: None).installed():
+        assert (decoder.select_stage, decoder_select.attention_rows) != before
+    assert (decoder.select_stage, decoder_select.attention_rows) == before
+
+
+def test_decoder_cost_reports_a_method_whose_plan_does_not_fit():
+    from tokenprune.bench import decoder_cost
+
+    rows = decoder_cost.run(load("tiny", layers=2), ["fastv"], 16, repeats=1, warmup=0, unpruned=False,
+                            progress=False)
+    assert rows[0]["method"] == "fastv" and "do not fit a 2-layer language model" in rows[0]["skipped"]
+    assert "| fastv | skipped: ValueError" in decoder_cost.format_markdown(rows)

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from tokenprune.bench.cli import add_commands
 
-    add_commands(sub)  # flops, bench, bench-selection
+    add_commands(sub)  # flops, bench, bench-selection, bench-decoder
     return parser
 
 

@@ -1,4 +1,5 @@
-"""The ``flops``, ``bench`` and ``bench-selection`` commands (registered by :func:`add_commands`)."""
+"""The ``flops``, ``bench``, ``bench-selection`` and ``bench-decoder`` commands (registered by
+:func:`add_commands`)."""
 
 from __future__ import annotations
 
@@ -84,10 +85,67 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     selection.add_argument("--dtype", default="bfloat16", help="features' and layer's dtype (default bfloat16)")
     selection.add_argument("--repeats", type=int, default=5)
     selection.add_argument("--warmup", type=int, default=1)
+    selection.add_argument("--reference-repeats", type=int, default=None,
+                           help="timed runs of each naive reference (default: --repeats)")
     selection.add_argument("--no-layer", action="store_true", help="skip timing the LLM layer")
     selection.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     selection.add_argument("--json", nargs="?", const="-", default=None, help="write JSON to PATH (or stdout)")
     selection.set_defaults(handler=run_selection, command_parser=selection)
+    add_decoder_command(sub)
+
+
+def add_decoder_command(sub: argparse._SubParsersAction) -> None:
+    decoder = sub.add_parser(
+        "bench-decoder", help="cost of decoder-stage selection (attention-row recomputation) vs the eager route",
+        description="For every decoder-stage method (or --method): the pruned prefill, the time spent inside the "
+        "attention-row recomputation and the whole selection step during it (as fractions of the prefill), and "
+        "side by side the alternative of running each scoring layer eager with output_attentions (its extra time "
+        "over the same layer on sdpa), with a check that the selection made on the eager probabilities agrees.",
+    )
+    decoder.add_argument("--model", default="tiny",
+                         help="tiny, demo, llava-1.5-7b, llava-1.5-13b or a checkpoint directory (default tiny)")
+    decoder.add_argument("--layers", type=int, default=None, help="build the preset with this many LLM layers")
+    decoder.add_argument("--vision-layers", type=int, default=None, help="... and this many vision-tower layers")
+    decoder.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    decoder.add_argument("--attn", default="sdpa", help="attn_implementation of the prefill (default sdpa)")
+    decoder.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    decoder.add_argument("--method", type=_csv(str), default=None, help="comma list (default: every decoder method)")
+    decoder.add_argument("--keep", type=_parse_keep, default=64, help="budget (default 64 tokens)")
+    decoder.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default 5)")
+    decoder.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
+    decoder.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    decoder.add_argument("--json", nargs="?", const="-", default=None, help="write JSON to PATH (or stdout)")
+    decoder.add_argument("--markdown", default=None, help="also write the markdown table to PATH")
+    decoder.add_argument("--no-progress", action="store_true", help="no progress bar")
+    decoder.set_defaults(handler=run_decoder, command_parser=decoder)
+
+
+def run_decoder(args: argparse.Namespace) -> int:
+    import torch
+
+    from tokenprune.bench import decoder_cost
+    from tokenprune.bench.models import load
+
+    previous = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        bm = load(args.model, layers=args.layers, vision_layers=args.vision_layers, dtype=args.dtype,
+                  attn_implementation=args.attn, device=args.device)
+        rows = decoder_cost.run(bm, args.method, args.keep, repeats=args.repeats, warmup=args.warmup,
+                                progress=False if args.no_progress else None)
+    except ValueError as err:
+        args.command_parser.error(str(err))
+    finally:
+        torch.set_num_threads(previous)
+    table = decoder_cost.format_markdown(rows)
+    if args.json != "-":
+        print(table)
+    if args.json:
+        _emit(json.dumps(rows, indent=2), args.json)
+    if args.markdown:
+        _emit(table, args.markdown)
+    return 0
 
 
 def _parse_keep(text: str):
@@ -241,7 +299,8 @@ def run_selection(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         rows = selection.run(tuple(args.sizes), d=args.dim, dtype=args.dtype, repeats=args.repeats,
-                             warmup=args.warmup, methods=args.method, layer=not args.no_layer)
+                             warmup=args.warmup, methods=args.method, layer=not args.no_layer,
+                             reference_repeats=args.reference_repeats)
     finally:
         torch.set_num_threads(previous)
     if args.json != "-":
