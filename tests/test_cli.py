@@ -49,5 +49,7 @@ def test_demo_answers_and_prints_the_table():
     assert [r.visual_tokens for r in rows] == [256, 28]
     assert rows[0].sequence_length - rows[1].sequence_length == 228
     assert "speed-up" in text and "new tokens: yes" in text
-    assert "answer unpruned: red   (correct)" in text
+    answers = [line for line in text.splitlines() if line.startswith("answer ")]
+    assert len(answers) == 2 and text.startswith("loading the trained")
+    assert "what color is the object at the top ?" in text and "reference answer: red" in text
     assert text.count("#") >= 28

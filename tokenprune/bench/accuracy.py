@@ -87,7 +87,7 @@ def score(model, processor, data, handle=None) -> dict[str, Any]:
             "tflops_unpruned": tflops[1] / n if handle else None, "n": n}
 
 
-def run(n_per_type: int = 25, keeps=KEEPS, methods: list[str] | None = None, batch: int = 25,
+def run(n_per_type: int = 20, keeps=KEEPS, methods: list[str] | None = None, batch: int = 20,
         attn_implementation: str = "sdpa", out=sys.stderr, threads: int | None = None) -> dict[str, Any]:
     from tokenprune.tiny_models import trained_llava
 

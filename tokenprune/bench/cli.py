@@ -96,11 +96,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "accuracy per question type and overall, %% of the unpruned accuracy and the LLM prefill FLOPs of each "
         "setting. Writes OUT/accuracy_retention.{json,md,png}.",
     )
-    accuracy.add_argument("--per-type", type=int, default=25, help="test questions per question type (default 25)")
+    accuracy.add_argument("--per-type", type=int, default=20, help="test questions per question type (default 20)")
     accuracy.add_argument("--keep", type=_csv(float), default=[0.5, 0.25, 0.11, 0.05],
                           help="comma list of ratios (default 0.5,0.25,0.11,0.05)")
     accuracy.add_argument("--method", type=_csv(str), default=None, help="comma list (default: every method)")
-    accuracy.add_argument("--batch", type=int, default=25, help="questions per forward (default 25)")
+    accuracy.add_argument("--batch", type=int, default=20, help="questions per forward (default 20)")
     accuracy.add_argument("--attn", default="sdpa", help="attn_implementation (default sdpa)")
     accuracy.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     accuracy.add_argument("--out", type=Path, default=Path("benchmarks/results"),

@@ -295,6 +295,12 @@ def model_card(info: dict) -> str:
 
     a = info["args"]
     acc = info["test_accuracy"]
+    status = "" if acc["overall"] >= 0.9 else (
+        f"\n**Status: under-trained.** It answers {100 * acc['overall']:.1f}% of the test questions correctly (chance "
+        "is about 33%), short of the 90% target: within the time budget the language model learned to read attributes "
+        "off the visual tokens (1-object scenes are easy for it) but only partly to select the object a question is "
+        "about among several; dev accuracy stopped improving in the second half of stage 2 and stage 3 did not "
+        "help. Accuracy-retention numbers measured on it are therefore noisy and only indicative.\n")
     before = info.get("stage2_test_accuracy") or {}
     rows = "\n".join(f"| {t} | {100 * acc[t]:.1f} | " + (f"{100 * before[t]:.1f} |" if before else "- |")
                      for t in (*QUESTION_TYPES, "overall"))
@@ -307,7 +313,7 @@ Shipped with tokenprune so that pruning methods can be compared on a model whose
 regions (`tokenprune bench-accuracy`), and so that `make demo`, the CLI and the notebooks show real answers and
 meaningful selections. Load it with `tokenprune.tiny_models.trained_llava()` (`from_pretrained` on this folder).
 It knows only its synthetic world: it is a sanity check, not a substitute for a real checkpoint.
-
+{status}
 ## Architecture
 
 `LlavaForConditionalGeneration`, the LLaVA-1.5 layout at small widths: CLIP ViT ({arch['vision_layers']} layers,
@@ -367,7 +373,7 @@ def main(argv=None) -> None:
     p.add_argument("--turns", type=int, default=12)
     p.add_argument("--eval-per-type", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--joint-steps", type=int, default=700)
+    p.add_argument("--joint-steps", type=int, default=600)
     p.add_argument("--joint-lr", type=float, default=1e-3)
     p.add_argument("--joint-vision-lr", type=float, default=2e-4)
     p.add_argument("--eval-every", type=int, default=100, help="log dev accuracy every N VQA steps (0: never)")
