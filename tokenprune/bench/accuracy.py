@@ -171,6 +171,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(8, 5))
     by_method: dict[str, list] = defaultdict(list)
@@ -183,6 +184,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xticks(list(result["keeps"]))
     ax.set_xticklabels([f"{k:g}" for k in result["keeps"]])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("keep (share of the 256 visual tokens)")
     ax.set_ylabel("% of unpruned accuracy")
     ax.axhline(100, color="grey", lw=0.5)
