@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench clean eval-env eval-test vllm-env vllm-test
+.PHONY: install demo test lint bench bench-accuracy train-synthetic clean eval-env eval-test vllm-env vllm-test
 
 install: $(STAMP)
 
@@ -36,6 +36,14 @@ bench: $(STAMP)
 	nice $(PY) benchmarks/selection_cost.py
 	nice $(PY) benchmarks/decoder_cost.py
 	nice $(PY) benchmarks/run.py benchmarks/sweep_llava15_7b_eighth.json
+
+# Accuracy retention of every method at keep 0.5/0.25/0.11/0.05 on the shipped trained model (<= 10 min on 2 cores).
+bench-accuracy: $(STAMP)
+	nice $(PY) -m tokenprune bench-accuracy --threads 2
+
+# Re-train the shipped model (tokenprune/assets/synth-llava) with the committed recipe (about 30 min on 2 cores).
+train-synthetic: $(STAMP)
+	$(PY) -m tokenprune.bench.synthetic.train --out tokenprune/assets/synth-llava
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -41,15 +41,15 @@ def test_python_dash_m_entry_point():
     assert "divprune" in out.stdout and "CVPR 2025" in out.stdout
 
 
-def test_demo_table_on_a_tiny_model(monkeypatch):
-    """The demo's code path end to end, on the tiny model to keep the test fast."""
-    from tokenprune import tiny_models
-
-    monkeypatch.setattr(demo, "DEMO", tiny_models.TINY)
+def test_demo_answers_and_prints_the_table():
+    """The demo end to end on the shipped trained model: the question, the answers, the timing table, the grid."""
     buffer = io.StringIO()
     rows = demo.run(method="divprune", keep=0.11, repeats=1, out=buffer)
     text = buffer.getvalue()
-    assert [r.visual_tokens for r in rows] == [64, 7]
-    assert rows[0].sequence_length - rows[1].sequence_length == 57
+    assert [r.visual_tokens for r in rows] == [256, 28]
+    assert rows[0].sequence_length - rows[1].sequence_length == 228
     assert "speed-up" in text and "new tokens: yes" in text
-    assert text.count("#") >= 7
+    answers = [line for line in text.splitlines() if line.startswith("answer ")]
+    assert len(answers) == 2 and text.startswith("loading the trained")
+    assert "what color is the object at the top ?" in text and "reference answer: red" in text
+    assert text.count("#") >= 28

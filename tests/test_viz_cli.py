@@ -37,11 +37,10 @@ def test_help(capsys):
 
 
 def test_builtin_model_writes_the_overlay_next_to_the_working_directory(picture, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(tiny_models, "DEMO", tiny_models.TINY)  # the built-in model's code path, at test size
     monkeypatch.chdir(tmp_path)
     assert main(["visualize", str(picture), "--method", "uniform", "--keep", "16", "--size", "200"]) == 0
     out = capsys.readouterr().out
-    assert "uniform: kept 16/64 visual tokens" in out
+    assert "uniform: kept 16/256 visual tokens" in out
     assert assert_png(tmp_path / "photo.tokenprune.png") == (200, HEADER + 200 + LEGEND)
 
 

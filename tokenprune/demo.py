@@ -1,7 +1,6 @@
-"""The main job (``make demo`` / ``tokenprune demo``): one prompt, unpruned vs pruned, on a LLaVA-1.5-shaped model.
-
-The model is built offline from a config (576 visual tokens per image, like LLaVA-1.5; random weights, so the
-text it generates is meaningless, the timings and the selection mechanics are real).
+"""The main job (``make demo`` / ``tokenprune demo``): one question, unpruned vs pruned, on the project's trained
+LLaVA-1.5-architecture model (``tokenprune/assets/synth-llava``: 256 visual tokens per image, trained on synthetic
+scenes of coloured shapes; see its model card). The answers, the timings and the selection are all real.
 """
 
 from __future__ import annotations
@@ -17,9 +16,7 @@ import torch
 from tokenprune.api import disable_pruning, enable_pruning
 from tokenprune.budget import Keep
 from tokenprune.record import ImageRecord
-from tokenprune.tiny_models import DEMO, demo_image, tiny_llava
-
-PROMPT = "USER : <image>\nwhat is in the image ? ASSISTANT :"
+from tokenprune.tiny_models import synthetic_demo, trained_llava
 
 
 @dataclass
@@ -60,14 +57,16 @@ def run(method: str = "divprune", keep: Keep = 0.11, repeats: int = 5, out=sys.s
         print(msg, file=out, flush=True)
 
     torch.manual_seed(0)
-    say("building a LLaVA-1.5-architecture model offline (CLIP ViT 336px/14 -> 576 tokens, Llama LM) ...")
-    model, processor = tiny_llava(DEMO, attn_implementation="sdpa")
-    inputs = processor(images=demo_image(), text=PROMPT, return_tensors="pt")
+    say("loading the trained LLaVA-1.5-architecture model (CLIP ViT 224px/14 -> 256 tokens, Llama LM) ...")
+    model, processor = trained_llava(attn_implementation="sdpa")
+    image, prompt, expected = synthetic_demo()
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
     n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
     length = inputs["input_ids"].shape[1]
 
     say(f"timing the unpruned prefill ({repeats} runs + warm-up) ...")
     rows = [Row("unpruned", n_visual, length, time_prefill(model, inputs, repeats))]
+    answers = {"unpruned": answer(model, processor, inputs)}
 
     handle = enable_pruning(model, method=method, keep=keep)
     say(f"timing enable_pruning(model, method={method!r}, keep={keep!r}) ...")
@@ -76,9 +75,14 @@ def run(method: str = "divprune", keep: Keep = 0.11, repeats: int = 5, out=sys.s
     rows.append(Row(f"{method} keep={keep}", record.n_kept, record.seq_len_after, times))
     with torch.inference_mode():
         generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    answers[rows[-1].label] = answer(model, processor, inputs)
     transparent = torch.equal(generated[:, :length], inputs["input_ids"])
     disable_pruning(model)
 
+    say("")
+    say("question: " + prompt.split("\n", 1)[1].replace(" ASSISTANT :", "") + f"   (reference answer: {expected})")
+    for label, text in answers.items():
+        say(f"answer {label}: {text}" + ("   (correct)" if text == expected else "   (WRONG)"))
     say("")
     say(format_table(rows))
     say("prefill = vision tower + selection + LLM prefill (the vision tower itself is not pruned); fp32, "
@@ -89,9 +93,17 @@ def run(method: str = "divprune", keep: Keep = 0.11, repeats: int = 5, out=sys.s
     say(f"kept {image.n_kept} of {image.n} visual tokens; first indices {kept[:8]} ... last {kept[-3:]}")
     say(f"generate(max_new_tokens=8) returned the original {length} prompt ids + "
         f"{generated.shape[1] - length} new tokens: {'yes' if transparent else 'NO'}")
-    say("kept patches on the 24x24 grid ('#' kept):")
+    h, w = image.grid or (0, 0)
+    say(f"kept patches on the {h}x{w} grid ('#' kept; the red circle asked about is at the top right):")
     say(grid_map(image))
     return rows
+
+
+def answer(model: torch.nn.Module, processor: Any, inputs: dict[str, Any]) -> str:
+    """The model's greedy answer (up to ``</s>``)."""
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def format_table(rows: list[Row]) -> str:

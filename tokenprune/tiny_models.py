@@ -11,6 +11,7 @@ the real ``Qwen2VLImageProcessorPil``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -299,3 +300,48 @@ def demo_image(size: int = 336) -> Image.Image:
     draw.polygon([(80 * s, 300 * s), (170 * s, 300 * s), (125 * s, 210 * s)], fill=(40, 170, 60))
     draw.ellipse([250 * s, 250 * s, 275 * s, 275 * s], fill=(240, 200, 30))
     return image
+
+
+# The project's trained small model: a LLaVA-1.5-architecture VLM trained on synthetic VQA (model card:
+# tokenprune/assets/synth-llava/README.md; recipe: python -m tokenprune.bench.synthetic.train).
+SYNTH_LLAVA = Path(__file__).resolve().parent / "assets" / "synth-llava"
+SYNTH_PROMPT = "USER : <image>\n{question} ASSISTANT :"
+
+
+def trained_llava(attn_implementation: str = "sdpa", path: str | Path | None = None):
+    """``(model, processor)``: the shipped trained LLaVA-1.5-architecture model (CLIP ViT 224 px / patch 14 -> 256
+    visual tokens + [CLS], 2-layer projector, 4-layer Llama LM; fp32, eval mode), via ``from_pretrained``.
+
+    It answers single-word questions about scenes of coloured shapes (:mod:`tokenprune.bench.synthetic`) with the
+    prompt ``SYNTH_PROMPT``; :func:`synthetic_demo` gives a scene and a question.
+    """
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    folder = Path(path) if path is not None else SYNTH_LLAVA
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"no trained model at {folder} (expected model.safetensors there); it ships with the package under "
+            "tokenprune/assets/synth-llava; rebuild it with `python -m tokenprune.bench.synthetic.train`")
+    model = LlavaForConditionalGeneration.from_pretrained(folder, attn_implementation=attn_implementation,
+                                                          dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(folder)
+    return model.eval(), processor
+
+
+def synthetic_demo() -> tuple[Image.Image, str, str]:
+    """``(image, prompt, expected answer)``: a fixed scene for the demo and the notebooks (drawn, not sampled from
+    the test split): a red circle alone at the top, three large shapes below; the question asks about the
+    object at the top, the image region that in-LLM pruning is known to lose (FEATHER, 2024)."""
+    from tokenprune.bench.synthetic.scenes import Scene, Shape, render
+
+    scene = Scene(
+        objects=[
+            Shape("red", "circle", "large", 150.0, 34.0, 22.0),
+            Shape("blue", "square", "large", 60.0, 150.0, 28.0),
+            Shape("green", "triangle", "large", 165.0, 170.0, 26.0),
+            Shape("yellow", "diamond", "small", 110.0, 110.0, 11.0),
+        ],
+        background={"kind": "gradient", "base": [200.0, 205.0, 215.0], "tint": [20.0, -15.0, 10.0], "period": 20,
+                    "angle": 0.7, "seed": 7},
+    )
+    return render(scene), SYNTH_PROMPT.format(question="what color is the object at the top ?"), "red"

@@ -147,6 +147,24 @@ def run_decoder(args: argparse.Namespace) -> int:
         _emit(table, args.markdown)
     return 0
 
+    accuracy = sub.add_parser(
+        "bench-accuracy", help="accuracy retention of every method at several budgets on the shipped trained model",
+        description="Run every registered method that works on LLaVA-1.5 (vision and decoder stage) at each budget "
+        "on the synthetic VQA test split with the shipped trained model (tokenprune/assets/synth-llava); report "
+        "accuracy per question type and overall, %% of the unpruned accuracy and the LLM prefill FLOPs of each "
+        "setting. Writes OUT/accuracy_retention.{json,md,png}.",
+    )
+    accuracy.add_argument("--per-type", type=int, default=20, help="test questions per question type (default 20)")
+    accuracy.add_argument("--keep", type=_csv(float), default=[0.5, 0.25, 0.11, 0.05],
+                          help="comma list of ratios (default 0.5,0.25,0.11,0.05)")
+    accuracy.add_argument("--method", type=_csv(str), default=None, help="comma list (default: every method)")
+    accuracy.add_argument("--batch", type=int, default=20, help="questions per forward (default 20)")
+    accuracy.add_argument("--attn", default="sdpa", help="attn_implementation (default sdpa)")
+    accuracy.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    accuracy.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+                          help="output directory (default benchmarks/results)")
+    accuracy.set_defaults(handler=run_accuracy, command_parser=accuracy)
+
 
 def _parse_keep(text: str):
     from tokenprune.cli import parse_keep
@@ -307,4 +325,17 @@ def run_selection(args: argparse.Namespace) -> int:
         print(selection.format_table(rows))
     if args.json:
         _emit(json.dumps(rows, indent=2), args.json)
+    return 0
+
+
+def run_accuracy(args: argparse.Namespace) -> int:
+    from tokenprune.bench.accuracy import markdown, run, write
+
+    if args.per_type < 1:
+        args.command_parser.error(f"--per-type must be >= 1; got {args.per_type}")
+    result = run(n_per_type=args.per_type, keeps=tuple(args.keep), methods=args.method, batch=args.batch,
+                 attn_implementation=args.attn, threads=args.threads)
+    paths = write(result, args.out)
+    print(markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
     return 0

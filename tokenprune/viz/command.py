@@ -22,8 +22,9 @@ def add_parser(sub: argparse._SubParsersAction, parse_keep: Callable[[str], floa
         "visualize", help="draw which visual tokens a method keeps, over the image (PNG)",
         description="Run one pruned prefill on IMAGE and write a PNG with the kept tokens bright and the pruned "
         "ones dimmed. Several methods and/or budgets (comma-separated) give a grid: rows = methods, columns = "
-        "budgets. Without --model the project's built-in LLaVA-1.5-shaped model is used (576 tokens per image, "
-        "random weights: the geometry is real, the choices of score-based methods are not meaningful).",
+        "budgets. Without --model the project's trained small LLaVA-1.5-architecture model is used (256 tokens per "
+        "image, trained on synthetic scenes of coloured shapes; its prompt format is 'USER : <image>\\nwhat color "
+        "is the circle ? ASSISTANT :').",
     )
     p.add_argument("image", metavar="IMAGE", help="image file (any format Pillow reads)")
     p.add_argument("--method", type=methods, default=["divprune"], help="method(s), e.g. divprune,fastervlm")

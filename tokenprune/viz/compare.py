@@ -91,11 +91,12 @@ def compare(
 
 def load(model_path: str | None = None, device: str | None = None) -> tuple[torch.nn.Module, Any]:
     """``(model, processor)``: ``from_pretrained(model_path)`` through the transformers Auto classes, or the
-    project's built-in LLaVA-1.5-shaped model (random weights, 576 tokens per image) when ``model_path`` is None."""
+    project's trained small LLaVA-1.5-architecture model (``tokenprune.tiny_models.trained_llava``: 256 tokens per
+    image, trained on synthetic scenes of coloured shapes) when ``model_path`` is None."""
     if model_path is None:
-        from tokenprune.tiny_models import DEMO, tiny_llava
+        from tokenprune.tiny_models import trained_llava
 
-        return tiny_llava(DEMO)
+        return trained_llava()
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
