@@ -66,6 +66,7 @@ class Row:
         self.last = int(valid.nonzero().max())
         self._rows: dict[tuple[int, ...], torch.Tensor] = {}
         self._call = call
+        self.batch_index = b
         if call is not None:
             self.index = call.index[b]
             self.visual_prompt = call.image_of[b] >= 0

@@ -184,3 +184,36 @@ def test_sparsevlm_recycled_tokens_on_a_32_layer_llava():
     image = handle.last.images[0]
     assert image.n_merged >= recycled[-1] and image.kept.numel() + image.n_merged == per_layer[-1]
     assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == list(handle.last.tokens_per_layer)
+
+
+# --- VFlowOpt -------------------------------------------------------------------------------------------------
+
+
+def test_vflowopt_worked_example():
+    from tokenprune.functional.vflowopt import vflowopt_config
+
+    attention = torch.tensor([[.10, .50, .10, .10, .10, .10], [.05, .60, .05, .10, .10, .10],
+                              [.10, .40, .20, .10, .10, .10], [.10, .50, .05, .05, .20, .10],
+                              [.20, .30, .10, .10, .20, .10], [.30, .20, .10, .10, .10, .20]])
+    entropy = torch.tensor([1, 2, 3, 0.5, 4, 2.5])
+    imp = F.vflowopt_importance(attention, 2.0, entropy, alpha_v=0.5)  # G = {1}
+    torch.testing.assert_close(imp, torch.tensor([.0638, .6375, .1518, .1084, .3768, .1618]), atol=1e-4, rtol=0)
+    kept, groups = F.vflowopt_recycle(imp, (2, 3), 0.5, 2.0)  # reduce 3 + n_merge 1: remove [0, 3, 2, 5]
+    assert kept.tolist() == [1, 3, 4, 5]
+    assert [(rep, m.tolist()) for rep, m, _ in groups] == [(3, [0, 3]), (5, [2, 5])]
+    torch.testing.assert_close(groups[0][2], torch.tensor([.3705, .6295]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(groups[1][2], torch.tensor([.4842, .5158]), atol=1e-4, rtol=0)
+    assert F.vflowopt_llm_counts(4, (1.0, 0.5)) == [4, 2]
+    assert F.vflowopt_llm(imp[kept], 2).tolist() == [0, 2]  # layer 18 keeps {1, 4}
+    flat = torch.full((6, 6), 1 / 6)  # no global token above t x mean: every row counts (no NaN)
+    torch.testing.assert_close(F.vflowopt_importance(flat, 2.0), torch.full((6,), 1 / 6))
+    assert vflowopt_config(0.10).llm_r == (1.0, 0.6011) and vflowopt_config(1.0).r_vit == 1.0
+
+
+def test_vflowopt_needs_the_vit_attention_map_and_a_ratio():
+    model, _ = tiny_qwen("2", text_layers=4)
+    with pytest.raises(ValueError, match="ATTENTION_MAP"):
+        enable_pruning(model, "vflowopt", keep=0.25)
+    model, _ = tiny_llava(LlavaSize(text_layers=4))
+    with pytest.raises(ValueError, match="layer-averaged share"):
+        enable_pruning(model, "vflowopt", keep=64)

@@ -38,6 +38,7 @@ from tokenprune.methods.pdrop import PyramidDrop
 from tokenprune.methods.recoverable import Recoverable
 from tokenprune.methods.sparsevlm import AdaptInfer, SparseVLM
 from tokenprune.methods.two_stage import TwoStageMethod
+from tokenprune.methods.vflowopt import VFlowOpt
 from tokenprune.methods.visiondrop import VisionDropFull, VisionDropLLM
 from tokenprune.methods.visionzip import VisionDrop, VisionZip
 
@@ -45,7 +46,7 @@ METHODS: dict[str, type[PruningMethod]] = {
     cls.name: cls
     for cls in (
         AdaptInfer, CDPruner, DivPrune, FasterVLM, FastV, FlowCut, FoPru, HiPrune, HoloV, KCenter, MMTok, PyramidDrop,
-        RandomPrune, Recoverable, SparseVLM, UniformPrune, VisionDrop,
+        RandomPrune, Recoverable, SparseVLM, UniformPrune, VFlowOpt, VisionDrop,
         VisionDropFull, VisionDropLLM, VisionZip,
     )
 }
@@ -97,7 +98,7 @@ def make_method(method: str | PruningMethod, **options: Any) -> PruningMethod:
 
 
 __all__ = [
-    "AdaptInfer", "Recycled", "SparseVLM", "VisionDropFull", "VisionDropLLM",
+    "AdaptInfer", "Recycled", "SparseVLM", "VFlowOpt", "VisionDropFull", "VisionDropLLM",
     "ATTENTION_MAP", "ATTENTION_RECEIVED", "CLS_ATTENTION", "CLS_ATTENTION_WIDE", "CLS_HIDDEN", "CLS_SIGNALS",
     "FEATURES", "METHODS", "SIGNALS", "TEXT_EMBEDDINGS", "VISION_HIDDEN", "VISION_KEYS", "CDPruner", "DecoderMethod",
     "DivPrune", "FastV", "FasterVLM", "FlowCut", "FoPru", "HiPrune", "HoloV", "KCenter", "MMTok", "PruningMethod",

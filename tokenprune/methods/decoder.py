@@ -87,6 +87,7 @@ class RowSignals(Protocol):
         """``[H_kv, N, d_h]`` post-RoPE keys of the score layer (its ``k_proj`` of the normed input, RoPE applied)."""
         ...
 
+    batch_index: int          # the row's place in the batch
     index: torch.Tensor       # [N] prompt index of every slot (an extra token: its representative's)
     embeddings: torch.Tensor  # [n, D] the row's LLM INPUT embeddings (layer 0), over the whole prompt, by prompt index
     visual_prompt: torch.Tensor  # [n] bool: visual tokens of the prompt (by prompt index)
