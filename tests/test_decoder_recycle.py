@@ -165,16 +165,17 @@ def test_extra_tokens_placed_after_the_kept_ones_with_mixed_states_and_positions
 
 def test_sparsevlm_recycled_tokens_on_a_32_layer_llava():
     """The official layers on a 32-layer LLM: full prompt up to layer 2, the table's counts plus the recycled
-    tokens after layers 2 / 6 / 15 (64 visual tokens: the "192" table rescaled by 64/576)."""
+    tokens after layers 2 / 6 / 15 (64 visual tokens: the "192" table, keep=1/3, rescaled by 64/576)."""
     model, processor = tiny_llava(LlavaSize(text_layers=32))
     inputs = processor(images=[random_image(40, 70, seed=1)], text=["USER : <image>\nwhat is it ? ASSISTANT :"],
                        return_tensors="pt")
-    handle = enable_pruning(model, "sparsevlm", keep=192)
+    handle = enable_pruning(model, "sparsevlm", keep=1 / 3)
     with torch.no_grad():
         out = model(**inputs)
     disable_pruning(model)
     n = handle.last.images[0].n
-    kept = SparseVLM().counts(n, 192, 32)
+    kept = SparseVLM().counts(n, 1 / 3, 32)
+    assert kept == [round(c * n / 576) for c in (300, 200, 110)]
     per_layer = handle.last.visual_per_layer
     assert per_layer[:3] == (n,) * 3
     stages = [per_layer[3], per_layer[7], per_layer[16]]
@@ -217,3 +218,24 @@ def test_vflowopt_needs_the_vit_attention_map_and_a_ratio():
     model, _ = tiny_llava(LlavaSize(text_layers=4))
     with pytest.raises(ValueError, match="layer-averaged share"):
         enable_pruning(model, "vflowopt", keep=64)
+
+
+def test_vflowopt_calibration_search_returns_a_config_within_budget():
+    from tokenprune.calibration import search_vflowopt
+    from tokenprune.methods import VFlowOpt
+
+    model, processor = tiny_llava(LlavaSize(text_layers=4))
+    batches = [processor(images=[random_image(40, 70, seed=s)], text=["USER : <image>\nwhat is it ? ASSISTANT :"],
+                         return_tensors="pt") for s in (1, 2)]
+    # 4 layers and 64 tokens round coarsely: the shipped 25% config averages ~27% here, hence the tolerance
+    best, rows = search_vflowopt(model, batches, budget=0.25, trials=3, seed=0, tolerance=0.05)
+    assert len(rows) == 3 and rows[0]["accepted"] and all(r["kl"] >= 0 for r in rows)
+    assert [r["kl"] for r in rows if r["accepted"]] == sorted(r["kl"] for r in rows if r["accepted"])
+    assert any(r["r_vit"] == 0.2651 for r in rows)  # the shipped 25% config is always a candidate
+    assert rows[0]["kl"] > 0  # pruning changed the next-token distribution: the cost measures something
+    handle = enable_pruning(model, VFlowOpt.from_config(best), keep=0.25)
+    with torch.no_grad():
+        model(**batches[0])
+    disable_pruning(model)
+    n = int((batches[0]["input_ids"] == model.config.image_token_id).sum())
+    assert handle.last.average_visual / n <= 0.25 + 0.05

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -9,7 +10,7 @@ import torch
 
 from tokenprune import functional as F
 from tokenprune.budget import Keep
-from tokenprune.functional.vflowopt import CONFIGS, vflowopt_config
+from tokenprune.functional.vflowopt import CONFIGS, VFlowOptConfig, vflowopt_config
 from tokenprune.methods.base import ATTENTION_MAP, VISION_HIDDEN, PruningMethod, Selection, SelectionContext
 from tokenprune.methods.decoder import DecoderMethod, RowSignals, StagePlan
 from tokenprune.methods.two_stage import TwoStageMethod
@@ -25,6 +26,10 @@ def _budget(k: int, n: int) -> float:
         if abs(k - b * n) <= 0.5 + 1e-9:
             return b
     return k / n
+
+
+def _override(config: VFlowOptConfig, **fields: float | None) -> VFlowOptConfig:
+    return dataclasses.replace(config, **{k: v for k, v in fields.items() if v is not None})
 
 
 class ImportanceCarrier(dict):
@@ -46,12 +51,15 @@ class VFlowOptViT(PruningMethod):
     no_cls_reason = ("VFlowOpt needs the ViT attention map among image tokens (ATTENTION_MAP), which the Qwen "
                      "adapter does not compute; use 'visiondropfull' or 'sparsevlm' on Qwen2-VL/2.5-VL")
     carrier: ClassVar[Any] = None  # set per instance by VFlowOpt.stages()
+    t: float | None = None      # None: the shipped (or interpolated) config of the budget
+    m: float | None = None
+    r_vit: float | None = None
 
     def select(self, ctx: SelectionContext) -> torch.Tensor | Selection:
         if ctx.k >= ctx.n:
             importance, kept, groups = None, torch.arange(ctx.n), []
         else:
-            config = vflowopt_config(_budget(ctx.k, ctx.n))
+            config = _override(vflowopt_config(_budget(ctx.k, ctx.n)), t=self.t, m=self.m, r_vit=self.r_vit)
             importance = F.vflowopt_importance(ctx.signal(ATTENTION_MAP), config.t)
             kept, groups = F.vflowopt_recycle(importance, ctx.grid or (1, ctx.n), config.r_vit, config.m)
         reps = torch.tensor([g[0] for g in groups], dtype=torch.long)
@@ -79,6 +87,7 @@ class VFlowOptLLM(DecoderMethod):
     name = "vflowoptllm"
     paper = PAPER
     layers: tuple[int, ...] | None = None
+    llm_r: tuple[float, float] | None = None
     carrier: ClassVar[Any] = None
 
     def plan(self, n_layers: int) -> tuple[StagePlan, ...]:
@@ -89,7 +98,9 @@ class VFlowOptLLM(DecoderMethod):
         return tuple(StagePlan(layer=b, score_layer=b) for b in bounds)
 
     def counts(self, n: int, keep: Keep, n_layers: int) -> list[int]:
-        return F.vflowopt_llm_counts(n, vflowopt_config(float(keep)).llm_r)
+        if float(keep) >= 1.0:
+            return [n] * len(self.plan(n_layers))
+        return F.vflowopt_llm_counts(n, self.llm_r if self.llm_r is not None else vflowopt_config(float(keep)).llm_r)
 
     def select_stage(self, stage: int, row: RowSignals, images: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
         visual = row.visual_prompt
@@ -129,12 +140,32 @@ class VFlowOpt(TwoStageMethod):
     name = "vflowopt"
     paper = PAPER
     layers: tuple[int, ...] | None = None
+    # None: the shipped config of the budget; set them (e.g. from ``tokenprune.calibration.search_vflowopt``) to
+    # override: global-token threshold, cell size, ViT keep ratio, LLM keep ratios of the current count
+    t: float | None = None
+    m: float | None = None
+    r_vit: float | None = None
+    llm_r: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         self._carrier = ImportanceCarrier()
+        if self.llm_r is not None:
+            self.llm_r = tuple(float(r) for r in self.llm_r)
+            if len(self.llm_r) != 2 or not all(0.0 < r <= 1.0 for r in self.llm_r):
+                raise ValueError(f"vflowopt: llm_r must be two keep ratios in (0, 1]; got {self.llm_r}")
+        if self.r_vit is not None and not 0.0 < self.r_vit <= 1.0:
+            raise ValueError(f"vflowopt: r_vit must lie in (0, 1]; got {self.r_vit!r}")
+        if self.m is not None and self.m <= 0:
+            raise ValueError(f"vflowopt: the cell size m must be > 0; got {self.m!r}")
+
+    @classmethod
+    def from_config(cls, config: VFlowOptConfig, **kwargs: Any) -> VFlowOpt:
+        """A VFlowOpt with every hyper-parameter of ``config`` (e.g. what the calibration search returned)."""
+        return cls(t=config.t, m=config.m, r_vit=config.r_vit, llm_r=config.llm_r, **kwargs)
 
     def stages(self) -> tuple[PruningMethod, PruningMethod]:
-        vision, llm = VFlowOptViT(), VFlowOptLLM(layers=self.layers)
+        vision = VFlowOptViT(t=self.t, m=self.m, r_vit=self.r_vit)
+        llm = VFlowOptLLM(layers=self.layers, llm_r=self.llm_r)
         vision.carrier = llm.carrier = self._carrier
         return vision, llm
 
