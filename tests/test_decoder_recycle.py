@@ -20,6 +20,7 @@ def test_sparsevlm_raters_worked_example():
     p = torch.softmax(visual @ text.T, dim=-1).mean(0)
     torch.testing.assert_close(p, torch.tensor([0.4611, 0.1438, 0.3952]), atol=1e-4, rtol=0)
     assert F.sparsevlm_raters(visual, text).tolist() == [0, 2]  # text tokens 5 and 7
+    assert F.sparsevlm_raters(torch.zeros(3, 2), text).numel() == 0  # all equal: the method lets every text token rate
 
 
 def test_sparsevlm_stage_worked_example_keeps_and_recycles():

@@ -86,9 +86,11 @@ class SparseVLM(DecoderMethod):
     def raters(self, row: RowSignals) -> torch.Tensor:
         """Slots of the text raters (chosen on the prompt's input embeddings; text is never pruned)."""
         text = row.text_after()
+        if text.numel() == 0:  # no text after the image: the last prompt token rates
+            return torch.tensor([row.last], device=row.valid.device)
         embeddings = row.embeddings
         chosen = F.sparsevlm_raters(embeddings[row.visual_prompt], embeddings[row.index[text]])
-        return text[chosen.to(text.device)]
+        return text[chosen.to(text.device)] if chosen.numel() else text  # all equal: every text token rates
 
     def scores(self, stage: int, row: RowSignals) -> torch.Tensor:
         return row.attention(self.raters(row)).mean(dim=(0, 1))  # [N]
@@ -134,5 +136,7 @@ class AdaptInfer(SparseVLM):
 
     def scores(self, stage: int, row: RowSignals) -> torch.Tensor:
         text = row.text_after()
+        if text.numel() == 0:  # no text after the image: the last prompt token guides
+            text = torch.tensor([row.last], device=row.valid.device)
         attn = row.attention(text)  # [H, T, N]
         return F.adaptinfer_scores(attn[:, :, text], attn)
