@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from tokenprune.functional.visiondrop import visiondrop_fraction, visiondrop_merge_groups, visiondrop_stage_counts
+from tokenprune.functional.visiondrop_llm import visiondrop_fraction, visiondrop_merge_groups, visiondrop_stage_counts
 from tokenprune.methods import VisionDropFull, VisionDropLLM
 
 X = torch.tensor([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [-1, 0], [0.7, 0.7]])

@@ -8,7 +8,7 @@ from fractions import Fraction
 import torch
 
 from tokenprune.budget import Keep
-from tokenprune.functional.visiondrop import (
+from tokenprune.functional.visiondrop_llm import (
     LLM_STAGES,
     VISION_TOKENS,
     visiondrop_contextual,
