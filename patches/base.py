@@ -83,6 +83,8 @@ class VisionStageAdapter:
         ]
         if method is not None and method.stage == "decoder":
             raise ValueError(f"{method.name!r} is a decoder-stage method: pass it as decoder=, not as the vision stage")
+        if method is not None and method.stage == "two-stage":
+            raise ValueError(f"{method.name!r} is a two-stage method: pass its stages() (enable_pruning splits it)")
         if method is not None:
             self.check_method()
         self._pending: PruneRecord | None = None  # the vision-stage record of the call in progress
