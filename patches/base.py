@@ -83,6 +83,8 @@ class VisionStageAdapter:
         ]
         if method is not None and method.stage == "decoder":
             raise ValueError(f"{method.name!r} is a decoder-stage method: pass it as decoder=, not as the vision stage")
+        if method is not None and method.stage == "two-stage":
+            raise ValueError(f"{method.name!r} is a two-stage method: pass its stages() (enable_pruning splits it)")
         if method is not None:
             self.check_method()
         self._pending: PruneRecord | None = None  # the vision-stage record of the call in progress
@@ -243,7 +245,7 @@ class VisionStageAdapter:
         """``handle.last`` after a decoder-stage prefill; with a vision stage before it, each image's ``kept``
         indexes the ORIGINAL image tokens (composed through both stages) where the spans line up."""
         vision = self._pending
-        images = [ImageRecord(row, m, n, kept) for row, m, n, kept in info.images]
+        images = [ImageRecord(row, m, n, kept, n_merged=merged) for row, m, n, kept, merged in info.images]
         name = self.decoder.method.name
         before = info.seq_len_before
         if vision is not None:
@@ -313,7 +315,7 @@ def _compose(vision: tuple[ImageRecord, ...], decoder: list[ImageRecord]) -> lis
         if v.n_merged:
             out.append(d)
         else:
-            out.append(dataclasses.replace(v, kept=v.kept[d.kept.to(v.kept.device)]))
+            out.append(dataclasses.replace(v, kept=v.kept[d.kept.to(v.kept.device)], n_merged=d.n_merged))
     return out
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tokenprune.patches.decoder_select import Stage, gather, select_stage
+from tokenprune.patches.decoder_select import Stage, apply_mixes, gather, select_stage
 
 from tokenprune.budget import Keep
 from tokenprune.methods.decoder import DecoderMethod, StagePlan
@@ -46,7 +46,7 @@ class Selection:
 class LayerRecord:
     """What one ``select`` call did (the adapter turns it into ``handle.last``)."""
 
-    images: list[tuple[int, int, int, torch.Tensor]]  # (row, index_in_row, n, kept local indices)
+    images: list[tuple[int, int, int, torch.Tensor, int]]  # (row, index_in_row, n, kept local indices, n_merged)
     tokens_per_layer: tuple[int, ...]
     visual_per_layer: tuple[int, ...]
     seq_len_before: int
@@ -67,6 +67,8 @@ class _Call:
     valid: torch.Tensor | None = None
     removed: torch.Tensor | None = None
     shift: torch.Tensor | None = None
+    extra: torch.Tensor | None = None      # [B, M] bool: merged/recycled extra slots of the current layout
+    embeds: torch.Tensor | None = None     # [B, n, D] the LLM's input embeddings (layer 0 input)
     override: dict[str, Any] | None = None
     inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     counts: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -191,7 +193,8 @@ class DecoderLoop:
                     if call.mode == "replay":
                         t = call.q - call.n
                         extra = torch.arange(stage.prev_len, stage.prev_len + t, device=h.device)
-                        h = gather(h, torch.cat([stage.slots, extra.expand(h.shape[0], -1)], dim=1))
+                        full = gather(h, torch.cat([stage.slots, extra.expand(h.shape[0], -1)], dim=1))
+                        h = apply_mixes(full, h, stage.mixes)
                     call.override = self._override(stage, call, h)
                     kwargs.update(call.override)
             return (h, *rest), kwargs
@@ -199,6 +202,8 @@ class DecoderLoop:
         return hook
 
     def _select_at(self, i: int, h: torch.Tensor, kwargs: dict, call: _Call) -> torch.Tensor:
+        if i == 0:
+            call.embeds = h
         if any(p.score_layer == i for p in self.plan):
             cos, sin = kwargs["position_embeddings"]
             call.inputs[i] = (h, cos, sin)
@@ -207,10 +212,13 @@ class DecoderLoop:
             stage = select_stage(self, s, h, call)
             if stage is not None:
                 call.sel.stages.append(stage)
-                h = gather(h, stage.slots)
+                h = apply_mixes(gather(h, stage.slots), h, stage.mixes)
                 call.index, call.valid, call.removed, call.shift = stage.index, stage.valid, stage.removed, stage.shift
+                call.extra = stage.extra
                 call.override = self._override(stage, call, h)
                 kwargs.update(call.override)
+                if i in call.inputs:  # a later stage scores on this layer's (now pruned) input
+                    call.inputs[i] = (h, *kwargs["position_embeddings"])
         visual = call.valid & (call.image_of.gather(1, call.index) >= 0)
         call.counts.append((call.valid.sum(1), visual.sum(1)))
         return h
@@ -249,15 +257,18 @@ class DecoderLoop:
         number = starts.long().cumsum(1) - 1
         return number.masked_fill(~visual, -1)
 
-    def _images(self, call: _Call) -> list[tuple[int, int, int, torch.Tensor]]:
+    def _images(self, call: _Call) -> list[tuple[int, int, int, torch.Tensor, int]]:
         out = []
         for b in range(call.image_of.shape[0]):
             of = call.image_of[b]
-            final = call.index[b][call.valid[b]]
+            extra = call.extra[b] if call.extra is not None else torch.zeros_like(call.valid[b])
+            final = call.index[b][call.valid[b] & ~extra]
+            merged = call.index[b][call.valid[b] & extra]
             for m in range(int(of.max()) + 1):
                 members = (of == m).nonzero().squeeze(1)
                 kept = torch.isin(members, final).nonzero().squeeze(1)
-                out.append((b, m, int(members.numel()), kept.cpu()))
+                n_merged = int(torch.isin(members, merged).sum())
+                out.append((b, m, int(members.numel()), kept.cpu(), n_merged))
         return out
 
     @staticmethod

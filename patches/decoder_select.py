@@ -1,14 +1,22 @@
-"""One stage of a decoder-stage selection: per-row signals, the method's choice, the new padded layout."""
+"""One stage of a decoder-stage selection: per-row signals, the method's choice, the new padded layout.
+
+Merged and recycled tokens (:class:`~tokenprune.methods.decoder.Recycled`): an extra token is a slot of the new
+layout whose prompt ``index`` is its representative's (``extra`` True there), placed right after its image's kept
+tokens; ``mixes`` say which new slots get a weighted sum of the previous layout's hidden states. Under REINDEX every
+slot's new position is its predecessor's plus one, so ``removed`` (original position minus new position) and
+``shift`` count dropped tokens minus extra ones.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tokenprune.patches.attention_rows import attention_rows
+from tokenprune.patches.attention_rows import attention_rows, layer_keys
 
 from tokenprune.compaction import padding_side
+from tokenprune.methods.decoder import Recycled
 
 
 @dataclass
@@ -22,6 +30,19 @@ class Stage:
     valid: torch.Tensor     # [B, M] bool
     removed: torch.Tensor   # [B, M] prompt tokens removed before each slot (REINDEX offsets)
     shift: torch.Tensor     # [B] prompt tokens removed in the row
+    extra: torch.Tensor | None = None  # [B, M] bool: merged/recycled extra tokens (``Recycled``), None if none
+    # (row, new slots [r], previous slots [n], weights [r, n] fp32): new hidden = weights @ previous hidden
+    mixes: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+def apply_mixes(h: torch.Tensor, previous: torch.Tensor, mixes: list) -> torch.Tensor:
+    """``h`` (the gathered new layout) with the mixed slots replaced by weighted sums of ``previous`` hidden states."""
+    if not mixes:
+        return h
+    h = h.clone()
+    for b, dst, src, weights in mixes:
+        h[b, dst] = (weights.to(h.device) @ previous[b, src].float()).to(h.dtype)
+    return h
 
 
 def gather(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -33,7 +54,7 @@ class Row:
     """:class:`~tokenprune.methods.decoder.RowSignals` of one batch row, computed lazily and cached."""
 
     def __init__(self, layer: torch.nn.Module, inputs: tuple, b: int, h: torch.Tensor, valid: torch.Tensor,
-                 visual: torch.Tensor):
+                 visual: torch.Tensor, call: Any = None):
         self._layer, self._b = layer, b
         h_in, cos, sin = inputs
         self._h_in = h_in[b:b + 1]
@@ -44,6 +65,22 @@ class Row:
         self._visual = visual
         self.last = int(valid.nonzero().max())
         self._rows: dict[tuple[int, ...], torch.Tensor] = {}
+        self._call = call
+        self.batch_index = b
+        if call is not None:
+            self.index = call.index[b]
+            self.visual_prompt = call.image_of[b] >= 0
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        return self._call.embeds[self._b]
+
+    def keys(self) -> torch.Tensor:
+        """``[H_kv, N, d_h]`` post-RoPE keys of the score layer at every slot (computed once)."""
+        if getattr(self, "_keys", None) is None:
+            with torch.no_grad():
+                self._keys = layer_keys(self._layer, self._h_in, self._cos, self._sin)[0]
+        return self._keys
 
     def attention(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         rows = torch.tensor([self.last]) if rows is None else rows.reshape(-1)
@@ -68,6 +105,8 @@ def select_stage(loop: Any, s: int, h: torch.Tensor, call: Any) -> Stage | None:
     batch, length = call.index.shape
     of = call.image_of.gather(1, call.index).masked_fill(~call.valid, -1)  # [B, M] image number per slot
     keep = call.valid.clone()
+    extras: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(batch)]  # per row: (anchor slot, extra slots)
+    pending: list[tuple] = []  # (row, mixed output slots, their extra flags, image slots, weights)
     for b in range(batch):
         images = []
         for m in range(int(of[b].max()) + 1):
@@ -77,28 +116,82 @@ def select_stage(loop: Any, s: int, h: torch.Tensor, call: Any) -> Stage | None:
             images.append((slots, min(k, slots.numel())))
         if all(k >= slots.numel() for slots, k in images):
             continue
-        row = Row(loop.layers[plan.score_layer], inputs, b, h, call.valid[b], of[b] >= 0)
+        row = Row(loop.layers[plan.score_layer], inputs, b, h, call.valid[b], of[b] >= 0, call)
         chosen = loop.method.select_stage(s, row, images)
-        for (slots, k), kept in zip(images, chosen, strict=True):
+        for (slots, k), choice in zip(images, chosen, strict=True):
+            kept = choice.kept if isinstance(choice, Recycled) else choice
             if kept.numel() != k or (kept.numel() and int(kept.max()) >= slots.numel()):
                 raise RuntimeError(f"{loop.method.name}: stage {s} returned {kept.numel()} of {slots.numel()} "
                                    f"slots (expected {k} valid indices)")
+            kept = kept.to(slots.device)
             keep[b, slots] = False
-            keep[b, slots[kept.to(slots.device)]] = True
+            keep[b, slots[kept]] = True
+            if isinstance(choice, Recycled):
+                extra = choice.extra.to(slots.device)
+                if extra.numel() and (bool(torch.isin(extra, kept).any()) or extra.unique().numel() != extra.numel()):
+                    raise RuntimeError(f"{loop.method.name}: stage {s}: extra tokens must stand for distinct tokens "
+                                       f"that were not kept")
+                anchor = int(slots[kept].max()) if kept.numel() else int(slots.min()) - 1
+                extras[b].append((anchor, slots[extra]))
+                out = torch.cat([slots[kept], slots[extra]])  # previous slots of the output tokens, in order
+                out_extra = torch.arange(out.numel(), device=out.device) >= kept.numel()
+                mixed = choice.mixed.to(out.device)
+                pending.append((b, out[mixed], out_extra[mixed], slots, choice.weights))
     dropped = call.valid & ~keep
     if not bool(dropped.any()):
         return None
-    counts = keep.sum(1)
-    new_len = int(counts.max())
+    n_extra = torch.tensor([sum(e.numel() for _, e in row) for row in extras], device=h.device)
+    new_len = int((keep.sum(1) + n_extra).max())
     left = padding_side(call.mask2d[:, : call.n].long()) == "left"
     slots = torch.zeros(batch, new_len, dtype=torch.long, device=h.device)
     valid = torch.zeros(batch, new_len, dtype=torch.bool, device=h.device)
+    is_extra = torch.zeros(batch, new_len, dtype=torch.bool, device=h.device)
     for b in range(batch):
-        idx = keep[b].nonzero().squeeze(1)
+        idx, flag = _ordered(keep[b], extras[b])
         dst = slice(new_len - idx.numel(), new_len) if left else slice(0, idx.numel())
-        slots[b, dst], valid[b, dst] = idx, True
+        slots[b, dst], valid[b, dst], is_extra[b, dst] = idx, True, flag
     before = dropped.long().cumsum(1) - dropped.long()  # dropped prompt tokens before each slot (exclusive)
+    removed = (call.removed + before).gather(1, slots)
+    if bool(is_extra.any()):
+        removed = _removed_with_extras(call, removed, slots, valid, is_extra)
+    old_extra = call.extra.gather(1, slots) if getattr(call, "extra", None) is not None else torch.zeros_like(valid)
+    mixes = []
+    for b, out, out_extra, image_slots, weights in pending:
+        new = [int(((slots[b] == o) & (is_extra[b] == e) & valid[b]).nonzero()[0]) for o, e in
+               zip(out.tolist(), out_extra.tolist(), strict=True)]
+        mixes.append((b, torch.tensor(new, device=h.device), image_slots, weights.float()))
     return Stage(
         layer=plan.layer, slots=slots, prev_len=length, index=call.index.gather(1, slots), valid=valid,
-        removed=(call.removed + before).gather(1, slots), shift=call.shift + dropped.long().sum(1),
+        removed=removed, shift=call.shift + dropped.long().sum(1) - n_extra,
+        extra=(old_extra & valid) | is_extra if bool(is_extra.any() or old_extra.any()) else None, mixes=mixes,
     )
+
+
+def _ordered(keep: torch.Tensor, extras: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Previous slots of one row's new layout in order (extra tokens right after their anchor slot) and the
+    extra flags."""
+    kept = keep.nonzero().squeeze(1)
+    if not extras:
+        return kept, torch.zeros_like(kept, dtype=torch.bool)
+    width = max(e.numel() for _, e in extras) + 1
+    keys = [kept * width]
+    for anchor, e in extras:
+        keys.append(anchor * width + torch.arange(1, e.numel() + 1, device=kept.device))
+    order = torch.sort(torch.cat(keys), stable=True).indices
+    idx = torch.cat([kept, *[e for _, e in extras]])[order]
+    flag = torch.cat([torch.zeros_like(kept, dtype=torch.bool),
+                      *[torch.ones_like(e, dtype=torch.bool) for _, e in extras]])[order]
+    return idx, flag
+
+
+def _removed_with_extras(call: Any, removed: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor,
+                         is_extra: torch.Tensor) -> torch.Tensor:
+    """REINDEX offsets when extra tokens were inserted: each extra token is numbered right after the slot before
+    it, and every later slot moves up by one per extra token before it."""
+    index = call.index.gather(1, slots)
+    original = call.pos.gather(1, index) if call.pos is not None else index
+    new_pos = original - removed + (is_extra & valid).long().cumsum(1) - (is_extra & valid).long()
+    for b, j in (is_extra & valid).nonzero().tolist():
+        prev = valid[b, :j].nonzero()
+        new_pos[b, j] = (new_pos[b, int(prev[-1])] if prev.numel() else -1) + 1
+    return original - new_pos

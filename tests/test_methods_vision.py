@@ -28,7 +28,7 @@ from tokenprune.methods import (
 from tokenprune.tiny_models import random_image, tiny_llava
 
 X = torch.tensor([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [-1, 0], [0.7, 0.7]])
-NO_CLS_UNSUPPORTED = {"flowcut", "fastervlm", "fopru", "recoverable", "visionzip"}
+NO_CLS_UNSUPPORTED = {"flowcut", "fastervlm", "fopru", "recoverable", "visionzip", "vflowopt"}
 
 
 def test_paper_budget_splits():
@@ -58,7 +58,8 @@ def test_holov_official_zero_padding_is_optional():
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_runs_on_cls_towers_and_says_what_happens_without_cls(name):
     method = make_method(name)
-    assert {r.name for r in method.requests(cls_token=True)} <= set(method.needs)
+    needs = method.stages()[0].needs if method.stage == "two-stage" else method.needs  # its vision stage's
+    assert {r.name for r in method.requests(cls_token=True)} <= set(needs)
     if name in NO_CLS_UNSUPPORTED:
         with pytest.raises(ValueError, match="without a \\[CLS\\] token.*(instead|use)"):
             method.check_family(cls_token=False)

@@ -16,8 +16,23 @@ from tokenprune.functional.flow import flowcut_scores, flowcut_step
 from tokenprune.functional.hierarchy import hiprune, hiprune_anchor_count
 from tokenprune.functional.merging import contextual_merge, visiondrop, visionzip, visionzip_with_assign
 from tokenprune.functional.recovery import lof_outlier_fraction, recoverable
+from tokenprune.functional.sparsevlm import (
+    ADAPTINFER_TABLE,
+    SPARSEVLM_TABLE,
+    TABLE_TOKENS,
+    adaptinfer,
+    adaptinfer_scores,
+    dpc_knn,
+    schedule_counts,
+    sparsevlm_raters,
+    sparsevlm_recycle,
+)
+from tokenprune.functional.vflowopt import vflowopt_importance, vflowopt_llm, vflowopt_llm_counts, vflowopt_recycle
 
 __all__ = [
+    "ADAPTINFER_TABLE", "SPARSEVLM_TABLE", "TABLE_TOKENS", "adaptinfer", "adaptinfer_scores", "dpc_knn",
+    "schedule_counts", "sparsevlm_raters", "sparsevlm_recycle", "vflowopt_importance", "vflowopt_llm",
+    "vflowopt_llm_counts", "vflowopt_recycle",
     "cdpruner", "contextual_merge", "cosine_distance", "divprune", "fastervlm", "fastv", "flowcut_scores",
     "flowcut_step", "fopru", "hiprune", "layer_average", "pdrop_counts", "pdrop_ratio",
     "hiprune_anchor_count", "holov", "holov_chunk_count", "instruction_relevance", "kcenter", "lof_outlier_fraction",

@@ -24,7 +24,7 @@ from tokenprune.methods.base import (
 )
 from tokenprune.methods.baselines import RandomPrune, UniformPrune
 from tokenprune.methods.cdpruner import CDPruner
-from tokenprune.methods.decoder import DecoderMethod, RowSignals, StagePlan
+from tokenprune.methods.decoder import DecoderMethod, Recycled, RowSignals, StagePlan
 from tokenprune.methods.divprune import DivPrune
 from tokenprune.methods.fastervlm import FasterVLM
 from tokenprune.methods.fastv import FastV
@@ -36,14 +36,18 @@ from tokenprune.methods.kcenter import KCenter
 from tokenprune.methods.mmtok import MMTok
 from tokenprune.methods.pdrop import PyramidDrop
 from tokenprune.methods.recoverable import Recoverable
+from tokenprune.methods.sparsevlm import AdaptInfer, SparseVLM
 from tokenprune.methods.two_stage import TwoStageMethod
+from tokenprune.methods.vflowopt import VFlowOpt
+from tokenprune.methods.visiondrop import VisionDropFull, VisionDropLLM
 from tokenprune.methods.visionzip import VisionDrop, VisionZip
 
 METHODS: dict[str, type[PruningMethod]] = {
     cls.name: cls
     for cls in (
-        CDPruner, DivPrune, FasterVLM, FastV, FlowCut, FoPru, HiPrune, HoloV, KCenter, MMTok, PyramidDrop,
-        RandomPrune, Recoverable, UniformPrune, VisionDrop, VisionZip,
+        AdaptInfer, CDPruner, DivPrune, FasterVLM, FastV, FlowCut, FoPru, HiPrune, HoloV, KCenter, MMTok, PyramidDrop,
+        RandomPrune, Recoverable, SparseVLM, UniformPrune, VFlowOpt, VisionDrop,
+        VisionDropFull, VisionDropLLM, VisionZip,
     )
 }
 
@@ -94,6 +98,7 @@ def make_method(method: str | PruningMethod, **options: Any) -> PruningMethod:
 
 
 __all__ = [
+    "AdaptInfer", "Recycled", "SparseVLM", "VFlowOpt", "VisionDropFull", "VisionDropLLM",
     "ATTENTION_MAP", "ATTENTION_RECEIVED", "CLS_ATTENTION", "CLS_ATTENTION_WIDE", "CLS_HIDDEN", "CLS_SIGNALS",
     "FEATURES", "METHODS", "SIGNALS", "TEXT_EMBEDDINGS", "VISION_HIDDEN", "VISION_KEYS", "CDPruner", "DecoderMethod",
     "DivPrune", "FastV", "FasterVLM", "FlowCut", "FoPru", "HiPrune", "HoloV", "KCenter", "MMTok", "PruningMethod",

@@ -6,6 +6,15 @@ layer whose input its scores come from), HOW MANY visual tokens of each image su
 the per-row signals the adapter's decoder loop computes lazily: :class:`RowSignals`). The loop
 (``patches/decoder.py``) does the rest: gathering, positions (``positions``: ``"keep"`` or ``"reindex"``; Qwen is
 always KEEP), masks, KV cache and decode.
+
+Merging and recycling (SparseVLM's recycled tokens, VisionDrop's contextual tokens): instead of bare kept positions,
+``select_stage`` may return a :class:`Recycled` for an image. Its extra tokens are appended right after the image's
+kept tokens; each stands at the place of a REPRESENTATIVE token that was not kept (that token's prompt index: its
+position under KEEP, incl. the M-RoPE rows on Qwen, its padding-mask column and its image); under REINDEX the loop
+numbers it right after the token before it. Any output token (kept or extra) may get a new hidden state, a weighted
+sum of the image's current hidden states (the input of the first pruned layer). The loop applies the same mix on
+``use_cache=False`` replays, so cached and uncached generation agree; later stages treat extra tokens as ordinary
+visual tokens of their image; ``handle.last`` counts them as ``n_merged``.
 """
 
 from __future__ import annotations
@@ -31,6 +40,32 @@ class StagePlan:
     score_layer: int
 
 
+@dataclass(frozen=True)
+class Recycled:
+    """One image's choice at one stage when tokens are merged or recycled (positions among the image's slots).
+
+    ``kept`` ``[k]`` sorted: tokens kept in place. ``extra`` ``[m]``: representatives (not kept) of the tokens
+    appended after the kept ones, in this order. ``mixed`` ``[r]``: output tokens (``0..k-1`` the kept ones in
+    order, ``k..k+m-1`` the extra ones) whose hidden state is replaced by ``weights[i] @ hidden[image slots]``
+    (``weights`` ``[r, n]`` fp32); an extra token not in ``mixed`` is a copy of its representative.
+    """
+
+    kept: torch.Tensor
+    extra: torch.Tensor
+    mixed: torch.Tensor
+    weights: torch.Tensor
+
+    @classmethod
+    def merge_groups(cls, kept: torch.Tensor, extra: torch.Tensor, groups: list[tuple[int, torch.Tensor, torch.Tensor]],
+                     n: int) -> Recycled:
+        """From ``(output token, member positions, member weights)`` triples over ``n`` image slots."""
+        weights = torch.zeros(len(groups), n, dtype=torch.float32)
+        for i, (_, members, w) in enumerate(groups):
+            weights[i].index_add_(0, members.cpu().long(), w.cpu().float())
+        mixed = torch.tensor([t for t, _, _ in groups], dtype=torch.long)
+        return cls(kept.cpu().long(), extra.cpu().long(), mixed, weights)
+
+
 class RowSignals(Protocol):
     """What a decoder method may look at for one batch row at one stage. Slots index the row's CURRENT sequence
     (padding included, ``valid`` False there); every attention is recomputed for just the rows asked for
@@ -47,6 +82,15 @@ class RowSignals(Protocol):
     def text_after(self) -> torch.Tensor:
         """Slots of the valid non-visual tokens after the row's last visual token (question + template)."""
         ...
+
+    def keys(self) -> torch.Tensor:
+        """``[H_kv, N, d_h]`` post-RoPE keys of the score layer (its ``k_proj`` of the normed input, RoPE applied)."""
+        ...
+
+    batch_index: int          # the row's place in the batch
+    index: torch.Tensor       # [N] prompt index of every slot (an extra token: its representative's)
+    embeddings: torch.Tensor  # [n, D] the row's LLM INPUT embeddings (layer 0), over the whole prompt, by prompt index
+    visual_prompt: torch.Tensor  # [n] bool: visual tokens of the prompt (by prompt index)
 
 
 @dataclass
@@ -81,8 +125,11 @@ class DecoderMethod(PruningMethod):
         """``[N]`` importance of every slot of the row (only visual slots are read)."""
         raise NotImplementedError
 
-    def select_stage(self, stage: int, row: RowSignals, images: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
-        """Per image ``(visual slots [n_i], k_i)``: kept positions among those slots (sorted, ``torch.long``).
-        Default: top-``k_i`` of :meth:`scores` within each image, ties to the lowest index."""
+    def select_stage(
+        self, stage: int, row: RowSignals, images: list[tuple[torch.Tensor, int]]
+    ) -> list[torch.Tensor | Recycled]:
+        """Per image ``(visual slots [n_i], k_i)``: kept positions among those slots (sorted, ``torch.long``), or a
+        :class:`Recycled` (``k_i`` kept plus extra tokens). Default: top-``k_i`` of :meth:`scores` within each
+        image, ties to the lowest index."""
         scores = self.scores(stage, row)
         return [top_k_indices(scores[slots], k) for slots, k in images]
