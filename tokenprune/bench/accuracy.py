@@ -35,14 +35,14 @@ MODEL_OPTIONS: dict[str, dict[str, Any]] = {"hiprune": {"object_layer": 1}}
 
 def llava_methods() -> list[tuple[str, str]]:
     """``(name, stage)`` of every registered method that runs on LLaVA-1.5: vision stage (FlowCut's in-encoder
-    stage where the adapter runs the encoder loop) and decoder stage."""
+    stage where the adapter runs the encoder loop), decoder stage and two-stage (ToDRE, VFlowOpt, ...)."""
     from tokenprune.methods import METHODS
     from tokenprune.patches import ADAPTERS
 
     loop = ADAPTERS["llava"].encoder_loop
     out = []
     for name, cls in sorted(METHODS.items()):
-        if cls.stage == "decoder" or cls.stage == "vision" or (cls.stage == "vision-encoder" and loop):
+        if cls.stage in ("decoder", "vision", "two-stage") or (cls.stage == "vision-encoder" and loop):
             out.append((name, cls.stage))
     return out
 
