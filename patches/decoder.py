@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tokenprune.patches.decoder_grids import visual_grids
 from tokenprune.patches.decoder_select import Stage, gather, select_stage
 
 from tokenprune.budget import Keep
@@ -70,6 +71,8 @@ class _Call:
     override: dict[str, Any] | None = None
     inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     counts: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    accum: torch.Tensor | None = None      # [B, M] per-slot sum collected by ``method.observe`` (select)
+    grids: dict[int, list[Any]] | None = None  # per row: each image's (h, w) raster grid or None (select)
 
 
 class DecoderLoop:
@@ -90,6 +93,7 @@ class DecoderLoop:
         self.frozen = 0  # > 0 inside generate: a use_cache=False step replays the prefill's selection
         self.selection: Selection | None = None
         self._ids: torch.Tensor | None = None
+        self._grid_thw: torch.Tensor | None = None
         self._call: _Call | None = None
         self._hooks: list[Any] = []
 
@@ -100,6 +104,10 @@ class DecoderLoop:
         self._hooks.append(self.lm.register_forward_hook(self._lm_post, always_call=True))
         for i, layer in enumerate(self.layers):
             self._hooks.append(layer.register_forward_pre_hook(self._layer_pre(i), with_kwargs=True))
+        for i in self.method.observed_layers(self.n_layers):  # only methods that accumulate per-layer signals
+            layer = self.layers[i]
+            self._hooks.append(layer.self_attn.register_forward_hook(self._observe(i, "attn"), with_kwargs=True))
+            self._hooks.append(layer.mlp.register_forward_hook(self._observe(i, "mlp"), with_kwargs=True))
 
     def uninstall(self) -> None:
         for hook in self._hooks:
@@ -111,6 +119,7 @@ class DecoderLoop:
     def _model_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._ids = ids if isinstance(ids, torch.Tensor) else None
+        self._grid_thw = kwargs.get("image_grid_thw")
 
     def _lm_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         ids, self._ids, self._call = self._ids, None, None
@@ -152,6 +161,7 @@ class DecoderLoop:
         sel = Selection(ids.clone(), [])
         self.selection = sel
         call = _Call("select", q, q, mask2d, pos, sel, image_of=self._image_of(ids))
+        call.grids = visual_grids(self.model, call.image_of, self._grid_thw)
         call.index = torch.arange(q, device=ids.device).expand(batch, -1)
         call.valid = mask2d[:, :q].clone()
         call.removed = torch.zeros_like(call.index)
@@ -198,6 +208,21 @@ class DecoderLoop:
 
         return hook
 
+    def _observe(self, i: int, part: str) -> Callable:
+        """Forward hook of a sublayer (``"attn"``/``"mlp"``) of an observed layer: during a selecting prefill, adds
+        the method's per-slot increment (from the sublayer's input and output) to ``call.accum``."""
+
+        def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            call = self._call
+            if call is None or call.mode != "select":
+                return
+            x = args[0] if args else kwargs["hidden_states"]
+            out = output[0] if isinstance(output, tuple) else output
+            inc = self.method.observe(i, part, x, out, call.valid)
+            call.accum = inc if call.accum is None else call.accum + inc
+
+        return hook
+
     def _select_at(self, i: int, h: torch.Tensor, kwargs: dict, call: _Call) -> torch.Tensor:
         if any(p.score_layer == i for p in self.plan):
             cos, sin = kwargs["position_embeddings"]
@@ -208,6 +233,8 @@ class DecoderLoop:
             if stage is not None:
                 call.sel.stages.append(stage)
                 h = gather(h, stage.slots)
+                if call.accum is not None:
+                    call.accum = gather(call.accum, stage.slots)
                 call.index, call.valid, call.removed, call.shift = stage.index, stage.valid, stage.removed, stage.shift
                 call.override = self._override(stage, call, h)
                 kwargs.update(call.override)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tokenprune.patches.attention_rows import attention_rows
+from tokenprune.patches.attention_rows import attention_rows, attention_rows_no_rope, layer_keys
 
 from tokenprune.compaction import padding_side
 
@@ -30,11 +30,24 @@ def gather(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 
 class Row:
-    """:class:`~tokenprune.methods.decoder.RowSignals` of one batch row, computed lazily and cached."""
+    """:class:`~tokenprune.methods.decoder.RowSignals` of one batch row, computed lazily and cached.
+
+    Optional extras (``None`` when the loop does not provide them): ``norm`` the language model's final norm
+    (:meth:`normed_hidden`), ``token_index`` ``[N]`` each slot's position in the unpadded prompt, ``image_local``
+    ``[N]`` each slot's index among its image's ORIGINAL tokens (-1 for text), ``grids`` the ``(h, w)`` raster grid
+    of each image's original tokens (or ``None``), ``accumulated`` ``[N]`` a per-token sum the method collected
+    with :meth:`~tokenprune.methods.decoder.DecoderMethod.observe`.
+    """
 
     def __init__(self, layer: torch.nn.Module, inputs: tuple, b: int, h: torch.Tensor, valid: torch.Tensor,
-                 visual: torch.Tensor):
+                 visual: torch.Tensor, *, norm: torch.nn.Module | None = None,
+                 token_index: torch.Tensor | None = None, image_local: torch.Tensor | None = None,
+                 grids: list[tuple[int, int] | None] | None = None, accumulated: torch.Tensor | None = None,
+                 rotary: torch.nn.Module | None = None):
         self._layer, self._b = layer, b
+        self._norm, self._rotary = norm, rotary
+        self.token_index, self.image_local, self.accumulated = token_index, image_local, accumulated
+        self._grids = grids or []
         h_in, cos, sin = inputs
         self._h_in = h_in[b:b + 1]
         self._cos = cos[b:b + 1] if cos.shape[0] > 1 else cos
@@ -53,6 +66,42 @@ class Row:
             out = attention_rows(self._layer, self._h_in, rows[None], self._cos, self._sin, self.valid[None])
             self._rows[key] = out[0]
         return self._rows[key]
+
+    def keys(self) -> torch.Tensor:
+        """``[H_kv, N, d_h]`` post-RoPE keys of the score layer. Llama family (``rotary`` given): rotated at the
+        positions of the unpadded prompt (``token_index``, what ``generate`` uses), so a left-padded ``forward``
+        without ``position_ids`` gives the keys the row has alone; Qwen: the layer's own M-RoPE positions."""
+        if "keys" not in self._rows:
+            cos, sin = self._cos, self._sin
+            with torch.no_grad():
+                if self._rotary is not None and self.token_index is not None:
+                    pos = self.token_index.clamp(min=0)[None].to(self._h_in.device)
+                    cos, sin = self._rotary(self._h_in, pos)
+                self._rows["keys"] = layer_keys(self._layer, self._h_in, cos, sin)[0]
+        return self._rows["keys"]
+
+    def normed_hidden(self) -> torch.Tensor:
+        """``[N, D]`` :attr:`hidden` through the language model's final norm (DART's similarity space)."""
+        if self._norm is None:
+            raise RuntimeError("this decoder loop provides no final norm")
+        if "normed" not in self._rows:
+            with torch.no_grad():
+                self._rows["normed"] = self._norm(self.hidden)
+        return self._rows["normed"]
+
+    def attention_no_rope(self, keys: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``[H, R, |keys|]`` fp32 attention of query slots ``rows`` (default: the last prompt token) over the key
+        slots ``keys`` ONLY, without rotary embeddings (FEATHER's scoring)."""
+        rows = torch.tensor([self.last]) if rows is None else rows.reshape(-1)
+        key = ("no_rope", tuple(rows.tolist()), tuple(keys.tolist()))
+        if key not in self._rows:
+            dev = self._h_in.device
+            self._rows[key] = attention_rows_no_rope(self._layer, self._h_in, rows.to(dev)[None], keys.to(dev)[None])[0]
+        return self._rows[key]
+
+    def grid(self, image: int) -> tuple[int, int] | None:
+        """``(h, w)`` raster grid of image ``image``'s original tokens (row-major), ``None`` if unknown."""
+        return self._grids[image] if image < len(self._grids) else None
 
     def text_after(self) -> torch.Tensor:
         slots = torch.arange(self.valid.shape[0], device=self.valid.device)
@@ -77,12 +126,15 @@ def select_stage(loop: Any, s: int, h: torch.Tensor, call: Any) -> Stage | None:
             images.append((slots, min(k, slots.numel())))
         if all(k >= slots.numel() for slots, k in images):
             continue
-        row = Row(loop.layers[plan.score_layer], inputs, b, h, call.valid[b], of[b] >= 0)
+        row = Row(loop.layers[plan.score_layer], inputs, b, h, call.valid[b], of[b] >= 0, **_extras(loop, call, b))
         chosen = loop.method.select_stage(s, row, images)
+        exact = loop.method.exact_counts
         for (slots, k), kept in zip(images, chosen, strict=True):
-            if kept.numel() != k or (kept.numel() and int(kept.max()) >= slots.numel()):
+            bad = kept.numel() != k if exact else kept.numel() > slots.numel()
+            if bad or (kept.numel() and (int(kept.max()) >= slots.numel() or bool((kept[1:] <= kept[:-1]).any()))):
                 raise RuntimeError(f"{loop.method.name}: stage {s} returned {kept.numel()} of {slots.numel()} "
-                                   f"slots (expected {k} valid indices)")
+                                   f"slots (expected {k if exact else 'at most ' + str(slots.numel())} sorted, "
+                                   f"unique valid indices)")
             keep[b, slots] = False
             keep[b, slots[kept.to(slots.device)]] = True
     dropped = call.valid & ~keep
@@ -102,3 +154,25 @@ def select_stage(loop: Any, s: int, h: torch.Tensor, call: Any) -> Stage | None:
         layer=plan.layer, slots=slots, prev_len=length, index=call.index.gather(1, slots), valid=valid,
         removed=(call.removed + before).gather(1, slots), shift=call.shift + dropped.long().sum(1),
     )
+
+
+def _extras(loop: Any, call: Any, b: int) -> dict[str, Any]:
+    """The optional :class:`Row` signals of row ``b`` in the call's current layout."""
+    n = call.n
+    unpadded = call.mask2d[b, :n].long().cumsum(0) - 1
+    of = call.image_of[b]
+    starts = {}
+    for m in range(int(of.max()) + 1):
+        starts[m] = int((of == m).nonzero().min())
+    start = torch.tensor([starts.get(int(m), 0) for m in of.tolist()], device=of.device)
+    local = torch.where(of >= 0, torch.arange(of.shape[0], device=of.device) - start, -1)
+    index = call.index[b]
+    accum = getattr(call, "accum", None)
+    return {
+        "norm": getattr(loop.lm, "norm", None),
+        "token_index": unpadded.gather(0, index).masked_fill(~call.valid[b], -1),
+        "image_local": local.gather(0, index).masked_fill(~call.valid[b], -1),
+        "grids": (getattr(call, "grids", None) or {}).get(b),
+        "accumulated": None if accum is None else accum[b],
+        "rotary": loop.lm.rotary_emb if loop.model.config.model_type in ("llava", "llava_next") else None,
+    }

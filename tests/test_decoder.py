@@ -13,8 +13,8 @@ from tokenprune.tiny_models import LlavaSize, random_image, tiny_llava, tiny_lla
 LAYERS = 4
 GEN = dict(max_new_tokens=4, do_sample=False)
 # 4 layers: FastV prunes at layer 2 (official K=2); PDrop at (1, 2, 3) = the official (8, 16, 24)/32 scaled
-OPTIONS = {"fastv": {"k": 2}, "pdrop": {}}
-FIRST_PRUNED = {"fastv": 2, "pdrop": 1}
+OPTIONS = {"fastv": {"k": 2}, "pdrop": {}, "dart": {"k": 2}}
+FIRST_PRUNED = {"fastv": 2, "pdrop": 1, "dart": 2}
 FAMILIES = ["llava", "llava_next", "qwen2", "qwen2.5"]
 QIMG = "<|vision_start|><|image_pad|><|vision_end|>"
 

@@ -24,6 +24,7 @@ from tokenprune.methods.base import (
 )
 from tokenprune.methods.baselines import RandomPrune, UniformPrune
 from tokenprune.methods.cdpruner import CDPruner
+from tokenprune.methods.dart import DART
 from tokenprune.methods.decoder import DecoderMethod, RowSignals, StagePlan
 from tokenprune.methods.divprune import DivPrune
 from tokenprune.methods.fastervlm import FasterVLM
@@ -44,6 +45,7 @@ METHODS: dict[str, type[PruningMethod]] = {
     for cls in (
         CDPruner, DivPrune, FasterVLM, FastV, FlowCut, FoPru, HiPrune, HoloV, KCenter, MMTok, PyramidDrop,
         RandomPrune, Recoverable, UniformPrune, VisionDrop, VisionZip,
+        DART,
     )
 }
 
@@ -99,4 +101,5 @@ __all__ = [
     "DivPrune", "FastV", "FasterVLM", "FlowCut", "FoPru", "HiPrune", "HoloV", "KCenter", "MMTok", "PruningMethod",
     "PyramidDrop", "RandomPrune", "Recoverable", "RowSignals", "Selection", "SelectionContext", "SignalRequest",
     "StagePlan", "TwoStageMethod", "UniformPrune", "VisionDrop", "VisionZip", "make_method", "split_stages",
+    "DART",
 ]
