@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tokenprune.patches.decoder_grids import visual_grids
+from tokenprune.patches.decoder_grids import visual_coords
 from tokenprune.patches.decoder_select import Stage, gather, select_stage
 
 from tokenprune.budget import Keep
@@ -72,7 +72,7 @@ class _Call:
     inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     counts: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     accum: torch.Tensor | None = None      # [B, M] per-slot sum collected by ``method.observe`` (select)
-    grids: dict[int, list[Any]] | None = None  # per row: each image's (h, w) raster grid or None (select)
+    coords: torch.Tensor | None = None     # [B, n, 2] (row, column) of each token within its image, -1 unknown
 
 
 class DecoderLoop:
@@ -93,7 +93,6 @@ class DecoderLoop:
         self.frozen = 0  # > 0 inside generate: a use_cache=False step replays the prefill's selection
         self.selection: Selection | None = None
         self._ids: torch.Tensor | None = None
-        self._grid_thw: torch.Tensor | None = None
         self._call: _Call | None = None
         self._hooks: list[Any] = []
 
@@ -119,7 +118,6 @@ class DecoderLoop:
     def _model_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._ids = ids if isinstance(ids, torch.Tensor) else None
-        self._grid_thw = kwargs.get("image_grid_thw")
 
     def _lm_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         ids, self._ids, self._call = self._ids, None, None
@@ -161,7 +159,7 @@ class DecoderLoop:
         sel = Selection(ids.clone(), [])
         self.selection = sel
         call = _Call("select", q, q, mask2d, pos, sel, image_of=self._image_of(ids))
-        call.grids = visual_grids(self.model, call.image_of, self._grid_thw)
+        call.coords = visual_coords(self.model.config.model_type, call.image_of, kwargs.get("position_ids"))
         call.index = torch.arange(q, device=ids.device).expand(batch, -1)
         call.valid = mask2d[:, :q].clone()
         call.removed = torch.zeros_like(call.index)

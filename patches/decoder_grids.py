@@ -1,9 +1,11 @@
-"""Raster grids of the images as the decoder loop sees them, for grid-aware decoder methods (FEATHER's uniform
-sampling, specs/methods_llm.md §5): per row, one ``(h, w)`` per image run of visual placeholders, or ``None``.
+"""2-D grid coordinates of the visual tokens as the decoder loop sees them, for grid-aware decoder methods (FEATHER's
+uniform sampling, specs/methods_llm.md §5): per prompt token its ``(row, column)`` within its image, ``-1`` where
+unknown.
 
-LLaVA-1.5: a square run (24 x 24 = 576). Qwen2-VL/2.5-VL: ``image_grid_thw`` divided by the spatial merge, when
-the run has exactly that many tokens (an image pruned before the LLM or a video has no grid here). LLaVA-NeXT's
-packed layout (base tile + unpadded crops + newline tokens) is not a raster: ``None``.
+Qwen2-VL/2.5-VL: the M-RoPE ``(h, w)`` position rows of the image tokens, relative to the image's first row and
+column (exact, also after pruning before the LLM, which keeps positions). LLaVA-1.5: a square run of placeholders
+(24 x 24 = 576) in raster order. LLaVA-NeXT's packed layout (base tile + unpadded crops + newline tokens) has no
+single raster: unknown.
 """
 
 from __future__ import annotations
@@ -14,25 +16,20 @@ from typing import Any
 import torch
 
 
-def visual_grids(model: Any, image_of: torch.Tensor, grid_thw: torch.Tensor | None
-                 ) -> dict[int, list[tuple[int, int] | None]]:
-    """``{row: [grid of image 0, image 1, ...]}`` for ``image_of`` ``[B, N]`` (image number per token, -1 text)."""
-    config = model.config
-    merge = getattr(getattr(config, "vision_config", None), "spatial_merge_size", None)
-    qwen = grid_thw is not None and merge is not None
-    flat = [] if not qwen else [
-        (int(t), int(h) // merge, int(w) // merge) for t, h, w in grid_thw.tolist()
-    ]
-    runs = [(b, m) for b in range(image_of.shape[0]) for m in range(int(image_of[b].max()) + 1)]
-    out: dict[int, list[tuple[int, int] | None]] = {b: [] for b in range(image_of.shape[0])}
-    for g, (b, m) in enumerate(runs):
-        n = int((image_of[b] == m).sum())
-        grid = None
-        if qwen:
-            if len(flat) == len(runs) and flat[g][0] == 1 and flat[g][1] * flat[g][2] == n:
-                grid = flat[g][1:]
-        elif config.model_type == "llava":
-            side = math.isqrt(n)
-            grid = (side, side) if side * side == n else None
-        out[b].append(grid)
-    return out
+def visual_coords(model_type: str, image_of: torch.Tensor, position_ids: Any) -> torch.Tensor:
+    """``[B, N, 2]`` long ``(row, column)`` of each token within its image (``image_of`` ``[B, N]``: image number per
+    token, -1 text); -1 where unknown."""
+    coords = torch.full((*image_of.shape, 2), -1, dtype=torch.long, device=image_of.device)
+    mrope = isinstance(position_ids, torch.Tensor) and position_ids.ndim == 3 and position_ids.shape[0] >= 3
+    for b in range(image_of.shape[0]):
+        for m in range(int(image_of[b].max()) + 1):
+            members = (image_of[b] == m).nonzero().squeeze(1)
+            if mrope:
+                hw = position_ids[-2:, b if position_ids.shape[1] > 1 else 0].to(members.device)[:, members].T.long()
+                coords[b, members] = hw - hw.min(dim=0).values
+            elif model_type == "llava":
+                side = math.isqrt(members.numel())
+                if side * side == members.numel():
+                    local = torch.arange(members.numel(), device=members.device)
+                    coords[b, members] = torch.stack([local // side, local % side], dim=1)
+    return coords

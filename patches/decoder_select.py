@@ -34,20 +34,20 @@ class Row:
 
     Optional extras (``None`` when the loop does not provide them): ``norm`` the language model's final norm
     (:meth:`normed_hidden`), ``token_index`` ``[N]`` each slot's position in the unpadded prompt, ``image_local``
-    ``[N]`` each slot's index among its image's ORIGINAL tokens (-1 for text), ``grids`` the ``(h, w)`` raster grid
-    of each image's original tokens (or ``None``), ``accumulated`` ``[N]`` a per-token sum the method collected
-    with :meth:`~tokenprune.methods.decoder.DecoderMethod.observe`.
+    ``[N]`` each slot's index among its image's tokens entering the LLM (-1 for text), ``coords`` ``[N, 2]`` each
+    slot's ``(row, column)`` within its image (-1 unknown: ``patches/decoder_grids.py``), ``accumulated`` ``[N]``
+    a per-token sum the method collected with :meth:`~tokenprune.methods.decoder.DecoderMethod.observe`.
     """
 
     def __init__(self, layer: torch.nn.Module, inputs: tuple, b: int, h: torch.Tensor, valid: torch.Tensor,
                  visual: torch.Tensor, *, norm: torch.nn.Module | None = None,
                  token_index: torch.Tensor | None = None, image_local: torch.Tensor | None = None,
-                 grids: list[tuple[int, int] | None] | None = None, accumulated: torch.Tensor | None = None,
+                 coords: torch.Tensor | None = None, accumulated: torch.Tensor | None = None,
                  rotary: torch.nn.Module | None = None):
         self._layer, self._b = layer, b
         self._norm, self._rotary = norm, rotary
         self.token_index, self.image_local, self.accumulated = token_index, image_local, accumulated
-        self._grids = grids or []
+        self.coords = coords
         h_in, cos, sin = inputs
         self._h_in = h_in[b:b + 1]
         self._cos = cos[b:b + 1] if cos.shape[0] > 1 else cos
@@ -99,10 +99,6 @@ class Row:
             self._rows[key] = attention_rows_no_rope(self._layer, self._h_in, rows.to(dev)[None], keys.to(dev)[None])[0]
         return self._rows[key]
 
-    def grid(self, image: int) -> tuple[int, int] | None:
-        """``(h, w)`` raster grid of image ``image``'s original tokens (row-major), ``None`` if unknown."""
-        return self._grids[image] if image < len(self._grids) else None
-
     def text_after(self) -> torch.Tensor:
         slots = torch.arange(self.valid.shape[0], device=self.valid.device)
         last_visual = int(self._visual.nonzero().max()) if bool(self._visual.any()) else -1
@@ -122,7 +118,7 @@ def select_stage(loop: Any, s: int, h: torch.Tensor, call: Any) -> Stage | None:
         for m in range(int(of[b].max()) + 1):
             slots = (of[b] == m).nonzero().squeeze(1)
             n_original = int((call.image_of[b] == m).sum())
-            k = loop.method.counts(n_original, loop.keep, loop.n_layers)[s]
+            k = loop.method.stage_count(s, n_original, slots.numel(), loop.keep, loop.n_layers)
             images.append((slots, min(k, slots.numel())))
         if all(k >= slots.numel() for slots, k in images):
             continue
@@ -167,12 +163,12 @@ def _extras(loop: Any, call: Any, b: int) -> dict[str, Any]:
     start = torch.tensor([starts.get(int(m), 0) for m in of.tolist()], device=of.device)
     local = torch.where(of >= 0, torch.arange(of.shape[0], device=of.device) - start, -1)
     index = call.index[b]
-    accum = getattr(call, "accum", None)
+    accum, coords = getattr(call, "accum", None), getattr(call, "coords", None)
     return {
         "norm": getattr(loop.lm, "norm", None),
         "token_index": unpadded.gather(0, index).masked_fill(~call.valid[b], -1),
         "image_local": local.gather(0, index).masked_fill(~call.valid[b], -1),
-        "grids": (getattr(call, "grids", None) or {}).get(b),
+        "coords": None if coords is None else coords[b].gather(0, index[:, None].expand(-1, 2)),
         "accumulated": None if accum is None else accum[b],
         "rotary": loop.lm.rotary_emb if loop.model.config.model_type in ("llava", "llava_next") else None,
     }

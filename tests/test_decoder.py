@@ -4,7 +4,7 @@ import functools
 
 import pytest
 import torch
-from conftest import decoder_methods
+from conftest import decoder_methods, two_stage_methods
 
 from tokenprune import disable_pruning, enable_pruning
 from tokenprune.api import _HANDLE_ATTR
@@ -13,8 +13,12 @@ from tokenprune.tiny_models import LlavaSize, random_image, tiny_llava, tiny_lla
 LAYERS = 4
 GEN = dict(max_new_tokens=4, do_sample=False)
 # 4 layers: FastV prunes at layer 2 (official K=2); PDrop at (1, 2, 3) = the official (8, 16, 24)/32 scaled
-OPTIONS = {"fastv": {"k": 2}, "pdrop": {}, "dart": {"k": 2}}
-FIRST_PRUNED = {"fastv": 2, "pdrop": 1, "dart": 2}
+OPTIONS = {"fastv": {"k": 2}, "pdrop": {}, "dart": {"k": 2}, "feather": {"layers": (1, 2)},
+           "transprune": {"layers": (1, 2, 3)},
+           "todre": {"layer": 1, "tau": 1.0}}  # ToDRE: candidate layer 1 of 4; tau=1 always drops (alpha < 1)
+FIRST_PRUNED = {"fastv": 2, "pdrop": 1, "dart": 2, "feather": 1, "todre": 2, "transprune": 1}
+# Two-stage methods (ToDRE): a vision stage before the LLM, then the decoder stage; same matrix.
+METHODS = decoder_methods() + two_stage_methods()
 FAMILIES = ["llava", "llava_next", "qwen2", "qwen2.5"]
 QIMG = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -58,7 +62,7 @@ def enable(model, method, keep, **kwargs):
     return enable_pruning(model, method, keep=keep, **OPTIONS.get(method, {}), **kwargs)
 
 
-@pytest.mark.parametrize("method", decoder_methods())
+@pytest.mark.parametrize("method", METHODS)
 def test_cached_generate_equals_recompute_and_kv_is_shorter_after_the_pruning_layer(model, family, method):
     model, processor = model
     inputs = _inputs(family, processor)
@@ -74,18 +78,20 @@ def test_cached_generate_equals_recompute_and_kv_is_shorter_after_the_pruning_la
         torch.testing.assert_close(step_cached, step_uncached, rtol=1e-4, atol=1e-4)
     record = handle.last
     lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
-    first = FIRST_PRUNED[method]
-    assert lengths[:first] == [prompt.shape[1]] * first  # full prompt before the pruning layer
-    assert all(n < prompt.shape[1] for n in lengths[first:])  # shorter after it
+    first, full, two_stage = FIRST_PRUNED[method], lengths[0], method in two_stage_methods()
+    assert full < prompt.shape[1] if two_stage else full == prompt.shape[1]  # a vision stage prunes before the LLM
+    assert lengths[:first] == [full] * first  # the whole (LLM input) prompt before the pruning layer
+    assert all(n < full for n in lengths[first:])  # shorter after it
     assert list(record.tokens_per_layer) == lengths  # B=1, no padding: the record is the KV length per layer
-    n_visual = record.n_visual
-    assert record.visual_per_layer[0] == n_visual and record.visual_per_layer[first] < n_visual
+    n_visual, entering = record.n_visual, record.visual_per_layer[0]
+    assert entering < n_visual if two_stage else entering == n_visual
+    assert record.visual_per_layer[first] < entering
     assert record.visual_per_layer[-1] == record.n_kept and out.logits.shape[1] == lengths[-1]
     if method == "fastv":
         assert record.n_kept == sum(round(0.5 * im.n + 1e-9) for im in record.images)
 
 
-@pytest.mark.parametrize("method", decoder_methods())
+@pytest.mark.parametrize("method", METHODS)
 def test_keep_all_is_bit_identical_and_disable_restores(model, family, method):
     model, processor = model
     inputs = _inputs(family, processor)
@@ -104,7 +110,7 @@ def test_keep_all_is_bit_identical_and_disable_restores(model, family, method):
         assert torch.equal(model(**inputs).logits, ref_logits)
 
 
-@pytest.mark.parametrize("method", decoder_methods())
+@pytest.mark.parametrize("method", METHODS)
 def test_batch_with_padding_equals_rows_alone(model, family, method):
     model, processor = model
     handle = enable(model, method, 0.4)
@@ -127,7 +133,7 @@ def test_batch_with_padding_equals_rows_alone(model, family, method):
     assert torch.equal(ids, ids_nocache)
 
 
-@pytest.mark.parametrize("method", decoder_methods())
+@pytest.mark.parametrize("method", METHODS)
 def test_same_selection_under_eager_and_sdpa_and_no_attention_weights(family, method):
     """Rows are recomputed, never read from the kernel: same kept indices under both kernels; no attention
     module is asked for weights (``output_attentions``) and none returns any under sdpa."""

@@ -2,10 +2,19 @@
 
 import math
 
+import pytest
 import torch
+from conftest import PROMPT
+from tokenprune.patches.attention_rows import attention_rows, attention_rows_no_rope
+from tokenprune.patches.decoder_grids import visual_coords
 
+from tokenprune import functional as F
 from tokenprune.functional.dart import dart, dart_count
-from tokenprune.methods import DART
+from tokenprune.functional.feather import feather, feather_counts, feather_uniform, raster_coords
+from tokenprune.functional.todre import todre_drop_all, todre_text_to_visual
+from tokenprune.functional.transprune import transprune, transprune_scores, transprune_ttv
+from tokenprune.methods import DART, FEATHER, ToDRE, TransPrune
+from tokenprune.tiny_models import LlavaSize, random_image, tiny_llava
 
 
 def _unit(degrees):
@@ -42,3 +51,138 @@ def test_dart_fills_up_when_there_are_too_few_text_pivots():
     visual, text = torch.arange(1, 11), torch.arange(11, 12)  # one text token for 4 text pivots
     kept = dart(norms, states, visual, text, 9, 1, 4, 4)
     assert kept.numel() == 9 and bool((kept[1:] > kept[:-1]).all())
+
+
+def test_feather_worked_example_two_stages():
+    """§5: 6x6 grid, rho=0.3, stride 3: stage 1 = top-10 U {0,3,18,21} (14); stage 2 keeps int(14*0.09)=1."""
+    i = torch.arange(36)
+    k1, _ = feather_counts(36, 0.3)
+    assert k1 == 10  # int(10.8)
+    uniform = feather_uniform(raster_coords(6, 6), 3)
+    assert uniform.tolist() == [0, 3, 18, 21]
+    s1 = ((7 * i) % 36).float() / 100
+    kept = feather(s1, k1, uniform)
+    assert kept.tolist() == [0, 3, 4, 5, 9, 10, 14, 15, 18, 20, 21, 25, 30, 35]
+    method = FEATHER()
+    k2 = method.stage_count(1, 36, kept.numel(), 0.3, 32)
+    assert k2 == 1  # rho**2 of the STAGE-1 count, not of the original 36 (§5 pitfall 6)
+    s2 = ((5 * kept) % 36).float() / 100  # uniform tokens are not protected at stage 2
+    assert kept[feather(s2, k2)].tolist() == [14]
+    assert kept[feather(s2, 3)].tolist() == [14, 21, 35]  # the larger-fraction variant of the example
+
+
+def test_feather_schedule_and_budget_convention():
+    method = FEATHER()
+    assert [(p.layer, p.score_layer) for p in method.plan(32)] == [(8, 7), (16, 15)]
+    assert method.counts(576, 0.3, 32) == [172, 15]  # int(172.8); stage-2 hint int(172 * 0.09)
+    assert method.stage_count(1, 576, 230, 0.3, 32) == 20  # int(230 * 0.09) of what stage 1 left
+    assert method.counts(729, 0.3, 32)[0] == 218  # §5 pitfall 4: 0.3 * 729 = 218.7 -> 218
+    assert method.counts(576, 1.0, 32) == [576, 576]
+    assert feather_uniform(raster_coords(24, 24), 3).numel() == 64
+    assert feather_uniform(torch.full((20, 2), -1), 3).tolist() == [0, 9, 18]  # no raster: every 9th token
+    assert feather_uniform(raster_coords(3, 5), 3).tolist() == [0, 3]  # Qwen 84 x 140: a 3 x 5 merged grid
+
+
+def test_feather_scores_are_rope_free_and_normalised_over_image_keys():
+    """The no-RoPE row equals a hand computation from the layer's projections; it sums to 1 over the image keys
+    (FastV's row sums to less: its softmax covers every key) and differs from the RoPE row."""
+    model, processor = tiny_llava(LlavaSize(text_layers=2))
+    inputs = processor(images=[random_image(80, 96, seed=1)], text=[PROMPT], return_tensors="pt")
+    layer, seen = model.model.language_model.layers[1], {}
+    hook = layer.register_forward_pre_hook(
+        lambda m, a, kw: seen.update(h=a[0] if a else kw["hidden_states"], pe=kw["position_embeddings"]),
+        with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    h, (cos, sin) = seen["h"], seen["pe"]
+    image = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(1)
+    last = torch.tensor([[h.shape[1] - 1]])
+    got = attention_rows_no_rope(layer, h, last, image[None])[0].mean(dim=(0, 1))
+    attn = layer.self_attn
+    with torch.no_grad():
+        x = layer.input_layernorm(h[0])
+        q = attn.q_proj(x[-1]).view(-1, attn.head_dim)
+        k = attn.k_proj(x[image]).view(image.numel(), -1, attn.head_dim).transpose(0, 1)
+        k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)  # GQA
+    expected = torch.softmax((q[:, None] * k).sum(-1) * attn.scaling, dim=-1).mean(0)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert abs(float(got.sum()) - 1) < 1e-5
+    with_rope = attention_rows(layer, h, last, cos, sin, torch.ones(1, h.shape[1], dtype=torch.bool))[0, :, 0, image]
+    assert float(with_rope.mean(0).sum()) < 1 - 1e-3 and not torch.allclose(with_rope.mean(0), got)
+
+
+def test_todre_worked_example_stage1_maxsum_vs_kcenter():
+    """§6: unit features at [120, 90, 240, 75, 225, 285] degrees, pivot 0, k=3: max-sum {0,5,3}, k-center {0,5,4}."""
+    features = _unit([120, 90, 240, 75, 225, 285])
+    assert F.kcenter(features, 3, 0, rule="maxsum").tolist() == [0, 3, 5]
+    assert F.kcenter(features, 3, 0, rule="kcenter").tolist() == [0, 4, 5]
+    assert ToDRE().stages()[0].rule == "maxsum" and ToDRE(rule="kcenter").stages()[0].rule == "kcenter"
+
+
+def test_todre_worked_example_stage2():
+    """§6: S={0}, V={1,2}, T={3,4}; alpha_{t->v} = 0.07 < 0.10 (alpha_{v->t} = 0) -> drop every visual token."""
+    rows = torch.tensor([[.70, .05, .03, .22, 0], [.60, .02, .04, .14, .20]])
+    alpha = todre_text_to_visual(rows[None], torch.tensor([1, 2]))
+    assert alpha == pytest.approx(0.07)
+    assert todre_drop_all(alpha, 0.0, 0.10) and not todre_drop_all(alpha, 0.0, 0.05)
+    relevance = ToDRE().stages()[1]
+    assert [(p.layer, p.score_layer) for p in relevance.plan(32)] == [(29, 28)]  # l = 7L/8, pruned after it
+    assert [(p.layer, p.score_layer) for p in relevance.plan(28)] == [(25, 24)]
+    assert relevance.counts(576, 0.25, 32) == [0] and relevance.counts(576, 1.0, 32) == [576]
+    assert ToDRE().stage_keeps(0.25) == (0.25, 0.25)
+    with pytest.raises(ValueError, match="tau"):
+        ToDRE(tau=0.0)
+    with pytest.raises(ValueError, match="rule"):
+        ToDRE(rule="kmeans")
+
+
+def test_visual_coords_from_mrope_positions_and_square_llava_runs():
+    image_of = torch.tensor([[-1, 0, 0, 0, 0, 0, 0, -1]])  # one 2 x 3 image after one text token
+    t = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 4]])
+    h = torch.tensor([[0, 1, 1, 1, 2, 2, 2, 4]])
+    w = torch.tensor([[0, 1, 2, 3, 1, 2, 3, 4]])
+    coords = visual_coords("qwen2_5_vl", image_of, torch.stack([t, t, h, w]))  # [4, B, N]: text row + t, h, w
+    assert coords[0, 1:7].tolist() == raster_coords(2, 3).tolist() and coords[0, 0].tolist() == [-1, -1]
+    square = visual_coords("llava", torch.tensor([[-1, 0, 0, 0, 0]]), None)
+    assert square[0, 1:].tolist() == raster_coords(2, 2).tolist()
+    assert bool((visual_coords("llava_next", torch.tensor([[0, 0, 0]]), None) == -1).all())
+
+
+def test_transprune_worked_example():
+    """§7: tokens 0 sys, 1-4 image, 5-6 text; one accumulating layer; score -> keep 2 -> {3,4} (IGA only {2,4},
+    TTV only {2,3})."""
+    attn_in = torch.tensor([[1, 0], [1, 0], [0, 1], [1, 1], [2, 0], [1, 0], [0, 1]], dtype=torch.float)
+    attn_out = torch.tensor([[1, 0], [0, 1], [0, 2], [-3, 3], [-1, 0], [1, 1], [0, 1]], dtype=torch.float)
+    ffn_in = torch.tensor([[1, 0], [1, 1], [1, 0], [0, 1], [1, 0], [1, 0], [1, 0]], dtype=torch.float)
+    ffn_out = torch.tensor([[2, 0], [1, 1], [0, 1], [0, 3], [1, 0.5], [1, 0], [1, 0]], dtype=torch.float)
+    ttv = transprune_ttv(attn_in, attn_out) + transprune_ttv(ffn_in, ffn_out)
+    torch.testing.assert_close(ttv, torch.tensor([.2848, .2716, .4244, .8148, .3559, .2237, .1715]), atol=1e-4, rtol=0)
+    image = torch.arange(1, 5)
+    torch.testing.assert_close(ttv[image] / ttv[image].sum(), torch.tensor([.1455, .2273, .4365, .1907]), atol=1e-4,
+                               rtol=0)
+    rows = torch.tensor([[.3, .1, .2, .05, .15, .2, 0], [.2, .05, .1, .05, .3, .1, .2]])
+    iga = rows.mean(0)[image]
+    torch.testing.assert_close(transprune_scores(ttv[image], iga), torch.tensor([.2955, .5273, .5365, .6407]),
+                               atol=1e-4, rtol=0)
+    assert (image[transprune(ttv[image], iga, 2)]).tolist() == [3, 4]
+    assert (image[transprune(torch.ones(4), iga, 2)]).tolist() == [2, 4]  # IGA only (flat TTV)
+    assert (image[transprune(ttv[image], torch.ones(4), 2)]).tolist() == [2, 3]  # TTV only
+    # padding never enters the softmax: a padded copy gives the same TTV on the real tokens
+    padded = transprune_ttv(torch.cat([torch.ones(2, 2), attn_in]), torch.cat([torch.ones(2, 2), attn_out]),
+                            torch.tensor([False, False] + [True] * 7))
+    torch.testing.assert_close(padded[2:], transprune_ttv(attn_in, attn_out))
+    assert padded[:2].tolist() == [0.0, 0.0]
+
+
+def test_transprune_schedule_and_budget_convention():
+    """Official: first pruned layers 7/9/12, TTV from layers 6..11, 576 -> 504/360/72 (layer average 236.25)."""
+    method = TransPrune()
+    assert [(p.layer, p.score_layer) for p in method.plan(32)] == [(7, 7), (9, 9), (12, 12)]
+    assert method.observed_layers(32) == (6, 7, 8, 9, 10, 11)
+    assert method.counts(576, 236.25 / 576, 32) == [504, 360, 72]
+    assert TransPrune(scale=1.0).counts(576, 0.5, 32) == [504, 360, 72]
+    assert F.layer_average([504, 360, 72], (7, 9, 12), 576, 32) == 236.25
+    assert method.counts(576, 1.0, 32) == [576, 576, 576]
+    with pytest.raises(ValueError, match="strictly increasing"):
+        TransPrune().plan(4)  # (7, 9, 12) scaled to 4 layers collapses: the error asks for layers=

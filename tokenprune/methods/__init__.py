@@ -29,6 +29,7 @@ from tokenprune.methods.decoder import DecoderMethod, RowSignals, StagePlan
 from tokenprune.methods.divprune import DivPrune
 from tokenprune.methods.fastervlm import FasterVLM
 from tokenprune.methods.fastv import FastV
+from tokenprune.methods.feather import FEATHER
 from tokenprune.methods.flowcut import FlowCut
 from tokenprune.methods.fopru import FoPru
 from tokenprune.methods.hiprune import HiPrune
@@ -37,6 +38,8 @@ from tokenprune.methods.kcenter import KCenter
 from tokenprune.methods.mmtok import MMTok
 from tokenprune.methods.pdrop import PyramidDrop
 from tokenprune.methods.recoverable import Recoverable
+from tokenprune.methods.todre import ToDRE
+from tokenprune.methods.transprune import TransPrune
 from tokenprune.methods.two_stage import TwoStageMethod
 from tokenprune.methods.visionzip import VisionDrop, VisionZip
 
@@ -45,7 +48,7 @@ METHODS: dict[str, type[PruningMethod]] = {
     for cls in (
         CDPruner, DivPrune, FasterVLM, FastV, FlowCut, FoPru, HiPrune, HoloV, KCenter, MMTok, PyramidDrop,
         RandomPrune, Recoverable, UniformPrune, VisionDrop, VisionZip,
-        DART,
+        DART, FEATHER, ToDRE, TransPrune,
     )
 }
 
@@ -101,5 +104,5 @@ __all__ = [
     "DivPrune", "FastV", "FasterVLM", "FlowCut", "FoPru", "HiPrune", "HoloV", "KCenter", "MMTok", "PruningMethod",
     "PyramidDrop", "RandomPrune", "Recoverable", "RowSignals", "Selection", "SelectionContext", "SignalRequest",
     "StagePlan", "TwoStageMethod", "UniformPrune", "VisionDrop", "VisionZip", "make_method", "split_stages",
-    "DART",
+    "DART", "FEATHER", "ToDRE", "TransPrune",
 ]

@@ -51,7 +51,7 @@ class RowSignals(Protocol):
     # Optional extras (patches/decoder_select.py ``Row``): ``token_index`` / ``image_local`` ``[N]`` (position in
     # the unpadded prompt / among the image's original tokens), ``accumulated`` ``[N]`` (see ``observe``),
     # ``keys()`` ``[H_kv, N, d_h]`` post-RoPE keys of the score layer, ``normed_hidden()`` ``[N, D]`` (final norm),
-    # ``attention_no_rope(keys, rows)`` ``[H, R, K]``, ``grid(image)`` ``(h, w)`` or None.
+    # ``attention_no_rope(keys, rows)`` ``[H, R, K]``, ``coords`` ``[N, 2]`` (row, column) in the image or -1.
 
 
 @dataclass
@@ -84,6 +84,11 @@ class DecoderMethod(PruningMethod):
     def counts(self, n: int, keep: Keep, n_layers: int) -> list[int]:
         """Kept visual tokens of one image (``n`` entering the LLM) after each stage of the plan."""
         raise NotImplementedError
+
+    def stage_count(self, stage: int, n: int, current: int, keep: Keep, n_layers: int) -> int:
+        """Budget of stage ``stage`` for an image of ``n`` tokens entering the LLM of which ``current`` are left
+        (default: ``counts(n, ...)[stage]``; FEATHER's stage 2 is a share of the tokens stage 1 left)."""
+        return self.counts(n, keep, n_layers)[stage]
 
     def observed_layers(self, n_layers: int) -> tuple[int, ...]:
         """Layers whose attention and MLP sublayers :meth:`observe` sees during a selecting prefill (default none)."""
