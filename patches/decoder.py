@@ -236,6 +236,8 @@ class DecoderLoop:
                 call.index, call.valid, call.removed, call.shift = stage.index, stage.valid, stage.removed, stage.shift
                 call.override = self._override(stage, call, h)
                 kwargs.update(call.override)
+                if any(p.score_layer == i < p.layer for p in self.plan):  # a later stage scores what layer i gets
+                    call.inputs[i] = (h, *call.override["position_embeddings"])
         visual = call.valid & (call.image_of.gather(1, call.index) >= 0)
         call.counts.append((call.valid.sum(1), visual.sum(1)))
         return h
