@@ -186,3 +186,68 @@ def test_transprune_schedule_and_budget_convention():
     assert method.counts(576, 1.0, 32) == [576, 576, 576]
     with pytest.raises(ValueError, match="strictly increasing"):
         TransPrune().plan(4)  # (7, 9, 12) scaled to 4 layers collapses: the error asks for layers=
+
+
+def _tiny_run(method, spy_module, spy_name, watch=None, **options):
+    """Run ``method`` on a 4-layer tiny LLaVA with the rule ``spy_module.spy_name`` wrapped (and ``watch(model)``
+    called first, e.g. to add hooks): ``(calls, out, model, inputs)``."""
+    from tokenprune import disable_pruning, enable_pruning
+
+    model, processor = tiny_llava(LlavaSize(text_layers=4))
+    inputs = processor(images=[random_image(80, 96, seed=1)], text=[PROMPT], return_tensors="pt")
+    calls, original = [], getattr(spy_module, spy_name)
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    setattr(spy_module, spy_name, spy)
+    if watch is not None:
+        watch(model)
+    try:
+        enable_pruning(model, method, keep=0.5, **options)
+        with torch.no_grad():
+            out = model(**inputs)
+    finally:
+        setattr(spy_module, spy_name, original)
+        disable_pruning(model)
+    return calls, out, model, inputs
+
+
+def test_dart_scores_with_the_keys_the_layer_caches_and_the_final_norm():
+    import tokenprune.methods.dart as module
+
+    seen = {}
+
+    def watch(model):
+        layer = model.model.language_model.layers[1]
+        layer.register_forward_hook(lambda m, a, o: seen.update(h=(o[0] if isinstance(o, tuple) else o)[0]))
+
+    calls, out, model, _ = _tiny_run("dart", module, "dart", watch=watch, k=2)
+    norms, states = calls[0][0], calls[0][1]
+    cached = out.past_key_values.layers[1].keys[0]  # [H_kv, N, d_h] post-RoPE keys of layer K-1 = 1 (full prompt)
+    torch.testing.assert_close(norms, cached.float().abs().sum(dim=(0, 2)), atol=1e-4, rtol=1e-5)
+    with torch.no_grad():  # layer K-1's output through the model's final norm (not the raw hidden states)
+        torch.testing.assert_close(states, model.model.language_model.norm(seen["h"]), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(states, seen["h"])
+
+
+def test_transprune_accumulates_ttv_of_the_layers_before_each_boundary():
+    """Boundary 1 of layers (1, 2, 3) sees the TTV of layer 0 alone: its attention and MLP sublayer in/outs."""
+    import tokenprune.methods.transprune as module
+
+    model, processor = tiny_llava(LlavaSize(text_layers=4))
+    inputs = processor(images=[random_image(80, 96, seed=1)], text=[PROMPT], return_tensors="pt")
+    seen, layer = {}, model.model.language_model.layers[0]
+    hooks = [layer.self_attn.register_forward_hook(
+        lambda m, a, kw, o: seen.update(attn=(kw["hidden_states"][0], o[0][0])), with_kwargs=True),
+        layer.mlp.register_forward_hook(lambda m, a, o: seen.update(mlp=(a[0][0], o[0])))]
+    with torch.no_grad():
+        model(**inputs)
+    for h in hooks:
+        h.remove()
+    expected = transprune_ttv(*seen["attn"]) + transprune_ttv(*seen["mlp"])
+    calls, *_ = _tiny_run("transprune", module, "transprune", layers=(1, 2, 3))
+    image = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(1)
+    torch.testing.assert_close(calls[0][0], expected[image], atol=1e-5, rtol=1e-4)
+    assert len(calls) == 3 and calls[1][0].numel() < calls[0][0].numel()  # re-indexed after the first prune
