@@ -10,6 +10,10 @@ to flash-attention). Layers from that point on therefore write a shorter KV cach
 length per layer); layer 0 always holds the whole prompt, so HF's own position and mask logic, which reads
 ``get_seq_length()`` of layer 0, stays right for the unpruned layers.
 
+A method that accumulates per-layer signals (TransPrune's token transition variation) lists the layers in
+``observed_layers``; only then are forward hooks added on those layers' attention and MLP modules, which add the
+method's per-token increment to a ``[B, M]`` sum during a selecting prefill (re-indexed at every pruning).
+
 Three kinds of call:
 
 * ``select`` -- a prefill: scores (``attention_rows``), selection, records; the selection is kept for later calls.
