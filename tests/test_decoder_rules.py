@@ -129,6 +129,7 @@ def test_todre_worked_example_stage2():
     relevance = ToDRE().stages()[1]
     assert [(p.layer, p.score_layer) for p in relevance.plan(32)] == [(29, 28)]  # l = 7L/8, pruned after it
     assert [(p.layer, p.score_layer) for p in relevance.plan(28)] == [(25, 24)]
+    assert [(p.layer, p.score_layer) for p in relevance.plan(2)] == [(1, 0)]  # shallow models: at most L - 2
     assert relevance.counts(576, 0.25, 32) == [0] and relevance.counts(576, 1.0, 32) == [576]
     assert ToDRE().stage_keeps(0.25) == (0.25, 0.25)
     with pytest.raises(ValueError, match="tau"):

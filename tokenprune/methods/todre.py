@@ -44,7 +44,8 @@ class ToDRERelevance(DecoderMethod):
             raise ValueError(f"todre: tau (attention-ratio threshold) must lie in (0, 1]; got {self.tau!r}")
 
     def candidate(self, n_layers: int) -> int:
-        return self.layer if self.layer is not None else 7 * n_layers // 8
+        """``7L // 8`` (28 of 32, 24 of 28); on very shallow models at most ``L - 2``, so that a layer runs after it."""
+        return self.layer if self.layer is not None else max(0, min(7 * n_layers // 8, n_layers - 2))
 
     def plan(self, n_layers: int) -> tuple[StagePlan, ...]:
         ell = self.candidate(n_layers)
@@ -79,6 +80,8 @@ class ToDRE(TwoStageMethod):
 
     name = "todre"
     paper = PAPER
+    needs = KCenter.needs  # the vision stage's signals (the decoder stage needs none from the tower)
+    needs_without_cls = KCenter.needs_without_cls
     rule: str = "maxsum"
     layer: int | None = None
     tau: float = 0.10
@@ -92,3 +95,6 @@ class ToDRE(TwoStageMethod):
 
     def stage_keeps(self, keep: Keep) -> tuple[Keep, Keep]:
         return keep, keep
+
+    def requests(self, cls_token: bool = True) -> tuple:
+        return self.stages()[0].requests(cls_token)
