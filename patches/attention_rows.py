@@ -62,3 +62,21 @@ def attention_rows(
     allowed = (keys[None, None, :] <= rows[..., None]) & valid[:, None, :].bool()  # [B, R, N]
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+
+@torch.no_grad()
+def attention_rows_no_rope(
+    layer: torch.nn.Module, hidden: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor
+) -> torch.Tensor:
+    """``[B, H, R, K]`` fp32 attention of query slots ``rows`` ``[B, R]`` over the key slots ``keys`` ``[B, K]``
+    ONLY, with neither rotary embeddings nor a causal mask (FEATHER, ICCV 2025: the last prompt token's attention
+    to the image tokens without RoPE, softmax over the image keys). ``hidden`` ``[B, N, D]`` is the layer's input."""
+    attn = layer.self_attn
+    b = hidden.shape[0]
+    x = layer.input_layernorm(hidden)
+    pick = lambda idx: x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
+    q = attn.q_proj(pick(rows)).view(b, rows.shape[1], -1, attn.head_dim).transpose(1, 2)  # [B, H, R, d_h]
+    k = attn.k_proj(pick(keys)).view(b, keys.shape[1], -1, attn.head_dim).transpose(1, 2)  # [B, H_kv, K, d_h]
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA
+    scores = (q.float() @ k.float().transpose(-1, -2)) * float(attn.scaling)
+    return torch.softmax(scores, dim=-1)

@@ -10,6 +10,10 @@ to flash-attention). Layers from that point on therefore write a shorter KV cach
 length per layer); layer 0 always holds the whole prompt, so HF's own position and mask logic, which reads
 ``get_seq_length()`` of layer 0, stays right for the unpruned layers.
 
+A method that accumulates per-layer signals (TransPrune's token transition variation) lists the layers in
+``observed_layers``; only then are forward hooks added on those layers' attention and MLP modules, which add the
+method's per-token increment to a ``[B, M]`` sum during a selecting prefill (re-indexed at every pruning).
+
 Three kinds of call:
 
 * ``select`` -- a prefill: scores (``attention_rows``), selection, records; the selection is kept for later calls.
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tokenprune.patches.decoder_grids import visual_coords
 from tokenprune.patches.decoder_select import Stage, apply_mixes, gather, select_stage
 
 from tokenprune.budget import Keep
@@ -72,6 +77,8 @@ class _Call:
     override: dict[str, Any] | None = None
     inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     counts: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    accum: torch.Tensor | None = None      # [B, M] per-slot sum collected by ``method.observe`` (select)
+    coords: torch.Tensor | None = None     # [B, n, 2] (row, column) of each token within its image, -1 unknown
 
 
 class DecoderLoop:
@@ -102,6 +109,10 @@ class DecoderLoop:
         self._hooks.append(self.lm.register_forward_hook(self._lm_post, always_call=True))
         for i, layer in enumerate(self.layers):
             self._hooks.append(layer.register_forward_pre_hook(self._layer_pre(i), with_kwargs=True))
+        for i in self.method.observed_layers(self.n_layers):  # only methods that accumulate per-layer signals
+            layer = self.layers[i]
+            self._hooks.append(layer.self_attn.register_forward_hook(self._observe(i, "attn"), with_kwargs=True))
+            self._hooks.append(layer.mlp.register_forward_hook(self._observe(i, "mlp"), with_kwargs=True))
 
     def uninstall(self) -> None:
         for hook in self._hooks:
@@ -154,6 +165,7 @@ class DecoderLoop:
         sel = Selection(ids.clone(), [])
         self.selection = sel
         call = _Call("select", q, q, mask2d, pos, sel, image_of=self._image_of(ids))
+        call.coords = visual_coords(self.model.config.model_type, call.image_of, kwargs.get("position_ids"))
         call.index = torch.arange(q, device=ids.device).expand(batch, -1)
         call.valid = mask2d[:, :q].clone()
         call.removed = torch.zeros_like(call.index)
@@ -201,6 +213,21 @@ class DecoderLoop:
 
         return hook
 
+    def _observe(self, i: int, part: str) -> Callable:
+        """Forward hook of a sublayer (``"attn"``/``"mlp"``) of an observed layer: during a selecting prefill, adds
+        the method's per-slot increment (from the sublayer's input and output) to ``call.accum``."""
+
+        def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            call = self._call
+            if call is None or call.mode != "select":
+                return
+            x = args[0] if args else kwargs["hidden_states"]
+            out = output[0] if isinstance(output, tuple) else output
+            inc = self.method.observe(i, part, x, out, call.valid)
+            call.accum = inc if call.accum is None else call.accum + inc
+
+        return hook
+
     def _select_at(self, i: int, h: torch.Tensor, kwargs: dict, call: _Call) -> torch.Tensor:
         if i == 0:
             call.embeds = h
@@ -213,12 +240,14 @@ class DecoderLoop:
             if stage is not None:
                 call.sel.stages.append(stage)
                 h = apply_mixes(gather(h, stage.slots), h, stage.mixes)
+                if call.accum is not None:
+                    call.accum = gather(call.accum, stage.slots)
                 call.index, call.valid, call.removed, call.shift = stage.index, stage.valid, stage.removed, stage.shift
                 call.extra = stage.extra
                 call.override = self._override(stage, call, h)
                 kwargs.update(call.override)
-                if i in call.inputs:  # a later stage scores on this layer's (now pruned) input
-                    call.inputs[i] = (h, *kwargs["position_embeddings"])
+                if any(p.score_layer == i < p.layer for p in self.plan):  # a later stage scores what layer i gets
+                    call.inputs[i] = (h, *call.override["position_embeddings"])
         visual = call.valid & (call.image_of.gather(1, call.index) >= 0)
         call.counts.append((call.valid.sum(1), visual.sum(1)))
         return h

@@ -9,9 +9,11 @@ from tokenprune.functional.attention import fastervlm, fopru
 from tokenprune.functional.baselines import random, uniform
 from tokenprune.functional.chunks import holov, holov_chunk_count
 from tokenprune.functional.coverage import mmtok
+from tokenprune.functional.dart import dart, dart_count
 from tokenprune.functional.decoder import fastv, layer_average, pdrop_counts, pdrop_ratio
 from tokenprune.functional.diversity import cosine_distance, divprune, kcenter
 from tokenprune.functional.dpp import cdpruner, instruction_relevance
+from tokenprune.functional.feather import feather, feather_counts, feather_uniform
 from tokenprune.functional.flow import flowcut_scores, flowcut_step
 from tokenprune.functional.hierarchy import hiprune, hiprune_anchor_count
 from tokenprune.functional.merging import contextual_merge, visiondrop, visionzip, visionzip_with_assign
@@ -27,6 +29,8 @@ from tokenprune.functional.sparsevlm import (
     sparsevlm_raters,
     sparsevlm_recycle,
 )
+from tokenprune.functional.todre import todre_drop_all, todre_text_to_visual
+from tokenprune.functional.transprune import transprune, transprune_counts, transprune_scale, transprune_ttv
 from tokenprune.functional.vflowopt import vflowopt_importance, vflowopt_llm, vflowopt_llm_counts, vflowopt_recycle
 
 __all__ = [
@@ -37,4 +41,6 @@ __all__ = [
     "flowcut_step", "fopru", "hiprune", "layer_average", "pdrop_counts", "pdrop_ratio",
     "hiprune_anchor_count", "holov", "holov_chunk_count", "instruction_relevance", "kcenter", "lof_outlier_fraction",
     "mmtok", "random", "recoverable", "uniform", "visiondrop", "visionzip", "visionzip_with_assign",
+    "dart", "dart_count", "feather", "feather_counts", "feather_uniform", "todre_drop_all", "todre_text_to_visual",
+    "transprune", "transprune_counts", "transprune_scale", "transprune_ttv",
 ]

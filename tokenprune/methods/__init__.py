@@ -24,10 +24,12 @@ from tokenprune.methods.base import (
 )
 from tokenprune.methods.baselines import RandomPrune, UniformPrune
 from tokenprune.methods.cdpruner import CDPruner
+from tokenprune.methods.dart import DART
 from tokenprune.methods.decoder import DecoderMethod, Recycled, RowSignals, StagePlan
 from tokenprune.methods.divprune import DivPrune
 from tokenprune.methods.fastervlm import FasterVLM
 from tokenprune.methods.fastv import FastV
+from tokenprune.methods.feather import FEATHER
 from tokenprune.methods.flowcut import FlowCut
 from tokenprune.methods.fopru import FoPru
 from tokenprune.methods.hiprune import HiPrune
@@ -37,6 +39,8 @@ from tokenprune.methods.mmtok import MMTok
 from tokenprune.methods.pdrop import PyramidDrop
 from tokenprune.methods.recoverable import Recoverable
 from tokenprune.methods.sparsevlm import AdaptInfer, SparseVLM
+from tokenprune.methods.todre import ToDRE
+from tokenprune.methods.transprune import TransPrune
 from tokenprune.methods.two_stage import TwoStageMethod
 from tokenprune.methods.vflowopt import VFlowOpt
 from tokenprune.methods.visiondrop import VisionDropFull, VisionDropLLM
@@ -48,6 +52,7 @@ METHODS: dict[str, type[PruningMethod]] = {
         AdaptInfer, CDPruner, DivPrune, FasterVLM, FastV, FlowCut, FoPru, HiPrune, HoloV, KCenter, MMTok, PyramidDrop,
         RandomPrune, Recoverable, SparseVLM, UniformPrune, VFlowOpt, VisionDrop,
         VisionDropFull, VisionDropLLM, VisionZip,
+        DART, FEATHER, ToDRE, TransPrune,
     )
 }
 
@@ -104,4 +109,5 @@ __all__ = [
     "DivPrune", "FastV", "FasterVLM", "FlowCut", "FoPru", "HiPrune", "HoloV", "KCenter", "MMTok", "PruningMethod",
     "PyramidDrop", "RandomPrune", "Recoverable", "RowSignals", "Selection", "SelectionContext", "SignalRequest",
     "StagePlan", "TwoStageMethod", "UniformPrune", "VisionDrop", "VisionZip", "make_method", "split_stages",
+    "DART", "FEATHER", "ToDRE", "TransPrune",
 ]

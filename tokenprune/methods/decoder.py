@@ -92,6 +92,11 @@ class RowSignals(Protocol):
     embeddings: torch.Tensor  # [n, D] the row's LLM INPUT embeddings (layer 0), over the whole prompt, by prompt index
     visual_prompt: torch.Tensor  # [n] bool: visual tokens of the prompt (by prompt index)
 
+    # Optional extras (patches/decoder_select.py ``Row``): ``token_index`` / ``image_local`` ``[N]`` (position in
+    # the unpadded prompt / among the image's original tokens), ``accumulated`` ``[N]`` (see ``observe``),
+    # ``keys()`` ``[H_kv, N, d_h]`` post-RoPE keys of the score layer, ``normed_hidden()`` ``[N, D]`` (final norm),
+    # ``attention_no_rope(keys, rows)`` ``[H, R, K]``, ``coords`` ``[N, 2]`` (row, column) in the image or -1.
+
 
 @dataclass
 class DecoderMethod(PruningMethod):
@@ -99,6 +104,9 @@ class DecoderMethod(PruningMethod):
 
     stage: ClassVar[str] = "decoder"
     positions: ClassVar[str] = "keep"
+    # False: a stage may keep a data-dependent number of an image's tokens (FEATHER's uniform grid, ToDRE's
+    # all-or-nothing drop); ``counts`` is then the budget handed to ``select_stage`` (and ``k >= n`` skips the stage)
+    exact_counts: ClassVar[bool] = True
 
     def plan(self, n_layers: int) -> tuple[StagePlan, ...]:
         raise NotImplementedError
@@ -119,6 +127,21 @@ class DecoderMethod(PruningMethod):
 
     def counts(self, n: int, keep: Keep, n_layers: int) -> list[int]:
         """Kept visual tokens of one image (``n`` entering the LLM) after each stage of the plan."""
+        raise NotImplementedError
+
+    def stage_count(self, stage: int, n: int, current: int, keep: Keep, n_layers: int) -> int:
+        """Budget of stage ``stage`` for an image of ``n`` tokens entering the LLM of which ``current`` are left
+        (default: ``counts(n, ...)[stage]``; FEATHER's stage 2 is a share of the tokens stage 1 left)."""
+        return self.counts(n, keep, n_layers)[stage]
+
+    def observed_layers(self, n_layers: int) -> tuple[int, ...]:
+        """Layers whose attention and MLP sublayers :meth:`observe` sees during a selecting prefill (default none)."""
+        return ()
+
+    def observe(self, layer: int, part: str, x: torch.Tensor, out: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``[B, M]`` per-slot increment of the row's ``accumulated`` signal from sublayer ``part`` (``"attn"`` or
+        ``"mlp"``) of ``layer``: its input ``x`` (after the norm) and output ``out`` (before the residual add),
+        ``[B, M, D]``; ``valid`` ``[B, M]`` marks real tokens. Accumulated slots follow every pruning."""
         raise NotImplementedError
 
     def scores(self, stage: int, row: RowSignals) -> torch.Tensor:
