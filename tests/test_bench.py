@@ -256,3 +256,16 @@ def test_decoder_cost_reports_a_method_whose_plan_does_not_fit():
                             progress=False)
     assert rows[0]["method"] == "fastv" and "do not fit a 2-layer language model" in rows[0]["skipped"]
     assert "| fastv | skipped: ValueError" in decoder_cost.format_markdown(rows)
+
+
+def test_width_divisor_narrows_the_preset_llm_and_keeps_the_head_dim():
+    from tokenprune.bench.models import load
+
+    bm = load("llava-1.5-7b", layers=1, vision_layers=1, width_divisor=8)
+    text = bm.model.config.text_config
+    assert (text.hidden_size, text.intermediate_size, text.num_attention_heads, text.head_dim) == (512, 1376, 4, 128)
+    assert bm.shape.hidden_size == 512 and "d=512" in bm.description
+    with pytest.raises(ValueError, match="width_divisor must divide"):
+        load("llava-1.5-7b", layers=1, vision_layers=1, width_divisor=3)
+    with pytest.raises(ValueError, match="applies to the presets"):
+        load("tiny", width_divisor=2)

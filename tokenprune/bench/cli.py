@@ -106,6 +106,9 @@ def add_decoder_command(sub: argparse._SubParsersAction) -> None:
                          help="tiny, demo, llava-1.5-7b, llava-1.5-13b or a checkpoint directory (default tiny)")
     decoder.add_argument("--layers", type=int, default=None, help="build the preset with this many LLM layers")
     decoder.add_argument("--vision-layers", type=int, default=None, help="... and this many vision-tower layers")
+    decoder.add_argument("--width-divisor", type=int, default=1,
+                         help="narrow the preset's LLM by this factor (hidden, MLP, heads; head dim kept) so that all "
+                         "its layers fit a CPU; per-layer cost ratios are unchanged (default 1)")
     decoder.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
     decoder.add_argument("--attn", default="sdpa", help="attn_implementation of the prefill (default sdpa)")
     decoder.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -149,7 +152,7 @@ def run_decoder(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         bm = load(args.model, layers=args.layers, vision_layers=args.vision_layers, dtype=args.dtype,
-                  attn_implementation=args.attn, device=args.device)
+                  attn_implementation=args.attn, device=args.device, width_divisor=args.width_divisor)
         rows = decoder_cost.run(bm, args.method, args.keep, repeats=args.repeats, warmup=args.warmup,
                                 progress=False if args.no_progress else None)
     except ValueError as err:

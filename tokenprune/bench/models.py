@@ -41,8 +41,12 @@ class BenchModel:
 
 
 def llava_preset(name: str, layers: int | None, vision_layers: int | None, dtype: torch.dtype,
-                 attn_implementation: str) -> tuple[torch.nn.Module, Any]:
-    """A LLaVA-1.5 model with the checkpoint's shapes and random weights, built directly in ``dtype``."""
+                 attn_implementation: str, width_divisor: int = 1) -> tuple[torch.nn.Module, Any]:
+    """A LLaVA-1.5 model with the checkpoint's shapes and random weights, built directly in ``dtype``.
+
+    ``width_divisor`` narrows the LLM (hidden, MLP and head count divided, head dim kept): every per-token cost of
+    a layer then shrinks by the same factor squared, so ratios such as "selection cost / pruned prefill" keep their
+    full-width value while all ``layers`` fit a CPU."""
     from transformers import (
         CLIPImageProcessorPil,
         CLIPVisionConfig,
@@ -55,6 +59,10 @@ def llava_preset(name: str, layers: int | None, vision_layers: int | None, dtype
     from tokenprune.tiny_models import make_tokenizer
 
     llm = PRESETS[name]
+    div = int(width_divisor)
+    if div < 1 or llm.num_heads % div or llm.num_kv_heads % div:
+        raise ValueError(f"width_divisor must divide the head counts ({llm.num_heads} heads, {llm.num_kv_heads} KV "
+                         f"heads) of {name}; got {width_divisor!r}")
     tok = make_tokenizer()
     v = CLIP_L_336
     vision = CLIPVisionConfig(
@@ -63,9 +71,9 @@ def llava_preset(name: str, layers: int | None, vision_layers: int | None, dtype
         hidden_act="quick_gelu",
     )
     text = LlamaConfig(
-        vocab_size=32064, hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
-        num_hidden_layers=layers or llm.num_layers, num_attention_heads=llm.num_heads,
-        num_key_value_heads=llm.num_kv_heads, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+        vocab_size=32064, hidden_size=llm.hidden_size // div, intermediate_size=llm.intermediate_size // div,
+        num_hidden_layers=layers or llm.num_layers, num_attention_heads=llm.num_heads // div,
+        num_key_value_heads=llm.num_kv_heads // div, head_dim=llm.hidden_size // llm.num_heads, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )
     side = v["image_size"] // v["patch_size"]
@@ -110,10 +118,12 @@ def checkpoint_prompt(processor: Any, question: str) -> str:
 
 def load(model: str, *, layers: int | None = None, vision_layers: int | None = None, dtype: str = "float32",
          attn_implementation: str = "sdpa", device: str = "cpu", prompt: str | None = None,
-         image_size: int | None = None) -> BenchModel:
+         image_size: int | None = None, width_divisor: int = 1) -> BenchModel:
     """A :class:`BenchModel` for a preset name (``tiny``, ``demo``, ``llava-1.5-7b``, ``llava-1.5-13b``) or a
     checkpoint directory, with one prompt and one generated image (``image_size`` px, default the model's)."""
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if width_divisor != 1 and model not in LLAVA_PRESETS:
+        raise ValueError(f"width_divisor applies to the presets {', '.join(LLAVA_PRESETS)}; got model {model!r}")
     if model in SMALL:
         size: LlavaSize = SMALL[model]
         if layers or vision_layers:
@@ -125,7 +135,7 @@ def load(model: str, *, layers: int | None = None, vision_layers: int | None = N
         net = net.to(device=device, dtype=torch_dtype)
         what = f"{model} LLaVA-1.5-architecture model, random weights ({_depths(net)})"
     elif model in LLAVA_PRESETS:
-        net, processor = llava_preset(model, layers, vision_layers, torch_dtype, attn_implementation)
+        net, processor = llava_preset(model, layers, vision_layers, torch_dtype, attn_implementation, width_divisor)
         net = net.to(device)
         what = f"{model} shapes, random weights ({_depths(net)})"
     elif model in PRESETS:
