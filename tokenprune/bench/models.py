@@ -73,7 +73,8 @@ def llava_preset(name: str, layers: int | None, vision_layers: int | None, dtype
     text = LlamaConfig(
         vocab_size=32064, hidden_size=llm.hidden_size // div, intermediate_size=llm.intermediate_size // div,
         num_hidden_layers=layers or llm.num_layers, num_attention_heads=llm.num_heads // div,
-        num_key_value_heads=llm.num_kv_heads // div, head_dim=llm.hidden_size // llm.num_heads, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+        num_key_value_heads=llm.num_kv_heads // div, head_dim=llm.hidden_size // llm.num_heads,
+        max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )
     side = v["image_size"] // v["patch_size"]
