@@ -161,8 +161,8 @@ def test_compare_grid_cells_are_the_single_overlays():
     model, processor = tiny_llava()
     image = grey(64, 64)
     # HiPrune's official object layer (the 9th) does not exist in the 3-layer tiny tower: refused at enable time;
-    # decoder-stage methods are not drawable per image
-    decoder_stage = {name for name in list_methods() if METHODS[name].stage == "decoder"}
+    # decoder-stage and two-stage methods are not drawable per image
+    decoder_stage = {name for name in list_methods() if METHODS[name].stage in ("decoder", "two-stage")}
     assert runnable_methods(model) == sorted(set(list_methods()) - decoder_stage - {"hiprune"})
     methods, keeps = ["random", "uniform"], [0.5, 16]
     figure = compare(model, processor, image, PROMPT, methods, keeps, size=128)

@@ -137,6 +137,13 @@ class Probe:
             decoder_select.attention_rows, decoder.select_stage = rows_fn, select_fn
 
 
+def _kept(choice: Any) -> torch.Tensor:
+    """Kept slot indices of one image's choice (a tensor, or a ``Recycled``'s ``kept``)."""
+    from tokenprune.methods.decoder import Recycled
+
+    return choice.kept if isinstance(choice, Recycled) else choice
+
+
 class _EagerRow:
     """A decoder row whose ``attention(rows)`` reads the eager probabilities ``[H, N, N]``; the rest is the real
     row's."""
@@ -258,6 +265,7 @@ def _eager_alternative(stages: list[_StageCall], method: Any, plan: tuple, timer
             max_diff = max(max_diff, float((probs[:, rows].float() - rc.out[0]).abs().max()))
         replay = method.select_stage(stage.stage, _EagerRow(stage.row, probs), stage.images)
         for ours, theirs, (_, k) in zip(stage.chosen, replay, stage.images, strict=True):
+            ours, theirs = _kept(ours), _kept(theirs)  # merged/recycled tokens: compare the kept originals
             common = len(set(ours.tolist()) & set(theirs.tolist()))
             agreement = min(agreement, common / k if k else 1.0)
             identical = identical and torch.equal(ours.cpu(), theirs.cpu())
