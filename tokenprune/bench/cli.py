@@ -119,6 +119,24 @@ def add_decoder_command(sub: argparse._SubParsersAction) -> None:
     decoder.add_argument("--no-progress", action="store_true", help="no progress bar")
     decoder.set_defaults(handler=run_decoder, command_parser=decoder)
 
+    accuracy = sub.add_parser(
+        "bench-accuracy", help="accuracy retention of every method at several budgets on the shipped trained model",
+        description="Run every registered method that works on LLaVA-1.5 (vision and decoder stage) at each budget "
+        "on the synthetic VQA test split with the shipped trained model (tokenprune/assets/synth-llava); report "
+        "accuracy per question type and overall, %% of the unpruned accuracy and the LLM prefill FLOPs of each "
+        "setting. Writes OUT/accuracy_retention.{json,md,png}.",
+    )
+    accuracy.add_argument("--per-type", type=int, default=20, help="test questions per question type (default 20)")
+    accuracy.add_argument("--keep", type=_csv(float), default=[0.5, 0.25, 0.11, 0.05],
+                          help="comma list of ratios (default 0.5,0.25,0.11,0.05)")
+    accuracy.add_argument("--method", type=_csv(str), default=None, help="comma list (default: every method)")
+    accuracy.add_argument("--batch", type=int, default=20, help="questions per forward (default 20)")
+    accuracy.add_argument("--attn", default="sdpa", help="attn_implementation (default sdpa)")
+    accuracy.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    accuracy.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+                          help="output directory (default benchmarks/results)")
+    accuracy.set_defaults(handler=run_accuracy, command_parser=accuracy)
+
 
 def run_decoder(args: argparse.Namespace) -> int:
     import torch
@@ -146,24 +164,6 @@ def run_decoder(args: argparse.Namespace) -> int:
     if args.markdown:
         _emit(table, args.markdown)
     return 0
-
-    accuracy = sub.add_parser(
-        "bench-accuracy", help="accuracy retention of every method at several budgets on the shipped trained model",
-        description="Run every registered method that works on LLaVA-1.5 (vision and decoder stage) at each budget "
-        "on the synthetic VQA test split with the shipped trained model (tokenprune/assets/synth-llava); report "
-        "accuracy per question type and overall, %% of the unpruned accuracy and the LLM prefill FLOPs of each "
-        "setting. Writes OUT/accuracy_retention.{json,md,png}.",
-    )
-    accuracy.add_argument("--per-type", type=int, default=20, help="test questions per question type (default 20)")
-    accuracy.add_argument("--keep", type=_csv(float), default=[0.5, 0.25, 0.11, 0.05],
-                          help="comma list of ratios (default 0.5,0.25,0.11,0.05)")
-    accuracy.add_argument("--method", type=_csv(str), default=None, help="comma list (default: every method)")
-    accuracy.add_argument("--batch", type=int, default=20, help="questions per forward (default 20)")
-    accuracy.add_argument("--attn", default="sdpa", help="attn_implementation (default sdpa)")
-    accuracy.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    accuracy.add_argument("--out", type=Path, default=Path("benchmarks/results"),
-                          help="output directory (default benchmarks/results)")
-    accuracy.set_defaults(handler=run_accuracy, command_parser=accuracy)
 
 
 def _parse_keep(text: str):
