@@ -13,7 +13,8 @@ Recipe (two stages, like LLaVA's but from scratch):
    objects (multi-label BCE + count CE), so [CLS] must attend to the objects; every patch token of the penultimate
    layer (what LLaVA feeds the LM) predicts the colour of the object covering it (or background), the shape and
    size of that object (on object patches only: an all-patch loss is met by predicting "background" and left the
-   visual tokens without shape information) and its own row and column (visual tokens that know where they are).
+   visual tokens without shape information) and its own row and column (visual tokens that know where they are;
+   CLIP's learned position embeddings start from 2-D sin-cos values, as in MAE).
 2. VQA: the ViT frozen (as in LLaVA-1.5), the projector and the LM trained on multi-turn conversations about one
    scene each ("USER : <image>\\nq1 ASSISTANT : a1 </s>USER : q2 ASSISTANT : a2 </s>..."), loss on answer tokens
    (and their ``</s>``) only.
@@ -407,8 +408,9 @@ the image), relative (left of / above), small (the only small object). Training 
    with two throw-away heads. The [CLS] token (pooled last layer) predicts the colours, shapes and colour-shape
    pairs present and the object count, so [CLS] attends to the objects (FasterVLM / VisionZip read this
    attention); every patch token of the penultimate layer predicts the colour of the object covering it (or
-   background), that object's shape and size (loss on object patches only) and its own row and column.
-   Held-out check after this stage (per-patch accuracy of the throw-away heads): {probe}.
+   background), that object's shape and size (loss on object patches only) and its own row and column; CLIP's
+   learned position embeddings start from 2-D sin-cos values (as in MAE). Held-out check after this stage
+   (per-patch accuracy of the throw-away heads): {probe}.
 2. VQA, {a['vqa_steps']} steps x {a['vqa_batch']} scenes (curriculum: scenes of 1 object for the first 15% of the
    steps, then up to 2, 3, and 4 from 45% on), AdamW lr {a['vqa_lr']} (warm-up, cosine): ViT frozen (as in
    LLaVA-1.5), projector + LM trained on multi-turn conversations of up to {a['turns']} questions per scene, loss
