@@ -109,3 +109,26 @@ def test_accuracy_benchmark_end_to_end(tmp_path):
     assert main(["bench-accuracy", "--per-type", "1", "--keep", "0.5", "--method", "random", "--out",
                  str(tmp_path / "cli")]) == 0
     assert json.loads((tmp_path / "cli" / "accuracy_retention.json").read_text())["rows"][0]["method"] == "random"
+
+
+def test_vision_pretraining_targets_and_position_init():
+    """Stage 1 of the recipe: shape / size losses only on object patches (a background-dominated loss taught no
+    shape), and the 2-D sin-cos start of CLIP's position embeddings tells every patch its row and column."""
+    from tokenprune.bench.synthetic.scenes import COLORS, SHAPES
+    from tokenprune.bench.synthetic.train import dense_losses, sincos_2d, vision_targets
+
+    table = sincos_2d(128, GRID)
+    assert table.shape == (1 + GRID * GRID, 128) and torch.all(table[0] == 0)
+    nearest = torch.cdist(table[1:], table[1:]).argmin(-1)
+    assert torch.equal(nearest, torch.arange(GRID * GRID))  # every position distinct
+
+    scene = training_example(TRAIN_SEED, 3, max_turns=0)[0]
+    _, _, color, shape, size = (torch.tensor(np.asarray(t))[None] for t in vision_targets(scene))
+    nc, ns = len(COLORS) + 1, len(SHAPES) + 1
+    dense = torch.randn(1, GRID * GRID, nc + ns + 3 + 2 * GRID)
+    base = dense_losses(dense, color, shape, size)
+    moved = dense.clone()
+    moved[0, color[0] == 0, nc:nc + ns + 3] += 5 * torch.randn_like(moved[0, color[0] == 0, nc:nc + ns + 3])
+    after = dense_losses(moved, color, shape, size)
+    assert torch.allclose(base["shape"], after["shape"]) and torch.allclose(base["size"], after["size"])
+    assert not torch.allclose(base["color"], dense_losses(moved * 2, color, shape, size)["color"])

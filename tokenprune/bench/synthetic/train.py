@@ -11,7 +11,10 @@ Recipe (two stages, like LLaVA's but from scratch):
 1. vision pre-training: the ViT alone, with two heads that are thrown away afterwards. The [CLS] token (pooled
    output of the last layer) predicts which colours, shapes and colour-shape pairs the scene contains and how many
    objects (multi-label BCE + count CE), so [CLS] must attend to the objects; every patch token of the penultimate
-   layer (what LLaVA feeds the LM) predicts the colour, shape and size class of the object covering it.
+   layer (what LLaVA feeds the LM) predicts the colour of the object covering it (or background), the shape and
+   size of that object (on object patches only: an all-patch loss is met by predicting "background" and left the
+   visual tokens without shape information) and its own row and column (visual tokens that know where they are;
+   CLIP's learned position embeddings start from 2-D sin-cos values, as in MAE).
 2. VQA: the ViT frozen (as in LLaVA-1.5), the projector and the LM trained on multi-turn conversations about one
    scene each ("USER : <image>\\nq1 ASSISTANT : a1 </s>USER : q2 ASSISTANT : a2 </s>..."), loss on answer tokens
    (and their ``</s>``) only.
@@ -103,6 +106,9 @@ def build(arch: dict = ARCH, seed: int = 0):
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
+    with torch.no_grad():  # 2-D sin-cos start for CLIP's learned position embeddings (still trained), as in MAE
+        model.model.vision_tower.embeddings.position_embedding.weight.copy_(
+            sincos_2d(arch["vision_hidden"], GRID))
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
@@ -110,6 +116,24 @@ def build(arch: dict = ARCH, seed: int = 0):
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=PATCH,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1)
     return model, processor
+
+
+def sincos_2d(dim: int, grid: int) -> torch.Tensor:
+    """``(1 + grid*grid, dim)``: 2-D sine-cosine position embeddings (half the channels encode the row, half the
+    column; MAE's ``get_2d_sincos_pos_embed`` convention) with a zero row for [CLS]. Randomly initialised CLIP
+    position embeddings (std 0.02) are drowned by the patch content: after the vision pre-training the visual
+    tokens still did not tell where they are (row / column linear probes near chance), which the position,
+    relative and top questions need."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+
+    def enc(pos):
+        out = pos.reshape(-1, 1) * omega
+        return torch.cat([out.sin(), out.cos()], 1)
+
+    table = torch.cat([enc(rows), enc(cols)], 1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table], 0).float()
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -146,16 +170,58 @@ class VisionHeads(torch.nn.Module):
         self.multi = torch.nn.Linear(hidden, len(COLORS) + len(SHAPES) + len(COMBOS))
         self.count = torch.nn.Linear(hidden, len(NUMBERS))
         self.dense = torch.nn.Sequential(torch.nn.LayerNorm(hidden),
-                                         torch.nn.Linear(hidden, (len(COLORS) + 1) + (len(SHAPES) + 1) + 3))
+                                         torch.nn.Linear(hidden, (len(COLORS) + 1) + (len(SHAPES) + 1) + 3
+                                                         + 2 * GRID))
 
 
-def train_vision(model, processor, steps: int, batch: int, lr: float, log) -> None:
+def dense_losses(dense: torch.Tensor, color, shape, size) -> dict:
+    """Per-patch losses of the penultimate ViT layer: colour (background = class 0) on every patch; shape and size on
+    the patches an object covers only (most patches are background, so an all-patch loss is met by predicting
+    "background" and never teaches shape); the patch's own row and column (so the visual tokens carry where they
+    are, which position / relative / top questions need)."""
+    nc, ns = len(COLORS) + 1, len(SHAPES) + 1
+    obj = color.flatten() > 0
+    flat = dense.flatten(0, 1)
+    pos = torch.arange(GRID * GRID).repeat(dense.shape[0])
+    return {
+        "color": F.cross_entropy(flat[:, :nc], color.flatten()),
+        "shape": F.cross_entropy(flat[obj, nc:nc + ns], shape.flatten()[obj]),
+        "size": F.cross_entropy(flat[obj, nc + ns:nc + ns + 3], size.flatten()[obj]),
+        "row": F.cross_entropy(flat[:, nc + ns + 3:nc + ns + 3 + GRID], pos // GRID),
+        "col": F.cross_entropy(flat[:, nc + ns + 3 + GRID:], pos % GRID),
+    }
+
+
+@torch.no_grad()
+def probe_vision(tower, heads, processor, n: int = 64) -> dict:
+    """Held-out check of stage 1: per-patch accuracy of the dense head (colour on all patches; shape, size on object
+    patches; row, column) and of the [CLS] multi-label head (every label right)."""
+    scenes = [training_example(TRAIN_SEED + 2, i, max_turns=0)[0] for i in range(n)]
+    pixels = processor.image_processor(images=[render(s) for s in scenes], return_tensors="pt")["pixel_values"]
+    targets = [vision_targets(s) for s in scenes]
+    color, shape, size = (torch.tensor(np.stack([t[k] for t in targets])) for k in (2, 3, 4))
+    out = tower(pixel_values=pixels, output_hidden_states=True)
+    dense = heads.dense(out.hidden_states[-2][:, 1:]).flatten(0, 1)
+    multi = torch.tensor(np.stack([t[0] for t in targets]))
+    nc, ns = len(COLORS) + 1, len(SHAPES) + 1
+    obj = color.flatten() > 0
+    pos = torch.arange(GRID * GRID).repeat(n)
+    return {
+        "color": (dense[:, :nc].argmax(-1) == color.flatten()).float().mean().item(),
+        "shape(obj)": (dense[obj, nc:nc + ns].argmax(-1) == shape.flatten()[obj]).float().mean().item(),
+        "size(obj)": (dense[obj, nc + ns:nc + ns + 3].argmax(-1) == size.flatten()[obj]).float().mean().item(),
+        "row": (dense[:, nc + ns + 3:nc + ns + 3 + GRID].argmax(-1) == pos // GRID).float().mean().item(),
+        "col": (dense[:, nc + ns + 3 + GRID:].argmax(-1) == pos % GRID).float().mean().item(),
+        "cls_multi": ((heads.multi(out.pooler_output) > 0).float() == multi).all(-1).float().mean().item(),
+    }
+
+
+def train_vision(model, processor, steps: int, batch: int, lr: float, log) -> dict:
     tower = model.model.vision_tower
     heads = VisionHeads(tower.config.hidden_size)
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     tower.train()
-    nc, ns = len(COLORS) + 1, len(SHAPES) + 1
     index = 10_000_000  # stage 1 scenes: their own range of the training seed stream
     for step in range(steps):
         scenes = [training_example(TRAIN_SEED, index + i, max_turns=0)[0] for i in range(batch)]
@@ -171,9 +237,7 @@ def train_vision(model, processor, steps: int, batch: int, lr: float, log) -> No
             dense = heads.dense(out.hidden_states[-2][:, 1:]).float()
             pooled_multi, pooled_count = heads.multi(pooled).float(), heads.count(pooled).float()
         loss_cls = F.binary_cross_entropy_with_logits(pooled_multi, multi) * 4 + F.cross_entropy(pooled_count, count)
-        loss_dense = (F.cross_entropy(dense[..., :nc].flatten(0, 1), color.flatten())
-                      + F.cross_entropy(dense[..., nc:nc + ns].flatten(0, 1), shape.flatten())
-                      + F.cross_entropy(dense[..., nc + ns:].flatten(0, 1), size.flatten()))
+        loss_dense = sum(dense_losses(dense, color, shape, size).values())
         loss = loss_cls + loss_dense
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, max(1, steps // 10))
@@ -184,6 +248,9 @@ def train_vision(model, processor, steps: int, batch: int, lr: float, log) -> No
         if step % 20 == 0 or step == steps - 1:
             log(f"vision {step:4d}/{steps} loss cls {loss_cls.item():.3f} dense {loss_dense.item():.3f}")
     tower.eval()
+    probe = probe_vision(tower, heads, processor)
+    log("  vision probe (held-out scenes): " + " ".join(f"{k} {v:.3f}" for k, v in probe.items()))
+    return probe
 
 
 # ---------------------------------------------------------------- stage 2: VQA
@@ -307,6 +374,7 @@ def model_card(info: dict) -> str:
     resumed = (" Stages 1-2 and stage 3 ran as two processes (`--resume-stage3` on the folder saved after stage 2);"
                " the times are the sum of both." if info.get("resumed_stage3") else "")
     arch = info["arch"]
+    probe = ", ".join(f"{k} {100 * v:.1f}%" for k, v in (info.get("vision_probe") or {}).items()) or "not recorded"
     return f"""# synth-llava: a small LLaVA-1.5-architecture VLM trained on synthetic VQA
 
 Shipped with tokenprune so that pruning methods can be compared on a model whose answers depend on specific image
@@ -339,8 +407,10 @@ the image), relative (left of / above), small (the only small object). Training 
 1. Vision pre-training, {a['vision_steps']} steps x {a['vision_batch']} images, AdamW lr {a['vision_lr']}: the ViT
    with two throw-away heads. The [CLS] token (pooled last layer) predicts the colours, shapes and colour-shape
    pairs present and the object count, so [CLS] attends to the objects (FasterVLM / VisionZip read this
-   attention); every patch token of the penultimate layer predicts the colour, shape and size of the object
-   covering it.
+   attention); every patch token of the penultimate layer predicts the colour of the object covering it (or
+   background), that object's shape and size (loss on object patches only) and its own row and column; CLIP's
+   learned position embeddings start from 2-D sin-cos values (as in MAE). Held-out check after this stage
+   (per-patch accuracy of the throw-away heads): {probe}.
 2. VQA, {a['vqa_steps']} steps x {a['vqa_batch']} scenes (curriculum: scenes of 1 object for the first 15% of the
    steps, then up to 2, 3, and 4 from 45% on), AdamW lr {a['vqa_lr']} (warm-up, cosine): ViT frozen (as in
    LLaVA-1.5), projector + LM trained on multi-turn conversations of up to {a['turns']} questions per scene, loss
@@ -396,7 +466,7 @@ def main(argv=None) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f} M parameters; {ARCH}")
     if args.resume_stage3 is None:
-        train_vision(model, processor, args.vision_steps, args.vision_batch, args.vision_lr, log)
+        probe = train_vision(model, processor, args.vision_steps, args.vision_batch, args.vision_lr, log)
         t_vision = time.time() - start
         train_vqa(model, processor, args.vqa_steps, args.vqa_batch, args.vqa_lr, args.turns, log, args.eval_every)
         t_vqa = time.time() - start - t_vision
@@ -407,6 +477,7 @@ def main(argv=None) -> None:
         model = LlavaForConditionalGeneration.from_pretrained(args.resume_stage3, dtype=torch.float32)
         earlier = json.loads((args.resume_stage3 / "training_log.json").read_text())
         t_vision, t_vqa = earlier["vision_seconds"], earlier["train_seconds"] - earlier["vision_seconds"]
+        probe = earlier.get("vision_probe", {})
         log(f"resumed after stages 1-2 from {args.resume_stage3} ({earlier['train_seconds'] / 60:.1f} min there; "
             f"test accuracy then {earlier['test_accuracy']['overall']:.3f})")
         start -= earlier["train_seconds"]
@@ -427,7 +498,8 @@ def main(argv=None) -> None:
         "args": {k: str(v) for k, v in vars(args).items()}, "arch": ARCH, "parameters": n_params,
         "train_seconds": round(t_train, 1), "vision_seconds": round(t_vision, 1), "vqa_seconds": round(t_vqa, 1),
         "joint_seconds": round(t_joint, 1), "test_accuracy": acc,
-        "stage2_test_accuracy": earlier.get("test_accuracy"), "resumed_stage3": args.resume_stage3 is not None,
+        "stage2_test_accuracy": earlier.get("test_accuracy"), "vision_probe": probe,
+        "resumed_stage3": args.resume_stage3 is not None,
         "eval_per_type": args.eval_per_type,
         "mean_load_1min": round(sum(loads + earlier.get("loads", [])) / len(loads + earlier.get("loads", [])), 2),
         "loads": earlier.get("loads", []) + loads,
