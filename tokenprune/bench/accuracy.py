@@ -29,8 +29,10 @@ from tokenprune.bench.synthetic.scenes import render
 KEEPS = (0.5, 0.25, 0.11, 0.05)
 # Options that only translate a paper default given for a 24-layer CLIP tower to this model's 4-layer tower (decided
 # before any result, the same for every budget): HiPrune's object layer 8 (layer 9 of 24, i.e. 3/8 of the depth)
-# -> block 1 (the 2nd of 4). Every other method runs with its defaults.
-MODEL_OPTIONS: dict[str, dict[str, Any]] = {"hiprune": {"object_layer": 1}}
+# -> block 1 (the 2nd of 4); TransPrune's boundaries 7/9/12 of 32 LLM layers collapse to (1, 1, 2) when scaled to
+# 4 layers and are refused, so its three stages take the three prunable layers (1, 2, 3) in order. Every other
+# method runs with its defaults.
+MODEL_OPTIONS: dict[str, dict[str, Any]] = {"hiprune": {"object_layer": 1}, "transprune": {"layers": (1, 2, 3)}}
 
 
 def llava_methods() -> list[tuple[str, str]]:
