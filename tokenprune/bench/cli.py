@@ -10,6 +10,17 @@ from pathlib import Path
 from typing import Any
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser, attn_help: str) -> None:
+    """The options that say which model a benchmark builds (``tokenprune.bench.models.load``)."""
+    parser.add_argument("--model", default="tiny",
+                        help="tiny, demo, llava-1.5-7b, llava-1.5-13b or a checkpoint directory (default tiny)")
+    parser.add_argument("--layers", type=int, default=None, help="build the preset with this many LLM layers")
+    parser.add_argument("--vision-layers", type=int, default=None, help="... and this many vision-tower layers")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    parser.add_argument("--attn", default="sdpa", help=attn_help)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+
+
 def _csv(kind):
     def parse(text: str) -> list:
         return [kind(part) for part in text.split(",") if part.strip()]
@@ -52,13 +63,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "analytic) and the estimated LLM prefill TFLOPs.",
     )
     bench.add_argument("--config", default=None, help="a JSON file of these options (command-line flags override)")
-    bench.add_argument("--model", default="tiny",
-                       help="tiny, demo, llava-1.5-7b, llava-1.5-13b or a checkpoint directory (default tiny)")
-    bench.add_argument("--layers", type=int, default=None, help="build the preset with this many LLM layers")
-    bench.add_argument("--vision-layers", type=int, default=None, help="... and this many vision-tower layers")
-    bench.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
-    bench.add_argument("--attn", default="sdpa", help="attn_implementation (default sdpa)")
-    bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    _add_model_arguments(bench, attn_help="attn_implementation (default sdpa)")
     bench.add_argument("--prompt", default=None, help="prompt with the model's image placeholder")
     bench.add_argument("--method", type=_csv(str), default=["divprune"], help="comma list, or 'all' (default divprune)")
     bench.add_argument("--keep", type=_csv(_parse_keep), default=None, help="comma list of budgets, e.g. 64,128,0.25")
@@ -102,16 +107,10 @@ def add_decoder_command(sub: argparse._SubParsersAction) -> None:
         "side by side the alternative of running each scoring layer eager with output_attentions (its extra time "
         "over the same layer on sdpa), with a check that the selection made on the eager probabilities agrees.",
     )
-    decoder.add_argument("--model", default="tiny",
-                         help="tiny, demo, llava-1.5-7b, llava-1.5-13b or a checkpoint directory (default tiny)")
-    decoder.add_argument("--layers", type=int, default=None, help="build the preset with this many LLM layers")
-    decoder.add_argument("--vision-layers", type=int, default=None, help="... and this many vision-tower layers")
+    _add_model_arguments(decoder, attn_help="attn_implementation of the prefill (default sdpa)")
     decoder.add_argument("--width-divisor", type=int, default=1,
                          help="narrow the preset's LLM by this factor (hidden, MLP, heads; head dim kept) so that all "
                          "its layers fit a CPU; per-layer cost ratios are unchanged (default 1)")
-    decoder.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
-    decoder.add_argument("--attn", default="sdpa", help="attn_implementation of the prefill (default sdpa)")
-    decoder.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     decoder.add_argument("--method", type=_csv(str), default=None, help="comma list (default: every decoder method)")
     decoder.add_argument("--keep", type=_parse_keep, default=64, help="budget (default 64 tokens)")
     decoder.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default 5)")
