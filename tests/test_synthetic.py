@@ -113,22 +113,146 @@ def test_accuracy_benchmark_end_to_end(tmp_path):
 
 def test_vision_pretraining_targets_and_position_init():
     """Stage 1 of the recipe: shape / size losses only on object patches (a background-dominated loss taught no
-    shape), and the 2-D sin-cos start of CLIP's position embeddings tells every patch its row and column."""
-    from tokenprune.bench.synthetic.scenes import COLORS, SHAPES
-    from tokenprune.bench.synthetic.train import dense_losses, sincos_2d, vision_targets
+    shape), the object-mean shape loss sees only the object's own patches, and the 2-D sin-cos start of CLIP's
+    position embeddings tells every patch its row and column."""
+    from tokenprune.bench.synthetic.model import sincos_2d
+    from tokenprune.bench.synthetic.vision_stage import VisionHeads, dense_losses, object_means, vision_batch
 
     table = sincos_2d(128, GRID)
     assert table.shape == (1 + GRID * GRID, 128) and torch.all(table[0] == 0)
     nearest = torch.cdist(table[1:], table[1:]).argmin(-1)
     assert torch.equal(nearest, torch.arange(GRID * GRID))  # every position distinct
 
+    scenes = [training_example(TRAIN_SEED, i, max_turns=0)[0] for i in range(3)]
+    t = vision_batch(scenes)
+    assert t["owner"].shape == (3, GRID * GRID) and t["multi"].shape[0] == 3
+    for b, scene in enumerate(scenes):
+        assert int(t["count"][b]) == len(scene.objects)
+        assert (t["object_shape"][b] >= 0).sum() == len(scene.objects)
+    torch.manual_seed(0)
+    heads = VisionHeads(32)
+    tokens = torch.randn(3, GRID * GRID, 32)
+    base = dense_losses(heads, tokens, t)
+    background = (t["owner"] == 0)[..., None]
+    moved = tokens + background * 5 * torch.randn_like(tokens)  # change only the background patches
+    after = dense_losses(heads, moved, t)
+    for k in ("shape", "size", "object_shape"):
+        assert torch.allclose(base[k], after[k]), k
+    assert not torch.allclose(base["color"], after["color"])
+    means = object_means(tokens, t["owner"])
+    first = t["owner"][0] == 1
+    assert torch.allclose(means[0, 0], tokens[0, first].mean(0), atol=1e-6)
+
+
+def test_vqa_stage_alignment_targets_and_curriculum():
+    """Stage 2 of the recipe: the words that describe each patch (the alignment loss's targets), a loss that falls
+    when the visual tokens point like those words, and the curriculum (1 object on plain backgrounds first)."""
+    from tokenprune.bench.synthetic.model import make_tokenizer
+    from tokenprune.bench.synthetic.vqa_stage import alignment_loss, curriculum, plain_background, word_targets
+
+    tok = make_tokenizer()
     scene = training_example(TRAIN_SEED, 3, max_turns=0)[0]
-    _, _, color, shape, size = (torch.tensor(np.asarray(t))[None] for t in vision_targets(scene))
-    nc, ns = len(COLORS) + 1, len(SHAPES) + 1
-    dense = torch.randn(1, GRID * GRID, nc + ns + 3 + 2 * GRID)
-    base = dense_losses(dense, color, shape, size)
-    moved = dense.clone()
-    moved[0, color[0] == 0, nc:nc + ns + 3] += 5 * torch.randn_like(moved[0, color[0] == 0, nc:nc + ns + 3])
-    after = dense_losses(moved, color, shape, size)
-    assert torch.allclose(base["shape"], after["shape"]) and torch.allclose(base["size"], after["size"])
-    assert not torch.allclose(base["color"], dense_losses(moved * 2, color, shape, size)["color"])
+    words = word_targets([scene], tok)[0]
+    owner = torch.as_tensor(patch_labels(scene))
+    assert words[owner == 0].sum() == 0
+    o = scene.objects[0]
+    covered = words[owner == 1]
+    for w in (o.color, o.shape):
+        assert covered[:, tok.convert_tokens_to_ids(w)].all()
+    assert covered[:, tok.convert_tokens_to_ids("small")].all() == (o.size == "small")
+    half = covered[:, [tok.convert_tokens_to_ids(w) for w in ("top", "bottom")]].sum(-1)
+    assert torch.all(half == 1)
+
+    torch.manual_seed(0)
+    embeddings = torch.randn(len(tok), 16)
+    aligned = (words @ embeddings)[None]
+    assert alignment_loss(aligned, embeddings, words[None]) < alignment_loss(torch.randn_like(aligned), embeddings,
+                                                                             words[None])
+    assert curriculum(0.0) == (1, 1.0) and curriculum(0.99) == (4, 0.0)
+    plain = [plain_background(training_example(TRAIN_SEED, i, max_turns=0)[0], i, 0.5).background["kind"]
+             for i in range(40)]
+    assert 10 < plain.count("plain") < 30
+    assert plain_background(training_example(TRAIN_SEED, 1, max_turns=0)[0], 1, 0.0).background["kind"] != "plain"
+
+
+def test_grounding_referents_and_targets():
+    """What each question is about: the named objects' patches, both objects of a relative question, the first token
+    alone for an absent referent, and for a count the first token plus one anchor (centre) patch per counted object."""
+    from tokenprune.bench.synthetic.grounding import anchor_patch, attention_targets, referents
+    from tokenprune.bench.synthetic.questions import QA
+    from tokenprune.bench.synthetic.scenes import Scene, Shape
+
+    scene = Scene([Shape("red", "circle", "large", 50.0, 50.0, 22.0), Shape("blue", "square", "small", 170.0, 180.0,
+                                                                          10.0),
+                   Shape("red", "triangle", "large", 160.0, 60.0, 24.0)], {"kind": "plain", "base": [200.0] * 3,
+                                                                           "tint": [0.0] * 3, "period": 20,
+                                                                           "angle": 0.0, "seed": 1})
+    owner = patch_labels(scene)
+    assert referents(scene, QA("exist", "is there a red circle ?", "yes")) == ([0], [0], False)
+    assert referents(scene, QA("exist", "is there a blue circle ?", "no")) == ([], [], False)
+    assert referents(scene, QA("color", "what color is the square ?", "blue")) == ([1], [1], False)
+    assert referents(scene, QA("shape", "what shape is the blue object ?", "square")) == ([1], [1], False)
+    assert referents(scene, QA("count", "how many objects are there ?", "three")) == ([0, 1, 2], [0, 1, 2], True)
+    assert referents(scene, QA("count", "how many circles are there ?", "one")) == ([0], [0], True)
+    assert referents(scene, QA("relative", "is the blue square left of the red circle ?", "no")) == ([1], [0], False)
+    assert referents(scene, QA("small", "what shape is the small object ?", "square")) == ([1], [1], False)
+
+    first, second = attention_targets(scene, QA("relative", "is the red circle above the blue square ?", "yes"), owner)
+    assert np.isclose(first.sum(), 1) and np.isclose(second.sum(), 1)
+    assert np.array_equal(np.flatnonzero(first[1:]), np.flatnonzero(owner == 1)) and first[0] == 0
+    assert np.array_equal(np.flatnonzero(second[1:]), np.flatnonzero(owner == 2))
+    absent, _ = attention_targets(scene, QA("exist", "is there a green circle ?", "no"), owner)
+    assert absent[0] == 1
+    count, _ = attention_targets(scene, QA("count", "how many objects are there ?", "three"), owner)
+    expected = sorted([0] + [1 + anchor_patch(o) for o in scene.objects])
+    assert np.flatnonzero(count).tolist() == expected and np.allclose(count[expected], 0.25)
+    assert anchor_patch(scene.objects[0]) == 3 * GRID + 3  # centre (50, 50) -> row 3, column 3 of 14-px patches
+
+
+def test_grounded_stage_batch_and_loss():
+    """The grounded stage's batch: answer positions are each turn's last prompt token, question spans hold exactly
+    the question's words, and the loss falls when the supervised heads attend where the targets say."""
+    from tokenprune.bench.synthetic import grounded_stage as gs
+    from tokenprune.bench.synthetic.model import make_tokenizer
+
+    tok = make_tokenizer()
+    image = tok.convert_tokens_to_ids("<image>")
+    examples = [training_example(TRAIN_SEED, i, max_turns=3) for i in range(3)]
+    gb = gs.grounded_batch(examples, tok, image)
+    for r, (_, turns) in enumerate(examples):
+        for t, qa in enumerate(turns):
+            q = int(gb["queries"][r, t])
+            assert tok.convert_ids_to_tokens(int(gb["ids"][r, q])) == ":" and gb["labels"][r, q + 1] >= 0
+            words = tok.convert_ids_to_tokens(gb["ids"][r][gb["gather"][r, t] > 0].tolist())
+            assert " ".join(words) == qa.question
+    assert torch.allclose(gb["targets"].sum(-1)[:, gb["valid"]], torch.ones(1))
+    layers, heads, width = 4, 8, gb["ids"].shape[1]
+    uniform = [torch.full((3, heads, width, width), 1 / width) for _ in range(layers)]
+    ideal = [a.clone() for a in uniform]
+    rows = torch.arange(3)[:, None]
+    for layer, first, second in gs.GROUNDED:
+        for hs, target in ((first, gb["targets"][0]), (second, gb["targets"][1])):
+            for h in hs:
+                row = torch.zeros(3, gb["queries"].shape[1], width)
+                row[..., 0] = target[..., 0]
+                row[..., 2:2 + gs.N_IMAGE] = target[..., 1:]
+                ideal[layer][rows, h, gb["queries"]] = row
+    for h in gs.GATHER:
+        ideal[0][rows, h, gb["queries"]] = gb["gather"]
+    assert gs.grounding_loss(ideal, gb, 2) < gs.grounding_loss(uniform, gb, 2) - 1.0
+
+
+def test_grounded_stage_trains_projector_and_lm_only():
+    """Two real steps of the grounded stage: the projector and the LM move, the ViT stays frozen, and the model is
+    handed back on sdpa."""
+    from tokenprune.bench.synthetic.grounded_stage import train_grounded
+    from tokenprune.bench.synthetic.model import build
+
+    model, processor = build()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lines: list[str] = []
+    train_grounded(model, processor, steps=2, batch=2, lr=1e-3, max_turns=2, log=lines.append)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and not any("vision_tower" in n for n in moved)
+    assert any("multi_modal_projector" in n for n in moved) and any("language_model" in n for n in moved)
+    assert model.config._attn_implementation == "sdpa" and "grounding" in lines[-1]
