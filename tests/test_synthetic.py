@@ -256,3 +256,18 @@ def test_grounded_stage_trains_projector_and_lm_only():
     assert moved and not any("vision_tower" in n for n in moved)
     assert any("multi_modal_projector" in n for n in moved) and any("language_model" in n for n in moved)
     assert model.config._attn_implementation == "sdpa" and "grounding" in lines[-1]
+
+
+def test_model_card_describes_the_stage_2_that_ran():
+    """The card written after training names the stage-2 variant of the run (alignment or grounded)."""
+    from tokenprune.bench.synthetic.card import model_card
+    from tokenprune.bench.synthetic.model import ARCH
+    from tokenprune.tiny_models import SYNTH_LLAVA
+
+    info = json.loads((SYNTH_LLAVA / "training_log.json").read_text())
+    info["arch"], info["args"] = ARCH, dict(info["args"], align="1.0")  # the keys a run of today's script writes
+    align = model_card(info)
+    assert "feature alignment" in align and "Grounded VQA" not in align
+    info["args"] = dict(info["args"], stage2="grounded", ground="1.0")
+    grounded = model_card(info)
+    assert "Grounded VQA" in grounded and "attention supervision" in grounded and "feature alignment" not in grounded

@@ -27,6 +27,21 @@ def model_card(info: dict) -> str:
     joint = (f"\n3. Joint VQA, {a['joint_steps']} steps x {a['vqa_batch']} scenes of up to 4 objects: the ViT trained "
              f"too, at lr {a['joint_vision_lr']} (projector + LM at {a['joint_lr']}).\n"
              if int(a["joint_steps"]) else "\nNo joint stage (`--joint-steps 0`): the ViT stays as stage 1 left it.\n")
+    grounded = a.get("stage2") == "grounded"
+    stage2 = (
+        f"""2. Grounded VQA, {a['vqa_steps']} steps x {a['vqa_batch']} scenes, AdamW lr {a['vqa_lr']} (warm-up, cosine):
+   ViT frozen, projector + LM trained on {turns}, loss on the answer tokens, plus (weight {a.get('ground')})
+   attention supervision: at each answer position, heads 0-3 of LM layers 1-2 are trained to attend to the image
+   tokens the question is about (the referred objects' patches; for a count, the first token and one centre patch
+   per counted object; the first token alone for an absent referent) and heads 4-7 of layer 0 to the question's
+   words. The LM's weights start at std {arch['text_init_std']}.""" if grounded else f"""\
+2. VQA, {a['vqa_steps']} steps x {a['vqa_batch']} scenes, AdamW lr {a['vqa_lr']} (warm-up, cosine): ViT frozen (as
+   in LLaVA-1.5), projector + LM trained on {turns}, loss on the answer tokens, plus (weight
+   {a['align']}) LLaVA-style feature alignment: the cosine of each projected visual token with the LM's word
+   embeddings predicts the words that describe its patch (colour, shape, "small", top/bottom, left/right).
+   Curriculum: scenes of 1 object on plain backgrounds for the first 15% of the steps, then up to 2 and 3 objects
+   with half the backgrounds textured, all 4 and all textured from 45% on. The LM's weights start at std
+   {arch['text_init_std']} (Llama's default is 0.02).""")
     return f"""# synth-llava: a small LLaVA-1.5-architecture VLM trained on synthetic VQA
 
 Shipped with tokenprune so that pruning methods can be compared on a model whose answers depend on specific image
@@ -65,13 +80,7 @@ from seed {TRAIN_SEED}, test questions from seed {TEST_SEED} (disjoint streams).
    per-position template, so background tokens say where they are and nothing about the objects. CLIP's learned
    position embeddings start from 2-D sin-cos values (as in MAE). Held-out check after this stage (accuracy of
    the throw-away heads): {probe}.
-2. VQA, {a['vqa_steps']} steps x {a['vqa_batch']} scenes, AdamW lr {a['vqa_lr']} (warm-up, cosine): ViT frozen (as
-   in LLaVA-1.5), projector + LM trained on {turns}, loss on the answer tokens, plus (weight
-   {a['align']}) LLaVA-style feature alignment: the cosine of each projected visual token with the LM's word
-   embeddings predicts the words that describe its patch (colour, shape, "small", top/bottom, left/right).
-   Curriculum: scenes of 1 object on plain backgrounds for the first 15% of the steps, then up to 2 and 3 objects
-   with half the backgrounds textured, all 4 and all textured from 45% on. The LM's weights start at std
-   {arch['text_init_std']} (Llama's default is 0.02).
+{stage2}
 {joint}
 All stages in bf16 autocast (fp32 master weights). Training took **{info['train_seconds'] / 60:.1f} min** wall time
 (stage 1 {info['vision_seconds'] / 60:.1f}, stage 2 {info['vqa_seconds'] / 60:.1f}, stage 3

@@ -18,7 +18,7 @@ from tokenprune.bench.synthetic.grounding import attention_targets
 from tokenprune.bench.synthetic.questions import PROMPT, TRAIN_SEED, training_example
 from tokenprune.bench.synthetic.scenes import GRID, patch_labels, render
 from tokenprune.bench.synthetic.vision_stage import lr_at
-from tokenprune.bench.synthetic.vqa_stage import conversation_layout, evaluate
+from tokenprune.bench.synthetic.vqa_stage import conversation_layout, evaluate, pad_right
 
 N_IMAGE = GRID * GRID
 # (layer, heads on the first referent, heads on the second referent); layer 3 of the 4-layer LM is left free.
@@ -31,18 +31,13 @@ def grounded_batch(examples, tok, image_token: int) -> dict:
     target distributions over ``[first token, image tokens]`` (``targets``, ``(2, B, turns, 1 + 256)``) and the
     uniform distribution over the question's words (``gather``, ``(B, turns, T)``)."""
     seqs = [conversation_layout(tok, turns, image_token, N_IMAGE) for _, turns in examples]
-    width, turns, b = max(len(s[0]) for s in seqs), max(len(s[2]) for s in seqs), len(examples)
-    ids = torch.full((b, width), tok.pad_token_id)
-    labels = torch.full((b, width), -100)
-    mask = torch.zeros((b, width), dtype=torch.long)
+    ids, labels, mask = pad_right(seqs, tok.pad_token_id)
+    (b, width), turns = ids.shape, max(len(s[2]) for s in seqs)
     queries = torch.zeros((b, turns), dtype=torch.long)
     valid = torch.zeros((b, turns), dtype=torch.bool)
     targets = torch.zeros((2, b, turns, 1 + N_IMAGE))
     gather = torch.zeros((b, turns, width))
-    for r, ((scene, qas), (i_, l_, q_, s_)) in enumerate(zip(examples, seqs, strict=True)):
-        ids[r, : len(i_)] = torch.tensor(i_)
-        labels[r, : len(l_)] = torch.tensor(l_)
-        mask[r, : len(i_)] = 1
+    for r, ((scene, qas), (_, _, q_, s_)) in enumerate(zip(examples, seqs, strict=True)):
         owner = patch_labels(scene)
         for t, (qa, q, (start, end)) in enumerate(zip(qas, q_, s_, strict=True)):
             queries[r, t], valid[r, t] = q, True

@@ -41,6 +41,19 @@ def conversation_layout(tok, turns, image_token: int, n_image: int):
     return ids, labels, queries, spans
 
 
+def pad_right(seqs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, labels, attention_mask)`` of ``(ids, labels, ...)`` sequences, right-padded for training."""
+    width = max(len(s[0]) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id)
+    labels = torch.full((len(seqs), width), -100)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, (i_, l_, *_) in enumerate(seqs):
+        ids[b, : len(i_)] = torch.tensor(i_)
+        labels[b, : len(l_)] = torch.tensor(l_)
+        mask[b, : len(i_)] = 1
+    return ids, labels, mask
+
+
 def curriculum(progress: float) -> tuple[int, float]:
     """``(most objects per scene, share of plain backgrounds)`` at this point of the VQA stage. Scenes of 1 object
     on plain backgrounds first (15% of the steps): the LM learns to find the object among 256 visual tokens and
@@ -118,15 +131,8 @@ def train_vqa(model, processor, steps: int, batch: int, lr: float, max_turns: in
         index += batch
         pixels = processor.image_processor(images=[render(s) for s, _ in examples], return_tensors="pt")[
             "pixel_values"]
-        seqs = [conversation(tok, turns, image_token, GRID * GRID) for _, turns in examples]
-        width = max(len(s[0]) for s in seqs)
-        ids = torch.full((batch, width), tok.pad_token_id)
-        labels = torch.full((batch, width), -100)
-        mask = torch.zeros((batch, width), dtype=torch.long)
-        for b, (i_, l_) in enumerate(seqs):  # right padding for training
-            ids[b, : len(i_)] = torch.tensor(i_)
-            labels[b, : len(l_)] = torch.tensor(l_)
-            mask[b, : len(i_)] = 1
+        ids, labels, mask = pad_right([conversation(tok, turns, image_token, GRID * GRID) for _, turns in examples],
+                                      tok.pad_token_id)
         projected.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision: fp32 weights, bf16 matmuls
             loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
