@@ -164,3 +164,25 @@ def train_vision(model, processor, steps: int, batch: int, lr: float, log) -> di
     probe = probe_vision(tower, heads, processor)
     log("  vision probe (held-out scenes): " + " ".join(f"{k} {v:.3f}" for k, v in probe.items()))
     return probe
+
+
+def vision_worker(steps: int, batch: int, lr: float, out: str) -> None:
+    """Stage 1 in a child process (``train.py`` runs it next to stage 2a, which needs no ViT): builds the same
+    initial model (fixed seed), trains the ViT on one thread and saves its weights, probe, log and time to ``out``."""
+    import time
+
+    from tokenprune.bench.synthetic.model import build
+
+    torch.set_num_threads(1)
+    model, processor = build()
+    lines: list[str] = []
+    start = time.time()
+
+    def log(msg: str) -> None:
+        line = f"[{time.time() - start:7.1f}s, stage-1 process] {msg}"
+        lines.append(line)
+        print(line, flush=True)
+
+    probe = train_vision(model, processor, steps, batch, lr, log)
+    torch.save({"tower": model.model.vision_tower.state_dict(), "probe": probe, "log": lines,
+                "seconds": time.time() - start}, out)

@@ -101,9 +101,11 @@ def alignment_loss(visual: torch.Tensor, embeddings: torch.Tensor, targets: torc
 
 
 def train_vqa(model, processor, steps: int, batch: int, lr: float, max_turns: int, log, eval_every: int = 0,
-              vision_lr: float | None = None, first_index: int = 0, stage: str = "vqa", align: float = 0.0):
+              vision_lr: float | None = None, first_index: int = 0, stage: str = "vqa", align: float = 0.0,
+              curriculum_on: bool = True):
     """VQA training of the projector and the LM; the ViT frozen (``vision_lr=None``, with the object-count
-    curriculum) or trained too at ``vision_lr`` (stage 3, scenes of up to 4 objects throughout)."""
+    curriculum unless ``curriculum_on`` is false) or trained too at ``vision_lr`` (stage 3, scenes of up to 4
+    objects throughout)."""
     tok = processor.tokenizer
     image_token = model.config.image_token_id
     tower = model.model.vision_tower
@@ -124,7 +126,7 @@ def train_vqa(model, processor, steps: int, batch: int, lr: float, max_turns: in
     projected: list[torch.Tensor] = []  # the projector's output of the current step (for the alignment loss)
     hook = model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: projected.append(o))
     for step in range(steps):
-        objects, plain = curriculum(step / steps) if vision_lr is None else (MAX_OBJECTS, 0.0)
+        objects, plain = curriculum(step / steps) if vision_lr is None and curriculum_on else (MAX_OBJECTS, 0.0)
         examples = [training_example(TRAIN_SEED, index + i, max_turns=max_turns, max_objects=objects)
                     for i in range(batch)]
         examples = [(plain_background(scene, index + i, plain), turns) for i, (scene, turns) in enumerate(examples)]
