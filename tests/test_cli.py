@@ -52,4 +52,5 @@ def test_demo_answers_and_prints_the_table():
     answers = [line for line in text.splitlines() if line.startswith("answer ")]
     assert len(answers) == 2 and text.startswith("loading the trained")
     assert "what color is the object at the top ?" in text and "reference answer: red" in text
+    assert "answer unpruned: red   (correct)" in text  # the trained model answers the demo question
     assert text.count("#") >= 28

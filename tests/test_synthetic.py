@@ -82,15 +82,16 @@ def test_shipped_model_is_llava_with_256_visual_tokens(trained):
 
 
 def test_shipped_model_answers_test_questions(trained):
-    """A real check: greedy answers on 64 test questions (this can fail). The shipped model is under-trained (47% on
-    the 800-question test split, model card): the bar is "clearly above chance" (about 33%), not the 90% target."""
+    """A real check: greedy answers on 64 test questions (this can fail). The shipped model answers 76% of the
+    800-question test split (model card), short of the 90% target; the bar leaves room for the 64-question sample
+    (one standard error is about 5 points) and is far above chance (about 33%) and the previous weights (47%)."""
     from tokenprune.bench.accuracy import batches, score
 
     model, processor = trained
     torch.manual_seed(0)
     result = score(model, processor, batches(8, 16, processor))
     assert result["n"] == 8 * len(QUESTION_TYPES)
-    assert result["accuracy"]["overall"] >= 0.40, result["accuracy"]
+    assert result["accuracy"]["overall"] >= 0.60, result["accuracy"]
 
 
 def test_accuracy_benchmark_end_to_end(tmp_path):
@@ -259,13 +260,14 @@ def test_grounded_stage_trains_projector_and_lm_only():
 
 
 def test_model_card_describes_the_stage_2_that_ran():
-    """The card written after training names the stage-2 variant of the run (alignment or grounded)."""
+    """The card written after training names the stage-2 variant of the run (alignment or grounded; symbolic in
+    test_synthetic_symbolic.py)."""
     from tokenprune.bench.synthetic.card import model_card
     from tokenprune.bench.synthetic.model import ARCH
     from tokenprune.tiny_models import SYNTH_LLAVA
 
     info = json.loads((SYNTH_LLAVA / "training_log.json").read_text())
-    info["arch"], info["args"] = ARCH, dict(info["args"], align="1.0")  # the keys a run of today's script writes
+    info["arch"], info["args"] = ARCH, dict(info["args"], align="1.0", stage2="align")
     align = model_card(info)
     assert "feature alignment" in align and "Grounded VQA" not in align
     info["args"] = dict(info["args"], stage2="grounded", ground="1.0")
