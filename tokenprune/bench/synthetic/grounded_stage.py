@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from tokenprune.bench.synthetic.grounding import attention_targets
 from tokenprune.bench.synthetic.questions import PROMPT, TRAIN_SEED, training_example
 from tokenprune.bench.synthetic.scenes import GRID, patch_labels, render
-from tokenprune.bench.synthetic.vision_stage import lr_at
-from tokenprune.bench.synthetic.vqa_stage import conversation_layout, evaluate, pad_right
+from tokenprune.bench.synthetic.vision_stage import optimizer_step
+from tokenprune.bench.synthetic.vqa_stage import conversation_layout, evaluate, pad_right, splice_image
 
 N_IMAGE = GRID * GRID
 # (layer, heads on the first referent, heads on the second referent); layer 3 of the 4-layer LM is left free.
@@ -88,20 +88,13 @@ def train_grounded(model, processor, steps: int, batch: int, lr: float, max_turn
         with torch.autocast("cpu", dtype=torch.bfloat16):
             with torch.no_grad():  # what LlavaModel.get_image_features feeds the projector
                 features = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
-            embeds = lm.embed_tokens(gb["ids"])
-            visual = projector(features).to(embeds.dtype)
-            embeds = torch.cat([embeds[:, :image_start], visual, embeds[:, image_start + N_IMAGE:]], 1)
+            embeds = splice_image(model, gb["ids"], projector(features), image_start)
             out = lm(inputs_embeds=embeds, attention_mask=gb["mask"], output_attentions=True)
             logits = model.lm_head(out.last_hidden_state).float()
         loss_lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), gb["labels"][:, 1:].flatten(), ignore_index=-100)
         loss_ground = grounding_loss(out.attentions, gb, image_start)
         loss = loss_lm + ground * loss_ground
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, min(50, max(1, steps // 20)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, step, steps, min(50, max(1, steps // 20)), clip=params)
         if step % 20 == 0 or step == steps - 1:
             log(f"grounded vqa {step:4d}/{steps} loss {loss_lm.item():.4f} grounding {loss_ground.item():.4f}")
         if eval_every and step and step % eval_every == 0:

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from tokenprune.bench.synthetic.questions import PROMPT, TRAIN_SEED, eval_split, training_example
 from tokenprune.bench.synthetic.scenes import COLORS, GRID, SHAPES, render
-from tokenprune.bench.synthetic.vision_stage import lr_at, vision_batch
-from tokenprune.bench.synthetic.vqa_stage import conversation_layout, pad_right
+from tokenprune.bench.synthetic.vision_stage import optimizer_step, vision_batch
+from tokenprune.bench.synthetic.vqa_stage import conversation_layout, pad_right, splice_image
 
 N_IMAGE = GRID * GRID
 # scene-token layout: colour (background = 0), shape (0 = none), size (0 = none), centre flag, row, column
@@ -53,12 +53,6 @@ def scene_tokens(scenes, width: int) -> torch.Tensor:
              F.one_hot(pos % GRID, GRID).expand(len(scenes), -1, -1)]
     out = torch.cat([p.float() for p in parts], -1)
     return F.pad(out, (0, width - need))
-
-
-def _splice(model, ids: torch.Tensor, visual: torch.Tensor, image_start: int) -> torch.Tensor:
-    """The LM's input embeddings with the image tokens replaced by ``visual`` (as LlavaModel does)."""
-    embeds = model.model.language_model.embed_tokens(ids)
-    return torch.cat([embeds[:, :image_start], visual.to(embeds.dtype), embeds[:, image_start + N_IMAGE:]], 1)
 
 
 def _image_start(tok) -> int:
@@ -85,16 +79,11 @@ def train_symbolic(model, processor, steps: int, batch: int, lr: float, max_turn
                                        for _, turns in examples], tok.pad_token_id)
         tokens = scene_tokens([s for s, _ in examples], width)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            embeds = _splice(model, ids, model.model.multi_modal_projector(tokens), image_start)
+            embeds = splice_image(model, ids, model.model.multi_modal_projector(tokens), image_start)
             hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
             logits = model.lm_head(hidden).float()
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, min(50, max(1, steps // 20)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, step, steps, min(50, max(1, steps // 20)), clip=params)
         if step % 50 == 0 or step == steps - 1:
             log(f"symbolic {step:4d}/{steps} loss {loss.item():.4f}")
         if eval_every and step and step % eval_every == 0:
@@ -121,7 +110,7 @@ def evaluate_symbolic(model, processor, n_per_type: int, seed: int, batch: int =
             rows.append((ids[:queries[0] + 1], ids[:queries[0] + 1]))
         ids, _, mask = pad_right(rows, tok.pad_token_id)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            embeds = _splice(model, ids, model.model.multi_modal_projector(scene_tokens([s for s, _ in chunk],
+            embeds = splice_image(model, ids, model.model.multi_modal_projector(scene_tokens([s for s, _ in chunk],
                                                                                          width)), image_start)
             hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
             last = hidden[torch.arange(len(chunk)), mask.sum(1) - 1]
@@ -155,11 +144,7 @@ def distill_projector(model, processor, steps: int, batch: int, lr: float, log) 
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = projector(features).float()
         loss = F.mse_loss(out, target) / target.pow(2).mean()  # relative error
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, max(1, steps // 20))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(opt, loss, step, steps, max(1, steps // 20))
         if step % 50 == 0 or step == steps - 1:
             log(f"projector distillation {step:4d}/{steps} relative error {loss.item():.4f}")
     projector.eval()

@@ -19,6 +19,18 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
 
 
+def optimizer_step(opt, loss, step: int, total: int, warmup: int, clip: list | None = None) -> None:
+    """One step of the recipe's optimisers: warm-up + cosine learning rate (peak = each group's initial lr, kept as
+    ``peak``), backward, gradient-norm clipping at 1 over ``clip`` (if given), update."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, total, g.setdefault("peak", g["lr"]), warmup)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+
+
 COMBOS = [f"{c} {s}" for c in COLORS for s in SHAPES]
 
 
@@ -151,12 +163,7 @@ def train_vision(model, processor, steps: int, batch: int, lr: float, log) -> di
             pooled_count, t["count"])
         loss_dense = sum(dense.values())
         loss = loss_cls + loss_dense
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, max(1, steps // 10))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, step, steps, max(1, steps // 10), clip=params)
         if step % 50 == 0 or step == steps - 1:
             log(f"vision {step:4d}/{steps} loss cls {loss_cls.item():.3f} "
                 + " ".join(f"{k} {v.item():.3f}" for k, v in dense.items()))

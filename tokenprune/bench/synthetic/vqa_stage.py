@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tokenprune.bench.synthetic.questions import PROMPT, TEST_SEED, TRAIN_SEED, eval_split, training_example
 from tokenprune.bench.synthetic.scenes import COLORS, GRID, MAX_OBJECTS, SHAPES, render
-from tokenprune.bench.synthetic.vision_stage import lr_at, vision_batch
+from tokenprune.bench.synthetic.vision_stage import optimizer_step, vision_batch
 
 
 def conversation(tok, turns, image_token: int, n_image: int) -> tuple[list[int], list[int]]:
@@ -39,6 +39,13 @@ def conversation_layout(tok, turns, image_token: int, n_image: int):
         ids += answer
         labels += [-100] * len(prompt) + answer
     return ids, labels, queries, spans
+
+
+def splice_image(model, ids: torch.Tensor, visual: torch.Tensor, image_start: int) -> torch.Tensor:
+    """The LM's input embeddings of ``ids`` with the ``GRID*GRID`` image tokens from ``image_start`` on replaced by
+    ``visual`` (what LlavaModel does with the projector's output); for the stages that feed the LM directly."""
+    embeds = model.model.language_model.embed_tokens(ids)
+    return torch.cat([embeds[:, :image_start], visual.to(embeds.dtype), embeds[:, image_start + GRID * GRID:]], 1)
 
 
 def pad_right(seqs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -114,9 +121,9 @@ def train_vqa(model, processor, steps: int, batch: int, lr: float, max_turns: in
     model.model.language_model.requires_grad_(True)
     model.lm_head.requires_grad_(True)
     groups = [{"params": [p for n, p in model.named_parameters() if p.requires_grad and "vision_tower" not in n],
-               "lr": lr, "peak": lr}]
+               "lr": lr}]
     if vision_lr is not None:
-        groups.append({"params": list(tower.parameters()), "lr": vision_lr, "peak": vision_lr})
+        groups.append({"params": list(tower.parameters()), "lr": vision_lr})
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
     model.train()
@@ -142,12 +149,7 @@ def train_vqa(model, processor, steps: int, batch: int, lr: float, max_turns: in
             loss_align = alignment_loss(projected[0], model.model.language_model.embed_tokens.weight,
                                         word_targets([s for s, _ in examples], tok))
             loss = loss + align * loss_align
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, g["peak"], min(50, max(1, steps // 20)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, step, steps, min(50, max(1, steps // 20)), clip=params)
         if step % 20 == 0 or step == steps - 1:
             log(f"{stage} {step:4d}/{steps} loss {loss.item():.4f}" + (f" (align {loss_align.item():.4f})" if align
                                                                    else "") + f" (scenes of up to {objects} objects)")
