@@ -83,8 +83,11 @@ def test_model_card_describes_the_symbolic_stage():
     info = json.loads((SYNTH_LLAVA / "training_log.json").read_text())
     info["arch"] = ARCH
     info["args"] = dict(info["args"], stage2="symbolic", symbolic_steps="1200", symbolic_lr="0.001",
-                        distill_steps="200", distill_lr="0.002")
+                        distill_steps="200", distill_lr="0.002", retrieve="1.0")
     info.update(symbolic_seconds=600.0, distill_seconds=120.0, concurrent=True)
     card = model_card(info)
     assert "ground-truth scene tokens" in card and "projector distillation" in card
     assert "1200 steps" in card and "feature alignment" not in card and "Grounded VQA" not in card
+    assert "object-retrieval loss" in card and "(with the same retrieval loss)" in card
+    info["args"]["retrieve"] = "0.0"
+    assert "retrieval" not in model_card(info)

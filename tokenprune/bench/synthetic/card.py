@@ -44,20 +44,30 @@ plain-background warm-up belongs to the alignment variant, `--stage2 align`.)"""
     joint = (f"\n3. Joint VQA, {a['joint_steps']} steps x {a['vqa_batch']} scenes of up to 4 objects: the ViT trained "
              f"too, at lr {a['joint_vision_lr']} (projector + LM at {a['joint_lr']}).\n"
              if int(a["joint_steps"]) else "\nNo joint stage (`--joint-steps 0`): the ViT stays as stage 1 left it.\n")
+    retrieve = float(a.get("retrieve", 0) or 0)
+    retrieval = (f"""
+      Plus (weight {retrieve:g}) an **object-retrieval loss** (`retrieval.py`): after 2 of the 4 LM layers, the
+      hidden state at the word that closes each object's name in a question ("the *square*", "the red *circle*")
+      predicts, through throw-away linear heads, that object's colour, shape, size and centre row and column, so
+      the LM learns to look an object up by its name. Measured: on scene tokens after 500 steps, position
+      questions 65% -> 88% (overall 72% -> 76%); after the whole of stage 2a, 88% on scene tokens with relative
+      at 75%, where the same recipe without it stopped at 80% with relative at chance (50%).""" if retrieve else "")
     grounded = a.get("stage2") == "grounded"
     stage2 = (f"""2. Stage 2 in three parts (`--stage2 symbolic`, `symbolic_stage.py`), the ViT frozen throughout:
    a. the LM learns the task on **ground-truth scene tokens**: {a.get('symbolic_steps')} steps x {a['vqa_batch']}
       scenes, AdamW lr {a.get('symbolic_lr')} (warm-up, cosine), {turns}, loss on the answer tokens. Each image
       token is the projector applied to a one-hot description of its patch (colour, shape and size of the object
       covering it, whether it holds the object's centre, its row and column: the stage-1 targets), so neither
-      rendering nor the ViT is needed and the signal is clean ({info.get('symbolic_seconds', 0) / 60:.1f} min).
+      rendering nor the ViT is needed and the signal is clean ({info.get('symbolic_seconds', 0) / 60:.1f} min).{
+          retrieval}
    b. **projector distillation**: the projector (a new first layer; the second starts as stage (a)'s) learns to map
       the frozen ViT's tokens of rendered scenes onto what the stage-(a) projector made of their scene tokens
       (per-patch mean squared error),
       {a.get('distill_steps')} steps x {a['vision_batch']} images, lr {a.get('distill_lr')}, the LM frozen
       ({info.get('distill_seconds', 0) / 60:.1f} min).
    c. VQA on rendered scenes: {a['vqa_steps']} steps x {a['vqa_batch']} scenes of up to 4 objects, AdamW lr
-      {a['vqa_lr']} (warm-up, cosine), projector + LM trained, so that the LM adapts to the ViT's real tokens.
+      {a['vqa_lr']} (warm-up, cosine), projector + LM trained, so that the LM adapts to the ViT's real tokens{
+          " (with the same retrieval loss)" if retrieve else ""}.
    The LM's weights start at std {arch['text_init_std']} (Llama's default is 0.02). The shipped model reads only
    images: the scene tokens are a training signal, like the stage-1 targets.""" if symbolic else
         f"""2. Grounded VQA, {a['vqa_steps']} steps x {a['vqa_batch']} scenes, AdamW lr {a['vqa_lr']} (warm-up, cosine):

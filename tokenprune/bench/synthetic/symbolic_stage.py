@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenprune.bench.synthetic.questions import PROMPT, TRAIN_SEED, eval_split, training_example
+from tokenprune.bench.synthetic.retrieval import RetrievalHeads, retrieval_rows
 from tokenprune.bench.synthetic.scenes import COLORS, GRID, SHAPES, render
 from tokenprune.bench.synthetic.vision_stage import optimizer_step, vision_batch
 from tokenprune.bench.synthetic.vqa_stage import conversation_layout, pad_right, splice_image
@@ -60,8 +61,10 @@ def _image_start(tok) -> int:
 
 
 def train_symbolic(model, processor, steps: int, batch: int, lr: float, max_turns: int, log,
-                   eval_every: int = 0) -> None:
-    """Stage (a): projector + LM on scene tokens, multi-turn conversations, loss on the answers."""
+                   eval_every: int = 0, retrieve: float = 0.0) -> RetrievalHeads:
+    """Stage (a): projector + LM on scene tokens, multi-turn conversations, loss on the answers (plus ``retrieve``
+    times the object-retrieval loss of :mod:`.retrieval`). Returns the retrieval heads, for stage (c) to go on
+    with."""
     tok = processor.tokenizer
     width = model.config.vision_config.hidden_size
     image_start = _image_start(tok)
@@ -69,28 +72,36 @@ def train_symbolic(model, processor, steps: int, batch: int, lr: float, max_turn
     params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
     for p in params:
         p.requires_grad_(True)
+    heads = RetrievalHeads(model.config.text_config.hidden_size)
+    if retrieve:
+        params += list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     model.train()
     index = 20_000_000  # its own range of the training seed stream
     for step in range(steps):
         examples = [training_example(TRAIN_SEED, index + i, max_turns=max_turns) for i in range(batch)]
         index += batch
-        ids, labels, mask = pad_right([conversation_layout(tok, turns, model.config.image_token_id, N_IMAGE)
-                                       for _, turns in examples], tok.pad_token_id)
+        layouts = [conversation_layout(tok, turns, model.config.image_token_id, N_IMAGE) for _, turns in examples]
+        ids, labels, mask = pad_right(layouts, tok.pad_token_id)
         tokens = scene_tokens([s for s, _ in examples], width)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             embeds = splice_image(model, ids, model.model.multi_modal_projector(tokens), image_start)
-            hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-            logits = model.lm_head(hidden).float()
+            out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                             output_hidden_states=bool(retrieve))
+            logits = model.lm_head(out.last_hidden_state).float()
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        optimizer_step(opt, loss, step, steps, min(50, max(1, steps // 20)), clip=params)
+        aux = heads.loss(out.hidden_states, retrieval_rows(examples, layouts)) if retrieve else None
+        optimizer_step(opt, loss + retrieve * aux if retrieve else loss, step, steps, min(50, max(1, steps // 20)),
+                       clip=params)
         if step % 50 == 0 or step == steps - 1:
-            log(f"symbolic {step:4d}/{steps} loss {loss.item():.4f}")
+            log(f"symbolic {step:4d}/{steps} loss {loss.item():.4f}" + (f" (retrieval {aux.item():.4f})"
+                                                                      if retrieve else ""))
         if eval_every and step and step % eval_every == 0:
             acc = evaluate_symbolic(model, processor, 10, seed=TRAIN_SEED + 1)
             log("  dev accuracy on scene tokens " + " ".join(f"{k} {v:.2f}" for k, v in acc.items()))
             model.train()
     model.eval()
+    return heads
 
 
 @torch.no_grad()

@@ -62,8 +62,8 @@ def stages_1_2_symbolic(model, processor, args, log, log_lines: list[str]) -> tu
                 args.vision_steps, args.vision_batch, args.vision_lr, f"{tmp}/vision.pt"))
             child.start()
             torch.set_num_threads(max(1, args.threads - 1))
-            train_symbolic(model, processor, args.symbolic_steps, args.vqa_batch, args.symbolic_lr, args.turns, log,
-                           eval_every=args.eval_every)
+            heads = train_symbolic(model, processor, args.symbolic_steps, args.vqa_batch, args.symbolic_lr, args.turns,
+                                   log, eval_every=args.eval_every, retrieve=args.retrieve)
             t_symbolic = time.time() - start
             child.join()
             if child.exitcode != 0:
@@ -77,8 +77,8 @@ def stages_1_2_symbolic(model, processor, args, log, log_lines: list[str]) -> tu
     else:
         probe = train_vision(model, processor, args.vision_steps, args.vision_batch, args.vision_lr, log)
         t_vision = time.time() - start
-        train_symbolic(model, processor, args.symbolic_steps, args.vqa_batch, args.symbolic_lr, args.turns, log,
-                       eval_every=args.eval_every)
+        heads = train_symbolic(model, processor, args.symbolic_steps, args.vqa_batch, args.symbolic_lr, args.turns, log,
+                               eval_every=args.eval_every, retrieve=args.retrieve)
         t_symbolic = time.time() - start - t_vision
     acc = evaluate_symbolic(model, processor, 20, seed=TRAIN_SEED + 1)
     log("  after stage 2a, dev accuracy on scene tokens " + json.dumps({k: round(v, 3) for k, v in acc.items()}))
@@ -88,7 +88,7 @@ def stages_1_2_symbolic(model, processor, args, log, log_lines: list[str]) -> tu
     acc = evaluate(model, processor, 20, seed=TRAIN_SEED + 1)
     log("  after stage 2b, dev accuracy on images " + json.dumps({k: round(v, 3) for k, v in acc.items()}))
     train_vqa(model, processor, args.vqa_steps, args.vqa_batch, args.vqa_lr, args.turns, log, args.eval_every,
-              align=0.0, curriculum_on=False)
+              align=0.0, curriculum_on=False, retrieve=args.retrieve, heads=heads)
     return probe, t_vision, {"symbolic_seconds": round(t_symbolic, 1), "distill_seconds": round(t_distill, 1),
                              "concurrent": bool(args.concurrent)}
 
@@ -119,6 +119,9 @@ def main(argv=None) -> None:
     p.add_argument("--symbolic-lr", type=float, default=1e-3)
     p.add_argument("--distill-steps", type=int, default=300, help="--stage2 symbolic: projector distillation steps")
     p.add_argument("--distill-lr", type=float, default=2e-3)
+    p.add_argument("--retrieve", type=float, default=1.0,
+                   help="--stage2 symbolic: weight of the object-retrieval loss in stages 2a and 2c (retrieval.py; 0: "
+                        "off)")
     p.add_argument("--concurrent", action=argparse.BooleanOptionalAction, default=True,
                    help="--stage2 symbolic: run stage 1 in a second process during stage 2a (one thread each)")
     p.add_argument("--ground", type=float, default=1.0, help="weight of the attention supervision (--stage2 grounded)")

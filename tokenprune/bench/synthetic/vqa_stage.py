@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenprune.bench.synthetic.questions import PROMPT, TEST_SEED, TRAIN_SEED, eval_split, training_example
+from tokenprune.bench.synthetic.retrieval import RetrievalHeads, retrieval_rows
 from tokenprune.bench.synthetic.scenes import COLORS, GRID, MAX_OBJECTS, SHAPES, render
 from tokenprune.bench.synthetic.vision_stage import optimizer_step, vision_batch
 
@@ -109,10 +110,11 @@ def alignment_loss(visual: torch.Tensor, embeddings: torch.Tensor, targets: torc
 
 def train_vqa(model, processor, steps: int, batch: int, lr: float, max_turns: int, log, eval_every: int = 0,
               vision_lr: float | None = None, first_index: int = 0, stage: str = "vqa", align: float = 0.0,
-              curriculum_on: bool = True):
+              curriculum_on: bool = True, retrieve: float = 0.0, heads: RetrievalHeads | None = None):
     """VQA training of the projector and the LM; the ViT frozen (``vision_lr=None``, with the object-count
     curriculum unless ``curriculum_on`` is false) or trained too at ``vision_lr`` (stage 3, scenes of up to 4
-    objects throughout)."""
+    objects throughout); plus ``retrieve`` times the object-retrieval loss of :mod:`.retrieval` (through ``heads``,
+    new ones if not given)."""
     tok = processor.tokenizer
     image_token = model.config.image_token_id
     tower = model.model.vision_tower
@@ -124,6 +126,9 @@ def train_vqa(model, processor, steps: int, batch: int, lr: float, max_turns: in
                "lr": lr}]
     if vision_lr is not None:
         groups.append({"params": list(tower.parameters()), "lr": vision_lr})
+    heads = heads or RetrievalHeads(model.config.text_config.hidden_size)
+    if retrieve:
+        groups[0]["params"] += list(heads.parameters())
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
     model.train()
@@ -140,11 +145,16 @@ def train_vqa(model, processor, steps: int, batch: int, lr: float, max_turns: in
         index += batch
         pixels = processor.image_processor(images=[render(s) for s, _ in examples], return_tensors="pt")[
             "pixel_values"]
-        ids, labels, mask = pad_right([conversation(tok, turns, image_token, GRID * GRID) for _, turns in examples],
-                                      tok.pad_token_id)
+        layouts = [conversation_layout(tok, turns, image_token, GRID * GRID) for _, turns in examples]
+        ids, labels, mask = pad_right(layouts, tok.pad_token_id)
         projected.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision: fp32 weights, bf16 matmuls
-            loss = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels,
+                        output_hidden_states=bool(retrieve))
+        loss = out.loss
+        if retrieve:
+            loss_retrieve = heads.loss(out.hidden_states, retrieval_rows(examples, layouts))
+            loss = loss + retrieve * loss_retrieve
         if align:
             loss_align = alignment_loss(projected[0], model.model.language_model.embed_tokens.weight,
                                         word_targets([s for s, _ in examples], tok))
@@ -152,7 +162,9 @@ def train_vqa(model, processor, steps: int, batch: int, lr: float, max_turns: in
         optimizer_step(opt, loss, step, steps, min(50, max(1, steps // 20)), clip=params)
         if step % 20 == 0 or step == steps - 1:
             log(f"{stage} {step:4d}/{steps} loss {loss.item():.4f}" + (f" (align {loss_align.item():.4f})" if align
-                                                                   else "") + f" (scenes of up to {objects} objects)")
+                                                                   else "")
+                + (f" (retrieval {loss_retrieve.item():.4f})" if retrieve else "")
+                + f" (scenes of up to {objects} objects)")
         if eval_every and step and step % eval_every == 0:
             model.eval()
             acc = evaluate(model, processor, 10, seed=TRAIN_SEED + 1)  # a held-out slice of training scenes
