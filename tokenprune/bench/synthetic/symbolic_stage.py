@@ -10,7 +10,8 @@ a. **LM on scene tokens** (:func:`train_symbolic`): each image token is the proj
    it holds that object's centre, its row and column: exactly the stage-1 targets the ViT was trained to
    encode). No rendering and no ViT forward: steps are cheaper and the signal is clean, so the reasoning is learned
    first. The projector here reads a 128-wide one-hot vector laid out like a ViT feature (its input width), so the
-   same module continues in (b).
+   same module continues in (b). Plus the object-retrieval loss of :mod:`.retrieval` (``--retrieve``, on by
+   default): without it this stage left ``relative`` questions at chance.
 b. **projector distillation** (:func:`distill_projector`): the LM frozen, the projector (a new first layer) learns to
    map the frozen ViT's penultimate-layer tokens of rendered scenes onto what the stage-(a) projector made of the
    scene tokens (mean squared error, per patch). Like LLaVA's feature-alignment stage, which trains only the

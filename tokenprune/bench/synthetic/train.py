@@ -15,14 +15,17 @@ Recipe (like LLaVA's, but from scratch):
    (object patches only) and its own row and column; the mean token of each object predicts its shape; a
    background patch's token matches a learned per-position template (it carries no object information). CLIP's
    learned position embeddings start from 2-D sin-cos values (as in MAE).
-2. VQA (:mod:`.vqa_stage`): the ViT frozen (as in LLaVA-1.5), the projector and the LM trained on single-turn
-   prompts ("USER : <image>\\nq ASSISTANT : a </s>", ``--turns N`` for multi-turn conversations), loss on answer
-   tokens (and their ``</s>``) only, plus LLaVA-style feature alignment of the projector (each
-   visual token's cosine with the LM's word embeddings predicts the words that describe its patch). Curriculum:
-   1-object scenes on plain backgrounds first, then up to 4 objects on textured backgrounds. The LM starts at
-   std 0.1 (see :func:`.model.build`).
-   ``--stage2 grounded`` (experimental, :mod:`.grounded_stage`): instead of the alignment loss and the curriculum,
-   attention supervision of a few LM heads onto the image tokens each question is about (:mod:`.grounding`).
+2. ``--stage2 symbolic`` (the default, :mod:`.symbolic_stage`), the ViT frozen (as in LLaVA-1.5): (a) the
+   projector and the LM learn the task on ground-truth scene tokens (multi-turn conversations, ``--turns``, loss on
+   the answer tokens and their ``</s>``) while stage 1 runs in a second process (``--concurrent``); (b) a new
+   first projector layer is distilled onto stage (a)'s projector outputs from the frozen ViT's tokens; (c) VQA on
+   rendered images. Stages (a) and (c) add the object-retrieval loss (:mod:`.retrieval`, ``--retrieve``): the
+   word closing each object's name predicts that object's attributes and position after 2 LM layers. The LM
+   starts at std 0.1 (see :func:`.model.build`).
+   Older variants: ``--stage2 align`` (:mod:`.vqa_stage`: answer loss plus LLaVA-style feature alignment of the
+   projector, with a 1-object / plain-background curriculum) and ``--stage2 grounded`` (experimental,
+   :mod:`.grounded_stage`: attention supervision of a few LM heads onto the image tokens each question is about,
+   :mod:`.grounding`).
 3. optional (``--joint-steps``, 0 by default): the same VQA training with the ViT trained too.
 
 Seeds are fixed; the scenes come from ``TRAIN_SEED`` (the test split uses another seed stream).
