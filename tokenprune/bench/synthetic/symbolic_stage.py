@@ -62,10 +62,10 @@ def _image_start(tok) -> int:
 
 
 def train_symbolic(model, processor, steps: int, batch: int, lr: float, max_turns: int, log,
-                   eval_every: int = 0, retrieve: float = 0.0) -> RetrievalHeads:
+                   eval_every: int = 0, retrieve: float = 0.0) -> RetrievalHeads | None:
     """Stage (a): projector + LM on scene tokens, multi-turn conversations, loss on the answers (plus ``retrieve``
-    times the object-retrieval loss of :mod:`.retrieval`). Returns the retrieval heads, for stage (c) to go on
-    with."""
+    times the object-retrieval loss of :mod:`.retrieval`). Returns the retrieval heads (``None`` without the loss),
+    for stage (c) to go on with."""
     tok = processor.tokenizer
     width = model.config.vision_config.hidden_size
     image_start = _image_start(tok)
@@ -73,8 +73,8 @@ def train_symbolic(model, processor, steps: int, batch: int, lr: float, max_turn
     params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
     for p in params:
         p.requires_grad_(True)
-    heads = RetrievalHeads(model.config.text_config.hidden_size)
-    if retrieve:
+    heads = RetrievalHeads(model.config.text_config.hidden_size) if retrieve else None
+    if heads is not None:
         params += list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     model.train()

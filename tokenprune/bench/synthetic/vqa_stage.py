@@ -126,8 +126,8 @@ def train_vqa(model, processor, steps: int, batch: int, lr: float, max_turns: in
                "lr": lr}]
     if vision_lr is not None:
         groups.append({"params": list(tower.parameters()), "lr": vision_lr})
-    heads = heads or RetrievalHeads(model.config.text_config.hidden_size)
     if retrieve:
+        heads = RetrievalHeads(model.config.text_config.hidden_size) if heads is None else heads
         groups[0]["params"] += list(heads.parameters())
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
