@@ -30,6 +30,13 @@ def runnable_methods(model_type="llava"):
     )
 
 
+def moved_parameters(model, run) -> set[str]:
+    """Names of ``model``'s parameters that ``run()`` changed."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    run()
+    return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+
+
 def decoder_methods():
     """Registered decoder-stage (in-LLM) methods."""
     from tokenprune.methods import METHODS

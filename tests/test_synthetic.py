@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import moved_parameters
 
 from tokenprune.bench.synthetic.questions import (
     NUMBERS,
@@ -250,10 +251,9 @@ def test_grounded_stage_trains_projector_and_lm_only():
     from tokenprune.bench.synthetic.model import build
 
     model, processor = build()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     lines: list[str] = []
-    train_grounded(model, processor, steps=2, batch=2, lr=1e-3, max_turns=2, log=lines.append)
-    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    moved = moved_parameters(model, lambda: train_grounded(model, processor, steps=2, batch=2, lr=1e-3, max_turns=2,
+                                                           log=lines.append))
     assert moved and not any("vision_tower" in n for n in moved)
     assert any("multi_modal_projector" in n for n in moved) and any("language_model" in n for n in moved)
     assert model.config._attn_implementation == "sdpa" and "grounding" in lines[-1]

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import moved_parameters
 
 from tokenprune.bench.synthetic.grounding import anchor_patch
 from tokenprune.bench.synthetic.scenes import GRID, PATCH, Scene, Shape, patch_labels
@@ -56,20 +57,18 @@ def test_symbolic_stage_trains_projector_and_lm_and_distillation_the_projector_o
     from tokenprune.bench.synthetic.symbolic_stage import distill_projector, evaluate_symbolic, train_symbolic
 
     model, processor = build()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     lines: list[str] = []
-    train_symbolic(model, processor, steps=2, batch=2, lr=1e-3, max_turns=2, log=lines.append)
-    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    moved = moved_parameters(model, lambda: train_symbolic(model, processor, steps=2, batch=2, lr=1e-3, max_turns=2,
+                                                           log=lines.append))
     assert moved and not any("vision_tower" in n for n in moved)
     assert any("multi_modal_projector" in n for n in moved) and any("language_model" in n for n in moved)
     assert "symbolic" in lines[0]
     acc = evaluate_symbolic(model, processor, 2, seed=5)
     assert set(acc) >= {"color", "overall"} and 0 <= acc["overall"] <= 1
 
-    after_a = {n: p.detach().clone() for n, p in model.named_parameters()}
     lines.clear()
-    distill_projector(model, processor, steps=12, batch=4, lr=3e-3, log=lines.append)
-    moved = {n for n, p in model.named_parameters() if not torch.equal(p, after_a[n])}
+    moved = moved_parameters(model, lambda: distill_projector(model, processor, steps=12, batch=4, lr=3e-3,
+                                                              log=lines.append))
     assert moved and all("multi_modal_projector" in n for n in moved)
     errors = [float(line.rsplit(" ", 1)[1]) for line in lines]
     assert errors[-1] < errors[0]

@@ -12,15 +12,10 @@ from tokenprune.bench.synthetic.scenes import COLORS, GRID, MAX_OBJECTS, SHAPES,
 from tokenprune.bench.synthetic.vision_stage import optimizer_step, vision_batch
 
 
-def conversation(tok, turns, image_token: int, n_image: int) -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)`` of a multi-turn conversation; labels = -100 except on answers and their ``</s>``."""
-    ids, labels, _, _ = conversation_layout(tok, turns, image_token, n_image)
-    return ids, labels
-
-
 def conversation_layout(tok, turns, image_token: int, n_image: int):
-    """``(input_ids, labels, queries, spans)``: as :func:`conversation`, plus each turn's answer position (its last
-    prompt token, whose next token is the answer) and the ``[start, end)`` positions of its question's words."""
+    """``(input_ids, labels, queries, spans)`` of a multi-turn conversation: labels = -100 except on answers and their
+    ``</s>``; each turn's answer position (its last prompt token, whose next token is the answer) and the
+    ``[start, end)`` positions of its question's words."""
     ids: list[int] = []
     labels: list[int] = []
     queries: list[int] = []
