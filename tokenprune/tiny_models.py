@@ -139,9 +139,9 @@ def _finish(model, tok, attn_implementation: str):
 NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
 
-def tiny_llava_next(attn_implementation: str = "sdpa", seed: int = 0, text_layers: int = 2):
+def tiny_llava_next(attn_implementation: str = "sdpa", seed: int = 0, text_layers: int = 2, vision_layers: int = 3):
     """``(model, processor)``: a LLaVA-NeXT (AnyRes) model with random weights, real ``LlavaNextProcessor``;
-    ``text_layers`` LLM decoder layers.
+    ``text_layers`` LLM decoder layers, ``vision_layers`` CLIP encoder layers.
 
     16 base-tile tokens per image plus the unpadded high-resolution grid with one ``image_newline`` per row, e.g.
     a 40x70 image gives 16 + 4 x (8 + 1) = 52 image tokens.
@@ -155,7 +155,7 @@ def tiny_llava_next(attn_implementation: str = "sdpa", seed: int = 0, text_layer
 
     tok = make_tokenizer()
     config = LlavaNextConfig(
-        vision_config=_clip_vision(32, 8), text_config=_text_config(tok, text_layers=text_layers),
+        vision_config=_clip_vision(32, 8, layers=vision_layers), text_config=_text_config(tok, text_layers=text_layers),
         image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=NEXT_PINPOINTS,
         image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default",
     )
@@ -225,13 +225,16 @@ class TinyQwenProcessor:
 def tiny_qwen(
     version: str = "2", attn_implementation: str = "sdpa", seed: int = 0, max_pixels: int = 112 * 140,
     text_layers: int = 2,
+    vision_layers: int = 2,
+    fullatt_block_indexes: tuple[int, ...] | None = None,
 ):
     """``(model, processor)``: a Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``) model with random weights
-    (``text_layers`` LLM decoder layers).
+    (``text_layers`` LLM decoder layers, ``vision_layers`` ViT blocks).
 
     ViT patch 14, 2x2 merge (one LLM token per 28x28 pixels), dynamic resolution up to ``max_pixels``. The
-    Qwen2.5-VL tower uses window attention (56 px windows = 2x2 merged tokens) in block 0 and full attention in
-    block 1, so its window order differs from raster order on any image wider or taller than 56 px.
+    Qwen2.5-VL tower uses window attention (56 px windows = 2x2 merged tokens) in every block but the
+    ``fullatt_block_indexes`` (default: the last block), so its window order differs from raster order on any image
+    wider or taller than 56 px.
     """
     from transformers import (
         Qwen2_5_VLConfig,
@@ -252,12 +255,14 @@ def tiny_qwen(
     text.update(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
     text = {k: v for k, v in text.items() if k not in ("model_type", "architectures", "transformers_version")}
     if version == "2":
-        vision = dict(depth=2, embed_dim=64, hidden_size=128, mlp_ratio=2, num_heads=4, patch_size=14,
+        vision = dict(depth=vision_layers, embed_dim=64, hidden_size=128, mlp_ratio=2, num_heads=4, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2)
         config, cls = Qwen2VLConfig(text_config=text, vision_config=vision, **ids), Qwen2VLForConditionalGeneration
     elif version == "2.5":
-        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+        full = list(fullatt_block_indexes) if fullatt_block_indexes is not None else [vision_layers - 1]
+        vision = dict(depth=vision_layers, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                      fullatt_block_indexes=full)
         config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
         cls = Qwen2_5_VLForConditionalGeneration
     else:
@@ -269,6 +274,27 @@ def tiny_qwen(
         patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=28 * 28, max_pixels=max_pixels,
     )
     return model, TinyQwenProcessor(tok, image_processor)
+
+
+# Depths of the real checkpoints (towers and LLMs) at tiny width: every method runs at its DEFAULT layers on them.
+# CLIP ViT-L/14(-336): 24 layers (LLaVA-1.5 and LLaVA-NeXT read layer -2); Llama-2-7B / Vicuna-7B: 32 layers;
+# Qwen2-VL-7B and Qwen2.5-VL-7B: 32 ViT blocks (2.5: full attention in blocks 7, 15, 23, 31) and a 28-layer LLM.
+REAL_DEPTH_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+
+
+def real_depth(family: str, attn_implementation: str = "sdpa", seed: int = 0):
+    """``(model, processor)`` of ``family`` (a ``model_type`` in :data:`REAL_DEPTH_FAMILIES`) with the vision tower
+    and the LLM as deep as the real 7B checkpoint's, at the tiny models' widths (vision 64)."""
+    if family == "llava":
+        return tiny_llava(LlavaSize(vision_layers=24, text_layers=32), attn_implementation, seed)
+    if family == "llava_next":
+        return tiny_llava_next(attn_implementation, seed, text_layers=32, vision_layers=24)
+    if family == "qwen2_vl":
+        return tiny_qwen("2", attn_implementation, seed, text_layers=28, vision_layers=32)
+    if family == "qwen2_5_vl":
+        return tiny_qwen("2.5", attn_implementation, seed, text_layers=28, vision_layers=32,
+                         fullatt_block_indexes=(7, 15, 23, 31))
+    raise ValueError(f"family must be one of {REAL_DEPTH_FAMILIES}; got {family!r}")
 
 
 def random_video(frames: int, height: int, width: int, seed: int = 0, channels: int = 3, patch: int = 14):
