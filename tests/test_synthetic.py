@@ -71,7 +71,8 @@ def trained():
 def test_shipped_model_is_llava_with_256_visual_tokens(trained):
     from transformers import LlavaForConditionalGeneration
 
-    from tokenprune.tiny_models import SYNTH_LLAVA, synthetic_demo
+    from tokenprune.bench.synthetic.scenes import synthetic_demo
+    from tokenprune.tiny_models import SYNTH_LLAVA
 
     model, processor = trained
     assert isinstance(model, LlavaForConditionalGeneration)

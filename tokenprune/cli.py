@@ -6,23 +6,7 @@ import argparse
 import json
 import sys
 
-
-def parse_keep(text: str) -> float | int:
-    """'64' -> 64 tokens, '0.11' -> a ratio (validated by the budget controller)."""
-    from tokenprune.budget import validate_keep
-
-    try:
-        value: float | int = int(text)
-    except ValueError:
-        try:
-            value = float(text)
-        except ValueError:
-            message = f"keep must be a ratio like 0.11 or a token count like 64; got {text!r}"
-            raise argparse.ArgumentTypeError(message) from None
-    try:
-        return validate_keep(value)
-    except (TypeError, ValueError) as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+from tokenprune.cli_types import parse_keep
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from tokenprune.api import disable_pruning, enable_pruning
+from tokenprune.bench.synthetic.scenes import synthetic_demo
 from tokenprune.budget import Keep
 from tokenprune.record import ImageRecord
-from tokenprune.tiny_models import synthetic_demo, trained_llava
+from tokenprune.tiny_models import trained_llava
 
 
 @dataclass

@@ -339,7 +339,8 @@ def trained_llava(attn_implementation: str = "sdpa", path: str | Path | None = N
     visual tokens + [CLS], 2-layer projector, 4-layer Llama LM; fp32, eval mode), via ``from_pretrained``.
 
     It answers single-word questions about scenes of coloured shapes (:mod:`tokenprune.bench.synthetic`) with the
-    prompt ``SYNTH_PROMPT``; :func:`synthetic_demo` gives a scene and a question.
+    prompt ``SYNTH_PROMPT``; :func:`tokenprune.bench.synthetic.scenes.synthetic_demo` gives a scene and a
+    question.
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -353,21 +354,3 @@ def trained_llava(attn_implementation: str = "sdpa", path: str | Path | None = N
     processor = AutoProcessor.from_pretrained(folder)
     return model.eval(), processor
 
-
-def synthetic_demo() -> tuple[Image.Image, str, str]:
-    """``(image, prompt, expected answer)``: a fixed scene for the demo and the notebooks (drawn, not sampled from
-    the test split): a red circle alone at the top, three large shapes below; the question asks about the
-    object at the top, the image region that in-LLM pruning is known to lose (FEATHER, 2024)."""
-    from tokenprune.bench.synthetic.scenes import Scene, Shape, render
-
-    scene = Scene(
-        objects=[
-            Shape("red", "circle", "large", 150.0, 34.0, 22.0),
-            Shape("blue", "square", "large", 60.0, 150.0, 28.0),
-            Shape("green", "triangle", "large", 165.0, 170.0, 26.0),
-            Shape("yellow", "diamond", "small", 110.0, 110.0, 11.0),
-        ],
-        background={"kind": "gradient", "base": [200.0, 205.0, 215.0], "tint": [20.0, -15.0, 10.0], "period": 20,
-                    "angle": 0.7, "seed": 7},
-    )
-    return render(scene), SYNTH_PROMPT.format(question="what color is the object at the top ?"), "red"

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tokenprune.cli_types import parse_keep
+
 
 def _add_model_arguments(parser: argparse.ArgumentParser, attn_help: str) -> None:
     """The options that say which model a benchmark builds (``tokenprune.bench.models.load``)."""
@@ -66,7 +68,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_model_arguments(bench, attn_help="attn_implementation (default sdpa)")
     bench.add_argument("--prompt", default=None, help="prompt with the model's image placeholder")
     bench.add_argument("--method", type=_csv(str), default=["divprune"], help="comma list, or 'all' (default divprune)")
-    bench.add_argument("--keep", type=_csv(_parse_keep), default=None, help="comma list of budgets, e.g. 64,128,0.25")
+    bench.add_argument("--keep", type=_csv(parse_keep), default=None, help="comma list of budgets, e.g. 64,128,0.25")
     bench.add_argument("--flops", type=_csv(float), default=None, help="comma list of FLOPs targets, e.g. 0.25,0.5")
     bench.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default 5)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
@@ -112,7 +114,7 @@ def add_decoder_command(sub: argparse._SubParsersAction) -> None:
                          help="narrow the preset's LLM by this factor (hidden, MLP, heads; head dim kept) so that all "
                          "its layers fit a CPU; per-layer cost ratios are unchanged (default 1)")
     decoder.add_argument("--method", type=_csv(str), default=None, help="comma list (default: every decoder method)")
-    decoder.add_argument("--keep", type=_parse_keep, default=64, help="budget (default 64 tokens)")
+    decoder.add_argument("--keep", type=parse_keep, default=64, help="budget (default 64 tokens)")
     decoder.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default 5)")
     decoder.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
     decoder.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -166,12 +168,6 @@ def run_decoder(args: argparse.Namespace) -> int:
     if args.markdown:
         _emit(table, args.markdown)
     return 0
-
-
-def _parse_keep(text: str):
-    from tokenprune.cli import parse_keep
-
-    return parse_keep(text)
 
 
 def run_flops(args: argparse.Namespace) -> int:
@@ -251,7 +247,7 @@ def _apply_config(args: argparse.Namespace) -> None:
             if dest in ("method", "keep", "flops") and not isinstance(value, list):
                 value = [value]
             if dest == "keep":
-                value = [_parse_keep(str(v)) for v in value]
+                value = [parse_keep(str(v)) for v in value]
             setattr(args, dest, value)
 
 

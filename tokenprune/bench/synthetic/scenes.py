@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
+from tokenprune.tiny_models import SYNTH_PROMPT
+
 IMAGE_SIZE = 224
 PATCH = 14
 GRID = IMAGE_SIZE // PATCH  # 16 x 16 = 256 visual tokens
@@ -143,3 +145,20 @@ def patch_labels(scene: Scene, min_cover: float = 0.15) -> np.ndarray:
     cover = onehot.reshape(-1, GRID, PATCH, GRID, PATCH).mean((2, 4)).reshape(len(scene.objects) + 1, -1)
     cover[0] = min_cover  # background wins unless an object covers at least min_cover of the patch
     return cover.argmax(0)
+
+
+def synthetic_demo() -> tuple[Image.Image, str, str]:
+    """``(image, prompt, expected answer)``: a fixed scene for the demo and the notebooks (drawn, not sampled from
+    the test split): a red circle alone at the top, three large shapes below; the question asks about the
+    object at the top, the image region that in-LLM pruning is known to lose (FEATHER, 2024)."""
+    scene = Scene(
+        objects=[
+            Shape("red", "circle", "large", 150.0, 34.0, 22.0),
+            Shape("blue", "square", "large", 60.0, 150.0, 28.0),
+            Shape("green", "triangle", "large", 165.0, 170.0, 26.0),
+            Shape("yellow", "diamond", "small", 110.0, 110.0, 11.0),
+        ],
+        background={"kind": "gradient", "base": [200.0, 205.0, 215.0], "tint": [20.0, -15.0, 10.0], "period": 20,
+                    "angle": 0.7, "seed": 7},
+    )
+    return render(scene), SYNTH_PROMPT.format(question="what color is the object at the top ?"), "red"
