@@ -1,4 +1,11 @@
-"""Model-family adapters, keyed by ``model.config.model_type`` (importable as ``tokenprune.patches``)."""
+"""Model-family adapters, keyed by ``model.config.model_type``.
+
+This folder IS the package ``tokenprune.patches``: pyproject.toml maps it there (setuptools ``package-dir``), so its
+modules are imported as ``tokenprune.patches.<module>`` (first-party, like the rest of ``tokenprune``), never as
+``patches``. It sits at the top of the repository because the layout promised to users keeps the model-specific
+wiring apart from the model-agnostic core (``tokenprune/``): the adapters import the core, and the core looks up
+:data:`ADAPTERS` only when a model is pruned (``tokenprune.api``) or the docs tables are generated.
+"""
 
 from __future__ import annotations
 

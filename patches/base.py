@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from tokenprune.patches.decoder import DecoderLoop, LayerRecord
 
 from tokenprune import flops_budget
 from tokenprune.budget import Keep, kept_count
 from tokenprune.methods import PruningMethod
+from tokenprune.patches.decoder import DecoderLoop, LayerRecord
 from tokenprune.record import ImageRecord, PruneRecord
 
 if TYPE_CHECKING:

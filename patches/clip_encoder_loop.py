@@ -17,9 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from tokenprune.patches.clip_signals import attention_signals
 
 from tokenprune.methods import CLS_ATTENTION
+from tokenprune.patches.clip_signals import attention_signals
 
 
 def flow_signals(attention: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tokenprune.patches.decoder_grids import visual_coords
-from tokenprune.patches.decoder_select import Stage, apply_mixes, gather, select_stage
 
 from tokenprune.budget import Keep
 from tokenprune.methods.decoder import DecoderMethod, StagePlan
+from tokenprune.patches.decoder_grids import visual_coords
+from tokenprune.patches.decoder_select import Stage, apply_mixes, gather, select_stage
 
 
 @dataclass

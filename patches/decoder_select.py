@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tokenprune.patches.attention_rows import attention_rows, attention_rows_no_rope, layer_keys
 
 from tokenprune.compaction import padding_side
 from tokenprune.methods.decoder import Recycled
+from tokenprune.patches.attention_rows import attention_rows, attention_rows_no_rope, layer_keys
 
 
 @dataclass

@@ -16,14 +16,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from tokenprune.patches.base import PrunedCall, VisionStageAdapter, placeholder_positions, text_embeddings
-from tokenprune.patches.clip_encoder_loop import encode_pruned
-from tokenprune.patches.clip_signals import PROBE_SIGNALS, ClipProbe, encoder_layers, resolve_layer
-from tokenprune.patches.units import checked_indices
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenprune.compaction import compact, padding_side, reindex_positions
 from tokenprune.methods import CLS_SIGNALS, FEATURES, TEXT_EMBEDDINGS, Selection, SelectionContext
+from tokenprune.patches.base import PrunedCall, VisionStageAdapter, placeholder_positions, text_embeddings
+from tokenprune.patches.clip_encoder_loop import encode_pruned
+from tokenprune.patches.clip_signals import PROBE_SIGNALS, ClipProbe, encoder_layers, resolve_layer
+from tokenprune.patches.units import checked_indices
 from tokenprune.record import ImageRecord, PruneRecord, grid_boxes
 
 

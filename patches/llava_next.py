@@ -24,9 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tokenprune.patches.base import PrunedCall, placeholder_positions, text_embeddings
-from tokenprune.patches.llava import LlavaAdapter
-from tokenprune.patches.units import Unit, select_image
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from tokenprune.methods import (
@@ -37,6 +34,9 @@ from tokenprune.methods import (
     TEXT_EMBEDDINGS,
     VISION_KEYS,
 )
+from tokenprune.patches.base import PrunedCall, placeholder_positions, text_embeddings
+from tokenprune.patches.llava import LlavaAdapter
+from tokenprune.patches.units import Unit, select_image
 from tokenprune.record import ImageRecord, grid_boxes
 
 # Where the image-token axes of each per-crop signal are (all others: axis 0 only; CLS_HIDDEN has none).

@@ -18,13 +18,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from tokenprune.patches.base import PrunedCall, VisionStageAdapter, placeholder_positions, text_embeddings
-from tokenprune.patches.qwen_signals import QWEN_SIGNALS, QwenProbe
-from tokenprune.patches.units import Unit, select_image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenprune.compaction import compact, padding_side
 from tokenprune.methods import FEATURES, TEXT_EMBEDDINGS
+from tokenprune.patches.base import PrunedCall, VisionStageAdapter, placeholder_positions, text_embeddings
+from tokenprune.patches.qwen_signals import QWEN_SIGNALS, QwenProbe
+from tokenprune.patches.units import Unit, select_image
 from tokenprune.record import ImageRecord, PruneRecord, grid_boxes
 
 _MODALITIES = (  # (kind, token id attribute, pixel kwarg, grid kwarg, features getter, mm_token_type id)

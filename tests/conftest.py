@@ -19,9 +19,8 @@ TINY_OPTIONS = {"hiprune": {"object_layer": 0}}
 def runnable_methods(model_type="llava"):
     """Registered vision-side methods that can run, on LLaVA-1.5 by default; in-encoder methods (FlowCut) only where
     the family's adapter runs the encoder's layer loop. Decoder-stage methods: ``decoder_methods()``."""
-    from tokenprune.patches import ADAPTERS
-
     from tokenprune.methods import METHODS
+    from tokenprune.patches import ADAPTERS
 
     loop = ADAPTERS[model_type].encoder_loop
     return sorted(

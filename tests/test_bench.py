@@ -240,7 +240,6 @@ def test_decoder_cost_end_to_end_on_a_tiny_model(tmp_path, capsys):
 def test_decoder_cost_probe_leaves_the_mechanism_as_it_was():
     import tokenprune.patches.decoder as decoder
     import tokenprune.patches.decoder_select as decoder_select
-
     from tokenprune.bench.decoder_cost import Probe
 
     before = decoder.select_stage, decoder_select.attention_rows

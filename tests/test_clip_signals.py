@@ -3,7 +3,6 @@
 import pytest
 import torch
 from conftest import PROMPT, encode
-from tokenprune.patches.clip_signals import PROBE_SIGNALS, ClipProbe, encoder_layers
 
 from tokenprune.methods import (
     ATTENTION_MAP,
@@ -16,6 +15,7 @@ from tokenprune.methods import (
     VISION_KEYS,
     SignalRequest,
 )
+from tokenprune.patches.clip_signals import PROBE_SIGNALS, ClipProbe, encoder_layers
 from tokenprune.tiny_models import random_image, tiny_llava
 
 REQUESTS = [SignalRequest(name) for name in sorted(PROBE_SIGNALS)] + [SignalRequest(ATTENTION_RECEIVED, 0)]

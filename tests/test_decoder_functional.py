@@ -3,10 +3,10 @@
 import pytest
 import torch
 from conftest import PROMPT
-from tokenprune.patches.attention_rows import attention_rows
 
 from tokenprune import functional as F
 from tokenprune.methods import FastV, PyramidDrop
+from tokenprune.patches.attention_rows import attention_rows
 from tokenprune.tiny_models import LlavaSize, random_image, tiny_llava
 
 

@@ -5,8 +5,6 @@ import math
 import pytest
 import torch
 from conftest import PROMPT
-from tokenprune.patches.attention_rows import attention_rows, attention_rows_no_rope
-from tokenprune.patches.decoder_grids import visual_coords
 
 from tokenprune import functional as F
 from tokenprune.functional.dart import dart, dart_count
@@ -14,6 +12,8 @@ from tokenprune.functional.feather import feather, feather_counts, feather_unifo
 from tokenprune.functional.todre import todre_drop_all, todre_text_to_visual
 from tokenprune.functional.transprune import transprune, transprune_scores, transprune_ttv
 from tokenprune.methods import DART, FEATHER, ToDRE, TransPrune
+from tokenprune.patches.attention_rows import attention_rows, attention_rows_no_rope
+from tokenprune.patches.decoder_grids import visual_coords
 from tokenprune.tiny_models import LlavaSize, random_image, tiny_llava
 
 

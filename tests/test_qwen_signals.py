@@ -4,9 +4,9 @@ import sys
 
 import pytest
 import torch
-from tokenprune.patches.qwen_signals import QwenProbe
 
 from tokenprune.methods import ATTENTION_RECEIVED, VISION_HIDDEN, SignalRequest
+from tokenprune.patches.qwen_signals import QwenProbe
 from tokenprune.tiny_models import random_image, tiny_qwen
 
 
