@@ -1,4 +1,4 @@
-"""Attention rows without attention weights (specs/methods_llm.md §1.2).
+"""Attention rows without attention weights (docs/composition.md).
 
 The rows a decoder-stage method needs (the last prompt token, or the text rows) are recomputed for just those rows
 from the layer's INPUT hidden states: the layer's own ``input_layernorm``, ``q_proj``/``k_proj`` (with bias on

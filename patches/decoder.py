@@ -1,5 +1,5 @@
 """The decoder loop of decoder-stage methods, for the Llama LM of LLaVA-1.5/LLaVA-NeXT and the Qwen2-VL/Qwen2.5-VL
-text model (specs/methods_llm.md §1).
+text model (docs/composition.md).
 
 Installed on the instance as hooks, never on the class: a pre-hook on ``model.model`` (reads the prompt's
 ``input_ids``), a pre-hook and a hook on ``model.model.language_model`` (start and finish of one LLM call) and a

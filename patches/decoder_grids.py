@@ -1,5 +1,5 @@
 """2-D grid coordinates of the visual tokens as the decoder loop sees them, for grid-aware decoder methods (FEATHER's
-uniform sampling, specs/methods_llm.md §5): per prompt token its ``(row, column)`` within its image, ``-1`` where
+uniform sampling, official code markendo/FEATHER): per prompt token its ``(row, column)`` within its image, ``-1`` where
 unknown.
 
 Qwen2-VL/2.5-VL: the M-RoPE ``(h, w)`` position rows of the image tokens, relative to the image's first row and

@@ -37,7 +37,7 @@ class QwenVLAdapter(VisionStageAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl")
     signals = frozenset({FEATURES, TEXT_EMBEDDINGS}) | QWEN_SIGNALS
     cls_token = False
-    decoder_keep_positions = True  # M-RoPE (t, h, w) ids: only KEEP is defined (specs/methods_llm.md §1.3)
+    decoder_keep_positions = True  # M-RoPE (t, h, w) ids: only KEEP is defined (docs/composition.md)
 
     def visual_token_ids(self) -> tuple[int, ...]:
         config = self.model.config

@@ -1,4 +1,4 @@
-"""An independent FlowCut reference for the tests (specs/methods_vision.md §11, no tokenprune code): the CLIP
+"""An independent FlowCut reference for the tests (paper and official code, no tokenprune code): the CLIP
 layers written out with an eager attention map, the scores and the schedule in float64."""
 
 import math

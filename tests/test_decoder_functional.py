@@ -1,4 +1,4 @@
-"""Decoder-stage selection rules and row recomputation against the worked examples of specs/methods_llm.md."""
+"""Decoder-stage selection rules and row recomputation against hand-computed worked examples."""
 
 import pytest
 import torch

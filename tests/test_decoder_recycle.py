@@ -1,5 +1,5 @@
 """Merged / recycled tokens inside the LLM (``Recycled``), SparseVLM and AdaptInfer: the spec's worked examples
-(specs/methods_llm.md §3, §12) and the loop's layout, positions and hidden states of extra tokens."""
+(SparseVLM v1.5, AdaptInfer) and the loop's layout, positions and hidden states of extra tokens."""
 
 import dataclasses
 

@@ -1,4 +1,4 @@
-"""Selection rules of FEATHER, ToDRE, TransPrune and DART against the worked examples of specs/methods_llm.md."""
+"""Selection rules of FEATHER, ToDRE, TransPrune and DART against hand-computed worked examples."""
 
 import math
 

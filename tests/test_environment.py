@@ -1,4 +1,4 @@
-"""Guards for the environment traps documented in specs/feasibility.md."""
+"""Guards for the environment traps of this CPU setup (torchvision next to the CPU torch wheel, the patches/ layout)."""
 
 import importlib.util
 import subprocess

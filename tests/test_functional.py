@@ -1,4 +1,4 @@
-"""The papers' worked examples (specs/methods_vision.md) and the selector contract."""
+"""The papers' worked examples (computed by hand from the papers and official code) and the selector contract."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Worked examples of specs/methods_vision.md (and methods_llm.md §6) for the vision-stage library, exact."""
+"""Worked examples, computed by hand from the papers and official code, for the vision-stage library, exact."""
 
 import math
 

@@ -1,5 +1,5 @@
 """VisionDrop's LLM stages: the worked example as a merge plan, the paper's schedule and budget convention
-(specs/methods_vision.md §10)."""
+(VisionDrop, 2025)."""
 
 import pytest
 import torch

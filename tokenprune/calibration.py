@@ -1,4 +1,4 @@
-"""Optional calibration: VFlowOpt's hyper-parameter search on the user's own data (specs/methods_llm.md §8).
+"""Optional calibration: VFlowOpt's hyper-parameter search on the user's own data (docs/methods/two-stage.md).
 
 VFlowOpt (ICCV 2025) found its shipped configurations with an offline, flow-guided search on calibration data. This
 is a black-box re-implementation of that idea, not the official optimiser: random search over ``(t, m, r_vit,

@@ -15,7 +15,7 @@ layer with ``n`` tokens, hidden size ``d`` and FFN intermediate size ``m``:
 A prefill is described by the tokens each layer processes (``tokens_per_layer``): ``[n] * L`` for an unpruned
 or vision-stage-pruned prompt, ``[576] * 2 + [288] * 30`` for FastV K=2 R=50%. Which tokens to count (image only
 as PyramidDrop does, or system + image + question) is the caller's choice; absolute TFLOPs are comparable across
-papers only under one convention (``specs/methods_llm.md`` section 13).
+papers only under one convention (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations

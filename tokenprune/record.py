@@ -65,7 +65,7 @@ class PruneRecord:
     seq_len_after: int                # padded prompt length after pruning (rows re-padded to the longest)
     # Per decoder layer l of the LLM: prompt tokens (padding excluded, summed over the batch rows) entering layer l,
     # and how many of them are visual tokens. Constant for vision-stage methods; after a decoder stage's first
-    # pruned layer they drop. What a FLOPs / KV-cache estimate needs (specs/methods_llm.md §13-14).
+    # pruned layer they drop. What a FLOPs / KV-cache estimate needs (docs/benchmarks.md).
     tokens_per_layer: tuple[int, ...] | None = None
     visual_per_layer: tuple[int, ...] | None = None
     tflops_unpruned: float | None = None

@@ -104,7 +104,7 @@ def cdpruner_naive(features: torch.Tensor, relevance: torch.Tensor, k: int, quir
 
 def mmtok_naive(vision: torch.Tensor, text: torch.Tensor, k: int, vision_sim: torch.Tensor | None = None, *,
                 alpha: float = 0.5, tv_temp: float = 0.02, vv_temp: float = 0.2) -> torch.Tensor:
-    """MMTok's greedy coverage as the spec writes it (specs/methods_vision.md §8): ``C = [P; alpha Q]``
+    """MMTok's greedy coverage as the paper writes it (MMTok, 2025): ``C = [P; alpha Q]``
     ``[M + N, N]``; at every step ``best`` is recomputed from the chosen columns and every token's gain
     ``sum_r max(C[r, j] - best_r, 0)`` over all ``M + N`` items -- O(k (M + N) N). First index on ties."""
     n = vision.shape[0]

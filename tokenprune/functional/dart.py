@@ -11,7 +11,7 @@ from tokenprune.functional._ranking import check_k, top_k_indices
 def dart_count(n: int, budget: int, image_pivots: int = 4, text_pivots: int = 4) -> int:
     """Visual tokens DART really keeps of ``n`` for a nominal ``budget`` (official ``max_num_trunction``):
     ``image_pivots + (image_pivots + text_pivots) * (budget // (image_pivots + text_pivots))`` -- 128 -> 132,
-    192 -> 196, 64 -> 68 (specs/methods_llm.md §10 pitfall 2); ``budget >= n`` keeps all ``n``."""
+    192 -> 196, 64 -> 68 (official code ZichenWen1/DART); ``budget >= n`` keeps all ``n``."""
     if budget >= n:
         return n
     per_pivot = budget // (image_pivots + text_pivots)

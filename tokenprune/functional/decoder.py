@@ -1,4 +1,4 @@
-"""Selection rules of the decoder-stage (in-LLM) methods, one image at a time (specs/methods_llm.md).
+"""Selection rules of the decoder-stage (in-LLM) methods, one image at a time (docs/methods/decoder.md).
 
 Inputs are attention rows already recomputed by the adapter (softmax in fp32 over ALL keys of the layer, see
 ``patches/attention_rows.py``) restricted to one image's visual keys, or per-token hidden states/keys.

@@ -40,7 +40,7 @@ def feather(scores: torch.Tensor, k: int, uniform: torch.Tensor | None = None) -
     """Top-``k`` of ``scores`` ``[n]`` (ties to the lowest index) united with the ``uniform`` indices, sorted.
 
     ``scores`` are FEATHER's: the last prompt token's attention to the image tokens with NO rotary embedding on q
-    or k and the softmax over the image keys only, averaged over heads (specs/methods_llm.md §5)."""
+    or k and the softmax over the image keys only, averaged over heads (official code markendo/FEATHER)."""
     kept = top_k_indices(scores, k)
     if uniform is not None and uniform.numel():
         kept = torch.unique(torch.cat([kept, uniform.to(kept.device)]))

@@ -1,6 +1,6 @@
 """SparseVLM and AdaptInfer: text-guided visual-token sparsification inside the LLM, with token recycling
-(specs/methods_llm.md §3 and §12). One image at a time; attention rows come from the adapter (softmax in fp32 over
-all keys of the layer)."""
+(SparseVLM v1.5, ICML 2025; AdaptInfer 2025). One image at a time; attention rows come from the adapter (softmax in fp32
+over all keys of the layer)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """VFlowOpt (ICCV 2025): ViT-attention importance, ViT-output pruning with recycling into 2-D cells, and the LLM
-stages that reuse the same map (specs/methods_llm.md §8). One image (or crop) at a time."""
+stages that reuse the same map (official code sihany077/VFlowOpt). One image (or crop) at a time."""
 
 from __future__ import annotations
 

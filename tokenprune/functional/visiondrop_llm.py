@@ -1,4 +1,4 @@
-"""VisionDrop's LLM stages (specs/methods_vision.md §10): per stage, dominant tokens by the visual tokens' own
+"""VisionDrop's LLM stages (VisionDrop, 2025): per stage, dominant tokens by the visual tokens' own
 attention and contextual tokens merged from the rest, with the paper's progressive schedule."""
 
 from __future__ import annotations

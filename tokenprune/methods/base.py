@@ -131,7 +131,7 @@ class PruningMethod:
     paper: ClassVar[str]
     stage: ClassVar[str] = "vision"  # "vision-encoder": prunes inside the tower's layer loop (``encoder_step``)
     needs: ClassVar[frozenset[str]] = frozenset()
-    # The paper's budget on LLaVA-NeXT (specs/methods_vision.md §1): "crop" = one budget per crop (base tile and
+    # The paper's budget on LLaVA-NeXT (its official code's AnyRes path): "crop" = one budget per crop (base tile and
     # each high-resolution tile, FasterVLM-style), "image" = one global pool over the whole packed image (DivPrune).
     crop_scope: ClassVar[str] = "crop"
     # LLaVA-NeXT's image_newline tokens are candidates (DivPrune's official code selects over the packed sequence,

@@ -23,7 +23,7 @@ class PyramidDrop(DecoderMethod):
 
     ``layers``: boundaries; ``None`` = the official ``(8, 16, 24)`` of 32 layers scaled to the model's depth
     (``round(L*s/4)``). Budget: ``ratio`` is lambda when given (official 0.5); with ``ratio=None`` the ``keep``
-    budget is a LAYER AVERAGE (PDrop's "192 tokens" convention, specs/methods_llm.md §4) and lambda is solved for
+    budget is a LAYER AVERAGE (PDrop's "192 tokens" convention) and lambda is solved for
     it: ``keep=0.46875`` (270/576) gives lambda=0.5 on 32 layers; an int ``keep`` is an average token count.
     """
 

@@ -6,7 +6,7 @@ processor classes live in :mod:`.llava` and :mod:`.qwen`, imported lazily by vLL
     LLM(model=path, hf_overrides={"architectures": ["TokenpruneLlavaForConditionalGeneration"],
                                   "tokenprune": {"method": "divprune", "keep": 64}})
 
-or ``hf_overrides=vllm_overrides("llava", "divprune", keep=64)``. README section "Serving with vLLM".
+or ``hf_overrides=vllm_overrides("llava", "divprune", keep=64)``. Guide: docs/vllm.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tiny random-weight checkpoints saved in the layout vLLM loads, for offline tests and the README snippet.
+"""Tiny random-weight checkpoints saved in the layout vLLM loads, for offline tests and the docs snippet.
 
 The models are :mod:`tokenprune.tiny_models` (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL; text head_dim 32, which vLLM's CPU
 attention needs). Two things make a saved tiny model loadable by vLLM 0.32: LLaVA's CLIP weights are renamed to the
