@@ -54,8 +54,8 @@ class FEATHER(DecoderMethod):
         return tuple(StagePlan(layer=b, score_layer=b - 1) for b in self.boundaries(n_layers))
 
     @staticmethod
-    def rho(n: int, keep: Keep) -> float:
-        return keep if isinstance(keep, float) else float(Fraction(min(keep, n), n))
+    def rho(n: int, keep: Keep) -> float | Fraction:
+        return keep if isinstance(keep, float) else Fraction(min(keep, n), n)
 
     def counts(self, n: int, keep: Keep, n_layers: int) -> list[int]:
         """Stage 1: the top-k part (the uniform grid comes on top); stage 2: the count if stage 1 had kept exactly

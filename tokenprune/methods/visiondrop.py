@@ -73,7 +73,7 @@ class VisionDropLLM(DecoderMethod):
         keys = row.keys().float().mean(dim=0)  # [N, d_h] head-mean keys
         out: list[torch.Tensor | Recycled] = []
         for slots, k in images:
-            contextual = max(0, min(visiondrop_contextual(stage, k), slots.numel() - k - 1))
+            contextual = max(0, min(visiondrop_contextual(stage, k), slots.numel() - k))
             attention = self._received(row, slots)
             kept, targets, groups = visiondrop_merge_groups(attention, row.hidden[slots], keys[slots], k, contextual)
             if not groups:
