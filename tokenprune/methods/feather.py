@@ -9,6 +9,7 @@ import torch
 
 from tokenprune.budget import Keep
 from tokenprune.functional.feather import feather, feather_counts, feather_uniform
+from tokenprune.methods.base import Deviation
 from tokenprune.methods.decoder import DecoderMethod, RowSignals, StagePlan
 
 
@@ -33,6 +34,16 @@ class FEATHER(DecoderMethod):
     name = "feather"
     paper = "Feather the Throttle: Revisiting Visual Token Pruning for Vision-Language Model Acceleration " \
         "(FEATHER, ICCV 2025)"
+    deviations = (
+        Deviation(
+            "LLaVA-NeXT: the uniform set is every 9th token of the image.",
+            "The packed layout has no single raster; the official code (Prismatic) has one square grid.",
+        ),
+        Deviation(
+            "An image keeps at least one token at stage 2.",
+            "The official `int(n1 * (rho * rho))` can reach 0, which would leave an image with no token at all.",
+        ),
+    )
     exact_counts = False
     layers: tuple[int, ...] | None = None
     stride: int = 3

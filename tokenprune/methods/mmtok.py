@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenprune import functional as F
-from tokenprune.methods.base import FEATURES, TEXT_EMBEDDINGS, VISION_HIDDEN, PruningMethod, SelectionContext
+from tokenprune.methods.base import FEATURES, TEXT_EMBEDDINGS, VISION_HIDDEN, Deviation, PruningMethod, SelectionContext
 
 
 @dataclass
@@ -22,6 +22,17 @@ class MMTok(PruningMethod):
 
     name = "mmtok"
     paper = "MMTok: Multimodal Coverage Maximization for Efficient Inference of VLMs (2025)"
+    deviations = (
+        Deviation(
+            "Text items are all prompt tokens after the image (template words and stop-words included).",
+            "The official code keeps only the question's words minus a stop-word list, which needs its own tokenizer "
+            "pipeline per model.",
+        ),
+        Deviation(
+            "LLaVA-1.5: the letter-box padding patches are not excluded.",
+            "The official exclusion depends on its own image preprocessing, not on what transformers' processor did.",
+        ),
+    )
     needs = frozenset({FEATURES, TEXT_EMBEDDINGS, VISION_HIDDEN})
     alpha: float = 0.5
     tv_temp: float | None = None
