@@ -28,7 +28,7 @@ class FEATHER(DecoderMethod):
     ``rho * n``). LLaVA-1.5 (576 = 24 x 24, 64 uniform tokens): 576 x 8 layers, ~172..236 x 8, ~16..21 x 16.
     The kept counts depend on the overlap of top-k and grid: ``handle.last`` reports them.
     Grid coordinates: LLaVA-1.5 the 24 x 24 raster, Qwen the M-RoPE (h, w) positions; LLaVA-NeXT's packed layout
-    has no single raster, every 9th token of the image is taken instead (deviation, see README).
+    has no single raster, every 9th token of the image is taken instead (a declared deviation, ``deviations``).
     """
 
     name = "feather"

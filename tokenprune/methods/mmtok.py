@@ -17,7 +17,7 @@ class MMTok(PruningMethod):
     Greedy coverage of two item sets: the prompt's text embeddings (LLM input space) against the projected tokens,
     and the image's own tokens in the pre-projector space (LLaVA: feature-layer CLIP states; Qwen: last ViT block
     averaged per merge unit). ``tv_temp=None`` is the official per-family value: 0.02 (LLaVA), 0.01 (Qwen).
-    Budget: ``ctx.k`` tokens per image/crop. Text = :data:`TEXT_EMBEDDINGS` (see deviations in the README).
+    Budget: ``ctx.k`` tokens per image/crop. Text = :data:`TEXT_EMBEDDINGS` (a declared deviation, ``deviations``).
     """
 
     name = "mmtok"

@@ -30,6 +30,8 @@ class Recoverable(PruningMethod):
     Image-text similarity: cosine between each projected token and the mean of the prompt's text embeddings, scaled
     by ``768 ** -0.5`` as the official CLIP-space score (the official code runs a separate CLIP text tower). The
     number of kept tokens is data-dependent (LOF outlier fractions): ``keep`` only matters as ``k >= n`` (keep all).
+    ``quirks=True`` (default) reproduces the official centre count ``int(feature_width * r)`` and its key gather by
+    rest-list position (see :func:`tokenprune.functional.recoverable`); ``quirks=False`` is the clean algorithm.
     """
 
     name = "recoverable"
