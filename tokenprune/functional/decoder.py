@@ -22,8 +22,9 @@ def fastv(attn_to_visual: torch.Tensor, k: int) -> torch.Tensor:
 
 def pdrop_counts(n: int, ratio: float, stages: int) -> list[int]:
     """PyramidDrop (CVPR 2025) kept visual tokens after each of ``stages`` boundaries: ``int(n * ratio**s)`` of the
-    ORIGINAL count (576 -> 288, 144, 72 for ratio 0.5), at least one token."""
-    return [max(1, min(n, int(n * ratio**s + 1e-9))) for s in range(1, stages + 1)]  # 1e-9: solved ratios
+    ORIGINAL count (576 -> 288, 144, 72 for ratio 0.5), truncated as the official ``int`` (2880 * 0.35 =
+    1007.99... -> 1007), at least one token."""
+    return [max(1, min(n, int(n * ratio**s))) for s in range(1, stages + 1)]
 
 
 def pdrop_ratio(average: float, layers: tuple[int, ...], n_layers: int) -> float:
@@ -31,7 +32,8 @@ def pdrop_ratio(average: float, layers: tuple[int, ...], n_layers: int) -> float
     ``n_layers`` decoder layers, with stage boundaries (first pruned layers) ``layers``.
 
     Layer average of ``1, r, r^2, ...`` weighted by each stage's layer count (continuous in ``r``, solved by
-    bisection): ``layers=(8, 16, 24)``, 32 layers, r=0.5 gives 0.46875 (270 of 576 tokens, the paper's count).
+    bisection, rounded to 12 decimals so that the truncating counts get no bisection noise): ``layers=(8, 16,
+    24)``, 32 layers, r=0.5 gives 0.46875 (270 of 576 tokens, the paper's count).
     """
     if not 0.0 < average <= 1.0:
         raise ValueError(f"a layer-average keep ratio must lie in (0, 1]; got {average!r}")
@@ -49,7 +51,7 @@ def pdrop_ratio(average: float, layers: tuple[int, ...], n_layers: int) -> float
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if mean(mid) < average else (lo, mid)
-    return (lo + hi) / 2
+    return round((lo + hi) / 2, 12)
 
 
 def layer_average(counts: list[int], layers: tuple[int, ...], n: int, n_layers: int) -> float:

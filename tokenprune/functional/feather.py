@@ -10,12 +10,14 @@ import torch
 from tokenprune.functional._ranking import top_k_indices
 
 
-def feather_counts(n: int, rho: float) -> tuple[int, int]:
+def feather_counts(n: int, rho: float | Fraction) -> tuple[int, int]:
     """``(top-k of stage 1, kept at stage 2)`` for ``n`` visual tokens that stage 1 cut to ``n`` -- i.e. stage 1
-    takes ``int(n * rho)`` by score (plus the uniform grid), stage 2 keeps ``int(n_1 * rho**2)`` of the ``n_1``
-    tokens left after stage 1 (official ``int`` truncation, exact decimal ``rho``; at least one)."""
-    r = Fraction(str(rho))
-    return max(1, int(r * n)), max(1, int(r * r * n))
+    takes ``int(n * rho)`` by score (plus the uniform grid), stage 2 keeps ``int(n_1 * (rho * rho))`` of the ``n_1``
+    tokens left after stage 1; at least one. A float ``rho`` truncates the float products as the official code
+    (``int(360 * 0.35) = 125``); a ``Fraction`` (a ratio from an int ``keep``) is exact."""
+    if isinstance(rho, Fraction):
+        return max(1, int(rho * n)), max(1, int(rho * rho * n))
+    return max(1, int(n * rho)), max(1, int(n * (rho * rho)))
 
 
 def raster_coords(h: int, w: int) -> torch.Tensor:

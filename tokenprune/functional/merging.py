@@ -57,11 +57,15 @@ def visionzip(
 def visionzip_with_assign(
     scores: torch.Tensor, hidden: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`visionzip` that also returns the ``assign`` map of :func:`contextual_merge`."""
+    """:func:`visionzip` that also returns the ``assign`` map of :func:`contextual_merge`.
+
+    ``dominant + contextual >= N`` still splits as the official code does (30 + 6 of 36: the 6 remaining tokens
+    become 6 contextual tokens, each its own target); contextual tokens beyond the remaining ones are not made (the
+    official code fails there). Only ``dominant >= N`` keeps every token as it is."""
     s = scores.float()
     s = s.sum(dim=0) if s.ndim == 2 else s
     n = s.shape[0]
-    if dominant + contextual >= n:
+    if dominant >= n:
         return torch.arange(n, device=s.device), hidden.new_zeros((0, hidden.shape[1]), dtype=torch.float32), \
             torch.full((n,), -1, dtype=torch.long, device=s.device)
     kept = top_k_indices(s, dominant) if dominant > 0 else torch.zeros(0, dtype=torch.long, device=s.device)

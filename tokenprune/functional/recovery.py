@@ -49,7 +49,9 @@ def recoverable(
     image-text similarity, ``hidden`` ``[N, D]`` the tokens to keep/merge (pre-projector), ``keys`` ``[N, Dk]`` the
     last layer's keys. Counts are data-dependent: LOF outlier fractions decide how many tokens the visual filter and
     the text recovery keep (main set), and how many cluster centres recover the rest. ``quirks=True`` takes the
-    centre count as ``int(D * r)`` (the official code multiplies by the feature width, not the token count).
+    centre count as ``int(D * r)`` (the official code multiplies by the feature width, not the token count) and
+    gives the rest token at rest-list position ``p`` the key of patch ``p`` (the official ``torch.gather`` of the
+    keys by rest-list positions), which changes the merged rows, never the kept indices.
     Returns ``(main, merged)``: main indices ascending and ``[c + 1, D]`` fp32 rows = updated centres (descending
     attention) + one attention-weighted sum of the non-centres (dropped when there are no centres).
     """
@@ -73,6 +75,9 @@ def recoverable(
     centers = rest[_top(attn[rest], n_centers)]
     others = rest[~torch.isin(rest, centers)]
     k = keys.double() / keys.double().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    if quirks:  # the official code gathers the rest tokens' keys by rest-list position p: key of patch p, not rest[p]
+        k = k.clone()
+        k[rest] = k[: rest.numel()].clone()
     rows = []
     for i in range(n_centers):
         cands = torch.cat([centers[:i], centers[i + 1:], others])  # the official candidate order

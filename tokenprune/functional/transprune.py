@@ -38,13 +38,15 @@ def transprune(ttv: torch.Tensor, iga: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def transprune_counts(n: int, ratios: tuple[float, ...], scale: float = 1.0) -> list[int]:
-    """``int(n * min(1, scale * r))`` of the ORIGINAL ``n`` per stage (official 576 -> 504 / 360 / 72), >= 1."""
-    return [max(1, min(n, int(n * min(1.0, scale * r) + 1e-9))) for r in ratios]
+    """``int(n * min(1, scale * r))`` of the ORIGINAL ``n`` per stage, truncated as the official ``int`` (576 ->
+    504 / 360 / 72; 2880 * 0.35 = 1007.99... -> 1007), at least one token (the official code can keep none)."""
+    return [max(1, min(n, int(n * min(1.0, scale * r)))) for r in ratios]
 
 
 def transprune_scale(average: float, ratios: tuple[float, ...], layers: tuple[int, ...], n_layers: int) -> float:
     """The factor ``c`` on the stage ratios whose schedule keeps ``average`` of the visual tokens on average over the
-    decoder layers (bisection; the official schedule on 32 layers is ``c=1`` at 236.25 / 576)."""
+    decoder layers (bisection, rounded to 12 decimals so that the official schedule on 32 layers comes out as exactly
+    ``c=1`` at 236.25 / 576 and the official ``int`` truncation of the counts is not fed bisection noise)."""
     bounds = [0, *layers, n_layers]
     spans = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
@@ -59,4 +61,4 @@ def transprune_scale(average: float, ratios: tuple[float, ...], layers: tuple[in
     for _ in range(80):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if mean(mid) < average else (lo, mid)
-    return (lo + hi) / 2
+    return round((lo + hi) / 2, 12)

@@ -1,9 +1,9 @@
 """VFlowOpt (ICCV 2025): ViT-attention importance, ViT-output pruning with recycling into 2-D cells, and the LLM
-stages that reuse the same map (official code sihany077/VFlowOpt). One image (or crop) at a time."""
+stages that reuse the same map (official ``llava_qwen_training_free.py`` and the patched ``modeling_qwen2.py``).
+One image (or crop) at a time."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -76,14 +76,15 @@ def vflowopt_importance(
 def vflowopt_recycle(
     importance: torch.Tensor, grid: tuple[int, int], r_vit: float, m: float
 ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:
-    """ViT-output pruning with recycling: ``reduce = round(N (1 - r_vit))`` and ``n_merge = int(N / m^2)``; the
+    """ViT-output pruning with recycling: ``reduce = round(N (1 - r_vit))`` (Python's ``round``, half to even, as
+    the official code) and ``n_merge = int(N / m^2)``; the
     ``reduce + n_merge`` least important tokens are removed and grouped by 2-D cell ``(row // m, col // m)`` of the
     ``grid``; each group becomes one token, the importance-weighted mean of its members, written into its most
     important member, which is kept. Returns ``(kept, groups)``: the kept tokens (ascending, representatives
     included) and per group ``(representative, members, weights)`` in representative order."""
     n = importance.shape[0]
     imp = importance.float()
-    reduce = math.floor(n * (1 - r_vit) + 0.5)
+    reduce = round(n * (1 - r_vit))
     removed_count = min(n, reduce + int(n / (m * m)))
     if removed_count <= 0:
         return torch.arange(n), []
@@ -103,14 +104,21 @@ def vflowopt_recycle(
 
 
 def vflowopt_llm_counts(n: int, llm_r: tuple[float, ...]) -> list[int]:
-    """Kept tokens after each LLM stage: stage ``s`` removes ``round(n_s (1 - r_s))`` of the CURRENT ``n_s``."""
+    """Kept tokens after each LLM stage: stage ``s`` removes ``round(n_s (1 - r_s))`` (half to even, as the
+    official code) of the CURRENT ``n_s``; at least one token stays (the official code can remove every one)."""
     out, cur = [], n
     for r in llm_r:
-        cur = max(1, cur - math.floor(cur * (1 - r) + 0.5))
+        cur = max(1, cur - round(cur * (1 - r)))
         out.append(cur)
     return out
 
 
 def vflowopt_llm(importance: torch.Tensor, k: int) -> torch.Tensor:
-    """LLM stage: the ``k`` tokens with the highest ViT importance (sorted ascending; ties to the lowest index)."""
-    return top_k_indices(importance.float(), k)
+    """LLM stage: the ``n - k`` tokens with the lowest ViT importance are removed, lowest first by a stable
+    ascending sort as the official code, so on a tie at the cut the LOWER index is removed; returns the kept
+    ``k`` ascending."""
+    n = importance.shape[0]
+    if k >= n:
+        return torch.arange(n, device=importance.device)
+    order = torch.sort(importance.float(), stable=True).indices  # ascending: the first n - k are removed
+    return torch.sort(order[n - k:]).values

@@ -48,6 +48,17 @@ CLS_SIGNALS = frozenset({CLS_ATTENTION, CLS_HIDDEN, CLS_ATTENTION_WIDE})
 
 
 @dataclass(frozen=True)
+class Deviation:
+    """One deliberate difference from a method's official code, declared next to its defaults so the docs' table
+    (:mod:`tokenprune.methods.deviations`) cannot fall behind the code. ``what`` we do differently, ``why``, and
+    ``restore``: the option that gives the official behaviour back (``"quirks=True"``), or None if none does."""
+
+    what: str
+    why: str
+    restore: str | None = None
+
+
+@dataclass(frozen=True)
 class SignalRequest:
     """One signal a method needs. ``layer`` indexes the vision encoder's layers (0-based, negative from the end,
     HF ``encoder.layers[layer]``); ``None`` means the feature layer (the layer whose output the projector reads)."""
@@ -145,6 +156,8 @@ class PruningMethod:
     # Non-empty when no adapter can run the method yet; :meth:`check_family` raises ``NotImplementedError`` with it:
     # ``enable_pruning`` fails before touching the model.
     unavailable: ClassVar[str] = ""
+    # Deliberate differences from the official code (rendered into docs/deviations.md).
+    deviations: ClassVar[tuple[Deviation, ...]] = ()
 
     @classmethod
     def signals_needed(cls, cls_token: bool = True) -> frozenset[str]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenprune import functional as F
-from tokenprune.methods.base import FEATURES, TEXT_EMBEDDINGS, PruningMethod, SelectionContext
+from tokenprune.methods.base import FEATURES, TEXT_EMBEDDINGS, Deviation, PruningMethod, SelectionContext
 
 
 @dataclass
@@ -23,6 +23,21 @@ class CDPruner(PruningMethod):
     name = "cdpruner"
     paper = "CDPruner: Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning in MLLMs " \
             "(2025)"
+    deviations = (
+        Deviation(
+            "Relevance from the projected tokens against the prompt's LLM input embeddings.",
+            "The official code uses a separate CLIP text tower on the question, which LLaVA and Qwen checkpoints do "
+            "not ship.",
+        ),
+        Deviation(
+            "The min-max normalisation of the relevance runs per image or crop.",
+            "The official code normalises over the whole batch of crops, so a crop's selection depends on the others.",
+        ),
+        Deviation(
+            "A pick whose residual is at most 1e-12 stops updating the conditional kernel.",
+            "The official update divides by that residual and produces NaN.",
+        ),
+    )
     needs = frozenset({FEATURES, TEXT_EMBEDDINGS})
     quirks: bool = True
 

@@ -8,6 +8,7 @@ import torch
 
 from tokenprune.budget import Keep, kept_count
 from tokenprune.functional.dart import dart, dart_count
+from tokenprune.methods.base import Deviation
 from tokenprune.methods.decoder import DecoderMethod, RowSignals, StagePlan
 
 
@@ -30,6 +31,21 @@ class DART(DecoderMethod):
     name = "dart"
     paper = "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters More (DART, " \
         "EMNLP 2025)"
+    deviations = (
+        Deviation(
+            "LLaVA key norms use the unpadded prompt's positions.",
+            "So a left-padded `forward` without `position_ids` selects what the row alone would; `generate` is "
+            "unaffected.",
+        ),
+        Deviation(
+            "GQA keys are not repeated over the query heads before the L1 norm.",
+            "Repeating whole heads scales every norm alike: same ranking, less memory.",
+        ),
+        Deviation(
+            "With fewer text tokens than text pivots, further rounds over the pivots make the missing picks.",
+            "The count stays exactly `4 + 8 * TOPK`; the official code has no rule for a prompt that short.",
+        ),
+    )
     k: int = 2  # first pruned layer K (official 2)
     image_pivots: int = 4
     text_pivots: int = 4

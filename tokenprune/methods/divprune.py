@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenprune import functional as F
-from tokenprune.methods.base import FEATURES, PruningMethod, SelectionContext
+from tokenprune.methods.base import FEATURES, Deviation, PruningMethod, SelectionContext
 
 
 @dataclass
@@ -21,6 +21,14 @@ class DivPrune(PruningMethod):
 
     name = "divprune"
     paper = "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models (CVPR 2025)"
+    deviations = (
+        Deviation(
+            "A token already selected is excluded from later picks (as the official Qwen port does).",
+            "The official LLaVA loop can pick the same index again once every remaining token duplicates a selected "
+            "one, and then silently keeps fewer than `k` tokens; whenever it picks `k` distinct tokens the selections "
+            "are identical.",
+        ),
+    )
     needs = frozenset({FEATURES})
     crop_scope = "image"          # LLaVA-NeXT: one global pool over the packed image (base + unpadded crops)
     newline_candidates = True     # ... including the image_newline tokens, as the official code does

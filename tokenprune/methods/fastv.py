@@ -8,6 +8,7 @@ import torch
 
 from tokenprune import functional as F
 from tokenprune.budget import Keep, kept_count
+from tokenprune.methods.base import Deviation
 from tokenprune.methods.decoder import DecoderMethod, RowSignals, StagePlan
 
 
@@ -26,6 +27,16 @@ class FastV(DecoderMethod):
 
     name = "fastv"
     paper = "An Image is Worth 1/2 Tokens After Layer 2 (FastV, ECCV 2024)"
+    deviations = (
+        Deviation(
+            "The budget is per image: several images in a prompt each keep their share.",
+            "The official code pools every visual token of the prompt (batch 1).",
+        ),
+        Deviation(
+            "The paper text's variant (mean over all query rows) is not implemented.",
+            "The official code scores with the last prompt token's row, as here.",
+        ),
+    )
     k: int = 2  # first pruned layer K (paper: 2; HF demo: 3)
 
     def __post_init__(self) -> None:

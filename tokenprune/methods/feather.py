@@ -9,6 +9,7 @@ import torch
 
 from tokenprune.budget import Keep
 from tokenprune.functional.feather import feather, feather_counts, feather_uniform
+from tokenprune.methods.base import Deviation
 from tokenprune.methods.decoder import DecoderMethod, RowSignals, StagePlan
 
 
@@ -27,12 +28,22 @@ class FEATHER(DecoderMethod):
     ``rho * n``). LLaVA-1.5 (576 = 24 x 24, 64 uniform tokens): 576 x 8 layers, ~172..236 x 8, ~16..21 x 16.
     The kept counts depend on the overlap of top-k and grid: ``handle.last`` reports them.
     Grid coordinates: LLaVA-1.5 the 24 x 24 raster, Qwen the M-RoPE (h, w) positions; LLaVA-NeXT's packed layout
-    has no single raster, every 9th token of the image is taken instead (deviation, see docs/methods/decoder.md).
+    has no single raster, every 9th token of the image is taken instead (a declared deviation, ``deviations``).
     """
 
     name = "feather"
     paper = "Feather the Throttle: Revisiting Visual Token Pruning for Vision-Language Model Acceleration " \
         "(FEATHER, ICCV 2025)"
+    deviations = (
+        Deviation(
+            "LLaVA-NeXT: the uniform set is every 9th token of the image.",
+            "The packed layout has no single raster; the official code (Prismatic) has one square grid.",
+        ),
+        Deviation(
+            "An image keeps at least one token at stage 2.",
+            "The official `int(n1 * (rho * rho))` can reach 0, which would leave an image with no token at all.",
+        ),
+    )
     exact_counts = False
     layers: tuple[int, ...] | None = None
     stride: int = 3
@@ -54,8 +65,8 @@ class FEATHER(DecoderMethod):
         return tuple(StagePlan(layer=b, score_layer=b - 1) for b in self.boundaries(n_layers))
 
     @staticmethod
-    def rho(n: int, keep: Keep) -> float:
-        return keep if isinstance(keep, float) else float(Fraction(min(keep, n), n))
+    def rho(n: int, keep: Keep) -> float | Fraction:
+        return keep if isinstance(keep, float) else Fraction(min(keep, n), n)
 
     def counts(self, n: int, keep: Keep, n_layers: int) -> list[int]:
         """Stage 1: the top-k part (the uniform grid comes on top); stage 2: the count if stage 1 had kept exactly

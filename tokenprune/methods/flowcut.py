@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenprune.functional import flowcut_step
-from tokenprune.methods.base import CLS_ATTENTION, PruningMethod, SelectionContext, SignalRequest
+from tokenprune.methods.base import CLS_ATTENTION, Deviation, PruningMethod, SelectionContext, SignalRequest
 
 
 @dataclass
@@ -24,6 +24,26 @@ class FlowCut(PruningMethod):
 
     name = "flowcut"
     paper = "FlowCut: Rethinking Redundancy via Information Flow for Efficient Vision-Language Models (2025)"
+    deviations = (
+        Deviation(
+            "`0 log 0 = 0` in the attention entropy.",
+            "The official CLIP code yields NaN there.",
+        ),
+        Deviation(
+            "Prune counts are per image; images run through the encoder one at a time.",
+            "The official code takes the maximum over the batch, so a prompt would keep different tokens alone and in "
+            "a batch.",
+        ),
+        Deviation(
+            "The [CLS] row and the values are recomputed in fp32 from `q_proj`/`k_proj`/`v_proj`.",
+            "The official code reads eager attention maps of every layer; recomputing keeps the tower's sdpa or flash "
+            "kernel.",
+        ),
+        Deviation(
+            "Only `vision_feature_select_strategy=\"default\"`.",
+            "The official code prunes the [CLS]-first layout that strategy produces.",
+        ),
+    )
     stage = "vision-encoder"
     needs = frozenset({CLS_ATTENTION})  # per encoder layer, recomputed by the encoder loop (not by the probe)
     no_cls_reason = (

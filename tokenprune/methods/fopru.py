@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenprune import functional as F
-from tokenprune.methods.base import ATTENTION_MAP, PruningMethod, SelectionContext
+from tokenprune.methods.base import ATTENTION_MAP, Deviation, PruningMethod, SelectionContext
 
 
 @dataclass
@@ -22,6 +22,13 @@ class FoPru(PruningMethod):
 
     name = "fopru"
     paper = "FoPru: Focal Pruning for Efficient Large Vision-Language Models (2024)"
+    deviations = (
+        Deviation(
+            "The paper's algorithm; `strategy=\"row\"` keeps the `max(1, k // w)` grid rows with the largest score "
+            "sums.",
+            "No official code was released; a whole-row budget is a multiple of the grid width.",
+        ),
+    )
     needs = frozenset({ATTENTION_MAP})
     no_cls_reason = (
         "FoPru is defined for CLIP-based LVLMs (square patch grid, patch-to-patch attention); it describes no "

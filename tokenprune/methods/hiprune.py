@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenprune import functional as F
-from tokenprune.methods.base import ATTENTION_RECEIVED, PruningMethod, SelectionContext, SignalRequest
+from tokenprune.methods.base import ATTENTION_RECEIVED, Deviation, PruningMethod, SelectionContext, SignalRequest
 
 
 @dataclass
@@ -23,6 +23,16 @@ class HiPrune(PruningMethod):
 
     name = "hiprune"
     paper = "HiPrune: Training-Free Visual Token Pruning via Hierarchical Attention in Vision Encoders (2025)"
+    deviations = (
+        Deviation(
+            "Registers exclude the anchor and buffer tokens outright instead of subtracting 1 from their scores.",
+            "Same picks whenever the official code picks `k` distinct tokens; never a duplicate index.",
+        ),
+        Deviation(
+            "If anchors and buffers exceed `k`, the best `k` of them by object-layer score are kept.",
+            "The official code fails on that budget.",
+        ),
+    )
     needs = frozenset({ATTENTION_RECEIVED})
     needs_without_cls = frozenset({ATTENTION_RECEIVED})
     alpha: float = 0.1

@@ -11,6 +11,7 @@ from tokenprune.methods.base import (
     ATTENTION_RECEIVED,
     CLS_ATTENTION,
     FEATURES,
+    Deviation,
     PruningMethod,
     Selection,
     SelectionContext,
@@ -32,6 +33,18 @@ class HoloV(PruningMethod):
     name = "holov"
     paper = "HoloV: Don't Just Chase \"Highlighted Tokens\" in MLLMs: Revisiting Visual Holistic Context Retention " \
             "(NeurIPS 2025)"
+    deviations = (
+        Deviation(
+            "Kept tokens are in raster order.",
+            "The official code orders them by chunk, then by descending attention inside a chunk; raster order keeps "
+            "the image's layout for the LLM, like every other method here.",
+        ),
+        Deviation(
+            "Qwen2.5-VL: the signal is attention received on the image-pad span, un-permuted from window order.",
+            "The official Qwen port reads it in window order and one token off (`<|vision_start|>`); those are not "
+            "reproduced.",
+        ),
+    )
     needs = frozenset({CLS_ATTENTION, FEATURES})
     needs_without_cls = frozenset({ATTENTION_RECEIVED, FEATURES})
     chunks: int | None = None

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenprune import functional as F
-from tokenprune.methods.base import CLS_ATTENTION, FEATURES, PruningMethod, SelectionContext, SignalRequest
+from tokenprune.methods.base import CLS_ATTENTION, FEATURES, Deviation, PruningMethod, SelectionContext, SignalRequest
 
 
 @dataclass
@@ -22,6 +22,12 @@ class KCenter(PruningMethod):
 
     name = "kcenter"
     paper = "ToDRE: Effective Visual Token Pruning via Token Diversity and Task Relevance (2025), stage 1"
+    deviations = (
+        Deviation(
+            "The paper's algorithm: v1 greedy k-center by default, v2 max-sum with `rule=\"maxsum\"`.",
+            "No official code was released.",
+        ),
+    )
     needs = frozenset({FEATURES, CLS_ATTENTION})
     needs_without_cls = frozenset({FEATURES})
     rule: str = "kcenter"

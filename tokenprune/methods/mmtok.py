@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenprune import functional as F
-from tokenprune.methods.base import FEATURES, TEXT_EMBEDDINGS, VISION_HIDDEN, PruningMethod, SelectionContext
+from tokenprune.methods.base import FEATURES, TEXT_EMBEDDINGS, VISION_HIDDEN, Deviation, PruningMethod, SelectionContext
 
 
 @dataclass
@@ -17,11 +17,22 @@ class MMTok(PruningMethod):
     Greedy coverage of two item sets: the prompt's text embeddings (LLM input space) against the projected tokens,
     and the image's own tokens in the pre-projector space (LLaVA: feature-layer CLIP states; Qwen: last ViT block
     averaged per merge unit). ``tv_temp=None`` is the official per-family value: 0.02 (LLaVA), 0.01 (Qwen).
-    Budget: ``ctx.k`` tokens per image/crop. Text = :data:`TEXT_EMBEDDINGS` (see docs/methods/vision.md).
+    Budget: ``ctx.k`` tokens per image/crop. Text = :data:`TEXT_EMBEDDINGS` (a declared deviation, ``deviations``).
     """
 
     name = "mmtok"
     paper = "MMTok: Multimodal Coverage Maximization for Efficient Inference of VLMs (2025)"
+    deviations = (
+        Deviation(
+            "Text items are all prompt tokens after the image (template words and stop-words included).",
+            "The official code keeps only the question's words minus a stop-word list, which needs its own tokenizer "
+            "pipeline per model.",
+        ),
+        Deviation(
+            "LLaVA-1.5: the letter-box padding patches are not excluded.",
+            "The official exclusion depends on its own image preprocessing, not on what transformers' processor did.",
+        ),
+    )
     needs = frozenset({FEATURES, TEXT_EMBEDDINGS, VISION_HIDDEN})
     alpha: float = 0.5
     tv_temp: float | None = None

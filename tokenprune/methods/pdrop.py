@@ -8,6 +8,7 @@ import torch
 
 from tokenprune import functional as F
 from tokenprune.budget import Keep
+from tokenprune.methods.base import Deviation
 from tokenprune.methods.decoder import DecoderMethod, RowSignals, StagePlan
 
 
@@ -30,6 +31,20 @@ class PyramidDrop(DecoderMethod):
     name = "pdrop"
     paper = "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual Redundancy Reduction " \
         "(CVPR 2025)"
+    deviations = (
+        Deviation(
+            "Stage counts are `int(n * lambda ** s)` but at least one token.",
+            "The official count can reach 0 for small images, which would leave an image with no token at all.",
+        ),
+        Deviation(
+            "Batches of any size and padding side; budgets per image.",
+            "The official code re-pads right only and pools the prompt's visual tokens.",
+        ),
+        Deviation(
+            "Qwen2-VL/2.5-VL keep the original positions of the kept tokens.",
+            "Re-indexing is undefined for M-RoPE; LLaVA re-indexes as officially.",
+        ),
+    )
     positions = "reindex"
     layers: tuple[int, ...] | None = None
     ratio: float | None = None

@@ -13,6 +13,7 @@ from tokenprune.methods.base import (
     TEXT_EMBEDDINGS,
     VISION_HIDDEN,
     VISION_KEYS,
+    Deviation,
     PruningMethod,
     Selection,
     SelectionContext,
@@ -29,6 +30,8 @@ class Recoverable(PruningMethod):
     Image-text similarity: cosine between each projected token and the mean of the prompt's text embeddings, scaled
     by ``768 ** -0.5`` as the official CLIP-space score (the official code runs a separate CLIP text tower). The
     number of kept tokens is data-dependent (LOF outlier fractions): ``keep`` only matters as ``k >= n`` (keep all).
+    ``quirks=True`` (default) reproduces the official centre count ``int(feature_width * r)`` and its key gather by
+    rest-list position (see :func:`tokenprune.functional.recoverable`); ``quirks=False`` is the clean algorithm.
     """
 
     name = "recoverable"
@@ -40,6 +43,26 @@ class Recoverable(PruningMethod):
         "'cdpruner' or 'mmtok' (text-guided, no [CLS] needed) instead"
     )
     fixed_budget = False
+    deviations = (
+        Deviation(
+            "Image-text similarity: cosine between each projected token and the mean of the prompt's text "
+            "embeddings, at the official `768 ** -0.5` scale.",
+            "The official code runs a separate CLIP text tower on the question's first line, which LLaVA and Qwen "
+            "checkpoints do not ship.",
+        ),
+        Deviation(
+            "The local outlier factor is computed exactly in fp64 (brute force, neighbour ties to the lowest index).",
+            "The official code calls scikit-learn's `LocalOutlierFactor`; same definition, no extra dependency.",
+        ),
+        Deviation(
+            "An image always keeps at least one token.",
+            "With no outlier found the official code keeps none of the image's own tokens.",
+        ),
+        Deviation(
+            "The attention-weighted sum of the non-centre tokens is not appended when there are none.",
+            "The official code then appends a zero row, a token that carries nothing.",
+        ),
+    )
     neighbors: int = 20
     rest_neighbors: int = 10
     cluster_size: int = 32

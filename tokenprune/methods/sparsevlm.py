@@ -11,6 +11,7 @@ import torch
 from tokenprune import functional as F
 from tokenprune.budget import Keep
 from tokenprune.functional._ranking import top_k_indices
+from tokenprune.methods.base import Deviation
 from tokenprune.methods.decoder import DecoderMethod, Recycled, RowSignals, StagePlan
 
 OFFICIAL_DEPTH = 32  # LLaVA-1.5-7B: the official layers are for 32 decoder layers
@@ -58,6 +59,36 @@ class SparseVLM(DecoderMethod):
 
     name = "sparsevlm"
     paper = "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Model Inference (ICML 2025)"
+    deviations = (
+        Deviation(
+            "v1.5 only; SparseVLM+ v2.0 (gravity correction, top-14 heads, kept positions) is not offered.",
+            "One version, the one the paper's tables report.",
+        ),
+        Deviation(
+            "Raters and relevance from recomputed attention rows.",
+            "The official code materialises a full softmax matrix in every layer, which sdpa and flash kernels never "
+            "return.",
+        ),
+        Deviation(
+            "DPC-kNN without the official random noise on the density; ties to the lowest index.",
+            "Deterministic: the same prompt keeps the same tokens.",
+        ),
+        Deviation(
+            "When a table count reaches the current count, nothing is pruned at that stage.",
+            "The official `min(count, n - 1)` always drops one token, even when the budget asks to keep them all.",
+        ),
+        Deviation(
+            "Budgets other than the table's are interpolated; counts are rescaled by `n / 576` on LLaVA-NeXT and "
+            "Qwen.",
+            "The official table is for 576 tokens at 64 / 128 / 192.",
+        ),
+        Deviation(
+            "Batches and several images per prompt; with several images the raters use every visual token of the row "
+            "and the text after the last image. Qwen: positions kept, a recycled token at its cluster centre's "
+            "position.",
+            "The official code runs batch 1 on LLaVA only.",
+        ),
+    )
     positions = "reindex"
     table: ClassVar[dict[int, tuple[int, ...]]] = F.SPARSEVLM_TABLE
     default_layers: ClassVar[tuple[int, ...]] = (2, 6, 15)
@@ -130,6 +161,14 @@ class AdaptInfer(SparseVLM):
 
     name = "adaptinfer"
     paper = "AdaptInfer: Adaptive Token Pruning for Vision-Language Model Inference with Dynamic Text Guidance (2025)"
+    deviations = (
+        Deviation(
+            "The LLaVA schedule (table, layers scaled to depth) on every family; the 32-token setting's final 0 keeps "
+            "one token.",
+            "The author's Qwen2-VL schedule (layers 0 / 9 / 19, ratios 0.17 / 0.6 / 0.3 of the current count) is not "
+            "built in; `layers=(0, 9, 19)` sets its layers.",
+        ),
+    )
     table: ClassVar[dict[int, tuple[int, ...]]] = F.ADAPTINFER_TABLE
     default_layers: ClassVar[tuple[int, ...]] = (1, 10, 20)
     recycle: bool = False

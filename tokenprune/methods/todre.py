@@ -8,6 +8,7 @@ import torch
 
 from tokenprune.budget import Keep, kept_count
 from tokenprune.functional.todre import todre_drop_all, todre_text_to_visual
+from tokenprune.methods.base import Deviation
 from tokenprune.methods.decoder import DecoderMethod, RowSignals, StagePlan
 from tokenprune.methods.kcenter import KCenter
 from tokenprune.methods.two_stage import TwoStageMethod
@@ -80,6 +81,23 @@ class ToDRE(TwoStageMethod):
 
     name = "todre"
     paper = PAPER
+    deviations = (
+        Deviation(
+            "The paper's algorithm; stage 1 defaults to v2's max-sum diversification (`rule=\"kcenter\"` for v1).",
+            "No official code was released.",
+        ),
+        Deviation(
+            "LLaVA-NeXT: one pool per packed image whose pivot is the highest [CLS] attention over all crops.",
+            "The paper takes the pivot from the thumbnail; one pool keeps the diversity global over the image.",
+        ),
+        Deviation(
+            "Stage 2 is checked once, at layer `floor(7L/8)` (0-based; at most `L-2` on very shallow models); the "
+            "text set is every valid token after the row's last image; the decision is per prompt row.",
+            "The paper leaves the index base open and may check later layers too; with image-then-question prompts "
+            "the visual-to-text attention is 0 by causality, so the test is text-to-visual attention below the "
+            "threshold.",
+        ),
+    )
     needs = KCenter.needs  # the vision stage's signals (the decoder stage needs none from the tower)
     needs_without_cls = KCenter.needs_without_cls
     rule: str = "maxsum"

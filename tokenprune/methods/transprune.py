@@ -8,6 +8,7 @@ import torch
 
 from tokenprune.budget import Keep
 from tokenprune.functional.transprune import transprune, transprune_counts, transprune_scale, transprune_ttv
+from tokenprune.methods.base import Deviation
 from tokenprune.methods.decoder import DecoderMethod, RowSignals, StagePlan
 
 OFFICIAL_LAYERS = (7, 9, 12)  # first pruned layers of 32 (official scripts, LLaVA-1.5 and LLaVA-NeXT)
@@ -34,6 +35,23 @@ class TransPrune(DecoderMethod):
     name = "transprune"
     paper = "TransPrune: Token Transition Pruning for Efficient Large Vision-Language Model (CVPR 2026)"
     positions = "reindex"
+    deviations = (
+        Deviation(
+            "The TTV softmax runs over each row's valid tokens.",
+            "The official code takes it over the whole tensor, batch 1; per row, padding cannot change a score.",
+        ),
+        Deviation(
+            "A budget other than the official one scales the three stage ratios by one factor (`scale`, or solved "
+            "from a layer-average `keep`); the official layers scale to the model's depth.",
+            "The official scripts give one schedule (504 / 360 / 72 of 576 after layers 7 / 9 / 12 of 32).",
+            "scale=1.0",
+        ),
+        Deviation(
+            "Every stage keeps at least one visual token per image.",
+            "The official `int(n * r)` can reach 0 for small images or ratios, which would leave an image with no "
+            "token at all.",
+        ),
+    )
     layers: tuple[int, ...] | None = None
     ratios: tuple[float, ...] = OFFICIAL_RATIOS
     scale: float | None = None

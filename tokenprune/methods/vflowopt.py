@@ -11,7 +11,14 @@ import torch
 from tokenprune import functional as F
 from tokenprune.budget import Keep
 from tokenprune.functional.vflowopt import CONFIGS, VFlowOptConfig, vflowopt_config
-from tokenprune.methods.base import ATTENTION_MAP, VISION_HIDDEN, PruningMethod, Selection, SelectionContext
+from tokenprune.methods.base import (
+    ATTENTION_MAP,
+    VISION_HIDDEN,
+    Deviation,
+    PruningMethod,
+    Selection,
+    SelectionContext,
+)
 from tokenprune.methods.decoder import DecoderMethod, RowSignals, StagePlan
 from tokenprune.methods.two_stage import TwoStageMethod
 
@@ -139,6 +146,38 @@ class VFlowOpt(TwoStageMethod):
 
     name = "vflowopt"
     paper = PAPER
+    deviations = (
+        Deviation(
+            "The shipped configurations (found for LLaVA-OneVision: SigLIP, 27 x 27 grid, 28 LLM layers) run on "
+            "CLIP's feature layer, the LLM layers scaled to the model's depth; budgets between 0.10 / 0.25 / 0.50 "
+            "interpolate them.",
+            "The official code is LLaVA-OneVision only; LLaVA-1.5 is the closest family here with a ViT attention "
+            "map.",
+        ),
+        Deviation(
+            "A recycled cell token is placed after the image's kept tokens.",
+            "Officially it is written into its most important member's slot, so only its position differs under "
+            "re-indexed positions; a merged token is placed the same way by every merging method here.",
+        ),
+        Deviation(
+            "The patch-entropy term is not computed.",
+            "`alpha_v = 0` in every shipped configuration, so it never changes a selection.",
+        ),
+        Deviation(
+            "The flow-guided optimiser is replaced by an optional black-box search on your own prompts "
+            "(`tokenprune.calibration.search_vflowopt`); the found configurations are shipped.",
+            "The optimiser needs the training pipeline of the official repository; its results are the shipped "
+            "configurations.",
+        ),
+        Deviation(
+            "An LLM stage keeps at least one visual token per image.",
+            "`n - round(n (1 - r))` can reach 0 officially, which would leave an image with no token at all.",
+        ),
+        Deviation(
+            "The ViT importance map reaches the LLM stages per method instance and per image.",
+            "The official code passes it through an environment variable (batch 1, one image).",
+        ),
+    )
     layers: tuple[int, ...] | None = None
     # None: the shipped config of the budget; set them (e.g. from ``tokenprune.calibration.search_vflowopt``) to
     # override: global-token threshold, cell size, ViT keep ratio, LLM keep ratios of the current count

@@ -16,7 +16,7 @@ from tokenprune.functional.visiondrop_llm import (
     visiondrop_merge_groups,
     visiondrop_stage_counts,
 )
-from tokenprune.methods.base import PruningMethod
+from tokenprune.methods.base import Deviation, PruningMethod
 from tokenprune.methods.decoder import DecoderMethod, Recycled, RowSignals, StagePlan
 from tokenprune.methods.two_stage import TwoStageMethod
 from tokenprune.methods.visionzip import VisionDrop
@@ -43,6 +43,17 @@ class VisionDropLLM(DecoderMethod):
 
     name = "visiondropllm"
     paper = PAPER
+    deviations = (
+        Deviation(
+            "Budgets other than the paper's 32 tokens follow the same schedule shape (stage totals `n * f ** e_s`, "
+            "dominant : contextual as the paper's pairs).",
+            "The paper gives one schedule (48 -> 35 -> 26 -> 19 on LLaVA-1.5).",
+        ),
+        Deviation(
+            "GQA models (Qwen) merge by head-mean keys over the KV heads.",
+            "The official code is LLaVA-1.5 only (no GQA).",
+        ),
+    )
     positions = "reindex"
     layers: tuple[int, ...] | None = None
 
@@ -73,7 +84,7 @@ class VisionDropLLM(DecoderMethod):
         keys = row.keys().float().mean(dim=0)  # [N, d_h] head-mean keys
         out: list[torch.Tensor | Recycled] = []
         for slots, k in images:
-            contextual = max(0, min(visiondrop_contextual(stage, k), slots.numel() - k - 1))
+            contextual = max(0, min(visiondrop_contextual(stage, k), slots.numel() - k))
             attention = self._received(row, slots)
             kept, targets, groups = visiondrop_merge_groups(attention, row.hidden[slots], keys[slots], k, contextual)
             if not groups:

@@ -15,6 +15,7 @@ from tokenprune.methods.base import (
     FEATURES,
     VISION_HIDDEN,
     VISION_KEYS,
+    Deviation,
     PruningMethod,
     Selection,
     SelectionContext,
@@ -39,6 +40,20 @@ class VisionZip(PruningMethod):
     no_cls_reason = (
         "VisionZip picks dominant tokens by [CLS] attention and keeps the [CLS] token; its official code has no "
         "variant without [CLS]; use 'visiondrop' (same merging, attention-received scores there) or 'hiprune'"
+    )
+    deviations = (
+        Deviation(
+            "A budget other than the paper's `dominant + contextual` splits proportionally: `contextual = "
+            "round_half_up(k * contextual / (dominant + contextual))`, the rest dominant ([CLS] included).",
+            "The papers give fixed pairs (VisionZip 54 + 10 for 64 and 108 + 20 for 128, VisionDrop 42 + 6 for 48); "
+            "one rule serves every budget and reproduces them.",
+        ),
+        Deviation(
+            "When fewer tokens remain after the dominant ones than contextual tokens are asked for, one contextual "
+            "token per remaining token is made.",
+            "The official code fails there (a shape mismatch); at `dominant + contextual == N` it splits, and so do "
+            "we (30 + 6 of 36).",
+        ),
     )
     dominant: int = 54
     contextual: int = 10
@@ -86,5 +101,13 @@ class VisionDrop(VisionZip):
     paper = "VisionDrop: Rethinking Visual Token Reduction in LVLMs under Cross-modal Misalignment (2025)"
     needs_without_cls = frozenset({ATTENTION_RECEIVED, FEATURES})
     no_cls_reason = ""
+    deviations = VisionZip.deviations + (
+        Deviation(
+            "Qwen2-VL/2.5-VL (no [CLS]): tokens are scored by the attention they receive and the merge uses the "
+            "projected tokens as keys and values.",
+            "The official code is LLaVA-1.5 only; the paper scores by attention received, and the Qwen adapter "
+            "computes no ViT keys.",
+        ),
+    )
     dominant: int = 42
     contextual: int = 6
