@@ -18,9 +18,12 @@ What differs:
   weights recovered from the main features by least squares, checked to reproduce them).
 * **Qwen3.5's hybrid decoder** (Gated DeltaNet linear attention in three layers of four): a vision-stage pruning
   only shortens the prompt; every layer, linear or full, runs on the pruned sequence with its own cache.
-* **Decoder-stage methods** (FastV, PDrop, ...) decline on these four families for now: Qwen3-VL's DeepStack adds
-  full-length visual maps after the first LLM layers and Qwen3.5's linear-attention layers carry a recurrent and a
-  conv state that a pruning step inside the LLM would have to re-derive; neither is wired yet.
+* **Decoder-stage methods** (FastV, PDrop, ...) run on Qwen3-VL (dense and MoE) from LLM layer
+  ``len(deepstack_visual_indexes)`` on (3 on the released checkpoints): every DeepStack map has been added by then,
+  so the Qwen2 decoder loop applies unchanged. A method whose first pruned layer comes earlier (FastV's default
+  ``k=2``) declines with an error that says which layer to set; handing the later DeepStack maps only the surviving
+  tokens is not wired. On Qwen3.5 they decline: its linear-attention layers carry a recurrent and a conv state that
+  a pruning step inside the LLM would have to rebuild on the pruned sequence.
 """
 
 from __future__ import annotations
@@ -40,16 +43,25 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
     def __init__(self, model: torch.nn.Module, method: Any, keep: Any, handle: Any, scope: str | None = None,
                  decoder: Any = None, decoder_keep: Any = None):
-        if decoder is not None:
-            kind = model.config.model_type
-            why = ("its DeepStack injections after the first LLM layers" if kind.startswith("qwen3_vl")
-                   else "its Gated DeltaNet linear-attention layers (recurrent and conv state)")
+        kind = model.config.model_type
+        if decoder is not None and kind.startswith("qwen3_5"):
             raise ValueError(
-                f"decoder-stage method {decoder.name!r} is not supported on {kind!r} yet: pruning inside the LLM "
-                f"would have to follow {why}. Use a vision-stage method (e.g. 'divprune', 'cdpruner', 'hiprune') "
-                f"on this model, or a decoder-stage method on Qwen2-VL / Qwen2.5-VL"
+                f"decoder-stage method {decoder.name!r} is not supported on {kind!r} yet: pruning inside its hybrid "
+                f"LLM would have to let the Gated DeltaNet linear-attention layers after the pruning step rebuild "
+                f"their recurrent and conv state on the pruned sequence. Use a vision-stage method (e.g. "
+                f"'divprune', 'cdpruner', 'hiprune') on this model"
             )
         super().__init__(model, method, keep, handle, scope, decoder, decoder_keep)
+        if self.decoder is not None:
+            levels = len(model.config.vision_config.deepstack_visual_indexes)
+            first = min(stage.layer for stage in self.decoder.plan)
+            if first < levels:
+                raise ValueError(
+                    f"decoder-stage method {decoder.name!r} prunes from LLM layer {first}, but this {kind!r} model "
+                    f"still adds DeepStack visual features after layers 0..{levels - 1} "
+                    f"({levels} deepstack_visual_indexes); pruning is supported from layer {levels} on. Set the "
+                    f"method's layer option to {levels} or later (e.g. fastv k={levels})"
+                )
 
     def _encoder_output(
         self, vision_out: Any, features: list[torch.Tensor], kept: list[torch.Tensor], chosen: list[ImageSelection]

@@ -3,7 +3,7 @@ method with a signal there; DeepStack against an oracle; M-RoPE positions; batch
 
 import pytest
 import torch
-from conftest import MERGING, enable, runnable_methods
+from conftest import MERGING, decoder_methods, enable, runnable_methods, two_stage_methods
 from tokenprune.patches.qwen3_vl import deepstack_like
 from tokenprune.patches.units import ImageSelection
 
@@ -237,16 +237,81 @@ def test_methods_without_a_signal_here_decline_before_touching_the_model(qwen3, 
     assert _left_clean(model)
 
 
-@pytest.mark.parametrize("method, keep, match", [
-    ("no-such-method", 0.5, "unknown method"), ("divprune", 0.0, "keep"), ("divprune", -0.5, "keep"),
-    ("divprune", 1.5, "keep"), ("fastv", 0.5, "not supported on"),
+@pytest.mark.parametrize("method, keep, options, match", [
+    ("no-such-method", 0.5, {}, "unknown method"), ("divprune", 0.0, {}, "keep"), ("divprune", -0.5, {}, "keep"),
+    ("divprune", 1.5, {}, "keep"),
+    ("fastv", 0.5, {"k": 1}, "not supported on 'qwen3_5|DeepStack .* after layers 0..1.*fastv k=2"),
+    ("todre", 0.5, {"layer": 0}, "not supported on 'qwen3_5|DeepStack .* after layers 0..1"),
 ])
-def test_bad_input_fails_clearly_before_the_model_is_touched(qwen3, method, keep, match):
+def test_bad_input_fails_clearly_before_the_model_is_touched(qwen3, method, keep, options, match):
     model, _ = qwen3
     hooks = _hook_count(model)
     with pytest.raises(ValueError, match=match):
-        enable_pruning(model, method, keep=keep)
+        enable_pruning(model, method, keep=keep, **options)
     assert _left_clean(model) and _hook_count(model) == hooks
+
+
+# --- decoder-stage methods on Qwen3-VL: from the first layer after the DeepStack injections on --------------------
+DECODER_METHODS = [m for m in decoder_methods() + two_stage_methods() if m != "vflowopt"]  # vflowopt: ViT attn map
+DECODER_OPTIONS = {"fastv": {"k": 2}, "dart": {"k": 2}, "feather": {"layers": (1, 2)},
+                   "transprune": {"layers": (1, 2, 3)}, "todre": {"layer": 1, "tau": 1.0}}
+
+
+@pytest.fixture(params=["qwen3_vl", "qwen3_vl_moe"])
+def deep_qwen3(request, attn):
+    """4 LLM layers, one DeepStack map (ViT block 1) added after LLM layer 0: every method prunes from layer 1 on."""
+    key = (request.param, attn, "decoder")
+    if key not in _MODELS:
+        _MODELS[key] = tiny_qwen3(request.param, attn, text_layers=4, deepstack=(1,))
+    model, processor = _MODELS[key]
+    yield model, processor
+    if _HANDLE_ATTR in model.__dict__:
+        disable_pruning(model)
+
+
+def _enable_decoder(model, method, keep):
+    return enable_pruning(model, method, keep=keep, **DECODER_OPTIONS.get(method, {}))
+
+
+@pytest.mark.parametrize("method", DECODER_METHODS)
+def test_decoder_methods_keep_all_bit_identical_and_cache_consistent(deep_qwen3, method):
+    model, processor = deep_qwen3
+    one = processor(text=[PROMPT], images=[random_image(96, 128, seed=1)])
+    hooks = _hook_count(model)
+    with torch.no_grad():
+        ref_logits, ref_ids = model(**one).logits, model.generate(**one, **GEN)
+        _enable_decoder(model, method, 1.0)
+        assert torch.equal(model(**one).logits, ref_logits) and torch.equal(model.generate(**one, **GEN), ref_ids)
+        disable_pruning(model)
+        assert _left_clean(model) and _hook_count(model) == hooks
+        handle = _enable_decoder(model, method, 0.5)
+        cached = model.generate(**one, **GEN, output_logits=True, return_dict_in_generate=True)
+        uncached = model.generate(**one, **GEN, use_cache=False, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(cached.sequences[:, : one["input_ids"].shape[1]], one["input_ids"])
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for step_cached, step_uncached in zip(cached.logits, uncached.logits, strict=True):
+        torch.testing.assert_close(step_cached, step_uncached, rtol=1e-4, atol=1e-4)
+    assert handle.last.visual_per_layer[-1] < handle.last.n_visual
+
+
+@pytest.mark.parametrize("method", DECODER_METHODS)
+def test_decoder_methods_padded_batch_rows_match_each_prompt_alone(deep_qwen3, method):
+    model, processor = deep_qwen3
+    prompts, images = [PROMPT, OTHER], [random_image(96, 128, seed=1), random_image(64, 64, seed=2)]
+    handle = _enable_decoder(model, method, 0.4)
+    alone = []
+    with torch.no_grad():
+        for prompt, image in zip(prompts, images, strict=True):
+            alone.append((model(**processor(text=[prompt], images=[image])).logits[0, -1],
+                          [im.kept for im in handle.last.images]))
+        batch = processor(text=prompts, images=images)
+        logits = model(**batch).logits[:, -1]
+        kept = [im.kept for im in handle.last.images]
+        ids, ids_nocache = model.generate(**batch, **GEN), model.generate(**batch, **GEN, use_cache=False)
+    assert all(torch.equal(a, b) for a, b in zip([k for _, ks in alone for k in ks], kept, strict=True))
+    for row, (out, _) in enumerate(alone):
+        torch.testing.assert_close(logits[row], out, rtol=1e-4, atol=1e-4)
+    assert torch.equal(ids, ids_nocache)
 
 
 def test_docs_snippets_run_as_written(capsys):
