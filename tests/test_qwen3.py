@@ -327,3 +327,24 @@ def test_docs_snippets_run_as_written(capsys):
         exec(compile(block, str(page), "exec"), {})
         printed = capsys.readouterr().out.strip()
         assert printed == block.rstrip().rsplit("# ", 1)[1]
+
+
+def test_flops_count_active_experts_only():
+    from tokenprune.flops import ModelShape, prefill_flops, preset
+
+    model, _ = tiny_qwen3("qwen3_vl_moe")  # 4 experts of width 64, 2 active
+    shape = ModelShape.from_config(model.config)
+    assert shape.intermediate_size == 2 * 64 and shape.num_layers == 2
+    dense = ModelShape.from_config(tiny_qwen3("qwen3_vl")[0].config)
+    assert dense.intermediate_size == 256
+    moe = preset("qwen3-vl-30b-a3b")
+    assert moe.intermediate_size == 8 * 768 and moe.num_kv_heads == 4 and moe.num_layers == 48
+    assert prefill_flops(moe, 1000) < prefill_flops(preset("qwen3-vl-8b"), 1000)  # ~3B active vs 8B
+
+
+def test_methods_command_lists_the_new_model_types(capsys):
+    from tokenprune.cli import main
+
+    assert main(["methods"]) == 0
+    listed = capsys.readouterr().out.splitlines()[-1]
+    assert all(f" {t}" in listed for t in QWEN3_FAMILIES) and "qwen2_5_vl" in listed
