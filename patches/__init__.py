@@ -13,9 +13,10 @@ from tokenprune.patches.base import VisionStageAdapter
 from tokenprune.patches.llava import LlavaAdapter
 from tokenprune.patches.llava_next import LlavaNextAdapter
 from tokenprune.patches.qwen2_vl import QwenVLAdapter
+from tokenprune.patches.qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: dict[str, type[VisionStageAdapter]] = {
-    t: cls for cls in (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter) for t in cls.model_types
+    t: cls for cls in (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter, Qwen3VLAdapter) for t in cls.model_types
 }
 
-__all__ = ["ADAPTERS", "LlavaAdapter", "LlavaNextAdapter", "QwenVLAdapter", "VisionStageAdapter"]
+__all__ = ["ADAPTERS", "LlavaAdapter", "LlavaNextAdapter", "Qwen3VLAdapter", "QwenVLAdapter", "VisionStageAdapter"]

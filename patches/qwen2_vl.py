@@ -24,7 +24,7 @@ from tokenprune.compaction import compact, padding_side
 from tokenprune.methods import FEATURES, TEXT_EMBEDDINGS
 from tokenprune.patches.base import PrunedCall, VisionStageAdapter, placeholder_positions, text_embeddings
 from tokenprune.patches.qwen_signals import QWEN_SIGNALS, QwenProbe
-from tokenprune.patches.units import Unit, select_image
+from tokenprune.patches.units import ImageSelection, Unit, select_image
 from tokenprune.record import ImageRecord, PruneRecord, grid_boxes
 
 _MODALITIES = (  # (kind, token id attribute, pixel kwarg, grid kwarg, features getter, mm_token_type id)
@@ -85,12 +85,12 @@ class QwenVLAdapter(VisionStageAdapter):
         encoder_outputs, images = {}, []
         seen_in_row = [0] * batch
         for kind, token_attr, pixel_key, grid_key, getter, _ in present:
-            features, probed = self._encode(getter, kwargs[pixel_key], kwargs[grid_key])
-            kept_features = self._select(
+            features, probed, vision_out = self._encode(getter, kwargs[pixel_key], kwargs[grid_key])
+            kept_features, chosen = self._select(
                 kind, features, probed, kwargs[grid_key], input_ids == getattr(self.model.config, token_attr),
                 keep, images, seen_in_row, kwargs,
             )
-            encoder_outputs[kind] = BaseModelOutputWithPooling(pooler_output=kept_features)
+            encoder_outputs[kind] = self._encoder_output(vision_out, features, kept_features, chosen)
 
         new_kwargs = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "pixel_values_videos")}
         full_mask = mask if mask is not None else torch.ones_like(input_ids)
@@ -139,12 +139,19 @@ class QwenVLAdapter(VisionStageAdapter):
 
     def _encode(
         self, getter: str, pixels: torch.Tensor, grid_thw: torch.Tensor
-    ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-        """Merged features per image/video ``[N_i, D]`` and the requested ViT signals per image/video."""
+    ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]], Any]:
+        """Merged features per image/video ``[N_i, D]``, the requested ViT signals per image/video, and the vision
+        output itself."""
         requests = list(self.method.requests(cls_token=False))
         with QwenProbe(self.model.model.visual, requests, grid_thw) as probe:
             out = getattr(self.model.model, getter)(pixels, grid_thw, return_dict=True)
-        return list(out.pooler_output), probe.per_item()
+        return list(out.pooler_output), probe.per_item(), out
+
+    def _encoder_output(
+        self, vision_out: Any, features: list[torch.Tensor], kept: list[torch.Tensor], chosen: list[ImageSelection]
+    ) -> BaseModelOutputWithPooling:
+        """What the model gets as ``mm_encoder_outputs[kind]``: the kept (and merged) features per image/video."""
+        return BaseModelOutputWithPooling(pooler_output=kept)
 
     def _units(self, kind: str, thw: torch.Tensor) -> list[Unit]:
         merge = self.model.config.vision_config.spatial_merge_size
@@ -158,12 +165,12 @@ class QwenVLAdapter(VisionStageAdapter):
         self, kind: str, features: list[torch.Tensor], probed: list[dict[str, torch.Tensor]], grid_thw: torch.Tensor,
         is_placeholder: torch.Tensor,
         keep: torch.Tensor, images: list[ImageRecord], seen_in_row: list[int], kwargs: dict[str, Any],
-    ) -> list[torch.Tensor]:
+    ) -> tuple[list[torch.Tensor], list[ImageSelection]]:
         length = is_placeholder.shape[1]
         flat_positions = placeholder_positions(is_placeholder, features, kind)
         all_units = [self._units(kind, thw) for thw in grid_thw]
         budgets = self.kept_counts([u.index.numel() for units in all_units for u in units], kwargs)
-        kept_features, start = [], 0
+        kept_features, choices, start = [], [], 0
         for i, (feats, units) in enumerate(zip(features, all_units, strict=True)):
             n = feats.shape[0]
             positions = flat_positions[start:start + n]
@@ -190,9 +197,10 @@ class QwenVLAdapter(VisionStageAdapter):
             dropped[chosen.slots] = False
             keep.view(-1)[positions[dropped.to(positions.device)]] = False
             kept_features.append(chosen.features)
+            choices.append(chosen)
             images.append(self._record(kind, grid_thw[i], row, seen_in_row[row], n, chosen))
             seen_in_row[row] += 1
-        return kept_features
+        return kept_features, choices
 
     def _record(self, kind: str, thw: torch.Tensor, row: int, index_in_row: int, n: int, chosen: Any) -> ImageRecord:
         merge = self.model.config.vision_config.spatial_merge_size

@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             for name, item in info.items():
                 needs = ", ".join(item["needs"]) or "-"
                 print(f"{name:<{width}}  {item['stage']:<7} needs: {needs:<14} {item['paper']}")
+            from tokenprune.patches import ADAPTERS
+
+            print(f"\nmodel types (config.model_type): {', '.join(ADAPTERS)}")
         return 0
     if args.command == "tables":
         from tokenprune.catalog import stale_files

@@ -66,10 +66,20 @@ class ModelShape:
         heads = text.num_attention_heads
         return cls(
             name=name or getattr(config, "model_type", "model"), hidden_size=text.hidden_size,
-            intermediate_size=text.intermediate_size, num_layers=text.num_hidden_layers, num_heads=heads,
+            intermediate_size=active_intermediate_size(text), num_layers=text.num_hidden_layers, num_heads=heads,
             num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
             head_dim=getattr(text, "head_dim", None) or None,
         )
+
+
+def active_intermediate_size(text: Any) -> int:
+    """The FFN width one token goes through: ``intermediate_size``, or for a mixture of experts (Qwen3-VL-MoE,
+    Qwen3.5-MoE) the ACTIVE experts' ``num_experts_per_tok * moe_intermediate_size`` plus the shared expert's
+    ``shared_expert_intermediate_size`` where there is one (the router's ``d x num_experts`` is not counted)."""
+    per_expert, active = getattr(text, "moe_intermediate_size", None), getattr(text, "num_experts_per_tok", None)
+    if not per_expert or not active:
+        return text.intermediate_size
+    return active * per_expert + (getattr(text, "shared_expert_intermediate_size", None) or 0)
 
 
 _VICUNA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_layers": 32, "num_heads": 32, "num_kv_heads": 32}
@@ -87,6 +97,11 @@ PRESETS: dict[str, ModelShape] = {
         ModelShape("qwen2-vl-7b", **_QWEN2_7B, head_dim=128),
         ModelShape("qwen2.5-vl-3b", 2048, 11008, 36, 16, 2, head_dim=128),
         ModelShape("qwen2.5-vl-7b", **_QWEN2_7B, head_dim=128),
+        # Qwen3-VL-8B-Instruct's config.json: the Qwen3-8B LLM (d 4096, FFN 12288, 36 layers, 32 heads, 8 KV, d_h 128)
+        ModelShape("qwen3-vl-8b", 4096, 12288, 36, 32, 8, head_dim=128),
+        # Qwen3-VL-30B-A3B-Instruct's config.json: d 2048, 48 layers, 32 heads, 4 KV, d_h 128; 128 experts of FFN
+        # width 768, 8 active per token -> 8 x 768 = 6144 counted (active experts only)
+        ModelShape("qwen3-vl-30b-a3b", 2048, 8 * 768, 48, 32, 4, head_dim=128),
     )
 }
 

@@ -199,7 +199,7 @@ class TinyQwenProcessor:
         if videos:
             out["pixel_values_videos"] = torch.cat([v[0] for v in videos])
             out["video_grid_thw"] = torch.cat([v[1] for v in videos])
-            video_counts = (out["video_grid_thw"].prod(-1) // self.merge_size**2).tolist()
+            video_counts = self._video_token_counts(out["video_grid_thw"])
         expanded = [self._expand(t, "<|image_pad|>", image_counts) for t in texts]
         expanded = [self._expand(t, "<|video_pad|>", video_counts) for t in expanded]
         if image_counts or video_counts:
@@ -210,6 +210,10 @@ class TinyQwenProcessor:
         mm[ids == self.tokenizer.convert_tokens_to_ids("<|image_pad|>")] = 1
         mm[ids == self.tokenizer.convert_tokens_to_ids("<|video_pad|>")] = 2
         return BatchFeature({**enc, "mm_token_type_ids": mm, **out})
+
+    def _video_token_counts(self, grid_thw: torch.Tensor) -> list[int]:
+        """What each ``<|video_pad|>`` of the text expands to, in order: one per video here (Qwen2-VL)."""
+        return (grid_thw.prod(-1) // self.merge_size**2).tolist()
 
     @staticmethod
     def _expand(text: str, placeholder: str, counts: list[int]) -> str:
@@ -279,12 +283,15 @@ def tiny_qwen(
 # Depths of the real checkpoints (towers and LLMs) at tiny width: every method runs at its DEFAULT layers on them.
 # CLIP ViT-L/14(-336): 24 layers (LLaVA-1.5 and LLaVA-NeXT read layer -2); Llama-2-7B / Vicuna-7B: 32 layers;
 # Qwen2-VL-7B and Qwen2.5-VL-7B: 32 ViT blocks (2.5: full attention in blocks 7, 15, 23, 31) and a 28-layer LLM.
-REAL_DEPTH_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+# Qwen3-VL / Qwen3.5 (dense and MoE): :data:`tokenprune.tiny_qwen3.QWEN3_REAL_DEPTH`.
+REAL_DEPTH_FAMILIES = (
+    "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe",
+)
 
 
 def real_depth(family: str, attn_implementation: str = "sdpa", seed: int = 0):
     """``(model, processor)`` of ``family`` (a ``model_type`` in :data:`REAL_DEPTH_FAMILIES`) with the vision tower
-    and the LLM as deep as the real 7B checkpoint's, at the tiny models' widths (vision 64)."""
+    and the LLM as deep as the real checkpoint's (7B; Qwen3: 8B, 30B-A3B, 9B, 35B-A3B) at tiny widths (vision 64)."""
     if family == "llava":
         return tiny_llava(LlavaSize(vision_layers=24, text_layers=32), attn_implementation, seed)
     if family == "llava_next":
@@ -294,6 +301,10 @@ def real_depth(family: str, attn_implementation: str = "sdpa", seed: int = 0):
     if family == "qwen2_5_vl":
         return tiny_qwen("2.5", attn_implementation, seed, text_layers=28, vision_layers=32,
                          fullatt_block_indexes=(7, 15, 23, 31))
+    if family in REAL_DEPTH_FAMILIES:
+        from tokenprune.tiny_qwen3 import QWEN3_REAL_DEPTH, tiny_qwen3
+
+        return tiny_qwen3(family, attn_implementation, seed, **QWEN3_REAL_DEPTH[family])
     raise ValueError(f"family must be one of {REAL_DEPTH_FAMILIES}; got {family!r}")
 
 
