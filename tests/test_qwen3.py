@@ -348,3 +348,20 @@ def test_methods_command_lists_the_new_model_types(capsys):
     assert main(["methods"]) == 0
     listed = capsys.readouterr().out.splitlines()[-1]
     assert all(f" {t}" in listed for t in QWEN3_FAMILIES) and "qwen2_5_vl" in listed
+
+
+@pytest.mark.parametrize("method", ["divprune", "visiondrop"])
+def test_visualize_draws_the_kept_tokens_of_a_qwen3_vl_record(method):
+    from test_viz import assert_looks, grey
+
+    from tokenprune.viz import HEADER, draw_kept, prune_once
+
+    model, processor = _MODELS.setdefault(("qwen3_vl", "sdpa"), tiny_qwen3("qwen3_vl", "sdpa"))
+    image = grey(160, 96)  # 3 x 5 merged tokens of 32x32 px
+    record = prune_once(model, processor, image, PROMPT, method, keep=6)
+    rec = record.images[0]
+    assert rec.grid == (3, 5) and rec.view == "image"
+    figure = draw_kept(image, record, size=320, legend=False)  # one 320x192 panel
+    assert figure.size == (320, HEADER + 192)
+    assert_looks(figure, rec, lambda i: (0, None), {0: (0, 0, 320, 192)})
+    assert _left_clean(model)
