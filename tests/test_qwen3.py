@@ -348,3 +348,53 @@ def test_methods_command_lists_the_new_model_types(capsys):
     assert main(["methods"]) == 0
     listed = capsys.readouterr().out.splitlines()[-1]
     assert all(f" {t}" in listed for t in QWEN3_FAMILIES) and "qwen2_5_vl" in listed
+
+
+@pytest.mark.parametrize("method", ["divprune", "visiondrop"])
+def test_visualize_draws_the_kept_tokens_of_a_qwen3_vl_record(method):
+    from test_viz import assert_looks, grey
+
+    from tokenprune.viz import HEADER, draw_kept, prune_once
+
+    model, processor = _MODELS.setdefault(("qwen3_vl", "sdpa"), tiny_qwen3("qwen3_vl", "sdpa"))
+    image = grey(160, 96)  # 3 x 5 merged tokens of 32x32 px
+    record = prune_once(model, processor, image, PROMPT, method, keep=6)
+    rec = record.images[0]
+    assert rec.grid == (3, 5) and rec.view == "image"
+    figure = draw_kept(image, record, size=320, legend=False)  # one 320x192 panel
+    assert figure.size == (320, HEADER + 192)
+    assert_looks(figure, rec, lambda i: (0, None), {0: (0, 0, 320, 192)})
+    assert _left_clean(model)
+
+
+@pytest.mark.parametrize("family", QWEN3_FAMILIES)
+def test_real_depth_models_have_the_released_depths_and_run_methods_at_their_default_layers(family):
+    from tokenprune.tiny_models import real_depth
+
+    model, processor = real_depth(family, "sdpa")
+    config = model.config
+    assert len(model.model.visual.blocks) == 27
+    layers = {"qwen3_vl": 36, "qwen3_vl_moe": 48, "qwen3_5": 32, "qwen3_5_moe": 40}[family]
+    assert len(model.model.language_model.layers) == layers
+    if family.startswith("qwen3_vl"):
+        assert list(config.vision_config.deepstack_visual_indexes) == [8, 16, 24]
+    else:
+        full = [i for i, t in enumerate(config.text_config.layer_types) if t == "full_attention"]
+        assert full == list(range(3, layers, 4))
+    one = processor(text=[PROMPT], images=[random_image(96, 128, seed=1)])
+    for method in METHODS:  # every vision-stage method at its default (paper) layers
+        handle = enable_pruning(model, method, keep=0.25)
+        with torch.no_grad():
+            model(**one)
+        assert handle.last.n_kept == 3
+        disable_pruning(model)
+    if family.startswith("qwen3_vl"):  # DeepStack after LLM layers 0, 1, 2: FastV's default K=2 declines, K=3 runs
+        with pytest.raises(ValueError, match="fastv k=3"):
+            enable_pruning(model, "fastv", keep=0.5)
+        handle = enable_pruning(model, "fastv", keep=0.5, k=3)
+        with torch.no_grad():
+            cached = model.generate(**one, **GEN)
+            assert torch.equal(cached, model.generate(**one, **GEN, use_cache=False))
+        assert handle.last.tokens_per_layer[2] > handle.last.tokens_per_layer[3]
+        disable_pruning(model)
+    assert _left_clean(model)
