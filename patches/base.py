@@ -231,7 +231,7 @@ class VisionStageAdapter:
         finally:
             self._pending = None
         self._remember(cache if cache is not None else getattr(out, "past_key_values", None), call, kwargs)
-        return _with_original_prompt(out, kwargs["input_ids"], call.kwargs["input_ids"].shape[1])
+        return pruned_cache.with_original_prompt(out, kwargs["input_ids"], call.kwargs["input_ids"].shape[1])
 
     # --- calls on a pruned cache --------------------------------------------------------------------------------
     def _remember(self, cache: Any, call: PrunedCall, kwargs: dict[str, Any]) -> None:
@@ -253,11 +253,11 @@ class VisionStageAdapter:
     def _continue_generate(self, inner: Any, state: Any, kwargs: dict[str, Any], length: int) -> Any:
         """``generate`` on a cache a vision-pruned prefill filled: the call's ids (original prompt + new tokens)
         mapped onto the pruned prompt, the output's head restored to the caller's ids."""
-        kwargs = self._without_cached_pixels(kwargs, state)
+        kwargs = pruned_cache.without_cached_pixels(kwargs, state, self.visual_token_ids())
         mapped, original = pruned_cache.continuation(state, kwargs, length)
         self.continue_positions(state, mapped["input_ids"].shape[0])
         out = self._run_generate(inner, **mapped)
-        return _with_original_prompt(out, kwargs["input_ids"][:, :original], state.prefix_ids.shape[1])
+        return pruned_cache.with_original_prompt(out, kwargs["input_ids"][:, :original], state.prefix_ids.shape[1])
 
     def _on_pruned_cache(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """A forward on a warm cache (a manual decode loop, a forward continuation): only the new tokens, as with
@@ -289,23 +289,6 @@ class VisionStageAdapter:
         """Position ids of new tokens on a pruned cache from their text positions ``[B, q]`` (cache coordinates,
         padding-aware); LLaVA re-indexes, so these are the positions."""
         return text
-
-    def _without_cached_pixels(self, kwargs: dict[str, Any], state: Any) -> dict[str, Any]:
-        """Pixels of images that are already in the cache are dropped (the image was pruned when it entered);
-        a NEW image after a pruned cache is declined with a clear error."""
-        pixel_keys = ("pixel_values", "pixel_values_videos", "image_sizes", "image_grid_thw", "video_grid_thw")
-        if not any(kwargs.get(k) is not None for k in pixel_keys):
-            return kwargs
-        ids, original = kwargs["input_ids"], state.original_ids.shape[1]
-        new_visual = torch.isin(ids[:, original:], torch.tensor(self.visual_token_ids(), device=ids.device))
-        if bool(new_visual.any()):
-            raise ValueError(
-                "this call adds a new image or video after a pruned KV cache; tokenprune prunes an image in the "
-                "forward in which it enters the cache, and a new image in a later turn on a pruned cache is not "
-                "supported yet. Run the whole conversation with its images on a fresh cache (past_key_values=None), "
-                "or disable_pruning(model) for this call"
-            )
-        return {k: v for k, v in kwargs.items() if k not in pixel_keys}
 
     def _run_generate(self, inner: Any, *args: Any, **kwargs: Any) -> Any:
         self._generating += 1
@@ -396,18 +379,4 @@ def _compose(vision: tuple[ImageRecord, ...], decoder: list[ImageRecord]) -> lis
             out.append(d)
         else:
             out.append(dataclasses.replace(v, kept=v.kept[d.kept.to(v.kept.device)], n_merged=d.n_merged))
-    return out
-
-
-def _with_original_prompt(out: Any, prompt_ids: torch.Tensor, pruned_length: int) -> Any:
-    """Replace the pruned prompt at the head of ``generate``'s output with the original prompt ids."""
-    sequences = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
-    if sequences is None:
-        return out
-    repeat = sequences.shape[0] // prompt_ids.shape[0]  # num_return_sequences / beams
-    prompt = prompt_ids.to(sequences.device).repeat_interleave(repeat, dim=0)
-    restored = torch.cat([prompt, sequences[:, pruned_length:]], dim=1)
-    if isinstance(out, torch.Tensor):
-        return restored
-    out.sequences = restored
     return out

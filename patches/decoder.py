@@ -137,7 +137,7 @@ class DecoderLoop:
         past = pruned_cache.cached_length(cache)
         state = pruned_cache.state_of(cache) if past > 0 else None
         sel = state.selection if state is not None else None  # a call on a cache: ITS prefill's selection
-        mask = _mask_2d(kwargs.get("attention_mask"), past + q)
+        mask = pruned_cache.padding_mask_2d(kwargs.get("attention_mask"), past + q)
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim != 2):
             if past == 0 and ids is not None and not self._has_visual(ids):
                 return
@@ -159,7 +159,8 @@ class DecoderLoop:
                     f"row(s); the call has {batch}. Continue a cache with the batch it was filled with (beams: "
                     f"start the beam search from the pruned prefill, not from a cache of another batch)"
                 )
-            self._call = _Call("decode", q, sel.ids.shape[1], mask2d, pos, sel, kv_len=_static_length(cache))
+            kv_len = pruned_cache.static_length(cache)
+            self._call = _Call("decode", q, sel.ids.shape[1], mask2d, pos, sel, kv_len=kv_len)
             return
         sel = self.selection
         if ids is None:
@@ -176,8 +177,8 @@ class DecoderLoop:
             return
         sel = Selection(ids.clone(), [])
         self.selection = sel
-        call = _Call("select", q, q, mask2d, pos, sel, image_of=self._image_of(ids), kv_len=_static_length(cache),
-                     source_rows=self.source_rows)
+        call = _Call("select", q, q, mask2d, pos, sel, image_of=self._image_of(ids),
+                     kv_len=pruned_cache.static_length(cache), source_rows=self.source_rows)
         call.coords = visual_coords(self.model.config.model_type, call.image_of, kwargs.get("position_ids"))
         call.index = torch.arange(q, device=ids.device).expand(batch, -1)
         call.valid = mask2d[:, :q].clone()
@@ -353,23 +354,3 @@ def build_mask(
         )
     return allowed
 
-
-def _static_length(cache: Any) -> int | None:
-    """The per-layer key length of a static (compileable) cache, whose layers return every preallocated slot."""
-    if cache is None or not getattr(cache, "is_compileable", False):
-        return None
-    layers = getattr(cache, "layers", None) or []
-    length = getattr(layers[0], "max_cache_len", None) if layers else None
-    return int(length) if length is not None else None
-
-
-def _mask_2d(mask: Any, length: int) -> Any:
-    """The 2-D key-padding mask ``[B, length]`` behind the 4-D mask ``generate`` prepares for a static cache (its
-    last query row: the keys the newest token may see; a Qwen dict: its ``full_attention`` entry); anything else
-    unchanged."""
-    if isinstance(mask, dict):
-        mask = mask.get("full_attention", mask)
-    if isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[-1] >= length:
-        last = mask[:, 0, -1, :length]
-        return last if last.dtype == torch.bool else last == 0
-    return mask

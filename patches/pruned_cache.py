@@ -160,3 +160,56 @@ def full_mask(state: CacheState, batch: int, length: int, device: torch.device) 
     if head is not None:
         mask[:, : head.shape[1]] = head.to(mask)
     return mask
+
+
+def static_length(cache: Any) -> int | None:
+    """The per-layer key length of a static (compileable) cache, whose layers return every preallocated slot."""
+    if cache is None or not getattr(cache, "is_compileable", False):
+        return None
+    layers = getattr(cache, "layers", None) or []
+    length = getattr(layers[0], "max_cache_len", None) if layers else None
+    return int(length) if length is not None else None
+
+
+def padding_mask_2d(mask: Any, length: int) -> Any:
+    """The 2-D key-padding mask ``[B, length]`` behind the 4-D mask ``generate`` prepares for a static cache (its
+    last query row: the keys the newest token may see; a Qwen dict: its ``full_attention`` entry); anything else
+    unchanged."""
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", mask)
+    if isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[-1] >= length:
+        last = mask[:, 0, -1, :length]
+        return last if last.dtype == torch.bool else last == 0
+    return mask
+
+
+def without_cached_pixels(kwargs: dict[str, Any], state: CacheState, visual_ids: tuple[int, ...]) -> dict[str, Any]:
+    """Pixels of images that are already in the cache are dropped (the image was pruned when it entered); a NEW
+    image after a pruned cache is declined with a clear error."""
+    pixel_keys = ("pixel_values", "pixel_values_videos", "image_sizes", "image_grid_thw", "video_grid_thw")
+    if not any(kwargs.get(k) is not None for k in pixel_keys):
+        return kwargs
+    ids, original = kwargs["input_ids"], state.original_ids.shape[1]
+    if bool(torch.isin(ids[:, original:], torch.tensor(visual_ids, device=ids.device)).any()):
+        raise ValueError(
+            "this call adds a new image or video after a pruned KV cache; tokenprune prunes an image in the forward "
+            "in which it enters the cache, and a new image in a later turn on a pruned cache is not supported yet. "
+            "Run the whole conversation with its images on a fresh cache (past_key_values=None), or "
+            "disable_pruning(model) for this call"
+        )
+    return {k: v for k, v in kwargs.items() if k not in pixel_keys}
+
+
+def with_original_prompt(out: Any, prompt_ids: torch.Tensor, pruned_length: int) -> Any:
+    """Replace the pruned prompt at the head of ``generate``'s output with the caller's prompt ids (callers that
+    slice by prompt length, as lmms-eval does, get exactly the generated tokens)."""
+    sequences = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
+    if sequences is None:
+        return out
+    repeat = sequences.shape[0] // prompt_ids.shape[0]  # num_return_sequences / beams
+    prompt = prompt_ids.to(sequences.device).repeat_interleave(repeat, dim=0)
+    restored = torch.cat([prompt, sequences[:, pruned_length:]], dim=1)
+    if isinstance(out, torch.Tensor):
+        return restored
+    out.sequences = restored
+    return out

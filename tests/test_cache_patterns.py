@@ -19,7 +19,7 @@ from tokenprune import disable_pruning, enable_pruning
 from tokenprune.methods import METHODS, TEXT_EMBEDDINGS
 from tokenprune.tiny_models import random_image, real_depth
 
-FAMILIES = ("llava", "qwen2_5_vl")
+FAMILIES = ("llava", "qwen2_5_vl", "llava_next", "qwen2_vl")
 KEEP = 0.25
 TOL = dict(rtol=0, atol=1e-4)
 QIMG = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -216,3 +216,35 @@ def test_keep_all_equals_unpruned_in_every_pattern(turn):
         enable_pruning(model, method, keep=KEEP)  # the module fixture's state for the next pattern
     for mine, theirs in zip(got, expected, strict=True):
         assert torch.equal(mine, theirs)
+
+
+def test_calls_that_cannot_continue_a_pruned_cache_raise_at_the_call():
+    """What cannot be continued exactly is declined with a ValueError that says what to do (docs/conversations.md
+    lists them), before anything runs: never a silent wrong answer or a shape error from inside attention."""
+    model, processor = _model("llava")
+    disable_pruning(model)
+    enable_pruning(model, "divprune", keep=KEEP)
+    try:
+        inputs = encode("llava", processor, list(QUESTIONS))
+        with torch.no_grad():
+            out = gen(model, **inputs, past_key_values=DynamicCache(), max_new_tokens=2)
+            cache = out.past_key_values
+            other = out.sequences.clone()
+            other[:, -3] = (other[:, -3] + 1) % 20  # another history than the cached prompt
+            with pytest.raises(ValueError, match="do not start with that prompt"):
+                model.generate(other, past_key_values=copy.deepcopy(cache), max_new_tokens=1)
+            with pytest.raises(ValueError, match="add nothing new"):
+                model.generate(out.sequences[:, :-1], past_key_values=copy.deepcopy(cache), max_new_tokens=1)
+            with pytest.raises(ValueError, match="not a repetition"):
+                model.generate(out.sequences[:1].expand(3, -1), past_key_values=copy.deepcopy(cache),
+                               max_new_tokens=1)
+            image = encode("llava", processor, ["and this one ?"])
+            later = torch.cat([out.sequences[:1], image["input_ids"]], dim=1)
+            with pytest.raises(ValueError, match="new image or video after a pruned KV cache"):
+                model.generate(later, pixel_values=image["pixel_values"], past_key_values=copy.deepcopy(cache),
+                               max_new_tokens=1)
+            with pytest.raises(ValueError, match="the attention mask has"):
+                model(input_ids=out.sequences[:, -1:], attention_mask=torch.ones(2, 5, dtype=torch.long),
+                      past_key_values=copy.deepcopy(cache))
+    finally:
+        disable_pruning(model)
