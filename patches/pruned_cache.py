@@ -56,6 +56,17 @@ def cached_length(cache: Any) -> int:
     return int(cache.get_seq_length())
 
 
+def original_length(cache: Any) -> int:
+    """How many tokens of the caller's sequence (original coordinates, padding included) ``cache`` stands for: its
+    layer-0 length plus what a vision stage removed. Every layer stands for the same tokens; a decoder stage's
+    shorter layers are mapped through the selection on the cache."""
+    state = state_of(cache)
+    length = cached_length(cache)
+    if state is None or not state.vision_pruned or length == 0:
+        return length
+    return length + state.original_ids.shape[1] - state.prefix_ids.shape[1]
+
+
 def attach(cache: Any, **fields: Any) -> CacheState | None:
     """Set ``fields`` on ``cache``'s state (created if absent). A vision-stage prefill passes all of its fields and
     replaces the previous state; a decoder-stage selection only sets ``selection``."""

@@ -13,6 +13,7 @@ import functools
 
 import pytest
 import torch
+from tokenprune.patches import pruned_cache
 from transformers import DynamicCache
 
 from tokenprune import disable_pruning, enable_pruning
@@ -111,6 +112,7 @@ def test_follow_up_question_chunk_equals_decode_steps(turn):
     """Turn 2 on the returned cache, fed as one chunk == the same tokens fed one at a time; ``generate`` on it
     returns the caller's ids; for an image-only selector it equals a fresh pruned run of the whole conversation."""
     family, method, model, processor, inputs, out = turn
+    assert pruned_cache.original_length(out.past_key_values) == out.sequences.shape[1] - 1  # the last id is not fed
     rows = out.sequences.shape[0]
     question = words(processor, FOLLOW_UP, rows)
     tail = torch.cat([out.sequences[:, -1:], question], dim=1)
@@ -221,8 +223,7 @@ def test_keep_all_equals_unpruned_in_every_pattern(turn):
 def test_calls_that_cannot_continue_a_pruned_cache_raise_at_the_call():
     """What cannot be continued exactly is declined with a ValueError that says what to do (docs/conversations.md
     lists them), before anything runs: never a silent wrong answer or a shape error from inside attention."""
-    model, processor = _model("llava")
-    disable_pruning(model)
+    model, processor = real_depth("llava")  # its own instance: the matrix's models stay as their fixture left them
     enable_pruning(model, "divprune", keep=KEEP)
     try:
         inputs = encode("llava", processor, list(QUESTIONS))
