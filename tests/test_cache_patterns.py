@@ -13,7 +13,7 @@ import functools
 
 import pytest
 import torch
-from tokenprune.patches import pruned_cache
+from tokenprune.patches import ADAPTERS, pruned_cache
 from transformers import DynamicCache
 
 from tokenprune import disable_pruning, enable_pruning
@@ -36,10 +36,10 @@ def runs_on(family: str, name: str) -> bool:
     part = method.stages()[0] if method.stage == "two-stage" else method
     if part.stage == "decoder":
         return True
+    if part.stage == "vision-encoder" and not ADAPTERS[family].encoder_loop:
+        return False
     if not family.startswith("qwen"):
         return True
-    if part.stage == "vision-encoder":
-        return False
     try:
         part.signals_needed(cls_token=False)
     except ValueError:
