@@ -105,13 +105,18 @@ def turn(request):
     """Turn 1 of a two-row conversation, pruned at ``KEEP``: (model, processor, inputs, output with its cache)."""
     family, method = request.param
     model, processor = _model(family)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny widths: a second thread only adds synchronisation (and stalls on a busy machine)
     disable_pruning(model)
-    enable_pruning(model, method, keep=KEEP)
-    inputs = encode(family, processor, list(QUESTIONS))
-    with torch.no_grad():
-        out = gen(model, **inputs, past_key_values=DynamicCache(), max_new_tokens=2)
-    yield family, method, model, processor, inputs, out
-    disable_pruning(model)
+    try:
+        enable_pruning(model, method, keep=KEEP)
+        inputs = encode(family, processor, list(QUESTIONS))
+        with torch.no_grad():
+            out = gen(model, **inputs, past_key_values=DynamicCache(), max_new_tokens=2)
+        yield family, method, model, processor, inputs, out
+    finally:
+        disable_pruning(model)
+        torch.set_num_threads(threads)
 
 
 def test_follow_up_question_chunk_equals_decode_steps(turn):
