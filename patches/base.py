@@ -10,6 +10,9 @@ arguments with the image placeholders and features compacted together (``mm_enco
 * ``forward`` with images: prunes and runs; logits cover the pruned sequence (see ``handle.last``).
 * ``forward`` decode steps of a manual loop after a pruned prefill: an attention mask built on the original
   prompt length is mapped onto the pruned KV cache.
+* a call with a cache a pruned prefill filled (follow-up question, resumed generation, a ``copy.deepcopy`` of a
+  prompt cache): mapped onto the cache by its :class:`~tokenprune.patches.pruned_cache.CacheState` -- exactly the
+  new tokens, at their original positions, the image as it was pruned when it entered the cache.
 
 A decoder-stage method (``decoder``) runs inside the language model through a
 :class:`~tokenprune.patches.decoder.DecoderLoop` (hooks installed with the wrappers, removed with them); with a
@@ -28,6 +31,7 @@ import torch
 from tokenprune import flops_budget
 from tokenprune.budget import Keep, kept_count
 from tokenprune.methods import PruningMethod
+from tokenprune.patches import pruned_cache
 from tokenprune.patches.decoder import DecoderLoop, LayerRecord
 from tokenprune.record import ImageRecord, PruneRecord
 
@@ -44,6 +48,7 @@ class PrunedCall:
 
     kwargs: dict[str, Any]
     record: PruneRecord
+    rope_deltas: torch.Tensor | None = None  # Qwen: [B, 1] decode offset on the pruned cache (M-RoPE)
 
 
 class VisionStageAdapter:
@@ -73,9 +78,6 @@ class VisionStageAdapter:
         self.handle = handle
         self._saved: dict[str, Any] = {}
         self._generating = 0
-        # (pruned attention mask, original prompt length) of the last pruned forward prefill, for decode steps;
-        # kept small on purpose: holding the call's kwargs would keep its KV cache alive.
-        self._decode_map: tuple[torch.Tensor | None, int] | None = None
         self._forward_params = [
             p.name
             for p in inspect.signature(type(model).forward).parameters.values()
@@ -176,7 +178,6 @@ class VisionStageAdapter:
             else:
                 setattr(self.model, name, saved)
         self._saved.clear()
-        self._decode_map = None
         if self.decoder is not None:
             self.decoder.uninstall()
 
@@ -187,15 +188,21 @@ class VisionStageAdapter:
         if len(args) > len(self._forward_params):
             return inner(*args, **kwargs)
         kwargs.update(zip(self._forward_params, args, strict=False))
+        cache = kwargs.get("past_key_values")
+        if pruned_cache.cached_length(cache) == 0:
+            pruned_cache.forget(cache)
         call = self.prune(kwargs) if self.method is not None else None
         if call is None:
-            return inner(**self._translate_decode_mask(kwargs))
-        self._decode_map = (call.kwargs.get("attention_mask"), call.record.seq_len_before)
+            out = inner(**self._on_pruned_cache(kwargs))
+            self._remember_positions(cache if cache is not None else getattr(out, "past_key_values", None))
+            return out
         self._vision_record(call, kwargs)
         try:
-            return inner(**call.kwargs)
+            out = inner(**call.kwargs)
         finally:
             self._pending = None
+        self._remember(cache if cache is not None else getattr(out, "past_key_values", None), call, kwargs)
+        return out
 
     def _generate(self, inner: Any, *args: Any, **kwargs: Any) -> Any:
         if len(args) > 1 or (args and not isinstance(args[0], torch.Tensor)):
@@ -204,27 +211,99 @@ class VisionStageAdapter:
             kwargs["input_ids"] = args[0]
         elif isinstance(kwargs.get("inputs"), torch.Tensor) and "input_ids" not in kwargs:
             kwargs["input_ids"] = kwargs.pop("inputs")
+        cache = kwargs.get("past_key_values")
+        length = pruned_cache.cached_length(cache)
+        if length == 0:
+            pruned_cache.forget(cache)
+        state = pruned_cache.state_of(cache)
+        if length and state is not None and state.vision_pruned and kwargs.get("input_ids") is not None:
+            return self._continue_generate(inner, state, kwargs, length)
+        if length and state is not None and kwargs.get("input_ids") is not None:
+            self.continue_positions(state, kwargs["input_ids"].shape[0])  # a decoder-stage cache: its own offset
         call = self.prune(kwargs) if self.method is not None else None
         if call is None:
-            return self._run_generate(inner, **kwargs)
+            out = self._run_generate(inner, **kwargs)
+            self._remember_positions(cache if cache is not None else getattr(out, "past_key_values", None))
+            return out
         self._vision_record(call, kwargs)
         try:
             out = self._run_generate(inner, **call.kwargs)
         finally:
             self._pending = None
-        return _with_original_prompt(out, kwargs["input_ids"], call.kwargs["input_ids"].shape[1])
+        self._remember(cache if cache is not None else getattr(out, "past_key_values", None), call, kwargs)
+        return pruned_cache.with_original_prompt(out, kwargs["input_ids"], call.kwargs["input_ids"].shape[1])
+
+    # --- calls on a pruned cache --------------------------------------------------------------------------------
+    def _remember(self, cache: Any, call: PrunedCall, kwargs: dict[str, Any]) -> None:
+        """Attach what the pruned prefill cached to the cache object (it travels with ``copy.deepcopy``)."""
+        pruned_cache.attach(
+            cache, original_ids=kwargs["input_ids"].clone(), prefix_ids=call.kwargs["input_ids"].clone(),
+            prefix_mask=call.kwargs.get("attention_mask"), prefix_types=call.kwargs.get("mm_token_type_ids"),
+            rope_deltas=call.rope_deltas,
+        )
+
+    def _remember_positions(self, cache: Any) -> None:
+        """A decoder-stage selection on a cache without a vision stage: keep the family's decode offset (Qwen's
+        ``rope_deltas``, HF module state) with it, for later calls on this cache or a copy."""
+        state = pruned_cache.state_of(cache)
+        if state is not None and not state.vision_pruned and state.rope_deltas is None:
+            deltas = getattr(self.model.model, "rope_deltas", None)
+            state.rope_deltas = deltas.clone() if isinstance(deltas, torch.Tensor) else None
+
+    def _continue_generate(self, inner: Any, state: Any, kwargs: dict[str, Any], length: int) -> Any:
+        """``generate`` on a cache a vision-pruned prefill filled: the call's ids (original prompt + new tokens)
+        mapped onto the pruned prompt, the output's head restored to the caller's ids."""
+        kwargs = pruned_cache.without_cached_pixels(kwargs, state, self.visual_token_ids())
+        mapped, original = pruned_cache.continuation(state, kwargs, length)
+        self.continue_positions(state, mapped["input_ids"].shape[0])
+        out = self._run_generate(inner, **mapped)
+        return pruned_cache.with_original_prompt(out, kwargs["input_ids"][:, :original], state.prefix_ids.shape[1])
+
+    def _on_pruned_cache(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A forward on a warm cache (a manual decode loop, a forward continuation): only the new tokens, as with
+        any cache; a 2-D mask in original coordinates is mapped onto a vision-pruned cache and, without explicit
+        ``position_ids``, the new tokens get the positions ``generate`` would give them on that cache."""
+        cache = kwargs.get("past_key_values")
+        state, length = pruned_cache.state_of(cache), pruned_cache.cached_length(cache)
+        ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if state is None or length == 0 or ids is None:
+            return kwargs
+        batch, q = ids.shape[:2]
+        self.continue_positions(state, batch)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim != 2):
+            return kwargs
+        out = dict(kwargs)
+        if mask is not None and state.vision_pruned:
+            mask = out["attention_mask"] = pruned_cache.decode_mask(state, mask, length, q)
+        if kwargs.get("position_ids") is None:
+            full = mask if mask is not None else pruned_cache.full_mask(state, batch, length + q, ids.device)
+            text = (full.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]  # [B, q]: generate's convention
+            out["position_ids"] = self.continuation_positions(state, text)
+        return out
+
+    def continue_positions(self, state: Any, batch: int) -> None:
+        """Family hook: restore what positions on the pruned cache need before a call on it (Qwen: rope_deltas)."""
+
+    def continuation_positions(self, state: Any, text: torch.Tensor) -> torch.Tensor:
+        """Position ids of new tokens on a pruned cache from their text positions ``[B, q]`` (cache coordinates,
+        padding-aware); LLaVA re-indexes, so these are the positions."""
+        return text
 
     def _run_generate(self, inner: Any, *args: Any, **kwargs: Any) -> Any:
         self._generating += 1
         if self.decoder is not None:
             self.decoder.frozen += 1  # use_cache=False steps replay this generate's first decoder selection
             self.decoder.selection = None
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self.decoder.source_rows = ids.shape[0] if isinstance(ids, torch.Tensor) else None  # before repeats
         try:
             return inner(*args, **kwargs)
         finally:
             self._generating -= 1
             if self.decoder is not None:
                 self.decoder.frozen -= 1
+                self.decoder.source_rows = None
 
     # --- records ------------------------------------------------------------------------------------------------
     def _vision_record(self, call: PrunedCall, kwargs: dict[str, Any]) -> None:
@@ -255,22 +334,6 @@ class VisionStageAdapter:
             name, tuple(images), before, info.seq_len_after,
             tokens_per_layer=info.tokens_per_layer, visual_per_layer=info.visual_per_layer,
         ))
-
-    def _translate_decode_mask(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Map a decode step's mask from original-prompt coordinates onto the pruned KV cache (manual loops)."""
-        mask, cache = kwargs.get("attention_mask"), kwargs.get("past_key_values")
-        ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        if self._decode_map is None or mask is None or mask.ndim != 2 or cache is None or ids is None:
-            return kwargs
-        cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else None
-        pruned_mask, original_length = self._decode_map
-        if cached is None or pruned_mask is None or mask.shape[0] != pruned_mask.shape[0]:
-            return kwargs
-        new_tokens = cached - pruned_mask.shape[1]  # generated since the pruned prefill
-        if new_tokens < 0 or mask.shape[1] != original_length + new_tokens + ids.shape[1]:
-            return kwargs
-        translated = torch.cat([pruned_mask.to(mask.dtype), mask[:, original_length:]], dim=1)
-        return {**kwargs, "attention_mask": translated}
 
 
 def placeholder_positions(
@@ -316,18 +379,4 @@ def _compose(vision: tuple[ImageRecord, ...], decoder: list[ImageRecord]) -> lis
             out.append(d)
         else:
             out.append(dataclasses.replace(v, kept=v.kept[d.kept.to(v.kept.device)], n_merged=d.n_merged))
-    return out
-
-
-def _with_original_prompt(out: Any, prompt_ids: torch.Tensor, pruned_length: int) -> Any:
-    """Replace the pruned prompt at the head of ``generate``'s output with the original prompt ids."""
-    sequences = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
-    if sequences is None:
-        return out
-    repeat = sequences.shape[0] // prompt_ids.shape[0]  # num_return_sequences / beams
-    prompt = prompt_ids.to(sequences.device).repeat_interleave(repeat, dim=0)
-    restored = torch.cat([prompt, sequences[:, pruned_length:]], dim=1)
-    if isinstance(out, torch.Tensor):
-        return restored
-    out.sequences = restored
     return out

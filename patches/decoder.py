@@ -27,7 +27,6 @@ Three kinds of call:
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +35,7 @@ import torch
 
 from tokenprune.budget import Keep
 from tokenprune.methods.decoder import DecoderMethod, StagePlan
+from tokenprune.patches import pruned_cache
 from tokenprune.patches.decoder_grids import visual_coords
 from tokenprune.patches.decoder_select import Stage, apply_mixes, gather, select_stage
 
@@ -43,8 +43,7 @@ from tokenprune.patches.decoder_select import Stage, apply_mixes, gather, select
 @dataclass
 class Selection:
     ids: torch.Tensor       # [B, n] prompt ids the selection was made on
-    stages: list[Stage]
-    cache: Any = None       # weakref to the KV cache the prefill wrote
+    stages: list[Stage]     # (attached to the KV cache the prefill wrote: patches/pruned_cache.py)
 
 
 @dataclass
@@ -79,6 +78,8 @@ class _Call:
     counts: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     accum: torch.Tensor | None = None      # [B, M] per-slot sum collected by ``method.observe`` (select)
     coords: torch.Tensor | None = None     # [B, n, 2] (row, column) of each token within its image, -1 unknown
+    kv_len: int | None = None              # a static cache's per-layer key length (max_cache_len), else None
+    source_rows: int | None = None         # rows of the caller's prompt (generate repeats them for beams/samples)
 
 
 class DecoderLoop:
@@ -97,6 +98,7 @@ class DecoderLoop:
         self.reindex = method.positions == "reindex" and not force_keep_positions
         self.on_record = on_record
         self.frozen = 0  # > 0 inside generate: a use_cache=False step replays the prefill's selection
+        self.source_rows: int | None = None  # the caller's prompt rows of the call in progress (set by the adapter)
         self.selection: Selection | None = None
         self._ids: torch.Tensor | None = None
         self._call: _Call | None = None
@@ -132,10 +134,14 @@ class DecoderLoop:
             return
         batch, q = embeds.shape[:2]
         cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        mask = kwargs.get("attention_mask")
+        past = pruned_cache.cached_length(cache)
+        state = pruned_cache.state_of(cache) if past > 0 else None
+        sel = state.selection if state is not None else None  # a call on a cache: ITS prefill's selection
+        mask = pruned_cache.padding_mask_2d(kwargs.get("attention_mask"), past + q)
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim != 2):
             if past == 0 and ids is not None and not self._has_visual(ids):
+                return
+            if past > 0 and (sel is None or not sel.stages):
                 return
             raise ValueError(
                 f"decoder-stage pruning ({self.method.name}) needs a 2-D attention mask (or None); got "
@@ -144,12 +150,19 @@ class DecoderLoop:
         mask2d = (mask.bool() if mask is not None
                   else torch.ones(batch, past + q, dtype=torch.bool, device=embeds.device))
         pos = self._call_positions(kwargs.get("position_ids"), batch, q, past, embeds.device) if self.reindex else None
-        sel = self.selection
         if past > 0:
-            if sel is None or not sel.stages or sel.cache is None or sel.cache() is not cache:
+            if sel is None or not sel.stages:
                 return
-            self._call = _Call("decode", q, sel.ids.shape[1], mask2d, pos, sel)
+            if sel.ids.shape[0] != batch:
+                raise ValueError(
+                    f"{self.method.name}: this KV cache holds a decoder-stage selection of {sel.ids.shape[0]} prompt "
+                    f"row(s); the call has {batch}. Continue a cache with the batch it was filled with (beams: "
+                    f"start the beam search from the pruned prefill, not from a cache of another batch)"
+                )
+            kv_len = pruned_cache.static_length(cache)
+            self._call = _Call("decode", q, sel.ids.shape[1], mask2d, pos, sel, kv_len=kv_len)
             return
+        sel = self.selection
         if ids is None:
             return
         use_cache = kwargs.get("use_cache")
@@ -164,7 +177,8 @@ class DecoderLoop:
             return
         sel = Selection(ids.clone(), [])
         self.selection = sel
-        call = _Call("select", q, q, mask2d, pos, sel, image_of=self._image_of(ids))
+        call = _Call("select", q, q, mask2d, pos, sel, image_of=self._image_of(ids),
+                     kv_len=pruned_cache.static_length(cache), source_rows=self.source_rows)
         call.coords = visual_coords(self.model.config.model_type, call.image_of, kwargs.get("position_ids"))
         call.index = torch.arange(q, device=ids.device).expand(batch, -1)
         call.valid = mask2d[:, :q].clone()
@@ -194,7 +208,7 @@ class DecoderLoop:
                 call.cos_sin = kwargs["position_embeddings"]
                 cache = kwargs.get("past_key_values")
                 if call.mode == "select":
-                    call.sel.cache = weakref.ref(cache) if cache is not None else None
+                    pruned_cache.attach(cache, selection=call.sel)
             if call.override:
                 kwargs.update(call.override)
             if call.mode == "select":
@@ -272,7 +286,7 @@ class DecoderLoop:
             emb = (cos, sin)
         else:
             emb = tuple(gather(x.expand(batch, -1, -1), index) for x in (cos, sin))
-        mask = build_mask(self.lm.config._attn_implementation, kv_valid, q, h.dtype)
+        mask = build_mask(self.lm.config._attn_implementation, kv_valid, q, h.dtype, call.kv_len)
         return {"attention_mask": mask, "position_embeddings": emb, "position_ids": None}
 
     # --- bookkeeping --------------------------------------------------------------------------------------------
@@ -309,10 +323,23 @@ class DecoderLoop:
         return given.expand(batch, -1)
 
 
-def build_mask(impl: str, kv_valid: torch.Tensor, q: int, dtype: torch.dtype) -> torch.Tensor | None:
+def build_mask(
+    impl: str, kv_valid: torch.Tensor, q: int, dtype: torch.dtype, kv_len: int | None = None
+) -> torch.Tensor | None:
     """The attention mask for ``q`` queries that are the last ``q`` of ``kv_valid.shape[1]`` keys (causal + padding),
     in the form the kernel takes: flash -- 2-D 0/1 (None without padding); eager -- additive float; others (sdpa)
-    -- boolean ``[B, 1, q, kv]``. Query rows with no visible key (padding) see every key: no NaN, never read."""
+    -- boolean ``[B, 1, q, kv]``. Query rows with no visible key (padding) see every key: no NaN, never read.
+    ``kv_len`` (a static cache: every layer returns ``max_cache_len`` keys): the unwritten key slots are masked."""
+    if kv_len is not None and kv_len > kv_valid.shape[1]:
+        blank = torch.zeros(kv_valid.shape[0], kv_len - kv_valid.shape[1], dtype=torch.bool, device=kv_valid.device)
+        full = build_mask(impl, kv_valid, q, dtype)
+        if "flash" in impl:
+            return torch.cat([kv_valid, blank], dim=1).long()
+        blank = blank[:, None, None].expand(-1, 1, q, -1)
+        if impl == "eager":
+            return torch.cat([full, torch.full(blank.shape, torch.finfo(dtype).min, dtype=dtype,
+                                               device=full.device)], dim=-1)
+        return torch.cat([full, blank], dim=-1)
     if "flash" in impl:
         return None if bool(kv_valid.all()) else kv_valid.long()
     kv = kv_valid.shape[1]
@@ -326,3 +353,4 @@ def build_mask(impl: str, kv_valid: torch.Tensor, q: int, dtype: torch.dtype) ->
             ~allowed, torch.finfo(dtype).min
         )
     return allowed
+

@@ -80,6 +80,8 @@ class Row:
         self._rows: dict[tuple[int, ...], torch.Tensor] = {}
         self._call = call
         self.batch_index = b
+        sources = getattr(call, "source_rows", None) or h.shape[0]
+        self.source_row = b // (h.shape[0] // sources) if h.shape[0] % sources == 0 else b
         if call is not None:
             self.index = call.index[b]
             self.visual_prompt = call.image_of[b] >= 0

@@ -10,7 +10,8 @@ its original (larger) positions, exactly as in the unpruned prompt.
 
 ``model.model.rope_deltas`` (HF's per-model decode offset) is reset before each pruned prefill and then set so that
 a later decode step without explicit position ids (a manual loop on the pruned KV cache) continues at the
-unpruned prompt's next position: ``max_position + 1 - pruned_length`` per row.
+unpruned prompt's next position: ``max_position + 1 - pruned_length`` per row. The offset is also kept on the cache
+(``patches/pruned_cache.py``) and restored before every later call on that cache or a copy of it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenprune.compaction import compact, padding_side
 from tokenprune.methods import FEATURES, TEXT_EMBEDDINGS
+from tokenprune.patches import pruned_cache
 from tokenprune.patches.base import PrunedCall, VisionStageAdapter, placeholder_positions, text_embeddings
 from tokenprune.patches.qwen_signals import QWEN_SIGNALS, QwenProbe
 from tokenprune.patches.units import ImageSelection, Unit, select_image
@@ -109,9 +111,9 @@ class QwenVLAdapter(VisionStageAdapter):
         text_row = (new_mask.long().cumsum(-1) - 1).masked_fill(new_mask == 0, 0)
         new_kwargs["position_ids"] = torch.cat([text_row[None], new_kwargs["position_ids"]], dim=0)  # [4, B, L']
         new_kwargs["mm_encoder_outputs"] = encoder_outputs
-        self._set_rope_deltas(positions, full_mask, new_mask)
+        deltas = self._set_rope_deltas(positions, full_mask, new_mask)
         record = PruneRecord(self.method.name, tuple(images), length, new_kwargs["input_ids"].shape[1])
-        return PrunedCall(new_kwargs, record)
+        return PrunedCall(new_kwargs, record, rope_deltas=deltas)
 
     def _original_positions(self, kwargs: dict[str, Any]) -> torch.Tensor:
         given = kwargs.get("position_ids")
@@ -131,11 +133,26 @@ class QwenVLAdapter(VisionStageAdapter):
         )
         return positions
 
-    def _set_rope_deltas(self, positions: torch.Tensor, mask: torch.Tensor, new_mask: torch.Tensor) -> None:
+    def _set_rope_deltas(self, positions: torch.Tensor, mask: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
         """Decode offset on the pruned cache: next position = max original position + 1, per row."""
         valid = mask.bool()
         top = positions.masked_fill(~valid[None], -1).amax(dim=(0, 2))  # [B]
         self.model.model.rope_deltas = (top + 1 - new_mask.long().sum(-1))[:, None]
+        return self.model.model.rope_deltas
+
+    def continue_positions(self, state: Any, batch: int) -> None:
+        """A call on a pruned cache: HF's per-model ``rope_deltas`` (stale module state) set to THIS cache's offset,
+        so the new tokens get their original M-RoPE positions whichever cache (or copy) was used last."""
+        if state.rope_deltas is not None:
+            self.model.model.rope_deltas = pruned_cache.rows(state.rope_deltas, batch, "input_ids")
+
+    def continuation_positions(self, state: Any, text: torch.Tensor) -> torch.Tensor | None:
+        """``[4, B, q]``: the text row, then the (t, h, w) rows at the ORIGINAL positions (text + rope_deltas)."""
+        if state.rope_deltas is None:
+            return None  # HF derives them (module rope_deltas)
+        deltas = pruned_cache.rows(state.rope_deltas, text.shape[0], "input_ids")
+        mrope = (text + deltas.to(text.device))[None].expand(3, -1, -1)
+        return torch.cat([text[None], mrope], dim=0)
 
     def _encode(
         self, getter: str, pixels: torch.Tensor, grid_thw: torch.Tensor

@@ -88,6 +88,7 @@ class RowSignals(Protocol):
         ...
 
     batch_index: int          # the row's place in the batch
+    source_row: int           # the caller's prompt row it repeats (``generate`` repeats rows for beams/samples)
     index: torch.Tensor       # [N] prompt index of every slot (an extra token: its representative's)
     embeddings: torch.Tensor  # [n, D] the row's LLM INPUT embeddings (layer 0), over the whole prompt, by prompt index
     visual_prompt: torch.Tensor  # [n] bool: visual tokens of the prompt (by prompt index)

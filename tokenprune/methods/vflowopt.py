@@ -115,11 +115,11 @@ class VFlowOptLLM(DecoderMethod):
         ends = (visual & ~torch.nn.functional.pad(visual, (0, 1))[1:]).nonzero().squeeze(1)
         out = []
         for m, (slots, k) in enumerate(images):
-            carried = (self.carrier or {}).get((row.batch_index, m))
+            carried = (self.carrier or {}).get((row.source_row, m))  # beams: generate repeats the vision rows
             offsets = row.index[slots] - starts[m]
             if carried is None or carried.numel() != int(ends[m] - starts[m]) + 1:
                 raise RuntimeError(
-                    f"vflowopt: no ViT importance for image {m} of batch row {row.batch_index} (or its span does not "
+                    f"vflowopt: no ViT importance for image {m} of batch row {row.source_row} (or its span does not "
                     f"match the vision stage's); the LLM stages only run after VFlowOpt's own vision stage "
                     f"(method='vflowopt') on LLaVA-1.5"
                 )
