@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tokenprune import disable_pruning, enable_pruning
-from tokenprune.tiny_models import random_image, real_depth
+from tokenprune.real_depth import real_depth
+from tokenprune.tiny_models import random_image
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

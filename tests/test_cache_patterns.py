@@ -1,5 +1,5 @@
 """Every way people call ``generate`` on a pruned KV cache, for every method on real-depth models
-(``tokenprune.tiny_models.real_depth``): a follow-up question on the returned cache, resumed generation, prompt reuse
+(``tokenprune.real_depth.real_depth``): a follow-up question on the returned cache, resumed generation, prompt reuse
 with ``copy.deepcopy``, the static cache, beams and several samples -- exact, or a clear error.
 
 One parametrized matrix (family x method): a new family in ``FAMILIES`` or a new registered method gets it for free.
@@ -18,7 +18,8 @@ from transformers import DynamicCache
 from tokenprune import disable_pruning, enable_pruning
 from tokenprune.methods import METHODS, TEXT_EMBEDDINGS
 from tokenprune.patches import ADAPTERS, pruned_cache
-from tokenprune.tiny_models import random_image, real_depth
+from tokenprune.real_depth import real_depth
+from tokenprune.tiny_models import random_image
 
 FAMILIES = ("llava", "qwen2_5_vl", "llava_next", "qwen2_vl")
 KEEP = 0.25

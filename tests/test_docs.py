@@ -102,10 +102,10 @@ def test_a_method_added_to_the_registry_appears_in_the_tables(monkeypatch):
 
 
 def _tiny(model_type: str):
-    from tokenprune.tiny_models import REAL_DEPTH_FAMILIES, real_depth
+    from tokenprune.real_depth import REAL_DEPTH_FAMILIES, real_depth
 
     assert model_type in REAL_DEPTH_FAMILIES, (
-        f"{model_type!r} has an adapter but no real-depth tiny builder: add it to tokenprune.tiny_models.real_depth "
+        f"{model_type!r} has an adapter but no real-depth tiny builder: add it to tokenprune.real_depth.real_depth "
         "so that every method can be checked at its default layers")
     return real_depth(model_type)[0]
 

@@ -369,7 +369,7 @@ def test_visualize_draws_the_kept_tokens_of_a_qwen3_vl_record(method):
 
 @pytest.mark.parametrize("family", QWEN3_FAMILIES)
 def test_real_depth_models_have_the_released_depths_and_run_methods_at_their_default_layers(family):
-    from tokenprune.tiny_models import real_depth
+    from tokenprune.real_depth import real_depth
 
     model, processor = real_depth(family, "sdpa")
     config = model.config

@@ -280,34 +280,6 @@ def tiny_qwen(
     return model, TinyQwenProcessor(tok, image_processor)
 
 
-# Depths of the real checkpoints (towers and LLMs) at tiny width: every method runs at its DEFAULT layers on them.
-# CLIP ViT-L/14(-336): 24 layers (LLaVA-1.5 and LLaVA-NeXT read layer -2); Llama-2-7B / Vicuna-7B: 32 layers;
-# Qwen2-VL-7B and Qwen2.5-VL-7B: 32 ViT blocks (2.5: full attention in blocks 7, 15, 23, 31) and a 28-layer LLM.
-# Qwen3-VL / Qwen3.5 (dense and MoE): :data:`tokenprune.tiny_qwen3.QWEN3_REAL_DEPTH`.
-REAL_DEPTH_FAMILIES = (
-    "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe",
-)
-
-
-def real_depth(family: str, attn_implementation: str = "sdpa", seed: int = 0):
-    """``(model, processor)`` of ``family`` (a ``model_type`` in :data:`REAL_DEPTH_FAMILIES`) with the vision tower
-    and the LLM as deep as the real checkpoint's (7B; Qwen3: 8B, 30B-A3B, 9B, 35B-A3B) at tiny widths (vision 64)."""
-    if family == "llava":
-        return tiny_llava(LlavaSize(vision_layers=24, text_layers=32), attn_implementation, seed)
-    if family == "llava_next":
-        return tiny_llava_next(attn_implementation, seed, text_layers=32, vision_layers=24)
-    if family == "qwen2_vl":
-        return tiny_qwen("2", attn_implementation, seed, text_layers=28, vision_layers=32)
-    if family == "qwen2_5_vl":
-        return tiny_qwen("2.5", attn_implementation, seed, text_layers=28, vision_layers=32,
-                         fullatt_block_indexes=(7, 15, 23, 31))
-    if family in REAL_DEPTH_FAMILIES:
-        from tokenprune.tiny_qwen3 import QWEN3_REAL_DEPTH, tiny_qwen3
-
-        return tiny_qwen3(family, attn_implementation, seed, **QWEN3_REAL_DEPTH[family])
-    raise ValueError(f"family must be one of {REAL_DEPTH_FAMILIES}; got {family!r}")
-
-
 def random_video(frames: int, height: int, width: int, seed: int = 0, channels: int = 3, patch: int = 14):
     """``(pixel_values_videos, video_grid_thw)`` of a random clip, in the layout Qwen's video processor emits.
 
