@@ -204,7 +204,8 @@ class VisionStageAdapter:
             kwargs["input_ids"] = args[0]
         elif isinstance(kwargs.get("inputs"), torch.Tensor) and "input_ids" not in kwargs:
             kwargs["input_ids"] = kwargs.pop("inputs")
-        call = self.prune(kwargs) if self.method is not None else None
+        with torch.no_grad():  # as generate itself: no autograd graph (bitsandbytes' CPU 4-bit kernel refuses one)
+            call = self.prune(kwargs) if self.method is not None else None
         if call is None:
             return self._run_generate(inner, **kwargs)
         self._vision_record(call, kwargs)
