@@ -220,7 +220,8 @@ class VisionStageAdapter:
             return self._continue_generate(inner, state, kwargs, length)
         if length and state is not None and kwargs.get("input_ids") is not None:
             self.continue_positions(state, kwargs["input_ids"].shape[0])  # a decoder-stage cache: its own offset
-        call = self.prune(kwargs) if self.method is not None else None
+        with torch.no_grad():  # as generate itself: no autograd graph (bitsandbytes' CPU 4-bit kernel refuses one)
+            call = self.prune(kwargs) if self.method is not None else None
         if call is None:
             out = self._run_generate(inner, **kwargs)
             self._remember_positions(cache if cache is not None else getattr(out, "past_key_values", None))

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from tokenprune.compute_dtype import compute_dtype
 from tokenprune.methods import CLS_ATTENTION
 from tokenprune.patches.clip_signals import attention_signals
 
@@ -45,7 +46,7 @@ def encode_pruned(
     ``0..feature_layer - 1`` with ``remaining = feature_layer - idx - 1`` layers left before the feature layer."""
     inner = getattr(tower, "vision_model", tower)
     layers = inner.encoder.layers
-    dtype = inner.embeddings.patch_embedding.weight.dtype
+    dtype = compute_dtype(inner.embeddings)  # what CLIPVisionEmbeddings casts pixels to (never a quantized Linear)
     out = []
     with torch.no_grad():
         for b, k in enumerate(budgets):

@@ -19,6 +19,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenprune.compaction import compact, padding_side, reindex_positions
+from tokenprune.compute_dtype import compute_dtype_device
 from tokenprune.methods import CLS_SIGNALS, FEATURES, TEXT_EMBEDDINGS, Selection, SelectionContext
 from tokenprune.patches.base import PrunedCall, VisionStageAdapter, placeholder_positions, text_embeddings
 from tokenprune.patches.clip_encoder_loop import encode_pruned
@@ -90,8 +91,9 @@ class LlavaAdapter(VisionStageAdapter):
         merged = result.merged
         if result.space != FEATURES:
             projector = self.model.model.multi_modal_projector
+            dtype, device = compute_dtype_device(projector, feats)  # the projector's output dtype = its input's
             with torch.no_grad():
-                merged = projector(merged.to(next(projector.parameters()).dtype))
+                merged = projector(merged.to(device=device, dtype=dtype))
         merged = merged.to(device=feats.device, dtype=feats.dtype)
         return torch.cat([merged[: result.lead], feats[kept], merged[result.lead:]]), result
 

@@ -20,12 +20,14 @@ Positions are re-indexed contiguously, as in LLaVA-1.5.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
+from tokenprune.compute_dtype import compute_dtype_device
 from tokenprune.methods import (
     ATTENTION_MAP,
     CLS_ATTENTION,
@@ -188,7 +190,7 @@ class LlavaNextAdapter(LlavaAdapter):
             unit_budgets, budgets = budgets[: len(units)], budgets[len(units):]
             chosen = select_image(
                 self.method, feats, units, unit_budgets, signals, image_index=i, row=row,
-                index_in_row=seen_in_row[row], project=self._project, placement="span",
+                index_in_row=seen_in_row[row], project=functools.partial(self._project, like=feats), placement="span",
             )
             slots, span = chosen.slots, chosen.features
             if not prunes:  # nothing pruned anywhere: keep the newline tokens too (bit-identical to unpruned)
@@ -205,10 +207,12 @@ class LlavaNextAdapter(LlavaAdapter):
             seen_in_row[row] += 1
         return self._compacted(kwargs, keep, kept_features, images)
 
-    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _project(self, hidden: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Vision-space rows through the projector, in the dtype it computes in (that of its output ``like``)."""
         projector = self.model.model.multi_modal_projector
+        dtype, device = compute_dtype_device(projector, like)
         with torch.no_grad():
-            return projector(hidden.to(next(projector.parameters()).dtype))
+            return projector(hidden.to(device=device, dtype=dtype))
 
     def _crops_per_image(self, sizes: torch.Tensor, n_images: int) -> list[int]:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches

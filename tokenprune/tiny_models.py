@@ -317,9 +317,10 @@ SYNTH_LLAVA = Path(__file__).resolve().parent / "assets" / "synth-llava"
 SYNTH_PROMPT = "USER : <image>\n{question} ASSISTANT :"
 
 
-def trained_llava(attn_implementation: str = "sdpa", path: str | Path | None = None):
+def trained_llava(attn_implementation: str = "sdpa", path: str | Path | None = None, quantization_config=None):
     """``(model, processor)``: the shipped trained LLaVA-1.5-architecture model (CLIP ViT 224 px / patch 14 -> 256
-    visual tokens + [CLS], 2-layer projector, 4-layer Llama LM; fp32, eval mode), via ``from_pretrained``.
+    visual tokens + [CLS], 2-layer projector, 4-layer Llama LM; fp32, eval mode), via ``from_pretrained``; with a
+    ``BitsAndBytesConfig`` as ``quantization_config``, loaded quantized on the CPU (bitsandbytes' CPU backend).
 
     It answers single-word questions about scenes of coloured shapes (:mod:`tokenprune.bench.synthetic`) with the
     prompt ``SYNTH_PROMPT``; :func:`tokenprune.bench.synthetic.scenes.synthetic_demo` gives a scene and a
@@ -332,8 +333,10 @@ def trained_llava(attn_implementation: str = "sdpa", path: str | Path | None = N
         raise FileNotFoundError(
             f"no trained model at {folder} (expected model.safetensors there); it ships with the package under "
             "tokenprune/assets/synth-llava; rebuild it with `python -m tokenprune.bench.synthetic.train`")
+    quantized = {} if quantization_config is None else {"quantization_config": quantization_config,
+                                                        "device_map": "cpu"}
     model = LlavaForConditionalGeneration.from_pretrained(folder, attn_implementation=attn_implementation,
-                                                          dtype=torch.float32)
+                                                          dtype=torch.float32, **quantized)
     processor = AutoProcessor.from_pretrained(folder)
     return model.eval(), processor
 

@@ -63,8 +63,9 @@ def batches(n_per_type: int, batch: int, processor, seed: int = TEST_SEED):
 
 
 @torch.inference_mode()
-def score(model, processor, data, handle=None) -> dict[str, Any]:
-    """Accuracy per type and overall, and the mean LLM prefill TFLOPs per question (pruned, unpruned)."""
+def score(model, processor, data, handle=None, records: list | None = None) -> dict[str, Any]:
+    """Accuracy per type and overall, and the mean LLM prefill TFLOPs per question (pruned, unpruned); with
+    ``records``, each batch's pruning record (``handle.last``) is appended to it."""
     from tokenprune.flops import ModelShape, prefill_flops
 
     tok = processor.tokenizer
@@ -73,6 +74,8 @@ def score(model, processor, data, handle=None) -> dict[str, Any]:
     tflops = [0.0, 0.0]
     for inputs, refs in data:
         out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        if records is not None:
+            records.append(handle.last if handle is not None else None)
         words = tok.convert_ids_to_tokens(out[:, -1].tolist())
         for (qtype, answer), word in zip(refs, words, strict=True):
             correct[qtype].append(int(word == answer))
@@ -90,12 +93,14 @@ def score(model, processor, data, handle=None) -> dict[str, Any]:
 
 
 def run(n_per_type: int = 20, keeps=KEEPS, methods: list[str] | None = None, batch: int = 20,
-        attn_implementation: str = "sdpa", out=sys.stderr, threads: int | None = None) -> dict[str, Any]:
+        attn_implementation: str = "sdpa", out=sys.stderr, threads: int | None = None,
+        quantization_config: Any = None) -> dict[str, Any]:
+    from tokenprune.quantization import describe
     from tokenprune.tiny_models import trained_llava
 
     if threads:
         torch.set_num_threads(threads)
-    model, processor = trained_llava(attn_implementation=attn_implementation)
+    model, processor = trained_llava(attn_implementation=attn_implementation, quantization_config=quantization_config)
     data = batches(n_per_type, batch, processor)
     start = time.time()
 
@@ -137,6 +142,7 @@ def run(n_per_type: int = 20, keeps=KEEPS, methods: list[str] | None = None, bat
                 f"({100 * rows[-1]['retention']:.0f}% of unpruned), LLM prefill FLOPs x{rows[-1]['flops_ratio']:.2f}")
     return {
         "model": "tokenprune/assets/synth-llava (LlavaForConditionalGeneration, 256 visual tokens per image)",
+        "quantization": describe(quantization_config),
         "test_seed": TEST_SEED, "questions": base["n"], "questions_per_type": n_per_type,
         "answer_rule": "greedy first generated token == single-word reference",
         "unpruned_accuracy": base_acc, "unpruned_per_type": {t: base["accuracy"][t] for t in QUESTION_TYPES},

@@ -21,6 +21,33 @@ def _add_model_arguments(parser: argparse.ArgumentParser, attn_help: str) -> Non
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
     parser.add_argument("--attn", default="sdpa", help=attn_help)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    _add_quantization_arguments(parser)
+
+
+def _add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
+    """bitsandbytes loading, with transformers' own names (``BitsAndBytesConfig``): the model a user runs."""
+    group = parser.add_argument_group("quantization (bitsandbytes; a preset is saved and reloaded quantized)")
+    group.add_argument("--load-in-4bit", action="store_true", help="load the model in 4-bit")
+    group.add_argument("--load-in-8bit", action="store_true", help="load the model in 8-bit (LLM.int8)")
+    group.add_argument("--bnb-4bit-quant-type", default=None, choices=("nf4", "fp4"), help="4-bit type (default fp4)")
+    group.add_argument("--bnb-4bit-use-double-quant", action="store_true", help="quantize the 4-bit scales too")
+    group.add_argument("--bnb-4bit-compute-dtype", default=None,
+                       help="dtype of the 4-bit matmuls, e.g. float32 or bfloat16 (default float32)")
+
+
+def _quantization(args: argparse.Namespace):
+    """The ``BitsAndBytesConfig`` the flags ask for (None: full precision); a parser error if they do not fit."""
+    from tokenprune.quantization import bnb_config
+
+    flags = {"load_in_4bit": args.load_in_4bit, "load_in_8bit": args.load_in_8bit,
+             "bnb_4bit_quant_type": args.bnb_4bit_quant_type, "bnb_4bit_compute_dtype": args.bnb_4bit_compute_dtype,
+             "bnb_4bit_use_double_quant": args.bnb_4bit_use_double_quant}
+    options = {key: value for key, value in flags.items() if value not in (None, False)}
+    try:
+        return bnb_config(options)
+    except ValueError as err:
+        args.command_parser.error(str(err).replace("load_in_4bit=True", "--load-in-4bit")
+                                  .replace("load_in_8bit=True", "--load-in-8bit"))
 
 
 def _csv(kind):
@@ -139,6 +166,10 @@ def add_decoder_command(sub: argparse._SubParsersAction) -> None:
     accuracy.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     accuracy.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                           help="output directory (default benchmarks/results)")
+    _add_quantization_arguments(accuracy)
+    accuracy.add_argument("--overlap", action="store_true",
+                          help="with a quantization flag: also measure, per method, the overlap of the kept indices "
+                          "between the full-precision and the quantized model (writes OUT/quantized_overlap_*)")
     accuracy.set_defaults(handler=run_accuracy, command_parser=accuracy)
 
 
@@ -153,7 +184,8 @@ def run_decoder(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         bm = load(args.model, layers=args.layers, vision_layers=args.vision_layers, dtype=args.dtype,
-                  attn_implementation=args.attn, device=args.device, width_divisor=args.width_divisor)
+                  attn_implementation=args.attn, device=args.device, width_divisor=args.width_divisor,
+                  quantization_config=_quantization(args))
         rows = decoder_cost.run(bm, args.method, args.keep, repeats=args.repeats, warmup=args.warmup,
                                 progress=False if args.no_progress else None)
     except ValueError as err:
@@ -289,7 +321,8 @@ def run_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         bm = load(args.model, layers=args.layers, vision_layers=args.vision_layers, dtype=args.dtype,
-                  attn_implementation=args.attn, device=args.device, prompt=args.prompt)
+                  attn_implementation=args.attn, device=args.device, prompt=args.prompt,
+                  quantization_config=_quantization(args))
         rows = run(bm, budgets, repeats=args.repeats, warmup=args.warmup, decode_tokens=args.decode_tokens,
                    progress=False if args.no_progress else None)
     except ValueError as err:
@@ -328,12 +361,36 @@ def run_selection(args: argparse.Namespace) -> int:
 
 def run_accuracy(args: argparse.Namespace) -> int:
     from tokenprune.bench.accuracy import markdown, run, write
+    from tokenprune.quantization import describe
 
     if args.per_type < 1:
         args.command_parser.error(f"--per-type must be >= 1; got {args.per_type}")
+    config = _quantization(args)
+    if args.overlap:
+        return _run_overlap(args, config)
     result = run(n_per_type=args.per_type, keeps=tuple(args.keep), methods=args.method, batch=args.batch,
-                 attn_implementation=args.attn, threads=args.threads)
-    paths = write(result, args.out)
+                 attn_implementation=args.attn, threads=args.threads, quantization_config=config)
+    stem = "accuracy_retention" if config is None else f"accuracy_retention_{describe(config)}"
+    paths = write(result, args.out, stem=stem)
     print(markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _run_overlap(args: argparse.Namespace, config) -> int:
+    """``bench-accuracy --overlap``: kept-index overlap full precision vs quantized, at the first ``--keep``."""
+    from tokenprune.bench import quantized_overlap
+    from tokenprune.quantization import describe
+
+    if config is None:
+        args.command_parser.error("--overlap compares with a quantized model: add --load-in-4bit or --load-in-8bit")
+    result = quantized_overlap.run(config, n_per_type=args.per_type, keep=args.keep[0], methods=args.method,
+                                   batch=args.batch, attn_implementation=args.attn, threads=args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"quantized_overlap_{describe(config)}"
+    table = quantized_overlap.markdown(result)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    stem.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {stem}.json, {stem}.md")
     return 0

@@ -46,6 +46,7 @@ from tokenprune.bench.measure import Timer, interleaved
 from tokenprune.bench.models import BenchModel
 from tokenprune.bench.run import prefill
 from tokenprune.budget import Keep
+from tokenprune.compute_dtype import compute_dtype
 from tokenprune.methods import METHODS
 
 
@@ -289,7 +290,7 @@ def run(bm: BenchModel, methods: list[str] | None = None, keep: Keep = 64, *, re
     if wrong:
         raise ValueError(f"not decoder-stage methods: {wrong}; decoder-stage methods: {', '.join(decoder_methods())}")
     context = {
-        "model": bm.description, "device": str(bm.device), "dtype": str(next(bm.model.parameters()).dtype),
+        "model": bm.description, "device": str(bm.device), "dtype": str(compute_dtype(bm.model)),
         "attn_implementation": bm.model.config._attn_implementation, "threads": torch.get_num_threads(),
         "repeats": repeats, "warmup": warmup,
     }

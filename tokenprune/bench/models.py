@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
+from tokenprune.compute_dtype import compute_device, compute_dtype
 from tokenprune.flops import PRESETS, ModelShape
+from tokenprune.quantization import describe
 from tokenprune.tiny_models import DEMO, TINY, LlavaSize, demo_image, tiny_llava
 
 PRESET_PROMPT = "USER : <image>\nwhat is in the image ? ASSISTANT :"
@@ -37,7 +39,7 @@ class BenchModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return compute_device(self.model)
 
 
 def llava_preset(name: str, layers: int | None, vision_layers: int | None, dtype: torch.dtype,
@@ -102,11 +104,35 @@ def llava_preset(name: str, layers: int | None, vision_layers: int | None, dtype
     return model, processor
 
 
-def checkpoint(path: str, dtype: torch.dtype, attn_implementation: str, device: str) -> tuple[torch.nn.Module, Any]:
+def checkpoint(path: str, dtype: torch.dtype, attn_implementation: str, device: str,
+               quantization_config: Any = None) -> tuple[torch.nn.Module, Any]:
+    """A checkpoint directory via ``from_pretrained`` (quantized on ``device`` when ``quantization_config`` is a
+    ``BitsAndBytesConfig``) and its processor."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-    return model.to(device).eval(), AutoProcessor.from_pretrained(path)
+    if quantization_config is not None:
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation, quantization_config=quantization_config,
+            device_map=device)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        model = model.to(device)
+    return model.eval(), AutoProcessor.from_pretrained(path)
+
+
+def reload_quantized(model: torch.nn.Module, quantization_config: Any, attn_implementation: str,
+                     device: str) -> torch.nn.Module:
+    """A built (random-weight) preset saved with ``save_pretrained`` and loaded back quantized, as a user loads a
+    checkpoint: bitsandbytes quantizes at load time only."""
+    import tempfile
+
+    from transformers import AutoModelForImageTextToText
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        return AutoModelForImageTextToText.from_pretrained(
+            folder, dtype=compute_dtype(model), attn_implementation=attn_implementation,
+            quantization_config=quantization_config, device_map=device).eval()
 
 
 def checkpoint_prompt(processor: Any, question: str) -> str:
@@ -119,9 +145,10 @@ def checkpoint_prompt(processor: Any, question: str) -> str:
 
 def load(model: str, *, layers: int | None = None, vision_layers: int | None = None, dtype: str = "float32",
          attn_implementation: str = "sdpa", device: str = "cpu", prompt: str | None = None,
-         image_size: int | None = None, width_divisor: int = 1) -> BenchModel:
+         image_size: int | None = None, width_divisor: int = 1, quantization_config: Any = None) -> BenchModel:
     """A :class:`BenchModel` for a preset name (``tiny``, ``demo``, ``llava-1.5-7b``, ``llava-1.5-13b``) or a
-    checkpoint directory, with one prompt and one generated image (``image_size`` px, default the model's)."""
+    checkpoint directory, with one prompt and one generated image (``image_size`` px, default the model's);
+    loaded quantized when ``quantization_config`` (a ``BitsAndBytesConfig``) is given."""
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if width_divisor != 1 and model not in LLAVA_PRESETS:
         raise ValueError(f"width_divisor applies to the presets {', '.join(LLAVA_PRESETS)}; got model {model!r}")
@@ -145,11 +172,15 @@ def load(model: str, *, layers: int | None = None, vision_layers: int | None = N
             f"for {model!r} pass a checkpoint directory (its shapes are in `tokenprune flops --model {model}`)"
         )
     elif Path(model).exists():
-        net, processor = checkpoint(model, torch_dtype, attn_implementation, device)
+        net, processor = checkpoint(model, torch_dtype, attn_implementation, device, quantization_config)
         what = f"checkpoint {model} ({_depths(net)})"
     else:
         raise ValueError(f"--model must be a preset ({', '.join(list(SMALL) + list(LLAVA_PRESETS))}) or an "
                          f"existing checkpoint directory; got {model!r}")
+    if quantization_config is not None:
+        if not Path(model).exists():
+            net = reload_quantized(net, quantization_config, attn_implementation, device)
+        what += f", {describe(quantization_config)}"
     if prompt is None:
         prompt = PRESET_PROMPT if model in SMALL or model in LLAVA_PRESETS else checkpoint_prompt(
             processor, CHECKPOINT_QUESTION)

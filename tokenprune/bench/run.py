@@ -31,6 +31,7 @@ from tokenprune.api import disable_pruning, enable_pruning
 from tokenprune.bench.measure import StepClock, Timer, cache_bytes, interleaved, peak_memory
 from tokenprune.bench.models import BenchModel
 from tokenprune.budget import Keep
+from tokenprune.compute_dtype import compute_dtype
 from tokenprune.flops import kv_bytes, prefill_flops
 
 
@@ -166,7 +167,7 @@ def run(bm: BenchModel, budgets: Iterable[Budget], *, repeats: int = 5, warmup: 
                          f"{decode_tokens}")
     budgets = list(budgets)
     context = {
-        "model": bm.description, "device": str(bm.device), "dtype": str(next(bm.model.parameters()).dtype),
+        "model": bm.description, "device": str(bm.device), "dtype": str(compute_dtype(bm.model)),
         "threads": torch.get_num_threads(), "repeats": repeats, "warmup": warmup, "decode_tokens": decode_tokens,
     }
     bar = tqdm(total=len(budgets) + 1, desc="bench", unit="setting", disable=None if progress is None else not progress)
@@ -191,4 +192,4 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _dtype_bytes(model: torch.nn.Module) -> int:
-    return next(model.parameters()).element_size()
+    return compute_dtype(model).itemsize  # the KV cache holds activations

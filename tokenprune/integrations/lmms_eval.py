@@ -4,8 +4,9 @@
 
 Each class subclasses lmms-eval's released wrapper (``llava_hf``, ``qwen2_vl``, ``qwen2_5_vl``; chat and simple
 variants), takes the keys of ``--model_args`` that wrapper does not know as pruning options
-(:mod:`tokenprune.integrations.model_args`), loads the model as the released wrapper does and then calls
-``enable_pruning`` on the unwrapped model. What it logs:
+(:mod:`tokenprune.integrations.model_args`), loads the model as the released wrapper does (quantized when
+``--model_args`` has bitsandbytes keys such as ``load_in_4bit=True``) and then calls ``enable_pruning`` on the
+unwrapped model. What it logs:
 
 * per sample (``--log_samples``): ``token_counts.tokenprune`` = visual tokens, kept tokens, prompt length before and
   after pruning, measured prefill ms (first forward of ``generate``, vision tower included) and, when the record
@@ -42,8 +43,9 @@ from lmms_eval.models.simple.qwen2_5_vl import Qwen2_5_VL as _Qwen25VLSimple
 from lmms_eval.models.simple.qwen2_vl import Qwen2_VL as _Qwen2VLSimple
 
 from tokenprune.api import enable_pruning
+from tokenprune.compute_dtype import compute_device
 from tokenprune.integrations import qwen_images
-from tokenprune.integrations.model_args import pruning_kwargs
+from tokenprune.integrations.model_args import quantized_loading, split_own_options
 
 RECORD_FIELDS = (
     "visual_tokens", "kept_tokens", "seq_len_before", "seq_len_after", "prefill_ms", "tflops_unpruned", "tflops_pruned",
@@ -78,7 +80,7 @@ class GenerateRecorder:
         model.register_forward_hook(self._after_forward)
 
     def _sync(self) -> None:
-        if torch.cuda.is_available() and any(p.is_cuda for p in self.model.parameters()):
+        if torch.cuda.is_available() and compute_device(self.model).type == "cuda":
             torch.cuda.synchronize()
 
     def _before_forward(self, module, args) -> None:
@@ -127,8 +129,8 @@ class PruningWrapperMixin:
     def __init__(self, **kwargs: Any) -> None:
         accepted = wrapper_keys(type(self))
         own = {key: kwargs.pop(key) for key in list(kwargs) if key not in accepted}
-        self.pruning_kwargs = pruning_kwargs(own)
-        with self._processor_loading():
+        self.pruning_kwargs, self.quantization_config = split_own_options(own)
+        with self._processor_loading(), quantized_loading(self.quantization_config):
             super().__init__(**kwargs)
         model = self.model  # unwrapped by the released wrappers' property
         self.pruning_handle = enable_pruning(model, **self.pruning_kwargs) if self.pruning_kwargs else None

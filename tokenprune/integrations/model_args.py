@@ -11,12 +11,20 @@ that survive the comma split:
 So ``method=divprune,keep=0.11`` gives ``enable_pruning(model, method="divprune", keep=0.11)``; ``keep=64`` a token
 count; ``keep=1.0`` every token (``keep=1`` would be ONE token); ``flops=0.25``, ``scope=image`` and method
 hyper-parameters (``seed=3``) are passed through as they are.
+
+``transformers.BitsAndBytesConfig``'s own keys (``load_in_4bit=True``, ``load_in_8bit=True``,
+``bnb_4bit_quant_type=nf4``, ``bnb_4bit_use_double_quant=True``, ``bnb_4bit_compute_dtype=bfloat16``, ...) are not
+pruning options: they load the model quantized (:func:`quantization_from_model_args`, :func:`quantized_loading`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
+
+from tokenprune.quantization import bnb_config, split_quantization
 
 # Keys of ``enable_pruning`` itself; every other pruning key is a method hyper-parameter.
 BUDGET_KEYS = ("method", "keep", "flops", "scope")
@@ -92,7 +100,46 @@ def pruning_kwargs(options: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def split_own_options(options: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """``(enable_pruning kwargs, BitsAndBytesConfig or None)`` from the keys the released wrapper does not take."""
+    quantization, pruning = split_quantization(options)
+    return pruning_kwargs(pruning), bnb_config({key: parse_value(value) for key, value in quantization.items()})
+
+
 def pruning_from_model_args(args: str, wrapper_keys: set[str] | frozenset[str]) -> dict[str, Any]:
     """The ``enable_pruning`` kwargs from a whole ``--model_args`` string, given the keys the wrapper takes itself."""
     raw = split_args_string(args)
-    return pruning_kwargs({k: v for k, v in raw.items() if k not in wrapper_keys})
+    return split_own_options({k: v for k, v in raw.items() if k not in wrapper_keys})[0]
+
+
+def quantization_from_model_args(args: str, wrapper_keys: set[str] | frozenset[str] = frozenset()):
+    """The ``BitsAndBytesConfig`` a whole ``--model_args`` string asks for (None: full precision)."""
+    raw = split_args_string(args)
+    return split_own_options({k: v for k, v in raw.items() if k not in wrapper_keys})[1]
+
+
+@contextlib.contextmanager
+def quantized_loading(config: Any) -> Iterator[None]:
+    """While active, ``from_pretrained`` of every transformers model loads with ``quantization_config=config``
+    (unless the call gives its own) and an empty ``device_map`` becomes None (bitsandbytes then picks the device).
+    The released lmms-eval wrappers call ``from_pretrained`` themselves with a fixed set of arguments; this is how
+    a quantized model gets through them. Nothing changes when ``config`` is None; restored on exit."""
+    if config is None:
+        yield
+        return
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.__dict__["from_pretrained"]
+    load = original.__func__
+
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        kwargs.setdefault("quantization_config", config)
+        if kwargs.get("device_map") == "":
+            kwargs["device_map"] = None
+        return load(cls, *args, **kwargs)
+
+    PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+    try:
+        yield
+    finally:
+        PreTrainedModel.from_pretrained = original

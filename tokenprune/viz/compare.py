@@ -11,6 +11,7 @@ from PIL import Image
 
 from tokenprune.api import _adapter_class, list_methods, pruning
 from tokenprune.budget import Keep
+from tokenprune.compute_dtype import compute_dtype_device
 from tokenprune.methods import make_method
 from tokenprune.record import PruneRecord
 from tokenprune.viz.overlay import draw_kept, image_record, legend_items, tile
@@ -34,10 +35,11 @@ def prune_once(
     """One pruned prefill of ``prompt`` on ``image``; returns its record (``handle.last``). The model is left as it
     was (an earlier ``enable_pruning`` included)."""
     inputs = processor(images=image, text=prompt or default_prompt(processor), return_tensors="pt")
-    inputs = inputs.to(model.device)
+    dtype, device = compute_dtype_device(model)
+    inputs = inputs.to(device)
     for name, value in inputs.items():
         if torch.is_floating_point(value):
-            inputs[name] = value.to(model.dtype)
+            inputs[name] = value.to(dtype)
     with pruning(model, method, keep, **options) as handle, torch.inference_mode():
         model(**inputs, logits_to_keep=1)
     if handle.last is None:
