@@ -1,4 +1,4 @@
-"""GPU-only, run by hand (``python -m pytest gpu_tests``): ``torch.compile`` on the static-cache path of a pruned
+"""GPU-only, run by hand (``python -m pytest tests_gpu``): ``torch.compile`` on the static-cache path of a pruned
 model gives the ids of the uncompiled run, for a vision-stage and a decoder-stage method. Skips without CUDA (the
 CPU-only CI machine cannot compile the real-depth models in reasonable time)."""
 
