@@ -156,7 +156,8 @@ def test_method_at_real_depth(deep, case):
         with torch.no_grad():
             assert torch.equal(model(**inputs).logits, ref_logits)
             assert torch.equal(model.generate(**inputs, **GEN), ref_ids)
-        handle = enable_pruning(model, _method(case), keep=0.25)  # replaces the keep=1.0 one (with a warning)
+        disable_pruning(model)
+        handle = enable_pruning(model, _method(case), keep=0.25)
         logits, lengths, positions, ids, decode_cos, uncached = _run(model, inputs)
         rec = handle.last
         assert torch.equal(ids[:, : prompt.shape[1]], prompt)  # generate returns the ORIGINAL prompt ids

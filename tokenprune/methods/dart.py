@@ -30,6 +30,7 @@ class DART(DecoderMethod):
     name = "dart"
     paper = "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters More (DART, " \
         "EMNLP 2025)"
+    layer_option = "k"
     k: int = 2  # first pruned layer K (official 2)
     image_pivots: int = 4
     text_pivots: int = 4

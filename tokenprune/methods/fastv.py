@@ -26,6 +26,7 @@ class FastV(DecoderMethod):
 
     name = "fastv"
     paper = "An Image is Worth 1/2 Tokens After Layer 2 (FastV, ECCV 2024)"
+    layer_option = "k"
     k: int = 2  # first pruned layer K (paper: 2; HF demo: 3)
 
     def __post_init__(self) -> None:
