@@ -93,7 +93,7 @@ class DecoderLoop:
         self.lm = model.model.language_model
         self.layers = self.lm.layers
         self.n_layers = len(self.layers)
-        self.plan: tuple[StagePlan, ...] = method.check_layers(self.n_layers)
+        self.plan: tuple[StagePlan, ...] = method.check_layers(self.n_layers, model.config.model_type)
         self.visual_ids = visual_ids
         self.reindex = method.positions == "reindex" and not force_keep_positions
         self.on_record = on_record

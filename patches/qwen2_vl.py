@@ -50,8 +50,8 @@ class QwenVLAdapter(VisionStageAdapter):
             super().check_method()
         except ValueError as err:
             raise ValueError(
-                f"{err}. Qwen's ViT has no [CLS] token; use a method without [CLS], e.g. 'divprune', or one with a "
-                f"Qwen substitute signal (see the README's method table)"
+                f"{err}. This Qwen ViT (model_type {self.model.config.model_type!r}) has no [CLS] token; use a "
+                f"method without [CLS], e.g. 'divprune', or one with a Qwen substitute signal (see the method table)"
             ) from None
         n_blocks = len(self.model.model.visual.blocks)
         for request in self.method.requests(cls_token=False):

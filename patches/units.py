@@ -29,7 +29,8 @@ class ImageSelection:
     """What survives of one image: placeholder ``slots`` (image-level indices, ascending) filled with ``features``.
 
     ``kept`` are the original tokens kept; ``n_merged`` merged tokens were added (``assign``: per image token, the
-    merged token it was folded into, or -1); where they sit depends on the placement (:func:`select_image`).
+    merged token it was folded into, or -1; None when the method does not give one, as Recoverable, whose clusters
+    overlap); where they sit depends on the placement (:func:`select_image`).
     """
 
     slots: torch.Tensor
@@ -82,7 +83,7 @@ def select_image(
     n = features.shape[0]
     kept_parts, spans, merged_slots, merged_features = [], [], [], []
     assign = torch.full((n,), -1, dtype=torch.long)
-    n_merged = 0
+    n_merged, unknown_assign = 0, False
     for u, (unit, k) in enumerate(zip(units, budgets, strict=True)):
         index = unit.index.cpu()
         ctx = SelectionContext(
@@ -107,9 +108,17 @@ def select_image(
                 )
             merged = project(merged)
         merged = merged.to(features.device, features.dtype)
-        unit_assign = torch.as_tensor(selection.assign).cpu()
-        members = unit_assign >= 0
-        assign[index[members]] = unit_assign[members] + n_merged
+        if selection.assign is None:  # optional: Recoverable's clusters overlap, no token has ONE merged token
+            if placement == "slots":
+                raise ValueError(
+                    f"method {method.name!r} adds merged tokens without saying which tokens each one absorbed "
+                    f"(Selection.assign); this model family keeps original positions and cannot place them"
+                )
+            unknown_assign = True
+        else:
+            unit_assign = torch.as_tensor(selection.assign).cpu()
+            members = unit_assign >= 0
+            assign[index[members]] = unit_assign[members] + n_merged
         n_merged += merged.shape[0]
         spans.append(torch.cat([merged[: selection.lead], kept_features, merged[selection.lead:]]))
         if placement == "slots":  # each merged token takes the slot (and so the position) of its first member
@@ -127,7 +136,7 @@ def select_image(
         return ImageSelection(kept_all, features[kept_all.to(features.device)], kept_all)
     if placement == "span":  # LLaVA family: the span holds [lead merged, kept, merged] per unit, re-indexed
         span = torch.cat(spans)
-        return ImageSelection(torch.arange(span.shape[0]), span, kept_all, n_merged, assign)
+        return ImageSelection(torch.arange(span.shape[0]), span, kept_all, n_merged, None if unknown_assign else assign)
     slots = torch.cat([kept_all, torch.tensor(merged_slots, dtype=torch.long)])
     order = slots.argsort()
     stacked = torch.cat([features[kept_all.to(features.device)], *merged_features])

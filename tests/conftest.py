@@ -36,6 +36,19 @@ def moved_parameters(model, run) -> set[str]:
     return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
 
 
+def hook_and_attribute_census(model):
+    """Everything enable_pruning could leave behind: instance attributes and hooks of every module."""
+    hooks = {
+        name: tuple(len(getattr(m, attr)) for attr in (
+            "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+            "_state_dict_hooks", "_load_state_dict_pre_hooks", "_forward_hooks_with_kwargs",
+            "_forward_pre_hooks_with_kwargs",
+        ))
+        for name, m in model.named_modules()
+    }
+    return set(model.__dict__), {n: set(m.__dict__) for n, m in model.named_modules()}, hooks
+
+
 def decoder_methods():
     """Registered decoder-stage (in-LLM) methods."""
     from tokenprune.methods import METHODS

@@ -4,24 +4,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import TINY_OPTIONS, runnable_methods
+from conftest import TINY_OPTIONS, hook_and_attribute_census, runnable_methods
 
 from tokenprune import PruningConfig, disable_pruning, enable_pruning, get_handle, pruning
 from tokenprune.methods import METHODS, DivPrune
 from tokenprune.tiny_models import tiny_llava
-
-
-def hook_and_attribute_census(model):
-    """Everything enable_pruning could leave behind: instance attributes and hooks of every module."""
-    hooks = {
-        name: tuple(len(getattr(m, attr)) for attr in (
-            "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-            "_state_dict_hooks", "_load_state_dict_pre_hooks", "_forward_hooks_with_kwargs",
-            "_forward_pre_hooks_with_kwargs",
-        ))
-        for name, m in model.named_modules()
-    }
-    return set(model.__dict__), {n: set(m.__dict__) for n, m in model.named_modules()}, hooks
 
 
 def test_disable_restores_outputs_and_leaves_nothing_behind(llava, one_prompt):

@@ -95,13 +95,7 @@ def gen(model, **kwargs):
     return model.generate(do_sample=False, return_dict_in_generate=True, output_logits=True, **kwargs)
 
 
-# Known defects elsewhere, not in the cache patterns: strict, so the mark goes when the fix lands.
-KNOWN = {("llava_next", "recoverable"): "Recoverable on LLaVA-NeXT crashes at the first prefill (patches/units.py "
-                                        "select_image: Selection.assign is None); i23 works on the Recoverable crash"}
-PARAMS = [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=KNOWN[c])) if c in KNOWN else c for c in CASES]
-
-
-@pytest.fixture(scope="module", params=PARAMS, ids=[f"{f}-{m}" for f, m in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{m}" for f, m in CASES])
 def turn(request):
     """Turn 1 of a two-row conversation, pruned at ``KEEP``: (model, processor, inputs, output with its cache)."""
     family, method = request.param

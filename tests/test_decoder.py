@@ -12,12 +12,15 @@ from tokenprune.tiny_models import LlavaSize, random_image, tiny_llava, tiny_lla
 
 LAYERS = 4
 GEN = dict(max_new_tokens=4, do_sample=False)
-# 4 layers: FastV prunes at layer 2 (official K=2); PDrop at (1, 2, 3) = the official (8, 16, 24)/32 scaled
+# 4 layers: FastV prunes at layer 2 (official K=2); PDrop at (1, 2, 3) = its four equal stages (the paper's rule,
+# relative to the depth). Methods whose official layers are absolute (FEATHER 8/16, TransPrune 7/9/12, SparseVLM
+# 2/6/15, AdaptInfer 1/10/20, VFlowOpt 9/18) refuse a 4-layer LLM: their layers are passed here (the real-depth
+# matrix, tests/test_matrix_real_depth.py, runs them at their defaults).
 OPTIONS = {"fastv": {"k": 2}, "pdrop": {}, "dart": {"k": 2}, "feather": {"layers": (1, 2)},
-           "transprune": {"layers": (1, 2, 3)},
+           "transprune": {"layers": (1, 2, 3)}, "sparsevlm": {"layers": (0, 1, 2)},
+           "adaptinfer": {"layers": (0, 1, 2)}, "vflowopt": {"layers": (1, 3)},
            "todre": {"layer": 1, "tau": 1.0}}  # ToDRE: candidate layer 1 of 4; tau=1 always drops (alpha < 1)
-# SparseVLM (2, 6, 15)/32 and AdaptInfer (1, 10, 20)/32 scale to sparsification layers (0, 1, 2): pruned from 1
-# VisionDrop's LLM stages (8, 16, 24)/32 -> (1, 2, 3); VFlowOpt's (9, 18)/28 -> (1, 3)
+# VisionDrop's LLM stages: its four equal stages (paper), (1, 2, 3) of 4
 FIRST_PRUNED = {"fastv": 2, "pdrop": 1, "dart": 2, "feather": 1, "todre": 2, "transprune": 1, "sparsevlm": 1,
                 "adaptinfer": 1, "visiondropllm": 1, "visiondropfull": 1, "vflowopt": 1}
 METHODS = decoder_methods() + two_stage_methods()  # two-stage methods: a vision stage, then the same decoder loop

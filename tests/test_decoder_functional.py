@@ -5,7 +5,9 @@ import torch
 from conftest import PROMPT
 
 from tokenprune import functional as F
-from tokenprune.methods import FastV, PyramidDrop
+from tokenprune.methods import FEATHER, AdaptInfer, FastV, PyramidDrop, SparseVLM, TransPrune
+from tokenprune.methods.todre import ToDRERelevance
+from tokenprune.methods.vflowopt import VFlowOptLLM
 from tokenprune.patches.attention_rows import attention_rows
 from tokenprune.tiny_models import LlavaSize, random_image, tiny_llava
 
@@ -55,10 +57,26 @@ def test_pdrop_budget_conventions():
 
 def test_layer_plans_are_validated():
     assert [(p.layer, p.score_layer) for p in FastV(k=2).check_layers(32)] == [(2, 1)]
-    with pytest.raises(ValueError, match="do not fit a 2-layer"):
-        FastV(k=2).check_layers(2)
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match=r"fastv: pruning layers \[2\].*the paper's default.*'llava' model's "
+                                         r"2-layer language model \(layers 0..1, prunable 1..1\); set k="):
+        FastV(k=2).check_layers(2, "llava")
+    with pytest.raises(ValueError, match=r"layers=\(0, 1\)\) do not exist"):
         PyramidDrop(layers=(0, 1)).check_layers(4)
+
+
+@pytest.mark.parametrize("method, plan28", [
+    (FEATHER(), [(8, 7), (16, 15)]), (TransPrune(), [(7, 7), (9, 9), (12, 12)]),
+    (SparseVLM(), [(3, 2), (7, 6), (16, 15)]), (AdaptInfer(), [(2, 1), (11, 10), (21, 20)]),
+    (VFlowOptLLM(), [(9, 9), (18, 18)]), (ToDRERelevance(), [(25, 24)]),
+])
+def test_official_layers_are_never_moved_to_fit_the_model(method, plan28):
+    """The papers' absolute layers are used as they are on any depth (Qwen's 28 layers included) and refused with
+    the option to set where they do not exist; ToDRE's 7L/8 is the paper's own depth rule, refused when no layer
+    runs after it (no shallow-model clamp)."""
+    assert [(p.layer, p.score_layer) for p in method.check_layers(28)] == plan28
+    with pytest.raises(ValueError, match=rf"{method.name}: .*the paper's default.*'qwen2_vl' model's 4-layer .*"
+                                         rf"set {method.layer_option}="):
+        method.check_layers(4, "qwen2_vl")
     with pytest.raises(ValueError, match="k"):
         FastV(k=0)
 

@@ -65,7 +65,10 @@ def test_paper_tables_and_budget_convention():
     assert [p.layer for p in SparseVLM().plan(32)] == [3, 7, 16]
     assert [p.score_layer for p in SparseVLM().plan(32)] == [2, 6, 15]
     assert [p.layer for p in AdaptInfer().plan(32)] == [2, 11, 21]
-    assert [p.layer for p in SparseVLM().plan(4)] == [1, 2, 3]
+    assert [p.layer for p in SparseVLM().plan(28)] == [3, 7, 16]  # the official layers on any depth (Qwen: 28)
+    with pytest.raises(ValueError, match=r"sparsevlm: pruning layers \[3, 7, 16\].*4-layer.*set layers="):
+        SparseVLM().check_layers(4)
+    assert [p.layer for p in SparseVLM(layers=(0, 1, 2)).check_layers(4)] == [1, 2, 3]
     with pytest.raises(ValueError, match="3 strictly increasing"):
         SparseVLM(layers=(2, 6))
 
@@ -229,12 +232,12 @@ def test_vflowopt_calibration_search_returns_a_config_within_budget():
     batches = [processor(images=[random_image(40, 70, seed=s)], text=["USER : <image>\nwhat is it ? ASSISTANT :"],
                          return_tensors="pt") for s in (1, 2)]
     # 4 layers and 64 tokens round coarsely: the shipped 25% config averages ~27% here, hence the tolerance
-    best, rows = search_vflowopt(model, batches, budget=0.25, trials=3, seed=0, tolerance=0.05)
+    best, rows = search_vflowopt(model, batches, budget=0.25, trials=3, seed=0, tolerance=0.05, layers=(1, 3))
     assert len(rows) == 3 and rows[0]["accepted"] and all(r["kl"] >= 0 for r in rows)
     assert [r["kl"] for r in rows if r["accepted"]] == sorted(r["kl"] for r in rows if r["accepted"])
     assert any(r["r_vit"] == 0.2651 for r in rows)  # the shipped 25% config is always a candidate
     assert rows[0]["kl"] > 0  # pruning changed the next-token distribution: the cost measures something
-    handle = enable_pruning(model, VFlowOpt.from_config(best), keep=0.25)
+    handle = enable_pruning(model, VFlowOpt.from_config(best, layers=(1, 3)), keep=0.25)
     with torch.no_grad():
         model(**batches[0])
     disable_pruning(model)

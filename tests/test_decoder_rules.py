@@ -129,7 +129,8 @@ def test_todre_worked_example_stage2():
     relevance = ToDRE().stages()[1]
     assert [(p.layer, p.score_layer) for p in relevance.plan(32)] == [(29, 28)]  # l = 7L/8, pruned after it
     assert [(p.layer, p.score_layer) for p in relevance.plan(28)] == [(25, 24)]
-    assert [(p.layer, p.score_layer) for p in relevance.plan(2)] == [(1, 0)]  # shallow models: at most L - 2
+    with pytest.raises(ValueError, match=r"todre-relevance: pruning layers \[4\].*set layer="):
+        relevance.check_layers(4)  # 7L/8 = 3 is the last layer: refused (no shallow-model clamp), layer= is asked
     assert relevance.counts(576, 0.25, 32) == [0] and relevance.counts(576, 1.0, 32) == [576]
     assert ToDRE().stage_keeps(0.25) == (0.25, 0.25)
     with pytest.raises(ValueError, match="tau"):
@@ -185,8 +186,8 @@ def test_transprune_schedule_and_budget_convention():
     assert TransPrune(scale=1.0).counts(576, 0.5, 32) == [504, 360, 72]
     assert F.layer_average([504, 360, 72], (7, 9, 12), 576, 32) == 236.25
     assert method.counts(576, 1.0, 32) == [576, 576, 576]
-    with pytest.raises(ValueError, match="strictly increasing"):
-        TransPrune().plan(4)  # (7, 9, 12) scaled to 4 layers collapses: the error asks for layers=
+    with pytest.raises(ValueError, match=r"pruning layers \[7, 9, 12\].*4-layer.*set layers="):
+        TransPrune().check_layers(4)  # the official layers do not exist on 4 layers: the error asks for layers=
 
 
 def _tiny_run(method, spy_module, spy_name, watch=None, **options):

@@ -20,7 +20,7 @@ import os
 import bitsandbytes  # noqa: F401 -- in the dev extra: a missing install fails loudly, it does not skip
 import pytest
 import torch
-from test_api import hook_and_attribute_census
+from conftest import hook_and_attribute_census
 from torchao.quantization import Int8WeightOnlyConfig, quantize_
 from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
@@ -91,13 +91,6 @@ def saved(tmp_path_factory):
 FULL = os.environ.get("TOKENPRUNE_FULL_QUANT_MATRIX", "") not in ("", "0")
 
 
-# Defects that the full-precision real-depth model shows as well (not quantization's); the mark goes when the fix
-# lands. Recoverable on LLaVA-NeXT at keep=0.25: "Could not infer dtype of NoneType" (a selection without
-# ``assign``) in patches/units.py at full precision. Not strict: whether a quantized model's selection reaches that
-# branch depends on its numbers.
-FULL_PRECISION_DEFECTS = {("llava_next", "recoverable"): RuntimeError}
-
-
 def cases() -> list:
     """``(family, setting), method`` pairs: see the module docstring."""
     out = []
@@ -107,10 +100,7 @@ def cases() -> list:
                 rotating = method_index % len(REAL_DEPTH_FAMILIES) == family_index
                 if not (FULL or setting == "bnb-4bit" or rotating):
                     continue
-                defect = FULL_PRECISION_DEFECTS.get((family, method))
-                marks = [pytest.mark.xfail(raises=defect, strict=False, reason="fails at full precision too")] \
-                    if defect else []
-                out.append(pytest.param((family, setting), method, id=f"{family}-{setting}-{method}", marks=marks))
+                out.append(pytest.param((family, setting), method, id=f"{family}-{setting}-{method}"))
     return out
 
 

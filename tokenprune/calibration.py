@@ -28,11 +28,12 @@ def _next_token_logprobs(model: torch.nn.Module, batches: list[dict[str, Any]]) 
 
 def search_vflowopt(
     model: torch.nn.Module, batches: Iterable[dict[str, Any]], budget: float, trials: int = 20, seed: int = 0,
-    tolerance: float = 0.01,
+    tolerance: float = 0.01, layers: tuple[int, ...] | None = None,
 ) -> tuple[VFlowOptConfig, list[dict[str, Any]]]:
     """Search VFlowOpt's hyper-parameters for ``budget`` (layer-averaged share of visual tokens) on ``batches``
     (processor outputs). Returns the best configuration (use ``VFlowOpt.from_config``) and one row per candidate
-    (its fields, ``kl``, ``average_share`` and ``accepted``), best first."""
+    (its fields, ``kl``, ``average_share`` and ``accepted``), best first. ``layers``: VFlowOpt's LLM layers (default:
+    the official 9 and 18; set them on a shallower model)."""
     if not 0.0 < budget < 1.0:
         raise ValueError(f"search_vflowopt: budget must lie in (0, 1); got {budget!r}")
     batches = list(batches)
@@ -50,7 +51,7 @@ def search_vflowopt(
         ))
     rows = []
     for config in candidates:
-        handle = enable_pruning(model, VFlowOpt.from_config(config), keep=budget)
+        handle = enable_pruning(model, VFlowOpt.from_config(config, layers=layers), keep=budget)
         try:
             pruned = _next_token_logprobs(model, batches)
             shares = []

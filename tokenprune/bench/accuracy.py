@@ -27,12 +27,19 @@ from tokenprune.bench.synthetic.questions import PROMPT, QUESTION_TYPES, TEST_SE
 from tokenprune.bench.synthetic.scenes import render
 
 KEEPS = (0.5, 0.25, 0.11, 0.05)
-# Options that only translate a paper default given for a 24-layer CLIP tower to this model's 4-layer tower (decided
-# before any result, the same for every budget): HiPrune's object layer 8 (layer 9 of 24, i.e. 3/8 of the depth)
-# -> block 1 (the 2nd of 4); TransPrune's boundaries 7/9/12 of 32 LLM layers collapse to (1, 1, 2) when scaled to
-# 4 layers and are refused, so its three stages take the three prunable layers (1, 2, 3) in order. Every other
-# method runs with its defaults.
-MODEL_OPTIONS: dict[str, dict[str, Any]] = {"hiprune": {"object_layer": 1}, "transprune": {"layers": (1, 2, 3)}}
+# Options that translate a paper default given for a 24-layer CLIP tower / 28-32-layer LLM to this model's 4-layer
+# tower and 4-layer LLM, where the default layers do not exist (enabling with them fails). Decided before any
+# result, the same for every budget, written into the output (``options``): HiPrune's object layer 8 (layer 9 of
+# 24, i.e. 3/8 of the depth) -> block 1 (the 2nd of 4); TransPrune's boundaries 7/9/12 -> the three prunable layers
+# (1, 2, 3) in order; the others are their official layers scaled by 4/32 (VFlowOpt: 4/28), kept increasing:
+# FEATHER 8/16 -> (1, 2), SparseVLM 2/6/15 and AdaptInfer 1/10/20 -> (0, 1, 2), VFlowOpt 9/18 -> (1, 3), ToDRE's
+# 7L/8 = 3 (the last layer: nothing would run after it) -> 2. PDrop and VisionDrop split the LLM into four equal
+# stages (their papers' rule) and run with their defaults, as every other method.
+MODEL_OPTIONS: dict[str, dict[str, Any]] = {
+    "hiprune": {"object_layer": 1}, "transprune": {"layers": (1, 2, 3)}, "feather": {"layers": (1, 2)},
+    "sparsevlm": {"layers": (0, 1, 2)}, "adaptinfer": {"layers": (0, 1, 2)}, "vflowopt": {"layers": (1, 3)},
+    "todre": {"layer": 2},
+}
 
 
 def llava_methods() -> list[tuple[str, str]]:
@@ -158,6 +165,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"Unpruned accuracy {100 * result['unpruned_accuracy']:.1f}% on {result['questions']} test questions "
         f"({result['questions_per_type']} per type, seed {result['test_seed']}); LLM prefill "
         f"{1e3 * (result['unpruned_tflops'] or 0):.3f} GFLOPs (MACs) per question unpruned.",
+        "",
+        "Layers set explicitly for this model's 4-layer tower and LLM, where the paper's default layers do not exist "
+        "(every other option is the method's default): " + "; ".join(
+            f"{name} " + ", ".join(f"{k}={v}" for k, v in opts.items())
+            for name, opts in sorted(result.get("options", {}).items())) + ".",
         "",
         "| method | stage | keep | accuracy | % of unpruned | FLOPs ratio | " + " | ".join(types) + " |",
         "|---|---|---|---|---|---|" + "---|" * len(types),

@@ -46,6 +46,7 @@ class DART(DecoderMethod):
             "The count stays exactly `4 + 8 * TOPK`; the official code has no rule for a prompt that short.",
         ),
     )
+    layer_option = "k"
     k: int = 2  # first pruned layer K (official 2)
     image_pivots: int = 4
     text_pivots: int = 4

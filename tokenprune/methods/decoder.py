@@ -19,6 +19,7 @@ visual tokens of their image; ``handle.last`` counts them as ``n_merged``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -108,20 +109,29 @@ class DecoderMethod(PruningMethod):
     # False: a stage may keep a data-dependent number of an image's tokens (FEATHER's uniform grid, ToDRE's
     # all-or-nothing drop); ``counts`` is then the budget handed to ``select_stage`` (and ``k >= n`` skips the stage)
     exact_counts: ClassVar[bool] = True
+    # The option that sets the pruning layers (named in the error when they do not exist on the model).
+    layer_option: ClassVar[str] = "layers"
 
     def plan(self, n_layers: int) -> tuple[StagePlan, ...]:
         raise NotImplementedError
 
-    def check_layers(self, n_layers: int) -> tuple[StagePlan, ...]:
-        """The plan, validated against the model's depth (a clear error instead of a silent no-op)."""
+    def check_layers(self, n_layers: int, family: str | None = None) -> tuple[StagePlan, ...]:
+        """The plan, validated against the model's depth: a clear error (method, family, layers asked, layers
+        available, the option to set) at enable time, never a silent no-op or a move to another layer."""
         plan = self.plan(n_layers)
         last = -1
         for p in plan:
             if not (0 <= p.score_layer <= p.layer < n_layers and p.layer >= 1) or p.layer <= last:
-                scored = [p.score_layer for p in plan]
+                option = self.layer_option
+                value = getattr(self, option, None)
+                default = next((f.default for f in dataclasses.fields(self) if f.name == option), None)
+                asked = "the paper's default" if value == default else f"{option}={value!r}"
+                model = f"the {family!r} model's" if family else "the model's"
+                scored = [q.score_layer for q in plan]
                 raise ValueError(
-                    f"{self.name}: pruning layers {[p.layer for p in plan]} (scored at {scored}) do not fit a "
-                    f"{n_layers}-layer language model; choose increasing layers in 1..{n_layers - 1}"
+                    f"{self.name}: pruning layers {[p.layer for p in plan]} (scored at {scored}; "
+                    f"{asked}) do not exist in {model} {n_layers}-layer language model (layers 0..{n_layers - 1}, "
+                    f"prunable 1..{n_layers - 1}); set {option}= to increasing layers that exist on this model"
                 )
             last = p.layer
         return plan

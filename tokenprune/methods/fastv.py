@@ -37,6 +37,7 @@ class FastV(DecoderMethod):
             "The official code scores with the last prompt token's row, as here.",
         ),
     )
+    layer_option = "k"
     k: int = 2  # first pruned layer K (paper: 2; HF demo: 3)
 
     def __post_init__(self) -> None:

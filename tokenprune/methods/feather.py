@@ -18,7 +18,8 @@ class FEATHER(DecoderMethod):
     """FEATHER (Endo et al., Feather the Throttle: Revisiting Visual Token Pruning for Vision-Language Model
     Acceleration, ICCV 2025).
 
-    Two stages, first pruned layers 8 and 16 of 32 (``layers``; ``None`` scales them to the model's depth). At each
+    Two stages, first pruned layers 8 and 16 (``layers``; ``None`` = the paper's 8 and 16 on any depth, an error at
+    enable time where they do not exist). At each
     the previous layer's q/k score the visual tokens: the last prompt token's attention WITHOUT RoPE, softmax over
     the image keys only, head mean. Stage 1 keeps the top ``int(rho * n)`` plus the uniform grid ``grid[::3, ::3]``;
     stage 2 keeps the top ``int(rho**2 * n_1)`` of the ``n_1`` tokens left (uniform ones are not protected).
@@ -59,7 +60,7 @@ class FEATHER(DecoderMethod):
     def boundaries(self, n_layers: int) -> tuple[int, ...]:
         if self.layers is not None:
             return self.layers
-        return tuple(max(1, round(n_layers * b / 32)) for b in (8, 16))
+        return (8, 16)
 
     def plan(self, n_layers: int) -> tuple[StagePlan, ...]:
         return tuple(StagePlan(layer=b, score_layer=b - 1) for b in self.boundaries(n_layers))

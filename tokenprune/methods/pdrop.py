@@ -22,10 +22,11 @@ class PyramidDrop(DecoderMethod):
     ``s`` keeps ``int(n * ratio**s)`` of the ORIGINAL ``n`` visual tokens. Positions REINDEX (official: re-padded,
     0..N'-1; decode positions shifted by the tokens removed before each layer); Qwen: KEEP (M-RoPE).
 
-    ``layers``: boundaries; ``None`` = the official ``(8, 16, 24)`` of 32 layers scaled to the model's depth
-    (``round(L*s/4)``). Budget: ``ratio`` is lambda when given (official 0.5); with ``ratio=None`` the ``keep``
-    budget is a LAYER AVERAGE (PDrop's "192 tokens" convention) and lambda is solved for
-    it: ``keep=0.46875`` (270/576) gives lambda=0.5 on 32 layers; an int ``keep`` is an average token count.
+    ``layers``: boundaries; ``None`` = the paper's S = 4 equal stages, ``round(L*s/4)`` (the official ``(8, 16, 24)``
+    of 32 layers; a rule relative to the depth, so it is not an error on other depths). Budget: ``ratio`` is lambda
+    when given (official 0.5); with ``ratio=None`` the ``keep`` budget is a LAYER AVERAGE (PDrop's "192 tokens"
+    convention) and lambda is solved for it: ``keep=0.46875`` (270/576) gives lambda=0.5 on
+    32 layers; an int ``keep`` is an average token count.
     """
 
     name = "pdrop"

@@ -14,19 +14,6 @@ from tokenprune.functional._ranking import top_k_indices
 from tokenprune.methods.base import Deviation
 from tokenprune.methods.decoder import DecoderMethod, Recycled, RowSignals, StagePlan
 
-OFFICIAL_DEPTH = 32  # LLaVA-1.5-7B: the official layers are for 32 decoder layers
-
-
-def scaled_layers(layers: tuple[int, ...], n_layers: int) -> tuple[int, ...]:
-    """Official sparsification layers of a 32-layer LLM at the model's depth (``round(l * L / 32)``, kept
-    increasing and below the last layer)."""
-    if n_layers == OFFICIAL_DEPTH:
-        return layers
-    out: list[int] = []
-    for layer in layers:
-        out.append(max(round(layer * n_layers / OFFICIAL_DEPTH), out[-1] + 1 if out else 0))
-    return tuple(out)
-
 
 def table_budget(keep: Keep, n: int) -> float:
     """The paper's budget (tokens of 576) that ``keep`` names: a ratio ``r`` is ``576 r`` (``keep=1/3`` is "192"),
@@ -53,8 +40,9 @@ class SparseVLM(DecoderMethod):
     300 / 200 / 110 visual tokens after layers 2 / 6 / 15 (v1.5 table; 128: 303/110/36; 96: 238/48/26; 64:
     66/30/17), plus the recycled tokens; other budgets are interpolated and counts rescaled by ``n/576``
     (``functional.schedule_counts``). "192" is the table's name, not a layer average: the true layer average at
-    192 is 202.75 plus recycled tokens. ``layers``: sparsification (scoring) layers; None = official, scaled to the
-    model's depth. SparseVLM+ (v2.0: gravity-corrected, top-14 heads, KEEP) is not offered.
+    192 is 202.75 plus recycled tokens. ``layers``: sparsification (scoring) layers; None = the official ones on any
+    depth (an error at enable time where they do not exist). SparseVLM+ (v2.0: gravity-corrected, top-14 heads,
+    KEEP) is not offered.
     """
 
     name = "sparsevlm"
@@ -106,7 +94,7 @@ class SparseVLM(DecoderMethod):
             raise ValueError(f"{self.name}: recycle_ratio must lie in [0, 1]; got {self.recycle_ratio!r}")
 
     def sparse_layers(self, n_layers: int) -> tuple[int, ...]:
-        return self.layers if self.layers is not None else scaled_layers(self.default_layers, n_layers)
+        return self.layers if self.layers is not None else self.default_layers
 
     def plan(self, n_layers: int) -> tuple[StagePlan, ...]:
         return tuple(StagePlan(layer=l + 1, score_layer=l) for l in self.sparse_layers(n_layers))  # noqa: E741

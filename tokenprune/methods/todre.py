@@ -37,6 +37,7 @@ class ToDRERelevance(DecoderMethod):
     name = "todre-relevance"
     paper = PAPER + ", stage 2"
     exact_counts = False
+    layer_option = "layer"
     layer: int | None = None
     tau: float = 0.10
 
@@ -45,8 +46,9 @@ class ToDRERelevance(DecoderMethod):
             raise ValueError(f"todre: tau (attention-ratio threshold) must lie in (0, 1]; got {self.tau!r}")
 
     def candidate(self, n_layers: int) -> int:
-        """``7L // 8`` (28 of 32, 24 of 28); on very shallow models at most ``L - 2``, so that a layer runs after it."""
-        return self.layer if self.layer is not None else max(0, min(7 * n_layers // 8, n_layers - 2))
+        """``7L // 8`` (28 of 32, 24 of 28): the paper defines the layer relative to the depth. On a model too
+        shallow for a layer to run after it (L <= 4), enabling fails (:meth:`check_layers`); pass ``layer=``."""
+        return self.layer if self.layer is not None else 7 * n_layers // 8
 
     def plan(self, n_layers: int) -> tuple[StagePlan, ...]:
         ell = self.candidate(n_layers)

@@ -77,9 +77,7 @@ class TransPrune(DecoderMethod):
     def boundaries(self, n_layers: int) -> tuple[int, ...]:
         if self.layers is not None:
             return self.layers
-        layers = tuple(round(n_layers * b / 32) for b in OFFICIAL_LAYERS)
-        self._check(layers)
-        return layers
+        return OFFICIAL_LAYERS  # on any depth; check_layers refuses them at enable time where they do not exist
 
     def plan(self, n_layers: int) -> tuple[StagePlan, ...]:
         return tuple(StagePlan(layer=b, score_layer=b) for b in self.boundaries(n_layers))

@@ -24,7 +24,6 @@ from tokenprune.methods.two_stage import TwoStageMethod
 
 PAPER = "VFlowOpt: A Token Pruning Framework for LMMs with Visual Information Flow-Guided Optimization (ICCV 2025)"
 OFFICIAL_LLM_LAYERS = (9, 18)  # of 28 (Qwen2-7B of LLaVA-OneVision)
-OFFICIAL_DEPTH = 28
 
 
 def _budget(k: int, n: int) -> float:
@@ -87,9 +86,9 @@ class VFlowOptViT(PruningMethod):
 
 @dataclass
 class VFlowOptLLM(DecoderMethod):
-    """VFlowOpt's LLM stages: at layers 9 and 18 of 28 (scaled to the model's depth) the visual tokens with the
-    lowest ViT importance (carried from the vision stage, not LLM attention) are removed, ``round(n (1 - r))`` of
-    the current ``n``. Positions KEEP (official)."""
+    """VFlowOpt's LLM stages: at layers 9 and 18 (official, of Qwen2-7B's 28; the same on any depth) the visual
+    tokens with the lowest ViT importance (carried from the vision stage, not LLM attention) are removed,
+    ``round(n (1 - r))`` of the current ``n``. Positions KEEP (official)."""
 
     name = "vflowoptllm"
     paper = PAPER
@@ -101,7 +100,7 @@ class VFlowOptLLM(DecoderMethod):
         if self.layers is not None:
             bounds = tuple(self.layers)
         else:
-            bounds = tuple(round(n_layers * b / OFFICIAL_DEPTH) for b in OFFICIAL_LLM_LAYERS)
+            bounds = OFFICIAL_LLM_LAYERS  # on any depth; check_layers refuses them where they do not exist
         return tuple(StagePlan(layer=b, score_layer=b) for b in bounds)
 
     def counts(self, n: int, keep: Keep, n_layers: int) -> list[int]:

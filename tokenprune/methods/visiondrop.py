@@ -29,7 +29,7 @@ class VisionDropLLM(DecoderMethod):
     """VisionDrop's LLM stages (VisionDrop: Rethinking Visual Token Reduction in LVLMs under Cross-modal
     Misalignment, 2025): visual-only, progressive, dominant + contextual merging inside the LLM.
 
-    At each boundary ``b`` (official layers 8, 16, 24 of 32; ``None`` scales them to the model's depth) layer
+    At each boundary ``b`` (``None``: four equal stages, ``round(L s / 4)``, the paper's 8, 16, 24 of 32) layer
     ``b``'s own q/k on its input score each visual token by the attention it receives from the image's visual
     queries (softmax over ALL keys, causal, not renormalised; mean over heads and queries). The top tokens stay
     (dominant); the rest are merged into contextual tokens by head-mean post-RoPE key similarity (VisionZip's rule:
