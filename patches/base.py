@@ -90,6 +90,11 @@ class VisionStageAdapter:
         if method is not None:
             self.check_method()
         self._pending: PruneRecord | None = None  # the vision-stage record of the call in progress
+        if decoder is not None:
+            first = min(stage.layer for stage in decoder.check_layers(len(model.model.language_model.layers)))
+            reason = self.decoder_reason(model.config.model_type, decoder.name, first, model.config)
+            if reason:
+                raise ValueError(reason)
         self.decoder = None if decoder is None else DecoderLoop(
             model, decoder, decoder_keep if decoder_keep is not None else keep, self.visual_token_ids(),
             self._decoder_record, force_keep_positions=self.decoder_keep_positions,
@@ -100,6 +105,13 @@ class VisionStageAdapter:
         return (int(self.model.config.image_token_id),)
 
     # --- family-specific ---------------------------------------------------------------------------------------
+    @classmethod
+    def decoder_reason(cls, model_type: str, name: str, first_layer: int, config: Any = None) -> str | None:
+        """Why this family cannot run decoder-stage method ``name`` whose first pruned LLM layer is ``first_layer``
+        (``None``: it can). ``config`` is the model's config, or None for the released checkpoints (the method
+        tables decide support without a model)."""
+        return None
+
     def check_method(self) -> None:
         """Raise a ``ValueError`` if this model cannot provide what the method needs."""
         missing = self.method.signals_needed(self.cls_token) - self.signals

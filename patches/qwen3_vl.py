@@ -36,33 +36,32 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from tokenprune.patches.qwen2_vl import QwenVLAdapter
 from tokenprune.patches.units import ImageSelection
 
+RELEASED_DEEPSTACK_LEVELS = 3  # deepstack_visual_indexes [8, 16, 24] of the released Qwen3-VL checkpoints
 _MERGE_TOLERANCE = 1e-4  # relative residual of a merged token rebuilt from its members' main features
 
 
 class Qwen3VLAdapter(QwenVLAdapter):
     model_types = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 
-    def __init__(self, model: torch.nn.Module, method: Any, keep: Any, handle: Any, scope: str | None = None,
-                 decoder: Any = None, decoder_keep: Any = None):
-        kind = model.config.model_type
-        if decoder is not None and kind.startswith("qwen3_5"):
-            raise ValueError(
-                f"decoder-stage method {decoder.name!r} is not supported on {kind!r} yet: pruning inside its hybrid "
+    @classmethod
+    def decoder_reason(cls, model_type: str, name: str, first_layer: int, config: Any = None) -> str | None:
+        if model_type.startswith("qwen3_5"):
+            return (
+                f"decoder-stage method {name!r} is not supported on {model_type!r} yet: pruning inside its hybrid "
                 f"LLM would have to let the Gated DeltaNet linear-attention layers after the pruning step rebuild "
                 f"their recurrent and conv state on the pruned sequence. Use a vision-stage method (e.g. "
                 f"'divprune', 'cdpruner', 'hiprune') on this model"
             )
-        super().__init__(model, method, keep, handle, scope, decoder, decoder_keep)
-        if self.decoder is not None:
-            levels = len(model.config.vision_config.deepstack_visual_indexes)
-            first = min(stage.layer for stage in self.decoder.plan)
-            if first < levels:
-                raise ValueError(
-                    f"decoder-stage method {decoder.name!r} prunes from LLM layer {first}, but this {kind!r} model "
-                    f"still adds DeepStack visual features after layers 0..{levels - 1} "
-                    f"({levels} deepstack_visual_indexes); pruning is supported from layer {levels} on. Set the "
-                    f"method's layer option to {levels} or later (e.g. fastv k={levels})"
-                )
+        levels = (len(config.vision_config.deepstack_visual_indexes) if config is not None
+                  else RELEASED_DEEPSTACK_LEVELS)
+        if first_layer < levels:
+            return (
+                f"decoder-stage method {name!r} prunes from LLM layer {first_layer}, but this {model_type!r} model "
+                f"still adds DeepStack visual features after layers 0..{levels - 1} ({levels} "
+                f"deepstack_visual_indexes); pruning is supported from layer {levels} on. Set the method's layer "
+                f"option to {levels} or later (e.g. fastv k={levels})"
+            )
+        return None
 
     def _encoder_output(
         self, vision_out: Any, features: list[torch.Tensor], kept: list[torch.Tensor], chosen: list[ImageSelection]

@@ -118,7 +118,7 @@ def test_family_support_in_the_tables_is_what_enable_pruning_does(model_type):
     adapter = catalog.adapters()[model_type]
     disagree = []
     for name, cls in sorted(METHODS.items()):
-        reason = catalog.unsupported_reason(cls(), adapter)
+        reason = catalog.unsupported_reason(cls(), adapter, model_type)
         try:
             enable_pruning(model, name, keep=0.5)
             ran = True

@@ -19,7 +19,10 @@ from tokenprune.methods import METHODS, PruningMethod, TwoStageMethod
 from tokenprune.methods.decoder import DecoderMethod
 
 # Display names of the families; a model_type missing here is shown as itself.
-FAMILY_NAMES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
+FAMILY_NAMES = {
+    "llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL",
+    "qwen3_vl": "Qwen3-VL", "qwen3_vl_moe": "Qwen3-VL-MoE", "qwen3_5": "Qwen3.5", "qwen3_5_moe": "Qwen3.5-MoE",
+}
 REFERENCE_DEPTH = 32  # LLM depth at which decoder plans are shown (LLaVA-1.5-7B's 32 layers)
 STAGE_PAGES = {"vision": "vision", "vision-encoder": "vision", "decoder": "decoder", "two-stage": "two-stage"}
 # Which generated table goes into which committed file (relative to the repository root).
@@ -44,12 +47,21 @@ def family_name(model_type: str) -> str:
     return FAMILY_NAMES.get(model_type, model_type)
 
 
-def unsupported_reason(method: PruningMethod, adapter: type) -> str | None:
-    """Why ``method`` (an instance with default options) cannot run on ``adapter``'s family, or None if it can."""
-    vision = method.stages()[0] if isinstance(method, TwoStageMethod) else method
+def unsupported_reason(method: PruningMethod, adapter: type, model_type: str | None = None) -> str | None:
+    """Why ``method`` (an instance with default options) cannot run on ``adapter``'s family (``model_type``: the
+    first of the adapter's), or None if it can."""
+    model_type = model_type or adapter.model_types[0]
+    vision, decoder = method.stages() if isinstance(method, TwoStageMethod) else (method, None)
+    if vision.stage == "decoder":
+        vision, decoder = None, vision
     try:
         method.check_family(adapter.cls_token)
-        if vision.stage == "decoder":
+        if decoder is not None:
+            first = min(stage.layer for stage in decoder.plan(REFERENCE_DEPTH))
+            reason = adapter.decoder_reason(model_type, decoder.name, first)
+            if reason:
+                return reason
+        if vision is None:
             return None  # the decoder loop is shared by every family
         missing = vision.signals_needed(adapter.cls_token) - adapter.signals
     except (ValueError, NotImplementedError) as err:
@@ -62,7 +74,7 @@ def unsupported_reason(method: PruningMethod, adapter: type) -> str | None:
 
 
 def supported_families(method: PruningMethod) -> list[str]:
-    return [t for t, adapter in adapters().items() if unsupported_reason(method, adapter) is None]
+    return [t for t, adapter in adapters().items() if unsupported_reason(method, adapter, t) is None]
 
 
 def _signals(method: PruningMethod, cls_token: bool) -> str:
@@ -136,7 +148,7 @@ def family_table() -> str:
     methods = _instances()
     rows = []
     for model_type, adapter in adapters().items():
-        runs = [m.name for m in methods if unsupported_reason(m, adapter) is None]
+        runs = [m.name for m in methods if unsupported_reason(m, adapter, model_type) is None]
         cannot = sorted(set(METHODS) - set(runs))
         rows.append([
             family_name(model_type), f"`{model_type}`", f"`{adapter.__module__}.{adapter.__name__}`",

@@ -151,8 +151,8 @@ class AdaptInfer(SparseVLM):
     paper = "AdaptInfer: Adaptive Token Pruning for Vision-Language Model Inference with Dynamic Text Guidance (2025)"
     deviations = (
         Deviation(
-            "The LLaVA schedule (table, layers scaled to depth) on every family; the 32-token setting's final 0 keeps "
-            "one token.",
+            "The LLaVA schedule (table, official layers 1 / 10 / 20) on every family; the 32-token setting's final 0 "
+            "keeps one token.",
             "The author's Qwen2-VL schedule (layers 0 / 9 / 19, ratios 0.17 / 0.6 / 0.3 of the current count) is not "
             "built in; `layers=(0, 9, 19)` sets its layers.",
         ),

@@ -93,7 +93,7 @@ class ToDRE(TwoStageMethod):
             "The paper takes the pivot from the thumbnail; one pool keeps the diversity global over the image.",
         ),
         Deviation(
-            "Stage 2 is checked once, at layer `floor(7L/8)` (0-based; at most `L-2` on very shallow models); the "
+            "Stage 2 is checked once, at layer `floor(7L/8)` (0-based); the "
             "text set is every valid token after the row's last image; the decision is per prompt row.",
             "The paper leaves the index base open and may check later layers too; with image-then-question prompts "
             "the visual-to-text attention is 0 by causality, so the test is text-to-visual attention below the "

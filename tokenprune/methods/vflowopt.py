@@ -148,7 +148,7 @@ class VFlowOpt(TwoStageMethod):
     deviations = (
         Deviation(
             "The shipped configurations (found for LLaVA-OneVision: SigLIP, 27 x 27 grid, 28 LLM layers) run on "
-            "CLIP's feature layer, the LLM layers scaled to the model's depth; budgets between 0.10 / 0.25 / 0.50 "
+            "CLIP's feature layer at the official LLM layers 9 / 18; budgets between 0.10 / 0.25 / 0.50 "
             "interpolate them.",
             "The official code is LLaVA-OneVision only; LLaVA-1.5 is the closest family here with a ViT attention "
             "map.",
