@@ -262,7 +262,7 @@ class VisionStageAdapter:
     def _on_pruned_cache(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """A forward on a warm cache (a manual decode loop, a forward continuation): only the new tokens, as with
         any cache; a 2-D mask in original coordinates is mapped onto a vision-pruned cache and, without explicit
-        ``position_ids``, the new tokens get the positions ``generate`` would give them on that cache."""
+        ``position_ids``, the family's continuation positions are set (Qwen: the original M-RoPE positions)."""
         cache = kwargs.get("past_key_values")
         state, length = pruned_cache.state_of(cache), pruned_cache.cached_length(cache)
         ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
