@@ -275,7 +275,7 @@ class VisionStageAdapter:
     def _on_pruned_cache(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """A forward on a warm cache (a manual decode loop, a forward continuation): only the new tokens, as with
         any cache; a 2-D mask in original coordinates is mapped onto a vision-pruned cache and, without explicit
-        ``position_ids``, the new tokens get the positions ``generate`` would give them on that cache."""
+        ``position_ids``, the family's continuation positions are set (Qwen: the original M-RoPE positions)."""
         cache = kwargs.get("past_key_values")
         state, length = pruned_cache.state_of(cache), pruned_cache.cached_length(cache)
         ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
@@ -292,16 +292,19 @@ class VisionStageAdapter:
         if kwargs.get("position_ids") is None:
             full = mask if mask is not None else pruned_cache.full_mask(state, batch, length + q, ids.device)
             text = (full.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]  # [B, q]: generate's convention
-            out["position_ids"] = self.continuation_positions(state, text)
+            positions = self.continuation_positions(state, text)
+            if positions is not None:
+                out["position_ids"] = positions
         return out
 
     def continue_positions(self, state: Any, batch: int) -> None:
         """Family hook: restore what positions on the pruned cache need before a call on it (Qwen: rope_deltas)."""
 
-    def continuation_positions(self, state: Any, text: torch.Tensor) -> torch.Tensor:
+    def continuation_positions(self, state: Any, text: torch.Tensor) -> torch.Tensor | None:
         """Position ids of new tokens on a pruned cache from their text positions ``[B, q]`` (cache coordinates,
-        padding-aware); LLaVA re-indexes, so these are the positions."""
-        return text
+        padding-aware); None: the model's own default (LLaVA: a forward prefill without position ids numbered the
+        prompt 0.., the decode steps must continue that numbering)."""
+        return None
 
     def _run_generate(self, inner: Any, *args: Any, **kwargs: Any) -> Any:
         self._generating += 1
