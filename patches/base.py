@@ -91,7 +91,8 @@ class VisionStageAdapter:
             self.check_method()
         self._pending: PruneRecord | None = None  # the vision-stage record of the call in progress
         if decoder is not None:
-            first = min(stage.layer for stage in decoder.check_layers(len(model.model.language_model.layers)))
+            plan = decoder.check_layers(len(model.model.language_model.layers), model.config.model_type)
+            first = min(stage.layer for stage in plan)
             reason = self.decoder_reason(model.config.model_type, decoder.name, first, model.config)
             if reason:
                 raise ValueError(reason)

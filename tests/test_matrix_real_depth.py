@@ -16,7 +16,7 @@ from tokenprune import disable_pruning, enable_pruning
 from tokenprune.api import _HANDLE_ATTR
 from tokenprune.methods import METHODS, PruningMethod, Selection
 from tokenprune.patches.units import Unit, select_image
-from tokenprune.real_depth import REAL_DEPTH_FAMILIES, real_depth
+from tokenprune.real_depth import real_depth
 from tokenprune.tiny_models import random_image
 
 pytestmark = pytest.mark.realdepth
@@ -86,7 +86,7 @@ def _run(model, inputs):
     return out.logits, _cache_lengths(out.past_key_values), prefill_positions, ids, decode_cos, uncached
 
 
-@pytest.fixture(scope="module", params=[(f, a) for f in REAL_DEPTH_FAMILIES for a in ("eager", "sdpa")],
+@pytest.fixture(scope="module", params=[(f, a) for f in DECLINES for a in ("eager", "sdpa")],
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def deep(request):
     family, attn = request.param

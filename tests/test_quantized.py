@@ -27,7 +27,7 @@ from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 from tokenprune import disable_pruning, enable_pruning
 from tokenprune.compute_dtype import compute_dtype, compute_dtype_device
 from tokenprune.methods import METHODS
-from tokenprune.real_depth import REAL_DEPTH_FAMILIES, real_depth
+from tokenprune.real_depth import real_depth
 from tokenprune.tiny_models import random_image
 
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -36,6 +36,7 @@ IMAGE_SIZE = {"llava": (84, 140), "llava_next": (40, 70), "qwen2_vl": (84, 140),
 # (bnb_4bit_quant_type, bnb_4bit_use_double_quant) per family
 FOUR_BIT = {"llava": ("nf4", False), "llava_next": ("fp4", True), "qwen2_vl": ("fp4", False),
             "qwen2_5_vl": ("nf4", True)}
+FAMILIES = tuple(PLACEHOLDER)  # the four families of this matrix; the Qwen3 families are not quantized here yet
 SETTINGS = ("bnb-4bit", "bnb-8bit", "int8-dynamic", "torchao-int8wo")
 # keep=1.0: the prefill's logits and the first generated id; keep=0.25: two tokens (one decode step on the pruned
 # cache). Short on purpose: the matrix is ~300 cases and bitsandbytes' CPU kernels are slow at tiny sizes.
@@ -80,7 +81,7 @@ class Quantized:
 def saved(tmp_path_factory):
     """Per family: the folder of a saved real-depth model, its processor and the full-precision model."""
     out = {}
-    for family in REAL_DEPTH_FAMILIES:
+    for family in FAMILIES:
         model, processor = real_depth(family, "sdpa")
         folder = tmp_path_factory.mktemp(family)
         model.save_pretrained(folder)
@@ -95,9 +96,9 @@ def cases() -> list:
     """``(family, setting), method`` pairs: see the module docstring."""
     out = []
     for setting in SETTINGS:
-        for family_index, family in enumerate(REAL_DEPTH_FAMILIES):
+        for family_index, family in enumerate(FAMILIES):
             for method_index, method in enumerate(sorted(METHODS)):
-                rotating = method_index % len(REAL_DEPTH_FAMILIES) == family_index
+                rotating = method_index % len(FAMILIES) == family_index
                 if not (FULL or setting == "bnb-4bit" or rotating):
                     continue
                 out.append(pytest.param((family, setting), method, id=f"{family}-{setting}-{method}"))

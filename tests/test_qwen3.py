@@ -254,7 +254,8 @@ def test_bad_input_fails_clearly_before_the_model_is_touched(qwen3, method, keep
 # --- decoder-stage methods on Qwen3-VL: from the first layer after the DeepStack injections on --------------------
 DECODER_METHODS = [m for m in decoder_methods() + two_stage_methods() if m != "vflowopt"]  # vflowopt: ViT attn map
 DECODER_OPTIONS = {"fastv": {"k": 2}, "dart": {"k": 2}, "feather": {"layers": (1, 2)},
-                   "transprune": {"layers": (1, 2, 3)}, "todre": {"layer": 1, "tau": 1.0}}
+                   "transprune": {"layers": (1, 2, 3)}, "todre": {"layer": 1, "tau": 1.0},
+                   "sparsevlm": {"layers": (0, 1, 2)}, "adaptinfer": {"layers": (0, 1, 2)}}
 
 
 @pytest.fixture(params=["qwen3_vl", "qwen3_vl_moe"])
