@@ -1,0 +1,200 @@
+"""The scaled selectors (issue 24) against the textbook formulas, written out here from the papers: the full N x N
+matrix, every score recomputed from scratch at every step. Random inputs with exact ties (duplicated tokens), in
+several dtypes, both of DivPrune's regimes (N <= D keeps the matrix, N > D works in column blocks), and batched
+selection (B images or crops in one call) == one call per image."""
+
+import pytest
+import torch
+
+from tokenprune import functional as F
+from tokenprune.functional.coverage import coverage_items
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _unit(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def _distance(x: torch.Tensor) -> torch.Tensor:
+    u = _unit(x, torch.finfo(torch.float32).tiny)
+    return 1.0 - u @ u.T
+
+
+def divprune_textbook(x: torch.Tensor, k: int) -> list[int]:
+    """First: the token whose nearest other token is farthest; then max over tokens of min over chosen."""
+    n = x.shape[0]
+    if k >= n:
+        return list(range(n))
+    dist = _distance(x)
+    chosen = [int(torch.argmax(torch.sort(dist, dim=0).values[1]))]
+    while len(chosen) < k:
+        score = dist[chosen].min(dim=0).values
+        score[chosen] = -torch.inf
+        chosen.append(int(torch.argmax(score)))
+    return sorted(chosen)
+
+
+def kcenter_textbook(x: torch.Tensor, k: int, pivot: int, rule: str) -> list[int]:
+    n = x.shape[0]
+    if k >= n:
+        return list(range(n))
+    dist = _distance(x)
+    chosen = [pivot]
+    while len(chosen) < k:
+        if rule == "kcenter":
+            score = dist[chosen].min(dim=0).values
+        else:  # the summed similarity, accumulated in pick order
+            score = -(1.0 - dist[chosen[0]])
+            for c in chosen[1:]:
+                score = score - (1.0 - dist[c])
+        score[chosen] = -torch.inf
+        chosen.append(int(torch.argmax(score)))
+    return sorted(chosen)
+
+
+def cdpruner_textbook(x: torch.Tensor, relevance: torch.Tensor, k: int, quirks: bool) -> list[int]:
+    """Greedy MAP of the DPP: each step the largest conditional variance L_jj - L_jS L_SS^-1 L_Sj (fresh solve)."""
+    n = x.shape[0]
+    if k >= n:
+        return list(range(n))
+    rel = -relevance.float() if quirks else relevance.float()
+    spread = rel.max() - rel.min()
+    rel = (rel - rel.min() + 1e-6) / spread if float(spread) > 0 else torch.ones_like(rel)
+    u = _unit(x, 1e-12)
+    kernel = rel[:, None] * (u @ u.T) * rel[None, :]
+    chosen, conditioning = [], []
+    for _ in range(k):
+        gains = torch.diagonal(kernel).clone()
+        if conditioning:
+            s = torch.tensor(conditioning)
+            solved = torch.linalg.solve_triangular(torch.linalg.cholesky(kernel[s][:, s]), kernel[s], upper=False)
+            gains = gains - (solved**2).sum(dim=0)
+        gains[chosen] = -torch.inf
+        j = int(torch.argmax(gains))
+        chosen.append(j)
+        if float(gains[j]) > 1e-12:
+            conditioning.append(j)
+    return sorted(chosen)
+
+
+def mmtok_textbook(v: torch.Tensor, t: torch.Tensor, k: int, vs: torch.Tensor, tv_temp: float) -> list[int]:
+    """Greedy coverage: items = text rows softmax(cos / tv_temp) / M and vision rows 0.5 softmax(cos / 0.2) / N."""
+    n = v.shape[0]
+    if k >= n:
+        return list(range(n))
+    uv, us = _unit(v, 1e-12), _unit(vs, 1e-12)
+    items = [0.5 * torch.softmax(us @ us.T / 0.2, dim=-1) / n]
+    if t.shape[0]:
+        items.insert(0, torch.softmax(_unit(t, 1e-12) @ uv.T / tv_temp, dim=-1) / t.shape[0])
+    cover = torch.cat(items)  # [items, N]
+    chosen: list[int] = []
+    for _ in range(k):
+        best = cover[:, chosen].max(dim=1).values if chosen else torch.zeros(cover.shape[0])
+        gain = (cover - best[:, None]).clamp_min(0).sum(dim=0)
+        gain[chosen] = -torch.inf
+        chosen.append(int(torch.argmax(gain)))
+    return sorted(chosen)
+
+
+def _case(seed: int, dtype: torch.dtype, n_max: int = 90, d: int = 48) -> tuple[torch.Tensor, int, torch.Generator]:
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(6, n_max, (1,), generator=g))
+    x = torch.randn(n, d, generator=g)
+    if seed % 2:  # exact ties: duplicated tokens, one of them the first row
+        x[1:4] = x[0]
+        x[n // 2] = x[n - 1]
+    k = int(torch.randint(1, n, (1,), generator=g))
+    return x.to(dtype), k, g
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", range(8))
+def test_divprune_equals_the_textbook_greedy(seed, dtype):
+    x, k, _ = _case(seed, dtype, d=48 if seed < 4 else 160)  # N > D (column blocks) and N <= D (matrix kept)
+    assert F.divprune(x, k).tolist() == divprune_textbook(x, k)
+
+
+def test_divprune_column_blocks_cover_every_column():
+    """N > D with several column blocks (64 per block at D = 8): the first pick sees every token."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 8, generator=g)
+    x[290] = 50 * torch.randn(8, generator=g)  # a lone outlier late in the sequence: the first pick
+    for k in (1, 5, 40):
+        assert F.divprune(x, k).tolist() == divprune_textbook(x, k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", range(8))
+def test_kcenter_and_maxsum_equal_the_textbook_greedy(seed, dtype):
+    x, k, g = _case(seed, dtype)
+    pivot = int(torch.randint(x.shape[0], (1,), generator=g))
+    assert F.kcenter(x, k, pivot).tolist() == kcenter_textbook(x, k, pivot, "kcenter")
+    assert F.kcenter(x, k, pivot, rule="maxsum").tolist() == kcenter_textbook(x, k, pivot, "maxsum")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", range(8))
+def test_cdpruner_equals_the_textbook_greedy_map(seed, dtype):
+    """Full-rank kernels (D > N, distinct rows): past the rank the residuals are rounding noise that any two forms
+    pick by. Likewise a relevance tie between DISTINCT tokens is decided by the rounding of their ``|u|^2 = 1``
+    (the kernel's diagonal), which no two evaluation orders share (the official GPU code's included); ties between
+    identical tokens are exact and covered by the batched test."""
+    x, k, g = _case(seed, dtype, n_max=60, d=96)
+    relevance = torch.randn(x.shape[0], generator=g)
+    x = x + 0.01 * torch.randn(x.shape, generator=g).to(dtype)  # distinct rows: a full-rank kernel
+    for quirks in (True, False):
+        assert F.cdpruner(x, relevance, k, quirks=quirks).tolist() == cdpruner_textbook(x, relevance, k, quirks)
+
+
+def test_cdpruner_past_the_kernel_rank_keeps_k_distinct_tokens():
+    x = torch.eye(4).repeat(5, 1)  # rank 4, 20 tokens
+    kept = F.cdpruner(x, torch.arange(20.0), 9)
+    assert kept.tolist() == sorted(set(kept.tolist())) and kept.numel() == 9
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", range(6))
+def test_mmtok_equals_the_textbook_greedy_coverage(seed, dtype):
+    x, k, g = _case(seed, dtype, n_max=70)
+    text = torch.randn(3, x.shape[1], generator=g).to(dtype)
+    vs = torch.randn(x.shape[0], 24, generator=g).to(dtype)
+    if seed % 2:
+        vs[1:4] = vs[0]
+    assert F.mmtok(x, text, k, vs, tv_temp=0.05).tolist() == mmtok_textbook(x, text, k, vs, 0.05)
+    assert F.mmtok(x, text[:0], k, vs).tolist() == mmtok_textbook(x, text[:0], k, vs, 0.02)
+
+
+def test_mmtok_coverage_blocks_are_the_whole_softmax():
+    g = torch.Generator().manual_seed(1)
+    v, t = torch.randn(37, 16, generator=g), torch.randn(2, 16, generator=g)
+    whole = coverage_items(v, t, block=1000)
+    torch.testing.assert_close(coverage_items(v, t, block=5), whole, rtol=1e-6, atol=0)
+    torch.testing.assert_close(whole[:, 2:].sum(dim=0), torch.full((37,), 0.5 / 37))  # each vision item: alpha / N
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_selection_equals_one_call_per_image(dtype):
+    """5 crops of 40 tokens (a LLaVA-NeXT prompt's shape, scaled down) select in one call as they do one by one."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 40, 24, generator=g)
+    x[2, 10:14] = x[2, 3]  # ties inside one crop
+    x[4] = x[1]            # two identical crops
+    x = x.to(dtype)
+    relevance = torch.randn(5, 40, generator=g)
+    pivots = torch.tensor([0, 7, 39, 3, 7])
+    for k in (1, 6, 39, 40):
+        assert torch.equal(F.divprune(x, k), torch.stack([F.divprune(c, k) for c in x]))
+        for rule in ("kcenter", "maxsum"):
+            looped = [F.kcenter(c, k, int(p), rule=rule) for c, p in zip(x, pivots, strict=True)]
+            assert torch.equal(F.kcenter(x, k, pivots, rule=rule), torch.stack(looped))
+        assert torch.equal(F.cdpruner(x, relevance, k),
+                           torch.stack([F.cdpruner(c, r, k) for c, r in zip(x, relevance, strict=True)]))
+
+
+def test_batched_shapes_are_checked():
+    with pytest.raises(ValueError, match=r"\[B, N, D\]"):
+        F.divprune(torch.zeros(2, 3, 4, 5), 2)
+    with pytest.raises(ValueError, match="relevance"):
+        F.cdpruner(torch.zeros(2, 5, 4), torch.zeros(5), 2)
