@@ -148,6 +148,16 @@ def test_cdpruner_equals_the_textbook_greedy_map(seed, dtype):
         assert F.cdpruner(x, relevance, k, quirks=quirks).tolist() == cdpruner_textbook(x, relevance, k, quirks)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_cdpruner_rows_on_demand_equal_the_textbook_greedy_map(seed):
+    """N > D: kernel rows one product at a time (the matrix is not built); k within the kernel's rank."""
+    g = torch.Generator().manual_seed(seed)
+    x, relevance = torch.randn(120, 40, generator=g), torch.randn(120, generator=g)
+    for k in (1, 7, 20):
+        for quirks in (True, False):
+            assert F.cdpruner(x, relevance, k, quirks=quirks).tolist() == cdpruner_textbook(x, relevance, k, quirks)
+
+
 def test_cdpruner_past_the_kernel_rank_keeps_k_distinct_tokens():
     x = torch.eye(4).repeat(5, 1)  # rank 4, 20 tokens
     kept = F.cdpruner(x, torch.arange(20.0), 9)
@@ -178,7 +188,7 @@ def test_mmtok_coverage_blocks_are_the_whole_softmax():
 def test_batched_selection_equals_one_call_per_image(dtype):
     """5 crops of 40 tokens (a LLaVA-NeXT prompt's shape, scaled down) select in one call as they do one by one."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(5, 40, 24, generator=g)
+    x = torch.randn(5, 40, 24, generator=g)  # N > D: rows on demand (N <= D: one bmm, the same per image)
     x[2, 10:14] = x[2, 3]  # ties inside one crop
     x[4] = x[1]            # two identical crops
     x = x.to(dtype)
@@ -198,3 +208,26 @@ def test_batched_shapes_are_checked():
         F.divprune(torch.zeros(2, 3, 4, 5), 2)
     with pytest.raises(ValueError, match="relevance"):
         F.cdpruner(torch.zeros(2, 5, 4), torch.zeros(5), 2)
+
+
+def test_scaling_sweep_rows_plot_and_table(tmp_path):
+    """The sweep on tiny shapes: every selector has a time and a peak, the naive references and the previous
+    implementation ran (same indices asserted inside), and the plot and table are written."""
+    from tokenprune.bench import selection_sweep as sweep
+    from tokenprune.bench.references import REFERENCES
+
+    shapes = (sweep.Shape("a", 36, 16, "llama-7b"), sweep.Shape("b", 72, 16, "llama-7b"))
+    before = {"divprune": lambda ctx: F.divprune(ctx.signal("features"), ctx.k)}
+    rows = sweep.sweep("float32", 1, shapes, ("divprune", "kcenter", "holov"), before=before, layer=False,
+                       log=lambda line: None)
+    assert [(r["n"], r["method"]) for r in rows] == [(n, m) for n in (36, 72) for m in ("divprune", "kcenter", "holov")]
+    assert all(r["ms"] > 0 and r["k"] == round(r["n"] / 9) for r in rows)
+    assert {r["method"] for r in rows if "reference_ms" in r} == {"divprune", "kcenter"} <= set(REFERENCES)
+    assert all(r["same_as_before"] for r in rows if r["method"] == "divprune")
+    for r in rows:  # fake layer timings for the plot and the table
+        r.update(layer_ms=100.0, fraction_of_layer=r["ms"] / 100.0)
+    rows += [{**rows[0], "method": "layer", "ms": 100.0, "peak_bytes": None}]
+    sweep.plot(rows, str(tmp_path / "sweep.png"))
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    table = sweep.markdown(rows)
+    assert table.count("\n") == len(rows) + 1 and "| divprune |" in table and "**one 7B layer**" in table

@@ -5,7 +5,9 @@ chosen token, one ``[N, D] x [D]`` product per pick -- ``k N D`` in all, memory 
 DivPrune's first pick (the token farthest from its nearest neighbour) needs every pair: ``N^2 D``, computed in
 column blocks so that the extra memory stays ``O(N D)``; where the ``N x N`` matrix is no larger than the
 features (``N <= D``: LLaVA-1.5, LLaVA-NeXT, Qwen at <= 3,584 tokens) it is kept and its rows serve the greedy
-(no further products; the distances are then those of the one-matmul matrix the code used before).
+(no further products; the distances are then those of the one-matmul matrix the code used before). k-center does
+the same: at ``k = N / 9`` one compute-bound ``N^2 D`` matmul beats ``k`` memory-bound ``N D`` products on a CPU
+(measured: ``docs/selection_cost.md``), and beyond ``N = D`` the per-pick products keep the memory linear.
 """
 
 from __future__ import annotations
@@ -113,7 +115,9 @@ def kcenter(features: torch.Tensor, k: int, pivot: int | torch.Tensor = 0, *, ru
     ``rule="kcenter"`` (paper v1) greedily adds the token farthest, in cosine distance, from its nearest chosen
     token; ``rule="maxsum"`` (paper v2, Algorithm 1) adds the token with the smallest summed cosine similarity to
     the chosen ones. Ties to the lowest index; kept indices ascending. ``[B, N, D]`` features with a ``[B]``
-    ``pivot`` select in ``B`` images (or crops) at once -> ``[B, k]``. Cost ``k N D``, memory ``O(N D)``.
+    ``pivot`` select in ``B`` images (or crops) at once -> ``[B, k]``. Cost ``k N D``, memory ``O(N D)``; where
+    ``N <= D`` the ``N x N`` matrix (no larger than the features) is computed instead (``N^2 D`` in one matmul,
+    which a CPU runs faster than ``k`` memory-bound matrix-vector products at ``k = N / 9``).
     """
     if rule not in ("kcenter", "maxsum"):
         raise ValueError(f"kcenter rule must be 'kcenter' or 'maxsum'; got {rule!r}")
@@ -122,7 +126,8 @@ def kcenter(features: torch.Tensor, k: int, pivot: int | torch.Tensor = 0, *, ru
         return _everything(feats, batched)
     x = unit_rows(feats)
     first = torch.as_tensor(pivot, dtype=torch.long, device=x.device).reshape(-1).expand(x.shape[0])
-    return _greedy(_Distances(x), first, k, rule=rule, batched=batched)
+    full = 1.0 - torch.bmm(x, x.mT) if x.shape[1] <= x.shape[2] else None  # see the module docstring
+    return _greedy(_Distances(x, full), first, k, rule=rule, batched=batched)
 
 
 def _greedy(dist: _Distances, first: torch.Tensor, k: int, *, rule: str, batched: bool) -> torch.Tensor:

@@ -26,9 +26,10 @@ def cdpruner(features: torch.Tensor, relevance: torch.Tensor, k: int, *, quirks:
     (kernel rank exhausted) no longer updates the others instead of producing NaN. ``[B, N, D]`` features with
     ``[B, N]`` relevance select in ``B`` images (or crops) at once -> ``[B, k]``, each row as alone.
 
-    Cost: the kernel is never built; each pick computes its own kernel row (``N D``) and its incremental Cholesky
-    row against the ``i`` earlier ones (``i N``): ``k N D + k^2 N / 2`` in all, memory ``O(k N)`` beyond the fp32
-    unit rows (the official code builds the ``N x N`` kernel first, ``N^2 D``).
+    Cost: each pick takes its kernel row and its incremental Cholesky row against the ``i`` earlier ones
+    (``i N``): ``k^2 N / 2`` plus the kernel rows. Where ``N <= D`` the ``N x N`` cosine matrix (no larger than the
+    features; one compute-bound matmul, ``N^2 D``) provides them, as the official code; beyond, each row is one
+    ``N D`` product (``k N D`` in all) and memory stays ``O(k N)`` beyond the fp32 unit rows.
     """
     if features.ndim not in (2, 3) or relevance.shape != features.shape[:-1]:
         raise ValueError(f"cdpruner: features [N, D] with relevance [N] (or [B, N, D] with [B, N]); got "
@@ -46,14 +47,16 @@ def cdpruner(features: torch.Tensor, relevance: torch.Tensor, k: int, *, quirks:
     rel = torch.where(spread > 0, (rel - low + 1e-6) / spread, torch.ones_like(rel))  # constant: plain DPP
     x = feats.float() / feats.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
     rows = torch.arange(b, device=x.device)
-    gains = rel * (x * x).sum(dim=-1) * rel  # the kernel's diagonal
+    similarity = torch.bmm(x, x.mT) if n <= x.shape[-1] else None  # N <= D: no larger than the features
+    gains = rel * (torch.diagonal(similarity, dim1=1, dim2=2) if similarity is not None else (x * x).sum(-1)) * rel
     basis = torch.zeros(b, k, n, device=x.device)
     chosen = torch.empty(b, k, dtype=torch.long, device=x.device)
     for i in range(k):
         j = torch.argmax(gains, dim=1)  # [B]: first maximum, ties to the lowest index
         chosen[:, i] = j
         if i + 1 < k:
-            kernel_row = rel[rows, j, None] * similarities(x, j) * rel  # L[j, :]
+            cosines = similarity[rows, j] if similarity is not None else similarities(x, j)
+            kernel_row = rel[rows, j, None] * cosines * rel  # L[j, :]
             residual = gains[rows, j]
             coeff = basis[rows, :i, j]  # [B, i]
             projection = (coeff.unsqueeze(-1) * basis[:, :i]).sum(dim=1)  # summed per image: batched == alone
