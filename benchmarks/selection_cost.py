@@ -6,7 +6,8 @@ registered method at N = 576 and 2,880, naive references, same output asserted; 
 ``python benchmarks/selection_cost.py --sweep`` runs the scaling sweep (:mod:`tokenprune.bench.selection_sweep`:
 N = 576, 1,152, 2,880, 7,290 and a 16-frame Qwen video, D = 4,096, k = N/9, bf16 and fp32, 1 and 2 threads; time
 and peak extra memory per selector, one 7B layer's prefill, the naive references up to ``--reference-max-n``, the
-previous implementation (``--before REV``, read from git) up to ``--before-max-n``) and writes
+previous implementation (``--before REV``, read from git) up to ``--before-max-n``; after the first configuration
+both up to ``--later-max-n``) and writes
 ``results/selection_sweep.{json,md,png}``. Each finished configuration is saved at once (a partial sweep is usable).
 """
 
@@ -63,10 +64,12 @@ def run_sweep(args: argparse.Namespace) -> None:
     before = previous_selectors(args.before) if args.before else None
     out = Path(args.out)
     rows: list = []
-    for config in args.configs.split(","):
+    for i, config in enumerate(args.configs.split(",")):
         dtype, threads = config.split("x")
-        rows += sweep.sweep(dtype, int(threads), shapes, reference_max_n=args.reference_max_n, before=before,
-                            before_max_n=args.before_max_n, log=lambda line: print(line, flush=True))
+        limit = 10**9 if i == 0 else args.later_max_n  # the first configuration runs the baselines the furthest
+        rows += sweep.sweep(dtype, int(threads), shapes, reference_max_n=min(args.reference_max_n, limit),
+                            before=before, before_max_n=min(args.before_max_n, limit),
+                            log=lambda line: print(line, flush=True))
         meta = {"what": "benchmarks/selection_cost.py --sweep " + " ".join(sys.argv[1:]), "before": args.before}
         (out / "selection_sweep.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
         (out / "selection_sweep.md").write_text(sweep.markdown(rows) + "\n")
@@ -82,6 +85,8 @@ if __name__ == "__main__":
     parser.add_argument("--reference-max-n", type=int, default=1152, help="largest N timed for the naive references")
     parser.add_argument("--before", default=None, help="git revision of the previous selectors (the 'before' column)")
     parser.add_argument("--before-max-n", type=int, default=2880)
+    parser.add_argument("--later-max-n", type=int, default=1152,
+                        help="largest N of the naive references and the previous selectors after the first config")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     if args.sweep:

@@ -231,3 +231,23 @@ def test_scaling_sweep_rows_plot_and_table(tmp_path):
     assert (tmp_path / "sweep.png").stat().st_size > 0
     table = sweep.markdown(rows)
     assert table.count("\n") == len(rows) + 1 and "| divprune |" in table and "**one 7B layer**" in table
+
+
+@pytest.mark.parametrize("name", ["divprune", "kcenter", "cdpruner"])
+@pytest.mark.parametrize("cls_token", [True, False])
+def test_select_many_equals_select_per_context(name, cls_token):
+    """What the adapters call for a prompt's crops or images: contexts of equal (n, k) go through one batched
+    call, the others alone; every result equals the method's select on that context."""
+    from tokenprune.bench.selection import synthetic_context
+    from tokenprune.methods import METHODS
+
+    method = METHODS[name]()
+    shapes = [(30, 5), (30, 5), (30, 5), (20, 5), (30, 4), (30, 30)]
+    contexts = []
+    for seed, (n, k) in enumerate(shapes):
+        ctx = synthetic_context(method, n, 16, k, torch.float32, seed=seed)
+        contexts.append(type(ctx)(k=k, n=n, signals=ctx.signals, cls_token=cls_token, index_in_row=seed % 2))
+    many = method.select_many(contexts)
+    assert len(many) == len(contexts)
+    for ctx, kept in zip(contexts, many, strict=True):
+        assert torch.equal(kept, method.select(ctx))

@@ -72,14 +72,16 @@ def decoder_layer(layer: str, dtype: torch.dtype) -> Callable[[int], Callable[[]
     return prefill
 
 
-def _measure(fn: Callable[[], Any], timer: Timer, warmup: int, repeats: int) -> tuple[list[float], int | None]:
-    """Milliseconds of ``repeats`` runs after ``warmup``, and the peak extra memory (bytes) of the first run."""
+def _measure(fn: Callable[[], Any], timer: Timer, warmup: int, repeats: int) -> tuple[list[float], int | None, Any]:
+    """Milliseconds of ``repeats`` runs after ``warmup``, the peak extra memory (bytes) of the first timed run and
+    its result."""
     for _ in range(warmup):
         fn()
     runs: list[float] = []
-    peak = peak_memory(lambda: runs.append(timer(fn)), torch.device("cpu"))
+    result: list[Any] = []
+    peak = peak_memory(lambda: runs.append(timer(lambda: result.append(fn()))), torch.device("cpu"))
     runs += [timer(fn) for _ in range(repeats - 1)]
-    return runs, peak
+    return runs, peak, result[0]
 
 
 def _kept(out: Any) -> torch.Tensor:
@@ -109,7 +111,7 @@ def sweep(
         if layer:
             if shape.layer not in layers:
                 layers[shape.layer] = decoder_layer(shape.layer, torch_dtype)
-            runs, peak = _measure(layers[shape.layer](n), timer, 1 if n <= 2880 else 0, 1)
+            runs, peak, _ = _measure(layers[shape.layer](n), timer, 1 if n <= 1152 else 0, 1)
             layer_ms = statistics.median(runs)
             rows.append({**base, "method": "layer", "layer": shape.layer, "ms": layer_ms, "runs": runs,
                          "peak_bytes": peak})
@@ -117,21 +119,21 @@ def sweep(
         for name in methods:
             method = METHODS[name]()
             ctx = synthetic_context(method, n, d, k, torch_dtype)
-            runs, peak = _measure(lambda m=method, c=ctx: m.select(c), timer, 1, repeats(n))
+            runs, peak, out = _measure(lambda m=method, c=ctx: m.select(c), timer, 1 if n <= 2880 else 0, repeats(n))
             row = {**base, "method": name, "ms": statistics.median(runs), "runs": runs, "peak_bytes": peak}
             if layer_ms:
                 row.update(layer_ms=layer_ms, fraction_of_layer=row["ms"] / layer_ms)
-            kept = _kept(method.select(ctx))
+            kept = _kept(out)
             if name in REFERENCES and n <= reference_max_n:
-                ref_runs, ref_peak = _measure(lambda r=REFERENCES[name], c=ctx: r(c), timer, 0, 1)
-                if not torch.equal(REFERENCES[name](ctx), kept):
+                ref_runs, ref_peak, ref = _measure(lambda r=REFERENCES[name], c=ctx: r(c), timer, 0, 1)
+                if not torch.equal(ref.cpu(), kept):
                     raise AssertionError(f"{name}: the naive reference disagrees at N={n}, k={k}, {dtype}")
                 row.update(reference_ms=ref_runs[0], reference_peak_bytes=ref_peak,
                            reference_speedup=ref_runs[0] / row["ms"])
             if before and name in before and n <= before_max_n:
-                old_runs, old_peak = _measure(lambda b=before[name], c=ctx: b(c), timer, 0, 1)
+                old_runs, old_peak, old = _measure(lambda b=before[name], c=ctx: b(c), timer, 0, 1)
                 row.update(before_ms=old_runs[0], before_peak_bytes=old_peak, before_speedup=old_runs[0] / row["ms"],
-                           same_as_before=bool(torch.equal(before[name](ctx).cpu(), kept)))
+                           same_as_before=bool(torch.equal(old.cpu(), kept)))
             rows.append(row)
             log(f"{dtype} x{threads} {shape.label}: {name} {row['ms']:.1f} ms, peak {(peak or 0) / 2**20:.0f} MiB"
                 + (f", naive {row['reference_ms']:.0f} ms" if "reference_ms" in row else "")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from tokenprune.functional._ranking import check_k
+from tokenprune.functional.diversity import unit_rows
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
-    x = x.float()
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return unit_rows(x, 1e-12)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,12 @@ import torch
 from tokenprune.functional._ranking import check_k
 
 
-def unit_rows(features: torch.Tensor) -> torch.Tensor:
-    """fp32 rows of ``features`` ``[..., N, D]`` scaled to unit norm (zero rows stay zero)."""
+def unit_rows(features: torch.Tensor, eps: float = torch.finfo(torch.float32).tiny) -> torch.Tensor:
+    """fp32 rows of ``features`` ``[..., N, D]`` scaled to unit norm (norms clamped at ``eps``: zero rows stay
+    zero). One fp32 copy of the features (divided in place when the upcast already copied them)."""
     x = features.float()
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    norm = x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return x / norm if x.data_ptr() == features.data_ptr() else x.div_(norm)
 
 
 def cosine_distance(features: torch.Tensor) -> torch.Tensor:
@@ -103,7 +105,7 @@ def divprune(features: torch.Tensor, k: int) -> torch.Tensor:
     if k >= n:
         return _everything(feats, batched)
     x = unit_rows(feats)  # n >= 2 here (k >= 1)
-    nearest_other, full = _nearest_other(x, block=max(64, x.shape[-1] // x.shape[0]))
+    nearest_other, full = _nearest_other(x, block=max(64, x.shape[-1] // (8 * x.shape[0])))  # blocks <= N D / 8
     first = torch.argmax(nearest_other, dim=-1)
     return _greedy(_Distances(x, full), first, k, rule="kcenter", batched=batched)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tokenprune.functional._ranking import check_k
-from tokenprune.functional.diversity import similarities
+from tokenprune.functional.diversity import similarities, unit_rows
 
 
 def instruction_relevance(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ def cdpruner(features: torch.Tensor, relevance: torch.Tensor, k: int, *, quirks:
     low, high = rel.min(dim=1, keepdim=True).values, rel.max(dim=1, keepdim=True).values
     spread = high - low
     rel = torch.where(spread > 0, (rel - low + 1e-6) / spread, torch.ones_like(rel))  # constant: plain DPP
-    x = feats.float() / feats.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    x = unit_rows(feats, 1e-12)
     rows = torch.arange(b, device=x.device)
     similarity = torch.bmm(x, x.mT) if n <= x.shape[-1] else None  # N <= D: no larger than the features
     gains = rel * (torch.diagonal(similarity, dim1=1, dim2=2) if similarity is not None else (x * x).sum(-1)) * rel
@@ -59,7 +59,7 @@ def cdpruner(features: torch.Tensor, relevance: torch.Tensor, k: int, *, quirks:
             kernel_row = rel[rows, j, None] * cosines * rel  # L[j, :]
             residual = gains[rows, j]
             coeff = basis[rows, :i, j]  # [B, i]
-            projection = (coeff.unsqueeze(-1) * basis[:, :i]).sum(dim=1)  # summed per image: batched == alone
+            projection = torch.stack([coeff[r] @ basis[r, :i] for r in range(b)])  # per image: batched == alone
             e = (kernel_row - projection) / residual.sqrt()[:, None]
             e = torch.where((residual > 1e-12)[:, None], e, torch.zeros_like(e))  # rank exhausted: no update
             basis[:, i] = e
