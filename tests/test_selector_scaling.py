@@ -231,6 +231,8 @@ def test_scaling_sweep_rows_plot_and_table(tmp_path):
     assert (tmp_path / "sweep.png").stat().st_size > 0
     table = sweep.markdown(rows)
     assert table.count("\n") == len(rows) + 1 and "| divprune |" in table and "**one 7B layer**" in table
+    summary = sweep.before_after(rows, "float32", 1)
+    assert "| divprune | 36 |" in summary and "| yes |" in summary and "N = a: 100 ms" in summary
 
 
 @pytest.mark.parametrize("name", ["divprune", "kcenter", "cdpruner"])

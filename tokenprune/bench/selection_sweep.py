@@ -202,3 +202,30 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"{r['before_speedup']:.1f}" if "before_speedup" in r else "-",
         ]) + " |")
     return "\n".join(lines)
+
+
+def before_after(rows: list[dict[str, Any]], dtype: str, threads: int) -> str:
+    """The docs' table for one configuration: per selector and N, before -> now (ms and peak MiB), the share of one
+    layer, the speed-up over the naive reference, and whether the indices equal the previous selector's."""
+    mine = [r for r in rows if (r["dtype"], r["threads"]) == (dtype, threads)]
+    layer = {r["shape"]: r["ms"] for r in mine if r["method"] == "layer"}
+    lines = ["| selector | N | before ms | now ms | x before | % of a layer | before MiB | now MiB | budget MiB | "
+             "x naive | same indices |", "|" + "---|" * 11]
+    def cell(r: dict[str, Any], key: str, fmt: str) -> str:
+        return format(r[key], fmt) if r.get(key) is not None else "-"
+
+    selectors = sorted((r for r in mine if r["method"] != "layer"),
+                       key=lambda r: (SELECTORS.index(r["method"]) if r["method"] in SELECTORS else 99, r["n"]))
+    for r in selectors:
+        lines.append("| " + " | ".join([
+            r["method"], f"{r['n']:,}" + (" (video)" if r["shape"] == "qwen-video-16f" else ""),
+            cell(r, "before_ms", ",.0f"), f"{r['ms']:,.0f}", cell(r, "before_speedup", ".1f"),
+            f"{100 * r['ms'] / layer[r['shape']]:.1f}" if r["shape"] in layer else "-",
+            f"{r['before_peak_bytes'] / 2**20:,.0f}" if r.get("before_peak_bytes") is not None else "-",
+            f"{r['peak_bytes'] / 2**20:,.0f}" if r.get("peak_bytes") is not None else "-",
+            f"{r['memory_budget_bytes'] / 2**20:,.0f}", cell(r, "reference_speedup", ".1f"),
+            {True: "yes", False: "**no**"}.get(r.get("same_as_before"), "-"),
+        ]) + " |")
+    lines += ["", "One 7B layer's prefill in the same run: " + "; ".join(
+        f"N = {s}: {ms:,.0f} ms" for s, ms in layer.items()) + "."]
+    return "\n".join(lines)
