@@ -1,24 +1,101 @@
-"""Selection cost of every registered method at N = 576 (LLaVA-1.5) and N = 2,880 (LLaVA-NeXT), D = 4,096, next
-to one LLaVA-7B decoder layer's prefill over N tokens and the naive references (same output asserted).
+"""Selection cost of the selectors next to one 7B decoder layer's prefill at the same N.
 
-``python benchmarks/selection_cost.py`` writes ``benchmarks/results/selection_cost.json`` and ``.txt``.
+``python benchmarks/selection_cost.py`` writes ``benchmarks/results/selection_cost.json`` and ``.txt`` (every
+registered method at N = 576 and 2,880, naive references, same output asserted; ``tokenprune bench-selection``).
+
+``python benchmarks/selection_cost.py --sweep`` runs the scaling sweep (:mod:`tokenprune.bench.selection_sweep`:
+N = 576, 1,152, 2,880, 7,290 and a 16-frame Qwen video, D = 4,096, k = N/9, bf16 and fp32, 1 and 2 threads; time
+and peak extra memory per selector, one 7B layer's prefill, the naive references up to ``--reference-max-n``, the
+previous implementation (``--before REV``, read from git) up to ``--before-max-n``; after the first configuration
+both up to ``--later-max-n``) and writes
+``results/selection_sweep.{json,md,png}``. Each finished configuration is saved at once (a partial sweep is usable).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
+import json
+import subprocess
+import sys
+import types
 from pathlib import Path
 
 from tokenprune.cli import main
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def previous_selectors(rev: str) -> dict:
+    """``name -> ctx -> kept`` from the selectors as they were at git revision ``rev`` (the "before" column)."""
+    from tokenprune import functional as F
+    from tokenprune.methods import CLS_ATTENTION, FEATURES, TEXT_EMBEDDINGS, VISION_HIDDEN
+
+    modules = {}
+    for name in ("diversity", "dpp", "coverage"):
+        source = subprocess.run(["git", "show", f"{rev}:tokenprune/functional/{name}.py"], cwd=ROOT, check=True,
+                                capture_output=True, text=True).stdout
+        module = types.ModuleType(f"before_{name}")
+        exec(compile(source, f"{rev}:{name}.py", "exec"), module.__dict__)  # noqa: S102 (our own history)
+        modules[name] = module
+
+    def relevance(ctx):
+        feats, text = ctx.signal(FEATURES), ctx.signal(TEXT_EMBEDDINGS)
+        return F.instruction_relevance(feats, text) if text.shape[0] else feats.new_ones(ctx.n).float()
+
+    def pivot(ctx):
+        return int(ctx.signal(CLS_ATTENTION, -1).float().mean(dim=0).argmax())
+
+    return {
+        "divprune": lambda ctx: modules["diversity"].divprune(ctx.signal(FEATURES), ctx.k),
+        "kcenter": lambda ctx: modules["diversity"].kcenter(ctx.signal(FEATURES), ctx.k, pivot(ctx)),
+        "cdpruner": lambda ctx: modules["dpp"].cdpruner(ctx.signal(FEATURES), relevance(ctx), ctx.k),
+        "mmtok": lambda ctx: modules["coverage"].mmtok(ctx.signal(FEATURES), ctx.signal(TEXT_EMBEDDINGS), ctx.k,
+                                                       ctx.signal(VISION_HIDDEN), tv_temp=0.02),
+    }
+
+
+def run_sweep(args: argparse.Namespace) -> None:
+    from tokenprune.bench import selection_sweep as sweep
+
+    shapes = tuple(s for s in sweep.SHAPES if args.shapes is None or s.label in args.shapes.split(","))
+    before = previous_selectors(args.before) if args.before else None
+    out = Path(args.out)
+    rows: list = []
+    for i, config in enumerate(args.configs.split(",")):
+        dtype, threads = config.split("x")
+        limit = 10**9 if i == 0 else args.later_max_n  # the first configuration runs the baselines the furthest
+        rows += sweep.sweep(dtype, int(threads), shapes, reference_max_n=min(args.reference_max_n, limit),
+                            before=before, before_max_n=min(args.before_max_n, limit),
+                            log=lambda line: print(line, flush=True))
+        meta = {"what": "benchmarks/selection_cost.py --sweep " + " ".join(sys.argv[1:]), "before": args.before}
+        (out / "selection_sweep.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+        (out / "selection_sweep.md").write_text(sweep.markdown(rows) + "\n")
+        sweep.plot(rows, str(out / "selection_sweep.png"))
+
 
 if __name__ == "__main__":
-    table = io.StringIO()
-    with contextlib.redirect_stdout(table):
-        main(["bench-selection", "--sizes", "576,2880", "--dim", "4096", "--dtype", "bfloat16", "--repeats", "5",
-              "--reference-repeats", "3",
-              "--threads", "2", "--json", str(RESULTS / "selection_cost.json")])
-    print(table.getvalue(), end="")
-    (RESULTS / "selection_cost.txt").write_text(table.getvalue())
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", action="store_true", help="the scaling sweep instead of the per-method table")
+    parser.add_argument("--configs", default="bfloat16x1,bfloat16x2,float32x1,float32x2",
+                        help="comma list of DTYPExTHREADS, run in this order")
+    parser.add_argument("--shapes", default=None, help="comma list of shape labels (default: all)")
+    parser.add_argument("--reference-max-n", type=int, default=1152, help="largest N timed for the naive references")
+    parser.add_argument("--before", default=None, help="git revision of the previous selectors (the 'before' column)")
+    parser.add_argument("--before-max-n", type=int, default=2880)
+    parser.add_argument("--later-max-n", type=int, default=1152,
+                        help="largest N of the naive references and the previous selectors after the first config")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    if args.sweep:
+        run_sweep(args)
+    else:
+        table = io.StringIO()
+        with contextlib.redirect_stdout(table):
+            main(["bench-selection", "--sizes", "576,2880", "--dim", "4096", "--dtype", "bfloat16", "--repeats", "5",
+                  "--reference-repeats", "3",
+                  "--threads", "2", "--json", str(RESULTS / "selection_cost.json")])
+        print(table.getvalue(), end="")
+        (RESULTS / "selection_cost.txt").write_text(table.getvalue())

@@ -129,6 +129,7 @@ class LlavaAdapter(VisionStageAdapter):
         keep = torch.ones_like(input_ids, dtype=torch.bool)
         kept_features, images, start, seen_in_row = [], [], 0, [0] * batch
         budgets = self.kept_counts([f.shape[0] for f in features], kwargs)
+        contexts, positions_of = [], []
         for i, feats in enumerate(features):
             n = feats.shape[0]
             positions = flat_positions[start:start + n]
@@ -140,21 +141,24 @@ class LlavaAdapter(VisionStageAdapter):
                     self.model, input_ids, kwargs.get("attention_mask"), row, int(positions[-1]) % length,
                     (self.model.config.image_token_id,),
                 )
-            ctx = SelectionContext(
+            contexts.append(SelectionContext(
                 k=budgets[i], n=n, signals=signals, grid=self._grid(n),
                 image_index=i, row=row, index_in_row=seen_in_row[row],
-            )
-            result = self.method.select(ctx)
+            ))
+            positions_of.append(positions)
+            seen_in_row[row] += 1
+        results = self.method.select_many(contexts)  # images of equal size in one batched call where it has one
+        for feats, positions, ctx, result in zip(features, positions_of, contexts, results, strict=True):
+            n, row = ctx.n, ctx.row
             span, selection = self._place(feats, result, n)
             kept = (selection.kept if selection is not None else result).cpu()
             keep.view(-1)[positions[span.shape[0]:]] = False  # placeholders are identical: keep the first k + m
             kept_features.append(span)
             merged = selection.assign.cpu() if selection is not None and selection.assign is not None else None
             images.append(ImageRecord(
-                row, seen_in_row[row], n, kept, ctx.grid, boxes=grid_boxes(ctx.grid, n),
+                row, ctx.index_in_row, n, kept, ctx.grid, boxes=grid_boxes(ctx.grid, n),
                 merged=merged, n_merged=selection.n_merged if selection is not None else 0,
             ))
-            seen_in_row[row] += 1
 
         return self._compacted(kwargs, keep, kept_features, images)
 

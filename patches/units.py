@@ -84,13 +84,16 @@ def select_image(
     kept_parts, spans, merged_slots, merged_features = [], [], [], []
     assign = torch.full((n,), -1, dtype=torch.long)
     n_merged, unknown_assign = 0, False
-    for u, (unit, k) in enumerate(zip(units, budgets, strict=True)):
-        index = unit.index.cpu()
-        ctx = SelectionContext(
-            k=k, n=index.numel(), signals=signals[u], grid=unit.grid, image_index=image_index, row=row,
+    contexts = [
+        SelectionContext(
+            k=k, n=unit.index.numel(), signals=signals[u], grid=unit.grid, image_index=image_index, row=row,
             index_in_row=index_in_row, unit_index=u, cls_token=cls_token,
         )
-        out = method.select(ctx)
+        for u, (unit, k) in enumerate(zip(units, budgets, strict=True))
+    ]
+    outs = method.select_many(contexts)  # units of equal size in one batched call where the method has one
+    for unit, ctx, out in zip(units, contexts, outs, strict=True):
+        index = unit.index.cpu()
         selection = out if isinstance(out, Selection) else Selection(out)
         has_merged = selection.n_merged > 0
         kept = checked_indices(selection.kept, ctx.n, method.name, allow_empty=has_merged).cpu()

@@ -5,12 +5,15 @@ from __future__ import annotations
 import torch
 
 from tokenprune.functional._ranking import check_k
+from tokenprune.functional.diversity import unit_rows
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return unit_rows(x, 1e-12)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a = a.float() / a.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    b = b.float() / b.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return a @ b.T
+    return _unit(a) @ _unit(b).T
 
 
 def mmtok(
@@ -42,11 +45,27 @@ def mmtok(
     check_k(k, n)
     if k >= n:
         return torch.arange(n, device=vision.device)
-    vs = vision if vision_sim is None else vision_sim
-    items = [alpha * torch.softmax(_cosine(vs, vs) / vv_temp, dim=-1).T / n]
-    if text.shape[0]:
-        items.insert(0, torch.softmax(_cosine(text, vision) / tv_temp, dim=-1).T / text.shape[0])
-    return _greedy_coverage(torch.cat(items, dim=1), k)  # [N, M + N]: one row of item coverages per token
+    return _greedy_coverage(coverage_items(vision, text, vision_sim, alpha=alpha, tv_temp=tv_temp, vv_temp=vv_temp), k)
+
+
+def coverage_items(
+    vision: torch.Tensor, text: torch.Tensor, vision_sim: torch.Tensor | None = None, *, alpha: float = 0.5,
+    tv_temp: float = 0.02, vv_temp: float = 0.2, block: int = 256,
+) -> torch.Tensor:
+    """MMTok's coverage ``[N, M + N]``: token ``j`` covers text item ``r`` by ``softmax(cos / tv_temp)[r, j] / M`` and
+    vision item ``r`` by ``alpha * softmax(cos / vv_temp)[r, j] / N`` (rows of the softmax = items).
+
+    Built in place, the vision-vision items ``block`` rows at a time: the only ``N x N`` array is the coverage the
+    greedy reads (the paper's facility-location objective has ``N`` vision items per token), never a second one."""
+    n, m = vision.shape[0], text.shape[0]
+    vs = _unit(vision if vision_sim is None else vision_sim)
+    cover = torch.empty(n, m + n, dtype=torch.float32, device=vision.device)
+    if m:
+        cover[:, :m] = (torch.softmax(_cosine(text, vision) / tv_temp, dim=-1) / m).T
+    for start in range(0, n, block):
+        rows = torch.softmax(vs[start:start + block] @ vs.T / vv_temp, dim=-1)  # [block, N]: items start..
+        cover[:, m + start:m + start + rows.shape[0]] = (alpha * rows / n).T
+    return cover
 
 
 def _greedy_coverage(cover: torch.Tensor, k: int, block: int = 32) -> torch.Tensor:

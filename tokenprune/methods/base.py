@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -189,6 +189,11 @@ class PruningMethod:
         """Kept indices of one image: ``torch.long``, sorted ascending, unique, in ``range(ctx.n)`` (or a
         :class:`Selection` for methods that also merge tokens)."""
         raise NotImplementedError
+
+    def select_many(self, contexts: Sequence[SelectionContext]) -> list[torch.Tensor | Selection]:
+        """:meth:`select` for several images or crops, in order. Methods whose selector takes a batch override it
+        (contexts of equal ``n`` and ``k`` in one call, each exactly as alone: :mod:`tokenprune.methods.batched`)."""
+        return [self.select(ctx) for ctx in contexts]
 
     def options(self) -> dict[str, Any]:
         """The hyper-parameters as a plain dict (what :class:`~tokenprune.config.PruningConfig` stores)."""

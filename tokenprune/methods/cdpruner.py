@@ -8,6 +8,7 @@ import torch
 
 from tokenprune import functional as F
 from tokenprune.methods.base import FEATURES, TEXT_EMBEDDINGS, Deviation, PruningMethod, SelectionContext
+from tokenprune.methods.batched import select_grouped
 
 
 @dataclass
@@ -41,8 +42,15 @@ class CDPruner(PruningMethod):
     needs = frozenset({FEATURES, TEXT_EMBEDDINGS})
     quirks: bool = True
 
+    @staticmethod
+    def relevance(ctx: SelectionContext) -> torch.Tensor:
+        feats, text = ctx.signal(FEATURES), ctx.signal(TEXT_EMBEDDINGS)
+        return F.instruction_relevance(feats, text) if text.shape[0] else feats.new_ones(ctx.n).float()
+
     def select(self, ctx: SelectionContext) -> torch.Tensor:
-        feats = ctx.signal(FEATURES)
-        text = ctx.signal(TEXT_EMBEDDINGS)
-        relevance = F.instruction_relevance(feats, text) if text.shape[0] else feats.new_ones(ctx.n).float()
-        return F.cdpruner(feats, relevance, ctx.k, quirks=self.quirks)
+        return F.cdpruner(ctx.signal(FEATURES), self.relevance(ctx), ctx.k, quirks=self.quirks)
+
+    def select_many(self, contexts: list[SelectionContext]) -> list[torch.Tensor]:
+        return select_grouped(contexts, self.select, lambda group: F.cdpruner(
+            torch.stack([c.signal(FEATURES) for c in group]), torch.stack([self.relevance(c) for c in group]),
+            group[0].k, quirks=self.quirks))

@@ -8,6 +8,7 @@ import torch
 
 from tokenprune import functional as F
 from tokenprune.methods.base import FEATURES, Deviation, PruningMethod, SelectionContext
+from tokenprune.methods.batched import select_grouped
 
 
 @dataclass
@@ -35,3 +36,7 @@ class DivPrune(PruningMethod):
 
     def select(self, ctx: SelectionContext) -> torch.Tensor:
         return F.divprune(ctx.signal(FEATURES), ctx.k)
+
+    def select_many(self, contexts: list[SelectionContext]) -> list[torch.Tensor]:
+        return select_grouped(contexts, self.select, lambda group: F.divprune(
+            torch.stack([c.signal(FEATURES) for c in group]), group[0].k))

@@ -8,6 +8,7 @@ import torch
 
 from tokenprune import functional as F
 from tokenprune.methods.base import CLS_ATTENTION, FEATURES, Deviation, PruningMethod, SelectionContext, SignalRequest
+from tokenprune.methods.batched import select_grouped
 
 
 @dataclass
@@ -42,10 +43,16 @@ class KCenter(PruningMethod):
             return (SignalRequest(FEATURES),)
         return SignalRequest(FEATURES), SignalRequest(CLS_ATTENTION, -1)
 
-    def select(self, ctx: SelectionContext) -> torch.Tensor:
+    def pivot(self, ctx: SelectionContext) -> int:
         if ctx.cls_token:
-            pivot = int(torch.argmax(ctx.signal(CLS_ATTENTION, -1).float().mean(dim=0)))
-        else:
-            generator = torch.Generator().manual_seed(self.seed + ctx.index_in_row)
-            pivot = int(torch.randint(ctx.n, (1,), generator=generator))
-        return F.kcenter(ctx.signal(FEATURES), ctx.k, pivot, rule=self.rule)
+            return int(torch.argmax(ctx.signal(CLS_ATTENTION, -1).float().mean(dim=0)))
+        generator = torch.Generator().manual_seed(self.seed + ctx.index_in_row)
+        return int(torch.randint(ctx.n, (1,), generator=generator))
+
+    def select(self, ctx: SelectionContext) -> torch.Tensor:
+        return F.kcenter(ctx.signal(FEATURES), ctx.k, self.pivot(ctx), rule=self.rule)
+
+    def select_many(self, contexts: list[SelectionContext]) -> list[torch.Tensor]:
+        return select_grouped(contexts, self.select, lambda group: F.kcenter(
+            torch.stack([c.signal(FEATURES) for c in group]), group[0].k,
+            torch.tensor([self.pivot(c) for c in group]), rule=self.rule))

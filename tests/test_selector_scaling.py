@@ -1,0 +1,255 @@
+"""The scaled selectors (issue 24) against the textbook formulas, written out here from the papers: the full N x N
+matrix, every score recomputed from scratch at every step. Random inputs with exact ties (duplicated tokens), in
+several dtypes, both of DivPrune's regimes (N <= D keeps the matrix, N > D works in column blocks), and batched
+selection (B images or crops in one call) == one call per image."""
+
+import pytest
+import torch
+
+from tokenprune import functional as F
+from tokenprune.functional.coverage import coverage_items
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _unit(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def _distance(x: torch.Tensor) -> torch.Tensor:
+    u = _unit(x, torch.finfo(torch.float32).tiny)
+    return 1.0 - u @ u.T
+
+
+def divprune_textbook(x: torch.Tensor, k: int) -> list[int]:
+    """First: the token whose nearest other token is farthest; then max over tokens of min over chosen."""
+    n = x.shape[0]
+    if k >= n:
+        return list(range(n))
+    dist = _distance(x)
+    chosen = [int(torch.argmax(torch.sort(dist, dim=0).values[1]))]
+    while len(chosen) < k:
+        score = dist[chosen].min(dim=0).values
+        score[chosen] = -torch.inf
+        chosen.append(int(torch.argmax(score)))
+    return sorted(chosen)
+
+
+def kcenter_textbook(x: torch.Tensor, k: int, pivot: int, rule: str) -> list[int]:
+    n = x.shape[0]
+    if k >= n:
+        return list(range(n))
+    dist = _distance(x)
+    chosen = [pivot]
+    while len(chosen) < k:
+        if rule == "kcenter":
+            score = dist[chosen].min(dim=0).values
+        else:  # the summed similarity, accumulated in pick order
+            score = -(1.0 - dist[chosen[0]])
+            for c in chosen[1:]:
+                score = score - (1.0 - dist[c])
+        score[chosen] = -torch.inf
+        chosen.append(int(torch.argmax(score)))
+    return sorted(chosen)
+
+
+def cdpruner_textbook(x: torch.Tensor, relevance: torch.Tensor, k: int, quirks: bool) -> list[int]:
+    """Greedy MAP of the DPP: each step the largest conditional variance L_jj - L_jS L_SS^-1 L_Sj (fresh solve)."""
+    n = x.shape[0]
+    if k >= n:
+        return list(range(n))
+    rel = -relevance.float() if quirks else relevance.float()
+    spread = rel.max() - rel.min()
+    rel = (rel - rel.min() + 1e-6) / spread if float(spread) > 0 else torch.ones_like(rel)
+    u = _unit(x, 1e-12)
+    kernel = rel[:, None] * (u @ u.T) * rel[None, :]
+    chosen, conditioning = [], []
+    for _ in range(k):
+        gains = torch.diagonal(kernel).clone()
+        if conditioning:
+            s = torch.tensor(conditioning)
+            solved = torch.linalg.solve_triangular(torch.linalg.cholesky(kernel[s][:, s]), kernel[s], upper=False)
+            gains = gains - (solved**2).sum(dim=0)
+        gains[chosen] = -torch.inf
+        j = int(torch.argmax(gains))
+        chosen.append(j)
+        if float(gains[j]) > 1e-12:
+            conditioning.append(j)
+    return sorted(chosen)
+
+
+def mmtok_textbook(v: torch.Tensor, t: torch.Tensor, k: int, vs: torch.Tensor, tv_temp: float) -> list[int]:
+    """Greedy coverage: items = text rows softmax(cos / tv_temp) / M and vision rows 0.5 softmax(cos / 0.2) / N."""
+    n = v.shape[0]
+    if k >= n:
+        return list(range(n))
+    uv, us = _unit(v, 1e-12), _unit(vs, 1e-12)
+    items = [0.5 * torch.softmax(us @ us.T / 0.2, dim=-1) / n]
+    if t.shape[0]:
+        items.insert(0, torch.softmax(_unit(t, 1e-12) @ uv.T / tv_temp, dim=-1) / t.shape[0])
+    cover = torch.cat(items)  # [items, N]
+    chosen: list[int] = []
+    for _ in range(k):
+        best = cover[:, chosen].max(dim=1).values if chosen else torch.zeros(cover.shape[0])
+        gain = (cover - best[:, None]).clamp_min(0).sum(dim=0)
+        gain[chosen] = -torch.inf
+        chosen.append(int(torch.argmax(gain)))
+    return sorted(chosen)
+
+
+def _case(seed: int, dtype: torch.dtype, n_max: int = 90, d: int = 48) -> tuple[torch.Tensor, int, torch.Generator]:
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(6, n_max, (1,), generator=g))
+    x = torch.randn(n, d, generator=g)
+    if seed % 2:  # exact ties: duplicated tokens, one of them the first row
+        x[1:4] = x[0]
+        x[n // 2] = x[n - 1]
+    k = int(torch.randint(1, n, (1,), generator=g))
+    return x.to(dtype), k, g
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", range(8))
+def test_divprune_equals_the_textbook_greedy(seed, dtype):
+    x, k, _ = _case(seed, dtype, d=48 if seed < 4 else 160)  # N > D (column blocks) and N <= D (matrix kept)
+    assert F.divprune(x, k).tolist() == divprune_textbook(x, k)
+
+
+def test_divprune_column_blocks_cover_every_column():
+    """N > D with several column blocks (64 per block at D = 8): the first pick sees every token."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 8, generator=g)
+    x[290] = 50 * torch.randn(8, generator=g)  # a lone outlier late in the sequence: the first pick
+    for k in (1, 5, 40):
+        assert F.divprune(x, k).tolist() == divprune_textbook(x, k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", range(8))
+def test_kcenter_and_maxsum_equal_the_textbook_greedy(seed, dtype):
+    x, k, g = _case(seed, dtype)
+    pivot = int(torch.randint(x.shape[0], (1,), generator=g))
+    assert F.kcenter(x, k, pivot).tolist() == kcenter_textbook(x, k, pivot, "kcenter")
+    assert F.kcenter(x, k, pivot, rule="maxsum").tolist() == kcenter_textbook(x, k, pivot, "maxsum")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", range(8))
+def test_cdpruner_equals_the_textbook_greedy_map(seed, dtype):
+    """Full-rank kernels (D > N, distinct rows): past the rank the residuals are rounding noise that any two forms
+    pick by. Likewise a relevance tie between DISTINCT tokens is decided by the rounding of their ``|u|^2 = 1``
+    (the kernel's diagonal), which no two evaluation orders share (the official GPU code's included); ties between
+    identical tokens are exact and covered by the batched test."""
+    x, k, g = _case(seed, dtype, n_max=60, d=96)
+    relevance = torch.randn(x.shape[0], generator=g)
+    x = x + 0.01 * torch.randn(x.shape, generator=g).to(dtype)  # distinct rows: a full-rank kernel
+    for quirks in (True, False):
+        assert F.cdpruner(x, relevance, k, quirks=quirks).tolist() == cdpruner_textbook(x, relevance, k, quirks)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cdpruner_rows_on_demand_equal_the_textbook_greedy_map(seed):
+    """N > D: kernel rows one product at a time (the matrix is not built); k within the kernel's rank."""
+    g = torch.Generator().manual_seed(seed)
+    x, relevance = torch.randn(120, 40, generator=g), torch.randn(120, generator=g)
+    for k in (1, 7, 20):
+        for quirks in (True, False):
+            assert F.cdpruner(x, relevance, k, quirks=quirks).tolist() == cdpruner_textbook(x, relevance, k, quirks)
+
+
+def test_cdpruner_past_the_kernel_rank_keeps_k_distinct_tokens():
+    x = torch.eye(4).repeat(5, 1)  # rank 4, 20 tokens
+    kept = F.cdpruner(x, torch.arange(20.0), 9)
+    assert kept.tolist() == sorted(set(kept.tolist())) and kept.numel() == 9
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", range(6))
+def test_mmtok_equals_the_textbook_greedy_coverage(seed, dtype):
+    x, k, g = _case(seed, dtype, n_max=70)
+    text = torch.randn(3, x.shape[1], generator=g).to(dtype)
+    vs = torch.randn(x.shape[0], 24, generator=g).to(dtype)
+    if seed % 2:
+        vs[1:4] = vs[0]
+    assert F.mmtok(x, text, k, vs, tv_temp=0.05).tolist() == mmtok_textbook(x, text, k, vs, 0.05)
+    assert F.mmtok(x, text[:0], k, vs).tolist() == mmtok_textbook(x, text[:0], k, vs, 0.02)
+
+
+def test_mmtok_coverage_blocks_are_the_whole_softmax():
+    g = torch.Generator().manual_seed(1)
+    v, t = torch.randn(37, 16, generator=g), torch.randn(2, 16, generator=g)
+    whole = coverage_items(v, t, block=1000)
+    torch.testing.assert_close(coverage_items(v, t, block=5), whole, rtol=1e-6, atol=0)
+    torch.testing.assert_close(whole[:, 2:].sum(dim=0), torch.full((37,), 0.5 / 37))  # each vision item: alpha / N
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_selection_equals_one_call_per_image(dtype):
+    """5 crops of 40 tokens (a LLaVA-NeXT prompt's shape, scaled down) select in one call as they do one by one."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 40, 24, generator=g)  # N > D: rows on demand (N <= D: one bmm, the same per image)
+    x[2, 10:14] = x[2, 3]  # ties inside one crop
+    x[4] = x[1]            # two identical crops
+    x = x.to(dtype)
+    relevance = torch.randn(5, 40, generator=g)
+    pivots = torch.tensor([0, 7, 39, 3, 7])
+    for k in (1, 6, 39, 40):
+        assert torch.equal(F.divprune(x, k), torch.stack([F.divprune(c, k) for c in x]))
+        for rule in ("kcenter", "maxsum"):
+            looped = [F.kcenter(c, k, int(p), rule=rule) for c, p in zip(x, pivots, strict=True)]
+            assert torch.equal(F.kcenter(x, k, pivots, rule=rule), torch.stack(looped))
+        assert torch.equal(F.cdpruner(x, relevance, k),
+                           torch.stack([F.cdpruner(c, r, k) for c, r in zip(x, relevance, strict=True)]))
+
+
+def test_batched_shapes_are_checked():
+    with pytest.raises(ValueError, match=r"\[B, N, D\]"):
+        F.divprune(torch.zeros(2, 3, 4, 5), 2)
+    with pytest.raises(ValueError, match="relevance"):
+        F.cdpruner(torch.zeros(2, 5, 4), torch.zeros(5), 2)
+
+
+def test_scaling_sweep_rows_plot_and_table(tmp_path):
+    """The sweep on tiny shapes: every selector has a time and a peak, the naive references and the previous
+    implementation ran (same indices asserted inside), and the plot and table are written."""
+    from tokenprune.bench import selection_sweep as sweep
+    from tokenprune.bench.references import REFERENCES
+
+    shapes = (sweep.Shape("a", 36, 16, "llama-7b"), sweep.Shape("b", 72, 16, "llama-7b"))
+    before = {"divprune": lambda ctx: F.divprune(ctx.signal("features"), ctx.k)}
+    rows = sweep.sweep("float32", 1, shapes, ("divprune", "kcenter", "holov"), before=before, layer=False,
+                       log=lambda line: None)
+    assert [(r["n"], r["method"]) for r in rows] == [(n, m) for n in (36, 72) for m in ("divprune", "kcenter", "holov")]
+    assert all(r["ms"] > 0 and r["k"] == round(r["n"] / 9) for r in rows)
+    assert {r["method"] for r in rows if "reference_ms" in r} == {"divprune", "kcenter"} <= set(REFERENCES)
+    assert all(r["same_as_before"] for r in rows if r["method"] == "divprune")
+    for r in rows:  # fake layer timings for the plot and the table
+        r.update(layer_ms=100.0, fraction_of_layer=r["ms"] / 100.0)
+    rows += [{**rows[0], "method": "layer", "ms": 100.0, "peak_bytes": None}]
+    sweep.plot(rows, str(tmp_path / "sweep.png"))
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    table = sweep.markdown(rows)
+    assert table.count("\n") == len(rows) + 1 and "| divprune |" in table and "**one 7B layer**" in table
+    summary = sweep.before_after(rows, "float32", 1)
+    assert "| divprune | 36 |" in summary and "| yes |" in summary and "N = a: 100 ms" in summary
+
+
+@pytest.mark.parametrize("name", ["divprune", "kcenter", "cdpruner"])
+@pytest.mark.parametrize("cls_token", [True, False])
+def test_select_many_equals_select_per_context(name, cls_token):
+    """What the adapters call for a prompt's crops or images: contexts of equal (n, k) go through one batched
+    call, the others alone; every result equals the method's select on that context."""
+    from tokenprune.bench.selection import synthetic_context
+    from tokenprune.methods import METHODS
+
+    method = METHODS[name]()
+    shapes = [(30, 5), (30, 5), (30, 5), (20, 5), (30, 4), (30, 30)]
+    contexts = []
+    for seed, (n, k) in enumerate(shapes):
+        ctx = synthetic_context(method, n, 16, k, torch.float32, seed=seed)
+        contexts.append(type(ctx)(k=k, n=n, signals=ctx.signals, cls_token=cls_token, index_in_row=seed % 2))
+    many = method.select_many(contexts)
+    assert len(many) == len(contexts)
+    for ctx, kept in zip(contexts, many, strict=True):
+        assert torch.equal(kept, method.select(ctx))
