@@ -172,6 +172,15 @@ def tiny_llava_next(attn_implementation: str = "sdpa", seed: int = 0, text_layer
     return model, processor
 
 
+def qwen_tokenizer():
+    """``(tokenizer, config ids)``: the word-level tokenizer with Qwen's vision tokens, and the ``*_token_id`` config
+    fields that name them (shared by the Qwen2 and Qwen3 builders)."""
+    tok = make_tokenizer(tuple(QWEN_SPECIAL_TOKENS))
+    names = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+             "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
+    return tok, {field: tok.convert_tokens_to_ids(token) for field, token in names.items()}
+
+
 class TinyQwenProcessor:
     """What ``Qwen2VLProcessor`` does to a prompt, on the real ``Qwen2VLImageProcessorPil``.
 
@@ -248,13 +257,7 @@ def tiny_qwen(
         Qwen2VLImageProcessorPil,
     )
 
-    tok = make_tokenizer(tuple(QWEN_SPECIAL_TOKENS))
-    ids = {
-        "image_token_id": tok.convert_tokens_to_ids("<|image_pad|>"),
-        "video_token_id": tok.convert_tokens_to_ids("<|video_pad|>"),
-        "vision_start_token_id": tok.convert_tokens_to_ids("<|vision_start|>"),
-        "vision_end_token_id": tok.convert_tokens_to_ids("<|vision_end|>"),
-    }
+    tok, ids = qwen_tokenizer()
     text = _text_config(tok, text_layers=text_layers).to_dict()
     text.update(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
     text = {k: v for k, v in text.items() if k not in ("model_type", "architectures", "transformers_version")}

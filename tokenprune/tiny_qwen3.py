@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenprune.tiny_models import QWEN_SPECIAL_TOKENS, TinyQwenProcessor, _finish, make_tokenizer
+from tokenprune.tiny_models import TinyQwenProcessor, _finish, qwen_tokenizer
 
 QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 PATCH = 16
@@ -77,13 +77,7 @@ def tiny_qwen3(
 
     if family not in QWEN3_FAMILIES:
         raise ValueError(f"family must be one of {QWEN3_FAMILIES}; got {family!r}")
-    tok = make_tokenizer(tuple(QWEN_SPECIAL_TOKENS))
-    ids = {
-        "image_token_id": tok.convert_tokens_to_ids("<|image_pad|>"),
-        "video_token_id": tok.convert_tokens_to_ids("<|video_pad|>"),
-        "vision_start_token_id": tok.convert_tokens_to_ids("<|vision_start|>"),
-        "vision_end_token_id": tok.convert_tokens_to_ids("<|vision_end|>"),
-    }
+    tok, ids = qwen_tokenizer()
     moe = family.endswith("_moe")
     hybrid = family.startswith("qwen3_5")
     layers = text_layers if text_layers is not None else (4 if hybrid else 2)
