@@ -15,7 +15,7 @@ arguments with the image placeholders and features compacted together (``mm_enco
   new tokens, at their original positions, the image as it was pruned when it entered the cache.
 
 A decoder-stage method (``decoder``) runs inside the language model through a
-:class:`~tokenprune.patches.decoder.DecoderLoop` (hooks installed with the wrappers, removed with them); with a
+:class:`~tokenprune.patches.decoder_loop.DecoderLoop` (hooks installed with the wrappers, removed with them); with a
 vision-stage method too (composition, ``method=["divprune", "fastv"]``) it sees the vision-pruned prompt.
 """
 
@@ -28,11 +28,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from tokenprune import flops_budget
-from tokenprune.budget import Keep, kept_count
+from tokenprune.budget import Keep, flops_targets, kept_count
 from tokenprune.methods import PruningMethod
 from tokenprune.patches import pruned_cache
-from tokenprune.patches.decoder import DecoderLoop, LayerRecord
+from tokenprune.patches.decoder_loop import DecoderLoop, LayerRecord
 from tokenprune.record import ImageRecord, PruneRecord
 
 if TYPE_CHECKING:
@@ -153,16 +152,16 @@ class VisionStageAdapter:
 
         The one place adapters turn the budget into counts: ``keep`` per unit (:func:`tokenprune.budget.kept_count`),
         or a FLOPs target (``enable_pruning(..., flops=f)``) solved per prompt row over the whole call
-        (:func:`tokenprune.flops_budget.solve_counts`).
+        (:func:`tokenprune.budget.flops_targets.solve_counts`).
         """
         flops = getattr(getattr(self.handle, "config", None), "flops", None)
         if flops is not None:
-            return flops_budget.solve_counts(flops, sizes, kwargs, self.model.config, self.method)
+            return flops_targets.solve_counts(flops, sizes, kwargs, self.model.config, self.method)
         return [kept_count(self.keep, n) for n in sizes]
 
     def finish_record(self, call: PrunedCall, kwargs: dict[str, Any]) -> PruneRecord:
         """The record ``handle.last`` gets: the adapter's, plus the prefill FLOPs estimate if it has none."""
-        return flops_budget.with_estimate(call.record, kwargs, call.kwargs, self.model.config, self.method)
+        return flops_targets.with_estimate(call.record, kwargs, call.kwargs, self.model.config, self.method)
 
     # --- installation -------------------------------------------------------------------------------------------
     def install(self) -> None:

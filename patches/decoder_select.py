@@ -1,6 +1,6 @@
 """One stage of a decoder-stage selection: per-row signals, the method's choice, the new padded layout.
 
-Merged and recycled tokens (:class:`~tokenprune.methods.decoder.Recycled`): an extra token is a slot of the new
+Merged and recycled tokens (:class:`~tokenprune.methods.decoder_base.Recycled`): an extra token is a slot of the new
 layout whose prompt ``index`` is its representative's (``extra`` True there), placed right after its image's kept
 tokens; ``mixes`` say which new slots get a weighted sum of the previous layout's hidden states. Under REINDEX every
 slot's new position is its predecessor's plus one, so ``removed`` (original position minus new position) and
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from tokenprune.compaction import padding_side
-from tokenprune.methods.decoder import Recycled
+from tokenprune.methods.decoder_base import Recycled
 from tokenprune.patches.attention_rows import attention_rows, attention_rows_no_rope, layer_keys
 
 
@@ -51,13 +51,13 @@ def gather(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 
 class Row:
-    """:class:`~tokenprune.methods.decoder.RowSignals` of one batch row, computed lazily and cached.
+    """:class:`~tokenprune.methods.decoder_base.RowSignals` of one batch row, computed lazily and cached.
 
     Optional extras (``None`` when the loop does not provide them): ``norm`` the language model's final norm
     (:meth:`normed_hidden`), ``token_index`` ``[N]`` each slot's position in the unpadded prompt, ``image_local``
     ``[N]`` each slot's index among its image's tokens entering the LLM (-1 for text), ``coords`` ``[N, 2]`` each
     slot's ``(row, column)`` within its image (-1 unknown: ``patches/decoder_grids.py``), ``accumulated`` ``[N]``
-    a per-token sum the method collected with :meth:`~tokenprune.methods.decoder.DecoderMethod.observe`.
+    a per-token sum the method collected with :meth:`~tokenprune.methods.decoder_base.DecoderMethod.observe`.
     """
 
     def __init__(self, layer: torch.nn.Module, inputs: tuple, b: int, h: torch.Tensor, valid: torch.Tensor,

@@ -13,7 +13,7 @@ to know what the cache stands for. :class:`CacheState` holds exactly that and is
   prompt; its 2-D attention mask likewise. Every layer then sees the tokens after the prompt at their original
   distance from it; positions follow the family's convention exactly as in a fresh pruned run.
 * Decoder stage: the selection (per stage: kept prompt slots, per row), so decode calls on this cache, or on a copy
-  of it, rebuild each pruned layer's mask from layer-0 coordinates (``patches/decoder.py``).
+  of it, rebuild each pruned layer's mask from layer-0 coordinates (``patches/decoder_loop.py``).
 
 An image is pruned once, in the forward in which it enters the cache; later calls see what was kept.
 """
@@ -37,7 +37,7 @@ class CacheState:
     prefix_mask: torch.Tensor | None = None    # [B, P] its padding mask (None: no padding)
     prefix_types: torch.Tensor | None = None   # [B, P] Qwen mm_token_type_ids of the pruned prompt
     rope_deltas: torch.Tensor | None = None    # [B, 1] Qwen: original M-RoPE position - pruned text position
-    selection: Any = None                      # decoder stage: patches.decoder.Selection
+    selection: Any = None                      # decoder stage: patches.decoder_loop.PrefillSelection
 
     @property
     def vision_pruned(self) -> bool:

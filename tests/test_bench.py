@@ -16,8 +16,8 @@ from tokenprune.bench.plots import plot_sweep
 from tokenprune.bench.references import REFERENCES, cdpruner_naive, divprune_naive, kcenter_naive, mmtok_naive
 from tokenprune.bench.report import COLUMNS
 from tokenprune.bench.run import prefill, vision_tower
+from tokenprune.budget.flops import kv_bytes, prefill_flops, preset
 from tokenprune.cli import main
-from tokenprune.flops import kv_bytes, prefill_flops, preset
 
 REQUIRED = ("method", "keep", "visual_tokens", "kept_tokens", "tflops_unpruned", "tflops_pruned",
             "prefill_ms_unpruned", "prefill_ms_pruned", "prefill_ms_limit", "decode_ms_unpruned", "decode_ms_pruned",
@@ -238,7 +238,7 @@ def test_decoder_cost_end_to_end_on_a_tiny_model(tmp_path, capsys):
 
 
 def test_decoder_cost_probe_leaves_the_mechanism_as_it_was():
-    import tokenprune.patches.decoder as decoder
+    import tokenprune.patches.decoder_loop as decoder
     import tokenprune.patches.decoder_select as decoder_select
     from tokenprune.bench.decoder_cost import Probe
 

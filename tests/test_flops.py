@@ -2,7 +2,7 @@
 
 import pytest
 
-from tokenprune.flops import (
+from tokenprune.budget.flops import (
     ModelShape,
     decode_flops,
     kv_bytes,

@@ -331,7 +331,7 @@ def test_docs_snippets_run_as_written(capsys):
 
 
 def test_flops_count_active_experts_only():
-    from tokenprune.flops import ModelShape, prefill_flops, preset
+    from tokenprune.budget.flops import ModelShape, prefill_flops, preset
 
     model, _ = tiny_qwen3("qwen3_vl_moe")  # 4 experts of width 64, 2 active
     shape = ModelShape.from_config(model.config)

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from tokenprune.methods import METHODS, PruningMethod, TwoStageMethod
-from tokenprune.methods.decoder import DecoderMethod
+from tokenprune.methods.decoder_base import DecoderMethod
 
 # Display names of the families; a model_type missing here is shown as itself.
 FAMILY_NAMES = {

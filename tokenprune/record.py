@@ -54,7 +54,7 @@ class ImageRecord:
 class PruneRecord:
     """The last pruned prefill: ``handle.last``.
 
-    ``tflops_unpruned``/``tflops_pruned``: estimated LLM prefill TFLOPs (:mod:`tokenprune.flops`, "exact"
+    ``tflops_unpruned``/``tflops_pruned``: estimated LLM prefill TFLOPs (:mod:`tokenprune.budget.flops`, "exact"
     GQA-aware formula, multiply-accumulates, text tokens included, padding excluded, summed over the batch rows)
     of the prompt without and with pruning; filled in by the adapter base class after every pruned prefill.
     """

@@ -5,9 +5,9 @@ The model is ``tokenprune/assets/synth-llava`` (a LLaVA-1.5-architecture VLM tra
 stage) is applied at each budget to the same test questions (same seed, same order, same batches); a method that
 raises is reported as skipped with its error, not hidden. The answer is the greedy first generated token
 (``generate(max_new_tokens=1, do_sample=False)``), compared with the single-word reference answer. FLOPs are the
-LLM prefill estimate (:func:`tokenprune.flops.prefill_flops`, "exact" formula, multiply-accumulates) of the tokens
-each decoder layer processed in each pruned prefill (``handle.last.tokens_per_layer``, averaged over the rows of the
-batch), per question; the same computation for every method, vision or decoder stage.
+LLM prefill estimate (:func:`tokenprune.budget.flops.prefill_flops`, "exact" formula, multiply-accumulates) of the
+tokens each decoder layer processed in each pruned prefill (``handle.last.tokens_per_layer``, averaged over the rows
+of the batch), per question; the same computation for every method, vision or decoder stage.
 The benchmark reports; it does not tune anything per method: every method runs with its defaults.
 """
 
@@ -73,7 +73,7 @@ def batches(n_per_type: int, batch: int, processor, seed: int = TEST_SEED):
 def score(model, processor, data, handle=None, records: list | None = None) -> dict[str, Any]:
     """Accuracy per type and overall, and the mean LLM prefill TFLOPs per question (pruned, unpruned); with
     ``records``, each batch's pruning record (``handle.last``) is appended to it."""
-    from tokenprune.flops import ModelShape, prefill_flops
+    from tokenprune.budget.flops import ModelShape, prefill_flops
 
     tok = processor.tokenizer
     shape = ModelShape.from_config(model.config)

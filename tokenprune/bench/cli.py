@@ -58,7 +58,7 @@ def _csv(kind):
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``flops``, ``bench`` and ``bench-selection`` to the ``tokenprune`` sub-command parser."""
-    from tokenprune.flops import FORMULAS
+    from tokenprune.budget.flops import FORMULAS
 
     flops = sub.add_parser(
         "flops", help="analytic LLM prefill FLOPs, KV-cache bytes and decode FLOPs for a per-layer token schedule",
@@ -203,7 +203,7 @@ def run_decoder(args: argparse.Namespace) -> int:
 
 
 def run_flops(args: argparse.Namespace) -> int:
-    from tokenprune import flops as F
+    from tokenprune.budget import flops as F
 
     parser = args.command_parser
     if args.list:

@@ -73,7 +73,7 @@ class _StageCall:
 class Probe:
     """Times (and, with ``capture``, records) ``attention_rows`` and ``select_stage`` of the decoder loop by
     wrapping the module attributes the loop looks them up from (``tokenprune.patches.decoder_select`` and
-    ``tokenprune.patches.decoder``)."""
+    ``tokenprune.patches.decoder_loop``)."""
 
     def __init__(self, sync: Callable[[], None]):
         self.sync = sync
@@ -88,7 +88,7 @@ class Probe:
 
     @contextmanager
     def installed(self) -> Iterator[Probe]:
-        import tokenprune.patches.decoder as decoder
+        import tokenprune.patches.decoder_loop as decoder
         import tokenprune.patches.decoder_select as decoder_select
 
         for module, name in ((decoder_select, "attention_rows"), (decoder, "select_stage")):
@@ -140,7 +140,7 @@ class Probe:
 
 def _kept(choice: Any) -> torch.Tensor:
     """Kept slot indices of one image's choice (a tensor, or a ``Recycled``'s ``kept``)."""
-    from tokenprune.methods.decoder import Recycled
+    from tokenprune.methods.decoder_base import Recycled
 
     return choice.kept if isinstance(choice, Recycled) else choice
 
@@ -163,7 +163,7 @@ class _EagerRow:
 def _layer_call(layer: torch.nn.Module, args: tuple, impl: str) -> tuple[Callable[[], Any], dict[str, Any]]:
     """``layer`` run on the captured scoring input with ``impl`` attention; returns the call and a dict that the
     call fills with ``probs`` (``[H, N, N]``, eager only, read from ``self_attn``'s output)."""
-    from tokenprune.patches.decoder import build_mask
+    from tokenprune.patches.decoder_loop import build_mask
 
     _, hidden, _, cos, sin, valid = args
     n = hidden.shape[1]

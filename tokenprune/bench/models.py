@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from tokenprune.budget.flops import PRESETS, ModelShape
 from tokenprune.compute_dtype import compute_device, compute_dtype
-from tokenprune.flops import PRESETS, ModelShape
 from tokenprune.quantization import describe
 from tokenprune.tiny_models import DEMO, TINY, LlavaSize, demo_image, tiny_llava
 

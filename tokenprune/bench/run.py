@@ -31,8 +31,8 @@ from tokenprune.api import disable_pruning, enable_pruning
 from tokenprune.bench.measure import StepClock, Timer, cache_bytes, interleaved, peak_memory
 from tokenprune.bench.models import BenchModel
 from tokenprune.budget import Keep
+from tokenprune.budget.flops import kv_bytes, prefill_flops
 from tokenprune.compute_dtype import compute_dtype
-from tokenprune.flops import kv_bytes, prefill_flops
 
 
 @dataclass(frozen=True)

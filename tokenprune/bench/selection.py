@@ -17,7 +17,7 @@ import torch
 
 from tokenprune.bench.measure import Timer
 from tokenprune.bench.references import REFERENCES
-from tokenprune.flops import layer_flops, preset
+from tokenprune.budget.flops import layer_flops, preset
 from tokenprune.methods import METHODS, SelectionContext
 
 

@@ -10,7 +10,7 @@ from tokenprune.functional.baselines import random, uniform
 from tokenprune.functional.chunks import holov, holov_chunk_count
 from tokenprune.functional.coverage import mmtok
 from tokenprune.functional.dart import dart, dart_count
-from tokenprune.functional.decoder import fastv, layer_average, pdrop_counts, pdrop_ratio
+from tokenprune.functional.decoder_rules import fastv, layer_average, pdrop_counts, pdrop_ratio
 from tokenprune.functional.diversity import cosine_distance, divprune, kcenter
 from tokenprune.functional.dpp import cdpruner, instruction_relevance
 from tokenprune.functional.feather import feather, feather_counts, feather_uniform

@@ -25,7 +25,7 @@ from tokenprune.methods.base import (
 from tokenprune.methods.baselines import RandomPrune, UniformPrune
 from tokenprune.methods.cdpruner import CDPruner
 from tokenprune.methods.dart import DART
-from tokenprune.methods.decoder import DecoderMethod, Recycled, RowSignals, StagePlan
+from tokenprune.methods.decoder_base import DecoderMethod, Recycled, RowSignals, StagePlan
 from tokenprune.methods.divprune import DivPrune
 from tokenprune.methods.fastervlm import FasterVLM
 from tokenprune.methods.fastv import FastV

@@ -9,7 +9,7 @@ import torch
 from tokenprune.budget import Keep, kept_count
 from tokenprune.functional.dart import dart, dart_count
 from tokenprune.methods.base import Deviation
-from tokenprune.methods.decoder import DecoderMethod, RowSignals, StagePlan
+from tokenprune.methods.decoder_base import DecoderMethod, RowSignals, StagePlan
 
 
 @dataclass

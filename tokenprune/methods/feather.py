@@ -10,7 +10,7 @@ import torch
 from tokenprune.budget import Keep
 from tokenprune.functional.feather import feather, feather_counts, feather_uniform
 from tokenprune.methods.base import Deviation
-from tokenprune.methods.decoder import DecoderMethod, RowSignals, StagePlan
+from tokenprune.methods.decoder_base import DecoderMethod, RowSignals, StagePlan
 
 
 @dataclass

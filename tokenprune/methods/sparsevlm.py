@@ -12,7 +12,7 @@ from tokenprune import functional as F
 from tokenprune.budget import Keep
 from tokenprune.functional._ranking import top_k_indices
 from tokenprune.methods.base import Deviation
-from tokenprune.methods.decoder import DecoderMethod, Recycled, RowSignals, StagePlan
+from tokenprune.methods.decoder_base import DecoderMethod, Recycled, RowSignals, StagePlan
 
 
 def table_budget(keep: Keep, n: int) -> float:

@@ -9,7 +9,7 @@ import torch
 from tokenprune.budget import Keep, kept_count
 from tokenprune.functional.todre import todre_drop_all, todre_text_to_visual
 from tokenprune.methods.base import Deviation
-from tokenprune.methods.decoder import DecoderMethod, RowSignals, StagePlan
+from tokenprune.methods.decoder_base import DecoderMethod, RowSignals, StagePlan
 from tokenprune.methods.kcenter import KCenter
 from tokenprune.methods.two_stage import TwoStageMethod
 

@@ -9,7 +9,7 @@ import torch
 from tokenprune.budget import Keep
 from tokenprune.functional.transprune import transprune, transprune_counts, transprune_scale, transprune_ttv
 from tokenprune.methods.base import Deviation
-from tokenprune.methods.decoder import DecoderMethod, RowSignals, StagePlan
+from tokenprune.methods.decoder_base import DecoderMethod, RowSignals, StagePlan
 
 OFFICIAL_LAYERS = (7, 9, 12)  # first pruned layers of 32 (official scripts, LLaVA-1.5 and LLaVA-NeXT)
 OFFICIAL_RATIOS = (0.875, 0.625, 0.125)  # of the ORIGINAL visual tokens: 504 / 360 / 72 of 576

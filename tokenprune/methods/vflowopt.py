@@ -19,7 +19,7 @@ from tokenprune.methods.base import (
     Selection,
     SelectionContext,
 )
-from tokenprune.methods.decoder import DecoderMethod, RowSignals, StagePlan
+from tokenprune.methods.decoder_base import DecoderMethod, RowSignals, StagePlan
 from tokenprune.methods.two_stage import TwoStageMethod
 
 PAPER = "VFlowOpt: A Token Pruning Framework for LMMs with Visual Information Flow-Guided Optimization (ICCV 2025)"

@@ -17,7 +17,7 @@ from tokenprune.functional.visiondrop_llm import (
     visiondrop_stage_counts,
 )
 from tokenprune.methods.base import Deviation, PruningMethod
-from tokenprune.methods.decoder import DecoderMethod, Recycled, RowSignals, StagePlan
+from tokenprune.methods.decoder_base import DecoderMethod, Recycled, RowSignals, StagePlan
 from tokenprune.methods.two_stage import TwoStageMethod
 from tokenprune.methods.visionzip import VisionDrop
 

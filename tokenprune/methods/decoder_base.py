@@ -4,7 +4,7 @@ A decoder method says WHERE it prunes (:meth:`DecoderMethod.plan`: the first pru
 layer whose input its scores come from), HOW MANY visual tokens of each image survive each stage
 (:meth:`DecoderMethod.counts`, the paper's budget convention) and WHICH (:meth:`DecoderMethod.select_stage`, from
 the per-row signals the adapter's decoder loop computes lazily: :class:`RowSignals`). The loop
-(``patches/decoder.py``) does the rest: gathering, positions (``positions``: ``"keep"`` or ``"reindex"``; Qwen is
+(``patches/decoder_loop.py``) does the rest: gathering, positions (``positions``: ``"keep"`` or ``"reindex"``; Qwen is
 always KEEP), masks, KV cache and decode.
 
 Merging and recycling (SparseVLM's recycled tokens, VisionDrop's contextual tokens): instead of bare kept positions,

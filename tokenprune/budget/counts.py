@@ -68,7 +68,7 @@ def validate_scope(scope: object) -> None:
         )
 
 # --- FLOPs-target budgets ----------------------------------------------------------------------------------------
-# ``flops=0.25``: per prompt, keep the most visual tokens such that the LLM prefill FLOPs (tokenprune.flops, the
+# ``flops=0.25``: per prompt, keep the most visual tokens such that the LLM prefill FLOPs (tokenprune.budget.flops, the
 # "exact" GQA-aware formula, text tokens included, padding excluded) are at most a quarter of the same prompt's
 # unpruned prefill FLOPs.
 

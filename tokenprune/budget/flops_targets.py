@@ -1,6 +1,6 @@
 """FLOPs-target budgets and prefill FLOPs estimates for the adapters (``enable_pruning(..., flops=0.25)``).
 
-Convention: the LLM prefill FLOPs of one prompt row, :func:`tokenprune.flops.prefill_flops` with the "exact"
+Convention: the LLM prefill FLOPs of one prompt row, :func:`tokenprune.budget.flops.prefill_flops` with the "exact"
 GQA-aware formula on the text-model shape of ``model.config``; text tokens count (they are never pruned, so they
 set a floor under every budget), padding does not, the vision tower does not (pruning does not change it).
 
@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from tokenprune.budget import flops_kept_counts
-from tokenprune.flops import ModelShape, prefill_flops
+from tokenprune.budget.counts import flops_kept_counts
+from tokenprune.budget.flops import ModelShape, prefill_flops
 from tokenprune.record import PruneRecord
 
 FORMULA = "exact"

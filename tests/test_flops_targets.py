@@ -12,7 +12,7 @@ from tokenprune.tiny_models import random_image, tiny_llava
 
 
 def macs(cfg, n):
-    """One prompt of ``n`` tokens through the tiny LLM, written out independently of tokenprune.flops."""
+    """One prompt of ``n`` tokens through the tiny LLM, written out independently of tokenprune.budget.flops."""
     t = cfg.text_config
     d, m, heads, kv = t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads
     dh = d // heads

@@ -34,14 +34,17 @@ from typing import Any
 import torch
 
 from tokenprune.budget import Keep
-from tokenprune.methods.decoder import DecoderMethod, StagePlan
+from tokenprune.methods.decoder_base import DecoderMethod, StagePlan
 from tokenprune.patches import pruned_cache
 from tokenprune.patches.decoder_grids import visual_coords
 from tokenprune.patches.decoder_select import Stage, apply_mixes, gather, select_stage
 
 
 @dataclass
-class Selection:
+class PrefillSelection:
+    """A decoder-stage selection made at prefill and reused by the decode and replay calls on its cache (not the
+    vision-stage :class:`tokenprune.methods.Selection`, which is one method's answer for one unit)."""
+
     ids: torch.Tensor       # [B, n] prompt ids the selection was made on
     stages: list[Stage]     # (attached to the KV cache the prefill wrote: patches/pruned_cache.py)
 
@@ -64,7 +67,7 @@ class _Call:
     n: int
     mask2d: torch.Tensor            # [B, past + q] bool, layer-0 key coordinates
     pos: torch.Tensor | None        # [B, q] position ids of the call (REINDEX only)
-    sel: Selection
+    sel: PrefillSelection
     image_of: torch.Tensor | None = None   # [B, n] image number of each prompt token within its row, -1 text
     cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
     index: torch.Tensor | None = None      # current layout (select)
@@ -83,7 +86,7 @@ class _Call:
 
 
 class DecoderLoop:
-    """Runs one :class:`~tokenprune.methods.decoder.DecoderMethod` inside a model's language model."""
+    """Runs one :class:`~tokenprune.methods.decoder_base.DecoderMethod` inside a model's language model."""
 
     def __init__(
         self, model: torch.nn.Module, method: DecoderMethod, keep: Keep, visual_ids: tuple[int, ...],
@@ -99,7 +102,7 @@ class DecoderLoop:
         self.on_record = on_record
         self.frozen = 0  # > 0 inside generate: a use_cache=False step replays the prefill's selection
         self.source_rows: int | None = None  # the caller's prompt rows of the call in progress (set by the adapter)
-        self.selection: Selection | None = None
+        self.selection: PrefillSelection | None = None
         self._ids: torch.Tensor | None = None
         self._call: _Call | None = None
         self._hooks: list[Any] = []
@@ -175,7 +178,7 @@ class DecoderLoop:
             return
         if not self._has_visual(ids):
             return
-        sel = Selection(ids.clone(), [])
+        sel = PrefillSelection(ids.clone(), [])
         self.selection = sel
         call = _Call("select", q, q, mask2d, pos, sel, image_of=self._image_of(ids),
                      kv_len=pruned_cache.static_length(cache), source_rows=self.source_rows)
