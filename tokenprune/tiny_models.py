@@ -10,7 +10,7 @@ the real ``Qwen2VLImageProcessorPil``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,27 +25,37 @@ WORDS = (
 ).split()
 
 
-def make_tokenizer(extra_special_tokens: tuple[str, ...] = ()):
-    """A word-level fast tokenizer with LLaVA's special tokens (``<image>`` is matched before splitting)."""
+def word_tokenizer(words: list[str], specials: list[str] = SPECIAL_TOKENS):
+    """A word-level fast tokenizer over ``specials`` then ``words`` (ids in that order), left padding; the special
+    tokens (``<image>`` ...) are matched before the text is split on white space and newlines."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = SPECIAL_TOKENS + list(extra_special_tokens)
-    vocab = {t: i for i, t in enumerate(specials + WORDS + [str(i) for i in range(10)] + list(".,!\n"))}
+    vocab = {t: i for i, t in enumerate(list(specials) + list(words))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()]
     )
-    tok.add_special_tokens(specials)
+    tok.add_special_tokens(list(specials))
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         padding_side="left",
     )
 
 
+def make_tokenizer(extra_special_tokens: tuple[str, ...] = ()):
+    """The tiny models' tokenizer: :func:`word_tokenizer` over :data:`WORDS`, digits and punctuation, with LLaVA's
+    special tokens plus ``extra_special_tokens``."""
+    return word_tokenizer(WORDS + [str(i) for i in range(10)] + list(".,!\n"),
+                          SPECIAL_TOKENS + list(extra_special_tokens))
+
+
 @dataclass(frozen=True)
 class LlavaSize:
-    """Shape of a small LLaVA-1.5-style model. ``image_size // patch_size`` squared = visual tokens per image."""
+    """Shape of a LLaVA-1.5-style model. ``image_size // patch_size`` squared = visual tokens per image.
+
+    The defaults are the tiny test model; the real-shape benchmark presets (:mod:`tokenprune.bench.models`) and the
+    trained synthetic model's recipe set the optional fields (``None``: derived as noted)."""
 
     image_size: int = 64
     patch_size: int = 8
@@ -57,6 +67,12 @@ class LlavaSize:
     text_heads: int = 4
     text_kv_heads: int = 2
     text_intermediate: int = 256
+    vision_intermediate: int | None = None  # None: 4 * vision_hidden
+    projection_dim: int | None = None  # None: vision_hidden
+    text_head_dim: int | None = None  # None: text_hidden // text_heads
+    vocab_size: int | None = None  # None: the tokenizer's
+    max_positions: int = 4096
+    tie_word_embeddings: bool = False
 
 
 TINY = LlavaSize()
@@ -65,39 +81,55 @@ DEMO = LlavaSize(image_size=336, patch_size=14, vision_hidden=256, vision_layers
                  text_hidden=512, text_layers=4, text_heads=8, text_kv_heads=8, text_intermediate=1376)
 
 
-def tiny_llava(size: LlavaSize = TINY, attn_implementation: str = "sdpa", seed: int = 0):
-    """``(model, processor)``: a LLaVA-1.5-architecture model with random weights (eval mode, fp32)."""
-    from transformers import (
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
+def clip_vision_config(size: LlavaSize):
+    """The CLIP vision tower's config of ``size`` (LLaVA-1.5 and LLaVA-NeXT)."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=size.vision_hidden, intermediate_size=size.vision_intermediate or 4 * size.vision_hidden,
+        num_hidden_layers=size.vision_layers, num_attention_heads=size.vision_heads, image_size=size.image_size,
+        patch_size=size.patch_size, projection_dim=size.projection_dim or size.vision_hidden,
     )
 
-    tok = make_tokenizer()
-    vision = CLIPVisionConfig(
-        hidden_size=size.vision_hidden, intermediate_size=4 * size.vision_hidden, num_hidden_layers=size.vision_layers,
-        num_attention_heads=size.vision_heads, image_size=size.image_size, patch_size=size.patch_size,
-        projection_dim=size.vision_hidden,
+
+def llama_text_config(size: LlavaSize, tok):
+    """The Llama LLM's config of ``size`` with ``tok``'s vocabulary and special ids (LLaVA; Qwen's text as a dict)."""
+    from transformers import LlamaConfig
+
+    extra = {} if size.text_head_dim is None else {"head_dim": size.text_head_dim}
+    return LlamaConfig(
+        vocab_size=size.vocab_size or len(tok), hidden_size=size.text_hidden,
+        intermediate_size=size.text_intermediate, num_hidden_layers=size.text_layers,
+        num_attention_heads=size.text_heads, num_key_value_heads=size.text_kv_heads,
+        max_position_embeddings=size.max_positions, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, tie_word_embeddings=size.tie_word_embeddings, **extra,
     )
-    text = LlamaConfig(
-        vocab_size=len(tok), hidden_size=size.text_hidden, intermediate_size=size.text_intermediate,
-        num_hidden_layers=size.text_layers, num_attention_heads=size.text_heads,
-        num_key_value_heads=size.text_kv_heads, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )
+
+
+def tiny_llava(size: LlavaSize = TINY, attn_implementation: str = "sdpa", seed: int = 0, *, tokenizer=None,
+               dtype: torch.dtype | None = None):
+    """``(model, processor)``: a LLaVA-1.5-architecture model of ``size`` with random weights (eval mode).
+
+    The one builder of every random LLaVA-1.5 model in the project: the tiny test models, the real-shape benchmark
+    presets and the synthetic model's recipe. ``tokenizer`` defaults to :func:`make_tokenizer`; ``dtype`` (default
+    fp32) is the dtype the weights are initialised in (no fp32 copy of a large preset)."""
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tok = tokenizer if tokenizer is not None else make_tokenizer()
     n_patches = (size.image_size // size.patch_size) ** 2
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-        image_seq_length=n_patches, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        vision_config=clip_vision_config(size), text_config=llama_text_config(size, tok),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=n_patches, vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
     )
     config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.set_attn_implementation(attn_implementation)
-    model.generation_config.pad_token_id = tok.pad_token_id
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or previous)
+    try:
+        torch.manual_seed(seed)
+        model = _finish(LlavaForConditionalGeneration(config), tok, attn_implementation)
+    finally:
+        torch.set_default_dtype(previous)
     crop = {"height": size.image_size, "width": size.image_size}
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": size.image_size}, crop_size=crop)
     processor = LlavaProcessor(
@@ -105,27 +137,6 @@ def tiny_llava(size: LlavaSize = TINY, attn_implementation: str = "sdpa", seed: 
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
     )
     return model, processor
-
-
-def _clip_vision(image_size: int, patch_size: int, hidden: int = 64, layers: int = 3, heads: int = 4):
-    from transformers import CLIPVisionConfig
-
-    return CLIPVisionConfig(
-        hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        image_size=image_size, patch_size=patch_size, projection_dim=hidden,
-    )
-
-
-def _text_config(tok, cls=None, text_layers: int = 2, **extra):
-    from transformers import LlamaConfig
-
-    cls = cls or LlamaConfig
-    return cls(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **extra,
-    )
 
 
 def _finish(model, tok, attn_implementation: str):
@@ -136,6 +147,7 @@ def _finish(model, tok, attn_implementation: str):
 
 
 # LLaVA-NeXT: a 32-px base tile of 4x4 patches; AnyRes crops on a grid of up to 2x2 tiles.
+NEXT_TILE = LlavaSize(image_size=32)
 NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
 
@@ -155,7 +167,8 @@ def tiny_llava_next(attn_implementation: str = "sdpa", seed: int = 0, text_layer
 
     tok = make_tokenizer()
     config = LlavaNextConfig(
-        vision_config=_clip_vision(32, 8, layers=vision_layers), text_config=_text_config(tok, text_layers=text_layers),
+        vision_config=clip_vision_config(replace(NEXT_TILE, vision_layers=vision_layers)),
+        text_config=llama_text_config(replace(NEXT_TILE, text_layers=text_layers), tok),
         image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=NEXT_PINPOINTS,
         image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default",
     )
@@ -258,7 +271,7 @@ def tiny_qwen(
     )
 
     tok, ids = qwen_tokenizer()
-    text = _text_config(tok, text_layers=text_layers).to_dict()
+    text = llama_text_config(replace(TINY, text_layers=text_layers), tok).to_dict()
     text.update(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
     text = {k: v for k, v in text.items() if k not in ("model_type", "architectures", "transformers_version")}
     if version == "2":
@@ -315,7 +328,7 @@ def demo_image(size: int = 336) -> Image.Image:
 
 
 # The project's trained small model: a LLaVA-1.5-architecture VLM trained on synthetic VQA (model card:
-# tokenprune/assets/synth-llava/README.md; recipe: python -m tokenprune.bench.synthetic.train).
+# tokenprune/assets/synth-llava/README.md; recipe: python -m benchmarks.synthetic.train in the repository).
 SYNTH_LLAVA = Path(__file__).resolve().parent / "assets" / "synth-llava"
 SYNTH_PROMPT = "USER : <image>\n{question} ASSISTANT :"
 
@@ -335,7 +348,7 @@ def trained_llava(attn_implementation: str = "sdpa", path: str | Path | None = N
     if not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(
             f"no trained model at {folder} (expected model.safetensors there); it ships with the package under "
-            "tokenprune/assets/synth-llava; rebuild it with `python -m tokenprune.bench.synthetic.train`")
+            "tokenprune/assets/synth-llava; rebuild it from a checkout of the repository with `make train-synthetic`")
     quantized = {} if quantization_config is None else {"quantization_config": quantization_config,
                                                         "device_map": "cpu"}
     model = LlavaForConditionalGeneration.from_pretrained(folder, attn_implementation=attn_implementation,

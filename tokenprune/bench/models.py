@@ -49,59 +49,20 @@ def llava_preset(name: str, layers: int | None, vision_layers: int | None, dtype
     ``width_divisor`` narrows the LLM (hidden, MLP and head count divided, head dim kept): every per-token cost of
     a layer then shrinks by the same factor squared, so ratios such as "selection cost / pruned prefill" keep their
     full-width value while all ``layers`` fit a CPU."""
-    from transformers import (
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
-    from tokenprune.tiny_models import make_tokenizer
-
     llm = PRESETS[name]
     div = int(width_divisor)
     if div < 1 or llm.num_heads % div or llm.num_kv_heads % div:
         raise ValueError(f"width_divisor must divide the head counts ({llm.num_heads} heads, {llm.num_kv_heads} KV "
                          f"heads) of {name}; got {width_divisor!r}")
-    tok = make_tokenizer()
     v = CLIP_L_336
-    vision = CLIPVisionConfig(
-        hidden_size=v["hidden"], intermediate_size=v["intermediate"], num_hidden_layers=vision_layers or v["layers"],
-        num_attention_heads=v["heads"], image_size=v["image_size"], patch_size=v["patch_size"], projection_dim=768,
-        hidden_act="quick_gelu",
+    size = LlavaSize(
+        image_size=v["image_size"], patch_size=v["patch_size"], vision_hidden=v["hidden"],
+        vision_intermediate=v["intermediate"], vision_layers=vision_layers or v["layers"], vision_heads=v["heads"],
+        projection_dim=768, text_hidden=llm.hidden_size // div, text_intermediate=llm.intermediate_size // div,
+        text_layers=layers or llm.num_layers, text_heads=llm.num_heads // div, text_kv_heads=llm.num_kv_heads // div,
+        text_head_dim=llm.hidden_size // llm.num_heads, vocab_size=32064,
     )
-    text = LlamaConfig(
-        vocab_size=32064, hidden_size=llm.hidden_size // div, intermediate_size=llm.intermediate_size // div,
-        num_hidden_layers=layers or llm.num_layers, num_attention_heads=llm.num_heads // div,
-        num_key_value_heads=llm.num_kv_heads // div, head_dim=llm.hidden_size // llm.num_heads,
-        max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )
-    side = v["image_size"] // v["patch_size"]
-    config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-        image_seq_length=side * side, vision_feature_layer=-2, vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    config._attn_implementation = attn_implementation
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # initialise in the target dtype: no fp32 copy of the weights
-    try:
-        torch.manual_seed(0)
-        model = LlavaForConditionalGeneration(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    model.set_attn_implementation(attn_implementation)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    crop = {"height": v["image_size"], "width": v["image_size"]}
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": v["image_size"]}, crop_size=crop),
-        tokenizer=tok, patch_size=v["patch_size"], vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
-    return model, processor
+    return tiny_llava(size, attn_implementation, seed=0, dtype=dtype)
 
 
 def checkpoint(path: str, dtype: torch.dtype, attn_implementation: str, device: str,
