@@ -56,7 +56,7 @@ bench-accuracy: $(STAMP)
 
 # Re-train the shipped model (tokenprune/assets/synth-llava) with the committed recipe (about 45 min on 2 cores).
 train-synthetic: $(STAMP)
-	$(PY) -m tokenprune.bench.synthetic.train --out tokenprune/assets/synth-llava
+	$(PY) -m benchmarks.synthetic.train --out tokenprune/assets/synth-llava
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -36,6 +36,13 @@ def moved_parameters(model, run) -> set[str]:
     return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
 
 
+def assert_trains_projector_and_lm_only(model, run) -> None:
+    """``run()`` (a stage of the synthetic model's recipe) moves the projector and the LM and never the ViT."""
+    moved = moved_parameters(model, run)
+    assert moved and not any("vision_tower" in n for n in moved)
+    assert any("multi_modal_projector" in n for n in moved) and any("language_model" in n for n in moved)
+
+
 def hook_and_attribute_census(model):
     """Everything enable_pruning could leave behind: instance attributes and hooks of every module."""
     hooks = {

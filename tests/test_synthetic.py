@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import moved_parameters
+from conftest import assert_trains_projector_and_lm_only
 
 from tokenprune.bench.synthetic.questions import (
     NUMBERS,
@@ -118,8 +118,8 @@ def test_vision_pretraining_targets_and_position_init():
     """Stage 1 of the recipe: shape / size losses only on object patches (a background-dominated loss taught no
     shape), the object-mean shape loss sees only the object's own patches, and the 2-D sin-cos start of CLIP's
     position embeddings tells every patch its row and column."""
-    from tokenprune.bench.synthetic.model import sincos_2d
-    from tokenprune.bench.synthetic.vision_stage import VisionHeads, dense_losses, object_means, vision_batch
+    from benchmarks.synthetic.model import sincos_2d
+    from benchmarks.synthetic.vision_stage import VisionHeads, dense_losses, object_means, vision_batch
 
     table = sincos_2d(128, GRID)
     assert table.shape == (1 + GRID * GRID, 128) and torch.all(table[0] == 0)
@@ -150,8 +150,8 @@ def test_vision_pretraining_targets_and_position_init():
 def test_vqa_stage_alignment_targets_and_curriculum():
     """Stage 2 of the recipe: the words that describe each patch (the alignment loss's targets), a loss that falls
     when the visual tokens point like those words, and the curriculum (1 object on plain backgrounds first)."""
-    from tokenprune.bench.synthetic.model import make_tokenizer
-    from tokenprune.bench.synthetic.vqa_stage import alignment_loss, curriculum, plain_background, word_targets
+    from benchmarks.synthetic.model import make_tokenizer
+    from benchmarks.synthetic.vqa_stage import alignment_loss, curriculum, plain_background, word_targets
 
     tok = make_tokenizer()
     scene = training_example(TRAIN_SEED, 3, max_turns=0)[0]
@@ -181,7 +181,7 @@ def test_vqa_stage_alignment_targets_and_curriculum():
 def test_grounding_referents_and_targets():
     """What each question is about: the named objects' patches, both objects of a relative question, the first token
     alone for an absent referent, and for a count the first token plus one anchor (centre) patch per counted object."""
-    from tokenprune.bench.synthetic.grounding import anchor_patch, attention_targets, referents
+    from benchmarks.synthetic.grounding import anchor_patch, attention_targets, referents
     from tokenprune.bench.synthetic.questions import QA
     from tokenprune.bench.synthetic.scenes import Scene, Shape
 
@@ -215,8 +215,8 @@ def test_grounding_referents_and_targets():
 def test_grounded_stage_batch_and_loss():
     """The grounded stage's batch: answer positions are each turn's last prompt token, question spans hold exactly
     the question's words, and the loss falls when the supervised heads attend where the targets say."""
-    from tokenprune.bench.synthetic import grounded_stage as gs
-    from tokenprune.bench.synthetic.model import make_tokenizer
+    from benchmarks.synthetic import grounded_stage as gs
+    from benchmarks.synthetic.model import make_tokenizer
 
     tok = make_tokenizer()
     image = tok.convert_tokens_to_ids("<image>")
@@ -248,23 +248,21 @@ def test_grounded_stage_batch_and_loss():
 def test_grounded_stage_trains_projector_and_lm_only():
     """Two real steps of the grounded stage: the projector and the LM move, the ViT stays frozen, and the model is
     handed back on sdpa."""
-    from tokenprune.bench.synthetic.grounded_stage import train_grounded
-    from tokenprune.bench.synthetic.model import build
+    from benchmarks.synthetic.grounded_stage import train_grounded
+    from benchmarks.synthetic.model import build
 
     model, processor = build()
     lines: list[str] = []
-    moved = moved_parameters(model, lambda: train_grounded(model, processor, steps=2, batch=2, lr=1e-3, max_turns=2,
-                                                           log=lines.append))
-    assert moved and not any("vision_tower" in n for n in moved)
-    assert any("multi_modal_projector" in n for n in moved) and any("language_model" in n for n in moved)
+    assert_trains_projector_and_lm_only(model, lambda: train_grounded(model, processor, steps=2, batch=2, lr=1e-3,
+                                                                      max_turns=2, log=lines.append))
     assert model.config._attn_implementation == "sdpa" and "grounding" in lines[-1]
 
 
 def test_model_card_describes_the_stage_2_that_ran():
     """The card written after training names the stage-2 variant of the run (alignment or grounded; symbolic in
     test_synthetic_symbolic.py)."""
-    from tokenprune.bench.synthetic.card import model_card
-    from tokenprune.bench.synthetic.model import ARCH
+    from benchmarks.synthetic.card import model_card
+    from benchmarks.synthetic.model import ARCH
     from tokenprune.tiny_models import SYNTH_LLAVA
 
     info = json.loads((SYNTH_LLAVA / "training_log.json").read_text())

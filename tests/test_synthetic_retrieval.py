@@ -2,8 +2,8 @@
 
 import torch
 
+from benchmarks.synthetic.retrieval import FIELDS, RetrievalHeads, mentions, retrieval_rows
 from tokenprune.bench.synthetic.questions import QA
-from tokenprune.bench.synthetic.retrieval import FIELDS, RetrievalHeads, mentions, retrieval_rows
 from tokenprune.bench.synthetic.scenes import GRID, Scene, Shape
 
 
@@ -36,8 +36,8 @@ def test_mentions_worked_example():
 
 
 def test_retrieval_rows_point_at_the_name_tokens_of_a_conversation():
-    from tokenprune.bench.synthetic.model import build
-    from tokenprune.bench.synthetic.vqa_stage import conversation_layout
+    from benchmarks.synthetic.model import build
+    from benchmarks.synthetic.vqa_stage import conversation_layout
 
     model, processor = build()
     tok = processor.tokenizer
@@ -55,7 +55,7 @@ def test_retrieval_rows_point_at_the_name_tokens_of_a_conversation():
 
 def test_retrieval_loss_trains_only_the_layers_below_its_heads():
     """Gradient of the loss reaches the embeddings and the first ``layer`` LM layers, never the layers above."""
-    from tokenprune.bench.synthetic.model import build
+    from benchmarks.synthetic.model import build
 
     model, _ = build()
     lm = model.model.language_model

@@ -110,7 +110,7 @@ Eight question types, single-word answers: exist, color, shape, count, position 
 object at the top of the image), relative (left of / above), small (the only small object). Training scenes come
 from seed {TRAIN_SEED}, test questions from seed {TEST_SEED} (disjoint streams).
 
-## Recipe (`python -m tokenprune.bench.synthetic.train`, seeds fixed)
+## Recipe (`python -m benchmarks.synthetic.train` from the repository root, seeds fixed)
 
 1. Vision pre-training, {a['vision_steps']} steps x {a['vision_batch']} images, AdamW lr {a['vision_lr']}: the ViT
    with throw-away heads. The [CLS] token (pooled last layer) predicts the colours, shapes and colour-shape

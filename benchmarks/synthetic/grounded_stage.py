@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokenprune.bench.synthetic.grounding import attention_targets
+from benchmarks.synthetic.grounding import attention_targets
+from benchmarks.synthetic.vision_stage import optimizer_step
+from benchmarks.synthetic.vqa_stage import conversation_layout, evaluate, pad_right, splice_image
 from tokenprune.bench.synthetic.questions import PROMPT, TRAIN_SEED, training_example
 from tokenprune.bench.synthetic.scenes import GRID, patch_labels, render
-from tokenprune.bench.synthetic.vision_stage import optimizer_step
-from tokenprune.bench.synthetic.vqa_stage import conversation_layout, evaluate, pad_right, splice_image
 
 N_IMAGE = GRID * GRID
 # (layer, heads on the first referent, heads on the second referent); layer 3 of the 4-layer LM is left free.

@@ -8,8 +8,8 @@ import torch
 
 from tokenprune.bench.synthetic.questions import vocabulary
 from tokenprune.bench.synthetic.scenes import GRID, IMAGE_SIZE, PATCH
+from tokenprune.tiny_models import LlavaSize, tiny_llava, word_tokenizer
 
-SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 ARCH = {
     "vision_hidden": 128, "vision_layers": 4, "vision_heads": 4,
     "text_hidden": 256, "text_layers": 4, "text_heads": 8, "text_intermediate": 512, "text_init_std": 0.1,
@@ -17,47 +17,25 @@ ARCH = {
 
 
 def make_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """The word-level tokenizer over the task's vocabulary (LLaVA's special tokens first)."""
+    return word_tokenizer(vocabulary() + ["\n"])
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + vocabulary() + ["\n"])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
-                                                 pre_tokenizers.WhitespaceSplit()])
-    tok.add_special_tokens(SPECIALS)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", padding_side="left")
+
+def size(arch: dict = ARCH) -> LlavaSize:
+    """The :class:`~tokenprune.tiny_models.LlavaSize` of ``arch`` at the scenes' resolution (224 px / patch 14)."""
+    return LlavaSize(
+        image_size=IMAGE_SIZE, patch_size=PATCH, vision_hidden=arch["vision_hidden"],
+        vision_layers=arch["vision_layers"], vision_heads=arch["vision_heads"], text_hidden=arch["text_hidden"],
+        text_layers=arch["text_layers"], text_heads=arch["text_heads"], text_kv_heads=arch["text_heads"],
+        text_intermediate=arch["text_intermediate"], max_positions=1024,
+    )
 
 
 def build(arch: dict = ARCH, seed: int = 0):
-    """``(model, processor)`` with random weights."""
-    from transformers import (
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
-    tok = make_tokenizer()
-    vision = CLIPVisionConfig(
-        hidden_size=arch["vision_hidden"], intermediate_size=4 * arch["vision_hidden"],
-        num_hidden_layers=arch["vision_layers"], num_attention_heads=arch["vision_heads"], image_size=IMAGE_SIZE,
-        patch_size=PATCH, projection_dim=arch["vision_hidden"],
-    )
-    text = LlamaConfig(
-        vocab_size=len(tok), hidden_size=arch["text_hidden"], intermediate_size=arch["text_intermediate"],
-        num_hidden_layers=arch["text_layers"], num_attention_heads=arch["text_heads"],
-        num_key_value_heads=arch["text_heads"], max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
-    )
-    config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-        image_seq_length=GRID * GRID, vision_feature_layer=-2, vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
+    """``(model, processor)`` with random weights: the project's LLaVA builder
+    (:func:`tokenprune.tiny_models.tiny_llava`) at :func:`size`, then the recipe's initialisation (training mode)."""
+    model, processor = tiny_llava(size(arch), seed=seed, tokenizer=make_tokenizer())
+    model.train()
     with torch.no_grad():
         # The LM's weights (embeddings, attention, MLP) start at std 0.1 instead of Llama's 0.02. With 0.02 the
         # question tokens attend uniformly to the 256 visual tokens, an object's features are diluted 1:30 in that
@@ -72,12 +50,7 @@ def build(arch: dict = ARCH, seed: int = 0):
         # 2-D sin-cos start for CLIP's learned position embeddings (still trained), as in MAE
         model.model.vision_tower.embeddings.position_embedding.weight.copy_(
             sincos_2d(arch["vision_hidden"], GRID))
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size=crop)
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=PATCH,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     return model, processor
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokenprune.bench.synthetic.grounding import referents
+from benchmarks.synthetic.grounding import referents
 from tokenprune.bench.synthetic.scenes import COLORS, GRID, PATCH, SHAPES, SIZES
 
 # index of the word that closes the object's name, per question type (the question split on spaces, "?" included)

@@ -30,11 +30,11 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from benchmarks.synthetic.retrieval import RetrievalHeads, retrieval_rows
+from benchmarks.synthetic.vision_stage import optimizer_step, vision_batch
+from benchmarks.synthetic.vqa_stage import conversation_layout, pad_right, splice_image
 from tokenprune.bench.synthetic.questions import PROMPT, TRAIN_SEED, eval_split, training_example
-from tokenprune.bench.synthetic.retrieval import RetrievalHeads, retrieval_rows
 from tokenprune.bench.synthetic.scenes import COLORS, GRID, SHAPES, render
-from tokenprune.bench.synthetic.vision_stage import optimizer_step, vision_batch
-from tokenprune.bench.synthetic.vqa_stage import conversation_layout, pad_right, splice_image
 
 N_IMAGE = GRID * GRID
 # scene-token layout: colour (background = 0), shape (0 = none), size (0 = none), centre flag, row, column

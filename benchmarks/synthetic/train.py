@@ -1,6 +1,6 @@
 """Train the shipped synthetic-VQA LLaVA-1.5 model (``tokenprune/assets/synth-llava``) on this CPU.
 
-    python -m tokenprune.bench.synthetic.train --out tokenprune/assets/synth-llava
+    python -m benchmarks.synthetic.train --out tokenprune/assets/synth-llava
 
 Architecture (:mod:`.model`): ``LlavaForConditionalGeneration`` = CLIP ViT (224 px / patch 14 -> 256 patch tokens +
 [CLS]), LLaVA-1.5's 2-layer GELU projector on the penultimate ViT layer (``vision_feature_layer=-2``, "default"
@@ -44,13 +44,13 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from tokenprune.bench.synthetic.card import model_card
-from tokenprune.bench.synthetic.grounded_stage import train_grounded
-from tokenprune.bench.synthetic.model import ARCH, build
+from benchmarks.synthetic.card import model_card
+from benchmarks.synthetic.grounded_stage import train_grounded
+from benchmarks.synthetic.model import ARCH, build
+from benchmarks.synthetic.symbolic_stage import distill_projector, evaluate_symbolic, train_symbolic
+from benchmarks.synthetic.vision_stage import train_vision, vision_worker
+from benchmarks.synthetic.vqa_stage import evaluate, train_vqa
 from tokenprune.bench.synthetic.questions import TRAIN_SEED
-from tokenprune.bench.synthetic.symbolic_stage import distill_projector, evaluate_symbolic, train_symbolic
-from tokenprune.bench.synthetic.vision_stage import train_vision, vision_worker
-from tokenprune.bench.synthetic.vqa_stage import evaluate, train_vqa
 
 
 def stages_1_2_symbolic(model, processor, args, log, log_lines: list[str]) -> tuple[dict, float, dict]:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tokenprune.bench.synthetic.grounding import anchor_patch
+from benchmarks.synthetic.grounding import anchor_patch
 from tokenprune.bench.synthetic.questions import NUMBERS, TRAIN_SEED, training_example
 from tokenprune.bench.synthetic.scenes import COLORS, GRID, MAX_OBJECTS, SHAPES, SIZES, patch_labels, render
 
@@ -178,7 +178,7 @@ def vision_worker(steps: int, batch: int, lr: float, out: str) -> None:
     initial model (fixed seed), trains the ViT on one thread and saves its weights, probe, log and time to ``out``."""
     import time
 
-    from tokenprune.bench.synthetic.model import build
+    from benchmarks.synthetic.model import build
 
     torch.set_num_threads(1)
     model, processor = build()

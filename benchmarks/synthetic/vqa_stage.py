@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from benchmarks.synthetic.retrieval import RetrievalHeads, retrieval_rows
+from benchmarks.synthetic.vision_stage import optimizer_step, vision_batch
 from tokenprune.bench.synthetic.questions import PROMPT, TEST_SEED, TRAIN_SEED, eval_split, training_example
-from tokenprune.bench.synthetic.retrieval import RetrievalHeads, retrieval_rows
 from tokenprune.bench.synthetic.scenes import COLORS, GRID, MAX_OBJECTS, SHAPES, render
-from tokenprune.bench.synthetic.vision_stage import optimizer_step, vision_batch
 
 
 def conversation_layout(tok, turns, image_token: int, n_image: int):
