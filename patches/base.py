@@ -353,11 +353,12 @@ class VisionStageAdapter:
 
 
 def placeholder_positions(
-    is_placeholder: torch.Tensor, features: list[torch.Tensor], kind: str = "image"
+    is_placeholder: torch.Tensor, features: list[torch.Tensor] | list[int], kind: str = "image"
 ) -> torch.Tensor:
-    """Flat (row-major) positions of the ``[B, L]`` placeholder mask, checked against the features they will hold."""
+    """Flat (row-major) positions of the ``[B, L]`` placeholder mask, checked against the features they will hold
+    (given as tensors ``[N_i, D]`` or as their counts ``N_i``)."""
     flat_positions = is_placeholder.reshape(-1).nonzero().squeeze(1)
-    total = sum(f.shape[0] for f in features)
+    total = sum(f if isinstance(f, int) else f.shape[0] for f in features)
     if flat_positions.numel() != total:
         raise ValueError(
             f"the prompt has {flat_positions.numel()} {kind} placeholder tokens but the {len(features)} {kind}(s) "

@@ -13,6 +13,7 @@ Positions: re-indexed contiguously (0..L'-1), as every official LLaVA-side imple
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -63,12 +64,17 @@ class LlavaAdapter(VisionStageAdapter):
             raise ValueError(f"vision_feature_layer={vision_feature_layer} selects no encoder layer's output")
         return hidden_index - 1
 
-    def _encode(self, kwargs: dict[str, Any]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-        """Projected features per image ``[N_i, D]`` and the vision-tower signals the method requested, per image."""
-        cfg, llava = self.model.config, self.model.model
+    def _feature_choice(self, kwargs: dict[str, Any]) -> tuple[Any, str]:
+        """``(vision_feature_layer, vision_feature_select_strategy)`` of this call (the config's by default)."""
+        cfg = self.model.config
         layer = kwargs.get("vision_feature_layer")
         layer = cfg.vision_feature_layer if layer is None else layer
-        strategy = kwargs.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
+        return layer, kwargs.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
+
+    def _encode(self, kwargs: dict[str, Any]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        """Projected features per image ``[N_i, D]`` and the vision-tower signals the method requested, per image."""
+        llava = self.model.model
+        layer, strategy = self._feature_choice(kwargs)
         extra = {"image_sizes": kwargs["image_sizes"]} if kwargs.get("image_sizes") is not None else {}
         requests = [r for r in self.method.requests() if r.name in PROBE_SIGNALS]
         feature_layer = self._feature_layer_index(layer) if requests else 0
@@ -114,95 +120,96 @@ class LlavaAdapter(VisionStageAdapter):
         return is_image if bool(is_image.any()) else None
 
     def prune(self, kwargs: dict[str, Any]) -> PrunedCall | None:
+        """One path for both stages; the switch is where the selection happens. A "vision-encoder" method (FlowCut)
+        prunes in the tower's layer loop and its survivors are projected; any other method selects on the projected
+        features of the stock ``get_image_features``. Either way each image's span replaces the first ``k + m`` of
+        its placeholders and the call is compacted."""
         is_image = self._placeholders(kwargs)
         if is_image is None:
             return None
+        in_encoder = self.method.stage == "vision-encoder"
+        if in_encoder:
+            sizes = self._encoder_sizes(kwargs)
+            budgets = self.kept_counts(sizes, kwargs)
+            in_encoder = any(k < n for k, n in zip(budgets, sizes, strict=True))  # else the stock path: bit-identical
+        if in_encoder:
+            features, probe_signals = None, None
+        else:
+            features, probe_signals = self._encode(kwargs)
+            sizes = [f.shape[0] for f in features]
+            budgets = self.kept_counts(sizes, kwargs)
         input_ids = kwargs["input_ids"]
-        if self.method.stage == "vision-encoder":
-            pruned = self._prune_in_encoder(kwargs, is_image)
-            if pruned is not None:
-                return pruned
-        features, probe_signals = self._encode(kwargs)
-        batch, length = input_ids.shape
-        flat_positions = placeholder_positions(is_image, features)
+        length = input_ids.shape[1]
+        flat_positions = placeholder_positions(is_image, sizes)
+        slots = torch.split(flat_positions, sizes)
+        contexts, seen_in_row = [], [0] * input_ids.shape[0]
+        for i, (n, positions) in enumerate(zip(sizes, slots, strict=True)):
+            row = int(positions[0]) // length
+            contexts.append(SelectionContext(k=budgets[i], n=n, signals={}, grid=self._grid(n), image_index=i,
+                                             row=row, index_in_row=seen_in_row[row]))
+            seen_in_row[row] += 1
+        if in_encoder:
+            spans = self._select_in_encoder(kwargs, budgets)
+        else:
+            spans = self._select(kwargs, features, probe_signals, contexts, slots)
 
         keep = torch.ones_like(input_ids, dtype=torch.bool)
-        kept_features, images, start, seen_in_row = [], [], 0, [0] * batch
-        budgets = self.kept_counts([f.shape[0] for f in features], kwargs)
-        contexts, positions_of = [], []
-        for i, feats in enumerate(features):
-            n = feats.shape[0]
-            positions = flat_positions[start:start + n]
-            start += n
-            row = int(positions[0]) // length
-            signals = {FEATURES: feats.detach(), **probe_signals[i]}
-            if TEXT_EMBEDDINGS in self.method.needs:
-                signals[TEXT_EMBEDDINGS] = text_embeddings(
-                    self.model, input_ids, kwargs.get("attention_mask"), row, int(positions[-1]) % length,
-                    (self.model.config.image_token_id,),
-                )
-            contexts.append(SelectionContext(
-                k=budgets[i], n=n, signals=signals, grid=self._grid(n),
-                image_index=i, row=row, index_in_row=seen_in_row[row],
-            ))
-            positions_of.append(positions)
-            seen_in_row[row] += 1
-        results = self.method.select_many(contexts)  # images of equal size in one batched call where it has one
-        for feats, positions, ctx, result in zip(features, positions_of, contexts, results, strict=True):
-            n, row = ctx.n, ctx.row
-            span, selection = self._place(feats, result, n)
-            kept = (selection.kept if selection is not None else result).cpu()
+        kept_features, images = [], []
+        for positions, ctx, (span, kept, selection) in zip(slots, contexts, spans, strict=True):
             keep.view(-1)[positions[span.shape[0]:]] = False  # placeholders are identical: keep the first k + m
             kept_features.append(span)
             merged = selection.assign.cpu() if selection is not None and selection.assign is not None else None
             images.append(ImageRecord(
-                row, ctx.index_in_row, n, kept, ctx.grid, boxes=grid_boxes(ctx.grid, n),
+                ctx.row, ctx.index_in_row, ctx.n, kept, ctx.grid, boxes=grid_boxes(ctx.grid, ctx.n),
                 merged=merged, n_merged=selection.n_merged if selection is not None else 0,
             ))
-
         return self._compacted(kwargs, keep, kept_features, images)
 
-    def _prune_in_encoder(self, kwargs: dict[str, Any], is_image: torch.Tensor) -> PrunedCall | None:
-        """A "vision-encoder" method: prune in the tower's layer loop, project the survivors, place them by their
-        original patch indices. ``None`` when no image loses a token (the stock path is then bit-identical)."""
-        cfg, llava = self.model.config, self.model.model
-        layer = kwargs.get("vision_feature_layer")
-        layer = cfg.vision_feature_layer if layer is None else layer
-        strategy = kwargs.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
+    def _select(
+        self, kwargs: dict[str, Any], features: list[torch.Tensor], probe_signals: list[dict[str, torch.Tensor]],
+        contexts: list[SelectionContext], slots: tuple[torch.Tensor, ...],
+    ) -> list[tuple[torch.Tensor, torch.Tensor, Selection | None]]:
+        """Per image ``(span, kept, selection)``: the method's selection on the projected features and signals."""
+        input_ids, length = kwargs["input_ids"], kwargs["input_ids"].shape[1]
+        with_signals = []
+        for ctx, feats, signals, positions in zip(contexts, features, probe_signals, slots, strict=True):
+            signals = {FEATURES: feats.detach(), **signals}
+            if TEXT_EMBEDDINGS in self.method.needs:
+                signals[TEXT_EMBEDDINGS] = text_embeddings(
+                    self.model, input_ids, kwargs.get("attention_mask"), ctx.row, int(positions[-1]) % length,
+                    (self.model.config.image_token_id,),
+                )
+            with_signals.append(replace(ctx, signals=signals))
+        contexts = with_signals
+        results = self.method.select_many(contexts)  # images of equal size in one batched call where it has one
+        spans = []
+        for feats, ctx, result in zip(features, contexts, results, strict=True):
+            span, selection = self._place(feats, result, ctx.n)
+            spans.append((span, (selection.kept if selection is not None else result).cpu(), selection))
+        return spans
+
+    def _encoder_sizes(self, kwargs: dict[str, Any]) -> list[int]:
+        """Patch tokens per image of a "vision-encoder" method (which needs the "default" strategy: [CLS] dropped)."""
+        _, strategy = self._feature_choice(kwargs)
         if strategy != "default":
             raise ValueError(
                 f"method {self.method.name!r} prunes the patch tokens inside the encoder and drops [CLS] at the end; "
                 f"it needs vision_feature_select_strategy='default', got {strategy!r}"
             )
-        pixel_values = kwargs["pixel_values"]
-        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-        n = side * side
-        budgets = self.kept_counts([n] * pixel_values.shape[0], kwargs)
-        if all(k >= n for k in budgets):
-            return None
-        input_ids = kwargs["input_ids"]
-        length = input_ids.shape[1]
-        flat_positions = is_image.reshape(-1).nonzero().squeeze(1)
-        if flat_positions.numel() != n * len(budgets):
-            raise ValueError(
-                f"the prompt has {flat_positions.numel()} image placeholder tokens but the {len(budgets)} image(s) "
-                f"give {n * len(budgets)} features; build the inputs with the model's processor"
-            )
-        survivors = encode_pruned(llava.vision_tower, self.method, pixel_values, self._feature_layer_index(layer),
-                                  budgets)
-        projector = llava.multi_modal_projector
-        keep = torch.ones_like(input_ids, dtype=torch.bool)
-        kept_features, images, seen_in_row = [], [], [0] * input_ids.shape[0]
-        for i, (hidden, kept) in enumerate(survivors):
-            positions = flat_positions[i * n:(i + 1) * n]
-            row = int(positions[0]) // length
-            with torch.no_grad():
-                kept_features.append(projector(hidden[None])[0])  # [k_i, D]
-            keep.view(-1)[positions[kept.numel():]] = False  # placeholders are identical: keep the first k
-            grid = self._grid(n)
-            images.append(ImageRecord(row, seen_in_row[row], n, kept, grid, boxes=grid_boxes(grid, n)))
-            seen_in_row[row] += 1
-        return self._compacted(kwargs, keep, kept_features, images)
+        vc = self.model.config.vision_config
+        return [(vc.image_size // vc.patch_size) ** 2] * kwargs["pixel_values"].shape[0]
+
+    def _select_in_encoder(
+        self, kwargs: dict[str, Any], budgets: list[int]
+    ) -> list[tuple[torch.Tensor, torch.Tensor, None]]:
+        """Per image ``(span, kept, None)``: the tower's layer loop prunes, the survivors ``[k_i, D]`` are projected;
+        they are placed by their original patch indices."""
+        llava = self.model.model
+        layer, _ = self._feature_choice(kwargs)
+        survivors = encode_pruned(llava.vision_tower, self.method, kwargs["pixel_values"],
+                                  self._feature_layer_index(layer), budgets)
+        with torch.no_grad():
+            return [(llava.multi_modal_projector(hidden[None])[0], kept, None) for hidden, kept in survivors]
 
     def _compacted(
         self, kwargs: dict[str, Any], keep: torch.Tensor, kept_features: list[torch.Tensor], images: list[ImageRecord]
