@@ -5,68 +5,19 @@ blocks excluded), so a lazy import cannot hide an arrow."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 
+from tokenprune.import_graph import ROOMS, drawn_arrows, module_graph, package_dirs, room_graph, room_of
+
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_DIRS = {"tokenprune": ROOT / "tokenprune", "tokenprune.patches": ROOT / "patches"}  # pyproject package-dir
 OUTER_ROOMS = ("tokenprune.bench", "tokenprune.viz", "tokenprune.integrations")
 FRONT_ENDS = {"tokenprune.cli", "tokenprune.__main__", "tokenprune.demo", "tokenprune.bench.cli",
               "tokenprune.viz.command"}
 TOP = {"tokenprune.cli", "tokenprune.__main__"}  # the `tokenprune` command: may register the other front ends
 
-
-def package_modules() -> dict[str, Path]:
-    """Dotted module name -> source file, for every module of the installed package layout."""
-    found = {}
-    for package, folder in PACKAGE_DIRS.items():
-        for path in folder.rglob("*.py"):
-            parts = [package, *path.relative_to(folder).with_suffix("").parts]
-            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    return found
-
-
-MODULES = package_modules()
-
-
-def _type_checking_nodes(tree: ast.AST) -> set[int]:
-    skipped = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skipped.update(id(n) for n in ast.walk(node))
-    return skipped
-
-
-def _owner(name: str) -> str | None:
-    """The package module that ``name`` (a module, or an attribute of one) lives in."""
-    while name and name not in MODULES:
-        name = name.rpartition(".")[0]
-    return name or None
-
-
-def imports_of(module: str) -> set[str]:
-    """The package modules ``module`` imports (``from pkg import submodule`` counts as the submodule)."""
-    path = MODULES[module]
-    tree = ast.parse(path.read_text(), filename=str(path))
-    skipped = _type_checking_nodes(tree)
-    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
-    targets = set()
-    for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
-        if isinstance(node, ast.Import):
-            targets.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
-            targets.update(f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names)
-    return {owner for owner in map(_owner, targets) if owner is not None and owner != module}
-
-
-GRAPH = {module: imports_of(module) for module in sorted(MODULES)}
+GRAPH = module_graph()
 
 
 def _room(module: str) -> str:
@@ -76,6 +27,7 @@ def _room(module: str) -> str:
 
 
 def test_the_graph_sees_the_layout():
+    assert package_dirs() == {"tokenprune": ROOT / "tokenprune", "tokenprune.patches": ROOT / "patches"}
     assert {"tokenprune.api", "tokenprune.patches.base", "tokenprune.methods", "tokenprune.bench.cli"} <= set(GRAPH)
     assert "tokenprune.patches.decoder_loop" in GRAPH["tokenprune.patches.base"]  # an import read through package-dir
     assert "tokenprune.bench.synthetic.scenes" in GRAPH["tokenprune.demo"]  # a lazy or top-level import alike
@@ -151,3 +103,21 @@ def test_cycle_finder(graph, expected):
 
 def test_no_import_cycles():
     assert cycles(GRAPH) == []
+
+
+def test_every_module_has_a_room_and_room_arrows_point_down():
+    """The rooms of the architecture page (``tokenprune.import_graph.ROOMS``, drawn top to bottom): every module is
+    placed in one, and every arrow between rooms goes from a room to one drawn below it."""
+    unplaced = sorted(m for m in GRAPH if room_of(m) not in ROOMS)
+    assert unplaced == [], "place these modules in a room of tokenprune/import_graph.py ROOMS"
+    order = list(ROOMS)
+    upward = sorted(f"{room} -> {target}" for room, targets in room_graph(GRAPH).items() for target in targets
+                    if order.index(target) <= order.index(room))
+    assert upward == []
+    assert room_of("tokenprune.methods.base") == "methods" and room_of("tokenprune.bench.cli") == "front ends"
+    assert room_of("tokenprune.tiny_anything") == "tiny models" and room_of("tokenprune") == "api"
+
+
+def test_the_diagram_leaves_out_only_arrows_a_longer_path_implies():
+    rooms = {"a": {"b", "c", "d"}, "b": {"c"}, "c": set(), "d": set()}
+    assert drawn_arrows(rooms) == {"a": {"b", "d"}, "b": {"c"}, "c": set(), "d": set()}

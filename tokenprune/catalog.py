@@ -1,4 +1,5 @@
-"""The method and family tables of the README and the docs, computed from the registry so they cannot drift.
+"""The method and family tables of the README and the docs, computed from the registry so they cannot drift (and the
+architecture page's room diagram, computed from the imports: :mod:`tokenprune.import_graph`).
 
 Everything comes from the code: the methods (:data:`tokenprune.methods.METHODS`: name, stage, paper, the signals
 they declare, their dataclass defaults, a decoder method's layer plan) and the adapters
@@ -15,6 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from tokenprune.import_graph import room_diagram
 from tokenprune.methods import METHODS, PruningMethod, TwoStageMethod
 from tokenprune.methods.decoder_base import DecoderMethod
 
@@ -33,6 +35,7 @@ TABLE_FILES = {
     "docs/methods/vision.md": ("methods-vision",),
     "docs/methods/decoder.md": ("methods-decoder",),
     "docs/methods/two-stage.md": ("methods-two-stage",),
+    "docs/architecture.md": ("architecture",),
 }
 
 
@@ -163,6 +166,7 @@ def tables() -> dict[str, str]:
     """Every generated table by marker name."""
     out = {"families": family_table(), "methods": method_table(), "methods-short": short_method_table()}
     out.update({f"methods-{page}": method_table(page) for page in sorted(set(STAGE_PAGES.values()))})
+    out["architecture"] = room_diagram()  # the rooms and arrows of the package, from its imports
     return out
 
 
