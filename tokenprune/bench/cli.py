@@ -50,6 +50,15 @@ def _quantization(args: argparse.Namespace):
                                   .replace("load_in_8bit=True", "--load-in-8bit"))
 
 
+def _add_timing_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every timing benchmark shares: repeats, warm-up, CPU threads, JSON output."""
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", nargs="?", const="-", default=None,
+                        help="write JSON to PATH (or stdout without PATH)")
+
+
 def _csv(kind):
     def parse(text: str) -> list:
         return [kind(part) for part in text.split(",") if part.strip()]
@@ -97,12 +106,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--method", type=_csv(str), default=["divprune"], help="comma list, or 'all' (default divprune)")
     bench.add_argument("--keep", type=_csv(parse_keep), default=None, help="comma list of budgets, e.g. 64,128,0.25")
     bench.add_argument("--flops", type=_csv(float), default=None, help="comma list of FLOPs targets, e.g. 0.25,0.5")
-    bench.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default 5)")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
+    _add_timing_arguments(bench)
     bench.add_argument("--decode-tokens", type=int, default=8,
                        help="tokens generated to time TTFT and decoding; 0 skips (default 8)")
-    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    bench.add_argument("--json", nargs="?", const="-", default=None, help="write JSON to PATH (or stdout without PATH)")
     bench.add_argument("--csv", nargs="?", const="-", default=None, help="write CSV to PATH (or stdout without PATH)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(handler=run_bench, command_parser=bench)
@@ -117,13 +123,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     selection.add_argument("--dim", type=int, default=4096, help="feature width D (default 4096)")
     selection.add_argument("--method", type=_csv(str), default=None, help="comma list (default: every method)")
     selection.add_argument("--dtype", default="bfloat16", help="features' and layer's dtype (default bfloat16)")
-    selection.add_argument("--repeats", type=int, default=5)
-    selection.add_argument("--warmup", type=int, default=1)
+    _add_timing_arguments(selection)
     selection.add_argument("--reference-repeats", type=int, default=None,
                            help="timed runs of each naive reference (default: --repeats)")
     selection.add_argument("--no-layer", action="store_true", help="skip timing the LLM layer")
-    selection.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    selection.add_argument("--json", nargs="?", const="-", default=None, help="write JSON to PATH (or stdout)")
     selection.set_defaults(handler=run_selection, command_parser=selection)
     add_decoder_command(sub)
 
@@ -142,10 +145,7 @@ def add_decoder_command(sub: argparse._SubParsersAction) -> None:
                          "its layers fit a CPU; per-layer cost ratios are unchanged (default 1)")
     decoder.add_argument("--method", type=_csv(str), default=None, help="comma list (default: every decoder method)")
     decoder.add_argument("--keep", type=parse_keep, default=64, help="budget (default 64 tokens)")
-    decoder.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (default 5)")
-    decoder.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
-    decoder.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    decoder.add_argument("--json", nargs="?", const="-", default=None, help="write JSON to PATH (or stdout)")
+    _add_timing_arguments(decoder)
     decoder.add_argument("--markdown", default=None, help="also write the markdown table to PATH")
     decoder.add_argument("--no-progress", action="store_true", help="no progress bar")
     decoder.set_defaults(handler=run_decoder, command_parser=decoder)
