@@ -129,6 +129,9 @@ class InternVLAdapter(LlavaNextAdapter):
         if not per_tile:
             return tiles, []
         groups = shuffle_groups(self.model, self._patch_side())
+        norm = internvl.vision_tower.layernorm if layer == -1 else torch.nn.Identity()  # what -1 reads (Identity
+        with torch.no_grad():  # with mean pooling, as InternVL3): the feature layer's VISION_HIDDEN goes through it
+            per_tile = [{k: norm(v) if k == VISION_HIDDEN else v for k, v in s.items()} for s in per_tile]
         return tiles, [{key: shuffled_signal(key.split("@")[0], v, groups) for key, v in s.items()} for s in per_tile]
 
     def _patch_side(self) -> int:

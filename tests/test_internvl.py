@@ -321,3 +321,28 @@ def test_methods_command_lists_internvl(capsys):
 
     assert main(["methods"]) == 0
     assert " internvl" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_flops_preset_and_the_tiny_models_shape():
+    from tokenprune.budget.flops import ModelShape, preset
+
+    shape = preset("internvl3-8b")
+    assert (shape.hidden_size, shape.intermediate_size, shape.num_layers, shape.num_heads, shape.num_kv_heads) == (
+        3584, 18944, 28, 28, 4)
+    assert shape.visual_tokens == 13 * 256
+    model, _ = _model("sdpa")
+    tiny = ModelShape.from_config(model.config)
+    assert (tiny.hidden_size, tiny.num_layers, tiny.num_kv_heads) == (128, 2, 2)
+
+
+def test_visualize_draws_a_single_tile_image_and_refuses_tiles_it_cannot_place():
+    from tokenprune.viz import draw_kept, prune_once
+
+    model, processor = _model("sdpa")
+    square, wide = random_image(64, 64, seed=1), random_image(*WIDE, seed=1)
+    record = prune_once(model, processor, square, PROMPT, "divprune", keep=6)
+    assert record.images[0].grid == (4, 4) and draw_kept(square, record, size=128, legend=False).size[0] == 128
+    record = prune_once(model, processor, wide, PROMPT, "divprune", keep=6)
+    with pytest.raises(ValueError, match="no geometry"):
+        draw_kept(wide, record, size=128, legend=False)
+    assert _HANDLE_ATTR not in model.__dict__
