@@ -346,3 +346,42 @@ def test_visualize_draws_a_single_tile_image_and_refuses_tiles_it_cannot_place()
     with pytest.raises(ValueError, match="no geometry"):
         draw_kept(wide, record, size=128, legend=False)
     assert _HANDLE_ATTR not in model.__dict__
+
+
+# --- a pruned cache is a cache like any other (the patterns of tests/test_cache_patterns.py, on InternVL3) --------
+@pytest.mark.parametrize("method", ["divprune", "fastervlm", "cdpruner", "fastv", "todre"])
+def test_follow_up_resumed_static_and_beams_on_a_pruned_cache(method):
+    from transformers import DynamicCache
+
+    model, processor = _model("sdpa", text_layers=4)
+    inputs = _batch(processor)[2]  # two rows, three images, left padding
+    gen = dict(do_sample=False, return_dict_in_generate=True, output_logits=True)
+    try:
+        _enable_decoder(model, method, 0.25)
+        with torch.no_grad():
+            out = model.generate(**inputs, past_key_values=DynamicCache(), max_new_tokens=2, min_new_tokens=2, **gen)
+            question = processor.tokenizer(" and the blue square ? ASSISTANT :", return_tensors="pt",
+                                           add_special_tokens=False).input_ids.expand(2, -1)
+            conversation = torch.cat([out.sequences, question], dim=1)
+            turn = conversation[:, inputs["input_ids"].shape[1]:]
+            mask = torch.cat([inputs["attention_mask"], torch.ones_like(turn)], dim=1)  # original coordinates
+            follow = model.generate(input_ids=conversation, attention_mask=mask, past_key_values=out.past_key_values,
+                                    max_new_tokens=2, min_new_tokens=2, **gen)
+            assert torch.equal(follow.sequences[:, : conversation.shape[1]], conversation)
+            if METHODS[method].stage == "vision" and method != "cdpruner":  # image-only: == a fresh pruned run
+                fresh = model.generate(**{**inputs, "input_ids": conversation, "attention_mask": mask},
+                                       max_new_tokens=2, min_new_tokens=2, **gen)
+                assert torch.equal(follow.sequences, fresh.sequences)
+            longer = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, **gen)
+            first = model.generate(**inputs, past_key_values=DynamicCache(), max_new_tokens=2, min_new_tokens=2, **gen)
+            new = first.sequences[:, inputs["input_ids"].shape[1]:]
+            resumed = model.generate(
+                input_ids=first.sequences, past_key_values=first.past_key_values, max_new_tokens=2, min_new_tokens=2,
+                attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(new)], dim=1), **gen)
+            assert torch.equal(resumed.sequences, longer.sequences)
+            static = model.generate(**inputs, cache_implementation="static", max_new_tokens=2, min_new_tokens=2, **gen)
+            assert torch.equal(static.sequences, out.sequences)
+            beams = model.generate(**inputs, num_beams=3, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+            assert torch.equal(beams[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    finally:
+        disable_pruning(model)
