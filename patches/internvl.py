@@ -19,8 +19,10 @@ counts: the adapter reads them from the placeholder runs (one run per image, ``t
   distribution of the token's four queries); hidden states and keys are concatenated in pixel-shuffle order (the
   hidden states are then exactly what the projector reads at the feature layer; key dot products add up the four
   patches'). Every token has exactly four patches, so a sum ranks as a mean would.
-* **[CLS] as a token** (VisionZip/VisionDrop's dominant [CLS]): declined -- InternVL drops [CLS] before the shuffle
-  and its projector reads four patches at once; a [CLS] vector has no place in the LLM's input.
+* **[CLS] as a token** (VisionZip/VisionDrop's dominant [CLS], ``keep_cls=True``, their default): declined --
+  InternVL drops [CLS] before the shuffle and its projector reads four patches at once; a [CLS] vector has no place
+  in the LLM's input. With ``keep_cls=False`` they run: dominant patches by [CLS] attention, contextual tokens merged
+  in the shuffled pre-projector space and projected.
 
 Positions are re-indexed contiguously (1-D RoPE, as LLaVA): the pruned prompt is numbered 0..L'-1.
 """
@@ -43,6 +45,7 @@ from tokenprune.methods import (
     TEXT_EMBEDDINGS,
     VISION_HIDDEN,
     VISION_KEYS,
+    PruningMethod,
 )
 from tokenprune.patches.base import PrunedCall, VisionStageAdapter, text_embeddings
 from tokenprune.patches.clip_signals import PROBE_SIGNALS, ClipProbe, encoder_layers, resolve_layer
@@ -79,21 +82,30 @@ def shuffled_signal(name: str, value: torch.Tensor, groups: torch.Tensor) -> tor
         return value[groups].sum(dim=-1)
     if name == VISION_HIDDEN:  # [P, Dv] -> [t, g*Dv], as pixel_shuffle concatenates them
         return value[groups].reshape(t, -1)
+    if name == CLS_HIDDEN:  # [Dv]: one per tile, no token axis
+        return value
     raise ValueError(f"no InternVL aggregation for signal {name!r}")
 
 
 class InternVLAdapter(LlavaNextAdapter):
     model_types = ("internvl",)
-    signals = frozenset({FEATURES, TEXT_EMBEDDINGS}) | (PROBE_SIGNALS - {CLS_HIDDEN})
+    signals = frozenset({FEATURES, TEXT_EMBEDDINGS}) | PROBE_SIGNALS
     encoder_loop = False
+
+    @classmethod
+    def method_reason(cls, method: PruningMethod) -> str | None:
+        if getattr(method, "keep_cls", False):  # VisionZip / VisionDrop with their official [CLS] dominant token
+            return (
+                f"method {method.name!r} {CLS_TOKEN_REASON}; run it with keep_cls=False (dominant patches and "
+                f"contextual tokens, no [CLS] token) or use 'fastervlm', 'hiprune' or 'divprune'"
+            )
+        return None
 
     def check_method(self) -> None:
         self.method.check_family(cls_token=True)
-        if CLS_HIDDEN in self.method.signals_needed(cls_token=True):
-            raise ValueError(
-                f"method {self.method.name!r} {CLS_TOKEN_REASON}; use 'fastervlm' or 'hiprune' ([CLS]-attention / "
-                f"attention-received methods that keep patch tokens) or 'divprune'"
-            )
+        reason = self.method_reason(self.method)
+        if reason:
+            raise ValueError(reason)
         if self.method.stage == "vision-encoder":
             raise ValueError(
                 f"method {self.method.name!r} prunes inside the vision encoder, layer by layer; the 'internvl' adapter "

@@ -65,6 +65,9 @@ def unsupported_reason(method: PruningMethod, adapter: type, model_type: str | N
         if vision is None:
             return None  # the decoder loop is shared by every family
         missing = vision.signals_needed(adapter.cls_token) - adapter.signals
+        reason = adapter.method_reason(vision)
+        if reason:
+            return reason
     except (ValueError, NotImplementedError) as err:
         return str(err)
     if vision.stage == "vision-encoder" and not adapter.encoder_loop:
