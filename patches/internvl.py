@@ -29,7 +29,6 @@ Positions are re-indexed contiguously (1-D RoPE, as LLaVA): the pruned prompt is
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -47,10 +46,9 @@ from tokenprune.methods import (
     VISION_KEYS,
     PruningMethod,
 )
-from tokenprune.patches.base import PrunedCall, VisionStageAdapter, text_embeddings
+from tokenprune.patches.base import PrunedCall, VisionStageAdapter
 from tokenprune.patches.clip_signals import PROBE_SIGNALS, ClipProbe, encoder_layers, resolve_layer
 from tokenprune.patches.llava_next import LlavaNextAdapter, PackedLayout
-from tokenprune.patches.units import select_image
 from tokenprune.record import ImageRecord, grid_boxes
 
 CLS_TOKEN_REASON = (
@@ -203,20 +201,9 @@ class InternVLAdapter(LlavaNextAdapter):
             mine = tile_signals[first:first + n_img_tiles] if tile_signals else []
             first += n_img_tiles
             n = feats.shape[0]
-            shared = {}
-            if TEXT_EMBEDDINGS in self.method.needs:
-                shared[TEXT_EMBEDDINGS] = text_embeddings(
-                    self.model, input_ids, kwargs.get("attention_mask"), row, start + n - 1,
-                    (self.model.config.image_token_id,),
-                )
-            signals = [
-                {FEATURES: feats[u.index.to(feats.device)].detach(), **shared, **self._unit_signals(layout, u, mine)}
-                for u in units
-            ]
             unit_budgets, budgets = budgets[: len(units)], budgets[len(units):]
-            chosen = select_image(
-                self.method, feats, units, unit_budgets, signals, image_index=i, row=row,
-                index_in_row=seen_in_row[row], project=functools.partial(self._project, like=feats), placement="span",
+            chosen = self._select_units(
+                kwargs, feats, layout, units, unit_budgets, mine, row, start + n - 1, i, seen_in_row[row],
             )
             dropped = torch.ones(n, dtype=torch.bool)
             dropped[chosen.slots] = False
