@@ -249,6 +249,8 @@ def test_bad_inputs_fail_clearly_before_the_vision_tower_runs(internvl, one):
                 model(**torn)
             with pytest.raises(ValueError, match="3 tiles but pixel_values has 2"):
                 model(**{**short, "pixel_values": one["pixel_values"][:2]})
+            with pytest.raises(ValueError, match="vision_feature_select_strategy='default'"):
+                model(**one, vision_feature_select_strategy="full")
     finally:
         hook.remove()
     assert calls == []
