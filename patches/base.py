@@ -112,6 +112,12 @@ class VisionStageAdapter:
         tables decide support without a model)."""
         return None
 
+    @classmethod
+    def method_reason(cls, method: PruningMethod) -> str | None:
+        """Why this family cannot run vision-stage ``method`` (an instance: its options count) beyond a missing
+        signal, or ``None``. :meth:`check_method` raises it and the method tables show it (``tokenprune.catalog``)."""
+        return None
+
     def check_method(self) -> None:
         """Raise a ``ValueError`` if this model cannot provide what the method needs."""
         missing = self.method.signals_needed(self.cls_token) - self.signals

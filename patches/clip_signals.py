@@ -35,9 +35,15 @@ PROBE_SIGNALS = ATTENTION_SIGNALS | OUTPUT_SIGNALS
 
 
 def encoder_layers(tower: torch.nn.Module) -> torch.nn.ModuleList:
-    """``encoder.layers`` of a ``CLIPVisionModel`` (or of its inner ``vision_model``)."""
+    """``encoder.layers`` of a ``CLIPVisionModel`` (or of its inner ``vision_model``); ``encoder.layer`` of a
+    BEiT-style tower (InternViT)."""
     inner = getattr(tower, "vision_model", tower)
-    return inner.encoder.layers
+    return inner.encoder.layers if hasattr(inner.encoder, "layers") else inner.encoder.layer
+
+
+def layer_attention(layer: torch.nn.Module) -> torch.nn.Module:
+    """The self-attention module of an encoder layer (``self_attn``; InternViT: ``attention``)."""
+    return layer.self_attn if hasattr(layer, "self_attn") else layer.attention
 
 
 def resolve_layer(layer: int | None, feature_layer: int, n_layers: int) -> int:
@@ -53,23 +59,25 @@ def resolve_layer(layer: int | None, feature_layer: int, n_layers: int) -> int:
 
 def attention_signals(module: torch.nn.Module, hidden: torch.Tensor, names: frozenset[str]) -> dict[str, torch.Tensor]:
     """The requested attention-derived signals of one CLIP attention module from its input ``[B, T, D]`` (after
-    ``layer_norm1``), in fp32, batch dimension first and [CLS] still at position 0."""
+    ``layer_norm1``), in fp32, batch dimension first and [CLS] still at position 0. A module with ``q_norm`` /
+    ``k_norm`` (InternViT's QK-norm; Identity when off) has them applied to the projections, as its forward does."""
     batch, length, width = hidden.shape
     heads, head_dim = module.num_heads, module.head_dim
+    q_norm, k_norm = getattr(module, "q_norm", torch.nn.Identity()), getattr(module, "k_norm", torch.nn.Identity())
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        k = module.k_proj(hidden).float()  # [B, T, D]
+        k = k_norm(module.k_proj(hidden)).float()  # [B, T, D]
         k_heads = k.view(batch, length, heads, head_dim).transpose(1, 2)  # [B, H, T, d_h]
         if VISION_KEYS in names:
             out[VISION_KEYS] = k_heads
         if CLS_ATTENTION_WIDE in names:
-            q_cls = module.q_proj(hidden[:, :1]).float()  # [B, 1, D]: one full-width "head"
+            q_cls = q_norm(module.q_proj(hidden[:, :1])).float()  # [B, 1, D]: one full-width "head"
             out[CLS_ATTENTION_WIDE] = torch.softmax((q_cls @ k.transpose(-1, -2))[:, 0] * width**-0.5, dim=-1)
         if CLS_ATTENTION in names:
-            q = module.q_proj(hidden[:, :1]).float().view(batch, 1, heads, head_dim).transpose(1, 2)
+            q = q_norm(module.q_proj(hidden[:, :1])).float().view(batch, 1, heads, head_dim).transpose(1, 2)
             out[CLS_ATTENTION] = torch.softmax((q @ k_heads.transpose(-1, -2)) * module.scale, dim=-1)[:, :, 0]
         if names & {ATTENTION_RECEIVED, ATTENTION_MAP}:
-            q_all = module.q_proj(hidden).float().view(batch, length, heads, head_dim).transpose(1, 2)
+            q_all = q_norm(module.q_proj(hidden)).float().view(batch, length, heads, head_dim).transpose(1, 2)
             maps = []
             for b in range(batch):  # one image at a time: [H, T, T] is the largest tensor alive
                 probs = torch.softmax((q_all[b] @ k_heads[b].transpose(-1, -2)) * module.scale, dim=-1)
@@ -101,7 +109,7 @@ class ClipProbe:
             layer = self.layers[index]
             wanted = frozenset(names)
             if wanted & ATTENTION_SIGNALS:
-                self._handles.append(layer.self_attn.register_forward_pre_hook(
+                self._handles.append(layer_attention(layer).register_forward_pre_hook(
                     self._attention_hook(index, wanted & ATTENTION_SIGNALS), with_kwargs=True))
             if wanted & OUTPUT_SIGNALS:
                 self._handles.append(layer.register_forward_hook(self._output_hook(index)))

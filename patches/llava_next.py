@@ -38,7 +38,7 @@ from tokenprune.methods import (
 )
 from tokenprune.patches.base import PrunedCall, placeholder_positions, text_embeddings
 from tokenprune.patches.llava import LlavaAdapter
-from tokenprune.patches.units import Unit, select_image
+from tokenprune.patches.units import ImageSelection, Unit, select_image
 from tokenprune.record import ImageRecord, grid_boxes
 
 # Where the image-token axes of each per-crop signal are (all others: axis 0 only; CLS_HIDDEN has none).
@@ -177,20 +177,9 @@ class LlavaNextAdapter(LlavaAdapter):
             row = int(positions[0]) // length
             mine = crop_signals[first_crop:first_crop + layout.n_crops] if crop_signals else []
             first_crop += layout.n_crops
-            shared = {}
-            if TEXT_EMBEDDINGS in self.method.needs:
-                shared[TEXT_EMBEDDINGS] = text_embeddings(
-                    self.model, input_ids, kwargs.get("attention_mask"), row, int(positions[-1]) % length,
-                    (self.model.config.image_token_id,),
-                )
-            signals = [
-                {FEATURES: feats[u.index.to(feats.device)].detach(), **shared, **self._unit_signals(layout, u, mine)}
-                for u in units
-            ]
             unit_budgets, budgets = budgets[: len(units)], budgets[len(units):]
-            chosen = select_image(
-                self.method, feats, units, unit_budgets, signals, image_index=i, row=row,
-                index_in_row=seen_in_row[row], project=functools.partial(self._project, like=feats), placement="span",
+            chosen = self._select_units(
+                kwargs, feats, layout, units, unit_budgets, mine, row, int(positions[-1]) % length, i, seen_in_row[row],
             )
             slots, span = chosen.slots, chosen.features
             if not prunes:  # nothing pruned anywhere: keep the newline tokens too (bit-identical to unpruned)
@@ -206,6 +195,28 @@ class LlavaNextAdapter(LlavaAdapter):
             ))
             seen_in_row[row] += 1
         return self._compacted(kwargs, keep, kept_features, images)
+
+    def _select_units(
+        self, kwargs: dict[str, Any], feats: torch.Tensor, layout: PackedLayout, units: list[Unit], budgets: list[int],
+        crop_signals: list[dict[str, torch.Tensor]], row: int, end: int, image_index: int, index_in_row: int,
+    ) -> ImageSelection:
+        """Select in every unit of one packed image (``feats`` ``[n, D]``, its last placeholder at ``end`` of
+        ``row``): each unit gets its features, its crops' signals and the text after the image; span placement."""
+        shared = {}
+        if TEXT_EMBEDDINGS in self.method.needs:
+            shared[TEXT_EMBEDDINGS] = text_embeddings(
+                self.model, kwargs["input_ids"], kwargs.get("attention_mask"), row, end,
+                (self.model.config.image_token_id,),
+            )
+        signals = [
+            {FEATURES: feats[u.index.to(feats.device)].detach(), **shared,
+             **self._unit_signals(layout, u, crop_signals)}
+            for u in units
+        ]
+        return select_image(
+            self.method, feats, units, budgets, signals, image_index=image_index, row=row, index_in_row=index_in_row,
+            project=functools.partial(self._project, like=feats), placement="span",
+        )
 
     def _project(self, hidden: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
         """Vision-space rows through the projector, in the dtype it computes in (that of its output ``like``)."""

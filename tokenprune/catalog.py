@@ -25,6 +25,7 @@ FAMILY_NAMES = {
     "llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL",
     "qwen3_vl": "Qwen3-VL", "qwen3_vl_moe": "Qwen3-VL-MoE", "qwen3_5": "Qwen3.5", "qwen3_5_moe": "Qwen3.5-MoE",
 }
+FAMILY_NAMES["internvl"] = "InternVL3"
 REFERENCE_DEPTH = 32  # LLM depth at which decoder plans are shown (LLaVA-1.5-7B's 32 layers)
 STAGE_PAGES = {"vision": "vision", "vision-encoder": "vision", "decoder": "decoder", "two-stage": "two-stage"}
 # Which generated table goes into which committed file (relative to the repository root).
@@ -67,6 +68,9 @@ def unsupported_reason(method: PruningMethod, adapter: type, model_type: str | N
         if vision is None:
             return None  # the decoder loop is shared by every family
         missing = vision.signals_needed(adapter.cls_token) - adapter.signals
+        reason = adapter.method_reason(vision)
+        if reason:
+            return reason
     except (ValueError, NotImplementedError) as err:
         return str(err)
     if vision.stage == "vision-encoder" and not adapter.encoder_loop:

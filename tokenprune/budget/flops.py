@@ -106,6 +106,11 @@ PRESETS: dict[str, ModelShape] = {
 }
 
 
+# InternVL3-8B(-hf)'s config.json: the Qwen2.5-7B LLM (d 3584, FFN 18944, 28 layers, 28 heads, 4 KV, d_h 128);
+# visual tokens at the processor's max_patches=12 tiles plus the thumbnail, 256 tokens each: 13 x 256 = 3328.
+PRESETS["internvl3-8b"] = ModelShape("internvl3-8b", **_QWEN2_7B, head_dim=128, visual_tokens=13 * 256)
+
+
 def preset(name: str) -> ModelShape:
     key = name.lower()
     if key not in PRESETS:

@@ -1,0 +1,401 @@
+"""InternVL3 end to end on tiny models (eager and sdpa): every method with a signal there, tiles and thumbnail as
+selection units, InternViT signals carried through the pixel shuffle, batches with several images per prompt, an
+oracle, and the explicit list of what declines."""
+
+import re
+
+import pytest
+import torch
+from conftest import MERGING, decoder_methods, hook_and_attribute_census, runnable_methods, two_stage_methods
+from conftest import enable as _enable
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from tokenprune import disable_pruning, enable_pruning
+from tokenprune.api import _HANDLE_ATTR
+from tokenprune.budget import kept_count
+from tokenprune.methods import CLS_ATTENTION, METHODS, VISION_HIDDEN, SignalRequest
+from tokenprune.patches.clip_signals import ClipProbe
+from tokenprune.patches.internvl import shuffle_groups, shuffled_signal
+from tokenprune.tiny_internvl import TOKENS_PER_TILE, tiny_internvl
+from tokenprune.tiny_models import random_image
+
+IMG = "<IMG_CONTEXT>"
+PROMPT = f"USER : {IMG}\nwhat is in the image ? ASSISTANT :"
+OTHER = f"USER : {IMG}\n{IMG}\ndescribe a red circle and a blue square left of the dog ? ASSISTANT :"
+GEN = dict(max_new_tokens=4, do_sample=False)
+T = TOKENS_PER_TILE  # 16 tokens per 64-px tile (4 x 4 after the 2 x 2 pixel shuffle)
+WIDE = (64, 128)  # 2 x 1 grid tiles + the thumbnail = 3 tiles, 48 tokens
+
+# What declines on InternVL3, and what the error must say. Explicit on purpose: a method that starts or stops
+# declining fails here until this table (and docs/internvl.md) says so.
+DECLINES = {
+    "visionzip": "no place in the LLM's input.*keep_cls=False",
+    "visiondrop": "no place in the LLM's input.*keep_cls=False",
+    "visiondropfull": "no place in the LLM's input",
+    "flowcut": "layer loop",
+}
+# VisionZip and VisionDrop without their [CLS] token (keep_cls=False) run: dominant patches + merged contextual tokens.
+WITHOUT_CLS = {f"{m}-nocls": (m, {"keep_cls": False}) for m in ("visionzip", "visiondrop")}
+METHODS_HERE = [m for m in runnable_methods("internvl") if m not in DECLINES] + sorted(WITHOUT_CLS)
+MERGING = MERGING | set(WITHOUT_CLS)
+
+
+def enable(model, method, keep, **kwargs):
+    """conftest's ``enable`` (tiny-model options), with the keep_cls=False variants."""
+    name, options = WITHOUT_CLS.get(method, (method, {}))
+    return _enable(model, name, keep, **options, **kwargs)
+_MODELS: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread (and a loaded machine makes it much slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(attn, **options):
+    key = (attn, tuple(sorted(options.items())))
+    if key not in _MODELS:
+        _MODELS[key] = tiny_internvl(attn, **options)
+    return _MODELS[key]
+
+
+@pytest.fixture
+def internvl(attn):
+    model, processor = _model(attn)
+    yield model, processor
+    if _HANDLE_ATTR in model.__dict__:
+        disable_pruning(model)
+
+
+@pytest.fixture
+def one(internvl):
+    _, processor = internvl
+    return processor(text=[PROMPT], images=[random_image(*WIDE, seed=1)])
+
+
+def _batch(processor):
+    """Two rows, left padded: one wide image (3 tiles); two images (1 tile, then 3 x 1 tiles + thumbnail = 4)."""
+    images = [random_image(*WIDE, seed=1), random_image(64, 64, seed=2), random_image(192, 64, seed=3)]
+    return [PROMPT, OTHER], [[images[0]], images[1:]], processor(text=[PROMPT, OTHER], images=images)
+
+
+def _expected_kept(method, keep, tiles):
+    """Kept tokens of an image of ``tiles`` tiles: per tile (and thumbnail) or one pool, as the method's scope."""
+    if METHODS[WITHOUT_CLS.get(method, (method,))[0]].crop_scope == "image":
+        return kept_count(keep, tiles * T)
+    return tiles * kept_count(keep, T)
+
+
+@pytest.mark.parametrize("method", METHODS_HERE)
+def test_keep_all_is_bit_identical_and_disable_leaves_nothing(internvl, one, method):
+    model, _ = internvl
+    with torch.no_grad():
+        ref_logits, ref_ids = model(**one).logits, model.generate(**one, **GEN)
+        census = hook_and_attribute_census(model)  # after a first generate (which caches its own attributes)
+        handle = enable(model, method, 1.0)
+        logits, ids = model(**one).logits, model.generate(**one, **GEN)
+    assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids)
+    assert handle.last.n_kept == handle.last.n_visual == 3 * T
+    disable_pruning(model)
+    assert hook_and_attribute_census(model) == census
+    with torch.no_grad():
+        assert torch.equal(model(**one).logits, ref_logits)
+
+
+@pytest.mark.parametrize("method", METHODS_HERE)
+def test_pruned_generate_returns_the_prompt_and_cache_is_consistent(internvl, one, method):
+    model, _ = internvl
+    handle = enable(model, method, 0.25)
+    with torch.no_grad():
+        cached = model.generate(**one, **GEN)
+        uncached = model.generate(**one, **GEN, use_cache=False)
+    prompt = one["input_ids"]
+    assert torch.equal(cached[:, : prompt.shape[1]], prompt)
+    assert torch.equal(cached, uncached)
+    record = handle.last.images[0]
+    if METHODS[WITHOUT_CLS.get(method, (method,))[0]].fixed_budget:
+        assert record.n_kept == _expected_kept(method, 0.25, 3)
+    assert handle.last.seq_len_after == prompt.shape[1] - 3 * T + record.n_kept
+    assert torch.equal(record.segments, torch.arange(3).repeat_interleave(T))  # tile of each token, thumbnail last
+
+
+@pytest.mark.parametrize("method", METHODS_HERE)
+def test_padded_batch_with_several_images_matches_each_prompt_alone(internvl, method):
+    model, processor = internvl
+    prompts, images, batch = _batch(processor)
+    assert bool((batch["attention_mask"] == 0).any()) and batch["pixel_values"].shape[0] == 3 + 1 + 4
+    handle = enable(model, method, 0.5)
+    alone = []
+    with torch.no_grad():
+        for prompt, row_images in zip(prompts, images, strict=True):
+            logits = model(**processor(text=[prompt], images=row_images)).logits[0, -1]
+            alone.append((logits, [im.kept for im in handle.last.images]))
+        logits = model(**batch).logits[:, -1]
+        batch_kept = [im.kept for im in handle.last.images]
+        ids = model.generate(**batch, **GEN)
+        ids_nocache = model.generate(**batch, **GEN, use_cache=False)
+    assert [im.n for im in handle.last.images] == [3 * T, T, 4 * T]
+    assert [(im.row, im.index_in_row) for im in handle.last.images] == [(0, 0), (1, 0), (1, 1)]
+    assert all(torch.equal(a, b) for a, b in zip([k for _, ks in alone for k in ks], batch_kept, strict=True))
+    for row, (out, _) in enumerate(alone):
+        torch.testing.assert_close(logits[row], out, rtol=1e-4, atol=1e-4)
+    assert torch.equal(ids[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+    assert torch.equal(ids, ids_nocache)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS_HERE if m not in MERGING])
+def test_pruned_forward_equals_the_llm_fed_the_kept_features(internvl, one, method):
+    """Oracle: the unpatched model given exactly the kept tiles' tokens (``mm_encoder_outputs``) in a prompt holding
+    only the kept placeholders, numbered 0..L'-1 as the adapter re-indexes them."""
+    model, _ = internvl
+    with torch.no_grad():
+        tiles = model.model.get_image_features(pixel_values=one["pixel_values"]).pooler_output  # [3, T, D]
+        handle = enable(model, method, 0.25)
+        logits = model(**one).logits
+    kept = handle.last.images[0].kept
+    disable_pruning(model)
+    ids = one["input_ids"][0]
+    keep = ids != model.config.image_token_id
+    keep[(~keep).nonzero().squeeze(1)[kept]] = True
+    fed = BaseModelOutputWithPooling(pooler_output=tiles.reshape(-1, tiles.shape[-1])[kept][None])
+    with torch.no_grad():
+        expected = model(input_ids=ids[keep][None], mm_encoder_outputs={"image": fed}).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [1, -1])
+def test_signals_follow_the_pixel_shuffle_and_do_not_depend_on_the_kernel(layer):
+    """The [CLS] row computed from q/k equals the eager tower's attention weights summed over each shuffled 2x2 group,
+    under eager AND sdpa; the shuffled hidden states of the feature layer are exactly what the projector reads."""
+    pixels = _model("eager")[1](text=[PROMPT], images=[random_image(*WIDE, seed=1)])["pixel_values"]
+    eager, _ = _model("eager")
+    tower = eager.model.vision_tower
+    with torch.no_grad():
+        weights = tower(pixel_values=pixels, output_attentions=True).attentions[layer]  # [3, H, 1 + P, 1 + P]
+    side = eager.config.vision_config.image_size[0] // eager.config.vision_config.patch_size[0]
+    groups = shuffle_groups(eager, side)
+    assert groups.shape == (T, 4) and sorted(groups.reshape(-1).tolist()) == list(range(side * side))
+    expected = weights[:, :, 0, 1:][:, :, groups].sum(dim=-1)  # [3, H, T]
+    index = layer % len(tower.encoder.layer)
+    for attn in ("eager", "sdpa"):
+        model, _ = _model(attn)
+        requests = [SignalRequest(CLS_ATTENTION, index), SignalRequest(VISION_HIDDEN)]
+        with torch.no_grad(), ClipProbe(model.model.vision_tower, requests, len(tower.encoder.layer) - 1) as probe:
+            features = model.model.get_image_features(pixel_values=pixels).pooler_output  # [3, T, D]
+        for tile, signals in enumerate(probe.per_image(drop_cls=True)):
+            cls_row = shuffled_signal(CLS_ATTENTION, signals[f"{CLS_ATTENTION}@{index}"], groups)
+            torch.testing.assert_close(cls_row, expected[tile], rtol=1e-5, atol=1e-6)
+            hidden = shuffled_signal(VISION_HIDDEN, signals[VISION_HIDDEN], groups)  # [T, 4 Dv]
+            with torch.no_grad():
+                projected = model.model.multi_modal_projector(hidden)
+            torch.testing.assert_close(projected, features[tile], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scope", [None, "image"])
+def test_budget_per_tile_or_per_image(internvl, one, scope):
+    """Per tile (default for FasterVLM): every grid tile and the thumbnail keep their share; per image: one pool."""
+    model, _ = internvl
+    handle = enable_pruning(model, "fastervlm", keep=0.25, **({"scope": scope} if scope else {}))
+    with torch.no_grad():
+        model(**one)
+    record = handle.last.images[0]
+    per_tile = torch.bincount(record.segments[record.kept], minlength=3).tolist()
+    assert record.n_kept == 12
+    if scope is None:
+        assert per_tile == [4, 4, 4]
+    else:
+        assert sum(per_tile) == 12
+
+
+@pytest.mark.parametrize("method", sorted(DECLINES))
+def test_methods_without_a_signal_here_decline_before_touching_the_model(internvl, method):
+    model, _ = internvl
+    census = hook_and_attribute_census(model)
+    with pytest.raises(ValueError, match=DECLINES[method]) as err:
+        enable_pruning(model, method, keep=0.5)
+    assert method.removesuffix("full") in str(err.value) and "'fastervlm'" in str(err.value)
+    assert hook_and_attribute_census(model) == census
+
+
+@pytest.mark.parametrize("method, options, match", [
+    ("no-such-method", {}, "unknown method"), ("divprune", {"keep": 0.0}, "keep"), ("divprune", {"keep": 1.5}, "keep"),
+    ("hiprune", {"object_layer": 99}, "vision layer 99.*3 layers"), ("fastv", {"k": 99}, "do not exist"),
+])
+def test_bad_options_fail_clearly_before_the_model_is_touched(internvl, method, options, match):
+    model, _ = internvl
+    census = hook_and_attribute_census(model)
+    with pytest.raises(ValueError, match=match):
+        enable_pruning(model, method, **{"keep": 0.5, **options})
+    assert hook_and_attribute_census(model) == census
+
+
+def test_bad_inputs_fail_clearly_before_the_vision_tower_runs(internvl, one):
+    model, _ = internvl
+    calls = []
+    hook = model.model.vision_tower.register_forward_pre_hook(lambda *a: calls.append(1))
+    enable_pruning(model, "divprune", keep=0.5)
+    ids = one["input_ids"]
+    short = {**one, "input_ids": ids[:, 1:], "attention_mask": one["attention_mask"][:, 1:]}
+    is_image = (ids == model.config.image_token_id).nonzero()[:, 1]
+    torn = {**one, "input_ids": torch.cat([ids[:, : int(is_image[0])], ids[:, int(is_image[0]) + 1:]], dim=1),
+            "attention_mask": one["attention_mask"][:, 1:]}
+    try:
+        with torch.no_grad():
+            with pytest.raises(ValueError, match="not a whole number of tiles"):
+                model(**torn)
+            with pytest.raises(ValueError, match="3 tiles but pixel_values has 2"):
+                model(**{**short, "pixel_values": one["pixel_values"][:2]})
+            with pytest.raises(ValueError, match="vision_feature_select_strategy='default'"):
+                model(**one, vision_feature_select_strategy="full")
+    finally:
+        hook.remove()
+    assert calls == []
+
+
+# --- decoder-stage and two-stage methods through the shared decoder loop (1-D RoPE, as LLaVA) ---------------------
+DECODER_METHODS = decoder_methods() + [m for m in two_stage_methods() if m not in DECLINES]
+DECODER_OPTIONS = {"fastv": {"k": 2}, "dart": {"k": 2}, "feather": {"layers": (1, 2)},
+                   "transprune": {"layers": (1, 2, 3)}, "todre": {"layer": 1, "tau": 1.0},
+                   "sparsevlm": {"layers": (0, 1, 2)}, "adaptinfer": {"layers": (0, 1, 2)},
+                   "vflowopt": {"layers": (1, 2)}}
+
+
+def _enable_decoder(model, method, keep):
+    return enable_pruning(model, method, keep=keep, **DECODER_OPTIONS.get(method, {}))
+
+
+@pytest.mark.parametrize("method", DECODER_METHODS)
+def test_decoder_methods_keep_all_bit_identical_cache_consistent_and_batched(attn, method):
+    model, processor = _model(attn, text_layers=4)
+    one = processor(text=[PROMPT], images=[random_image(*WIDE, seed=1)])
+    try:
+        with torch.no_grad():
+            ref_logits, ref_ids = model(**one).logits, model.generate(**one, **GEN)
+            census = hook_and_attribute_census(model)
+            _enable_decoder(model, method, 1.0)
+            assert torch.equal(model(**one).logits, ref_logits) and torch.equal(model.generate(**one, **GEN), ref_ids)
+            disable_pruning(model)
+            assert hook_and_attribute_census(model) == census
+            handle = _enable_decoder(model, method, 0.5)
+            cached = model.generate(**one, **GEN)
+            assert torch.equal(cached[:, : one["input_ids"].shape[1]], one["input_ids"])
+            assert torch.equal(cached, model.generate(**one, **GEN, use_cache=False))
+            assert handle.last.visual_per_layer[-1] < handle.last.n_visual
+            prompts, images, batch = _batch(processor)
+            alone = [model(**processor(text=[p], images=i)).logits[0, -1] for p, i in zip(prompts, images, strict=True)]
+            logits = model(**batch).logits[:, -1]
+            assert torch.equal(model.generate(**batch, **GEN), model.generate(**batch, **GEN, use_cache=False))
+        for row, out in enumerate(alone):
+            torch.testing.assert_close(logits[row], out, rtol=1e-4, atol=1e-4)
+    finally:
+        disable_pruning(model)
+    assert hook_and_attribute_census(model) == census
+
+
+# --- the real depth: every method at its DEFAULT options and layers --------------------------------------------
+def test_real_depth_runs_every_method_at_its_default_layers_and_declines_the_listed_ones():
+    from tokenprune.real_depth import real_depth
+
+    model, processor = real_depth("internvl", "sdpa")
+    assert len(model.model.vision_tower.encoder.layer) == 24 and len(model.model.language_model.layers) == 28
+    one = processor(text=[PROMPT], images=[random_image(*WIDE, seed=1)])
+    with torch.no_grad():
+        ref = model(**one).logits
+        model.generate(**one, max_new_tokens=1)
+    census = hook_and_attribute_census(model)
+    declined = {}
+    for method in sorted(METHODS) + [["divprune", "fastv"]]:
+        try:
+            handle = enable_pruning(model, method, keep=1.0)
+        except ValueError as err:
+            declined[method] = str(err)
+            assert hook_and_attribute_census(model) == census
+            continue
+        try:
+            with torch.no_grad():
+                assert torch.equal(model(**one).logits, ref), method
+                disable_pruning(model)
+                handle = enable_pruning(model, method, keep=0.25)
+                cached = model.generate(**one, max_new_tokens=2, do_sample=False)
+                assert torch.equal(cached, model.generate(**one, max_new_tokens=2, do_sample=False, use_cache=False))
+            assert handle.last.visual_per_layer[-1] < 3 * T, method
+        finally:
+            disable_pruning(model)
+        assert hook_and_attribute_census(model) == census
+    assert sorted(declined) == sorted(DECLINES)
+    assert all(re.search(DECLINES[m], msg) for m, msg in declined.items())
+
+
+def test_methods_command_lists_internvl(capsys):
+    from tokenprune.cli import main
+
+    assert main(["methods"]) == 0
+    assert " internvl" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_flops_preset_and_the_tiny_models_shape():
+    from tokenprune.budget.flops import ModelShape, preset
+
+    shape = preset("internvl3-8b")
+    assert (shape.hidden_size, shape.intermediate_size, shape.num_layers, shape.num_heads, shape.num_kv_heads) == (
+        3584, 18944, 28, 28, 4)
+    assert shape.visual_tokens == 13 * 256
+    model, _ = _model("sdpa")
+    tiny = ModelShape.from_config(model.config)
+    assert (tiny.hidden_size, tiny.num_layers, tiny.num_kv_heads) == (128, 2, 2)
+
+
+def test_visualize_draws_a_single_tile_image_and_refuses_tiles_it_cannot_place():
+    from tokenprune.viz import draw_kept, prune_once
+
+    model, processor = _model("sdpa")
+    square, wide = random_image(64, 64, seed=1), random_image(*WIDE, seed=1)
+    record = prune_once(model, processor, square, PROMPT, "divprune", keep=6)
+    assert record.images[0].grid == (4, 4) and draw_kept(square, record, size=128, legend=False).size[0] == 128
+    record = prune_once(model, processor, wide, PROMPT, "divprune", keep=6)
+    with pytest.raises(ValueError, match="no geometry"):
+        draw_kept(wide, record, size=128, legend=False)
+    assert _HANDLE_ATTR not in model.__dict__
+
+
+# --- a pruned cache is a cache like any other (the patterns of tests/test_cache_patterns.py, on InternVL3) --------
+@pytest.mark.parametrize("method", ["divprune", "fastervlm", "cdpruner", "fastv", "todre"])
+def test_follow_up_resumed_static_and_beams_on_a_pruned_cache(method):
+    from transformers import DynamicCache
+
+    model, processor = _model("sdpa", text_layers=4)
+    inputs = _batch(processor)[2]  # two rows, three images, left padding
+    gen = dict(do_sample=False, return_dict_in_generate=True, output_logits=True)
+    try:
+        _enable_decoder(model, method, 0.25)
+        with torch.no_grad():
+            out = model.generate(**inputs, past_key_values=DynamicCache(), max_new_tokens=2, min_new_tokens=2, **gen)
+            question = processor.tokenizer(" and the blue square ? ASSISTANT :", return_tensors="pt",
+                                           add_special_tokens=False).input_ids.expand(2, -1)
+            conversation = torch.cat([out.sequences, question], dim=1)
+            turn = conversation[:, inputs["input_ids"].shape[1]:]
+            mask = torch.cat([inputs["attention_mask"], torch.ones_like(turn)], dim=1)  # original coordinates
+            follow = model.generate(input_ids=conversation, attention_mask=mask, past_key_values=out.past_key_values,
+                                    max_new_tokens=2, min_new_tokens=2, **gen)
+            assert torch.equal(follow.sequences[:, : conversation.shape[1]], conversation)
+            if METHODS[method].stage == "vision" and method != "cdpruner":  # image-only: == a fresh pruned run
+                fresh = model.generate(**{**inputs, "input_ids": conversation, "attention_mask": mask},
+                                       max_new_tokens=2, min_new_tokens=2, **gen)
+                assert torch.equal(follow.sequences, fresh.sequences)
+            longer = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, **gen)
+            first = model.generate(**inputs, past_key_values=DynamicCache(), max_new_tokens=2, min_new_tokens=2, **gen)
+            new = first.sequences[:, inputs["input_ids"].shape[1]:]
+            resumed = model.generate(
+                input_ids=first.sequences, past_key_values=first.past_key_values, max_new_tokens=2, min_new_tokens=2,
+                attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(new)], dim=1), **gen)
+            assert torch.equal(resumed.sequences, longer.sequences)
+            static = model.generate(**inputs, cache_implementation="static", max_new_tokens=2, min_new_tokens=2, **gen)
+            assert torch.equal(static.sequences, out.sequences)
+            beams = model.generate(**inputs, num_beams=3, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+            assert torch.equal(beams[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    finally:
+        disable_pruning(model)
