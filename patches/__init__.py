@@ -10,6 +10,7 @@ wiring apart from the model-agnostic core (``tokenprune/``): the adapters import
 from __future__ import annotations
 
 from tokenprune.patches.base import VisionStageAdapter
+from tokenprune.patches.gemma3 import Gemma3Adapter
 from tokenprune.patches.llava import LlavaAdapter
 from tokenprune.patches.llava_next import LlavaNextAdapter
 from tokenprune.patches.qwen2_vl import QwenVLAdapter
@@ -18,5 +19,9 @@ from tokenprune.patches.qwen3_vl import Qwen3VLAdapter
 ADAPTERS: dict[str, type[VisionStageAdapter]] = {
     t: cls for cls in (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter, Qwen3VLAdapter) for t in cls.model_types
 }
+ADAPTERS.update({t: Gemma3Adapter for t in Gemma3Adapter.model_types})
 
-__all__ = ["ADAPTERS", "LlavaAdapter", "LlavaNextAdapter", "Qwen3VLAdapter", "QwenVLAdapter", "VisionStageAdapter"]
+__all__ = [
+    "ADAPTERS", "Gemma3Adapter", "LlavaAdapter", "LlavaNextAdapter", "Qwen3VLAdapter", "QwenVLAdapter",
+    "VisionStageAdapter",
+]

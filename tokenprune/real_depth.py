@@ -3,6 +3,7 @@ default layers on them, as it does on the real checkpoint. Widths stay tiny (vis
 
 from __future__ import annotations
 
+from tokenprune.tiny_gemma3 import real_depth_gemma3
 from tokenprune.tiny_models import LlavaSize, tiny_llava, tiny_llava_next, tiny_qwen
 from tokenprune.tiny_qwen3 import QWEN3_REAL_DEPTH, tiny_qwen3
 
@@ -10,8 +11,10 @@ from tokenprune.tiny_qwen3 import QWEN3_REAL_DEPTH, tiny_qwen3
 # CLIP ViT-L/14(-336): 24 layers (LLaVA-1.5 and LLaVA-NeXT read layer -2); Llama-2-7B / Vicuna-7B: 32 layers;
 # Qwen2-VL-7B and Qwen2.5-VL-7B: 32 ViT blocks (2.5: full attention in blocks 7, 15, 23, 31) and a 28-layer LLM.
 # Qwen3-VL / Qwen3.5 (dense and MoE): :data:`tokenprune.tiny_qwen3.QWEN3_REAL_DEPTH`.
+# Gemma 3 (12B): :data:`tokenprune.tiny_gemma3.GEMMA3_REAL_DEPTH`.
 REAL_DEPTH_FAMILIES = (
     "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe",
+    "gemma3",
 )
 
 
@@ -29,4 +32,6 @@ def real_depth(family: str, attn_implementation: str = "sdpa", seed: int = 0):
                          fullatt_block_indexes=(7, 15, 23, 31))
     if family in QWEN3_REAL_DEPTH:
         return tiny_qwen3(family, attn_implementation, seed, **QWEN3_REAL_DEPTH[family])
+    if family == "gemma3":
+        return real_depth_gemma3(attn_implementation, seed)
     raise ValueError(f"family must be one of {REAL_DEPTH_FAMILIES}; got {family!r}")
