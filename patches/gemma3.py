@@ -115,10 +115,17 @@ class Gemma3Adapter(VisionStageAdapter):
                 "processor's token_type_ids with input_ids"
             )
         features, signals = self._encode(kwargs["pixel_values"])
+        budgets = self.kept_counts([f.shape[0] for f in features], kwargs)
+        if len(set(budgets)) > 1 and _expands(kwargs, self.model.generation_config):
+            raise ValueError(
+                f"Gemma 3 takes the kept image features as one [images, tokens, D] tensor, which generate repeats for "
+                f"beams / num_return_sequences only when every image keeps the same count; this call's budgets "
+                f"differ ({sorted(set(budgets))}). Use keep= (the same count per image) with beams, or call generate "
+                f"once per prompt"
+            )
         batch, length = input_ids.shape
         flat_positions = placeholder_positions(is_image, features)
         side = self._grid()[2]
-        budgets = self.kept_counts([f.shape[0] for f in features], kwargs)
         keep = torch.ones_like(input_ids, dtype=torch.bool)
         kept_features, images, start, seen_in_row = [], [], 0, [0] * batch
         placeholders = (config.image_token_id, config.boi_token_id, config.eoi_token_id)
@@ -165,10 +172,26 @@ class Gemma3Adapter(VisionStageAdapter):
         if kwargs.get("position_ids") is not None:
             per_token["position_ids"] = (reindex_positions(kwargs["position_ids"], keep), 0)
         new_kwargs.update(compact(keep, per_token, side=padding_side(mask)))
-        # Gemma3Model.forward scatters ONE tensor over the placeholders: the images' kept rows in prompt order.
-        new_kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=torch.cat(kept_features))}
+        new_kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=_stacked(kept_features))}
         record = PruneRecord(self.method.name, tuple(images), input_ids.shape[1], new_kwargs["input_ids"].shape[1])
         return PrunedCall(new_kwargs, record)
+
+
+def _stacked(spans: list[torch.Tensor]) -> torch.Tensor:
+    """The images' kept rows as ``Gemma3Model.forward`` takes them (one tensor it scatters over the placeholders):
+    ``[images, k, D]`` when every image keeps ``k`` rows -- the layout ``generate`` repeats per row for beams --
+    else ``[1, sum k, D]`` (:meth:`Gemma3Adapter.prune` refuses to let ``generate`` repeat that one)."""
+    if len({span.shape[0] for span in spans}) == 1:
+        return torch.stack(spans)
+    return torch.cat(spans)[None]
+
+
+def _expands(kwargs: dict[str, Any], default: Any) -> bool:
+    """Will ``generate`` repeat the prompt rows (beams, several sequences per prompt)?"""
+    config = kwargs.get("generation_config") or default
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+    sequences = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
+    return beams > 1 or sequences > 1
 
 
 def _pad_id(config: Any) -> int:

@@ -2,9 +2,12 @@
 bidirectional image block and the sliding window of the pruned prompt against the model's own masks; pan-and-scan
 crops; padded batches; an oracle; clear refusals."""
 
+import copy
+
 import pytest
 import torch
 from conftest import MERGING, decoder_methods, enable, hook_and_attribute_census, runnable_methods, two_stage_methods
+from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenprune import disable_pruning, enable_pruning
@@ -135,6 +138,62 @@ def test_padded_batch_with_crops_matches_each_prompt_alone(gemma3, method):
         torch.testing.assert_close(logits[row], out, rtol=1e-4, atol=1e-4)
     assert torch.equal(ids[:, : batch["input_ids"].shape[1]], batch["input_ids"])
     assert torch.equal(ids, ids_nocache)
+
+
+def _gen(model, **kwargs):
+    """Greedy with logits, no early end (a finished row would not be continued like a running one)."""
+    return model.generate(do_sample=False, return_dict_in_generate=True, output_logits=True,
+                          min_new_tokens=kwargs["max_new_tokens"], **kwargs)
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.25])
+def test_follow_up_turn_static_cache_and_beams(gemma3, keep):
+    """On a two-row batch (sliding layers, left padding): a follow-up question on the returned cache equals a fresh
+    pruned run of the whole conversation; the static cache equals the dynamic one; beams and several samples return
+    the prompt; keep=1.0 gives the unpruned model's beams."""
+    model, processor = gemma3
+    inputs = dict(_inputs(processor, [PROMPT, OTHER], [random_image(84, 140, seed=1), random_image(56, 84, seed=2)]))
+    with torch.no_grad():
+        unpruned_beams = model.generate(**inputs, num_beams=3, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        enable(model, "divprune", keep)
+        out = _gen(model, **inputs, past_key_values=DynamicCache(), max_new_tokens=2)
+        question = processor.tokenizer(" and the blue square ? ASSISTANT :", return_tensors="pt",
+                                       add_special_tokens=False).input_ids.expand(2, -1)
+        conversation = torch.cat([out.sequences, question], dim=1)
+        new = conversation[:, inputs["input_ids"].shape[1]:]
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(new)], dim=1)
+        follow = _gen(model, input_ids=conversation, attention_mask=mask,
+                      past_key_values=copy.deepcopy(out.past_key_values), max_new_tokens=2)
+        types = torch.cat([inputs["token_type_ids"], torch.zeros_like(new)], dim=1)
+        fresh = _gen(model, **dict(inputs, input_ids=conversation, attention_mask=mask, token_type_ids=types),
+                     max_new_tokens=2)
+        static = _gen(model, **inputs, cache_implementation="static", max_new_tokens=2)
+        beams = model.generate(**inputs, num_beams=3, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        samples = model.generate(**inputs, num_return_sequences=3, do_sample=True, max_new_tokens=2)
+    assert torch.equal(follow.sequences[:, : conversation.shape[1]], conversation)
+    assert torch.equal(follow.sequences, fresh.sequences)
+    torch.testing.assert_close(torch.stack(follow.logits), torch.stack(fresh.logits), rtol=0, atol=1e-4)
+    assert torch.equal(static.sequences, out.sequences)
+    torch.testing.assert_close(torch.stack(static.logits), torch.stack(out.logits), rtol=0, atol=1e-4)
+    assert torch.equal(beams[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    assert torch.equal(samples[:, : inputs["input_ids"].shape[1]], inputs["input_ids"].repeat_interleave(3, dim=0))
+    if keep == 1.0:
+        assert torch.equal(beams, unpruned_beams)
+
+
+def test_beams_with_unequal_per_image_budgets_are_refused_at_the_call(gemma3):
+    """A FLOPs target solved per row gives the two rows' images different counts: Gemma 3's one-tensor features
+    cannot be repeated per row by generate, so beams are refused before anything runs; plain generate works."""
+    model, processor = gemma3
+    inputs = _inputs(processor, [PROMPT, OTHER], [random_image(84, 140, seed=1), random_image(56, 84, seed=2)])
+    handle = enable_pruning(model, "divprune", flops=0.5)
+    with torch.no_grad():
+        model(**inputs)
+        assert len({im.n_kept for im in handle.last.images}) == 2
+        with pytest.raises(ValueError, match="same count per image"):
+            model.generate(**inputs, num_beams=2, max_new_tokens=2)
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
 
 
 def _kept_prompt(model, inputs, kept):
