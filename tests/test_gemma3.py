@@ -374,3 +374,21 @@ def test_real_depth_model_has_the_released_depths_and_runs_methods_at_their_defa
         assert handle.last.n_kept == kept_count(0.25, N)
         disable_pruning(model)
     _declines(model, {**VISION_DECLINES, **DECODER_DECLINES})
+
+
+@pytest.mark.parametrize("method", ["divprune", "visiondrop"])
+def test_visualize_draws_the_kept_tokens_of_a_gemma3_record(method):
+    """The pooled 6 x 6 grid over the whole (resized, not cropped) picture: one panel, boxes as image fractions."""
+    from test_viz import assert_looks, grey
+
+    from tokenprune.viz import HEADER, draw_kept, prune_once
+
+    model, processor = _MODELS.setdefault("sdpa", tiny_gemma3("sdpa"))
+    image = grey(160, 96)
+    record = prune_once(model, processor, image, PROMPT, method, keep=9)
+    rec = record.images[0]
+    assert rec.grid == (6, 6) and rec.view == "image" and rec.n_kept == 9
+    figure = draw_kept(image, record, size=320, legend=False)  # one 320x192 panel
+    assert figure.size == (320, HEADER + 192)
+    assert_looks(figure, rec, lambda i: (0, None), {0: (0, 0, 320, 192)})
+    assert _left_clean(model)
