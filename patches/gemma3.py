@@ -66,6 +66,12 @@ class Gemma3Adapter(VisionStageAdapter):
                 f"one with a substitute signal (attention received / hidden states of the pooled grid; see the "
                 f"method table)"
             ) from None
+        if self.scope == "image":
+            raise ValueError(
+                "scope='image' cannot pool a Gemma 3 image with its pan-and-scan crops: the model's inputs do not say "
+                "which <start_of_image> blocks are crops of one image, so every block (image or crop) has its own "
+                "budget. Use scope=None (or 'crop')"
+            )
         n_layers = len(encoder_layers(self.model.model.vision_tower))
         for request in self.method.requests(cls_token=False):
             if request.name in POOLED_SIGNALS:  # fail at enable time, not at the first prefill

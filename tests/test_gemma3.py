@@ -213,13 +213,17 @@ def test_pruned_forward_equals_the_llm_fed_the_kept_features(gemma3, one, method
         features = model.model.get_image_features(one["pixel_values"]).pooler_output[0]
         handle = enable(model, method, 9)
         logits = model(**one).logits
+        ids = model.generate(**one, **GEN)
     kept = handle.last.images[0].kept
     disable_pruning(model)
     kwargs, _ = _kept_prompt(model, one, kept)
-    fed = BaseModelOutputWithPooling(pooler_output=features[kept])
     with torch.no_grad():
+        fed = BaseModelOutputWithPooling(pooler_output=features[kept][None])
         expected = model(**kwargs, mm_encoder_outputs={"image": fed}).logits
+        fed = BaseModelOutputWithPooling(pooler_output=features[kept][None])
+        expected_ids = model.generate(**kwargs, mm_encoder_outputs={"image": fed}, **GEN)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ids[:, one["input_ids"].shape[1]:], expected_ids[:, kwargs["input_ids"].shape[1]:])
 
 
 def _layer_masks(model):
@@ -311,6 +315,7 @@ def test_methods_without_a_signal_here_decline_before_touching_the_model(gemma3)
 @pytest.mark.parametrize("method, keep, options, match", [
     ("no-such-method", 0.5, {}, "unknown method"), ("divprune", 0.0, {}, "keep"), ("divprune", 1.5, {}, "keep"),
     ("hiprune", 0.5, {"object_layer": 7}, "vision layer 7.*3 layers"),
+    ("divprune", 0.5, {"scope": "image"}, "pan-and-scan crops.*scope=None"),
 ])
 def test_bad_options_fail_clearly_before_the_model_is_touched(gemma3, method, keep, options, match):
     model, _ = gemma3
