@@ -397,3 +397,31 @@ def test_visualize_draws_the_kept_tokens_of_a_gemma3_record(method):
     assert figure.size == (320, HEADER + 192)
     assert_looks(figure, rec, lambda i: (0, None), {0: (0, 0, 320, 192)})
     assert _left_clean(model)
+
+
+@pytest.mark.parametrize("layer_index", [0, 1])  # a sliding-window layer and a global one
+def test_recomputed_attention_rows_are_the_models_own(layer_index):
+    """The decoder-stage row recomputation (patches/attention_rows.py) uses the layer's own modules: Gemma 3's
+    (1 + w) RMSNorms, per-head q_norm / k_norm, query_pre_attn_scalar scaling; checked against eager attention
+    weights on a prompt shorter than the window."""
+    from tokenprune.patches.attention_rows import attention_rows
+
+    model, _ = _MODELS.setdefault("eager", tiny_gemma3("eager"))
+    layer = model.model.language_model.layers[layer_index]
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen.update(hidden=args[0] if args else kwargs["hidden_states"], rope=kwargs["position_embeddings"])
+
+    ids = torch.arange(20, 20 + SLIDING_WINDOW - 2)[None]
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            weights = model(input_ids=ids, output_attentions=True).attentions[layer_index]  # [1, H, N, N]
+    finally:
+        handle.remove()
+    n = ids.shape[1]
+    rows = torch.tensor([[n - 1, n // 2]])
+    cos, sin = seen["rope"]
+    got = attention_rows(layer, seen["hidden"], rows, cos, sin, torch.ones(1, n, dtype=torch.bool))
+    torch.testing.assert_close(got[0], weights[0][:, rows[0]].float(), rtol=1e-5, atol=1e-5)
