@@ -10,17 +10,31 @@ wiring apart from the model-agnostic core (``tokenprune/``): the adapters import
 from __future__ import annotations
 
 from tokenprune.patches.base import VisionStageAdapter
+from tokenprune.patches.gemma3 import Gemma3Adapter
 from tokenprune.patches.internvl import InternVLAdapter
 from tokenprune.patches.llava import LlavaAdapter
 from tokenprune.patches.llava_next import LlavaNextAdapter
 from tokenprune.patches.qwen2_vl import QwenVLAdapter
 from tokenprune.patches.qwen3_vl import Qwen3VLAdapter
 
-ADAPTERS: dict[str, type[VisionStageAdapter]] = {
-    t: cls for cls in (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter, Qwen3VLAdapter) for t in cls.model_types
-}
-ADAPTERS["internvl"] = InternVLAdapter
+FAMILY_ADAPTERS: tuple[type[VisionStageAdapter], ...] = (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    QwenVLAdapter,
+    Qwen3VLAdapter,
+    InternVLAdapter,
+    Gemma3Adapter,
+)
+ADAPTERS: dict[str, type[VisionStageAdapter]] = {t: cls for cls in FAMILY_ADAPTERS for t in cls.model_types}
 
-
-__all__ = ["ADAPTERS", "LlavaAdapter", "LlavaNextAdapter", "Qwen3VLAdapter", "QwenVLAdapter", "VisionStageAdapter"]
-__all__ += ["InternVLAdapter"]
+__all__ = [
+    "ADAPTERS",
+    "FAMILY_ADAPTERS",
+    "Gemma3Adapter",
+    "InternVLAdapter",
+    "LlavaAdapter",
+    "LlavaNextAdapter",
+    "Qwen3VLAdapter",
+    "QwenVLAdapter",
+    "VisionStageAdapter",
+]

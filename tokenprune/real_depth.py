@@ -3,6 +3,7 @@ default layers on them, as it does on the real checkpoint. Widths stay tiny (vis
 
 from __future__ import annotations
 
+from tokenprune.tiny_gemma3 import real_depth_gemma3
 from tokenprune.tiny_internvl import INTERNVL_REAL_DEPTH, tiny_internvl
 from tokenprune.tiny_models import LlavaSize, tiny_llava, tiny_llava_next, tiny_qwen
 from tokenprune.tiny_qwen3 import QWEN3_REAL_DEPTH, tiny_qwen3
@@ -12,10 +13,11 @@ from tokenprune.tiny_qwen3 import QWEN3_REAL_DEPTH, tiny_qwen3
 # Qwen2-VL-7B and Qwen2.5-VL-7B: 32 ViT blocks (2.5: full attention in blocks 7, 15, 23, 31) and a 28-layer LLM.
 # Qwen3-VL / Qwen3.5 (dense and MoE): :data:`tokenprune.tiny_qwen3.QWEN3_REAL_DEPTH`.
 # InternVL3-8B: :data:`tokenprune.tiny_internvl.INTERNVL_REAL_DEPTH`.
+# Gemma 3 (12B): :data:`tokenprune.tiny_gemma3.GEMMA3_REAL_DEPTH`.
 REAL_DEPTH_FAMILIES = (
     "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe",
+    "internvl", "gemma3",
 )
-REAL_DEPTH_FAMILIES += ("internvl",)
 
 
 def real_depth(family: str, attn_implementation: str = "sdpa", seed: int = 0):
@@ -34,4 +36,6 @@ def real_depth(family: str, attn_implementation: str = "sdpa", seed: int = 0):
         return tiny_qwen3(family, attn_implementation, seed, **QWEN3_REAL_DEPTH[family])
     if family == "internvl":
         return tiny_internvl(attn_implementation, seed, **INTERNVL_REAL_DEPTH)
+    if family == "gemma3":
+        return real_depth_gemma3(attn_implementation, seed)
     raise ValueError(f"family must be one of {REAL_DEPTH_FAMILIES}; got {family!r}")

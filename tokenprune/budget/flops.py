@@ -102,6 +102,12 @@ PRESETS: dict[str, ModelShape] = {
         # Qwen3-VL-30B-A3B-Instruct's config.json: d 2048, 48 layers, 32 heads, 4 KV, d_h 128; 128 experts of FFN
         # width 768, 8 active per token -> 8 x 768 = 6144 counted (active experts only)
         ModelShape("qwen3-vl-30b-a3b", 2048, 8 * 768, 48, 32, 4, head_dim=128),
+        # google/gemma-3-12b-it and -27b-it config.json (text_config): d 3840, FFN 15360 (GeGLU), 48 layers, 16 heads,
+        # 8 KV, d_h 256; d 5376, FFN 21504, 62 layers, 32 heads, 16 KV, d_h 128. 256 tokens per image (crop). The
+        # sliding-window layers (window 1024) are counted with full n x n attention, the papers' convention: exact
+        # for prompts up to 1024 tokens.
+        ModelShape("gemma-3-12b", 3840, 15360, 48, 16, 8, head_dim=256, visual_tokens=256),
+        ModelShape("gemma-3-27b", 5376, 21504, 62, 32, 16, head_dim=128, visual_tokens=256),
     )
 }
 

@@ -23,11 +23,15 @@ ATTENTION_RECEIVED = "attention_received"  # [N] attention each image token rece
 #                                    Qwen2-VL/2.5-VL (no [CLS]): mean over heads and over the image's query rows of
 #                                    ViT block l, then mean over the 4 rows of each 2x2 merge unit, un-permuted from
 #                                    window order to raster order -> one value per merged token (HiPrune/HoloV ports).
+#                                    Gemma 3 (SigLIP, no [CLS]): mean over heads and all patch query rows of layer l,
+#                                    then mean over each pooling window of the projector (4x4 patches -> 1 token).
 ATTENTION_MAP = "attention_map"  # [N, N]  head-mean attention among image tokens (rows = queries); the [CLS] row
 #                                    and column are dropped after the softmax, so rows need not sum to 1 (FoPru).
 VISION_HIDDEN = "vision_hidden"  # [N, Dv] output of layer l at the image tokens (pre-projector; at the feature layer
 #                                    exactly what the projector reads). Qwen: output of ViT block l averaged over each
 #                                    merge unit, un-permuted (MMTok's vision-vision space on Qwen2.5-VL).
+#                                    Gemma 3: output of SigLIP layer l (before post_layernorm), averaged over each
+#                                    pooling window.
 CLS_HIDDEN = "cls_hidden"        # [Dv]    output of layer l at [CLS] (VisionZip keeps it as a dominant token)
 VISION_KEYS = "vision_keys"      # [H, N, d_h] per-head keys of layer l at the image tokens: ``k_proj`` output before
 #                                    any scaling (CLIP has no RoPE). Qwen: not provided.

@@ -103,10 +103,10 @@ class VisionDrop(VisionZip):
     no_cls_reason = ""
     deviations = VisionZip.deviations + (
         Deviation(
-            "Qwen2-VL/2.5-VL (no [CLS]): tokens are scored by the attention they receive and the merge uses the "
-            "projected tokens as keys and values.",
-            "The official code is LLaVA-1.5 only; the paper scores by attention received, and the Qwen adapter "
-            "computes no ViT keys.",
+            "Qwen2-VL/2.5-VL and Gemma 3 (no [CLS]): tokens are scored by the attention they receive and the merge "
+            "uses the projected tokens as keys and values.",
+            "The official code is LLaVA-1.5 only; the paper scores by attention received, and the Qwen and Gemma 3 "
+            "adapters compute no ViT keys.",
         ),
     )
     dominant: int = 42
