@@ -85,7 +85,7 @@ def run_sweep(args: argparse.Namespace) -> None:
         rows += sweep.sweep(dtype, int(threads), shapes, reference_max_n=min(args.reference_max_n, limit),
                             before=before, before_max_n=min(args.before_max_n, limit),
                             log=lambda line: print(line, flush=True))
-        meta = {"what": "benchmarks/selection_cost.py --sweep " + " ".join(sys.argv[1:]), "before": args.before}
+        meta = {"what": "benchmarks/selection_cost.py " + " ".join(sys.argv[1:]), "before": args.before}
         (out / "selection_sweep.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
         (out / "selection_sweep.md").write_text(sweep.markdown(rows) + "\n")
         sweep.plot(rows, str(out / "selection_sweep.png"))

@@ -20,6 +20,7 @@ kept tokens alone, with no selection code (what ``tokenprune bench`` times as ``
 from __future__ import annotations
 
 import inspect
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,11 +63,17 @@ class Limit:
 class SelectionClock:
     """Wall time spent inside a method's selection entry points (``select_many`` of the vision stage,
     ``encoder_step`` inside the encoder, ``select_stage`` of the decoder stages: its attention rows and rule),
-    over ``calls`` prefills; installed as instance attributes on the methods and removed by :meth:`stop`."""
+    per prefill (:meth:`lap` after each); installed as instance attributes on the methods and removed by
+    :meth:`stop`."""
 
     seconds: float = 0.0
-    prefills: int = 0
+    laps: list[float] = field(default_factory=list)
     _wrapped: list[tuple[Any, str]] = field(default_factory=list)
+
+    def lap(self) -> None:
+        """Close one prefill: its selection seconds go to ``laps``."""
+        self.laps.append(self.seconds)
+        self.seconds = 0.0
 
     def start(self, handle: Any) -> None:
         adapter = handle._adapter
@@ -96,7 +103,8 @@ class SelectionClock:
 
     @property
     def ms_per_prefill(self) -> float | None:
-        return 1e3 * self.seconds / self.prefills if self.prefills else None
+        """Median over the prefills (a descheduled thread inflates single runs on a shared machine)."""
+        return 1e3 * statistics.median(self.laps) if self.laps else None
 
 
 def _record_decoder(handle: Any, model: torch.nn.Module, inputs: dict[str, Any]) -> dict[tuple[int, int], list]:
