@@ -2,12 +2,12 @@
 
 Writes ``benchmarks/results/overhead_all.json`` after every finished setting (run it again to resume where it
 stopped: finished settings are skipped) and, at the end (or with ``--report`` alone), ``overhead_all.md``,
-``.csv`` and ``.png``. Default model: the ``demo`` LLaVA-1.5 architecture (576 visual tokens: CLIP/14 at 336 px,
-a 4-layer vision tower of width 256, LLM width 512 / MLP 1376 / 8 heads) at LLaVA-1.5-7B's full LLM depth (32
-layers, so every decoder-stage method prunes at its real layers), bf16, sdpa, 2 threads, 3 interleaved repeats
-(:mod:`tokenprune.bench.overhead_all`; docs/benchmarks.md says why not the full-width shapes). ``--model tiny
---layers 32 --dtype float32 --threads 1 --repeats 5 --warmup 1 --out results/overhead_all_tiny.json`` is the
-quick run on the tiny model (64 visual tokens).
+``.csv`` and ``.png``. Default model: the tiny LLaVA-1.5 architecture (64 visual tokens, LLM width 128) at
+LLaVA-1.5-7B's full LLM depth (32 layers, so every decoder-stage method prunes at its real layers), fp32, 1 thread,
+5 interleaved repeats after a warm-up round (:mod:`tokenprune.bench.overhead_all`). ``--model demo --dtype bfloat16
+--threads 2 --repeats 3 --warmup 0 --out benchmarks/results/overhead_all_demo.json`` is the 576-token model (LLM
+width 512, 4-layer vision tower of width 256) of the same depth; on the loaded machine one of its settings took
+about 6 minutes (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -28,17 +28,16 @@ OPTIONS = {"hiprune": {"object_layer": 0}}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="demo")
+    parser.add_argument("--model", default="tiny")
     parser.add_argument("--width-divisor", type=int, default=1, help="narrow a llava-1.5-7b/13b preset's LLM")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--vision-layers", type=int, default=0, help="0: the model's own")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--keep", default="0.11,0.25,0.5", help="comma list, run in this order")
     parser.add_argument("--method", default="all", help="comma list or 'all'")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=0,
-                        help="untimed rounds (the recording prefills before timing already warm the model up)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds of pruned + limit")
     parser.add_argument("--out", default=str(RESULTS / "overhead_all.json"))
     parser.add_argument("--report", action="store_true", help="only write .md/.csv/.png from the JSON")
     args = parser.parse_args()
