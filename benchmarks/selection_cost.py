@@ -31,10 +31,17 @@ ROOT = Path(__file__).resolve().parent.parent
 def previous_selectors(rev: str) -> dict:
     """``name -> ctx -> kept`` from the selectors as they were at git revision ``rev`` (the "before" column)."""
     from tokenprune import functional as F
-    from tokenprune.methods import CLS_ATTENTION, FEATURES, TEXT_EMBEDDINGS, VISION_HIDDEN
+    from tokenprune.methods import (
+        CLS_ATTENTION,
+        CLS_ATTENTION_WIDE,
+        FEATURES,
+        TEXT_EMBEDDINGS,
+        VISION_HIDDEN,
+        VISION_KEYS,
+    )
 
     modules = {}
-    for name in ("diversity", "dpp", "coverage"):
+    for name in ("diversity", "dpp", "coverage", "recovery"):
         source = subprocess.run(["git", "show", f"{rev}:tokenprune/functional/{name}.py"], cwd=ROOT, check=True,
                                 capture_output=True, text=True).stdout
         module = types.ModuleType(f"before_{name}")
@@ -48,7 +55,15 @@ def previous_selectors(rev: str) -> dict:
     def pivot(ctx):
         return int(ctx.signal(CLS_ATTENTION, -1).float().mean(dim=0).argmax())
 
+    def recoverable(ctx):  # the method's select (tokenprune/methods/recoverable.py) on the old functional
+        feats, text = ctx.signal(FEATURES), ctx.signal(TEXT_EMBEDDINGS)
+        sim = F.instruction_relevance(feats, text.float().mean(dim=0, keepdim=True)) * 768**-0.5
+        keys = ctx.signal(VISION_KEYS, -1).float().transpose(0, 1).reshape(ctx.n, -1)
+        return modules["recovery"].recoverable(ctx.signal(CLS_ATTENTION_WIDE, -1), sim, ctx.signal(VISION_HIDDEN),
+                                               keys)[0]
+
     return {
+        "recoverable": recoverable,
         "divprune": lambda ctx: modules["diversity"].divprune(ctx.signal(FEATURES), ctx.k),
         "kcenter": lambda ctx: modules["diversity"].kcenter(ctx.signal(FEATURES), ctx.k, pivot(ctx)),
         "cdpruner": lambda ctx: modules["dpp"].cdpruner(ctx.signal(FEATURES), relevance(ctx), ctx.k),
@@ -70,7 +85,7 @@ def run_sweep(args: argparse.Namespace) -> None:
         rows += sweep.sweep(dtype, int(threads), shapes, reference_max_n=min(args.reference_max_n, limit),
                             before=before, before_max_n=min(args.before_max_n, limit),
                             log=lambda line: print(line, flush=True))
-        meta = {"what": "benchmarks/selection_cost.py --sweep " + " ".join(sys.argv[1:]), "before": args.before}
+        meta = {"what": "benchmarks/selection_cost.py " + " ".join(sys.argv[1:]), "before": args.before}
         (out / "selection_sweep.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
         (out / "selection_sweep.md").write_text(sweep.markdown(rows) + "\n")
         sweep.plot(rows, str(out / "selection_sweep.png"))

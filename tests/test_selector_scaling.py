@@ -210,3 +210,63 @@ def test_select_many_equals_select_per_context(name, cls_token):
     assert len(many) == len(contexts)
     for ctx, kept in zip(contexts, many, strict=True):
         assert torch.equal(kept, method.select(ctx))
+
+
+def _lof_inputs(seed: int) -> list[tuple[torch.Tensor, int]]:
+    """1-D values with every kind of tie: duplicates, equal distances on both sides, distinct values whose fp64
+    distances round to the same number (0.3 and 0.30000000000000004 from 0.1), bf16 attention, plain floats."""
+    g = torch.Generator().manual_seed(seed)
+    rounding = torch.tensor([0.1, 0.2, 0.3, 0.30000000000000004, 0.29999999999999993, 0.5, 0.7, 1.1],
+                            dtype=torch.float64)
+    cases = []
+    for n in (2, 3, 17, 90):
+        for k in sorted({1, 5, n - 1, n + 3}):
+            cases += [
+                (rounding[torch.randint(0, len(rounding), (n,), generator=g)], k),
+                (torch.randint(0, 4, (n,), generator=g).double() * 0.1, k),
+                (torch.softmax(torch.randn(n, generator=g) * 2, 0).bfloat16(), k),
+                (torch.randn(n, generator=g), k),
+            ]
+    return cases
+
+
+@pytest.mark.parametrize("seed", [0])
+def test_lof_neighbours_and_fraction_equal_the_full_sort(seed):
+    """Recoverable's LOF from the sorted values (O(N k)) == the full N x N matrix sorted row by row: the same
+    neighbours in the same order (so every sum is bit-identical) and the same outlier fraction."""
+    from tokenprune.bench.references import lof_outlier_fraction_naive
+    from tokenprune.functional.recovery import _nearest
+
+    for values, k in _lof_inputs(seed):
+        x = values.double()
+        n = x.numel()
+        if n >= 2:
+            kk = min(k, n - 1)
+            dist = (x[:, None] - x[None, :]).abs()
+            dist.fill_diagonal_(torch.inf)
+            order = torch.sort(dist, dim=1, stable=True).indices[:, :kk]
+            index, near = _nearest(x, kk)
+            assert torch.equal(index, order) and torch.equal(near, torch.gather(dist, 1, order))
+        assert F.lof_outlier_fraction(values, k) == lof_outlier_fraction_naive(values, k)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_recoverable_cluster_rows_equal_the_per_centre_loop(seed):
+    """Recoverable's recovery with the candidates' keys gathered once == the official per-centre loop (fresh
+    candidate list and gather per centre): the same members in the same order, so bit-identical rows; duplicated
+    keys and integer text similarities make exact ties."""
+    from tokenprune.bench.references import cluster_rows_naive
+    from tokenprune.functional.recovery import cluster_rows
+
+    g = torch.Generator().manual_seed(seed)
+    for n, dk, size in ((3, 4, 1), (30, 8, 5), (30, 8, 64), (120, 48, 32)):
+        keys = torch.randn(n, dk, generator=g, dtype=torch.float64)
+        keys[n // 2:] = keys[: n - n // 2].clone()
+        keys = keys / keys.norm(dim=-1, keepdim=True)
+        sim = torch.randn(n, generator=g, dtype=torch.float64).round()
+        x, attn = torch.randn(n, 7, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)
+        perm = torch.randperm(n, generator=g)
+        for c in sorted({1, n // 4, n}):
+            args = (keys, sim, x, attn, perm[:c], perm[c:], size, 50.0)
+            fast, naive = cluster_rows(*args), cluster_rows_naive(*args)
+            assert len(fast) == len(naive) == c and all(torch.equal(a, b) for a, b in zip(fast, naive, strict=True))

@@ -51,15 +51,30 @@ class Timer:
         return (time.perf_counter() - begin) * 1e3
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], timer: Timer, warmup: int, repeats: int) -> dict[str, Stats]:
-    """Time several callables round-robin (A B A B ...) so slow drift of a shared machine hits them alike."""
+def interleaved(fns: dict[str, Callable[[], Any]], timer: Timer, warmup: int, repeats: int,
+                around: dict[str, tuple[Callable[[], None], Callable[[], None]]] | None = None) -> dict[str, Stats]:
+    """Time several callables round-robin (A B A B ...) so slow drift of a shared machine hits them alike.
+    ``around[name] = (enter, leave)`` run untimed before and after every run of ``name`` (e.g. switching a model
+    between two mechanisms)."""
+    around = around or {}
+
+    def once(name: str, fn: Callable[[], Any], timed: bool) -> float | None:
+        enter, leave = around.get(name, (None, None))
+        if enter is not None:
+            enter()
+        try:
+            return timer(fn) if timed else fn()
+        finally:
+            if leave is not None:
+                leave()
+
     for _ in range(warmup):
-        for fn in fns.values():
-            fn()
+        for name, fn in fns.items():
+            once(name, fn, False)
     runs: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            runs[name].append(timer(fn))
+            runs[name].append(once(name, fn, True))
     return {name: Stats(tuple(r)) for name, r in runs.items()}
 
 

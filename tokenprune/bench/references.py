@@ -124,6 +124,40 @@ def mmtok_naive(vision: torch.Tensor, text: torch.Tensor, k: int, vision_sim: to
     return torch.sort(torch.tensor(chosen, dtype=torch.long)).values
 
 
+def lof_outlier_fraction_naive(values: torch.Tensor, n_neighbors: int) -> float:
+    """Recoverable Compression's LOF outlier fraction the textbook way: the full ``N x N`` fp64 distance matrix,
+    every row sorted (stable: ties to the lowest index), the first ``n_neighbors`` taken -- O(N^2 log N) time and
+    O(N^2) memory. :func:`tokenprune.functional.lof_outlier_fraction` gives the same value bit for bit."""
+    x = values.double().reshape(-1)
+    n = x.numel()
+    if n < 2:
+        return 0.0
+    k = min(n_neighbors, n - 1)
+    dist = (x[:, None] - x[None, :]).abs()
+    dist.fill_diagonal_(torch.inf)
+    order = torch.sort(dist, dim=1, stable=True).indices[:, :k]
+    near = torch.gather(dist, 1, order)
+    reach = torch.maximum(near, near[:, -1][order])
+    lrd = 1.0 / (reach.mean(dim=1) + 1e-10)
+    lof = (lrd[order] / lrd[:, None]).mean(dim=1)
+    return float((lof > 1.5).sum()) / n
+
+
+def cluster_rows_naive(keys: torch.Tensor, sim: torch.Tensor, x: torch.Tensor, attn: torch.Tensor,
+                       centers: torch.Tensor, others: torch.Tensor, cluster_size: int,
+                       text_weight: float) -> list[torch.Tensor]:
+    """Recoverable's recovery step as the official loop writes it: per centre, the candidate list (centres before
+    it, centres after it, the others) and their keys gathered afresh, affinities, the top ``cluster_size``
+    (stable: ties to the earlier candidate). :func:`tokenprune.functional.recovery.cluster_rows` is the same."""
+    rows = []
+    for i in range(centers.numel()):
+        cands = torch.cat([centers[:i], centers[i + 1:], others])
+        affinity = keys[cands] @ keys[centers[i]] + text_weight * sim[cands]
+        members = cands[torch.sort(affinity, descending=True, stable=True).indices[:min(cluster_size, cands.numel())]]
+        rows.append(x[centers[i]] + (attn[members, None] * x[members]).sum(dim=0))
+    return rows
+
+
 def _relevance(ctx: SelectionContext) -> torch.Tensor:
     feats, text = ctx.signal(FEATURES), ctx.signal(TEXT_EMBEDDINGS)
     if not text.shape[0]:

@@ -14,6 +14,7 @@ COLUMNS = (
     "prefill_ms_unpruned", "prefill_ms_unpruned_min", "prefill_ms_unpruned_max",
     "prefill_ms_pruned", "prefill_ms_pruned_min", "prefill_ms_pruned_max",
     "prefill_ms_limit", "prefill_ms_limit_min", "prefill_ms_limit_max", "overhead", "speedup",
+    "stage", "limit_kind", "selection_ms",
     "ttft_ms_unpruned", "ttft_ms_unpruned_min", "ttft_ms_unpruned_max",
     "ttft_ms_pruned", "ttft_ms_pruned_min", "ttft_ms_pruned_max",
     "decode_ms_unpruned", "decode_ms_unpruned_min", "decode_ms_unpruned_max",

@@ -3,11 +3,12 @@ physical limit, for one model and a sweep of methods x budgets.
 
 * **prefill** = one ``model(**inputs, use_cache=True, logits_to_keep=1)`` call as ``generate`` makes it: vision
   tower + (signals + selection + compaction, when pruned) + LLM prefill.
-* **limit** (vision-stage methods) = the same model on an input that already has only the kept number of visual
-  tokens: the full vision tower (``get_image_features``, its output discarded), then the LLM prefill on the
-  pruned call's own inputs (``k`` placeholders, ``k`` features handed over through ``mm_encoder_outputs``,
-  prepared once outside the timed region). Selection, its signals and the compaction are not in it. The ratio
-  ``prefill_ms_pruned / prefill_ms_limit`` is the plugin's overhead.
+* **limit** = the same model doing the same work on the kept tokens alone, no selection code
+  (:mod:`tokenprune.bench.limits`; vision stage: the full tower, then the LLM on a ``k``-token input prepared
+  once outside the timed region; inside the encoder: the tower's shrinking schedule with the kept patches given;
+  decoder stage: the same layer schedule with each stage's kept tokens given). The ratio
+  ``prefill_ms_pruned / prefill_ms_limit`` is the plugin's overhead; ``selection_ms`` the time spent inside the
+  method's selection calls per pruned prefill.
 * **ttft** and **decode**: one ``generate(max_new_tokens=T, min_new_tokens=T)`` per repeat with a logits
   processor that stamps every step: the first gap is the time to first token, the median of the later gaps the
   decode time per token (against the pruned KV cache when pruned). ``decode_tokens=0`` skips them.
@@ -19,7 +20,6 @@ Pruned and limit runs alternate (A B A B ...) after ``warmup`` rounds so that a 
 
 from __future__ import annotations
 
-import inspect
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from tokenprune.api import disable_pruning, enable_pruning
+from tokenprune.bench.limits import SelectionClock, limit_for, prefill, vision_tower  # noqa: F401 (re-exported)
 from tokenprune.bench.measure import StepClock, Timer, cache_bytes, interleaved, peak_memory
 from tokenprune.bench.models import BenchModel
 from tokenprune.budget import Keep
@@ -42,23 +43,11 @@ class Budget:
     method: str
     keep: Keep | None = None
     flops: float | None = None
+    options: tuple[tuple[str, Any], ...] = ()  # the method's hyper-parameters, where not its defaults
 
     @property
     def label(self) -> str:
         return f"keep={self.keep}" if self.flops is None else f"flops={self.flops}"
-
-
-def prefill(model: torch.nn.Module, kwargs: dict[str, Any]) -> Any:
-    return model(**kwargs, use_cache=True, logits_to_keep=1)
-
-
-def vision_tower(model: torch.nn.Module, inputs: dict[str, Any]):
-    """A callable running the model's full vision tower + projector on ``inputs`` (``get_image_features``)."""
-    inner = getattr(model, "model", model)
-    fn = inner.get_image_features
-    names = set(inspect.signature(fn).parameters)
-    kwargs = {k: v for k, v in inputs.items() if k in names}
-    return lambda: fn(**kwargs)
 
 
 def generation_steps(model: torch.nn.Module, inputs: dict[str, Any], tokens: int, device: torch.device) -> list[float]:
@@ -118,43 +107,58 @@ def measure_unpruned(bm: BenchModel, repeats: int, warmup: int, decode_tokens: i
     }
 
 
-def measure_pruned(bm: BenchModel, budget: Budget, repeats: int, warmup: int, decode_tokens: int) -> dict[str, Any]:
+def measure_pruned(bm: BenchModel, budget: Budget, repeats: int, warmup: int, decode_tokens: int, *,
+                   memory: bool = True) -> dict[str, Any]:
+    """One budget: the pruned prefill against its limit (:mod:`tokenprune.bench.limits`, every kind of method),
+    the time inside the method's selection, generation, and (``memory``) peak memory and KV bytes."""
     model, inputs, device = bm.model, bm.inputs, bm.device
     timer = Timer(device)
-    handle = enable_pruning(model, budget.method, keep=budget.keep, flops=budget.flops)
+    handle = enable_pruning(model, budget.method, keep=budget.keep, flops=budget.flops, **dict(budget.options))
     try:
         prefill(model, inputs)
         record = handle.last
-        fns = {"pruned": lambda: prefill(model, inputs)}
-        limit_inputs = None
-        if handle.method.stage == "vision":
-            limit_inputs = handle._adapter.prune(dict(inputs)).kwargs  # the call a k-token input makes, prepared once
-            run_vision = vision_tower(model, inputs)
+        limit = limit_for(handle, model, inputs)
+        clock = SelectionClock()
 
-            def limit() -> None:
-                run_vision()
-                prefill(model, limit_inputs)
+        def pruned() -> None:
+            prefill(model, inputs)
+            clock.lap()
 
-            fns["limit"] = limit
-        stats = interleaved(fns, timer, warmup, repeats)
+        stats = interleaved({"pruned": pruned, "limit": limit.run}, timer, warmup, repeats,
+                            around={"pruned": (lambda: clock.start(handle), clock.stop),
+                                    "limit": (limit.enter, limit.leave)})
         ttft, decode = _generation(model, inputs, decode_tokens, device, min(warmup, 1), repeats)
-        kv, _ = _kv_and_length(model, inputs)
         rows = inputs["input_ids"].shape[0]
         row = {
-            "method": budget.method, "keep": budget.keep, "flops": budget.flops,
+            "method": budget.method, "keep": budget.keep, "flops": budget.flops, "stage": handle.method.stage,
+            "options": dict(budget.options) or None,
+            "limit_kind": limit.kind,
             "visual_tokens": record.n_visual, "kept_tokens": record.n_kept, "seq_len_pruned": record.seq_len_after,
             "tflops_pruned": record.tflops_pruned,
             **_stats("prefill_ms_pruned", stats["pruned"].runs),
-            **_stats("prefill_ms_limit", stats["limit"].runs if "limit" in stats else None),
+            **_stats("prefill_ms_limit", stats["limit"].runs),
+            "selection_ms": clock.ms_per_prefill,  # median over the pruned runs
             **_stats("ttft_ms_pruned", ttft), **_stats("decode_ms_pruned", decode),
-            "peak_mem_pruned": peak_memory(lambda: prefill(model, inputs), device),
-            "peak_mem_limit": peak_memory(fns["limit"], device) if "limit" in fns else None,
-            "kv_bytes_pruned": kv,
-            "kv_bytes_analytic_pruned": rows * kv_bytes(bm.shape, record.seq_len_after, _dtype_bytes(model)),
         }
+        if memory:
+            kv, _ = _kv_and_length(model, inputs)
+            row.update({
+                "peak_mem_pruned": peak_memory(lambda: prefill(model, inputs), device),
+                "peak_mem_limit": _around(limit, lambda: peak_memory(limit.run, device)),
+                "kv_bytes_pruned": kv,
+                "kv_bytes_analytic_pruned": rows * kv_bytes(bm.shape, record.seq_len_after, _dtype_bytes(model)),
+            })
     finally:
         disable_pruning(model)
     return row
+
+
+def _around(limit: Any, fn: Any) -> Any:
+    limit.enter()
+    try:
+        return fn()
+    finally:
+        limit.leave()
 
 
 def run(bm: BenchModel, budgets: Iterable[Budget], *, repeats: int = 5, warmup: int = 1, decode_tokens: int = 8,

@@ -79,7 +79,7 @@ def _greedy_coverage(cover: torch.Tensor, k: int, block: int = 32) -> torch.Tens
     """
     n = cover.shape[0]
     best = torch.zeros(cover.shape[1], dtype=cover.dtype, device=cover.device)
-    bound = cover.clamp_min(0).sum(dim=1)  # gains against best = 0
+    bound = cover.sum(dim=1)  # gains against best = 0 (coverage is a softmax share, never negative: no clamped copy)
     fresh = torch.ones(n, dtype=torch.bool, device=cover.device)
     taken = torch.zeros(n, dtype=torch.bool, device=cover.device)
     chosen: list[int] = []

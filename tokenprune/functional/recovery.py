@@ -5,24 +5,118 @@ from __future__ import annotations
 import torch
 
 
+def _nearest_dense(x: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the points ``rows`` of the 1-D ``x``: their ``k`` nearest other points ``[R, k]`` in the order a stable
+    sort of each distance row gives (by distance, ties to the lowest index) and those distances, from whole
+    distance rows: the ``k``-th distance splits each row into the points certainly in (closer) and the tied ones
+    at that distance, of which the lowest-index ones fill up to ``k``; only the ``k`` chosen are sorted."""
+    dist = (x[rows, None] - x[None, :]).abs()  # [R, N]
+    dist[torch.arange(rows.numel(), device=x.device), rows] = torch.inf
+    kth = torch.kthvalue(dist, k, dim=1, keepdim=True).values
+    closer = dist < kth
+    tied = dist == kth
+    room = k - closer.sum(dim=1, keepdim=True)
+    chosen = closer | (tied & (tied.cumsum(dim=1) <= room))  # exactly k per row
+    index = chosen.nonzero()[:, 1].reshape(rows.numel(), k)  # ascending index within each row
+    near = torch.gather(dist, 1, index)
+    order = torch.sort(near, dim=1, stable=True).indices  # by distance; equal distances keep the index order
+    return torch.gather(index, 1, order), torch.gather(near, 1, order)
+
+
+def _nearest(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_nearest_dense` for every point, in ``O(N k)`` from the sorted values.
+
+    Rounding is monotone, so on either side of a point (in sorted order) the fp64 distances grow outward: the
+    ``k`` smallest distances lie in the window of ``k`` sorted neighbours on each side, and so does every point
+    closer than the ``k``-th distance. The points AT that distance (ties, which go to the lowest index) form one
+    run per side; when each run is a single value (duplicates, sorted by index), its lowest indices are its first
+    ``k`` places, which join the window as candidates. The chosen ``k`` are the first of the candidates by
+    (distance, index). A run of several values that round to the same distance falls back to whole rows."""
+    n = x.numel()
+    dev = x.device
+    sv, perm = torch.sort(x, stable=True)  # equal values keep index order
+    pos = torch.empty_like(perm)
+    pos[perm] = torch.arange(n, device=dev)
+    offsets = torch.cat([torch.arange(-k, 0, device=dev), torch.arange(1, k + 1, device=dev)])
+    window = pos[:, None] + offsets  # [N, 2k] sorted positions around each point
+    inside = (window >= 0) & (window < n)
+    window = window.clamp(0, n - 1)
+    d_win = (x[:, None] - sv[window]).abs().masked_fill(~inside, torch.inf)
+    kth = torch.kthvalue(d_win, k, dim=1).values  # [N]
+    closer_left = (d_win[:, :k] < kth[:, None]).sum(1)
+    closer_right = (d_win[:, k:] < kth[:, None]).sum(1)
+
+    def dist_at(p: torch.Tensor) -> torch.Tensor:  # distance of each point to the sorted position(s) p [N] or [N, m]
+        return ((x if p.ndim == 1 else x[:, None]) - sv[p.clamp(0, n - 1)]).abs()
+
+    zero = kth == 0
+    # the tied run on the right starts right after the closer points; on the left it ends right before them
+    start_r = torch.where(zero, torch.searchsorted(sv, x, side="left"), pos + 1 + closer_right)
+    has_r = (start_r < n) & (dist_at(start_r) == kth)
+    end_r = torch.searchsorted(sv, sv[start_r.clamp(max=n - 1)], side="right")
+    end_l = pos - 1 - closer_left
+    has_l = ~zero & (end_l >= 0) & (dist_at(end_l) == kth)
+    start_l = torch.searchsorted(sv, sv[end_l.clamp(min=0)], side="left")
+    single = ~has_r | (end_r >= n) | (dist_at(end_r) > kth)
+    single &= ~has_l | (start_l <= 0) | (dist_at(start_l - 1) > kth)
+    steps = torch.arange(k + 1, device=dev)
+    runs = torch.cat([start_r[:, None] + steps, start_l[:, None] + steps], dim=1)  # [N, 2k + 2]
+    in_run = torch.cat([has_r[:, None] & (runs[:, : k + 1] < end_r[:, None]),
+                        has_l[:, None] & (runs[:, k + 1:] <= end_l[:, None])], dim=1)
+    lo, hi = (pos - k)[:, None], (pos + k)[:, None]
+    in_run &= ((runs < lo) | (runs > hi))  # not already a window candidate (the point itself included)
+    candidates = torch.cat([window, runs.clamp(0, n - 1)], dim=1)
+    valid = torch.cat([inside, in_run], dim=1)
+    dist = torch.cat([d_win, dist_at(runs)], dim=1).masked_fill(~valid, torch.inf)
+    index = perm[candidates].masked_fill(~valid, n)
+    by_index = torch.sort(index, dim=1).indices
+    index, dist = torch.gather(index, 1, by_index), torch.gather(dist, 1, by_index)
+    order = torch.sort(dist, dim=1, stable=True).indices[:, :k]
+    index, near = torch.gather(index, 1, order), torch.gather(dist, 1, order)
+    redo = (~single).nonzero().squeeze(1)
+    if redo.numel():
+        index[redo], near[redo] = _nearest_dense(x, redo, k)
+    return index, near
+
+
 def lof_outlier_fraction(values: torch.Tensor, n_neighbors: int) -> float:
     """Fraction of ``values`` (1-D) that scikit-learn's ``LocalOutlierFactor(n_neighbors, contamination='auto')``
     flags as outliers (local outlier factor > 1.5), computed exactly, brute force, in fp64. Neighbour ties go to the
-    lowest index."""
+    lowest index. The neighbours come from the sorted values (``O(N k)`` time and memory, :func:`_nearest`), not
+    from the ``N x N`` distance matrix; neighbours, their order and every sum are those of the textbook form
+    (:func:`tokenprune.bench.references.lof_outlier_fraction_naive`), so the result is bit-identical."""
     x = values.double().reshape(-1)
     n = x.numel()
     if n < 2:
         return 0.0
     k = min(n_neighbors, n - 1)
-    dist = (x[:, None] - x[None, :]).abs()
-    dist.fill_diagonal_(torch.inf)
-    order = torch.sort(dist, dim=1, stable=True).indices[:, :k]  # [n, k] nearest others
-    near = torch.gather(dist, 1, order)
+    order, near = _nearest(x, k)  # [n, k] nearest others, by distance then index
     k_distance = near[:, -1]
     reach = torch.maximum(near, k_distance[order])  # reach-dist(p, o) = max(k-distance(o), d(p, o))
     lrd = 1.0 / (reach.mean(dim=1) + 1e-10)
     lof = (lrd[order] / lrd[:, None]).mean(dim=1)
     return float((lof > 1.5).sum()) / n
+
+
+def cluster_rows(keys: torch.Tensor, sim: torch.Tensor, x: torch.Tensor, attn: torch.Tensor, centers: torch.Tensor,
+                 others: torch.Tensor, cluster_size: int, text_weight: float) -> list[torch.Tensor]:
+    """Recoverable's recovery step: each centre (in order) gathers the ``cluster_size`` candidates of highest key
+    affinity + ``text_weight`` x text similarity among the other centres and the non-centres (the official
+    candidate order: centres before it, centres after it, then the others; ties to the earlier candidate) and
+    becomes its row plus their attention-weighted rows. The candidates' keys are gathered once, not per centre
+    (``O(C N D_k)`` products, one ``N x D_k`` copy); each centre's affinities are those of the full candidate list
+    with its own entry cut out, so they and the order are the per-centre formula's
+    (:func:`tokenprune.bench.references.cluster_rows_naive`)."""
+    pool = torch.cat([centers, others])  # centre i sits at place i
+    pool_keys, pool_sim = keys[pool], text_weight * sim[pool]
+    size = min(cluster_size, pool.numel() - 1)
+    rows = []
+    for i in range(centers.numel()):
+        affinity = pool_keys @ keys[centers[i]] + pool_sim
+        affinity[i] = -torch.inf  # the centre itself is no candidate; stable sort: the rest keep their order
+        members = pool[_top(affinity, size)]
+        rows.append(x[centers[i]] + (attn[members, None] * x[members]).sum(dim=0))
+    return rows
 
 
 def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -78,12 +172,7 @@ def recoverable(
     if quirks:  # the official code gathers the rest tokens' keys by rest-list position p: key of patch p, not rest[p]
         k = k.clone()
         k[rest] = k[: rest.numel()].clone()
-    rows = []
-    for i in range(n_centers):
-        cands = torch.cat([centers[:i], centers[i + 1:], others])  # the official candidate order
-        affinity = k[cands] @ k[centers[i]] + text_weight * sim[cands]
-        members = cands[_top(affinity, min(cluster_size, cands.numel()))]
-        rows.append(x[centers[i]] + (attn[members, None] * x[members]).sum(dim=0))
+    rows = cluster_rows(k, sim, x, attn, centers, others, cluster_size, text_weight)
     if others.numel():  # the official code appends it even when empty (a zero row); we do not
         rows.append((attn[others, None] * x[others]).sum(dim=0))
     return main, torch.stack(rows).float()
