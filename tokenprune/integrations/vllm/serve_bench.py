@@ -226,13 +226,17 @@ def measure_offline(plan: Plan, keep: float | None) -> dict:
             "prompt_tokens": prompt_len, "kv_blocks_per_request": -(-(prompt_len + plan.max_tokens) // block)}
 
 
+_RESULT = "SERVE_BENCH_OFFLINE "
+
+
 def _offline_in_child(plan: Plan, keep: float | None, log) -> dict:
     argv = [sys.executable, "-m", "tokenprune.integrations.vllm.serve_bench", "--offline-one",
             json.dumps({"plan": asdict(plan), "keep": keep})]
     env = {**os.environ, **OFFLINE_ENV}
     done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
                           timeout=plan.startup_timeout + plan.request_timeout, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    lines = [line for line in done.stdout.splitlines() if line.startswith(_RESULT)]  # vLLM logs to stdout too
+    return json.loads(lines[-1][len(_RESULT):])
 
 
 # --- the run ---------------------------------------------------------------------------------------------------------
@@ -298,7 +302,7 @@ def handle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.offline_one:
         job = json.loads(args.offline_one)
         plan = Plan(**{**job["plan"], "image_size": tuple(job["plan"]["image_size"])})
-        print(json.dumps(measure_offline(plan, job["keep"])))
+        print(_RESULT + json.dumps(measure_offline(plan, job["keep"])), flush=True)
         return 0
     model = args.model
     if model is None and not args.dry_run:
