@@ -246,7 +246,7 @@ def run(plan: Plan, out_dir: str, offline: bool = True) -> dict:
 
     check(plan)
     os.makedirs(out_dir, exist_ok=True)
-    template = os.path.join(out_dir, ".serve_chat_template.jinja")
+    template = os.path.join(tempfile.gettempdir(), f"tokenprune-serve-{plan.model_type}.jinja")
     with open(template, "w") as f:
         f.write(TEMPLATE)
     settings: list[float | None] = [None, *plan.keeps]
