@@ -67,81 +67,17 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def layout(self, image_size: tuple[int, int], n_crops: int) -> PackedLayout:
         """The packed token layout of one image of ``image_size`` (H, W) with ``n_crops`` tower rows."""
-        config = self.model.config
-        side = config.vision_config.image_size // config.vision_config.patch_size
-        crop = [torch.zeros(side * side, dtype=torch.long)]
-        position = [torch.arange(side * side)]
-        boxes = [grid_boxes((side, side))]
-        if n_crops > 1:
-            rows, cols = get_anyres_image_grid_shape(
-                list(image_size), config.image_grid_pinpoints, config.vision_config.image_size
-            )
-            r = torch.arange(rows * side)[:, None].expand(rows * side, cols * side)
-            c = torch.arange(cols * side)[None, :].expand(rows * side, cols * side)
-            coords = torch.stack([(r // side) * cols + c // side + 1, (r % side) * side + c % side])
-            coords = unpad_image(coords, list(image_size))  # [2, h, w]: the crops transformers keeps
-            h, w = coords.shape[1:]
-            newline = torch.full((2, h, 1), -1, dtype=torch.long)
-            coords = torch.cat([coords, newline], dim=2).reshape(2, -1)
-            grid = grid_boxes((h, w)).reshape(h, w, 4)
-            nan = torch.full((h, 1, 4), float("nan"))
-            crop.append(coords[0])
-            position.append(coords[1])
-            boxes.append(torch.cat([grid, nan], dim=1).reshape(-1, 4))
-        else:  # a single tile: transformers appends one newline token after it
-            crop.append(torch.tensor([-1]))
-            position.append(torch.tensor([-1]))
-            boxes.append(torch.full((1, 4), float("nan")))
-        return PackedLayout(torch.cat(crop), torch.cat(position), torch.cat(boxes), side, n_crops)
+        return packed_layout(self.model.config, image_size, n_crops)
 
     def _units(self, layout: PackedLayout) -> tuple[list[Unit], list[int]]:
         """Selection units over the candidate tokens, and the crop of each unit (-1: a per-image pool)."""
-        candidate = torch.ones_like(layout.crop, dtype=torch.bool)
-        if not self.method.newline_candidates:
-            candidate &= ~layout.newline
-        scope = self.scope or self.method.crop_scope
-        if scope == "image":
-            return [Unit(candidate.nonzero().squeeze(1), None)], [-1]
-        units, crops = [], []
-        for crop in range(layout.n_crops):
-            index = (layout.crop == crop).nonzero().squeeze(1)
-            if index.numel():
-                units.append(Unit(index, _rect(layout, index)))
-                crops.append(crop)
-        if self.method.newline_candidates and bool(layout.newline.any()):
-            units.append(Unit(layout.newline.nonzero().squeeze(1), None))
-            crops.append(-1)
-        return units, crops
+        return selection_units(layout, self.method, self.scope)
 
     def _unit_signals(
         self, layout: PackedLayout, unit: Unit, crop_signals: list[dict[str, torch.Tensor]]
     ) -> dict[str, torch.Tensor]:
         """The CLIP signals of one unit's tokens, in the unit's order (newline tokens get zeros)."""
-        if not crop_signals or not crop_signals[0]:
-            return {}
-        crops, positions = layout.crop[unit.index], layout.position[unit.index]
-        present = [c for c in crops.unique().tolist() if c >= 0]
-        out = {}
-        for key, first in crop_signals[0].items():
-            axes = _TOKEN_AXES.get(key.split("@")[0], (0,))
-            if not axes:  # one value per crop ([CLS] hidden state): the unit's first crop
-                out[key] = crop_signals[present[0] if present else 0][key]
-                continue
-            shape = list(first.shape)
-            for axis in axes:
-                shape[axis] = unit.index.numel()
-            value = first.new_zeros(shape)
-            for c in present:
-                where = (crops == c).nonzero().squeeze(1)
-                source = crop_signals[c][key]
-                for axis in axes:
-                    source = source.index_select(axis, positions[where].to(source.device))
-                if len(axes) == 1:
-                    value.index_copy_(axes[0], where.to(value.device), source)
-                else:  # [N, N] attention among image tokens: within a crop; zero across crops (block-diagonal)
-                    value[where[:, None], where[None, :]] = source
-            out[key] = value
-        return out
+        return unit_signals(layout, unit, crop_signals)
 
     # --- pruning ---------------------------------------------------------------------------------------------
     def prune(self, kwargs: dict[str, Any]) -> PrunedCall | None:
@@ -236,6 +172,89 @@ class LlavaNextAdapter(LlavaAdapter):
             )
             for size in sizes[:n_images]
         ]
+
+
+def packed_layout(config: Any, image_size: tuple[int, int], n_crops: int) -> PackedLayout:
+    """The packed token layout of one image of ``image_size`` (H, W) with ``n_crops`` tower rows (base tile
+    included) under a LLaVA-NeXT ``config``; shared with the vLLM plugin, which needs it before the tower runs."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    crop = [torch.zeros(side * side, dtype=torch.long)]
+    position = [torch.arange(side * side)]
+    boxes = [grid_boxes((side, side))]
+    if n_crops > 1:
+        rows, cols = get_anyres_image_grid_shape(
+            list(image_size), config.image_grid_pinpoints, config.vision_config.image_size
+        )
+        r = torch.arange(rows * side)[:, None].expand(rows * side, cols * side)
+        c = torch.arange(cols * side)[None, :].expand(rows * side, cols * side)
+        coords = torch.stack([(r // side) * cols + c // side + 1, (r % side) * side + c % side])
+        coords = unpad_image(coords, list(image_size))  # [2, h, w]: the crops transformers keeps
+        h, w = coords.shape[1:]
+        newline = torch.full((2, h, 1), -1, dtype=torch.long)
+        coords = torch.cat([coords, newline], dim=2).reshape(2, -1)
+        grid = grid_boxes((h, w)).reshape(h, w, 4)
+        nan = torch.full((h, 1, 4), float("nan"))
+        crop.append(coords[0])
+        position.append(coords[1])
+        boxes.append(torch.cat([grid, nan], dim=1).reshape(-1, 4))
+    else:  # a single tile: transformers appends one newline token after it
+        crop.append(torch.tensor([-1]))
+        position.append(torch.tensor([-1]))
+        boxes.append(torch.full((1, 4), float("nan")))
+    return PackedLayout(torch.cat(crop), torch.cat(position), torch.cat(boxes), side, n_crops)
+
+
+def selection_units(layout: PackedLayout, method: Any, scope: str | None) -> tuple[list[Unit], list[int]]:
+    """Selection units over the candidate tokens, and the crop of each unit (-1: a per-image pool): per crop or
+    per image (``scope``, else the method's ``crop_scope``), newline tokens candidates only where the method's
+    official code selects over them (``newline_candidates``)."""
+    candidate = torch.ones_like(layout.crop, dtype=torch.bool)
+    if not method.newline_candidates:
+        candidate &= ~layout.newline
+    scope = scope or method.crop_scope
+    if scope == "image":
+        return [Unit(candidate.nonzero().squeeze(1), None)], [-1]
+    units, crops = [], []
+    for crop in range(layout.n_crops):
+        index = (layout.crop == crop).nonzero().squeeze(1)
+        if index.numel():
+            units.append(Unit(index, _rect(layout, index)))
+            crops.append(crop)
+    if method.newline_candidates and bool(layout.newline.any()):
+        units.append(Unit(layout.newline.nonzero().squeeze(1), None))
+        crops.append(-1)
+    return units, crops
+
+
+def unit_signals(
+    layout: PackedLayout, unit: Unit, crop_signals: list[dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """The CLIP signals of one unit's tokens, in the unit's order (newline tokens get zeros)."""
+    if not crop_signals or not crop_signals[0]:
+        return {}
+    crops, positions = layout.crop[unit.index], layout.position[unit.index]
+    present = [c for c in crops.unique().tolist() if c >= 0]
+    out = {}
+    for key, first in crop_signals[0].items():
+        axes = _TOKEN_AXES.get(key.split("@")[0], (0,))
+        if not axes:  # one value per crop ([CLS] hidden state): the unit's first crop
+            out[key] = crop_signals[present[0] if present else 0][key]
+            continue
+        shape = list(first.shape)
+        for axis in axes:
+            shape[axis] = unit.index.numel()
+        value = first.new_zeros(shape)
+        for c in present:
+            where = (crops == c).nonzero().squeeze(1)
+            source = crop_signals[c][key]
+            for axis in axes:
+                source = source.index_select(axis, positions[where].to(source.device))
+            if len(axes) == 1:
+                value.index_copy_(axes[0], where.to(value.device), source)
+            else:  # [N, N] attention among image tokens: within a crop; zero across crops (block-diagonal)
+                value[where[:, None], where[None, :]] = source
+        out[key] = value
+    return out
 
 
 def _rect(layout: PackedLayout, index: torch.Tensor) -> tuple[int, int] | None:

@@ -25,7 +25,8 @@ from tokenprune.integrations.vllm.checkpoints import save_tiny_checkpoint  # noq
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("models")
-    return {name: save_tiny_checkpoint(name, str(root / name)) for name in ("llava", "qwen2_vl", "qwen2_5_vl")}
+    names = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+    return {name: save_tiny_checkpoint(name, str(root / name)) for name in names}
 
 
 @functools.cache

@@ -10,8 +10,10 @@ import torch
 from cases import MAX_TOKENS, PROMPTS, Run, image
 
 from tokenprune.integrations.vllm.options import VllmPruning
-from tokenprune.integrations.vllm.selection import image_rows, select_image
-from tokenprune.methods import CLS_ATTENTION, FEATURES, Selection
+from tokenprune.integrations.vllm.selection import select_image
+from tokenprune.methods import FEATURES, TEXT_EMBEDDINGS
+from tokenprune.patches.base import text_embeddings
+from tokenprune.patches.units import ImageSelection
 
 
 class HFReference:
@@ -40,44 +42,56 @@ class HFReference:
 
     @torch.no_grad()
     def signals(self, pruning: VllmPruning | None):
-        """``(features [N, D], {signal key: tensor}, grid)`` of the one image, computed the HF way."""
+        """``(features [N, D], {signal key: tensor}, grid)`` of the one image, computed the HF way: the probes of
+        ``enable_pruning`` (``patches/clip_signals.py``, ``patches/qwen_signals.py``) on the HF tower."""
+        from tokenprune.patches.clip_signals import PROBE_SIGNALS, ClipProbe
+        from tokenprune.patches.qwen_signals import QwenProbe
+
         model = self.model.model
+        cls_token = not self.qwen
+        requests = list(pruning.method.requests(cls_token=cls_token)) if pruning else []
         if self.qwen:
             grid_thw = self.inputs["image_grid_thw"]
-            feats = model.get_image_features(self.inputs["pixel_values"], grid_thw).pooler_output[0]
+            with QwenProbe(model.visual, requests, grid_thw) as probe:
+                feats = model.get_image_features(self.inputs["pixel_values"], grid_thw).pooler_output[0]
             merge = self.model.config.vision_config.spatial_merge_size
             _, h, w = grid_thw[0].tolist()
-            return feats, {FEATURES: feats}, (h // merge, w // merge)
-        config = self.model.config
-        vision = model.vision_tower(self.inputs["pixel_values"], output_hidden_states=True, output_attentions=True)
-        feats = model.multi_modal_projector(vision.hidden_states[config.vision_feature_layer][:, 1:])[0]
-        signals = {FEATURES: feats}
-        layers = config.vision_config.num_hidden_layers
-        for request in pruning.method.requests(cls_token=True) if pruning else ():
-            if request.name == CLS_ATTENTION:
-                layer = config.vision_feature_layer % layers if request.layer is None else request.layer % layers
-                signals[request.key] = vision.attentions[layer][0, :, 0, 1:]  # [H, N]
-        side = math.isqrt(feats.shape[0])
-        return feats, signals, (side, side)
+            signals, grid = {FEATURES: feats, **probe.per_item()[0]}, (h // merge, w // merge)
+            placeholders = (self.image_token_id, self.model.config.video_token_id)
+        else:
+            config = self.model.config
+            layers = config.vision_config.num_hidden_layers
+            probed = [r for r in requests if r.name in PROBE_SIGNALS]
+            with ClipProbe(model.vision_tower, probed, config.vision_feature_layer % layers) as probe:
+                vision = model.vision_tower(self.inputs["pixel_values"], output_hidden_states=True)
+            feats = model.multi_modal_projector(vision.hidden_states[config.vision_feature_layer][:, 1:])[0]
+            signals = {FEATURES: feats, **(probe.per_image(drop_cls=True)[0] if probed else {})}
+            side = math.isqrt(feats.shape[0])
+            grid = (side, side)
+            placeholders = (self.image_token_id,)
+        if pruning and TEXT_EMBEDDINGS in pruning.method.signals_needed(cls_token=cls_token):
+            ids = self.inputs["input_ids"]
+            end = int((ids[0] == self.image_token_id).nonzero().max())
+            signals[TEXT_EMBEDDINGS] = text_embeddings(self.model, ids, None, 0, end, placeholders)
+        return feats, signals, grid
 
-    def selection(self, pruning: VllmPruning) -> Selection:
+    def selection(self, pruning: VllmPruning) -> ImageSelection:
         feats, signals, grid = self.signals(pruning)
-        return select_image(pruning, feats.shape[0], signals, grid, cls_token=not self.qwen,
-                            allow_extra_rows=not self.qwen)
+        project = None if self.qwen else self.model.model.multi_modal_projector
+        return select_image(pruning, feats, signals, grid, cls_token=not self.qwen, project=project)
 
     @torch.no_grad()
-    def pruned(self, selection: Selection, reindex_positions: bool = False) -> Run:
+    def pruned(self, selection: ImageSelection, reindex_positions: bool = False) -> Run:
         """Greedy decode of the prompt with only the selected image rows (no KV cache: full recompute per step).
         ``reindex_positions`` (Qwen): give the pruned sequence fresh contiguous positions instead (a wrong variant
         the tests use to show that the comparison sees positions)."""
-        feats, _, _ = self.signals(None)
-        rows = image_rows(feats, selection)
+        rows = selection.features
         ids = self.inputs["input_ids"][0]
         is_image = ids == self.image_token_id
         keep = ~is_image
         slots = is_image.nonzero()[:, 0]
         # Qwen: the kept tokens' own columns (their positions matter); LLaVA (re-indexed): the first k slots
-        keep[slots[selection.kept] if self.qwen else slots[: rows.shape[0]]] = True
+        keep[slots[selection.slots] if self.qwen else slots[: rows.shape[0]]] = True
         embed = self.model.get_input_embeddings()
         embeds = embed(ids[keep])[None].clone()
         embeds[0, ids[keep] == self.image_token_id] = rows

@@ -11,7 +11,7 @@ from hf_reference import HFReference
 from tokenprune.integrations.vllm import vllm_overrides
 from tokenprune.integrations.vllm.options import parse_options
 
-MODELS = ["llava", "qwen2_vl", "qwen2_5_vl"]
+MODELS = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
 TOL = 1e-5  # fp32 noise between the engines is ~5e-7; a position off by one shifts logprobs by ~1e-3 here
 
 
@@ -37,8 +37,8 @@ def test_vanilla_vllm_matches_hf_generate(name, vllm_run, hf):
     assert max_diff(ours, ref) < TOL
 
 
-@pytest.mark.parametrize(("name", "keep"), [("llava", 10_000), ("qwen2_vl", 10_000), ("qwen2_5_vl", 10_000),
-                                            ("qwen2_5_vl", 1.0)])
+@pytest.mark.parametrize(("name", "keep"), [("llava", 10_000), ("llava_next", 10_000), ("qwen2_vl", 10_000),
+                                            ("qwen2_5_vl", 10_000), ("qwen2_5_vl", 1.0)])
 def test_keep_all_is_bit_identical_to_vanilla(name, keep, vllm_run):
     """An int budget above the image's token count runs the whole pruning path (selection, position channels,
     position rewrite); keep=1.0 takes the stock path."""
@@ -53,10 +53,22 @@ CASES = [
     ("llava", "kcenter", 10, {}),        # pivot from the LAST CLIP layer, past vLLM's truncated tower
     ("llava", "random", 0.2, {"seed": 1}),
     ("llava", "holov", 60, {}),          # 53 kept + 7 zero rows (the official padding, quirks=True)
+    ("llava", "hiprune", 12, {"object_layer": 0}),  # attention received at layer 0 and the feature layer
+    ("llava", "fopru", 12, {}),          # attention map among image tokens
+    ("llava", "visionzip", 12, {}),      # [CLS] + dominant + contextual tokens merged before the projector
+    ("llava", "visiondrop", 12, {}),
+    ("llava", "cdpruner", 12, {}),       # prompt-dependent: text after the image, embedded by vLLM's LLM
+    ("llava", "mmtok", 12, {}),
     ("qwen2_vl", "divprune", 0.25, {}),
+    ("qwen2_vl", "hiprune", 8, {"object_layer": 0}),  # attention received, full-attention blocks
     ("qwen2_5_vl", "divprune", 6, {}),
     ("qwen2_5_vl", "kcenter", 6, {"rule": "maxsum"}),
     ("qwen2_5_vl", "uniform", 8, {}),
+    ("qwen2_5_vl", "hiprune", 8, {"object_layer": 0}),  # a windowed block (window order put back into raster order)
+    ("qwen2_5_vl", "holov", 8, {}),
+    ("qwen2_5_vl", "visiondrop", 8, {}),  # merged tokens in the slots of their first member
+    ("qwen2_5_vl", "cdpruner", 8, {}),
+    ("qwen2_5_vl", "mmtok", 8, {}),
 ]
 
 
@@ -68,7 +80,7 @@ def test_pruned_matches_hf_reference(name, method, keep, options, vllm_run, hf):
     selection = ref_model.selection(pruning)
     n = ref_model.signals(None)[0].shape[0]
     k = pruning.kept(n)
-    assert len(selection.kept) + selection.n_merged == k < n
+    assert selection.features.shape[0] == k < n
 
     ours, ref = vllm_run(name, overrides), ref_model.pruned(selection)
     vanilla = vllm_run(name)
@@ -80,3 +92,31 @@ def test_pruned_matches_hf_reference(name, method, keep, options, vllm_run, hf):
     assert max_diff(vanilla, ref) > 100 * TOL
     if name.startswith("qwen"):  # ... and so do re-indexed positions (kept tokens must keep their own)
         assert max_diff(ours, ref_model.pruned(selection, reindex_positions=True)) > 10 * TOL
+
+
+# LLaVA-NeXT: the reference is enable_pruning itself on the HF model (per-crop units, the newline rule, re-indexed
+# positions): vLLM must give its tokens and logprobs.
+NEXT_CASES = [("fastervlm", 0.5, {}), ("divprune", 0.3, {}), ("visionzip", 0.5, {}), ("cdpruner", 0.5, {})]
+
+
+@pytest.mark.parametrize(("method", "keep", "options"), NEXT_CASES, ids=[c[0] for c in NEXT_CASES])
+def test_llava_next_pruned_matches_enable_pruning(method, keep, options, vllm_run, model_dirs):
+    from tokenprune import disable_pruning, enable_pruning
+
+    ref_model = HFReference(model_dirs["llava_next"], "llava_next")
+    vanilla = ref_model.generate()
+    handle = enable_pruning(ref_model.model, method=method, keep=keep, **options)
+    try:
+        ref = ref_model.generate()
+        image = handle.last.images[0]
+        kept_rows = len(image.kept) + image.n_merged
+    finally:
+        disable_pruning(ref_model.model)
+    ours = vllm_run("llava_next", vllm_overrides("llava_next", method, keep=keep, **options))
+    n = 52
+    assert kept_rows < n
+    assert ours.prompt_len == vllm_run("llava_next").prompt_len - (n - kept_rows)
+    assert ours.tokens == ref.tokens
+    report(f"pruned vLLM vs enable_pruning, llava_next {method} keep={keep}", max_diff(ours, ref))
+    assert max_diff(ours, ref) < TOL
+    assert max_diff(vanilla, ref) > 100 * TOL  # the comparison can fail: the unpruned prompt gives other logprobs

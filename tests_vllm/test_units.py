@@ -11,6 +11,7 @@ from tokenprune.budget import kept_count
 from tokenprune.integrations.vllm import ARCHITECTURES, vllm_overrides
 from tokenprune.integrations.vllm.mrope import MediaSpan, media_coords, placeholder_positions
 from tokenprune.integrations.vllm.options import parse_options, supported_methods
+from tokenprune.integrations.vllm.prompt_text import salted_hash, text_after_images
 from tokenprune.tiny_models import random_image, tiny_qwen
 
 
@@ -178,20 +179,45 @@ def test_pruned_positions_after_the_runner_rewrite_equal_hf_columns(qwen):
 
 # --- options -------------------------------------------------------------------------------------------------------
 def test_supported_methods():
-    assert {"divprune", "fastervlm", "kcenter", "random", "uniform"} <= set(supported_methods(cls_token=True))
-    assert {"divprune", "kcenter", "random", "uniform"} <= set(supported_methods(cls_token=False))
-    assert "fastervlm" not in supported_methods(cls_token=False)
+    """Every vision-stage method with a count known before the encoder runs, on each tower where it is defined."""
+    assert set(supported_methods(cls_token=True)) == {
+        "cdpruner", "divprune", "fastervlm", "fopru", "hiprune", "holov", "kcenter", "mmtok", "random", "uniform",
+        "visiondrop", "visionzip"}
+    assert set(supported_methods(cls_token=False)) == {
+        "cdpruner", "divprune", "hiprune", "holov", "kcenter", "mmtok", "random", "uniform", "visiondrop"}
 
 
 @pytest.mark.parametrize(("raw", "cls_token", "message"), [
     ({"method": "recoverable", "keep": 64}, True, "decides its kept count"),
+    ({"method": "recoverable", "keep": 64}, True, "nearest method the vLLM plugin runs on this model is 'visionzip'"),
     ({"method": "fastv", "keep": 64}, True, "runs at the 'decoder' stage"),
-    ({"method": "mmtok", "keep": 64}, True, "text_embeddings"),
+    ({"method": "fastv", "keep": 64}, False, "nearest method the vLLM plugin runs on this model is 'hiprune'"),
+    ({"method": "todre", "keep": 64}, True, "nearest method the vLLM plugin runs on this model is 'kcenter'"),
     ({"method": "fastervlm", "keep": 64}, False, "without a [CLS] token"),
+    ({"method": "flowcut", "keep": 64}, True, "'vision-encoder' stage"),
     ({"method": "divprune"}, True, "needs 'method' and 'keep'"),
     ({"method": "divprune", "keep": 1.5}, True, "ratio"),
     ({"method": ["divprune", "fastv"], "keep": 64}, True, "one vision-stage method"),
+    ({"method": "nope", "keep": 64}, True, "unknown method 'nope'"),
 ])
 def test_unsupported_options_raise_clear_errors(raw, cls_token, message):
     with pytest.raises((ValueError, TypeError), match=re.escape(message)):
         parse_options(raw, cls_token)
+
+
+# --- prompt text -----------------------------------------------------------------------------------------------------
+def test_text_after_images_follows_the_hf_definition():
+    """Text after each image, placeholders of every image excluded; all text when none follows; expanded runs too."""
+    img, vid = 7, 8
+    prompt = [1, 2, img, 3, 4, img, 5, vid, 6]
+    assert text_after_images(prompt, 2, img, (img, vid)) == [[3, 4, 5, 6], [5, 6]]
+    assert text_after_images([1, img, img], 2, img, (img,)) == [[1], [1]]  # nothing after: all text
+    expanded = [1, img, img, img, 2, img, img, 3]
+    assert text_after_images(expanded, 2, img, (img,)) == [[2, 3], [3]]
+    with pytest.raises(ValueError, match="one placeholder"):
+        text_after_images(expanded, 3, img, (img,))
+
+
+def test_salted_hash_depends_on_the_text():
+    assert salted_hash("abc", [1, 2]) != salted_hash("abc", [1, 3]) != salted_hash("abd", [1, 3])
+    assert salted_hash("abc", [1, 2]) == salted_hash("abc", [1, 2])

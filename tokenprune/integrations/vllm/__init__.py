@@ -19,6 +19,8 @@ from tokenprune.budget import Keep
 ARCHITECTURES = {
     "llava": ("LlavaForConditionalGeneration", "TokenpruneLlavaForConditionalGeneration",
               "tokenprune.integrations.vllm.llava:TokenpruneLlavaForConditionalGeneration"),
+    "llava_next": ("LlavaNextForConditionalGeneration", "TokenpruneLlavaNextForConditionalGeneration",
+                   "tokenprune.integrations.vllm.llava_next:TokenpruneLlavaNextForConditionalGeneration"),
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "TokenpruneQwen2VLForConditionalGeneration",
                  "tokenprune.integrations.vllm.qwen:TokenpruneQwen2VLForConditionalGeneration"),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "TokenpruneQwen2_5_VLForConditionalGeneration",

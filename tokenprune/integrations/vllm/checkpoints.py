@@ -1,9 +1,10 @@
 """Tiny random-weight checkpoints saved in the layout vLLM loads, for offline tests and the docs snippet.
 
-The models are :mod:`tokenprune.tiny_models` (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL; text head_dim 32, which vLLM's CPU
-attention needs). Two things make a saved tiny model loadable by vLLM 0.32: LLaVA's CLIP weights are renamed to the
-hub layout (``vision_tower.vision_model.*``; transformers >= 5 saves ``vision_tower.*``), and Qwen gets a real
-``Qwen2VLProcessor`` (image + video processor; the latter needs torchvision, present in vLLM's environment).
+The models are :mod:`tokenprune.tiny_models` (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL; text head_dim 32, which
+vLLM's CPU attention needs). Two things make a saved tiny model loadable by vLLM 0.32: the LLaVA families' CLIP
+weights are renamed to the hub layout (``vision_tower.vision_model.*``; transformers >= 5 saves ``vision_tower.*``),
+and Qwen gets a real ``Qwen2VLProcessor`` (image + video processor; the latter needs torchvision, present in vLLM's
+environment).
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ def _hub_clip_name(key: str) -> str:
     return key
 
 
-def _save_llava(path: str) -> None:
+def _save_llava(path: str, next_: bool = False, mid: bool = False) -> None:
     from safetensors.torch import load_file, save_file
 
-    from tokenprune.tiny_models import tiny_llava
+    from tokenprune.tiny_models import DEMO, tiny_llava, tiny_llava_next
 
-    model, processor = tiny_llava()
+    model, processor = tiny_llava_next() if next_ else tiny_llava(DEMO) if mid else tiny_llava()
     model.save_pretrained(path)
     processor.save_pretrained(path)
     file = os.path.join(path, "model.safetensors")
@@ -47,9 +48,12 @@ def _save_qwen(path: str, version: str) -> None:
 
 
 def save_tiny_checkpoint(model_type: str, path: str) -> str:
-    """Save a tiny ``model_type`` (``"llava"``, ``"qwen2_vl"``, ``"qwen2_5_vl"``) model that vLLM can load; returns
-    ``path``. LLaVA: 64x64 px images, 64 visual tokens; Qwen: one token per 28x28 px, up to 64 per image."""
-    savers = {"llava": _save_llava, "qwen2_vl": lambda p: _save_qwen(p, "2"),
+    """Save a tiny ``model_type`` (``"llava"``, ``"llava_next"``, ``"qwen2_vl"``, ``"qwen2_5_vl"``) model that vLLM
+    can load; returns ``path``. LLaVA: 64x64 px images, 64 visual tokens; LLaVA-NeXT: 32 px tiles of 16 tokens,
+    AnyRes up to 64x64 px; Qwen: one token per 28x28 px, up to 64 per image. ``"llava_mid"``: the serving
+    benchmark's LLaVA-1.5-shaped model (336 px, 576 visual tokens, a 4-layer 512-wide LLM)."""
+    savers = {"llava": _save_llava, "llava_next": lambda p: _save_llava(p, next_=True),
+              "llava_mid": lambda p: _save_llava(p, mid=True), "qwen2_vl": lambda p: _save_qwen(p, "2"),
               "qwen2_5_vl": lambda p: _save_qwen(p, "2.5")}
     if model_type not in savers:
         raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(savers)}")

@@ -1,9 +1,11 @@
 """LLaVA-1.5 in vLLM with visual-token pruning after the projector.
 
 The processor reserves the kept count of placeholders per image (``get_num_image_tokens``), the model returns that
-many projected tokens per image. [CLS] attention is recomputed for the [CLS] query row only, from the CLIP layer's
-own ``qkv_proj`` (a forward pre-hook on that layer's attention captures its input), never read from the kernel.
-Imported by vLLM lazily, in the engine and worker processes.
+many projected tokens per image. The CLIP signals are those of ``enable_pruning``: the same probe
+(:class:`tokenprune.patches.clip_signals.ClipProbe`) recomputes what the method asked for from each layer's own
+projections (vLLM's fused ``qkv_proj``, seen as ``q_proj``/``k_proj`` with every head gathered from the
+tensor-parallel ranks), never from the attention kernel. Prompt-dependent methods get the prompt's text through
+:mod:`.prompt_text`. Imported by vLLM lazily, in the engine and worker processes.
 """
 
 from __future__ import annotations
@@ -25,12 +27,10 @@ from vllm.model_executor.models.utils import maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from tokenprune.integrations.vllm.options import CONFIG_KEY, VllmPruning, parse_options
-from tokenprune.integrations.vllm.selection import image_rows, select_image
-from tokenprune.methods import CLS_ATTENTION, FEATURES
-
-
-def _pass_through(hidden_states: torch.Tensor) -> torch.Tensor:
-    return hidden_states
+from tokenprune.integrations.vllm.prompt_text import TEXT_FIELD, PromptTextProcessor, check_cache_type
+from tokenprune.integrations.vllm.selection import select_image
+from tokenprune.methods import FEATURES, TEXT_EMBEDDINGS, SignalRequest
+from tokenprune.patches.clip_signals import OUTPUT_SIGNALS, PROBE_SIGNALS, ClipProbe
 
 
 def _pruning(hf_config) -> VllmPruning | None:
@@ -44,10 +44,132 @@ class TokenpruneLlavaProcessingInfo(LlavaProcessingInfo):
         return n if pruning is None else pruning.kept(n)
 
 
+class TokenpruneLlavaMultiModalProcessor(PromptTextProcessor, LlavaMultiModalProcessor):
+    def _tokenprune_text(self):
+        pruning = _pruning(self.info.get_hf_config())
+        if pruning is None or pruning.keeps_all or TEXT_EMBEDDINGS not in pruning.method.needs:
+            return None
+        config = self.info.get_hf_config()
+        image_token_id = getattr(config, "image_token_id", None) or config.image_token_index
+        return image_token_id, (image_token_id,)
+
+
+class _FusedPart:
+    """``q_proj`` / ``k_proj`` of a vLLM CLIP attention (one fused ``qkv_proj``), all heads on every rank."""
+
+    def __init__(self, attn: torch.nn.Module, part: int) -> None:
+        self.attn, self.part = attn, part
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.attn.qkv_proj(hidden)
+        out = qkv.chunk(3, dim=-1)[self.part]
+        if self.attn.num_heads_per_partition != self.attn.num_heads:  # tensor-parallel tower: gather the heads
+            out = tensor_model_parallel_all_gather(out.contiguous(), dim=-1)
+        return out
+
+
+def _signal_only_forward(layer: torch.nn.Module):
+    """Forward of a layer past vLLM's truncated tower: its attention runs (the probe's pre-hook reads its input),
+    its input passes through unchanged, so the features stay the feature layer's."""
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        layer.self_attn(hidden_states=layer.layer_norm1(hidden_states))
+        return hidden_states
+    return forward
+
+
+class ClipPruning:
+    """What LLaVA-1.5 and LLaVA-NeXT share in vLLM (mixed in before the stock class): the options, the CLIP probe
+    (layers, ``q_proj``/``k_proj`` views), the prompt text of prompt-dependent methods, the record of kept tokens."""
+
+    def _tokenprune_init(self, vllm_config, prefix: str) -> None:
+        self.tokenprune = _pruning(self.config)
+        self.tokenprune_kept: list[torch.Tensor] = []  # the kept tokens of each image of the last encoder call
+        self._requests: list[SignalRequest] = []   # the method's requests, layers made non-negative
+        self._keys: dict[str, str] = {}            # probe key -> the method's key
+        self._text_ids: list[torch.Tensor] | None = None
+        self._feature_layer = len(self.vision_tower.vision_model.encoder.layers) - 1
+        if self.tokenprune is None:
+            return
+        if TEXT_EMBEDDINGS in self.tokenprune.method.needs:
+            check_cache_type(vllm_config)
+        requests = [r for r in self.tokenprune.method.requests(cls_token=True) if r.name in PROBE_SIGNALS]
+        if requests:
+            self._install_probe_layers(requests, vllm_config, prefix)
+
+    def _install_probe_layers(self, requests, vllm_config, prefix: str) -> None:
+        """Give the tower's attention modules ``q_proj``/``k_proj`` views and build the layers the probe needs.
+
+        vLLM builds the tower only up to the feature layer. A layer past it (k-center's pivot reads the LAST layer)
+        is appended as a signal-only layer (:func:`_signal_only_forward`; its weights are loaded).
+        """
+        vision = self.config.vision_config
+        if not isinstance(vision, CLIPVisionConfig):
+            raise ValueError(
+                f"{self.tokenprune.method.name} needs CLIP signals {sorted(r.key for r in requests)}; this model's "
+                f"vision tower is {type(vision).__name__}"
+            )
+        layers = self.vision_tower.vision_model.encoder.layers
+        total, built = vision.num_hidden_layers, len(layers)
+        for request in requests:
+            if request.layer is not None and not -total <= request.layer < total:
+                raise ValueError(
+                    f"{self.tokenprune.method.name} asks for {request.name} at vision layer {request.layer}; the "
+                    f"tower has {total} layers (valid: {-total}..{total - 1})"
+                )
+            index = built - 1 if request.layer is None else request.layer % total
+            if index >= built and request.name in OUTPUT_SIGNALS:
+                raise ValueError(
+                    f"{self.tokenprune.method.name} asks for {request.name} at vision layer {request.layer}, past the "
+                    f"feature layer vLLM builds the tower up to; the plugin reads attention signals there only"
+                )
+            while len(layers) <= index:
+                layer = CLIPEncoderLayer(
+                    vision, vllm_config.quant_config, attn_cls=MMEncoderAttention,
+                    prefix=f"{maybe_prefix(prefix, 'vision_tower')}.vision_model.encoder.layers.{len(layers)}",
+                )
+                layer.forward = _signal_only_forward(layer)
+                layers.append(layer)
+            probe_request = SignalRequest(request.name, None if request.layer is None else index)
+            self._requests.append(probe_request)
+            self._keys[probe_request.key] = request.key
+        for layer in layers:
+            layer.self_attn.q_proj = _FusedPart(layer.self_attn, 0)
+            layer.self_attn.k_proj = _FusedPart(layer.self_attn, 1)
+
+    def _probe(self) -> ClipProbe:
+        return ClipProbe(self.vision_tower, self._requests, self._feature_layer)
+
+    def _probed_rows(self, probe: ClipProbe, n_rows: int) -> list[dict[str, torch.Tensor]]:
+        """Per row of the vision batch (an image or a crop), its signals under the method's keys."""
+        if not self._requests:
+            return [{} for _ in range(n_rows)]
+        drop_cls = self.config.vision_feature_select_strategy == "default"
+        return [{self._keys[key]: value for key, value in row.items()} for row in probe.per_image(drop_cls=drop_cls)]
+
+    def _text_signals(self, b: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """``{TEXT_EMBEDDINGS: [M, D]}``, the LLM's own input embeddings of the text after image ``b`` of this call,
+        when the method needs them."""
+        if TEXT_EMBEDDINGS not in self.tokenprune.method.needs:
+            return {}
+        if self._text_ids is None:
+            raise RuntimeError(f"{self.tokenprune.method.name} needs the prompt text; the processor did not attach "
+                               f"it ({TEXT_FIELD})")
+        ids = self._text_ids[b].reshape(-1).to(device)
+        return {TEXT_EMBEDDINGS: self.get_language_model().embed_input_ids(ids)}
+
+    def embed_multimodal(self, **kwargs: object):
+        text = kwargs.pop(TEXT_FIELD, None)
+        self._text_ids = None if text is None else list(text)
+        try:
+            return super().embed_multimodal(**kwargs)
+        finally:
+            self._text_ids = None
+
+
 @MULTIMODAL_REGISTRY.register_processor(
-    LlavaMultiModalProcessor, info=TokenpruneLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+    TokenpruneLlavaMultiModalProcessor, info=TokenpruneLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
 )
-class TokenpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+class TokenpruneLlavaForConditionalGeneration(ClipPruning, LlavaForConditionalGeneration):
     """``LlavaForConditionalGeneration`` that keeps ``hf_config.tokenprune``'s selection of each image's tokens.
 
     Images given as ``image_embeds`` are not pruned (their placeholder count is their own row count).
@@ -55,89 +177,22 @@ class TokenpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.tokenprune = _pruning(self.config)
-        self._captured: dict[str, torch.Tensor] | None = None
-        self._cls_keys: list[str] = []
-        if self.tokenprune is None:
-            return
-        requests = [r for r in self.tokenprune.method.requests(cls_token=True) if r.name == CLS_ATTENTION]
-        if requests:
-            self._install_cls_probes(requests, vllm_config, prefix)
+        self._tokenprune_init(vllm_config, prefix)
 
-    # --- signals -------------------------------------------------------------------------------------------------
-    def _install_cls_probes(self, requests, vllm_config, prefix: str) -> None:
-        """A forward pre-hook per requested CLIP layer computes its [CLS] attention row from the layer's input.
-
-        vLLM builds the tower only up to the feature layer. A layer past it (k-center's pivot reads the LAST layer)
-        is appended as a signal-only layer: its weights are loaded, the pre-hook reads its input (the feature
-        layer's output), and its forward returns that input unchanged, so the features stay the feature layer's.
-        """
-        vision = self.config.vision_config
-        if not isinstance(vision, CLIPVisionConfig):
-            raise ValueError(
-                f"{self.tokenprune.method.name} needs [CLS] attention from a CLIP vision tower; this model's tower is "
-                f"{type(vision).__name__}"
-            )
-        layers = self.vision_tower.vision_model.encoder.layers
-        total, built = vision.num_hidden_layers, len(layers)
-        for request in requests:
-            if request.layer is not None and not -total <= request.layer < total:
-                raise ValueError(
-                    f"{self.tokenprune.method.name} asks for [CLS] attention at vision layer {request.layer}; the "
-                    f"tower has {total} layers (valid: {-total}..{total - 1})"
-                )
-            index = built - 1 if request.layer is None else request.layer % total
-            while len(layers) <= index:
-                i = len(layers)
-                layer = CLIPEncoderLayer(
-                    vision, vllm_config.quant_config, attn_cls=MMEncoderAttention,
-                    prefix=f"{maybe_prefix(prefix, 'vision_tower')}.vision_model.encoder.layers.{i}",
-                )
-                layer.forward = _pass_through
-                layers.append(layer)
-            layers[index].register_forward_pre_hook(self._cls_hook(request.key))
-            self._cls_keys.append(request.key)
-
-    def _cls_hook(self, key: str):
-        def hook(layer, args):
-            if self._captured is not None:
-                self._captured[key] = self._cls_attention(layer.self_attn, layer.layer_norm1(args[0]))
-        return hook
-
-    @staticmethod
-    def _cls_attention(attn, hidden: torch.Tensor) -> torch.Tensor:
-        """``[B, H, T]`` fp32 softmax of the [CLS] query row over all keys of this layer, every head of the layer
-        (heads are gathered from the tensor-parallel ranks)."""
-        batch, length, _ = hidden.shape
-        heads, head_dim = attn.num_heads_per_partition, attn.head_dim
-        with torch.no_grad():
-            qkv, _ = attn.qkv_proj(hidden)
-            q, k, _ = qkv.chunk(3, dim=-1)
-            q = q[:, :1].float().view(batch, 1, heads, head_dim).transpose(1, 2)       # [B, h, 1, d]
-            k = k.float().view(batch, length, heads, head_dim).transpose(1, 2)          # [B, h, T, d]
-            probs = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)[:, :, 0]  # [B, h, T]
-        if heads != attn.num_heads:  # tensor-parallel tower: each rank holds num_heads / tp heads
-            probs = tensor_model_parallel_all_gather(probs.contiguous(), dim=1)
-        return probs
-
-    # --- pruning -------------------------------------------------------------------------------------------------
     def _process_image_input(self, image_input):
         if self.tokenprune is None or self.tokenprune.keeps_all or image_input["type"] != "pixel_values":
             return super()._process_image_input(image_input)
-        captured = self._captured = {}
-        try:
+        with self._probe() as probe:
             embeds = super()._process_image_input(image_input)  # [B, N, D]: pixel inputs share one size
-        finally:
-            self._captured = None
-        drop_cls = self.config.vision_feature_select_strategy == "default"
+        rows = self._probed_rows(probe, embeds.shape[0])
         n = embeds.shape[1]
         side = math.isqrt(n)
         grid = (side, side) if side * side == n else None
-        kept = []
+        kept, self.tokenprune_kept = [], []
         for b in range(embeds.shape[0]):
-            signals = {FEATURES: embeds[b]}
-            for key in self._cls_keys:
-                signals[key] = captured[key][b, :, 1:] if drop_cls else captured[key][b]   # [H, N]
-            selection = select_image(self.tokenprune, n, signals, grid, cls_token=True, allow_extra_rows=True)
-            kept.append(image_rows(embeds[b], selection))
+            signals = {**rows[b], FEATURES: embeds[b], **self._text_signals(b, embeds.device)}
+            chosen = select_image(self.tokenprune, embeds[b], signals, grid, cls_token=True,
+                                  project=self.multi_modal_projector)
+            kept.append(chosen.features)
+            self.tokenprune_kept.append(chosen.kept)
         return torch.stack(kept)

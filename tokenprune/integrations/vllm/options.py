@@ -10,24 +10,40 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tokenprune.budget import Keep, kept_count, validate_keep
-from tokenprune.methods import CLS_ATTENTION, FEATURES, METHODS, PruningMethod, make_method
+from tokenprune.budget import Keep, kept_count, validate_keep, validate_scope
+from tokenprune.methods import (
+    ATTENTION_MAP,
+    ATTENTION_RECEIVED,
+    CLS_ATTENTION,
+    CLS_HIDDEN,
+    FEATURES,
+    METHODS,
+    TEXT_EMBEDDINGS,
+    VISION_HIDDEN,
+    VISION_KEYS,
+    PruningMethod,
+    make_method,
+)
 
 # The attribute of ``hf_config`` that carries the options (set through ``hf_overrides``).
 CONFIG_KEY = "tokenprune"
 
-# Signals the vLLM models compute (see llava.py / qwen.py). Everything else (text embeddings, attention maps,
-# keys, hidden states) would need the prompt or more of the tower than vLLM's encoder path exposes.
-SIGNALS_WITH_CLS = frozenset({FEATURES, CLS_ATTENTION})   # LLaVA-1.5 (CLIP tower)
-SIGNALS_WITHOUT_CLS = frozenset({FEATURES})               # Qwen2-VL / Qwen2.5-VL
+# Signals the vLLM models compute (llava.py with clip_signals' probe, qwen_probe.py; text embeddings from the
+# prompt text the processor carries to the model, prompt_text.py). Not computed: CLS_ATTENTION_WIDE (only
+# Recoverable, whose count is content-adaptive anyway).
+SIGNALS_WITH_CLS = frozenset({FEATURES, CLS_ATTENTION, ATTENTION_RECEIVED, ATTENTION_MAP, VISION_HIDDEN, CLS_HIDDEN,
+                              VISION_KEYS, TEXT_EMBEDDINGS})   # LLaVA-1.5 (CLIP tower)
+SIGNALS_WITHOUT_CLS = frozenset({FEATURES, ATTENTION_RECEIVED, VISION_HIDDEN, TEXT_EMBEDDINGS})  # Qwen2-VL / 2.5-VL
 
 
 @dataclass(frozen=True)
 class VllmPruning:
-    """One vision-stage method and its per-image budget ``keep`` (ratio in (0, 1] or token count)."""
+    """One vision-stage method, its budget ``keep`` (ratio in (0, 1] or token count) per selection unit, and the
+    unit ``scope`` on LLaVA-NeXT (None: the method's paper convention, ``"crop"`` or ``"image"``)."""
 
     method: PruningMethod
     keep: Keep
+    scope: str | None = None
 
     def kept(self, n: int) -> int:
         """Kept tokens of an image with ``n`` visual tokens (the same rule as ``enable_pruning``)."""
@@ -79,11 +95,36 @@ def _why_not(method: PruningMethod, cls_token: bool) -> str | None:
     return None
 
 
+# The nearest method the plugin runs, for a refused one: same idea (its vision-stage half, or the same signal read
+# before the LLM), first entry that runs on the tower wins.
+_NEAREST = {
+    "recoverable": ("visionzip", "hiprune"), "flowcut": ("visionzip", "hiprune"),
+    "todre": ("kcenter",), "visiondropfull": ("visiondrop",), "visiondropllm": ("visiondrop",),
+    "vflowopt": ("fopru", "hiprune"), "vflowoptvit": ("fopru", "hiprune"),
+    "fastervlm": ("holov", "hiprune"), "fopru": ("hiprune",), "visionzip": ("hiprune",),
+}
+_NEAREST_DEFAULT = ("fastervlm", "hiprune")  # decoder-stage attention methods: attention read before the LLM
+
+
+def nearest_method(name: str, cls_token: bool) -> str:
+    """The method the plugin runs that is closest to the refused ``name`` on this tower."""
+    runs = supported_methods(cls_token)
+    for candidate in _NEAREST.get(name, _NEAREST_DEFAULT) + ("divprune",):
+        if candidate in runs:
+            return candidate
+    return runs[0]
+
+
 def check_method(method: PruningMethod, cls_token: bool) -> None:
-    """Raise a ``ValueError`` (listing the methods that do run) unless ``method`` can run inside vLLM here."""
+    """Raise a ``ValueError`` (naming the nearest method that runs, and all of them) unless ``method`` can run
+    inside vLLM here."""
     reason = _why_not(method, cls_token)
     if reason is not None:
-        raise ValueError(f"{reason}; methods the vLLM plugin runs on this model: {supported_methods(cls_token)}")
+        nearest = nearest_method(method.name, cls_token)
+        raise ValueError(
+            f"{reason}; the nearest method the vLLM plugin runs on this model is {nearest!r} "
+            f"(all: {supported_methods(cls_token)})"
+        )
 
 
 def parse_options(raw: Any, cls_token: bool) -> VllmPruning | None:
@@ -102,10 +143,11 @@ def parse_options(raw: Any, cls_token: bool) -> VllmPruning | None:
             f"hf_overrides[{CONFIG_KEY!r}] needs 'method' and 'keep', e.g. {{'method': 'divprune', 'keep': 64}}; "
             f"got keys {sorted(options)}"
         )
-    name, keep = options.pop("method"), options.pop("keep")
+    name, keep, scope = options.pop("method"), options.pop("keep"), options.pop("scope", None)
     if isinstance(name, (list, tuple)):
         raise ValueError("the vLLM plugin runs one vision-stage method; got a method list " f"{list(name)}")
     validate_keep(keep)
+    validate_scope(scope)
     method = make_method(name, **options)
     check_method(method, cls_token)
-    return VllmPruning(method=method, keep=keep)
+    return VllmPruning(method=method, keep=keep, scope=scope)

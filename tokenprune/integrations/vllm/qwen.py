@@ -28,8 +28,10 @@ from vllm.multimodal.processing import PromptReplacement
 
 from tokenprune.integrations.vllm.mrope import MediaSpan, media_coords, placeholder_positions
 from tokenprune.integrations.vllm.options import CONFIG_KEY, VllmPruning, parse_options
+from tokenprune.integrations.vllm.prompt_text import TEXT_FIELD, PromptTextProcessor, check_cache_type
+from tokenprune.integrations.vllm.qwen_probe import QWEN_VLLM_SIGNALS, VllmQwenProbe
 from tokenprune.integrations.vllm.selection import select_image
-from tokenprune.methods import FEATURES
+from tokenprune.methods import FEATURES, TEXT_EMBEDDINGS
 
 
 def _pruning(hf_config) -> VllmPruning | None:
@@ -52,13 +54,22 @@ def pruned_prompt_updates(updates, pruning: VllmPruning | None) -> list:
     return out
 
 
-class TokenpruneQwen2VLProcessor(Qwen2VLMultiModalProcessor):
+class _QwenText(PromptTextProcessor):
+    def _tokenprune_text(self):
+        pruning = _pruning(self.info.get_hf_config())
+        if pruning is None or TEXT_EMBEDDINGS not in pruning.method.signals_needed(cls_token=False):
+            return None
+        config = self.info.get_hf_config()
+        return config.image_token_id, (config.image_token_id, config.video_token_id)
+
+
+class TokenpruneQwen2VLProcessor(_QwenText, Qwen2VLMultiModalProcessor):
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         return pruned_prompt_updates(updates, _pruning(self.info.get_hf_config()))
 
 
-class TokenpruneQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
+class TokenpruneQwen2_5_VLProcessor(_QwenText, Qwen2_5_VLMultiModalProcessor):
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         return pruned_prompt_updates(updates, _pruning(self.info.get_hf_config()))
@@ -69,6 +80,7 @@ class _QwenPruning:
 
     def _tokenprune_init(self, vllm_config) -> None:
         self.tokenprune = _pruning(self.config)
+        self.tokenprune_kept: list[torch.Tensor] = []  # the kept tokens of each image of the last encoder call
         if self.tokenprune is None:
             return
         if vllm_config.model_config.multimodal_config.is_multimodal_pruning_enabled():
@@ -81,6 +93,22 @@ class _QwenPruning:
                 "tokenprune on Qwen2-VL/Qwen2.5-VL needs vLLM's V1 model runner (it rewrites M-RoPE positions after "
                 "the encoder through the V1 runner's EVS hook); set VLLM_USE_V2_MODEL_RUNNER=0"
             )
+        needs = self.tokenprune.method.signals_needed(cls_token=False)
+        self._requests = [r for r in self.tokenprune.method.requests(cls_token=False) if r.name in QWEN_VLLM_SIGNALS]
+        if self._requests and self.use_data_parallel:
+            raise ValueError(
+                f"{self.tokenprune.method.name} reads signals inside the ViT, which runs sharded by image with "
+                f"mm_encoder_tp_mode='data'; serve it with the default mm_encoder_tp_mode='weights'"
+            )
+        for request in self._requests:
+            VllmQwenProbe(self.visual, [], []).block_index(request.layer)  # a bad layer fails here, not mid-request
+        if self._requests and vllm_config.compilation_config.compile_mm_encoder:
+            raise ValueError(
+                f"{self.tokenprune.method.name} reads signals inside the ViT, which a compiled encoder hides; serve it "
+                f"without compile_mm_encoder (the default)"
+            )
+        if TEXT_EMBEDDINGS in needs:
+            check_cache_type(vllm_config)
 
     @property
     def tokenprune_recomputes_mrope(self) -> bool:
@@ -109,22 +137,37 @@ class _QwenPruning:
     def embed_multimodal(self, **kwargs):
         if self.tokenprune is None:
             return super().embed_multimodal(**kwargs)
+        text = kwargs.pop(TEXT_FIELD, None)
         out: list[torch.Tensor] = []
         for modality, inputs in self._parse_and_validate_multimodal_inputs(**kwargs).items():
             if modality.startswith("image"):
-                out += self._pruned_images(self._process_image_input(inputs), inputs["image_grid_thw"])
+                out += self._pruned_images(inputs, None if text is None else list(text))
             else:
                 out += self._positioned_videos(self._process_video_input(inputs), inputs)
         return tuple(out)
 
-    def _pruned_images(self, embeds, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+    def _pruned_images(self, inputs, text_ids: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        grid_thw = inputs["image_grid_thw"]
+        probed = inputs["type"] == "pixel_values" and self._requests
+        with VllmQwenProbe(self.visual, self._requests if probed else [], grid_thw.tolist()) as probe:
+            embeds = self._process_image_input(inputs)
+        per_item = probe.per_item()
         merge = self.config.vision_config.spatial_merge_size
-        out = []
-        for emb, (t, h, w) in zip(embeds, grid_thw.tolist(), strict=True):
+        needs_text = TEXT_EMBEDDINGS in self.tokenprune.method.signals_needed(cls_token=False)
+        out, self.tokenprune_kept = [], []
+        for i, (emb, (t, h, w)) in enumerate(zip(embeds, grid_thw.tolist(), strict=True)):
             h, w = h // merge, w // merge
-            kept = select_image(self.tokenprune, emb.shape[0], {FEATURES: emb}, (h, w), cls_token=False).kept
-            coords = media_coords(t, h, w)[kept].to(emb.device, emb.dtype)
-            out.append(torch.cat([emb[kept.to(emb.device)], coords], dim=1))
+            signals = {FEATURES: emb, **per_item[i]}
+            if needs_text:
+                if text_ids is None:
+                    raise RuntimeError(f"{self.tokenprune.method.name} needs the prompt text; the processor did not "
+                                       f"attach it ({TEXT_FIELD})")
+                ids = text_ids[i].reshape(-1).to(emb.device)
+                signals[TEXT_EMBEDDINGS] = self.get_language_model().embed_input_ids(ids)
+            chosen = select_image(self.tokenprune, emb, signals, (h, w), cls_token=False)
+            coords = media_coords(t, h, w)[chosen.slots].to(emb.device, emb.dtype)
+            out.append(torch.cat([chosen.features, coords], dim=1))
+            self.tokenprune_kept.append(chosen.kept)
         return out
 
     def _positioned_videos(self, embeds, inputs) -> list[torch.Tensor]:
