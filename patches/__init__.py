@@ -12,11 +12,14 @@ from __future__ import annotations
 from tokenprune.patches.base import VisionStageAdapter
 from tokenprune.patches.llava import LlavaAdapter
 from tokenprune.patches.llava_next import LlavaNextAdapter
+from tokenprune.patches.llava_onevision import LlavaOnevisionAdapter
 from tokenprune.patches.qwen2_vl import QwenVLAdapter
 from tokenprune.patches.qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: dict[str, type[VisionStageAdapter]] = {
     t: cls for cls in (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter, Qwen3VLAdapter) for t in cls.model_types
 }
+ADAPTERS["llava_onevision"] = LlavaOnevisionAdapter
 
 __all__ = ["ADAPTERS", "LlavaAdapter", "LlavaNextAdapter", "Qwen3VLAdapter", "QwenVLAdapter", "VisionStageAdapter"]
+__all__ += ["LlavaOnevisionAdapter"]

@@ -99,6 +99,7 @@ class DecoderLoop:
         self.plan: tuple[StagePlan, ...] = method.check_layers(self.n_layers, model.config.model_type)
         self.visual_ids = visual_ids
         self.reindex = method.positions == "reindex" and not force_keep_positions
+        self.force_keep_positions = force_keep_positions  # M-RoPE families: positions are the model's own (t, h, w)
         self.on_record = on_record
         self.frozen = 0  # > 0 inside generate: a use_cache=False step replays the prefill's selection
         self.source_rows: int | None = None  # the caller's prompt rows of the call in progress (set by the adapter)

@@ -259,5 +259,5 @@ def _extras(loop: Any, call: Any, b: int) -> dict[str, Any]:
         "image_local": local.gather(0, index).masked_fill(~call.valid[b], -1),
         "coords": None if coords is None else coords[b].gather(0, index[:, None].expand(-1, 2)),
         "accumulated": None if accum is None else accum[b],
-        "rotary": loop.lm.rotary_emb if loop.model.config.model_type in ("llava", "llava_next") else None,
+        "rotary": None if loop.force_keep_positions else loop.lm.rotary_emb,  # 1-D RoPE LLMs (LLaVA families)
     }

@@ -57,7 +57,7 @@ class LlavaAdapter(VisionStageAdapter):
                 f"method {self.method.name!r} needs signals of one feature layer, but the model "
                 f"concatenates several (vision_feature_layer={vision_feature_layer!r})"
             )
-        n_layers = len(self.model.model.vision_tower.encoder.layers)
+        n_layers = len(encoder_layers(self.model.model.vision_tower))
         hidden_index = vision_feature_layer if vision_feature_layer >= 0 else n_layers + 1 + vision_feature_layer
         if not 1 <= hidden_index <= n_layers:
             raise ValueError(f"vision_feature_layer={vision_feature_layer} selects no encoder layer's output")

@@ -23,6 +23,7 @@ FAMILY_NAMES = {
     "llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL",
     "qwen3_vl": "Qwen3-VL", "qwen3_vl_moe": "Qwen3-VL-MoE", "qwen3_5": "Qwen3.5", "qwen3_5_moe": "Qwen3.5-MoE",
 }
+FAMILY_NAMES["llava_onevision"] = "LLaVA-OneVision"
 REFERENCE_DEPTH = 32  # LLM depth at which decoder plans are shown (LLaVA-1.5-7B's 32 layers)
 STAGE_PAGES = {"vision": "vision", "vision-encoder": "vision", "decoder": "decoder", "two-stage": "two-stage"}
 # Which generated table goes into which committed file (relative to the repository root).

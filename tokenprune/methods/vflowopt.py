@@ -55,7 +55,8 @@ class VFlowOptViT(PruningMethod):
     needs = frozenset({ATTENTION_MAP, VISION_HIDDEN})
     fixed_budget = False
     no_cls_reason = ("VFlowOpt needs the ViT attention map among image tokens (ATTENTION_MAP), which the Qwen "
-                     "adapter does not compute; use 'visiondropfull' or 'sparsevlm' on Qwen2-VL/2.5-VL")
+                     "adapters do not compute and the LLaVA-OneVision adapter does not pack over AnyRes crops yet; "
+                     "use 'visiondropfull' or 'sparsevlm' there")
     carrier: ClassVar[Any] = None  # set per instance by VFlowOpt.stages()
     t: float | None = None      # None: the shipped (or interpolated) config of the budget
     m: float | None = None
