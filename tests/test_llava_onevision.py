@@ -385,3 +385,24 @@ def test_real_depth_model_runs_every_method_at_its_default_layers():
         assert min(handle.last.visual_per_layer) < 94 + 13, method  # 40x70 image: 94 tokens; video: 13
         disable_pruning(model)
     assert _left_clean(model)
+
+
+def test_flops_estimate_counts_the_qwen2_llm_and_the_7b_preset_is_its_shape():
+    from tokenprune.budget.flops import ModelShape, prefill_flops, preset
+
+    model, processor = _MODELS.setdefault("sdpa", tiny_onevision("sdpa"))
+    inputs = _both(processor)
+    handle = enable_pruning(model, "divprune", keep=0.25)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        disable_pruning(model)
+    shape = ModelShape.from_config(model.config)
+    assert shape.num_kv_heads == 2 and shape.num_layers == 2
+    last = handle.last
+    assert last.tflops_unpruned == pytest.approx(prefill_flops(shape, last.seq_len_before) / 1e12)
+    assert last.tflops_pruned == pytest.approx(prefill_flops(shape, last.seq_len_after) / 1e12)
+    seven = preset("llava-onevision-7b")  # Qwen2-7B: d 3584, 28 layers, 28 heads, 4 KV heads
+    assert (seven.hidden_size, seven.num_layers, seven.num_heads, seven.num_kv_heads) == (3584, 28, 28, 4)
+    assert prefill_flops(seven, 7290) > prefill_flops(preset("llava-next-7b"), 2880)
