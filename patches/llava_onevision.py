@@ -33,7 +33,7 @@ from torch.nn import functional as nnf
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
-from tokenprune.methods import ATTENTION_RECEIVED, FEATURES, TEXT_EMBEDDINGS, VISION_HIDDEN
+from tokenprune.methods import ATTENTION_MAP, ATTENTION_RECEIVED, FEATURES, TEXT_EMBEDDINGS, VISION_HIDDEN
 from tokenprune.patches.base import PrunedCall, VisionStageAdapter
 from tokenprune.patches.clip_signals import ClipProbe, encoder_layers, resolve_layer
 from tokenprune.patches.llava_next import LlavaNextAdapter, PackedLayout
@@ -56,7 +56,7 @@ class OnevisionLayout(PackedLayout):
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     model_types = ("llava_onevision",)
     cls_token = False
-    signals = frozenset({FEATURES, TEXT_EMBEDDINGS}) | _TOWER_SIGNALS
+    signals = frozenset({FEATURES, TEXT_EMBEDDINGS, ATTENTION_MAP}) | _TOWER_SIGNALS
     encoder_loop = False
 
     def visual_token_ids(self) -> tuple[int, ...]:
@@ -168,8 +168,25 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     ) -> list[dict[str, torch.Tensor]]:
         if not crop_signals or not crop_signals[0]:
             return [{} for _ in units]
-        packed = {key: self.pack(layout, [c[key] for c in crop_signals]) for key in crop_signals[0]}
-        return [{key: value[u.index.to(value.device)] for key, value in packed.items()} for u in units]
+        maps = [k for k in crop_signals[0] if k.split("@")[0] == ATTENTION_MAP]
+        packed = {key: self.pack(layout, [c[key] for c in crop_signals]) for key in crop_signals[0] if key not in maps}
+        out = [{key: value[u.index.to(value.device)] for key, value in packed.items()} for u in units]
+        if maps:
+            if layout.video:  # each frame's map pooled on both axes as its tokens: P A P^T
+                pooling = self._pooling_matrix()
+                crop_signals = [{k: pooling @ c[k].float() @ pooling.T for k in maps} for c in crop_signals]
+            else:  # the crops' own maps; a down-scaled token takes the row/column of the source under its centre
+                crop_signals = [{k: c[k] for k in maps} for c in crop_signals]
+            for signals, unit in zip(out, units, strict=True):
+                signals.update(self._unit_signals(layout, unit, crop_signals))
+        return out
+
+    def _pooling_matrix(self) -> torch.Tensor:
+        """``[p*p, side*side]``: ``apply_pooling``'s bilinear 2x2 pooling of one frame as a matrix."""
+        side = self.side
+        p = math.ceil(side / 2)
+        basis = torch.eye(side * side).reshape(side * side, 1, side, side)
+        return nnf.interpolate(basis, size=[p, p], mode="bilinear").reshape(side * side, p * p).T
 
     def _encode_modality(self, kind: str, kwargs: dict[str, Any]) -> tuple[list[torch.Tensor], list[dict]]:
         """Packed features per image (video) ``[n_i, D]`` and the requested tower signals per tower row."""
