@@ -406,3 +406,23 @@ def test_flops_estimate_counts_the_qwen2_llm_and_the_7b_preset_is_its_shape():
     seven = preset("llava-onevision-7b")  # Qwen2-7B: d 3584, 28 layers, 28 heads, 4 KV heads
     assert (seven.hidden_size, seven.num_layers, seven.num_heads, seven.num_kv_heads) == (3584, 28, 28, 4)
     assert prefill_flops(seven, 7290) > prefill_flops(preset("llava-next-7b"), 2880)
+
+
+@pytest.mark.parametrize("size", [(120, 120), (40, 70)])  # down-scaled 12x12 grid; unpadded 2x3 crops
+def test_visualize_draws_exactly_the_kept_tokens_of_a_onevision_record(size):
+    from test_viz import assert_looks, grey
+
+    from tokenprune.viz import GAP, HEADER, draw_kept, prune_once
+
+    model, processor = _MODELS.setdefault("sdpa", tiny_onevision("sdpa"))
+    image = grey(size[1], size[0])
+    record = prune_once(model, processor, image, PROMPT, "divprune", keep=0.25)
+    rec = record.images[0]
+    assert rec.view == "image" and bool(rec.boxes[:, 0].isnan().any())  # newline tokens have no place
+    panel = (280, round(280 * size[0] / size[1]))
+    figure = draw_kept(image, record, size=280, legend=False)  # base tile and high-resolution panels
+    second = 280 + GAP  # (a long caption may widen the figure beyond the second panel)
+    assert figure.size[0] >= second + 280 and figure.size[1] == HEADER + panel[1]
+    rect = (0, 0, *panel)
+    assert_looks(figure, rec, lambda i: (0 if int(rec.segments[i]) == 0 else second, None), {0: rect, second: rect})
+    assert _left_clean(model)
