@@ -426,3 +426,22 @@ def test_visualize_draws_exactly_the_kept_tokens_of_a_onevision_record(size):
     rect = (0, 0, *panel)
     assert_looks(figure, rec, lambda i: (0 if int(rec.segments[i]) == 0 else second, None), {0: rect, second: rect})
     assert _left_clean(model)
+
+
+@pytest.mark.parametrize("method", ["divprune", "hiprune"])
+def test_resumed_generation_on_the_pruned_cache_equals_one_longer_generate(ov, method):
+    """The image and the video were pruned when they entered the cache; the second call feeds only the new tokens."""
+    from transformers import DynamicCache
+
+    model, processor = ov
+    inputs = dict(_both(processor))
+    enable(model, method, 0.25)
+    steps = dict(do_sample=False, max_new_tokens=3, min_new_tokens=3)
+    with torch.no_grad():
+        full = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        cache = DynamicCache()
+        first = model.generate(**inputs, past_key_values=cache, **steps)
+        resumed = model.generate(**dict(inputs, input_ids=first, attention_mask=torch.ones_like(first)),
+                                 past_key_values=cache, **steps)
+    assert torch.equal(first[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    assert torch.equal(resumed, full)
