@@ -259,6 +259,29 @@ def test_attention_received_is_the_siglip_layers_own_attention(ov):
     assert torch.equal(kept[kept < 16], F.hiprune(received[0], received[0], 4, 4, anchors))
 
 
+def test_vflowopt_reads_the_siglip_attention_map_of_each_tile(ov):
+    """VFlowOpt's ViT stage on the base tile: the shipped 25% configuration applied to the head-mean attention map
+    of the feature layer from an eager tower run (``output_attentions``), as the official SigLIP encoder reads it."""
+    from tokenprune import functional as F
+    from tokenprune.functional.vflowopt import vflowopt_config
+
+    model, processor = ov
+    inputs = processor(text=[PROMPT], images=[random_image(32, 32, seed=5)])
+    tower = tiny_onevision("eager")[0].model.vision_tower
+    tower.load_state_dict(model.model.vision_tower.state_dict())
+    with torch.no_grad():
+        attention = tower(inputs["pixel_values"][0, :1], output_attentions=True).attentions[-1][0].mean(0)  # [16, 16]
+    config = vflowopt_config(0.25)
+    importance = F.vflowopt_importance(attention, config.t)
+    kept, groups = F.vflowopt_recycle(importance, (4, 4), config.r_vit, config.m)
+    plain = kept[~torch.isin(kept, torch.tensor([g[0] for g in groups], dtype=torch.long))]
+    enable_pruning(model, "vflowopt", keep=0.25, layers=(1,))
+    with torch.no_grad():
+        vision = adapter(model).prune(dict(inputs))  # the vision stage alone (the record composes both stages)
+    mine = vision.record.images[0].kept
+    assert plain.numel() < 16 and torch.equal(mine[mine < 16], plain)
+
+
 # --- declines and bad input ----------------------------------------------------------------------------------------
 def test_the_declines_are_exactly_the_listed_ones():
     from tokenprune.catalog import supported_families
