@@ -10,8 +10,9 @@ positions are re-indexed contiguously. What differs:
 
 * **SigLIP tower, no [CLS]** (``vision_feature_select_strategy="full"``, ``vision_feature_layer=-1``): methods use
   their no-[CLS] signals, computed by the CLIP probe on SigLIP's attention (same projections): ``attention_received``
-  = mean over heads and over every query row of the crop, ``vision_hidden`` = the layer's output. [CLS]-only methods
-  decline with the error they give on Qwen.
+  = mean over heads and over every query row of the crop, ``vision_hidden`` = the layer's output, ``attention_map``
+  = the crop's head-mean map among its tokens (VFlowOpt, whose shipped configurations were searched on this tower:
+  they run unscaled). [CLS]-only methods decline with the error they give on Qwen.
 * **AnyRes-max down-scaling**: when the unpadded grid holds more than ``1.1**2 x max_num_patches`` tiles' worth of
   tokens (``vision_aspect_ratio="anyres_max_9"``), transformers resizes it bilinearly. A down-scaled token belongs
   to the crop under its centre (its unit under a per-crop budget); its tower signals are the crops' signals packed
