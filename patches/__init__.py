@@ -14,12 +14,14 @@ from tokenprune.patches.gemma3 import Gemma3Adapter
 from tokenprune.patches.internvl import InternVLAdapter
 from tokenprune.patches.llava import LlavaAdapter
 from tokenprune.patches.llava_next import LlavaNextAdapter
+from tokenprune.patches.llava_onevision import LlavaOnevisionAdapter
 from tokenprune.patches.qwen2_vl import QwenVLAdapter
 from tokenprune.patches.qwen3_vl import Qwen3VLAdapter
 
 FAMILY_ADAPTERS: tuple[type[VisionStageAdapter], ...] = (
     LlavaAdapter,
     LlavaNextAdapter,
+    LlavaOnevisionAdapter,
     QwenVLAdapter,
     Qwen3VLAdapter,
     InternVLAdapter,
@@ -34,6 +36,7 @@ __all__ = [
     "InternVLAdapter",
     "LlavaAdapter",
     "LlavaNextAdapter",
+    "LlavaOnevisionAdapter",
     "Qwen3VLAdapter",
     "QwenVLAdapter",
     "VisionStageAdapter",

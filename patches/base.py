@@ -131,7 +131,8 @@ class VisionStageAdapter:
         if missing:
             raise ValueError(
                 f"method {self.method.name!r} needs signal(s) {sorted(missing)}, which the "
-                f"{self.model.config.model_type!r} adapter cannot compute (it provides {sorted(self.signals)})"
+                f"{self.model.config.model_type!r} adapter cannot compute (it provides {sorted(self.signals)}); use a "
+                f"method that needs only those (`tokenprune methods` lists what runs on each family)"
             )
 
     def prune(self, kwargs: dict[str, Any]) -> PrunedCall | None:

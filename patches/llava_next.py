@@ -69,6 +69,11 @@ class LlavaNextAdapter(LlavaAdapter):
         """The packed token layout of one image of ``image_size`` (H, W) with ``n_crops`` tower rows."""
         return packed_layout(self.model.config, image_size, n_crops)
 
+    def unpadded_coords(self, image_size: tuple[int, int]) -> torch.Tensor:
+        """``[2, h, w]`` long: (crop, index inside the crop's raster) of every token of the unpadded
+        high-resolution grid of an image of ``image_size`` (H, W), as ``pack_image_features`` lays it out."""
+        return unpadded_grid_coords(self.model.config, image_size)
+
     def _units(self, layout: PackedLayout) -> tuple[list[Unit], list[int]]:
         """Selection units over the candidate tokens, and the crop of each unit (-1: a per-image pool)."""
         return selection_units(layout, self.method, self.scope)
@@ -84,28 +89,49 @@ class LlavaNextAdapter(LlavaAdapter):
         is_image = self._placeholders(kwargs)
         if is_image is None:
             return None
+        self._check_strategy(kwargs)
+        features, crop_signals = self._encode(kwargs)
+        sizes = kwargs["image_sizes"]
+        n_crops = self._crops_per_image(sizes, len(features))
+        layouts = [self.layout(tuple(int(v) for v in sizes[i]), n_crops[i]) for i in range(len(features))]
+        keep = torch.ones_like(kwargs["input_ids"], dtype=torch.bool)
+        kept_features, images = self._select_packed(
+            kwargs, is_image, features, layouts, crop_signals, keep, [0] * keep.shape[0]
+        )
+        return self._compacted(kwargs, keep, kept_features, images)
+
+    def _check_strategy(self, kwargs: dict[str, Any]) -> None:
         strategy = kwargs.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
         if strategy != "default":
             raise ValueError(
                 f"tokenprune supports LLaVA-NeXT with vision_feature_select_strategy='default' (all released "
                 f"checkpoints); got {strategy!r}"
             )
-        input_ids, sizes = kwargs["input_ids"], kwargs["image_sizes"]
-        features, crop_signals = self._encode(kwargs)
-        batch, length = input_ids.shape
-        flat_positions = placeholder_positions(is_image, features)
-        n_crops = self._crops_per_image(sizes, len(features))
-        layouts = [self.layout(tuple(int(v) for v in sizes[i]), n_crops[i]) for i in range(len(features))]
+
+    def _unit_signal_list(
+        self, layout: PackedLayout, units: list[Unit], crop_signals: list[dict[str, torch.Tensor]]
+    ) -> list[dict[str, torch.Tensor]]:
+        """The tower signals of each unit of one image (``crop_signals``: the image's tower rows, in order)."""
+        return [self._unit_signals(layout, u, crop_signals) for u in units]
+
+    def _select_packed(
+        self, kwargs: dict[str, Any], is_placeholder: torch.Tensor, features: list[torch.Tensor],
+        layouts: list[PackedLayout], crop_signals: list[dict[str, torch.Tensor]], keep: torch.Tensor,
+        seen_in_row: list[int], kind: str = "image",
+    ) -> tuple[list[torch.Tensor], list[ImageRecord]]:
+        """Select in every packed image (or video) of one modality; clears its dropped placeholders in ``keep``
+        and returns the kept features per image and the records."""
+        length = kwargs["input_ids"].shape[1]
+        flat_positions = placeholder_positions(is_placeholder, features, kind)
         for layout, feats in zip(layouts, features, strict=True):
             if layout.crop.numel() != feats.shape[0]:
-                raise RuntimeError(f"LLaVA-NeXT layout has {layout.crop.numel()} tokens, features {feats.shape[0]}")
+                raise RuntimeError(f"packed {kind} layout has {layout.crop.numel()} tokens, features {feats.shape[0]}")
         all_units = [self._units(layout)[0] for layout in layouts]
         sizes_per_unit = [u.index.numel() for units in all_units for u in units]
         budgets = self.kept_counts(sizes_per_unit, kwargs)
         prunes = any(k < n for k, n in zip(budgets, sizes_per_unit, strict=True))
 
-        keep = torch.ones_like(input_ids, dtype=torch.bool)
-        kept_features, images, start, seen_in_row, first_crop = [], [], 0, [0] * batch, 0
+        kept_features, images, start, first_crop = [], [], 0, 0
         for i, (feats, layout, units) in enumerate(zip(features, layouts, all_units, strict=True)):
             n = feats.shape[0]
             positions = flat_positions[start:start + n]
@@ -117,20 +143,24 @@ class LlavaNextAdapter(LlavaAdapter):
             chosen = self._select_units(
                 kwargs, feats, layout, units, unit_budgets, mine, row, int(positions[-1]) % length, i, seen_in_row[row],
             )
-            slots, span = chosen.slots, chosen.features
+            slots, span, kept = chosen.slots, chosen.features, chosen.kept
             if not prunes:  # nothing pruned anywhere: keep the newline tokens too (bit-identical to unpruned)
-                slots, span = torch.arange(n), feats
+                slots, span, kept = torch.arange(n), feats, torch.arange(n)
             dropped = torch.ones(n, dtype=torch.bool)
             dropped[slots] = False
             keep.view(-1)[positions[dropped.to(positions.device)]] = False
             kept_features.append(span)
             images.append(ImageRecord(
-                row, seen_in_row[row], n, chosen.kept, None, boxes=layout.boxes, view="image",
-                segments=(layout.crop > 0).long() | layout.newline.long(), merged=chosen.assign,
-                n_merged=chosen.n_merged,
+                row, seen_in_row[row], n, kept, None, boxes=layout.boxes, view="image",
+                segments=self._segments(layout), merged=chosen.assign, n_merged=chosen.n_merged, kind=kind,
             ))
             seen_in_row[row] += 1
-        return self._compacted(kwargs, keep, kept_features, images)
+        return kept_features, images
+
+    @staticmethod
+    def _segments(layout: PackedLayout) -> torch.Tensor:
+        """0 = the base tile, 1 = the high-resolution crops and the newline tokens."""
+        return (layout.crop > 0).long() | layout.newline.long()
 
     def _select_units(
         self, kwargs: dict[str, Any], feats: torch.Tensor, layout: PackedLayout, units: list[Unit], budgets: list[int],
@@ -139,19 +169,17 @@ class LlavaNextAdapter(LlavaAdapter):
         """Select in every unit of one packed image (``feats`` ``[n, D]``, its last placeholder at ``end`` of
         ``row``): each unit gets its features, its crops' signals and the text after the image; span placement."""
         shared = {}
-        if TEXT_EMBEDDINGS in self.method.needs:
+        if TEXT_EMBEDDINGS in self.method.signals_needed(self.cls_token):
             shared[TEXT_EMBEDDINGS] = text_embeddings(
-                self.model, kwargs["input_ids"], kwargs.get("attention_mask"), row, end,
-                (self.model.config.image_token_id,),
+                self.model, kwargs["input_ids"], kwargs.get("attention_mask"), row, end, self.visual_token_ids(),
             )
         signals = [
-            {FEATURES: feats[u.index.to(feats.device)].detach(), **shared,
-             **self._unit_signals(layout, u, crop_signals)}
-            for u in units
+            {FEATURES: feats[u.index.to(feats.device)].detach(), **shared, **tower}
+            for u, tower in zip(units, self._unit_signal_list(layout, units, crop_signals), strict=True)
         ]
         return select_image(
             self.method, feats, units, budgets, signals, image_index=image_index, row=row, index_in_row=index_in_row,
-            project=functools.partial(self._project, like=feats), placement="span",
+            cls_token=self.cls_token, project=functools.partial(self._project, like=feats), placement="span",
         )
 
     def _project(self, hidden: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -182,13 +210,7 @@ def packed_layout(config: Any, image_size: tuple[int, int], n_crops: int) -> Pac
     position = [torch.arange(side * side)]
     boxes = [grid_boxes((side, side))]
     if n_crops > 1:
-        rows, cols = get_anyres_image_grid_shape(
-            list(image_size), config.image_grid_pinpoints, config.vision_config.image_size
-        )
-        r = torch.arange(rows * side)[:, None].expand(rows * side, cols * side)
-        c = torch.arange(cols * side)[None, :].expand(rows * side, cols * side)
-        coords = torch.stack([(r // side) * cols + c // side + 1, (r % side) * side + c % side])
-        coords = unpad_image(coords, list(image_size))  # [2, h, w]: the crops transformers keeps
+        coords = unpadded_grid_coords(config, image_size)  # [2, h, w]: the crops transformers keeps
         h, w = coords.shape[1:]
         newline = torch.full((2, h, 1), -1, dtype=torch.long)
         coords = torch.cat([coords, newline], dim=2).reshape(2, -1)
@@ -202,6 +224,19 @@ def packed_layout(config: Any, image_size: tuple[int, int], n_crops: int) -> Pac
         position.append(torch.tensor([-1]))
         boxes.append(torch.full((1, 4), float("nan")))
     return PackedLayout(torch.cat(crop), torch.cat(position), torch.cat(boxes), side, n_crops)
+
+
+def unpadded_grid_coords(config: Any, image_size: tuple[int, int]) -> torch.Tensor:
+    """``[2, h, w]`` long: (crop, index inside the crop's raster) of every token of the unpadded high-resolution
+    grid of an image of ``image_size`` (H, W) under a LLaVA-NeXT-style ``config``."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    rows, cols = get_anyres_image_grid_shape(
+        list(image_size), config.image_grid_pinpoints, config.vision_config.image_size
+    )
+    r = torch.arange(rows * side)[:, None].expand(rows * side, cols * side)
+    c = torch.arange(cols * side)[None, :].expand(rows * side, cols * side)
+    coords = torch.stack([(r // side) * cols + c // side + 1, (r % side) * side + c % side])
+    return unpad_image(coords, list(image_size))
 
 
 def selection_units(layout: PackedLayout, method: Any, scope: str | None) -> tuple[list[Unit], list[int]]:

@@ -24,7 +24,7 @@ OPTIONS = {"fastv": {"k": 2}, "pdrop": {}, "dart": {"k": 2}, "feather": {"layers
 FIRST_PRUNED = {"fastv": 2, "pdrop": 1, "dart": 2, "feather": 1, "todre": 2, "transprune": 1, "sparsevlm": 1,
                 "adaptinfer": 1, "visiondropllm": 1, "visiondropfull": 1, "vflowopt": 1}
 METHODS = decoder_methods() + two_stage_methods()  # two-stage methods: a vision stage, then the same decoder loop
-# VFlowOpt needs the ViT attention map among image tokens, which the Qwen adapter does not compute (it raises a clear
+# VFlowOpt needs the ViT attention map among image tokens, which the Qwen adapters do not compute (it raises a clear
 # error there: tests/test_decoder_recycle.py)
 UNSUPPORTED = {("vflowopt", "qwen2"), ("vflowopt", "qwen2.5")}
 FAMILIES = ["llava", "llava_next", "qwen2", "qwen2.5"]

@@ -36,8 +36,8 @@ _NO_CLS = {m: "[CLS]" for m in ("fastervlm", "fopru", "recoverable", "visionzip"
 DECLINES = {
     "llava": {},
     "llava_next": {"flowcut": "layer loop"},
-    "qwen2_vl": {**_NO_CLS, "flowcut": "[CLS]", "vflowopt": "[CLS]"},
-    "qwen2_5_vl": {**_NO_CLS, "flowcut": "[CLS]", "vflowopt": "[CLS]"},
+    "qwen2_vl": {**_NO_CLS, "flowcut": "[CLS]", "vflowopt": "attention_map"},
+    "qwen2_5_vl": {**_NO_CLS, "flowcut": "[CLS]", "vflowopt": "attention_map"},
 }
 
 

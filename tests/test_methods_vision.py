@@ -28,7 +28,7 @@ from tokenprune.methods import (
 from tokenprune.tiny_models import random_image, tiny_llava
 
 X = torch.tensor([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [-1, 0], [0.7, 0.7]])
-NO_CLS_UNSUPPORTED = {"flowcut", "fastervlm", "fopru", "recoverable", "visionzip", "vflowopt"}
+NO_CLS_UNSUPPORTED = {"flowcut", "fastervlm", "fopru", "recoverable", "visionzip"}  # vflowopt: SigLIP's map
 
 
 def test_paper_budget_splits():

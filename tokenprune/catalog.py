@@ -27,6 +27,7 @@ FAMILY_NAMES = {
     "gemma3": "Gemma 3",
 }
 FAMILY_NAMES["internvl"] = "InternVL3"
+FAMILY_NAMES["llava_onevision"] = "LLaVA-OneVision"
 REFERENCE_DEPTH = 32  # LLM depth at which decoder plans are shown (LLaVA-1.5-7B's 32 layers)
 STAGE_PAGES = {"vision": "vision", "vision-encoder": "vision", "decoder": "decoder", "two-stage": "two-stage"}
 # Which generated table goes into which committed file (relative to the repository root).

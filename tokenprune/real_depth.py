@@ -6,6 +6,7 @@ from __future__ import annotations
 from tokenprune.tiny_gemma3 import real_depth_gemma3
 from tokenprune.tiny_internvl import INTERNVL_REAL_DEPTH, tiny_internvl
 from tokenprune.tiny_models import LlavaSize, tiny_llava, tiny_llava_next, tiny_qwen
+from tokenprune.tiny_onevision import ONEVISION_REAL_DEPTH, tiny_onevision
 from tokenprune.tiny_qwen3 import QWEN3_REAL_DEPTH, tiny_qwen3
 
 # Depths of the real checkpoints (towers and LLMs) at tiny width: every method runs at its DEFAULT layers on them.
@@ -18,6 +19,7 @@ REAL_DEPTH_FAMILIES = (
     "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe",
     "internvl", "gemma3",
 )
+REAL_DEPTH_FAMILIES += ("llava_onevision",)  # LLaVA-OneVision-7B: tokenprune.tiny_onevision.ONEVISION_REAL_DEPTH
 
 
 def real_depth(family: str, attn_implementation: str = "sdpa", seed: int = 0):
@@ -32,6 +34,8 @@ def real_depth(family: str, attn_implementation: str = "sdpa", seed: int = 0):
     if family == "qwen2_5_vl":
         return tiny_qwen("2.5", attn_implementation, seed, text_layers=28, vision_layers=32,
                          fullatt_block_indexes=(7, 15, 23, 31))
+    if family == "llava_onevision":
+        return tiny_onevision(attn_implementation, seed, **ONEVISION_REAL_DEPTH)
     if family in QWEN3_REAL_DEPTH:
         return tiny_qwen3(family, attn_implementation, seed, **QWEN3_REAL_DEPTH[family])
     if family == "internvl":

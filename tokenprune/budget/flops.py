@@ -111,6 +111,11 @@ PRESETS: dict[str, ModelShape] = {
     )
 }
 
+# llava-hf/llava-onevision-qwen2-7b-ov-hf's config.json: the Qwen2-7B LLM (d 3584, FFN 18944, 28 layers, 28 heads,
+# 4 KV, d_h 128); anyres_max_9 on 384-px SigLIP tiles of 27 x 27: at most 729 (base) + 9 x 729 = 7,290 visual tokens
+# before the newline tokens (the OneVision paper's maximum)
+PRESETS["llava-onevision-7b"] = ModelShape("llava-onevision-7b", **_QWEN2_7B, head_dim=128, visual_tokens=7290)
+
 
 # InternVL3-8B(-hf)'s config.json: the Qwen2.5-7B LLM (d 3584, FFN 18944, 28 layers, 28 heads, 4 KV, d_h 128);
 # visual tokens at the processor's max_patches=12 tiles plus the thumbnail, 256 tokens each: 13 x 256 = 3328.

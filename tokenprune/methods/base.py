@@ -175,7 +175,8 @@ class PruningMethod:
         if cls.no_cls_reason or cls.needs & CLS_SIGNALS:
             reason = cls.no_cls_reason or f"it needs {sorted(cls.needs & CLS_SIGNALS)}"
             raise ValueError(
-                f"method {cls.name!r} cannot run on a vision tower without a [CLS] token (Qwen2-VL/Qwen2.5-VL): "
+                f"method {cls.name!r} cannot run on a vision tower without a [CLS] token (Qwen's ViTs, "
+                f"LLaVA-OneVision's SigLIP): "
                 f"{reason}"
             )
         return cls.needs

@@ -32,7 +32,8 @@ class FoPru(PruningMethod):
     needs = frozenset({ATTENTION_MAP})
     no_cls_reason = (
         "FoPru is defined for CLIP-based LVLMs (square patch grid, patch-to-patch attention); it describes no "
-        "aggregation over Qwen's 2x2 merge units; use 'hiprune' or 'holov' (attention received) instead"
+        "aggregation over Qwen's 2x2 merge units (nor a SigLIP port); use 'hiprune' or 'holov' (attention received) "
+        "instead"
     )
     strategy: str = "rank"
 

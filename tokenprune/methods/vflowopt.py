@@ -54,8 +54,8 @@ class VFlowOptViT(PruningMethod):
     paper = PAPER
     needs = frozenset({ATTENTION_MAP, VISION_HIDDEN})
     fixed_budget = False
-    no_cls_reason = ("VFlowOpt needs the ViT attention map among image tokens (ATTENTION_MAP), which the Qwen "
-                     "adapter does not compute; use 'visiondropfull' or 'sparsevlm' on Qwen2-VL/2.5-VL")
+    # Towers without [CLS] (SigLIP, its home: LLaVA-OneVision): the same map, nothing to drop.
+    needs_without_cls = frozenset({ATTENTION_MAP, VISION_HIDDEN})
     carrier: ClassVar[Any] = None  # set per instance by VFlowOpt.stages()
     t: float | None = None      # None: the shipped (or interpolated) config of the budget
     m: float | None = None
@@ -120,7 +120,8 @@ class VFlowOptLLM(DecoderMethod):
                 raise RuntimeError(
                     f"vflowopt: no ViT importance for image {m} of batch row {row.source_row} (or its span does not "
                     f"match the vision stage's); the LLM stages only run after VFlowOpt's own vision stage "
-                    f"(method='vflowopt') on LLaVA-1.5"
+                    f"(method='vflowopt') on LLaVA-1.5 or LLaVA-OneVision, with the images and videos of a row "
+                    f"separated by text"
                 )
             out.append(F.vflowopt_llm(carried[offsets.cpu()], k))
         return out
@@ -139,19 +140,28 @@ class VFlowOpt(TwoStageMethod):
 
     Budget: ``keep`` is the LAYER-AVERAGED share of visual tokens (the paper's 10% / 25% / 50%, exactly the
     shipped configs; other ratios interpolate them). A float only. Entropy term: ``alpha_v = 0`` in every shipped
-    config, so patch entropy is not computed. LLaVA-1.5 only (the Qwen adapter has no ViT attention map; LLaVA-NeXT
-    spans do not line up with the per-crop hand-off yet).
+    config, so patch entropy is not computed. LLaVA-1.5 and LLaVA-OneVision (the Qwen adapters have no ViT attention
+    map; LLaVA-NeXT spans do not line up with the per-crop hand-off yet).
     """
 
     name = "vflowopt"
     paper = PAPER
     deviations = (
         Deviation(
-            "The shipped configurations (found for LLaVA-OneVision: SigLIP, 27 x 27 grid, 28 LLM layers) run on "
-            "CLIP's feature layer at the official LLM layers 9 / 18; budgets between 0.10 / 0.25 / 0.50 "
+            "The shipped configurations (found for LLaVA-OneVision: SigLIP, 27 x 27 grid, 28 LLM layers) run as "
+            "designed on LLaVA-OneVision (SigLIP layer 25 of 26, LLM layers 9 / 18 of 28) and, unscaled, on "
+            "LLaVA-1.5's CLIP feature layer at the same LLM layers 9 / 18; budgets between 0.10 / 0.25 / 0.50 "
             "interpolate them.",
-            "The official code is LLaVA-OneVision only; LLaVA-1.5 is the closest family here with a ViT attention "
+            "The official code is LLaVA-OneVision only; LLaVA-1.5 is the other family here with a ViT attention "
             "map.",
+        ),
+        Deviation(
+            "LLaVA-OneVision: the ViT stage removes and recycles per crop (the base image and each crop under "
+            "their own budget, cells within the crop's grid; a video per frame) instead of one removal count over "
+            "all crops of the image; a down-scaled AnyRes token takes the attention row and column of the token "
+            "under its centre; video frames are recycled like images.",
+            "Our selection units are crops (the LLaVA-NeXT budget rule); the official multi-crop path ranks all "
+            "crops together and its video path keeps a plain top-k.",
         ),
         Deviation(
             "A recycled cell token is placed after the image's kept tokens.",
