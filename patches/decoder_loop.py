@@ -38,6 +38,7 @@ from tokenprune.methods.decoder_base import DecoderMethod, StagePlan
 from tokenprune.patches import pruned_cache
 from tokenprune.patches.decoder_grids import visual_coords
 from tokenprune.patches.decoder_select import Stage, apply_mixes, gather, select_stage
+from tokenprune.patches.sparse_ffn import SparseFFN
 
 
 @dataclass
@@ -47,6 +48,7 @@ class PrefillSelection:
 
     ids: torch.Tensor       # [B, n] prompt ids the selection was made on
     stages: list[Stage]     # (attached to the KV cache the prefill wrote: patches/pruned_cache.py)
+    ffn: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> each row's core FFN neurons
 
 
 @dataclass
@@ -106,6 +108,7 @@ class DecoderLoop:
         self._ids: torch.Tensor | None = None
         self._call: _Call | None = None
         self._hooks: list[Any] = []
+        self._ffn = SparseFFN(self) if method.sparse_ffn() else None  # neuron sparsity (patches/sparse_ffn.py)
 
     # --- installation -------------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -118,11 +121,15 @@ class DecoderLoop:
             layer = self.layers[i]
             self._hooks.append(layer.self_attn.register_forward_hook(self._observe(i, "attn"), with_kwargs=True))
             self._hooks.append(layer.mlp.register_forward_hook(self._observe(i, "mlp"), with_kwargs=True))
+        if self._ffn is not None:
+            self._ffn.install()
 
     def uninstall(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        if self._ffn is not None:
+            self._ffn.uninstall()
         self.selection, self._call, self._ids = None, None, None
 
     # --- call start / end ---------------------------------------------------------------------------------------
@@ -154,7 +161,7 @@ class DecoderLoop:
                   else torch.ones(batch, past + q, dtype=torch.bool, device=embeds.device))
         pos = self._call_positions(kwargs.get("position_ids"), batch, q, past, embeds.device) if self.reindex else None
         if past > 0:
-            if sel is None or not sel.stages:
+            if sel is None or not (sel.stages or sel.ffn):
                 return
             if sel.ids.shape[0] != batch:
                 raise ValueError(
@@ -173,7 +180,7 @@ class DecoderLoop:
         if (self.frozen and cache is None and not use_cache and sel is not None and sel.ids.shape[0] == batch
                 and q >= sel.ids.shape[1]
                 and torch.equal(ids[:, : sel.ids.shape[1]], sel.ids)):
-            if sel.stages:
+            if sel.stages or sel.ffn:
                 self._call = _Call("replay", q, sel.ids.shape[1], mask2d, pos, sel)
             return
         if not self._has_visual(ids):
