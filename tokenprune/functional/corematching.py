@@ -89,16 +89,20 @@ def elbow_value(scores: torch.Tensor) -> float:
 
 
 def corematching(match: torch.Tensor, k: int, adaptive: bool = True) -> torch.Tensor:
-    """Core tokens of one image from their matches ``[N]``: the tokens above the elbow (:func:`elbow_value`), at
-    most ``k`` of them (the largest matches, ties to the lowest index); ``adaptive=False``: exactly the top ``k``.
-    Sorted ascending ``torch.long``; ``k >= N`` returns ``arange(N)``."""
+    """Core tokens of one image from their matches ``[N]``: the tokens above the elbow (:func:`elbow_value`; if
+    none is, the elbow's ties: the released code would keep none), at most ``k`` of them (the largest matches, ties
+    to the lowest index); ``adaptive=False``: exactly the top ``k``. Sorted ascending ``torch.long``; ``k >= N``
+    returns ``arange(N)``."""
     n = match.shape[0]
     check_k(k, n)
     if k >= n:
         return torch.arange(n, device=match.device)
     if not adaptive:
         return top_k_indices(match, k)
-    above = (match.double() > elbow_value(match)).nonzero().squeeze(1)
+    elbow = elbow_value(match)
+    above = (match.double() > elbow).nonzero().squeeze(1)
+    if above.numel() == 0:  # the elbow is the maximum (a straight curve): its ties, never an empty image
+        above = (match.double() == elbow).nonzero().squeeze(1)
     if above.numel() > k:
         return above[top_k_indices(match[above], k)]
     return above

@@ -53,8 +53,10 @@ class CoreMatching(DecoderMethod):
         ),
         Deviation(
             "Shares round up (ceil(rho x positive), ceil(beta x union)); a neuron is activated when its activation "
-            "is > 0 (the released code's test); the budget is per image.",
-            "The paper defines the shares as percentiles without a rounding rule.",
+            "is > 0 (the released code's test); the budget is per image; when no match lies above the elbow (a "
+            "straight or flat curve) the tokens at the elbow's value stay.",
+            "The paper defines the shares as percentiles without a rounding rule; the released code would keep no "
+            "image token at all on such a curve.",
         ),
     )
     layer: int = 2              # first layer that sees only the core tokens (matched in layer `layer - 1`'s FFN)
