@@ -206,3 +206,20 @@ def test_flops_count_the_sparse_ffn():
     dense = flops.decode_flops(shape, 600)
     sparse = flops.decode_flops(shape, 600, ffn_share=0.4)
     assert dense - sparse == shape.num_layers * round(3 * shape.hidden_size * shape.intermediate_size * 0.6)
+
+
+def test_flops_command_takes_the_ffn_share(capsys):
+    import json
+
+    from tokenprune.cli import main
+
+    argv = ["flops", "--model", "llava-1.5-7b", "--tokens-per-layer", "600", "--json"]
+    assert main(argv) == 0
+    dense = json.loads(capsys.readouterr().out)["decode_gflops_per_token"]
+    assert main([*argv, "--ffn-share", "0.4"]) == 0
+    sparse = json.loads(capsys.readouterr().out)["decode_gflops_per_token"]
+    shape = flops.preset("llava-1.5-7b")
+    assert dense - sparse == pytest.approx(32 * 3 * shape.hidden_size * shape.intermediate_size * 0.6 / 1e9)
+    with pytest.raises(SystemExit):
+        main([*argv, "--ffn-share", "0"])
+    assert "ffn_share must be a share" in capsys.readouterr().err
