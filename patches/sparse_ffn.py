@@ -9,7 +9,8 @@ instance ``forward`` (never the class's), removed by ``uninstall`` (``disable_pr
   valid tokens the method names the row's core neurons of the layer (kept on the prefill's selection, i.e. with
   the KV cache it wrote), and may add a per-token signal to the row's ``accumulated`` (CoreMatching's match).
 * ``decode`` (a call on that cache): each row's FFN is computed on its core neurons only -- ``gate_proj``/``up_proj``
-  rows and ``down_proj`` columns of those neurons -- so the FFN's MACs shrink by the core share.
+  rows and ``down_proj`` columns of those neurons -- so the FFN's MACs shrink by the core share (quantized
+  projections hold no weight rows to gather: their FFN runs dense with the other neurons zeroed, the same result).
 * ``replay`` (``use_cache=False`` steps of ``generate``): the prompt's tokens run dense as at the prefill, the
   generated ones on the core neurons, so cached and uncached generation agree.
 
@@ -35,13 +36,12 @@ class SparseFFN:
         for i, layer in enumerate(loop.layers):
             mlp = getattr(layer, "mlp", None)
             missing = [p for p in _PARTS if not hasattr(mlp, p)]
-            linear = [getattr(mlp, p, None) for p in _PARTS[:3]]
-            if missing or not all(type(m) is torch.nn.Linear for m in linear):
+            if missing:
                 raise ValueError(
-                    f"{loop.method.name}: neuron sparsity computes the FFN of decoder layer {i} on a subset of its "
-                    f"neurons and needs a SwiGLU MLP of plain torch.nn.Linear gate_proj/up_proj/down_proj and an "
-                    f"act_fn; found {type(mlp).__name__} (missing {missing}, projections "
-                    f"{[type(m).__name__ for m in linear]}). Pass neuron_keep=1.0 for token pruning only"
+                    f"{loop.method.name}: core neurons are defined on a dense SwiGLU FFN (gate_proj, up_proj, "
+                    f"down_proj, act_fn); decoder layer {i}'s mlp is a {type(mlp).__name__} without {missing} (a "
+                    f"mixture of experts has no single set of FFN neurons). Use a dense-FFN model or another "
+                    f"decoder method (fastv, dart)"
                 )
 
     def install(self) -> None:
@@ -101,6 +101,10 @@ def _core_ffn(mlp: torch.nn.Module, x: torch.Tensor, core: torch.Tensor) -> torc
     if core is None:
         return type(mlp).forward(mlp, x)
     gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    if not all(type(m) is torch.nn.Linear for m in (gate, up, down)):  # quantized: no weight rows to gather
+        inter = mlp.act_fn(gate(x)) * up(x)
+        mask = torch.zeros(inter.shape[-1], dtype=inter.dtype, device=inter.device)
+        return down(inter * mask.index_fill_(0, core.to(inter.device), 1))  # same result, dense MACs
     core = core.to(gate.weight.device)
 
     def rows(lin: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
