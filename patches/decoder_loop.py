@@ -161,7 +161,7 @@ class DecoderLoop:
                   else torch.ones(batch, past + q, dtype=torch.bool, device=embeds.device))
         pos = self._call_positions(kwargs.get("position_ids"), batch, q, past, embeds.device) if self.reindex else None
         if past > 0:
-            if sel is None or not (sel.stages or sel.ffn):
+            if sel is None or not sel.stages:
                 return
             if sel.ids.shape[0] != batch:
                 raise ValueError(
@@ -180,7 +180,7 @@ class DecoderLoop:
         if (self.frozen and cache is None and not use_cache and sel is not None and sel.ids.shape[0] == batch
                 and q >= sel.ids.shape[1]
                 and torch.equal(ids[:, : sel.ids.shape[1]], sel.ids)):
-            if sel.stages or sel.ffn:
+            if sel.stages:
                 self._call = _Call("replay", q, sel.ids.shape[1], mask2d, pos, sel)
             return
         if not self._has_visual(ids):

@@ -14,7 +14,8 @@ instance ``forward`` (never the class's), removed by ``uninstall`` (``disable_pr
 * ``replay`` (``use_cache=False`` steps of ``generate``): the prompt's tokens run dense as at the prefill, the
   generated ones on the core neurons, so cached and uncached generation agree.
 
-Other calls (no pruning prefill, prompts without images) run the model's FFN untouched.
+Other calls (prompts without images, a prefill that pruned no token: ``keep=1.0`` is the model) run the model's FFN
+untouched: the decoder loop makes no ``decode``/``replay`` call on a cache whose prefill kept every token.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def _core_ffn(mlp: torch.nn.Module, x: torch.Tensor, core: torch.Tensor) -> torc
     if core is None:
         return type(mlp).forward(mlp, x)
     gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-    if not all(type(m) is torch.nn.Linear for m in (gate, up, down)):  # quantized: no weight rows to gather
+    if not all(_gatherable(m) for m in (gate, up, down)):  # quantized: no weight rows to gather
         inter = mlp.act_fn(gate(x)) * up(x)
         mask = torch.zeros(inter.shape[-1], dtype=inter.dtype, device=inter.device)
         return down(inter * mask.index_fill_(0, core.to(inter.device), 1))  # same result, dense MACs
@@ -112,3 +113,9 @@ def _core_ffn(mlp: torch.nn.Module, x: torch.Tensor, core: torch.Tensor) -> torc
 
     h = mlp.act_fn(F.linear(x, *rows(gate))) * F.linear(x, *rows(up))  # [1, q, |core|]
     return F.linear(h, down.weight.index_select(1, core), down.bias)
+
+
+def _gatherable(lin: torch.nn.Module) -> bool:
+    """A plain ``nn.Linear`` with a plain weight tensor (bitsandbytes layers and torchao's int8 weight tensors are
+    neither: their rows cannot be gathered)."""
+    return type(lin) is torch.nn.Linear and type(lin.weight.data) is torch.Tensor

@@ -3,6 +3,7 @@ method's FFN patch on a tiny LLaVA (the four-family invariant matrix runs it in 
 
 import functools
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from tokenprune import disable_pruning, enable_pruning
 from tokenprune import functional as F
 from tokenprune.budget import flops
+from tokenprune.methods.corematching import CoreMatching
 from tokenprune.patches.sparse_ffn import _core_ffn
 from tokenprune.tiny_models import LlavaSize, random_image, tiny_llava
 
@@ -121,23 +123,40 @@ def test_keep_all_and_all_neurons_is_bit_identical_and_disable_leaves_nothing(at
     assert not any("forward" in layer.mlp.__dict__ for layer in model.model.language_model.layers)
 
 
+@dataclass
+class DenseDecode(CoreMatching):
+    """The same core tokens, a dense decode."""
+
+    def ffn_core(self, layer, act):
+        return None
+
+
 def test_decode_runs_on_the_core_neurons_only():
-    """keep=1.0 (no token pruning), neuron_keep=0.4: the prefill is the model's, every decode step is not, and
-    cached decoding equals the use_cache=False replay (the prompt dense, the generated tokens on the core)."""
+    """Same core tokens with and without the core-neuron decode: the same prefill, every decode step differs, and
+    cached decoding equals the use_cache=False replay (the prompt dense, the generated tokens on the core).
+    keep=1.0 prunes no token and leaves the model whole, neuron_keep=0.4 included."""
     model, processor = _llava("sdpa")
     disable_pruning(model)
     inputs = _inputs(processor)
     ref = _generate(model, inputs)
-    enable_pruning(model, "corematching", keep=1.0, neuron_keep=0.4)
-    try:
-        cached, uncached = _generate(model, inputs), _generate(model, inputs, use_cache=False)
-    finally:
-        disable_pruning(model)
-    assert torch.equal(cached.logits[0], ref.logits[0])  # the prefill's last-token logits: dense FFN
-    assert all(not torch.equal(a, b) for a, b in zip(cached.logits[1:], ref.logits[1:], strict=True))
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for a, b in zip(cached.logits, uncached.logits, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    runs, kept = {}, {}
+    for name, method, keep in (("dense", DenseDecode(), 0.5), ("sparse", "corematching", 0.5),
+                               ("whole", "corematching", 1.0)):
+        handle = enable_pruning(model, method, keep=keep)
+        try:
+            runs[name] = _generate(model, inputs), _generate(model, inputs, use_cache=False)
+            kept[name] = handle.last.images[0].kept
+        finally:
+            disable_pruning(model)
+    dense, sparse = runs["dense"][0], runs["sparse"][0]
+    assert torch.equal(kept["dense"], kept["sparse"]) and kept["sparse"].numel() < kept["whole"].numel()
+    assert torch.equal(sparse.logits[0], dense.logits[0])  # the prefill's last-token logits: dense FFN
+    assert all(not torch.equal(a, b) for a, b in zip(sparse.logits[1:], dense.logits[1:], strict=True))
+    for cached, uncached in runs.values():
+        assert torch.equal(cached.sequences, uncached.sequences)
+        for a, b in zip(cached.logits, uncached.logits, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(runs["whole"][0].logits, ref.logits, strict=True))
 
 
 def test_core_ffn_equals_the_dense_ffn_with_the_other_neurons_zeroed():

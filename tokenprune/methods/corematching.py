@@ -23,10 +23,11 @@ class CoreMatching(DecoderMethod):
     an image's core tokens are those activating the most core neurons, above the elbow ("maximum geometric
     distance") of the sorted matches; only they enter layer ``layer`` and the later ones. Positions KEEP.
     Neuron sparsity: every layer's core neurons are computed the same way at the prefill (dense FFN) and the decode
-    computes each layer's FFN on them only (``patches/sparse_ffn.py``); ``neuron_keep=1.0`` keeps the FFN dense.
+    computes each layer's FFN on them only (``patches/sparse_ffn.py``); ``neuron_keep=1.0`` keeps the FFN dense,
+    and so does a prefill that pruned no token (``keep=1.0`` is the unpruned model, whatever ``neuron_keep``).
 
     Budget: the core-token count is adaptive (data-dependent); ``keep`` caps it per image (the largest matches stay)
-    and ``adaptive=False`` keeps exactly ``keep``'s count. ``keep=1.0`` with ``neuron_keep=1.0`` is the model.
+    and ``adaptive=False`` keeps exactly ``keep``'s count.
     """
 
     name = "corematching"
