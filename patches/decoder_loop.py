@@ -38,6 +38,7 @@ from tokenprune.methods.decoder_base import DecoderMethod, StagePlan
 from tokenprune.patches import pruned_cache
 from tokenprune.patches.decoder_grids import visual_coords
 from tokenprune.patches.decoder_select import Stage, apply_mixes, gather, select_stage
+from tokenprune.patches.sparse_ffn import SparseFFN
 
 
 @dataclass
@@ -47,6 +48,7 @@ class PrefillSelection:
 
     ids: torch.Tensor       # [B, n] prompt ids the selection was made on
     stages: list[Stage]     # (attached to the KV cache the prefill wrote: patches/pruned_cache.py)
+    ffn: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> each row's core FFN neurons
 
 
 @dataclass
@@ -107,6 +109,7 @@ class DecoderLoop:
         self._ids: torch.Tensor | None = None
         self._call: _Call | None = None
         self._hooks: list[Any] = []
+        self._ffn = SparseFFN(self) if method.sparse_ffn() else None  # neuron sparsity (patches/sparse_ffn.py)
 
     # --- installation -------------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -119,11 +122,15 @@ class DecoderLoop:
             layer = self.layers[i]
             self._hooks.append(layer.self_attn.register_forward_hook(self._observe(i, "attn"), with_kwargs=True))
             self._hooks.append(layer.mlp.register_forward_hook(self._observe(i, "mlp"), with_kwargs=True))
+        if self._ffn is not None:
+            self._ffn.install()
 
     def uninstall(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        if self._ffn is not None:
+            self._ffn.uninstall()
         self.selection, self._call, self._ids = None, None, None
 
     # --- call start / end ---------------------------------------------------------------------------------------

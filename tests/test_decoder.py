@@ -22,7 +22,7 @@ OPTIONS = {"fastv": {"k": 2}, "pdrop": {}, "dart": {"k": 2}, "feather": {"layers
            "todre": {"layer": 1, "tau": 1.0}}  # ToDRE: candidate layer 1 of 4; tau=1 always drops (alpha < 1)
 # VisionDrop's LLM stages: its four equal stages (paper), (1, 2, 3) of 4
 FIRST_PRUNED = {"fastv": 2, "pdrop": 1, "dart": 2, "feather": 1, "todre": 2, "transprune": 1, "sparsevlm": 1,
-                "adaptinfer": 1, "visiondropllm": 1, "visiondropfull": 1, "vflowopt": 1}
+                "adaptinfer": 1, "visiondropllm": 1, "visiondropfull": 1, "vflowopt": 1, "corematching": 2}
 METHODS = decoder_methods() + two_stage_methods()  # two-stage methods: a vision stage, then the same decoder loop
 # VFlowOpt needs the ViT attention map among image tokens, which the Qwen adapters do not compute (it raises a clear
 # error there: tests/test_decoder_recycle.py)

@@ -88,6 +88,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help=f"{', '.join(FORMULAS)} (aliases f2=fastv, f3/sparsevlm=pdrop, gqa=exact; default exact)")
     flops.add_argument("--kv-dtype", default="fp16", help="KV-cache dtype: fp16, bf16, fp32, fp8 (default fp16)")
     flops.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
+    flops.add_argument("--ffn-share", type=float, default=1.0,
+                       help="share of FFN neurons each decode step computes (CoreMatching's neuron_keep; default 1)")
     flops.add_argument("--list", action="store_true", help="list the model presets and exit")
     flops.add_argument("--json", action="store_true", help="print a JSON object instead of a line")
     flops.set_defaults(handler=run_flops, command_parser=flops)
@@ -230,6 +232,7 @@ def run_flops(args: argparse.Namespace) -> int:
         tokens = [t + args.text_tokens for t in schedule]
         unpruned = (args.unpruned + args.text_tokens) if args.unpruned is not None else max(tokens)
         kv = F.dtype_bytes(args.kv_dtype)
+        F.decode_flops(shape, 1, formula, args.ffn_share)  # validates --ffn-share
     except ValueError as err:
         parser.error(str(err))
     result = {
@@ -239,7 +242,7 @@ def run_flops(args: argparse.Namespace) -> int:
         "tflops_unpruned": F.prefill_flops(shape, unpruned, formula) / 1e12,
         "kv_bytes": F.kv_bytes(shape, tokens, kv), "kv_bytes_unpruned": F.kv_bytes(shape, unpruned, kv),
         "kv_dtype": args.kv_dtype,
-        "decode_gflops_per_token": F.decode_flops(shape, tokens, formula) / 1e9,
+        "decode_gflops_per_token": F.decode_flops(shape, tokens, formula, args.ffn_share) / 1e9,
         "decode_gflops_per_token_unpruned": F.decode_flops(shape, unpruned, formula) / 1e9,
     }
     result["flops_ratio"] = result["tflops"] / result["tflops_unpruned"]

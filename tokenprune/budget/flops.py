@@ -182,14 +182,25 @@ def prefill_flops(shape: ModelShape, tokens_per_layer: int | Sequence[int], form
     return sum(layer_flops(shape, n, formula) for n in expand(tokens_per_layer, shape.num_layers))
 
 
-def decode_flops(shape: ModelShape, cached_per_layer: int | Sequence[int], formula: str = "exact") -> int:
+def ffn_flops(shape: ModelShape, n: int, formula: str = "exact") -> int:
+    """FLOPs (MACs) of one decoder layer's FFN over ``n`` tokens (the ``2ndm``/``3ndm`` term of ``layer_flops``)."""
+    return (2 if resolve_formula(formula) == "fastv" else 3) * n * shape.hidden_size * shape.intermediate_size
+
+
+def decode_flops(shape: ModelShape, cached_per_layer: int | Sequence[int], formula: str = "exact",
+                 ffn_share: float = 1.0) -> int:
     """FLOPs (MACs) of generating ONE token against a KV cache of ``cached_per_layer[l]`` tokens per layer.
 
     Per layer: the projections and FFN of one token plus ``2 d (c_l + 1)`` for its attention over the cache and
     itself (ToDRE's decode formula, arXiv 2505.18757). Decoding is memory-bound: this understates its latency.
+    ``ffn_share``: the share of FFN neurons the decode computes (CoreMatching's core neurons, ``neuron_keep``);
+    the FFN term shrinks by ``1 - ffn_share``.
     """
+    if not 0 < ffn_share <= 1:
+        raise ValueError(f"ffn_share must be a share of the FFN neurons in (0, 1]; got {ffn_share!r}")
     width = shape.hidden_size if resolve_formula(formula) != "exact" else shape.num_heads * shape.d_head
     one = layer_flops(shape, 1, formula)  # projections, FFN and attention of the token to itself
+    one -= round(ffn_flops(shape, 1, formula) * (1 - ffn_share))
     return sum(one + 2 * c * width for c in expand(cached_per_layer, shape.num_layers))
 
 

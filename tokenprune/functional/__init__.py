@@ -8,6 +8,7 @@ the lowest index. Merging methods also return the merged rows.
 from tokenprune.functional.attention import fastervlm, fopru
 from tokenprune.functional.baselines import random, uniform
 from tokenprune.functional.chunks import holov, holov_chunk_count
+from tokenprune.functional.corematching import core_match, core_neurons, corematching, elbow_value, token_core_neurons
 from tokenprune.functional.coverage import mmtok
 from tokenprune.functional.dart import dart, dart_count
 from tokenprune.functional.decoder_rules import fastv, layer_average, pdrop_counts, pdrop_ratio
@@ -43,4 +44,5 @@ __all__ = [
     "mmtok", "random", "recoverable", "uniform", "visiondrop", "visionzip", "visionzip_with_assign",
     "dart", "dart_count", "feather", "feather_counts", "feather_uniform", "todre_drop_all", "todre_text_to_visual",
     "transprune", "transprune_counts", "transprune_scale", "transprune_ttv",
+    "core_match", "core_neurons", "corematching", "elbow_value", "token_core_neurons",
 ]

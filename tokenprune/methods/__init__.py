@@ -24,6 +24,7 @@ from tokenprune.methods.base import (
 )
 from tokenprune.methods.baselines import RandomPrune, UniformPrune
 from tokenprune.methods.cdpruner import CDPruner
+from tokenprune.methods.corematching import CoreMatching
 from tokenprune.methods.dart import DART
 from tokenprune.methods.decoder_base import DecoderMethod, Recycled, RowSignals, StagePlan
 from tokenprune.methods.divprune import DivPrune
@@ -53,6 +54,7 @@ METHODS: dict[str, type[PruningMethod]] = {
         RandomPrune, Recoverable, SparseVLM, UniformPrune, VFlowOpt, VisionDrop,
         VisionDropFull, VisionDropLLM, VisionZip,
         DART, FEATHER, ToDRE, TransPrune,
+        CoreMatching,
     )
 }
 

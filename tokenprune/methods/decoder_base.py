@@ -155,6 +155,22 @@ class DecoderMethod(PruningMethod):
         ``[B, M, D]``; ``valid`` ``[B, M]`` marks real tokens. Accumulated slots follow every pruning."""
         raise NotImplementedError
 
+    def sparse_ffn(self) -> bool:
+        """True: the decode computes each decoder layer's FFN on per-prompt core neurons (``patches/sparse_ffn.py``
+        calls :meth:`ffn_core` and :meth:`ffn_signal` during the pruning prefill). Default False: dense FFN."""
+        return False
+
+    def ffn_core(self, layer: int, act: torch.Tensor) -> torch.Tensor | None:
+        """Sorted FFN neurons of ``layer`` that decoding a prompt computes, from the prefill's intermediate FFN
+        activations ``act`` ``[M, I]`` of the prompt row's valid tokens at that layer; None: all (dense)."""
+        return None
+
+    def ffn_signal(self, layer: int, act: torch.Tensor, valid: torch.Tensor,
+                   core: torch.Tensor | None) -> torch.Tensor | None:
+        """``[M]`` per-slot increment of the row's ``accumulated`` signal from ``layer``'s FFN activations ``act``
+        ``[M, I]`` (every slot, ``valid`` ``[M]`` marks real tokens) and :meth:`ffn_core`'s answer; None: nothing."""
+        return None
+
     def scores(self, stage: int, row: RowSignals) -> torch.Tensor:
         """``[N]`` importance of every slot of the row (only visual slots are read)."""
         raise NotImplementedError
