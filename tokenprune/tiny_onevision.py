@@ -19,7 +19,7 @@ import math
 import torch
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
-from tokenprune.tiny_models import _finish, _text_config, make_tokenizer
+from tokenprune.tiny_models import LlavaSize, _finish, make_tokenizer
 
 # (height, width) of the AnyRes grids: up to 4x4 crops of 32 px, so that a large image is down-scaled.
 ONEVISION_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64], [64, 96], [96, 64], [96, 96], [128, 128]]
@@ -106,7 +106,6 @@ def tiny_onevision(
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
         LlavaOnevisionImageProcessorPil,
-        Qwen2Config,
         SiglipVisionConfig,
     )
 
@@ -116,7 +115,7 @@ def tiny_onevision(
         image_size=TILE, patch_size=PATCH, vision_use_head=False,
     )
     config = LlavaOnevisionConfig(
-        vision_config=vision, text_config=_text_config(tok, Qwen2Config, text_layers=text_layers),
+        vision_config=vision, text_config=_qwen2_text_config(tok, text_layers),
         image_token_index=tok.convert_tokens_to_ids("<image>"), video_token_index=tok.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=ONEVISION_PINPOINTS, vision_feature_layer=-1, vision_feature_select_strategy="full",
         vision_aspect_ratio=vision_aspect_ratio,
@@ -138,3 +137,16 @@ def random_video_ov(frames: int, seed: int = 0) -> torch.Tensor:
     """``[frames, 3, 32, 32]`` normalised pixels of a random clip (one tile per frame, as the video processor)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(frames, 3, TILE, TILE, generator=generator)
+
+
+def _qwen2_text_config(tok, text_layers: int):
+    """The Qwen2 LLM of the tiny OneVision: the shape of the tiny LLaVA's LLM (:class:`LlavaSize` defaults)."""
+    from transformers import Qwen2Config
+
+    size = LlavaSize(text_layers=text_layers)
+    return Qwen2Config(
+        vocab_size=len(tok), hidden_size=size.text_hidden, intermediate_size=size.text_intermediate,
+        num_hidden_layers=size.text_layers, num_attention_heads=size.text_heads,
+        num_key_value_heads=size.text_kv_heads, max_position_embeddings=size.max_positions,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
