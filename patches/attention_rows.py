@@ -2,10 +2,11 @@
 
 The rows a decoder-stage method needs (the last prompt token, or the text rows) are recomputed for just those rows
 from the layer's INPUT hidden states: the layer's own ``input_layernorm``, ``q_proj``/``k_proj`` (with bias on
-Qwen) and per-head ``q_norm``/``k_norm`` where the attention has them (Qwen3, Gemma 3), the same rotary cos/sin
-the layer receives (M-RoPE already recomposed by HF), GQA key repetition, the causal and padding masks, and a
-softmax in fp32 over ALL keys. The attention kernel is never asked for weights, so the selection is the same under
-``eager``, ``sdpa`` and ``flash_attention_2``.
+Qwen), the per-head ``q_norm``/``k_norm`` where the layer has them (Qwen3-VL, Qwen3.5), the query half of a gated
+``q_proj`` (Qwen3.5: query and output gate interleaved per head), the same rotary cos/sin the layer receives (M-RoPE
+already recomposed by HF; partial rotary: the first ``cos.shape[-1]`` dims), GQA key repetition, the causal and
+padding masks, and a softmax in fp32 over ALL keys. The attention kernel is never asked for weights, so the
+selection is the same under ``eager``, ``sdpa`` and ``flash_attention_2``.
 """
 
 from __future__ import annotations
@@ -18,24 +19,38 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _heads(attn: torch.nn.Module, proj: str, x: torch.Tensor) -> torch.Tensor:
-    """``[B, H, N, d_h]`` heads of ``attn.<proj>_proj(x)`` (``x`` ``[B, N, D]``), through the attention's per-head
-    ``<proj>_norm`` when it has one (applied on the head dimension before RoPE, as the model does)."""
-    b, n, _ = x.shape
-    out = getattr(attn, f"{proj}_proj")(x).view(b, n, -1, attn.head_dim)
-    norm = getattr(attn, f"{proj}_norm", None)
-    return (norm(out) if norm is not None else out).transpose(1, 2)
-
-
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x`` ``[B, H, N, d_h]``, ``cos``/``sin`` ``[B, N, d_h]`` (what HF's ``apply_rotary_pos_emb`` does)."""
-    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+    """``x`` ``[B, H, N, d_h]``, ``cos``/``sin`` ``[B, N, d_r]`` (what HF's ``apply_rotary_pos_emb`` does; ``d_r <
+    d_h``: partial rotary, the last ``d_h - d_r`` dims pass unrotated)."""
+    rot, rest = x[..., : cos.shape[-1]], x[..., cos.shape[-1]:]
+    rot = rot * cos[:, None] + _rotate_half(rot) * sin[:, None]
+    return torch.cat([rot, rest], dim=-1) if rest.shape[-1] else rot
+
+
+def _queries(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, N, d_h]`` queries of ``x`` ``[B, N, D]`` (normed input): the query half of a gated ``q_proj``, then
+    ``q_norm`` where the layer has one."""
+    b, n, _ = x.shape
+    out = attn.q_proj(x)
+    if out.shape[-1] == 2 * attn.config.num_attention_heads * attn.head_dim:  # gated: [q_h, gate_h] per head
+        q = out.view(b, n, -1, 2 * attn.head_dim)[..., : attn.head_dim]
+    else:
+        q = out.view(b, n, -1, attn.head_dim)
+    norm = getattr(attn, "q_norm", None)
+    return (norm(q) if norm is not None else q).transpose(1, 2)
+
+
+def _keys(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[B, H_kv, N, d_h]`` keys of ``x`` ``[B, N, D]`` (normed input), ``k_norm`` applied where there is one."""
+    k = attn.k_proj(x).view(*x.shape[:2], -1, attn.head_dim)
+    norm = getattr(attn, "k_norm", None)
+    return (norm(k) if norm is not None else k).transpose(1, 2)
 
 
 def layer_keys(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Post-RoPE keys ``[B, H_kv, N, d_h]`` the layer computes from its input ``hidden`` ``[B, N, D]``."""
     b = hidden.shape[0]
-    k = _heads(layer.self_attn, "k", layer.input_layernorm(hidden))
+    k = _keys(layer.self_attn, layer.input_layernorm(hidden))
     return _rope(k, cos.expand(b, -1, -1), sin.expand(b, -1, -1))
 
 
@@ -58,10 +73,10 @@ def attention_rows(
     cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
     x = layer.input_layernorm(hidden)
     x_rows = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))  # [B, R, D]
-    q = _heads(attn, "q", x_rows)  # [B, H, R, d_h]
+    q = _queries(attn, x_rows)  # [B, H, R, d_h]
     gather = rows[..., None].expand(-1, -1, cos.shape[-1])
     q = _rope(q, cos.gather(1, gather), sin.gather(1, gather))
-    k = _rope(_heads(attn, "k", x), cos, sin)  # [B, H_kv, N, d_h]
+    k = _rope(_keys(attn, x), cos, sin)  # [B, H_kv, N, d_h]
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA
     scores = (q.float() @ k.float().transpose(-1, -2)) * float(attn.scaling)  # [B, H, R, N]
     keys = torch.arange(n, device=hidden.device)
@@ -80,8 +95,8 @@ def attention_rows_no_rope(
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
     pick = lambda idx: x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
-    q = _heads(attn, "q", pick(rows))  # [B, H, R, d_h]
-    k = _heads(attn, "k", pick(keys))  # [B, H_kv, K, d_h]
+    q = _queries(attn, pick(rows))  # [B, H, R, d_h]
+    k = _keys(attn, pick(keys))  # [B, H_kv, K, d_h]
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA
     scores = (q.float() @ k.float().transpose(-1, -2)) * float(attn.scaling)
     return torch.softmax(scores, dim=-1)

@@ -95,9 +95,10 @@ class VisionStageAdapter:
             reason = self.decoder_reason(model.config.model_type, decoder.name, first, model.config)
             if reason:
                 raise ValueError(reason)
+            plan = self.decoder_plan(decoder.name, plan, model.config)
         self.decoder = None if decoder is None else DecoderLoop(
             model, decoder, decoder_keep if decoder_keep is not None else keep, self.visual_token_ids(),
-            self._decoder_record, force_keep_positions=self.decoder_keep_positions,
+            self._decoder_record, force_keep_positions=self.decoder_keep_positions, plan=plan,
         )
 
     def visual_token_ids(self) -> tuple[int, ...]:
@@ -117,6 +118,13 @@ class VisionStageAdapter:
         """Why this family cannot run vision-stage ``method`` (an instance: its options count) beyond a missing
         signal, or ``None``. :meth:`check_method` raises it and the method tables show it (``tokenprune.catalog``)."""
         return None
+
+    @classmethod
+    def decoder_plan(cls, name: str, plan: tuple, config: Any = None, model_type: str | None = None) -> tuple:
+        """Where a decoder-stage method's stages run on this family: its paper ``plan`` (``StagePlan`` per stage,
+        validated on the model's depth) mapped onto the family's LLM (default: unchanged); a ``ValueError`` when it
+        cannot be. ``config``: the model's, or None for the released checkpoints of ``model_type``."""
+        return plan
 
     def check_method(self) -> None:
         """Raise a ``ValueError`` if this model cannot provide what the method needs."""

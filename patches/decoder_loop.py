@@ -23,6 +23,9 @@ Three kinds of call:
   shifts them by the prompt tokens removed before it (per row).
 * ``replay`` -- a ``use_cache=False`` step of ``generate``: the whole sequence again; the prompt is pruned with the
   stored selection (never re-selected with a newer last token), so cached and uncached generation agree.
+
+Qwen3-VL's DeepStack maps, added after the first LLM layers: when a stage prunes before the last of them, the loop
+adds them itself, gathered and merged like the hidden states (``patches/deepstack_carry.py``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from tokenprune.methods.decoder_base import DecoderMethod, StagePlan
 from tokenprune.patches import pruned_cache
 from tokenprune.patches.decoder_grids import visual_coords
 from tokenprune.patches.decoder_select import Stage, apply_mixes, gather, select_stage
+from tokenprune.patches.deepstack_carry import DeepStack, take_deepstack
 from tokenprune.patches.sparse_ffn import SparseFFN
 
 
@@ -85,6 +89,7 @@ class _Call:
     coords: torch.Tensor | None = None     # [B, n, 2] (row, column) of each token within its image, -1 unknown
     kv_len: int | None = None              # a static cache's per-layer key length (max_cache_len), else None
     source_rows: int | None = None         # rows of the caller's prompt (generate repeats them for beams/samples)
+    deepstack: DeepStack | None = None     # Qwen3-VL maps still to be added, in the current layout (select, replay)
 
 
 class DecoderLoop:
@@ -93,12 +98,16 @@ class DecoderLoop:
     def __init__(
         self, model: torch.nn.Module, method: DecoderMethod, keep: Keep, visual_ids: tuple[int, ...],
         on_record: Callable[[LayerRecord], None], force_keep_positions: bool = False,
+        plan: tuple[StagePlan, ...] | None = None,
     ):
         self.model, self.method, self.keep = model, method, keep
         self.lm = model.model.language_model
         self.layers = self.lm.layers
         self.n_layers = len(self.layers)
-        self.plan: tuple[StagePlan, ...] = method.check_layers(self.n_layers, model.config.model_type)
+        # the method's plan, or the adapter's mapping of it (Qwen3.5: scored at full-attention layers)
+        self.plan: tuple[StagePlan, ...] = plan or method.check_layers(self.n_layers, model.config.model_type)
+        # Qwen3.5's Gated DeltaNet layers: a 2-D padding mask instead of the attention mask (recurrent_mask)
+        self.linear = frozenset(i for i, layer in enumerate(self.layers) if hasattr(layer, "linear_attn"))
         self.visual_ids = visual_ids
         self.reindex = method.positions == "reindex" and not force_keep_positions
         self.one_d_positions = not force_keep_positions  # 1-D RoPE (LLaVA, InternVL); False: Qwen's M-RoPE
@@ -118,9 +127,11 @@ class DecoderLoop:
         self._hooks.append(self.lm.register_forward_hook(self._lm_post, always_call=True))
         for i, layer in enumerate(self.layers):
             self._hooks.append(layer.register_forward_pre_hook(self._layer_pre(i), with_kwargs=True))
+            self._hooks.append(layer.register_forward_hook(self._layer_post(i)))
         for i in self.method.observed_layers(self.n_layers):  # only methods that accumulate per-layer signals
             layer = self.layers[i]
-            self._hooks.append(layer.self_attn.register_forward_hook(self._observe(i, "attn"), with_kwargs=True))
+            mixer = layer.linear_attn if i in self.linear else layer.self_attn
+            self._hooks.append(mixer.register_forward_hook(self._observe(i, "attn"), with_kwargs=True))
             self._hooks.append(layer.mlp.register_forward_hook(self._observe(i, "mlp"), with_kwargs=True))
         if self._ffn is not None:
             self._ffn.install()
@@ -138,7 +149,7 @@ class DecoderLoop:
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._ids = ids if isinstance(ids, torch.Tensor) else None
 
-    def _lm_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+    def _lm_pre(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         ids, self._ids, self._call = self._ids, None, None
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
@@ -183,6 +194,7 @@ class DecoderLoop:
                 and torch.equal(ids[:, : sel.ids.shape[1]], sel.ids)):
             if sel.stages:
                 self._call = _Call("replay", q, sel.ids.shape[1], mask2d, pos, sel)
+                return self._take_deepstack(args, kwargs, q)
             return
         if not self._has_visual(ids):
             return
@@ -196,6 +208,12 @@ class DecoderLoop:
         call.removed = torch.zeros_like(call.index)
         call.shift = torch.zeros(batch, dtype=torch.long, device=ids.device)
         self._call = call
+        return self._take_deepstack(args, kwargs, q)
+
+    def _take_deepstack(self, args: tuple, kwargs: dict, q: int) -> tuple[tuple, dict] | None:
+        """Qwen3-VL: the DeepStack maps the call's stages would cut, taken over from HF (see the module doc)."""
+        self._call.deepstack = take_deepstack(kwargs, min(p.layer for p in self.plan), q)
+        return None if self._call.deepstack is None else (args, kwargs)
 
     def _lm_post(self, module: Any, args: tuple, output: Any) -> None:
         call, self._call = self._call, None
@@ -221,7 +239,7 @@ class DecoderLoop:
                 if call.mode == "select":
                     pruned_cache.attach(cache, selection=call.sel)
             if call.override:
-                kwargs.update(call.override)
+                kwargs.update(self._for_layer(i, call.override))
             if call.mode == "select":
                 h = self._select_at(i, h, kwargs, call)
             else:
@@ -230,11 +248,24 @@ class DecoderLoop:
                     if call.mode == "replay":
                         t = call.q - call.n
                         extra = torch.arange(stage.prev_len, stage.prev_len + t, device=h.device)
-                        full = gather(h, torch.cat([stage.slots, extra.expand(h.shape[0], -1)], dim=1))
-                        h = apply_mixes(full, h, stage.mixes)
+                        slots = torch.cat([stage.slots, extra.expand(h.shape[0], -1)], dim=1)
+                        h = apply_mixes(gather(h, slots), h, stage.mixes)
+                        if call.deepstack is not None:
+                            call.deepstack.follow(slots, stage.mixes)
                     call.override = self._override(stage, call, h)
-                    kwargs.update(call.override)
+                    kwargs.update(self._for_layer(i, call.override))
             return (h, *rest), kwargs
+
+        return hook
+
+    def _layer_post(self, i: int) -> Callable:
+        """Forward hook of layer ``i``: adds DeepStack level ``i`` when the loop carries the maps."""
+
+        def hook(module: Any, args: tuple, output: Any) -> Any:
+            call = self._call
+            if call is None or call.deepstack is None or i >= len(call.deepstack.levels):
+                return None
+            return call.deepstack.add(i, output)
 
         return hook
 
@@ -265,12 +296,14 @@ class DecoderLoop:
             if stage is not None:
                 call.sel.stages.append(stage)
                 h = apply_mixes(gather(h, stage.slots), h, stage.mixes)
+                if call.deepstack is not None:
+                    call.deepstack.follow(stage.slots, stage.mixes)
                 if call.accum is not None:
                     call.accum = gather(call.accum, stage.slots)
                 call.index, call.valid, call.removed, call.shift = stage.index, stage.valid, stage.removed, stage.shift
                 call.extra = stage.extra
                 call.override = self._override(stage, call, h)
-                kwargs.update(call.override)
+                kwargs.update(self._for_layer(i, call.override))
                 if any(p.score_layer == i < p.layer for p in self.plan):  # a later stage scores what layer i gets
                     call.inputs[i] = (h, *call.override["position_embeddings"])
         visual = call.valid & (call.image_of.gather(1, call.index) >= 0)
@@ -298,7 +331,18 @@ class DecoderLoop:
         else:
             emb = tuple(gather(x.expand(batch, -1, -1), index) for x in (cos, sin))
         mask = build_mask(self.lm.config._attn_implementation, kv_valid, q, h.dtype, call.kv_len)
-        return {"attention_mask": mask, "position_embeddings": emb, "position_ids": None}
+        override = {"attention_mask": mask, "position_embeddings": emb, "position_ids": None}
+        if self.linear:  # what HF's create_recurrent_attention_mask gives: the queries' padding, None if there is none
+            queries = kv_valid[:, -q:]
+            override["recurrent_mask"] = None if q == 1 or bool(queries.all()) else queries
+        return override
+
+    def _for_layer(self, i: int, override: dict[str, Any]) -> dict[str, Any]:
+        """The override of layer ``i``: a linear-attention layer takes the 2-D padding mask of its queries."""
+        out = {k: v for k, v in override.items() if k != "recurrent_mask"}
+        if i in self.linear:
+            out["attention_mask"] = override.get("recurrent_mask")
+        return out
 
     # --- bookkeeping --------------------------------------------------------------------------------------------
     def _has_visual(self, ids: torch.Tensor) -> bool:

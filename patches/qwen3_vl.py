@@ -18,16 +18,21 @@ What differs:
   weights recovered from the main features by least squares, checked to reproduce them).
 * **Qwen3.5's hybrid decoder** (Gated DeltaNet linear attention in three layers of four): a vision-stage pruning
   only shortens the prompt; every layer, linear or full, runs on the pruned sequence with its own cache.
-* **Decoder-stage methods** (FastV, PDrop, ...) run on Qwen3-VL (dense and MoE) from LLM layer
-  ``len(deepstack_visual_indexes)`` on (3 on the released checkpoints): every DeepStack map has been added by then,
-  so the Qwen2 decoder loop applies unchanged. A method whose first pruned layer comes earlier (FastV's default
-  ``k=2``) declines with an error that says which layer to set; handing the later DeepStack maps only the surviving
-  tokens is not wired. On Qwen3.5 they decline: its linear-attention layers carry a recurrent and a conv state that
-  a pruning step inside the LLM would have to rebuild on the pruned sequence.
+* **Decoder-stage methods** (FastV, PDrop, ...) run on Qwen3-VL (dense and MoE) at their paper layers. The
+  DeepStack maps are added after LLM layers ``0 .. len(deepstack_visual_indexes) - 1`` (0, 1, 2 on the released
+  checkpoints); a pruning step before the last of them (FastV's ``K=2``) hands the later additions only the
+  surviving tokens' DeepStack rows (``patches/deepstack_carry.py``, run by the decoder loop).
+* **Decoder-stage methods on Qwen3.5's hybrid LLM** (:meth:`Qwen3VLAdapter.decoder_plan`): the attention a stage
+  scores with can only be recomputed at a full-attention layer, so each stage's scoring layer moves to the first
+  full-attention layer at or after the paper's, and its pruning layer follows at the paper's offset (FastV K=2,
+  scored at layer 1: scored at 3, pruned from 4; PDrop's 8/16/24, scored at their own layer: 11/19/27). The Gated
+  DeltaNet layers after a pruning step run on the pruned sequence and build their conv and recurrent state from it
+  (the loop hands them the 2-D padding mask of the pruned layout), so cached decoding continues on that state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -36,7 +41,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from tokenprune.patches.qwen2_vl import QwenVLAdapter
 from tokenprune.patches.units import ImageSelection
 
-RELEASED_DEEPSTACK_LEVELS = 3  # deepstack_visual_indexes [8, 16, 24] of the released Qwen3-VL checkpoints
+# LLM depth of the released checkpoints (Qwen3.5-9B, Qwen3.5-35B-A3B): full attention in layers 3, 7, 11, ...
+RELEASED_QWEN3_5_LAYERS = {"qwen3_5": 32, "qwen3_5_moe": 40}
 _MERGE_TOLERANCE = 1e-4  # relative residual of a merged token rebuilt from its members' main features
 
 
@@ -44,24 +50,37 @@ class Qwen3VLAdapter(QwenVLAdapter):
     model_types = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 
     @classmethod
-    def decoder_reason(cls, model_type: str, name: str, first_layer: int, config: Any = None) -> str | None:
-        if model_type.startswith("qwen3_5"):
-            return (
-                f"decoder-stage method {name!r} is not supported on {model_type!r} yet: pruning inside its hybrid "
-                f"LLM would have to let the Gated DeltaNet linear-attention layers after the pruning step rebuild "
-                f"their recurrent and conv state on the pruned sequence. Use a vision-stage method (e.g. "
-                f"'divprune', 'cdpruner', 'hiprune') on this model"
-            )
-        levels = (len(config.vision_config.deepstack_visual_indexes) if config is not None
-                  else RELEASED_DEEPSTACK_LEVELS)
-        if first_layer < levels:
-            return (
-                f"decoder-stage method {name!r} prunes from LLM layer {first_layer}, but this {model_type!r} model "
-                f"still adds DeepStack visual features after layers 0..{levels - 1} ({levels} "
-                f"deepstack_visual_indexes); pruning is supported from layer {levels} on. Set the method's layer "
-                f"option to {levels} or later (e.g. fastv k={levels})"
-            )
-        return None
+    def decoder_plan(cls, name: str, plan: tuple, config: Any = None, model_type: str | None = None) -> tuple:
+        """Qwen3.5 (hybrid): each stage scored at the first full-attention layer at or after its paper scoring layer,
+        pruned at the paper's offset after it (module docstring); other models: the plan unchanged. ``config=None``:
+        the released layout of ``model_type`` (Qwen3.5-9B: 32 layers, Qwen3.5-35B-A3B: 40; full attention in every
+        4th)."""
+        if config is not None:
+            types = list(getattr(config.get_text_config(), "layer_types", None) or [])
+        elif model_type in RELEASED_QWEN3_5_LAYERS:
+            depth = RELEASED_QWEN3_5_LAYERS[model_type]
+            types = [("full_attention" if i % 4 == 3 else "linear_attention") for i in range(depth)]
+        else:
+            return plan
+        if "linear_attention" not in types:
+            return plan
+        full = [i for i, t in enumerate(types) if t == "full_attention"]
+        mapped, last = [], -1
+        for p in plan:
+            score = next((i for i in full if i >= p.score_layer), None)
+            layer = None if score is None else score + p.layer - p.score_layer
+            # the first full-attention layer keeps the whole prompt: HF reads the cache length there
+            if layer is None or layer >= len(types) or layer <= max(last, full[0]):
+                raise ValueError(
+                    f"{name}: stage pruned at layer {p.layer} (scored at {p.score_layer}) maps to no layer of this "
+                    f"{len(types)}-layer hybrid LLM: scores are read at full-attention layers only ({full}), the "
+                    f"first one at or after the paper's, the pruning follows at the paper's offset, after the first "
+                    f"full-attention layer (whose cache HF reads the prompt length from), and the stages stay in "
+                    f"order. Set the method's layer option to other layers"
+                )
+            mapped.append(dataclasses.replace(p, layer=layer, score_layer=score))
+            last = layer
+        return tuple(mapped)
 
     def _encoder_output(
         self, vision_out: Any, features: list[torch.Tensor], kept: list[torch.Tensor], chosen: list[ImageSelection]

@@ -31,12 +31,20 @@ from tokenprune.real_depth import real_depth
 from tokenprune.tiny_models import random_image
 
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
-PLACEHOLDER = {"llava": "<image>\n", "llava_next": "<image>\n", "qwen2_vl": QWEN_IMAGE, "qwen2_5_vl": QWEN_IMAGE}
-IMAGE_SIZE = {"llava": (84, 140), "llava_next": (40, 70), "qwen2_vl": (84, 140), "qwen2_5_vl": (84, 140)}
+PLACEHOLDER = {"llava": "<image>\n", "llava_next": "<image>\n", "qwen2_vl": QWEN_IMAGE, "qwen2_5_vl": QWEN_IMAGE,
+               "qwen3_vl": QWEN_IMAGE, "qwen3_vl_moe": QWEN_IMAGE, "qwen3_5": QWEN_IMAGE, "qwen3_5_moe": QWEN_IMAGE}
+IMAGE_SIZE = {"llava": (84, 140), "llava_next": (40, 70), "qwen2_vl": (84, 140), "qwen2_5_vl": (84, 140),
+              "qwen3_vl": (96, 160), "qwen3_vl_moe": (96, 160), "qwen3_5": (96, 160), "qwen3_5_moe": (96, 160)}
 # (bnb_4bit_quant_type, bnb_4bit_use_double_quant) per family
 FOUR_BIT = {"llava": ("nf4", False), "llava_next": ("fp4", True), "qwen2_vl": ("fp4", False),
-            "qwen2_5_vl": ("nf4", True)}
-FAMILIES = tuple(PLACEHOLDER)  # the four families of this matrix; the Qwen3 families are not quantized here yet
+            "qwen2_5_vl": ("nf4", True), "qwen3_vl": ("nf4", False), "qwen3_vl_moe": ("fp4", True),
+            "qwen3_5": ("fp4", False), "qwen3_5_moe": ("nf4", True)}
+# bitsandbytes' packed 4-bit CPU kernel needs a layer's output width to be a multiple of 32: Qwen3.5's Gated DeltaNet
+# a/b projections (one output per value head: 4 here, 32 on Qwen3.5-9B) and the MoE shared-expert gate (1 output)
+# stay in full precision on CPU, as a CPU user must load them too (the unpruned model fails otherwise).
+_DELTANET_SKIP = ["lm_head", "in_proj_a", "in_proj_b", "shared_expert_gate"]
+CPU_4BIT_SKIP = {"qwen3_5": _DELTANET_SKIP, "qwen3_5_moe": _DELTANET_SKIP}
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")  # the Qwen3 families: tests/test_quantized_qwen3.py
 SETTINGS = ("bnb-4bit", "bnb-8bit", "int8-dynamic", "torchao-int8wo")
 # keep=1.0: the prefill's logits and the first generated id; keep=0.25: two tokens (one decode step on the pruned
 # cache). Short on purpose: the matrix is ~300 cases and bitsandbytes' CPU kernels are slow at tiny sizes.
@@ -58,7 +66,8 @@ def quantize(folder, family: str, setting: str) -> torch.nn.Module:
     else:
         quant_type, double = FOUR_BIT[family]
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                                    bnb_4bit_use_double_quant=double, bnb_4bit_compute_dtype=torch.float32)
+                                    bnb_4bit_use_double_quant=double, bnb_4bit_compute_dtype=torch.float32,
+                                    llm_int8_skip_modules=CPU_4BIT_SKIP.get(family))
     return AutoModelForImageTextToText.from_pretrained(folder, quantization_config=config, device_map="cpu",
                                                        dtype=torch.float32).eval()
 
@@ -92,13 +101,18 @@ def saved(tmp_path_factory):
 FULL = os.environ.get("TOKENPRUNE_FULL_QUANT_MATRIX", "") not in ("", "0")
 
 
-def cases() -> list:
-    """``(family, setting), method`` pairs: see the module docstring."""
+def cases(families: tuple[str, ...] = FAMILIES, spread: bool = False) -> list:
+    """``(family, setting), method`` pairs: see the module docstring. ``spread``: outside bnb 4-bit, every method
+    once over all (setting, family) pairs rather than once per setting."""
     out = []
-    for setting in SETTINGS:
-        for family_index, family in enumerate(FAMILIES):
+    others = len(SETTINGS) - 1
+    for setting_index, setting in enumerate(SETTINGS):
+        for family_index, family in enumerate(families):
             for method_index, method in enumerate(sorted(METHODS)):
-                rotating = method_index % len(FAMILIES) == family_index
+                rotating = method_index % len(families) == family_index
+                if spread:
+                    slot = (setting_index - 1) * len(families) + family_index
+                    rotating = method_index % (others * len(families)) == slot
                 if not (FULL or setting == "bnb-4bit" or rotating):
                     continue
                 out.append(pytest.param((family, setting), method, id=f"{family}-{setting}-{method}"))
@@ -137,7 +151,11 @@ def test_method_on_the_quantized_model(quantized, saved, method):
     """keep=1.0 is identical to the quantized model (logits, generated id); keep=0.25 generates, hands back the
     original prompt and shortens every pruned layer's KV cache; disable_pruning leaves no hook or attribute.
     One test for the three so that the cases of one quantized model run together (built once)."""
-    q = quantized
+    check_method_on_quantized(quantized, saved, method)
+
+
+def check_method_on_quantized(q: Quantized, saved, method: str) -> None:
+    """The checks of :func:`test_method_on_the_quantized_model` (shared with tests/test_quantized_qwen3.py)."""
     if refused_as_at_full_precision(q, saved, method):
         return
     enable_pruning(q.model, method, keep=1.0)
@@ -161,12 +179,14 @@ def test_method_on_the_quantized_model(quantized, saved, method):
     assert out.sequences.shape[1] == prompt.shape[1] + GEN["max_new_tokens"]
     assert torch.isfinite(torch.stack(out.logits)).all()
     assert record.n_kept < record.n_visual and record.seq_len_after < prompt.shape[1]
-    # every layer's cache holds the prompt that layer processed (shorter from the pruning layer on) and the new
-    # tokens but the last (no key/value computed for it yet)
-    per_layer = record.tokens_per_layer or [record.seq_len_after] * len(out.past_key_values.layers)
-    lengths = [layer.get_seq_length() for layer in out.past_key_values.layers]
-    assert lengths == [t + GEN["max_new_tokens"] - 1 for t in per_layer]
-    assert lengths[-1] < prompt.shape[1]
+    # every attention layer's cache holds the prompt that layer processed (shorter from the pruning layer on) and the
+    # new tokens but the last (no key/value computed for it yet); Qwen3.5's linear-attention layers hold a fixed-size
+    # recurrent and conv state instead (no length)
+    layers = out.past_key_values.layers
+    per_layer = record.tokens_per_layer or [record.seq_len_after] * len(layers)
+    lengths = {i: layer.get_seq_length() for i, layer in enumerate(layers) if hasattr(layer, "get_seq_length")}
+    assert lengths == {i: per_layer[i] + GEN["max_new_tokens"] - 1 for i in lengths}
+    assert lengths[max(lengths)] < prompt.shape[1]
     assert hook_and_attribute_census(q.model) == q.census
 
 

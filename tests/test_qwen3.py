@@ -240,8 +240,7 @@ def test_methods_without_a_signal_here_decline_before_touching_the_model(qwen3, 
 @pytest.mark.parametrize("method, keep, options, match", [
     ("no-such-method", 0.5, {}, "unknown method"), ("divprune", 0.0, {}, "keep"), ("divprune", -0.5, {}, "keep"),
     ("divprune", 1.5, {}, "keep"),
-    ("fastv", 0.5, {"k": 1}, "not supported on 'qwen3_5|DeepStack .* after layers 0..1.*fastv k=2"),
-    ("todre", 0.5, {"layer": 0}, "not supported on 'qwen3_5|DeepStack .* after layers 0..1"),
+    ("fastv", 0.5, {"k": 9}, "do not exist"),
 ])
 def test_bad_input_fails_clearly_before_the_model_is_touched(qwen3, method, keep, options, match):
     model, _ = qwen3
@@ -251,7 +250,7 @@ def test_bad_input_fails_clearly_before_the_model_is_touched(qwen3, method, keep
     assert _left_clean(model) and _hook_count(model) == hooks
 
 
-# --- decoder-stage methods on Qwen3-VL: from the first layer after the DeepStack injections on --------------------
+# --- decoder-stage methods on Qwen3-VL: pruning before the last DeepStack layer hands it only the kept rows ---------
 DECODER_METHODS = [m for m in decoder_methods() + two_stage_methods() if m != "vflowopt"]  # vflowopt: ViT attn map
 MOE_REFUSED = {"corematching"}  # core neurons need a dense FFN: refused on a mixture of experts with a clear error
 DECODER_OPTIONS = {"fastv": {"k": 2}, "dart": {"k": 2}, "feather": {"layers": (1, 2)},
@@ -259,20 +258,39 @@ DECODER_OPTIONS = {"fastv": {"k": 2}, "dart": {"k": 2}, "feather": {"layers": (1
                    "sparsevlm": {"layers": (0, 1, 2)}, "adaptinfer": {"layers": (0, 1, 2)}}
 
 
-@pytest.fixture(params=["qwen3_vl", "qwen3_vl_moe"])
+# Qwen3.5 with 16 LLM layers (full attention in 3, 7, 11, 15): layers where every stage's scoring layer maps onto a
+# full-attention layer and its pruning layer stays in the stack (PDrop, VisionDrop: defaults 4/8/12 -> 7/11/15)
+HYBRID_OPTIONS = {"fastv": {"k": 2}, "dart": {"k": 2}, "sparsevlm": {"layers": (3, 7, 11)},
+                  "adaptinfer": {"layers": (3, 7, 11)}, "feather": {"layers": (4, 8)},
+                  "transprune": {"layers": (7, 11, 15)}, "todre": {"layer": 3, "tau": 1.0}}
+
+
+@pytest.fixture(params=QWEN3_FAMILIES)
 def deep_qwen3(request, attn):
-    """4 LLM layers, one DeepStack map (ViT block 1) added after LLM layer 0: every method prunes from layer 1 on."""
+    """Qwen3-VL: 4 LLM layers, three DeepStack maps (ViT blocks 0, 1, 2) added after LLM layers 0, 1, 2: every method
+    prunes at layer 1 or 2, before the last DeepStack addition (which then gets the surviving tokens' rows only).
+    Qwen3.5: 16 hybrid layers, the methods at :data:`HYBRID_OPTIONS` (scored at full-attention layers)."""
     key = (request.param, attn, "decoder")
     if key not in _MODELS:
-        _MODELS[key] = tiny_qwen3(request.param, attn, text_layers=4, deepstack=(1,))
+        _MODELS[key] = (_hybrid16(request.param, attn) if request.param.startswith("qwen3_5")
+                        else _deepstack3(request.param, attn))
     model, processor = _MODELS[key]
     yield model, processor
     if _HANDLE_ATTR in model.__dict__:
         disable_pruning(model)
 
 
+def _deepstack3(family, attn):
+    return tiny_qwen3(family, attn, text_layers=4, deepstack=(0, 1, 2))
+
+
+def _hybrid16(family, attn):
+    return tiny_qwen3(family, attn, text_layers=16)
+
+
 def _enable_decoder(model, method, keep):
-    return enable_pruning(model, method, keep=keep, **DECODER_OPTIONS.get(method, {}))
+    options = HYBRID_OPTIONS if model.config.model_type.startswith("qwen3_5") else DECODER_OPTIONS
+    return enable_pruning(model, method, keep=keep, **options.get(method, {}))
 
 
 @pytest.mark.parametrize("method", DECODER_METHODS)
@@ -399,13 +417,189 @@ def test_real_depth_models_have_the_released_depths_and_run_methods_at_their_def
             model(**one)
         assert handle.last.n_kept == 3
         disable_pruning(model)
-    if family.startswith("qwen3_vl"):  # DeepStack after LLM layers 0, 1, 2: FastV's default K=2 declines, K=3 runs
-        with pytest.raises(ValueError, match="fastv k=3"):
-            enable_pruning(model, "fastv", keep=0.5)
-        handle = enable_pruning(model, "fastv", keep=0.5, k=3)
-        with torch.no_grad():
-            cached = model.generate(**one, **GEN)
-            assert torch.equal(cached, model.generate(**one, **GEN, use_cache=False))
-        assert handle.last.tokens_per_layer[2] > handle.last.tokens_per_layer[3]
-        disable_pruning(model)
+    # FastV's default K=2: on Qwen3-VL before the last DeepStack addition (after LLM layers 0, 1, 2); on Qwen3.5
+    # scored at full-attention layer 3 and pruned from 4
+    handle = enable_pruning(model, "fastv", keep=0.5)
+    with torch.no_grad():
+        cached = model.generate(**one, **GEN)
+        assert torch.equal(cached, model.generate(**one, **GEN, use_cache=False))
+    pruned = 2 if family.startswith("qwen3_vl") else 4
+    assert handle.last.tokens_per_layer[pruned - 1] > handle.last.tokens_per_layer[pruned]
+    disable_pruning(model)
     assert _left_clean(model)
+
+
+@pytest.mark.parametrize("method, options", [("fastv", {"k": 1}), ("fastv", {"k": 2}), ("dart", {"k": 2})])
+def test_decoder_pruning_before_the_last_deepstack_layer_equals_the_llm_fed_the_kept_rows(attn, method, options):
+    """Oracle (Qwen3-VL, DeepStack added after LLM layers 0, 1, 2; pruned at layer K): the unpatched model's hidden
+    states entering layer K, gathered at the kept tokens, run through HF's own text model made of layers K.. only,
+    given the kept tokens' original M-RoPE positions and exactly the kept tokens' rows of the DeepStack maps still to
+    be added (levels K..2). Dropped tokens' rows must not reach it, kept ones must."""
+    model, processor = _MODELS.setdefault(("qwen3_vl", attn, "decoder"), _deepstack3("qwen3_vl", attn))
+    one = processor(text=[PROMPT], images=[random_image(96, 128, seed=1)])
+    handle = enable_pruning(model, method, keep=0.5, **options)
+    with torch.no_grad():
+        logits = model(**one).logits
+    layer, kept = options["k"], handle.last.images[0].kept
+    assert handle.last.tokens_per_layer[layer - 1] > handle.last.tokens_per_layer[layer]
+    disable_pruning(model)
+
+    lm = model.model.language_model
+    ids = one["input_ids"][0]
+    visual = ids == model.config.image_token_id
+    keep = ~visual
+    keep[visual.nonzero().squeeze(1)[kept]] = True
+    entering = []
+    hook = lm.layers[layer].register_forward_pre_hook(lambda m, args: entering.append(args[0]))
+    try:
+        with torch.no_grad():
+            positions, _ = model.model.get_rope_index(
+                one["input_ids"], mm_token_type_ids=one["mm_token_type_ids"], image_grid_thw=one["image_grid_thw"])
+            deepstack = model.model.get_image_features(one["pixel_values"], one["image_grid_thw"]).deepstack_features
+            model(**one)
+    finally:
+        hook.remove()
+    assert len(deepstack) == 3
+    text_row = torch.arange(int(keep.sum()))[None, None]
+    later = [level[0][kept] for level in deepstack[layer:]]
+
+    def run_from_layer(rows):
+        layers = lm.layers
+        lm.layers = torch.nn.ModuleList(list(layers)[layer:])  # HF's loop and DeepStack addition, from layer K on
+        try:
+            with torch.no_grad():
+                out = lm(inputs_embeds=entering[0][:, keep], position_ids=torch.cat([text_row, positions[:, :, keep]]),
+                         visual_pos_masks=visual[keep][None], deepstack_visual_embeds=rows, use_cache=False)
+                return model.lm_head(out.last_hidden_state)
+        finally:
+            lm.layers = layers
+
+    expected = run_from_layer(later)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits, run_from_layer([torch.zeros_like(r) for r in later]), atol=1e-4)
+    dropped = torch.ones(visual.sum(), dtype=torch.bool)
+    dropped[kept] = False
+    wrong = [level[0][dropped][: len(kept)] for level in deepstack[layer:]]  # other tokens' rows
+    assert not torch.allclose(logits, run_from_layer(wrong), atol=1e-4)
+
+
+def test_flops_count_qwen3_5_linear_attention_layers_from_their_modules():
+    """Qwen3.5's Gated DeltaNet layers are counted as linear attention: every ``nn.Linear`` of the layer once per
+    token, the depthwise conv, the delta-rule state (3 d_k d_v per value head and token), no n^2 term; its gated
+    full-attention layers add the n^2 term to their Linears (q_proj includes the output gate). KV bytes: what the
+    attention layers' cache really holds."""
+    from tokenprune.budget.flops import ModelShape, kv_bytes, layer_flops, prefill_flops, preset
+
+    model, processor = tiny_qwen3("qwen3_5")
+    shape = ModelShape.from_config(model.config)
+    n = 10
+    for i, layer in enumerate(model.model.language_model.layers):
+        macs = n * sum(m.in_features * m.out_features for m in layer.modules() if isinstance(m, torch.nn.Linear))
+        if shape.is_linear(i):
+            _, value_heads, d_k, d_v, _ = shape.linear_attention
+            state = 3 * n * value_heads * d_k * d_v
+            assert layer_flops(shape, n, layer=i) == macs + n * layer.linear_attn.conv1d.weight.numel() + state
+            assert layer_flops(shape, 2 * n, layer=i) == 2 * layer_flops(shape, n, layer=i)
+        else:
+            assert layer_flops(shape, n, layer=i) == macs + 2 * n * n * shape.num_heads * shape.d_head
+    assert [shape.is_linear(i) for i in range(4)] == [True, True, True, False]
+    one = processor(text=[PROMPT], images=[random_image(96, 128, seed=1)])
+    with torch.no_grad():
+        cache = model(**one, use_cache=True).past_key_values
+    held = sum(t.numel() * t.element_size() for layer in cache.layers if hasattr(layer, "get_seq_length")
+               for t in (layer.keys, layer.values))
+    assert held == kv_bytes(shape, one["input_ids"].shape[1], bytes_per_value=4) > 0
+    moe = preset("qwen3.5-35b-a3b")
+    assert sum(not moe.is_linear(i) for i in range(40)) == 10 and moe.intermediate_size == 8 * 512 + 512
+    dense_stack = ModelShape(**{**moe.__dict__, "layer_types": None})  # every layer counted as full attention
+    assert prefill_flops(moe, 4000) < prefill_flops(dense_stack, 4000)
+    assert moe.with_layers(8).layer_types == moe.layer_types[:8]
+
+
+@pytest.mark.parametrize("family", QWEN3_FAMILIES)
+def test_recomputed_attention_rows_equal_the_eager_attention_weights(family):
+    """The rows decoder-stage methods score with (patches/attention_rows.py) are the model's own attention: Qwen3's
+    q_norm/k_norm, Qwen3.5's gated q_proj and partial rotary included. Oracle: eager attention weights."""
+    from tokenprune.patches.attention_rows import attention_rows
+
+    model, processor = _MODELS.setdefault((family, "eager"), tiny_qwen3(family, "eager"))
+    one = processor(text=[PROMPT], images=[random_image(96, 128, seed=1)])
+    lm = model.model.language_model
+    layer = next(i for i, block in enumerate(lm.layers) if hasattr(block, "self_attn"))
+    seen = {}
+    hook = lm.layers[layer].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.update(h=args[0] if args else kwargs["hidden_states"],
+                                            rotary=kwargs["position_embeddings"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            weights = [a for a in model(**one, output_attentions=True).attentions if a is not None][0]
+    finally:
+        hook.remove()
+    n = seen["h"].shape[1]
+    rows = torch.tensor([[n - 1, n // 2]])
+    got = attention_rows(lm.layers[layer], seen["h"], rows, *seen["rotary"], torch.ones(1, n, dtype=torch.bool))
+    torch.testing.assert_close(got, weights[:, :, rows[0]].float(), rtol=1e-5, atol=1e-5)
+
+
+def test_hybrid_decoder_pruning_equals_the_later_layers_fed_the_kept_hidden_states(attn):
+    """Oracle (Qwen3.5, FastV K=2 -> scored at full-attention layer 3, pruned from layer 4): HF's own text model made
+    of layers 4.. only, fed the unpatched model's hidden states entering layer 4 at the kept tokens (their original
+    M-RoPE positions), with fresh Gated DeltaNet states: the linear-attention layers after the pruning step run on the
+    pruned sequence alone."""
+    model, processor = _MODELS.setdefault(("qwen3_5", attn, "decoder"), _hybrid16("qwen3_5", attn))
+    one = processor(text=[PROMPT], images=[random_image(96, 128, seed=1)])
+    handle = enable_pruning(model, "fastv", keep=0.5, k=2)
+    with torch.no_grad():
+        logits = model(**one).logits
+    kept, per_layer = handle.last.images[0].kept, handle.last.tokens_per_layer
+    disable_pruning(model)
+    assert per_layer[3] > per_layer[4] == per_layer[-1]  # scored at layer 3 (full attention), pruned from 4
+    lm = model.model.language_model
+    ids = one["input_ids"][0]
+    visual = ids == model.config.image_token_id
+    keep = ~visual
+    keep[visual.nonzero().squeeze(1)[kept]] = True
+    entering = []
+    hook = lm.layers[4].register_forward_pre_hook(lambda m, args: entering.append(args[0]))
+    try:
+        with torch.no_grad():
+            positions, _ = model.model.get_rope_index(
+                one["input_ids"], mm_token_type_ids=one["mm_token_type_ids"], image_grid_thw=one["image_grid_thw"])
+            model(**one)
+    finally:
+        hook.remove()
+    layers, types = lm.layers, model.config.text_config.layer_types
+    lm.layers = torch.nn.ModuleList(list(layers)[4:])
+    lm.config.layer_types = types[4:] + types[:4]  # the truncated stack's own layer types, in order
+    try:
+        with torch.no_grad():
+            out = lm(inputs_embeds=entering[0][:, keep], use_cache=False,
+                     position_ids=torch.cat([torch.arange(int(keep.sum()))[None, None], positions[:, :, keep]]))
+            expected = model.lm_head(out.last_hidden_state)
+    finally:
+        lm.layers, lm.config.layer_types = layers, types
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen3_5_layer_mapping_in_the_docs_is_the_adapters():
+    """docs/qwen3.md's table of where each decoder-stage method scores and prunes on Qwen3.5-9B (32 layers) is what
+    Qwen3VLAdapter.decoder_plan gives for the method's paper plan."""
+    import re
+    from pathlib import Path
+
+    from tokenprune.catalog import REFERENCE_DEPTH
+    from tokenprune.patches.qwen3_vl import Qwen3VLAdapter
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "qwen3.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.+?) \|$", page.split("<!-- qwen3.5 mapping -->")[1], flags=re.M))
+    for name in DECODER_METHODS:
+        method = REGISTRY[name]()
+        decoder = method.stages()[1] if method.stage == "two-stage" else method
+        paper = decoder.plan(REFERENCE_DEPTH)
+        try:
+            mapped = Qwen3VLAdapter.decoder_plan(name, paper, model_type="qwen3_5")
+        except ValueError:
+            mapped = None
+        cell = lambda plan: ", ".join(f"{p.layer} ({p.score_layer})" for p in plan)  # noqa: E731
+        expected = f"{cell(paper)} | " + (cell(mapped) if mapped else "declines (no layer to prune after it)")
+        assert rows[name] == expected, (name, rows.get(name), expected)

@@ -67,6 +67,7 @@ def unsupported_reason(method: PruningMethod, adapter: type, model_type: str | N
             reason = adapter.decoder_reason(model_type, decoder.name, first)
             if reason:
                 return reason
+            adapter.decoder_plan(decoder.name, decoder.plan(REFERENCE_DEPTH), model_type=model_type)  # Qwen3.5
         if vision is None:
             return None  # the decoder loop is shared by every family
         missing = vision.signals_needed(adapter.cls_token) - adapter.signals

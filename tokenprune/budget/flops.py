@@ -11,6 +11,13 @@ layer with ``n`` tokens, hidden size ``d`` and FFN intermediate size ``m``:
   ``4nd^2 + 2n^2d + 3ndm`` (SwiGLU has 3 matrices).
 * ``"exact"`` -- GQA-aware: ``2nd(H d_h) + 2nd(H_kv d_h) + 2n^2(H d_h) + 3ndm`` (Q/O, K/V, QK^T + AV, SwiGLU).
   Equals ``"pdrop"`` for multi-head attention with ``H d_h = d`` (LLaVA's Vicuna); smaller for Qwen2-VL's GQA.
+  Qwen3.5's gated attention adds its output gate (a second ``q_proj`` half): ``3nd(H d_h)`` for Q, gate and O.
+
+Hybrid stacks (Qwen3.5: ``layer_types``, Gated DeltaNet linear attention in three layers of four) count their
+``"linear_attention"`` layers as such under every formula, linear in ``n``: the projections ``n d (2 H_k d_k + 2 H_v
+d_v + 2 H_v)`` (q/k/v, output gate z, decay a and beta b) and ``n H_v d_v d`` (out), the depthwise causal conv
+``n (2 H_k d_k + H_v d_v) w``, the delta-rule recurrence ``3 n H_v d_k d_v`` (read, update and query of a
+``d_k x d_v`` state per value head and token), and the FFN. They keep a fixed-size state, no KV cache.
 
 A prefill is described by the tokens each layer processes (``tokens_per_layer``): ``[n] * L`` for an unpruned
 or vision-stage-pruned prompt, ``[576] * 2 + [288] * 30`` for FastV K=2 R=50%. Which tokens to count (image only
@@ -43,6 +50,11 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int | None = None
     visual_tokens: int | None = None
+    # Hybrid stacks (Qwen3.5): one "full_attention"/"linear_attention" entry per layer (None: all full attention);
+    # the Gated DeltaNet shape (key heads, value heads, key head dim, value head dim, conv width); gated attention.
+    layer_types: tuple[str, ...] | None = None
+    linear_attention: tuple[int, int, int, int, int] | None = None
+    gated_attention: bool = False
 
     def __post_init__(self) -> None:
         for f in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
@@ -50,25 +62,47 @@ class ModelShape:
                 raise ValueError(f"{self.name}: {f} must be a positive int; got {getattr(self, f)!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.name}: num_heads={self.num_heads} is not a multiple of {self.num_kv_heads}")
+        if self.layer_types is not None:
+            unknown = set(self.layer_types) - {"full_attention", "linear_attention"}
+            if len(self.layer_types) != self.num_layers or unknown:
+                raise ValueError(f"{self.name}: layer_types must give 'full_attention' or 'linear_attention' for each "
+                                 f"of the {self.num_layers} layers; got {self.layer_types!r}")
+            if "linear_attention" in self.layer_types and self.linear_attention is None:
+                raise ValueError(f"{self.name}: linear-attention layers need linear_attention=(key heads, value "
+                                 f"heads, key head dim, value head dim, conv width)")
+
+    def is_linear(self, layer: int) -> bool:
+        """Is decoder layer ``layer`` a linear-attention (Gated DeltaNet) layer?"""
+        return self.layer_types is not None and self.layer_types[layer] == "linear_attention"
 
     @property
     def d_head(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
 
     def with_layers(self, num_layers: int) -> ModelShape:
-        """The same shape with fewer (or more) decoder layers: what a ``--layers N`` benchmark model runs."""
-        return dataclasses.replace(self, name=f"{self.name} ({num_layers} layers)", num_layers=num_layers)
+        """The same shape with fewer (or more) decoder layers: what a ``--layers N`` benchmark model runs (a hybrid
+        stack repeats its layer pattern)."""
+        types = None if self.layer_types is None else tuple(
+            self.layer_types[i % len(self.layer_types)] for i in range(num_layers))
+        return dataclasses.replace(self, name=f"{self.name} ({num_layers} layers)", num_layers=num_layers,
+                                   layer_types=types)
 
     @classmethod
     def from_config(cls, config: Any, name: str | None = None) -> ModelShape:
         """The shape of a transformers config (a VLM config: its text config is used)."""
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = text.num_attention_heads
+        types = getattr(text, "layer_types", None)
+        hybrid = types is not None and "linear_attention" in types
+        linear = (text.linear_num_key_heads, text.linear_num_value_heads, text.linear_key_head_dim,
+                  text.linear_value_head_dim, text.linear_conv_kernel_dim) if hybrid else None
         return cls(
             name=name or getattr(config, "model_type", "model"), hidden_size=text.hidden_size,
             intermediate_size=active_intermediate_size(text), num_layers=text.num_hidden_layers, num_heads=heads,
             num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
             head_dim=getattr(text, "head_dim", None) or None,
+            layer_types=tuple(types) if hybrid else None, linear_attention=linear,
+            gated_attention=str(getattr(text, "model_type", "")).startswith("qwen3_5"),  # q_proj: query + gate
         )
 
 
@@ -108,6 +142,13 @@ PRESETS: dict[str, ModelShape] = {
         # for prompts up to 1024 tokens.
         ModelShape("gemma-3-12b", 3840, 15360, 48, 16, 8, head_dim=256, visual_tokens=256),
         ModelShape("gemma-3-27b", 5376, 21504, 62, 32, 16, head_dim=128, visual_tokens=256),
+        # Qwen3.5-35B-A3B (the defaults of transformers 5.23's Qwen3_5MoeTextConfig, documented there as that
+        # checkpoint's): d 2048, 40 layers, full attention in every 4th (16 heads, 2 KV, d_h 256, gated), Gated
+        # DeltaNet in the others (16 key heads, 32 value heads, d_k = d_v = 128, conv 4); 256 experts of width 512,
+        # 8 active, plus a shared expert of 512 -> 8 x 512 + 512 = 4608 counted
+        ModelShape("qwen3.5-35b-a3b", 2048, 8 * 512 + 512, 40, 16, 2, head_dim=256,
+                   layer_types=tuple("full_attention" if i % 4 == 3 else "linear_attention" for i in range(40)),
+                   linear_attention=(16, 32, 128, 128, 4), gated_attention=True),
     )
 }
 
@@ -165,21 +206,34 @@ def parse_schedule(text: str, num_layers: int | None = None) -> list[int]:
     return tokens if num_layers is None else expand(tokens, num_layers)
 
 
-def layer_flops(shape: ModelShape, n: int, formula: str = "exact") -> int:
-    """FLOPs (MACs) of one decoder layer's prefill over ``n`` tokens."""
+def layer_flops(shape: ModelShape, n: int, formula: str = "exact", layer: int | None = None) -> int:
+    """FLOPs (MACs) of one decoder layer's prefill over ``n`` tokens (``layer``: its index, which decides whether a
+    hybrid stack's layer is linear attention; None: a full-attention layer)."""
     formula = resolve_formula(formula)
     d, m = shape.hidden_size, shape.intermediate_size
+    if layer is not None and shape.is_linear(layer):
+        return linear_layer_flops(shape, n)
     if formula == "fastv":
         return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
     if formula == "pdrop":
         return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
     q_width, kv_width = shape.num_heads * shape.d_head, shape.num_kv_heads * shape.d_head
-    return 2 * n * d * q_width + 2 * n * d * kv_width + 2 * n * n * q_width + 3 * n * d * m
+    q_mats = 3 if shape.gated_attention else 2  # Q and O, plus the output gate
+    return q_mats * n * d * q_width + 2 * n * d * kv_width + 2 * n * n * q_width + 3 * n * d * m
+
+
+def linear_layer_flops(shape: ModelShape, n: int) -> int:
+    """FLOPs (MACs) of a Gated DeltaNet layer over ``n`` tokens (module docstring): linear in ``n``."""
+    key_heads, value_heads, d_k, d_v, conv = shape.linear_attention
+    d, keys, values = shape.hidden_size, key_heads * d_k, value_heads * d_v
+    projections = n * d * (2 * keys + 2 * values + 2 * value_heads) + n * values * d
+    conv_and_state = n * (2 * keys + values) * conv + 3 * n * value_heads * d_k * d_v
+    return projections + conv_and_state + 3 * n * d * shape.intermediate_size
 
 
 def prefill_flops(shape: ModelShape, tokens_per_layer: int | Sequence[int], formula: str = "exact") -> int:
     """FLOPs (MACs) of the LLM prefill where layer ``l`` processes ``tokens_per_layer[l]`` tokens."""
-    return sum(layer_flops(shape, n, formula) for n in expand(tokens_per_layer, shape.num_layers))
+    return sum(layer_flops(shape, n, formula, i) for i, n in enumerate(expand(tokens_per_layer, shape.num_layers)))
 
 
 def ffn_flops(shape: ModelShape, n: int, formula: str = "exact") -> int:
@@ -200,19 +254,28 @@ def decode_flops(shape: ModelShape, cached_per_layer: int | Sequence[int], formu
         raise ValueError(f"ffn_share must be a share of the FFN neurons in (0, 1]; got {ffn_share!r}")
     width = shape.hidden_size if resolve_formula(formula) != "exact" else shape.num_heads * shape.d_head
     one = layer_flops(shape, 1, formula)  # projections, FFN and attention of the token to itself
-    one -= round(ffn_flops(shape, 1, formula) * (1 - ffn_share))
-    return sum(one + 2 * c * width for c in expand(cached_per_layer, shape.num_layers))
+    skipped = round(ffn_flops(shape, 1, formula) * (1 - ffn_share))  # FFN neurons the decode does not compute
+    total = 0
+    for i, c in enumerate(expand(cached_per_layer, shape.num_layers)):
+        if shape.is_linear(i):  # linear attention: a fixed-size state, no per-token cache to attend over
+            total += layer_flops(shape, 1, formula, i) - skipped
+        else:
+            total += one - skipped + 2 * c * width
+    return total
 
 
 def kv_bytes_per_token(shape: ModelShape, bytes_per_value: int = 2) -> int:
-    """KV-cache bytes of one token over all layers: ``2 (K, V) * H_kv * d_h * bytes * L``."""
-    return 2 * shape.num_kv_heads * shape.d_head * bytes_per_value * shape.num_layers
+    """KV-cache bytes of one token over all (full-attention) layers: ``2 (K, V) * H_kv * d_h * bytes * L``."""
+    attention = sum(not shape.is_linear(i) for i in range(shape.num_layers))
+    return 2 * shape.num_kv_heads * shape.d_head * bytes_per_value * attention
 
 
 def kv_bytes(shape: ModelShape, tokens_per_layer: int | Sequence[int], bytes_per_value: int = 2) -> int:
-    """KV-cache bytes when layer ``l`` caches ``tokens_per_layer[l]`` tokens (fp16/bf16: ``bytes_per_value=2``)."""
+    """KV-cache bytes when layer ``l`` caches ``tokens_per_layer[l]`` tokens (fp16/bf16: ``bytes_per_value=2``).
+    Linear-attention layers hold a fixed-size state, not a per-token cache: not counted."""
     per_layer = 2 * shape.num_kv_heads * shape.d_head * bytes_per_value
-    return per_layer * sum(expand(tokens_per_layer, shape.num_layers))
+    tokens = expand(tokens_per_layer, shape.num_layers)
+    return per_layer * sum(t for i, t in enumerate(tokens) if not shape.is_linear(i))
 
 
 def dtype_bytes(dtype: Any) -> int:

@@ -19,4 +19,8 @@ def lmms_eval_models() -> list:
         ModelManifest("tokenprune_qwen2_vl", simple_class_path=f"{_WRAPPERS}.TokenpruneQwen2VL"),
         ModelManifest("tokenprune_qwen2_5_vl", simple_class_path=f"{_WRAPPERS}.TokenpruneQwen25VLSimple",
                       chat_class_path=f"{_WRAPPERS}.TokenpruneQwen25VL"),
+        ModelManifest("tokenprune_qwen3_vl", simple_class_path=f"{_WRAPPERS}.TokenpruneQwen3VLSimple",
+                      chat_class_path=f"{_WRAPPERS}.TokenpruneQwen3VL"),
+        ModelManifest("tokenprune_qwen3_5", simple_class_path=f"{_WRAPPERS}.TokenpruneQwen35Simple",
+                      chat_class_path=f"{_WRAPPERS}.TokenpruneQwen35"),
     ]

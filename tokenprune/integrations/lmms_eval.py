@@ -1,9 +1,10 @@
 """lmms-eval 0.7.x models with visual-token pruning.
 
-``--model tokenprune_llava_hf``, ``tokenprune_qwen2_vl`` or ``tokenprune_qwen2_5_vl``.
+``--model tokenprune_llava_hf``, ``tokenprune_qwen2_vl``, ``tokenprune_qwen2_5_vl``, ``tokenprune_qwen3_vl`` (Qwen3-VL
+and Qwen3-VL-MoE) or ``tokenprune_qwen3_5`` (Qwen3.5 and Qwen3.5-MoE).
 
-Each class subclasses lmms-eval's released wrapper (``llava_hf``, ``qwen2_vl``, ``qwen2_5_vl``; chat and simple
-variants), takes the keys of ``--model_args`` that wrapper does not know as pruning options
+Each class subclasses lmms-eval's released wrapper (``llava_hf``, ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``,
+``qwen3_5``; chat and simple variants), takes the keys of ``--model_args`` that wrapper does not know as pruning options
 (:mod:`tokenprune.integrations.model_args`), loads the model as the released wrapper does (quantized when
 ``--model_args`` has bitsandbytes keys such as ``load_in_4bit=True``) and then calls ``enable_pruning`` on the
 unwrapped model. What it logs:
@@ -16,8 +17,8 @@ unwrapped model. What it logs:
 
 Requests are generated one at a time so that every sample gets its own record (the papers evaluate with batch 1).
 Without torchvision (CPU machines with the CPU torch wheel) the Qwen processors cannot be built by
-``AutoProcessor``; the Qwen wrappers then load the real ``Qwen2VLProcessor``/``Qwen2_5_VLProcessor`` without a
-video processor (images only) — see :class:`ImageOnlyQwenProcessor`.
+``AutoProcessor``; the Qwen wrappers then load the real ``Qwen2VLProcessor``/``Qwen2_5_VLProcessor``/
+``Qwen3VLProcessor`` without a video processor (images only) — see :class:`ImageOnlyQwenProcessor`.
 """
 
 from __future__ import annotations
@@ -33,14 +34,20 @@ from typing import Any
 import torch
 from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.models.chat import qwen2_5_vl as _qwen25_chat_module
+from lmms_eval.models.chat import qwen3_vl as _qwen3_chat_module
 from lmms_eval.models.chat.llava_hf import LlavaHf as _LlavaHfChat
 from lmms_eval.models.chat.qwen2_5_vl import Qwen2_5_VL as _Qwen25VLChat
+from lmms_eval.models.chat.qwen3_5 import Qwen3_5 as _Qwen35Chat
+from lmms_eval.models.chat.qwen3_vl import Qwen3_VL as _Qwen3VLChat
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from lmms_eval.models.simple import qwen2_5_vl as _qwen25_simple_module
 from lmms_eval.models.simple import qwen2_vl as _qwen2_simple_module
+from lmms_eval.models.simple import qwen3_vl as _qwen3_simple_module
 from lmms_eval.models.simple.llava_hf import LlavaHf as _LlavaHfSimple
 from lmms_eval.models.simple.qwen2_5_vl import Qwen2_5_VL as _Qwen25VLSimple
 from lmms_eval.models.simple.qwen2_vl import Qwen2_VL as _Qwen2VLSimple
+from lmms_eval.models.simple.qwen3_5 import Qwen3_5 as _Qwen35Simple
+from lmms_eval.models.simple.qwen3_vl import Qwen3_VL as _Qwen3VLSimple
 
 from tokenprune.api import enable_pruning
 from tokenprune.compute_dtype import compute_device
@@ -181,11 +188,17 @@ def _with_record(output: Any, record: dict[str, Any]) -> GenerationResult:
 
 
 def wrapper_keys(cls: type) -> frozenset[str]:
-    """The ``--model_args`` keys the released wrapper under ``cls`` takes itself (its ``__init__`` parameters)."""
+    """The ``--model_args`` keys the released wrapper under ``cls`` takes itself: its ``__init__`` parameters, and
+    those of the wrappers it hands ``**kwargs`` on to (lmms-eval's ``qwen3_5`` passes them to ``qwen3_vl``)."""
+    keys: set[str] = set()
     for base in cls.__mro__:
         if base.__module__.startswith("lmms_eval.") and "__init__" in vars(base):
             params = inspect.signature(base.__init__).parameters.values()
-            return frozenset(p.name for p in params if p.kind is not p.VAR_KEYWORD and p.name != "self")
+            keys |= {p.name for p in params if p.kind is not p.VAR_KEYWORD and p.name != "self"}
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                return frozenset(keys)
+    if keys:
+        return frozenset(keys)
     raise TypeError(f"{cls.__name__} does not derive from an lmms-eval wrapper")
 
 
@@ -203,6 +216,10 @@ def _image_only_processor_class(base: type) -> type:
             self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
             self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
             self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            for name, text in (("vision_start", "<|vision_start|>"), ("vision_end", "<|vision_end|>")):  # Qwen3-VL
+                token = getattr(tokenizer, f"{name}_token", None) or text
+                setattr(self, f"{name}_token", token)
+                setattr(self, f"{name}_token_id", tokenizer.convert_tokens_to_ids(token))
             from transformers import ProcessorMixin
 
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
@@ -317,3 +334,35 @@ class TokenpruneQwen25VLSimple(_QwenMixin, _Qwen25VLSimple):
     _simple_module = _qwen25_simple_module
     _modules = (_qwen25_simple_module,)
     _processor_name = "Qwen2_5_VLProcessor"
+
+
+class TokenpruneQwen3VL(_QwenMixin, _Qwen3VLChat):
+    """``--model tokenprune_qwen3_vl``: lmms-eval's ``qwen3_vl`` (chat) with pruning (Qwen3-VL, Qwen3-VL-MoE)."""
+
+    _simple_module = _qwen3_simple_module
+    _modules = (_qwen3_chat_module,)
+    _processor_name = "Qwen3VLProcessor"
+
+
+class TokenpruneQwen3VLSimple(_QwenMixin, _Qwen3VLSimple):
+    """``--model tokenprune_qwen3_vl --force_simple``."""
+
+    _simple_module = _qwen3_simple_module
+    _modules = (_qwen3_simple_module,)
+    _processor_name = "Qwen3VLProcessor"
+
+
+class TokenpruneQwen35(_QwenMixin, _Qwen35Chat):
+    """``--model tokenprune_qwen3_5``: lmms-eval's ``qwen3_5`` (chat) with pruning (Qwen3.5, Qwen3.5-MoE)."""
+
+    _simple_module = _qwen3_simple_module
+    _modules = (_qwen3_chat_module,)
+    _processor_name = "Qwen3VLProcessor"
+
+
+class TokenpruneQwen35Simple(_QwenMixin, _Qwen35Simple):
+    """``--model tokenprune_qwen3_5 --force_simple``."""
+
+    _simple_module = _qwen3_simple_module
+    _modules = (_qwen3_simple_module,)
+    _processor_name = "Qwen3VLProcessor"
