@@ -193,16 +193,17 @@ class LlavaNextAdapter(LlavaAdapter):
                 index_in_row=seen_in_row[row], project=functools.partial(self._project, like=feats), placement="span",
             )
             slots, span = chosen.slots, chosen.features
+            kept, merged, n_merged = chosen.kept, chosen.assign, chosen.n_merged
             if not prunes:  # nothing pruned anywhere: keep the newline tokens too (bit-identical to unpruned)
                 slots, span = torch.arange(n), feats
+                kept, merged, n_merged = slots, None, 0  # and the record says so
             dropped = torch.ones(n, dtype=torch.bool)
             dropped[slots] = False
             keep.view(-1)[positions[dropped.to(positions.device)]] = False
             kept_features.append(span)
             images.append(ImageRecord(
-                row, seen_in_row[row], n, chosen.kept, None, boxes=layout.boxes, view="image",
-                segments=(layout.crop > 0).long() | layout.newline.long(), merged=chosen.assign,
-                n_merged=chosen.n_merged,
+                row, seen_in_row[row], n, kept, None, boxes=layout.boxes, view="image",
+                segments=(layout.crop > 0).long() | layout.newline.long(), merged=merged, n_merged=n_merged,
             ))
             seen_in_row[row] += 1
         return self._compacted(kwargs, keep, kept_features, images)
