@@ -143,16 +143,18 @@ class LlavaNextAdapter(LlavaAdapter):
             chosen = self._select_units(
                 kwargs, feats, layout, units, unit_budgets, mine, row, int(positions[-1]) % length, i, seen_in_row[row],
             )
-            slots, span, kept = chosen.slots, chosen.features, chosen.kept
+            slots, span = chosen.slots, chosen.features
+            kept, merged, n_merged = chosen.kept, chosen.assign, chosen.n_merged
             if not prunes:  # nothing pruned anywhere: keep the newline tokens too (bit-identical to unpruned)
-                slots, span, kept = torch.arange(n), feats, torch.arange(n)
+                slots, span = torch.arange(n), feats
+                kept, merged, n_merged = slots, None, 0  # and the record says so
             dropped = torch.ones(n, dtype=torch.bool)
             dropped[slots] = False
             keep.view(-1)[positions[dropped.to(positions.device)]] = False
             kept_features.append(span)
             images.append(ImageRecord(
                 row, seen_in_row[row], n, kept, None, boxes=layout.boxes, view="image",
-                segments=self._segments(layout), merged=chosen.assign, n_merged=chosen.n_merged, kind=kind,
+                segments=self._segments(layout), merged=merged, n_merged=n_merged, kind=kind,
             ))
             seen_in_row[row] += 1
         return kept_features, images

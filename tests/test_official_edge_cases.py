@@ -7,7 +7,15 @@ import torch
 
 from tokenprune import functional as F
 from tokenprune.functional.visiondrop_llm import visiondrop_merge_groups
-from tokenprune.methods import TransPrune
+from tokenprune.methods import (
+    CLS_ATTENTION,
+    CLS_HIDDEN,
+    VISION_HIDDEN,
+    VISION_KEYS,
+    SelectionContext,
+    TransPrune,
+    VisionZip,
+)
 
 
 def _recoverable_input():
@@ -151,3 +159,24 @@ def test_feather_counts_truncate_the_official_float_products():
     assert F.feather_counts(400, 0.35)[1] == 48
     assert F.feather_counts(576, 0.3) == (172, 51)
     assert F.feather_counts(22, Fraction(15, 22))[0] == 15
+
+
+def test_visionzip_method_full_budget_keeps_the_image_or_splits_as_official():
+    """Official ``visionzip/main.py`` + ``clip_encoder.py`` with ``dominant=4, contextual=2`` on 6 patches (the
+    budget covers every patch: ``dominant + contextual == N``): ``dominant_num = 3`` patches by summed [CLS]
+    attention -> 0.30, 0.25, 0.16 = patches 1, 4, 5 (raster order after [CLS]); the rest list is patches 0, 2, 3,
+    ``step = max(1, 3 // 2) = 1``, ``target_indices = [0, 1]`` -> targets 0 and 2; patch 3, key (0.1, 0.9), has
+    cosine 0.110 with (1, 0) and 0.994 with (0, 1): it joins target 2. Contextual tokens: x0 + 0 = (1, 0) and
+    x2 + x3 = (0.1, 1.9). Layout: [CLS], x1, x4, x5, (1, 0), (0.1, 1.9) -- six tokens, not the image unchanged.
+    By default (``split_full_budget=False``) the same budget keeps the six patches as they are (``keep=1.0``
+    bit-identical), a declared deviation."""
+    x = torch.tensor([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [-1, 0], [0.7, 0.7]])
+    signals = {CLS_ATTENTION: torch.tensor([[0.05, 0.30, 0.10, 0.14, 0.25, 0.16]]), VISION_HIDDEN: x,
+               VISION_KEYS: x[None], CLS_HIDDEN: torch.tensor([0.5, 0.5])}
+    ctx = SelectionContext(k=6, n=6, signals=signals)
+    sel = VisionZip(dominant=4, contextual=2, split_full_budget=True).select(ctx)
+    assert sel.kept.tolist() == [1, 4, 5] and sel.lead == 1
+    torch.testing.assert_close(sel.merged, torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.1, 1.9]]))
+    assert sel.assign.tolist() == [1, -1, 2, 2, -1, -1]  # merged row 0 is [CLS]
+    assert VisionZip(dominant=4, contextual=2).select(ctx).tolist() == list(range(6))
+    assert any(d.restore == "split_full_budget=True" for d in VisionZip.deviations)

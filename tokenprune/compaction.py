@@ -20,8 +20,12 @@ def compact(
     """Keep the tokens where ``keep`` (``[B, L]`` bool) is True in every per-token tensor.
 
     ``tensors`` maps a name to ``(tensor, pad_value)``; a tensor is ``[..., B, L]`` (e.g. ``[3, B, L]`` position
-    ids). Rows that end up shorter than the longest are padded on ``side`` with ``pad_value``.
+    ids). Rows that end up shorter than the longest are padded on ``side`` with ``pad_value``. The old padding on
+    ``side`` (zeros of ``tensors["attention_mask"]`` before a row's first token, or after its last) is dropped too:
+    a row without images, or with fewer, does not keep the whole batch at its unpruned length.
     """
+    if "attention_mask" in tensors:
+        keep = keep & ~edge_padding(tensors["attention_mask"][0], side)
     counts = keep.sum(dim=1)
     length = int(counts.max()) if keep.numel() else 0
     out = {}
@@ -34,6 +38,15 @@ def compact(
             new[..., b, dst] = tensor[..., b, idx]
         out[name] = new
     return out
+
+
+def edge_padding(attention_mask: torch.Tensor, side: str) -> torch.Tensor:
+    """``[B, L]`` bool: the padding on ``side`` of each row (mask zeros before its first attended token for
+    ``"left"``, after its last for ``"right"``); zeros inside a row are not padding and stay."""
+    attended = (attention_mask != 0).long()
+    if side == "left":
+        return attended.cumsum(dim=1) == 0
+    return attended.flip(1).cumsum(dim=1).flip(1) == 0
 
 
 def reindex_positions(position_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenprune.budget import Keep, validate_budget, validate_keep, validate_scope
+from tokenprune.budget import Keep, validate_budget, validate_flops, validate_keep, validate_scope
 from tokenprune.methods import PruningMethod, TwoStageMethod, make_method, split_stages
 
 
@@ -42,6 +42,10 @@ class PruningConfig:
         validate_scope(self.scope)
         if isinstance(self.method, str):
             validate_budget(self.keep, self.flops)
+            if self.keep is not None:  # plain numbers (np.int64(64) -> 64): JSON round-trips, equality is exact
+                object.__setattr__(self, "keep", validate_keep(self.keep))
+            else:
+                object.__setattr__(self, "flops", validate_flops(self.flops))
             built = make_method(self.method, **self.options)  # validates the name and the option names/values
             if self.flops is not None and isinstance(built, TwoStageMethod):
                 raise ValueError(
@@ -63,8 +67,7 @@ class PruningConfig:
                 f"a stage list needs one keep (or a single keep for all) and one options dict per stage; got "
                 f"method={list(names)}, keep={self.keep!r}, options={self.options!r}"
             )
-        for keep in keeps:
-            validate_keep(keep)
+        keeps = tuple(validate_keep(keep) for keep in keeps)
         built = tuple(make_method(n, **o) for n, o in zip(names, options, strict=True))
         split_stages(built)
         object.__setattr__(self, "method", names)

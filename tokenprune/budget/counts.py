@@ -15,14 +15,34 @@ This module is the only place where rounding happens.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from fractions import Fraction
 
 Keep = float | int
 
 
+def plain_number(value: object) -> object:
+    """``value`` as a plain ``int``/``float`` when it is a NumPy-style integer or real (``np.int64(64)``,
+    ``np.float32(0.1)`` -> the decimal it prints as), so budgets from array sweeps work and configs stay
+    JSON-serialisable; anything else (bools, fractions, tensors, strings) is returned unchanged for the caller to
+    refuse."""
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Rational):
+        try:
+            return float(str(value))
+        except ValueError:
+            return float(value)
+    return value
+
+
 def validate_keep(keep: object) -> Keep:
-    """Return ``keep`` unchanged if it is a valid budget, else raise a ``TypeError``/``ValueError`` saying why."""
+    """Return ``keep`` as a plain ``int``/``float`` if it is a valid budget, else raise a ``TypeError``/``ValueError``
+    saying why."""
+    keep = plain_number(keep)
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
         raise TypeError(
             f"keep must be a float ratio in (0, 1] or an int token count >= 1; got {keep!r} "
@@ -43,7 +63,7 @@ def validate_keep(keep: object) -> Keep:
 
 def kept_count(keep: Keep, n: int) -> int:
     """Number of tokens to keep out of ``n`` candidates (see the module docstring for the rule)."""
-    validate_keep(keep)
+    keep = validate_keep(keep)
     if n <= 0:
         return 0
     if isinstance(keep, float):
@@ -74,7 +94,9 @@ def validate_scope(scope: object) -> None:
 
 
 def validate_flops(flops: object) -> float:
-    """Return ``flops`` if it is a valid FLOPs target (a fraction in (0, 1]), else raise saying why."""
+    """Return ``flops`` (a plain number) if it is a valid FLOPs target (a fraction in (0, 1]), else raise saying
+    why."""
+    flops = plain_number(flops)
     if isinstance(flops, bool) or not isinstance(flops, (int, float)):
         raise TypeError(f"flops must be a fraction in (0, 1] of the unpruned prefill FLOPs; got {flops!r}")
     if not math.isfinite(flops) or not 0.0 < flops <= 1.0:
@@ -137,7 +159,7 @@ def flops_kept_counts(
     is the largest ``k`` with ``cost(text, k) <= flops * cost(text, sum(sizes))``, shared by :func:`split_count`.
     Returns the counts and whether the target was met (one token per unit can already exceed a small target).
     """
-    validate_flops(flops)
+    flops = validate_flops(flops)
     n = sum(sizes)
     if not sizes:
         return [], True

@@ -31,7 +31,9 @@ class VisionZip(PruningMethod):
     ``target + mean(assigned)``), in the pre-projector space, then projected. Budget: ``ctx.k`` tokens in total,
     split as the paper's ``dominant + contextual`` (64 = 54 + 10; 128 -> 108 + 20): ``contextual =
     round_half_up(k * contextual / (dominant + contextual))``, the rest dominant, [CLS] included when ``keep_cls``
-    (official); span layout as official: [CLS], dominant patches (raster order), contextual tokens.
+    (official); span layout as official: [CLS], dominant patches (raster order), contextual tokens. A budget
+    covering every patch keeps the image unchanged (``keep=1.0`` is bit-identical), unless ``split_full_budget``
+    asks for the official split there too.
     """
 
     name = "visionzip"
@@ -54,10 +56,19 @@ class VisionZip(PruningMethod):
             "The official code fails there (a shape mismatch); at `dominant + contextual == N` it splits, and so do "
             "we (30 + 6 of 36).",
         ),
+        Deviation(
+            "A budget that covers every patch (`keep=1.0`, or `k >= N`) keeps the image as it is: no [CLS], "
+            "nothing merged.",
+            "`keep=1.0` is bit-identical to the unpruned model for every method. The official code still splits a "
+            "full budget (`dominant=30, contextual=6` of 36 patches: [CLS] + 29 patches + 6 contextual tokens "
+            "merged from the other 7).",
+            "split_full_budget=True",
+        ),
     )
     dominant: int = 54
     contextual: int = 10
     keep_cls: bool = True
+    split_full_budget: bool = False
 
     def __post_init__(self) -> None:
         if self.dominant < 1 or self.contextual < 0:
@@ -70,9 +81,9 @@ class VisionZip(PruningMethod):
         return k - contextual, contextual
 
     def select(self, ctx: SelectionContext) -> torch.Tensor | Selection:
-        if ctx.k >= ctx.n:
+        if ctx.k >= ctx.n and not self.split_full_budget:
             return torch.arange(ctx.n)
-        dominant, contextual = self.split(ctx.k)
+        dominant, contextual = self.split(min(ctx.k, ctx.n))
         with_cls = self.keep_cls and ctx.cls_token
         if not ctx.cls_token:  # VisionDrop's no-[CLS] path: attention received, merged in the LLM input space
             scores, hidden, keys = ctx.signal(ATTENTION_RECEIVED), ctx.signal(FEATURES), ctx.signal(FEATURES)
