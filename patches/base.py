@@ -114,6 +114,12 @@ class VisionStageAdapter:
         return None
 
     @classmethod
+    def mixture_of_experts(cls, model_type: str) -> bool:
+        """Whether the family's LLM FFNs are mixtures of experts (no single set of FFN neurons: methods that sparsify
+        the FFN, ``DecoderMethod.sparse_ffn``, decline)."""
+        return False
+
+    @classmethod
     def method_reason(cls, method: PruningMethod) -> str | None:
         """Why this family cannot run vision-stage ``method`` (an instance: its options count) beyond a missing
         signal, or ``None``. :meth:`check_method` raises it and the method tables show it (``tokenprune.catalog``)."""

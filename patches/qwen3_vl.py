@@ -50,6 +50,10 @@ class Qwen3VLAdapter(QwenVLAdapter):
     model_types = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 
     @classmethod
+    def mixture_of_experts(cls, model_type: str) -> bool:
+        return model_type.endswith("_moe")
+
+    @classmethod
     def decoder_plan(cls, name: str, plan: tuple, config: Any = None, model_type: str | None = None) -> tuple:
         """Qwen3.5 (hybrid): each stage scored at the first full-attention layer at or after its paper scoring layer,
         pruned at the paper's offset after it (module docstring); other models: the plan unchanged. ``config=None``:

@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from tokenprune import disable_pruning, enable_pruning
+from tokenprune.catalog import unsupported_reason
 from tokenprune.methods import METHODS, TEXT_EMBEDDINGS
 from tokenprune.patches import ADAPTERS, pruned_cache
 from tokenprune.real_depth import real_depth
@@ -30,22 +31,10 @@ FOLLOW_UP = " and the blue square ? ASSISTANT :"
 
 
 def runs_on(family: str, name: str) -> bool:
-    """Can ``name`` run on ``family`` at all (methods that cannot raise a clear error at enable time)?"""
+    """Can ``name`` run on ``family`` at all (the registry's answer, as in the method tables; methods that cannot
+    raise a clear error at enable time)?"""
     method = METHODS[name]()
-    if method.unavailable:
-        return False
-    part = method.stages()[0] if method.stage == "two-stage" else method
-    if part.stage == "decoder":
-        return True
-    if part.stage == "vision-encoder" and not ADAPTERS[family].encoder_loop:
-        return False
-    if not family.startswith("qwen"):
-        return True
-    try:
-        part.signals_needed(cls_token=False)
-    except ValueError:
-        return False
-    return True
+    return not method.unavailable and unsupported_reason(method, ADAPTERS[family], family) is None
 
 
 def image_only(name: str) -> bool:

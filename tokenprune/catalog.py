@@ -68,6 +68,8 @@ def unsupported_reason(method: PruningMethod, adapter: type, model_type: str | N
             if reason:
                 return reason
             adapter.decoder_plan(decoder.name, decoder.plan(REFERENCE_DEPTH), model_type=model_type)  # Qwen3.5
+            if decoder.sparse_ffn() and adapter.mixture_of_experts(model_type):
+                return "sparsifies the FFN's neurons; this family's LLM FFNs are mixtures of experts"
         if vision is None:
             return None  # the decoder loop is shared by every family
         missing = vision.signals_needed(adapter.cls_token) - adapter.signals
