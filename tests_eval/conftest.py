@@ -27,14 +27,14 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
-def write_task(root: Path, n: int = 6) -> Path:
-    """A ``load_from_disk`` dataset of ``n`` generated pictures with questions, and its task YAML; returns the
-    ``--include_path`` folder."""
+def write_task(root: Path, n: int = 6, size: int = 64) -> Path:
+    """A ``load_from_disk`` dataset of ``n`` generated pictures with questions (``size`` px high; every other one
+    ``size`` px wide, the rest wider), and its task YAML; returns the ``--include_path`` folder."""
     from datasets import Dataset, DatasetDict, Features, Image, Value
 
     from tokenprune.tiny_models import demo_image, random_image
 
-    images = [demo_image(64) if i % 2 == 0 else random_image(48 + 8 * i, 64, seed=i) for i in range(n)]
+    images = [demo_image(size) if i % 2 == 0 else random_image(size * (6 + i) // 8, size, seed=i) for i in range(n)]
     rows = {
         "question_id": [str(i) for i in range(n)],
         "image": images,
@@ -74,14 +74,21 @@ def save_tiny_llava(path: Path) -> Path:
     return path
 
 
+QWEN_PROCESSORS = {"2": "Qwen2VLProcessor", "2.5": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor",
+                   "qwen3_5": "Qwen3VLProcessor"}
+
+
 def save_tiny_qwen(path: Path, version: str) -> Path:
+    """A tiny Qwen2-VL (``"2"``), Qwen2.5-VL (``"2.5"``), Qwen3-VL (``"qwen3_vl"``) or Qwen3.5 (``"qwen3_5"``) with
+    the real processor class the lmms-eval wrapper loads, minus its video processor (no torchvision here)."""
     import transformers
 
     from tokenprune.integrations.lmms_eval import _image_only_processor_class
     from tokenprune.tiny_models import tiny_qwen
+    from tokenprune.tiny_qwen3 import tiny_qwen3
 
-    model, tiny = tiny_qwen(version)
-    base = transformers.Qwen2VLProcessor if version == "2" else transformers.Qwen2_5_VLProcessor
+    model, tiny = tiny_qwen(version) if version in ("2", "2.5") else tiny_qwen3(version)
+    base = getattr(transformers, QWEN_PROCESSORS[version])
     processor = _image_only_processor_class(base)(tiny.image_processor, tiny.tokenizer, QWEN_CHAT_TEMPLATE)
     model.save_pretrained(path)
     processor.save_pretrained(path)
@@ -99,6 +106,12 @@ def task_dir(workdir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def large_task_dir(workdir) -> Path:
+    """The same task with 128 px pictures (more than a few visual tokens for wrappers that keep the image size)."""
+    return write_task(workdir / "large", size=128)
+
+
+@pytest.fixture(scope="session")
 def llava_dir(workdir) -> Path:
     return save_tiny_llava(workdir / "tiny_llava")
 
@@ -111,3 +124,4 @@ def qwen2_dir(workdir) -> Path:
 @pytest.fixture(scope="session")
 def qwen25_dir(workdir) -> Path:
     return save_tiny_qwen(workdir / "tiny_qwen25", "2.5")
+

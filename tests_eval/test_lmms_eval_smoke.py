@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TASK
+from conftest import TASK, save_tiny_qwen
 
 N_DOCS = 6
 TINY_LLAVA_TOKENS = 64  # 8x8 patches per image
@@ -74,15 +74,18 @@ def test_llava_unpruned_run_records_the_full_count(llava_dir, task_dir, workdir)
     assert all(r["seq_len_before"] == r["seq_len_after"] for r in records)
 
 
-def expected_qwen_tokens(task_dir: Path, max_pixels: int) -> list[int]:
-    """Visual tokens per doc: one per 28x28 px of the image after qwen_vl_utils' smart resize."""
+def expected_qwen_tokens(task_dir: Path, max_pixels: int, patch: int = 14, min_pixels: int = 3136) -> list[int]:
+    """Visual tokens per doc: one per ``2 patch`` x ``2 patch`` px (28 for Qwen2, 32 for Qwen3) of the image after
+    qwen_vl_utils' smart resize."""
     from datasets import load_from_disk
 
     from tokenprune.integrations.qwen_images import smart_resize
 
     docs = load_from_disk(str(task_dir.parent / "data"))["test"]
-    sizes = [smart_resize(im.height, im.width, 28, min_pixels=3136, max_pixels=max_pixels) for im in docs["image"]]
-    return [h * w // 28**2 for h, w in sizes]
+    factor = 2 * patch
+    sizes = [smart_resize(im.height, im.width, factor, min_pixels=min_pixels, max_pixels=max_pixels)
+             for im in docs["image"]]
+    return [h * w // factor**2 for h, w in sizes]
 
 
 @pytest.mark.parametrize("model", ["tokenprune_qwen2_vl", "tokenprune_qwen2_5_vl"])
@@ -98,6 +101,28 @@ def test_qwen_pruned_run_without_torchvision(model, qwen2_dir, qwen25_dir, task_
     by_doc = {s["doc_id"]: r for s, r in zip(samples, records, strict=True)}
     assert [by_doc[i]["visual_tokens"] for i in range(N_DOCS)] == expected
     assert [by_doc[i]["kept_tokens"] for i in range(N_DOCS)] == [round(n / 2 + 1e-9) for n in expected]
+    assert "accuracy,none" in results["results"][TASK]
+
+
+@pytest.mark.parametrize("model", ["tokenprune_qwen3_vl", "tokenprune_qwen3_5"])
+def test_qwen3_pruned_run_without_torchvision(model, large_task_dir, workdir):
+    """The Qwen3-VL and Qwen3.5 wrappers (chat) on this CPU venv: image-only ``Qwen3VLProcessor`` and vision info,
+    patch 16 (one visual token per 32x32 px), pruned to half.
+
+    lmms-eval's chat ``qwen3_vl``/``qwen3_5`` give images neither ``min_pixels`` nor ``max_pixels`` (only videos get
+    them) and call the processor with ``do_resize=False``: images get qwen_vl_utils' default bounds (4 to 16384
+    tokens), so the 112-176 x 128 px pictures keep their size: 16 or 24 tokens (20-30 at Qwen2's 28 px)."""
+    pretrained = save_tiny_qwen(workdir / f"tiny_{model}", model.removeprefix("tokenprune_"))
+    args = f"pretrained={pretrained},device=cpu,device_map=cpu,method=divprune,keep=0.5"
+    results, samples = run_lmms_eval(model, args, large_task_dir, workdir / f"out_{model}")
+    records = pruning_records(samples)
+    expected = expected_qwen_tokens(large_task_dir, 16384 * 32**2, patch=16, min_pixels=4 * 32**2)
+    assert sorted(set(expected)) == [16, 24]
+    by_doc = {s["doc_id"]: r for s, r in zip(samples, records, strict=True)}
+    assert [by_doc[i]["visual_tokens"] for i in range(N_DOCS)] == expected
+    assert [by_doc[i]["kept_tokens"] for i in range(N_DOCS)] == [n // 2 for n in expected]
+    for r in records:
+        assert r["seq_len_before"] - r["seq_len_after"] == r["visual_tokens"] - r["kept_tokens"]
     assert "accuracy,none" in results["results"][TASK]
 
 

@@ -208,7 +208,7 @@ def wrapper_keys(cls: type) -> frozenset[str]:
 
 def _image_only_processor_class(base: type) -> type:
     class ImageOnlyQwenProcessor(base):
-        """The real Qwen2-VL / Qwen2.5-VL processor without its video processor (which needs torchvision): the same
+        """The real Qwen2-VL / Qwen2.5-VL / Qwen3-VL processor without its video processor (needs torchvision): the same
         prompt expansion, ``mm_token_type_ids`` and image preprocessing (``Qwen2VLImageProcessorPil``); videos raise."""
 
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
