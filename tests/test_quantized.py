@@ -153,7 +153,7 @@ def refused_as_at_full_precision(q: Quantized, saved, method: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize(("quantized", "method"), cases(), indirect=["quantized"])
+@pytest.mark.parametrize(("quantized", "method"), cases(), indirect=["quantized"], scope="module")
 def test_method_on_the_quantized_model(quantized, saved, method):
     """keep=1.0 is identical to the quantized model (logits, generated id); keep=0.25 generates, hands back the
     original prompt and shortens every pruned layer's KV cache; disable_pruning leaves no hook or attribute.
