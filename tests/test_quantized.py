@@ -32,13 +32,18 @@ from tokenprune.tiny_models import random_image
 
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 PLACEHOLDER = {"llava": "<image>\n", "llava_next": "<image>\n", "qwen2_vl": QWEN_IMAGE, "qwen2_5_vl": QWEN_IMAGE,
-               "qwen3_vl": QWEN_IMAGE, "qwen3_vl_moe": QWEN_IMAGE, "qwen3_5": QWEN_IMAGE, "qwen3_5_moe": QWEN_IMAGE}
+               "qwen3_vl": QWEN_IMAGE, "qwen3_vl_moe": QWEN_IMAGE, "qwen3_5": QWEN_IMAGE, "qwen3_5_moe": QWEN_IMAGE,
+               "llava_onevision": "<image>\n", "internvl": "<IMG_CONTEXT>\n", "gemma3": "<start_of_image> "}
 IMAGE_SIZE = {"llava": (84, 140), "llava_next": (40, 70), "qwen2_vl": (84, 140), "qwen2_5_vl": (84, 140),
-              "qwen3_vl": (96, 160), "qwen3_vl_moe": (96, 160), "qwen3_5": (96, 160), "qwen3_5_moe": (96, 160)}
+              "qwen3_vl": (96, 160), "qwen3_vl_moe": (96, 160), "qwen3_5": (96, 160), "qwen3_5_moe": (96, 160),
+              "llava_onevision": (40, 70), "internvl": (64, 128), "gemma3": (60, 80)}
 # (bnb_4bit_quant_type, bnb_4bit_use_double_quant) per family
 FOUR_BIT = {"llava": ("nf4", False), "llava_next": ("fp4", True), "qwen2_vl": ("fp4", False),
             "qwen2_5_vl": ("nf4", True), "qwen3_vl": ("nf4", False), "qwen3_vl_moe": ("fp4", True),
-            "qwen3_5": ("fp4", False), "qwen3_5_moe": ("nf4", True)}
+            "qwen3_5": ("fp4", False), "qwen3_5_moe": ("nf4", True), "llava_onevision": ("nf4", False),
+            "internvl": ("fp4", True), "gemma3": ("fp4", False)}
+# Gemma3Processor takes one list of images per prompt; the other processors a flat list
+NESTED_IMAGES = ("gemma3",)
 # bitsandbytes' packed 4-bit CPU kernel needs a layer's output width to be a multiple of 32: Qwen3.5's Gated DeltaNet
 # a/b projections (one output per value head: 4 here, 32 on Qwen3.5-9B) and the MoE shared-expert gate (1 output)
 # stay in full precision on CPU, as a CPU user must load them too (the unpruned model fails otherwise).
@@ -80,7 +85,9 @@ class Quantized:
         self.model = quantize(folder, family, setting)
         text = f"USER : {PLACEHOLDER[family]}what is in the image ? ASSISTANT :"
         extra = {} if family.startswith("qwen") else {"return_tensors": "pt"}
-        self.inputs = processor(images=[random_image(*IMAGE_SIZE[family], seed=1)], text=[text], **extra)
+        image = random_image(*IMAGE_SIZE[family], seed=1)
+        images = [[image]] if family in NESTED_IMAGES else [image]
+        self.inputs = processor(images=images, text=[text], **extra)
         with torch.no_grad():
             self.reference = self.model.generate(**self.inputs, **SAME)  # first: lazy bnb state lands in the census
         self.census = hook_and_attribute_census(self.model)
@@ -146,7 +153,7 @@ def refused_as_at_full_precision(q: Quantized, saved, method: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize(("quantized", "method"), cases(), indirect=["quantized"])
+@pytest.mark.parametrize(("quantized", "method"), cases(), indirect=["quantized"], scope="module")
 def test_method_on_the_quantized_model(quantized, saved, method):
     """keep=1.0 is identical to the quantized model (logits, generated id); keep=0.25 generates, hands back the
     original prompt and shortens every pruned layer's KV cache; disable_pruning leaves no hook or attribute.

@@ -52,7 +52,8 @@ def quantized(request, saved) -> matrix.Quantized:
     return matrix.Quantized(family, setting, folder, processor)
 
 
-@pytest.mark.parametrize(("quantized", "method"), matrix.cases(QWEN3_FAMILIES, spread=True), indirect=["quantized"])
+@pytest.mark.parametrize(("quantized", "method"), matrix.cases(QWEN3_FAMILIES, spread=True), indirect=["quantized"],
+                         scope="module")
 def test_method_on_the_quantized_qwen3_model(quantized, saved, method):
     """keep=1.0 identical to the quantized model; keep=0.25 generates, returns the prompt and shortens every
     pruned layer's cache; disable_pruning leaves nothing (tests/test_quantized.py)."""
