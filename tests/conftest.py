@@ -73,6 +73,17 @@ def two_stage_methods():
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One thread for a module of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``): they gain
+    nothing from a second thread, and on a loaded machine OpenMP's spinning makes each op far slower with two
+    (measured: a Qwen3.5 tiny generate 5.2 s -> 0.1 s); restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=["eager", "sdpa"])
 def attn(request):
     return request.param

@@ -45,13 +45,7 @@ DECODER_DECLINES = {name: _DECODER for name in decoder_methods() + two_stage_met
 _MODELS: dict = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread on a loaded machine (see tests/test_qwen3.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture

@@ -95,9 +95,13 @@ class Quantized:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
+    return save_real_depth(tmp_path_factory, FAMILIES)
+
+
+def save_real_depth(tmp_path_factory, families: tuple[str, ...]) -> dict:
     """Per family: the folder of a saved real-depth model, its processor and the full-precision model."""
     out = {}
-    for family in FAMILIES:
+    for family in families:
         model, processor = real_depth(family, "sdpa")
         folder = tmp_path_factory.mktemp(family)
         model.save_pretrained(folder)
@@ -129,8 +133,13 @@ def cases(families: tuple[str, ...] = FAMILIES, spread: bool = False) -> list:
 @pytest.fixture(scope="module")
 def quantized(request, saved) -> Quantized:
     """Module-scoped and parametrized: pytest runs every test of one quantized model before building the next."""
+    return build_quantized(request.param, saved)
+
+
+def build_quantized(param: tuple[str, str], saved: dict) -> Quantized:
+    """The :class:`Quantized` model of ``param`` = ``(family, setting)`` from ``saved``'s folder."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    family, setting = request.param
+    family, setting = param
     folder, processor, _ = saved[family]
     return Quantized(family, setting, folder, processor)
 

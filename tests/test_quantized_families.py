@@ -9,45 +9,24 @@ weight-only every method once, spread over the nine (setting, family) pairs. ``T
 the full product. A method that declines a family at full precision must decline it quantized with the same message.
 """
 
-import logging
 
 import pytest
 import test_quantized as matrix
 
-from tokenprune.real_depth import real_depth
-
 FAMILIES = ("llava_onevision", "internvl", "gemma3")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Width-64 models gain nothing from a second thread on a busy machine (see tests/test_qwen3.py)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """Per family: the folder of a saved real-depth model, its processor and the full-precision model."""
-    out = {}
-    for family in FAMILIES:
-        model, processor = real_depth(family, "sdpa")
-        folder = tmp_path_factory.mktemp(family)
-        model.save_pretrained(folder)
-        out[family] = (folder, processor, model)
-    return out
+    return matrix.save_real_depth(tmp_path_factory, FAMILIES)
 
 
 @pytest.fixture(scope="module")
 def quantized(request, saved) -> matrix.Quantized:
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    family, setting = request.param
-    folder, processor, _ = saved[family]
-    return matrix.Quantized(family, setting, folder, processor)
+    return matrix.build_quantized(request.param, saved)
 
 
 @pytest.mark.parametrize(("quantized", "method"), matrix.cases(FAMILIES, spread=True), indirect=["quantized"],

@@ -12,44 +12,23 @@ with the same message. The MoE experts are fused 3-D parameters, not ``nn.Linear
 every setting (as transformers loads them), the attention, dense MLP, projector and vision tower are quantized.
 """
 
-import logging
 
 import pytest
 import test_quantized as matrix
 
-from tokenprune.real_depth import real_depth
 from tokenprune.tiny_qwen3 import QWEN3_FAMILIES
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Width-64 models gain nothing from a second thread on a busy machine (see tests/test_qwen3.py)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """Per family: the folder of a saved real-depth model, its processor and the full-precision model."""
-    out = {}
-    for family in QWEN3_FAMILIES:
-        model, processor = real_depth(family, "sdpa")
-        folder = tmp_path_factory.mktemp(family)
-        model.save_pretrained(folder)
-        out[family] = (folder, processor, model)
-    return out
+    return matrix.save_real_depth(tmp_path_factory, QWEN3_FAMILIES)
 
 
 @pytest.fixture(scope="module")
 def quantized(request, saved) -> matrix.Quantized:
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    family, setting = request.param
-    folder, processor, _ = saved[family]
-    return matrix.Quantized(family, setting, folder, processor)
+    return matrix.build_quantized(request.param, saved)
 
 
 @pytest.mark.parametrize(("quantized", "method"), matrix.cases(QWEN3_FAMILIES, spread=True), indirect=["quantized"],

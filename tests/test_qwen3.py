@@ -35,14 +35,7 @@ NO_CLS = [m for m in runnable_methods("qwen3_vl") if not _runs_without_cls(m)]
 _MODELS: dict = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a loaded machine OpenMP's spinning makes each op ~50x
-    slower with two (measured: a Qwen3.5 tiny generate 5.2 s -> 0.1 s); restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(params=QWEN3_FAMILIES)
