@@ -23,6 +23,7 @@ ROOMS: dict[str, tuple[str, ...]] = {
     "bench": ("tokenprune.bench",),
     "viz": ("tokenprune.viz",),
     "integrations": ("tokenprune.integrations",),
+    "large images": ("tokenprune.large_image",),
     "catalog": ("tokenprune.catalog", "tokenprune.import_graph"),
     "tiny models": ("tokenprune.tiny_*", "tokenprune.real_depth"),
     "api": ("tokenprune", "tokenprune.api", "tokenprune.config", "tokenprune.calibration"),

@@ -1,0 +1,217 @@
+"""Coarse-to-fine text-guided token pruning of a very large image: the LRS-VQA front-end (Luo et al., "When Large
+Vision-Language Model Meets Large Remote Sensing Imagery: Coarse-to-Fine Text-Guided Token Pruning", ICCV 2025,
+arXiv 2503.07588; official code VisionXLab/LRS-VQA).
+
+The image is cut into a Dynamic Image Pyramid (:mod:`tokenprune.large_image.pyramid`). The first prompt holds the
+global thumbnail and every tile of the base level; the last prompt token's attention at one LLM layer
+(:mod:`~tokenprune.large_image.relevance`) scores the base tiles' tokens, the best of them vote for tiles of the next
+finer level (:mod:`~tokenprune.large_image.tiles`), and only those tiles are rendered and encoded, level after level,
+so most of the image is never encoded. The last level's tiles (with the thumbnail) form one prompt that the model
+answers with its visual tokens pruned to ``keep`` by a registered method (default FastV scoring at the same layer:
+the last prompt token's attention, top share kept). Every prompt goes through the model's own processor.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from tokenprune.api import pruning
+from tokenprune.large_image import families
+from tokenprune.large_image.pyramid import build_pyramid, render_tile
+from tokenprune.large_image.relevance import local_relevance
+from tokenprune.large_image.tiles import select_child_tiles, token_centres
+
+DEFAULT_TEMPLATE = "USER : {images}\n{question} ASSISTANT :"
+
+
+@dataclass(frozen=True)
+class LevelRecord:
+    """One pyramid level: its grid and which tiles were encoded (raster order)."""
+
+    index: int
+    grid: tuple[int, int]
+    encoded: tuple[tuple[int, int], ...]
+
+    @property
+    def n_tiles(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+@dataclass(frozen=True)
+class LargeImageAnswer:
+    """What :func:`answer_large_image` did. ``tokens_everything``: visual tokens of a prompt with the thumbnail and
+    EVERY tile of the finest level; ``visual_tokens``/``kept_tokens``: those of the final prompt before/after the
+    pruning; ``peak_rss_mb``: the process's peak resident memory during the call (Linux; else since start)."""
+
+    text: str
+    ids: torch.Tensor                  # [1, prompt + new] as model.generate returned them
+    tile: int
+    levels: tuple[LevelRecord, ...]
+    visual_tokens: int
+    kept_tokens: int
+    tokens_everything: int
+    relevance_passes: int
+    seconds: float
+    peak_rss_mb: float
+    fallback: str | None = None
+
+    @property
+    def tiles_encoded(self) -> int:
+        return sum(len(level.encoded) for level in self.levels)
+
+    @property
+    def tiles_total(self) -> int:
+        return sum(level.n_tiles for level in self.levels)
+
+    def summary(self) -> str:
+        per_level = ", ".join(f"L{lv.index} {len(lv.encoded)}/{lv.n_tiles}" for lv in self.levels)
+        return (f"tiles encoded {self.tiles_encoded}/{self.tiles_total} ({per_level}); visual tokens "
+                f"{self.kept_tokens} kept of {self.visual_tokens} encoded ({self.tokens_everything} if every tile "
+                f"were encoded); {self.relevance_passes} relevance pass(es), {self.seconds:.2f} s, "
+                f"peak RSS {self.peak_rss_mb:.0f} MB")
+
+
+def answer_large_image(
+    model: Any,
+    processor: Any,
+    image: Image.Image,
+    question: str,
+    *,
+    method: Any = "fastv",
+    keep: float | int = 0.25,
+    layer: int | None = None,
+    tile: int | None = None,
+    base_tiles: int = 3,
+    descend_ratio: float = 0.25,
+    tiles_per_level: int | None = 6,
+    template: str = DEFAULT_TEMPLATE,
+    max_new_tokens: int = 32,
+    **generate_kwargs: Any,
+) -> LargeImageAnswer:
+    """Answer ``question`` about ``image`` (a PIL image of any size) on a LLaVA-NeXT or Qwen2(.5)-VL ``model``.
+
+    ``layer``: LLM layer whose attention scores the tokens (default ``n_layers // 4``); ``tile``: tile side in px
+    (default from the model's input size, :func:`families.tile_size`); ``base_tiles``: tiles on the long side of the
+    first fully encoded level (official: 3); ``descend_ratio``: share of a level's tokens that vote for next-level
+    tiles (official ``pruning_ratio`` 0.25); ``tiles_per_level``: tiles encoded per finer level (official option
+    ``pyramid_next_level_max_select_num`` = 6; ``None``: every tile that got a vote); ``method``/``keep``: the
+    pruning of the final prompt (``None``: no pruning; ``"fastv"`` scores at ``layer``); ``template``: the prompt,
+    with ``{images}`` and ``{question}``. An image that fits one tile takes the model's plain path (one image).
+    """
+    started = time.perf_counter()
+    _reset_peak_rss()
+    families.check_family(model)
+    if tiles_per_level is not None and (isinstance(tiles_per_level, bool) or tiles_per_level < 1):
+        raise ValueError(
+            f"tiles_per_level must be >= 1 tile (or None: every tile the relevance points at); got {tiles_per_level}"
+        )
+    n_layers = len(model.model.language_model.layers)
+    layer = n_layers // 4 if layer is None else layer
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer must be in [0, {n_layers - 1}] for this {n_layers}-layer LLM; got {layer}")
+    tile = families.tile_size(model, processor) if tile is None else tile
+    image = image.convert("RGB") if image.mode != "RGB" else image
+    fill = tuple(round(255 * m) for m in processor.image_processor.image_mean)
+    run = _Prompts(model, processor, question, template)
+
+    if max(image.height, image.width) <= tile:  # fits one tile: the plain path
+        answer, n_visual, kept = run.answer([image], method, keep, layer, max_new_tokens, generate_kwargs)
+        return LargeImageAnswer(
+            run.decode(answer), answer, tile, (), n_visual, kept, n_visual, 0, time.perf_counter() - started,
+            _peak_rss_mb(), fallback=f"the image ({image.width}x{image.height}) fits one {tile}-px tile",
+        )
+
+    levels = build_pyramid(image.height, image.width, tile, base_tiles)
+    thumbnail = render_tile(image, levels[0], 0, 0, fill)
+    chosen = levels[1].tiles()  # the base level is encoded whole
+    records = [LevelRecord(0, levels[0].grid, ((0, 0),))]
+    passes = 0
+    for level, finer in zip(levels[1:-1], levels[2:], strict=True):
+        records.append(LevelRecord(level.index, level.grid, tuple(chosen)))
+        if tiles_per_level is not None and tiles_per_level >= finer.n_tiles:
+            chosen = finer.tiles()  # the tile budget covers the whole next level: nothing to score
+            continue
+        tiles = [render_tile(image, level, r, c, fill) for r, c in chosen]
+        inputs = run.inputs([thumbnail, *tiles])
+        boxes = families.token_boxes(model, inputs)
+        slots = (inputs["input_ids"][0] == families.image_token_id(model)).nonzero().squeeze(1)
+        local = slots[boxes[0].shape[0]:]
+        scores = local_relevance(model, inputs, layer, local)
+        centres = torch.cat([token_centres(b, level, t) for b, t in zip(boxes[1:], chosen, strict=True)])
+        chosen = select_child_tiles(scores, centres, level, finer, descend_ratio, tiles_per_level)
+        passes += 1
+    finest = levels[-1]
+    records.append(LevelRecord(finest.index, finest.grid, tuple(chosen)))
+    tiles = [render_tile(image, finest, r, c, fill) for r, c in chosen]
+    answer, n_visual, kept = run.answer([thumbnail, *tiles], method, keep, layer, max_new_tokens, generate_kwargs)
+    per_tile = n_visual // (1 + len(chosen))  # every tile (and the thumbnail) is a tile x tile canvas
+    return LargeImageAnswer(
+        run.decode(answer), answer, tile, tuple(records), n_visual, kept, per_tile * (1 + finest.n_tiles), passes,
+        time.perf_counter() - started, _peak_rss_mb(),
+    )
+
+
+class _Prompts:
+    """Builds the one-row prompts of the front-end with the model's own processor and runs the final answer."""
+
+    def __init__(self, model: Any, processor: Any, question: str, template: str) -> None:
+        self.model, self.processor, self.question, self.template = model, processor, question, template
+        self.prompt_length = 0
+
+    def inputs(self, images: list[Image.Image]) -> Any:
+        text = self.template.format(images=families.placeholder(self.model) * len(images), question=self.question)
+        inputs = self.processor(text=text, images=images, return_tensors="pt")
+        device = self.model.device
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+    def answer(
+        self, images: list[Image.Image], method: Any, keep: float | int, layer: int, max_new_tokens: int,
+        generate_kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, int, int]:
+        """``(generated ids, visual tokens of the prompt, visual tokens kept)``."""
+        inputs = self.inputs(images)
+        self.prompt_length = int(inputs["input_ids"].shape[1])
+        n_visual = int((inputs["input_ids"] == families.image_token_id(self.model)).sum())
+        options = {"do_sample": False, "max_new_tokens": max_new_tokens, **generate_kwargs}
+        if method is None:
+            with torch.no_grad():
+                return self.model.generate(**inputs, **options), n_visual, n_visual
+        if method == "fastv":
+            from tokenprune.methods.fastv import FastV
+
+            method = FastV(k=layer + 1)
+        with pruning(self.model, method, keep=keep) as handle, torch.no_grad():
+            out = self.model.generate(**inputs, **options)
+        kept = handle.last.n_kept if handle.last is not None else n_visual
+        return out, n_visual, kept
+
+    def decode(self, ids: torch.Tensor) -> str:
+        """The generated text (the tokens after the prompt)."""
+        return self.processor.tokenizer.decode(ids[0, self.prompt_length:], skip_special_tokens=True)
+
+
+def _reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS counter of this process (Linux ``clear_refs`` 5); silently a no-op elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB since the last reset (``VmHWM``), else since it started."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
