@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from tokenprune import pruning
 from tokenprune.large_image import answer_large_image, build_pyramid, render_tile, select_child_tiles
+from tokenprune.large_image.families import token_boxes
 from tokenprune.large_image.front_end import DEFAULT_TEMPLATE
 from tokenprune.large_image.pyramid import Level, child_tile
 from tokenprune.large_image.relevance import local_relevance
@@ -122,8 +123,8 @@ def test_token_centres_of_a_tile():
 @pytest.fixture(scope="module", params=["llava_next", "qwen2_5_vl"])
 def family(request):
     if request.param == "llava_next":
-        return tiny_llava_next(text_layers=2)
-    return tiny_qwen("2.5", text_layers=2)
+        return tiny_llava_next(text_layers=3)
+    return tiny_qwen("2.5", text_layers=3)
 
 
 def _every_tile_ids(model, processor, image, tile, keep):
@@ -164,6 +165,34 @@ def test_the_front_end_encodes_only_the_chosen_tiles(family):
     assert answer.tiles_encoded < answer.tiles_total
     assert answer.kept_tokens < answer.visual_tokens < answer.tokens_everything
     assert "tiles encoded" in answer.summary()
+
+
+def test_the_tiles_chosen_follow_the_relevance_of_the_base_level(family):
+    # The front-end's choice at level 2 is the selector applied to the last prompt token's layer-1 relevance of
+    # the prompt [thumbnail, every base tile], recomputed here by hand.
+    model, processor = family
+    tile = 32 if model.config.model_type == "llava_next" else 56
+    image = random_image(5 * tile, 8 * tile, seed=5)
+    answer = answer_large_image(model, processor, image, QUESTION, tile=tile, layer=1, tiles_per_level=3,
+                                descents=1, max_new_tokens=1)
+    levels = build_pyramid(image.height, image.width, tile)
+    assert [lv.index for lv in answer.levels] == [0, 1, 2] and answer.relevance_passes == 1
+    fill = tuple(round(255 * m) for m in processor.image_processor.image_mean)
+    base = levels[1]
+    images = [render_tile(image, levels[0], 0, 0, fill)]
+    images += [render_tile(image, base, r, c, fill) for r, c in base.tiles()]
+    mark = "<image>" if model.config.model_type == "llava_next" else "<|vision_start|><|image_pad|><|vision_end|>"
+    inputs = processor(text=DEFAULT_TEMPLATE.format(images=mark * len(images), question=QUESTION), images=images,
+                       return_tensors="pt")
+    slots = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(1)
+    per_image = slots.numel() // len(images)  # every tile is the same tile x tile canvas
+    scores = local_relevance(model, inputs, 1, slots[per_image:])
+    boxes = token_boxes(model, inputs)
+    centres = torch.cat([token_centres(b, base, t) for b, t in zip(boxes[1:], base.tiles(), strict=True)])
+    expected = select_child_tiles(scores, centres, base, levels[2], 0.25, 3)
+    assert list(answer.levels[2].encoded) == expected and len(expected) == 3
+    with pytest.raises(ValueError, match="descents must be"):
+        answer_large_image(model, processor, image, QUESTION, tile=tile, descents=-1)
 
 
 def test_method_none_equals_keep_one(family):
@@ -215,6 +244,8 @@ def test_clear_errors(family):
         answer_large_image(model, processor, image, QUESTION, tiles_per_level=0)
     with pytest.raises(ValueError, match="layer must be in"):
         answer_large_image(model, processor, image, QUESTION, layer=7)
+    with pytest.raises(ValueError, match="FastV prunes from layer 3"):
+        answer_large_image(model, processor, image, QUESTION, layer=2)
 
 
 def test_an_unsupported_family_is_named():

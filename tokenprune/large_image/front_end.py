@@ -26,8 +26,47 @@ from tokenprune.large_image import families
 from tokenprune.large_image.pyramid import build_pyramid, render_tile
 from tokenprune.large_image.relevance import local_relevance
 from tokenprune.large_image.tiles import select_child_tiles, token_centres
+from tokenprune.methods.base import Deviation
 
 DEFAULT_TEMPLATE = "USER : {images}\n{question} ASSISTANT :"
+
+DEVIATIONS = (
+    Deviation(
+        "Relevance is the host LLM's own attention (last prompt token, layer `layer`, recomputed from q/k).",
+        "The paper's Region Focus Module is a few LLM layers distilled to reproduce exactly that attention; its "
+        "weights exist only for the authors' fine-tuned LLaVA checkpoints. Training-free here: the teacher itself.",
+    ),
+    Deviation(
+        "The search descends through every level down to the original resolution.",
+        "The paper's description; the official inference code descends once (base level -> the next) and prunes.",
+        "descents=1",
+    ),
+    Deviation(
+        "At most `tiles_per_level` (6) tiles are encoded per finer level.",
+        "The official option pyramid_next_level_max_select_num defaults to 6, but the inference code overrides it "
+        "and encodes every tile that got a vote; a bounded budget keeps memory and time bounded.",
+        "tiles_per_level=None",
+    ),
+    Deviation(
+        "Tokens vote for the next-level tile under their centre, mapped through image coordinates; tokens over "
+        "padding and LLaVA-NeXT's newline tokens do not vote.",
+        "The official code scales token-grid indices by the tile-grid ratio (its row-end newline tokens vote for the "
+        "last column); the image-coordinate mapping is exact for padded edge tiles.",
+    ),
+    Deviation(
+        "Each tile is one image of the prompt, through the model's own processor (LLaVA-NeXT: AnyRes crops per "
+        "tile; Qwen: positions per image).",
+        "The official LLaVA code places the tiles' features in one per-level grid with interpolated position "
+        "embeddings, which needs its fine-tuned model; the public checkpoints take separate images.",
+    ),
+    Deviation(
+        "The final prompt is pruned by FastV at layer `layer` + 1 with a per-image budget (every tile and the "
+        "thumbnail keep their share; the layers up to `layer` see every token).",
+        "The official code keeps the top share of all local tokens at the LLM input and the thumbnail whole; "
+        "FastV is the registered method with the same rule (last prompt token's attention, head mean, top share). "
+        "`method=` takes any other registered method.",
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -90,6 +129,7 @@ def answer_large_image(
     base_tiles: int = 3,
     descend_ratio: float = 0.25,
     tiles_per_level: int | None = 6,
+    descents: int | None = None,
     template: str = DEFAULT_TEMPLATE,
     max_new_tokens: int = 32,
     **generate_kwargs: Any,
@@ -100,9 +140,11 @@ def answer_large_image(
     (default from the model's input size, :func:`families.tile_size`); ``base_tiles``: tiles on the long side of the
     first fully encoded level (official: 3); ``descend_ratio``: share of a level's tokens that vote for next-level
     tiles (official ``pruning_ratio`` 0.25); ``tiles_per_level``: tiles encoded per finer level (official option
-    ``pyramid_next_level_max_select_num`` = 6; ``None``: every tile that got a vote); ``method``/``keep``: the
-    pruning of the final prompt (``None``: no pruning; ``"fastv"`` scores at ``layer``); ``template``: the prompt,
-    with ``{images}`` and ``{question}``. An image that fits one tile takes the model's plain path (one image).
+    ``pyramid_next_level_max_select_num`` = 6; ``None``: every tile that got a vote); ``descents``: levels to
+    descend below the base level (``None``: down to the original resolution; the official inference code: 1);
+    ``method``/``keep``: the pruning of the final prompt (``None``: no pruning; ``"fastv"`` scores at ``layer``);
+    ``template``: the prompt, with ``{images}`` and ``{question}``. An image that fits one tile takes the model's
+    plain path (one image). What differs from the official code: :data:`DEVIATIONS`.
     """
     started = time.perf_counter()
     _reset_peak_rss()
@@ -111,10 +153,17 @@ def answer_large_image(
         raise ValueError(
             f"tiles_per_level must be >= 1 tile (or None: every tile the relevance points at); got {tiles_per_level}"
         )
+    if descents is not None and (isinstance(descents, bool) or descents < 0):
+        raise ValueError(f"descents must be an int >= 0 (or None: down to the original resolution); got {descents}")
     n_layers = len(model.model.language_model.layers)
     layer = n_layers // 4 if layer is None else layer
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer must be in [0, {n_layers - 1}] for this {n_layers}-layer LLM; got {layer}")
+    if method == "fastv" and layer + 1 >= n_layers:
+        raise ValueError(
+            f"the final pruning (FastV prunes from layer {layer + 1}) needs a layer below the last of this "
+            f"{n_layers}-layer LLM; pass layer < {n_layers - 1}, or method=None / another method"
+        )
     tile = families.tile_size(model, processor) if tile is None else tile
     image = image.convert("RGB") if image.mode != "RGB" else image
     fill = tuple(round(255 * m) for m in processor.image_processor.image_mean)
@@ -128,6 +177,7 @@ def answer_large_image(
         )
 
     levels = build_pyramid(image.height, image.width, tile, base_tiles)
+    levels = levels if descents is None else levels[: 2 + descents]
     thumbnail = render_tile(image, levels[0], 0, 0, fill)
     chosen = levels[1].tiles()  # the base level is encoded whole
     records = [LevelRecord(0, levels[0].grid, ((0, 0),))]
