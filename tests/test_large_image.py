@@ -19,7 +19,7 @@ from tokenprune.large_image.pyramid import Level, child_tile
 from tokenprune.large_image.relevance import local_relevance
 from tokenprune.large_image.tiles import token_centres
 from tokenprune.methods.fastv import FastV
-from tokenprune.tiny_models import random_image, tiny_llava, tiny_llava_next, tiny_qwen
+from tokenprune.tiny_models import large_image, random_image, tiny_llava, tiny_llava_next, tiny_qwen
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUESTION = "what is in the image ?"
@@ -255,21 +255,20 @@ def test_an_unsupported_family_is_named():
 
 
 # --- memory: an 8,000 x 8,000 px image ----------------------------------------------------------------------------
-def synthetic_8k() -> Image.Image:
-    """A procedural 8,000 x 8,000 px RGB picture (uint8 in PIL, ~192 MB): a gradient with a few bright blocks."""
-    image = Image.radial_gradient("L").resize((8000, 8000)).convert("RGB")
-    draw = ImageDraw.Draw(image)
-    for i in range(6):
-        x, y = 700 + 1100 * i, 400 + 1200 * i
-        draw.rectangle((x, y, x + 500, y + 300), fill=(255, 40 * i, 0))
-    return image
-
-
 def test_an_8000_px_image_runs_without_encoding_every_tile():
     model, processor = tiny_qwen("2.5", text_layers=2)  # 112-px tiles (the tiny processor's max_pixels)
-    answer = answer_large_image(model, processor, synthetic_8k(), QUESTION, max_new_tokens=2)
+    answer = answer_large_image(model, processor, large_image(8000), QUESTION, max_new_tokens=2)
     levels = build_pyramid(8000, 8000, answer.tile)
     assert answer.tile == 112 and answer.tiles_total == sum(lv.n_tiles for lv in levels)
     assert answer.tiles_encoded <= 1 + levels[1].n_tiles + 6 * (len(levels) - 2) < answer.tiles_total
     assert answer.tokens_everything == 16 * (1 + levels[-1].n_tiles)  # 4x4 merged tokens (28 px) per 112-px tile
     assert math.isfinite(answer.peak_rss_mb) and answer.peak_rss_mb > 0
+
+
+def test_the_docs_page_lists_every_deviation():
+    from pathlib import Path
+
+    from tokenprune.large_image.front_end import DEVIATIONS
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "large-images.md").read_text()
+    assert [d.what for d in DEVIATIONS if f"| {d.what} | {d.why} |" not in page] == []

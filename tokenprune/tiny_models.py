@@ -327,6 +327,17 @@ def demo_image(size: int = 336) -> Image.Image:
     return image
 
 
+def large_image(size: int = 8000, blocks: int = 6) -> Image.Image:
+    """A procedural ``size x size`` RGB picture for the large-image front-end (uint8 in PIL: 192 MB at 8,000 px, no
+    float copy): a radial gradient with ``blocks`` bright rectangles along the diagonal."""
+    image = Image.radial_gradient("L").resize((size, size)).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    step = size / (blocks + 1)
+    for i in range(blocks):
+        x, y = round(step * (i + 0.5)), round(step * (i + 0.7))
+        draw.rectangle((x, y, x + round(step / 2), y + round(step / 4)), fill=(255, 40 * (i % 7), 0))
+    return image
+
 # The project's trained small model: a LLaVA-1.5-architecture VLM trained on synthetic VQA (model card:
 # tokenprune/assets/synth-llava/README.md; recipe: python -m benchmarks.synthetic.train in the repository).
 SYNTH_LLAVA = Path(__file__).resolve().parent / "assets" / "synth-llava"

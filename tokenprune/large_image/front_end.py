@@ -147,7 +147,7 @@ def answer_large_image(
     plain path (one image). What differs from the official code: :data:`DEVIATIONS`.
     """
     started = time.perf_counter()
-    _reset_peak_rss()
+    reset_peak_rss()
     families.check_family(model)
     if tiles_per_level is not None and (isinstance(tiles_per_level, bool) or tiles_per_level < 1):
         raise ValueError(
@@ -173,7 +173,7 @@ def answer_large_image(
         answer, n_visual, kept = run.answer([image], method, keep, layer, max_new_tokens, generate_kwargs)
         return LargeImageAnswer(
             run.decode(answer), answer, tile, (), n_visual, kept, n_visual, 0, time.perf_counter() - started,
-            _peak_rss_mb(), fallback=f"the image ({image.width}x{image.height}) fits one {tile}-px tile",
+            peak_rss_mb(), fallback=f"the image ({image.width}x{image.height}) fits one {tile}-px tile",
         )
 
     levels = build_pyramid(image.height, image.width, tile, base_tiles)
@@ -203,7 +203,7 @@ def answer_large_image(
     per_tile = n_visual // (1 + len(chosen))  # every tile (and the thumbnail) is a tile x tile canvas
     return LargeImageAnswer(
         run.decode(answer), answer, tile, tuple(records), n_visual, kept, per_tile * (1 + finest.n_tiles), passes,
-        time.perf_counter() - started, _peak_rss_mb(),
+        time.perf_counter() - started, peak_rss_mb(),
     )
 
 
@@ -246,7 +246,7 @@ class _Prompts:
         return self.processor.tokenizer.decode(ids[0, self.prompt_length:], skip_special_tokens=True)
 
 
-def _reset_peak_rss() -> None:
+def reset_peak_rss() -> None:
     """Reset the kernel's peak-RSS counter of this process (Linux ``clear_refs`` 5); silently a no-op elsewhere."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -255,7 +255,7 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     """Peak resident memory of this process in MB since the last reset (``VmHWM``), else since it started."""
     try:
         with open("/proc/self/status") as f:
