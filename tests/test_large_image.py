@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from conftest import hook_and_attribute_census
 from PIL import Image, ImageDraw
 
 from tokenprune import pruning
@@ -246,6 +247,36 @@ def test_clear_errors(family):
         answer_large_image(model, processor, image, QUESTION, layer=7)
     with pytest.raises(ValueError, match="FastV prunes from layer 3"):
         answer_large_image(model, processor, image, QUESTION, layer=2)
+
+
+def test_enabled_pruning_is_refused(family):
+    model, processor = family
+    from tokenprune import disable_pruning, enable_pruning
+
+    enable_pruning(model, "divprune", keep=0.5)
+    try:
+        with pytest.raises(ValueError, match="call disable_pruning"):
+            answer_large_image(model, processor, random_image(200, 300), QUESTION)
+    finally:
+        disable_pruning(model)
+
+
+def test_the_front_end_leaves_nothing_behind(family):
+    model, processor = family
+    run = lambda: answer_large_image(model, processor, random_image(150, 250), QUESTION, tiles_per_level=2,  # noqa: E731
+                                     max_new_tokens=1)
+    run()  # transformers installs its own output-capturing hooks on the towers' first call
+    before = hook_and_attribute_census(model)
+    run()
+    assert hook_and_attribute_census(model) == before
+
+
+def test_qwen2_vl_runs_too():
+    model, processor = tiny_qwen("2", text_layers=2)
+    answer = answer_large_image(model, processor, random_image(300, 400), QUESTION, tile=56, tiles_per_level=2,
+                                max_new_tokens=2)
+    assert answer.relevance_passes >= 1 and answer.tiles_encoded < answer.tiles_total
+    assert answer.kept_tokens < answer.visual_tokens
 
 
 def test_an_unsupported_family_is_named():

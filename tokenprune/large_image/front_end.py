@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from tokenprune.api import pruning
+from tokenprune.api import get_handle, pruning
 from tokenprune.large_image import families
 from tokenprune.large_image.pyramid import build_pyramid, render_tile
 from tokenprune.large_image.relevance import local_relevance
@@ -149,6 +149,11 @@ def answer_large_image(
     started = time.perf_counter()
     reset_peak_rss()
     families.check_family(model)
+    if get_handle(model) is not None:
+        raise ValueError(
+            "pruning is already enabled on this model; answer_large_image prunes its final prompt itself "
+            "(method=, keep=) and scores tiles on unpruned prompts: call disable_pruning(model) first"
+        )
     if tiles_per_level is not None and (isinstance(tiles_per_level, bool) or tiles_per_level < 1):
         raise ValueError(
             f"tiles_per_level must be >= 1 tile (or None: every tile the relevance points at); got {tiles_per_level}"
@@ -191,6 +196,12 @@ def answer_large_image(
         inputs = run.inputs([thumbnail, *tiles])
         boxes = families.token_boxes(model, inputs)
         slots = (inputs["input_ids"][0] == families.image_token_id(model)).nonzero().squeeze(1)
+        if sum(b.shape[0] for b in boxes) != slots.numel():
+            raise RuntimeError(
+                f"the prompt has {slots.numel()} image tokens but the {model.config.model_type} token layout of its "
+                f"{len(boxes)} images gives {sum(b.shape[0] for b in boxes)}: the processor and the model config "
+                "disagree (image_grid_pinpoints, patch or merge size); build both from the same checkpoint"
+            )
         local = slots[boxes[0].shape[0]:]
         scores = local_relevance(model, inputs, layer, local)
         centres = torch.cat([token_centres(b, level, t) for b, t in zip(boxes[1:], chosen, strict=True)])
