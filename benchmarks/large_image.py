@@ -22,7 +22,8 @@ import torch
 from tokenprune import pruning
 from tokenprune.large_image import answer_large_image, build_pyramid, render_tile
 from tokenprune.large_image.families import placeholder
-from tokenprune.large_image.front_end import DEFAULT_TEMPLATE, peak_rss_mb, reset_peak_rss
+from tokenprune.large_image.front_end import DEFAULT_TEMPLATE
+from tokenprune.large_image.memory import peak_rss_mb, reset_peak_rss
 from tokenprune.methods.fastv import FastV
 from tokenprune.tiny_models import large_image, tiny_llava_next, tiny_qwen
 
@@ -87,7 +88,8 @@ def main() -> None:
                 "levels": [[lv.index, list(lv.grid), len(lv.encoded)] for lv in answer.levels],
                 "tiles_encoded": answer.tiles_encoded, "tiles_total": answer.tiles_total,
                 "visual_tokens": answer.visual_tokens, "kept_tokens": answer.kept_tokens,
-                "relevance_passes": answer.relevance_passes, "seconds": round(answer.seconds, 2),
+                "relevance_passes": answer.relevance_passes, "tflops": answer.tflops,
+                "tflops_everything": answer.tflops_everything, "seconds": round(answer.seconds, 2),
                 "peak_rss_mb": round(answer.peak_rss_mb), "everything": full,
             }
             rows.append(row)
@@ -98,19 +100,23 @@ def main() -> None:
         f"# Large-image front-end vs every tile (tiny random models, FastV keep={args.keep} at layer {LAYER + 1}, "
         "1 thread, shared 2-core CPU)", "",
         "| family | image | tiles encoded / pyramid | visual tokens (kept / encoded) | every finest tile: tokens |"
-        " time front-end | time everything | peak RSS front-end / everything |",
-        "|---|---|---|---|---|---|---|---|",
+        " LLM prefill TFLOPs front-end / everything | time front-end | time everything |"
+        " peak RSS front-end / everything |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         full = r["everything"]
         every_time = f"{full['seconds']} s" if full["answered"] else f"tower only: {full['seconds']} s"
         lines.append(
             f"| {r['family']} | {r['image_px']} px | {r['tiles_encoded']} / {r['tiles_total']} | "
-            f"{r['kept_tokens']} / {r['visual_tokens']} | {full['visual_tokens']} | {r['seconds']} s | {every_time} | "
+            f"{r['kept_tokens']} / {r['visual_tokens']} | {full['visual_tokens']} | "
+            f"{r['tflops']:.3g} / {r['tflops_everything']:.3g} | {r['seconds']} s | {every_time} | "
             f"{r['peak_rss_mb']} / {full['peak_rss_mb']} MB |"
         )
     lines += [
-        "", "Tiles encoded count the thumbnail once (it is re-encoded in every relevance pass). 'tower only': the",
+        "", "TFLOPs: estimated LLM prefill multiply-accumulates of the tiny LLM (relevance passes up to the scoring",
+        "layer + the final FastV-pruned prompt, vs the unpruned prompt of every tile).",
+        "Tiles encoded count the thumbnail once (it is re-encoded in every relevance pass). 'tower only': the",
         "one prompt of every tile is beyond this machine; only its vision side ran. Peak RSS is the process's",
         "high-water mark during the call: the Python/torch/transformers baseline and the models (~400 MB) and the",
         "picture itself (uint8, 12 MB at 2,000 px, 192 MB at 8,000 px) included.",

@@ -165,6 +165,7 @@ def test_the_front_end_encodes_only_the_chosen_tiles(family):
     assert answer.relevance_passes == len(levels) - 2
     assert answer.tiles_encoded < answer.tiles_total
     assert answer.kept_tokens < answer.visual_tokens < answer.tokens_everything
+    assert 0 < answer.tflops < answer.tflops_everything
     assert "tiles encoded" in answer.summary()
 
 
@@ -204,6 +205,7 @@ def test_method_none_equals_keep_one(family):
     full = answer_large_image(model, processor, image, QUESTION, tile=tile, keep=1.0, max_new_tokens=3)
     assert torch.equal(plain.ids, full.ids) and plain.levels == full.levels
     assert full.kept_tokens == full.visual_tokens
+    assert plain.tflops == full.tflops > 0  # relevance passes + the unpruned final prefill, counted alike
 
 
 def test_an_image_that_fits_one_tile_takes_the_plain_path(family):

@@ -13,7 +13,6 @@ the last prompt token's attention, top share kept). Every prompt goes through th
 
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +20,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from tokenprune.api import get_handle, pruning
+from tokenprune.api import get_handle
 from tokenprune.large_image import families
+from tokenprune.large_image.memory import peak_rss_mb, reset_peak_rss
+from tokenprune.large_image.prompts import Prompts
 from tokenprune.large_image.pyramid import build_pyramid, render_tile
 from tokenprune.large_image.relevance import local_relevance
 from tokenprune.large_image.tiles import select_child_tiles, token_centres
@@ -60,8 +61,9 @@ DEVIATIONS = (
         "embeddings, which needs its fine-tuned model; the public checkpoints take separate images.",
     ),
     Deviation(
-        "The final prompt is pruned by FastV at layer `layer` + 1 with a per-image budget (every tile and the "
-        "thumbnail keep their share; the layers up to `layer` see every token).",
+        "The final prompt is pruned by FastV at layer `layer` + 1: the layers up to `layer` see every token, and the "
+        "thumbnail is pruned with the tiles (LLaVA-NeXT: one budget over the prompt's adjacent image placeholders; "
+        "Qwen: a budget per image).",
         "The official code keeps the top share of all local tokens at the LLM input and the thumbnail whole; "
         "FastV is the registered method with the same rule (last prompt token's attention, head mean, top share). "
         "`method=` takes any other registered method.",
@@ -86,7 +88,9 @@ class LevelRecord:
 class LargeImageAnswer:
     """What :func:`answer_large_image` did. ``tokens_everything``: visual tokens of a prompt with the thumbnail and
     EVERY tile of the finest level; ``visual_tokens``/``kept_tokens``: those of the final prompt before/after the
-    pruning; ``peak_rss_mb``: the process's peak resident memory during the call (Linux; else since start)."""
+    pruning; ``tflops``/``tflops_everything``: estimated LLM prefill TFLOPs (MACs, :mod:`tokenprune.budget.flops`)
+    of the relevance passes (layers below ``layer``) plus the final pruned prompt / of that every-tile prompt
+    unpruned; ``peak_rss_mb``: the process's peak resident memory during the call (Linux; else since start)."""
 
     text: str
     ids: torch.Tensor                  # [1, prompt + new] as model.generate returned them
@@ -96,6 +100,8 @@ class LargeImageAnswer:
     kept_tokens: int
     tokens_everything: int
     relevance_passes: int
+    tflops: float                      # LLM prefill: the relevance passes + the final (pruned) prompt
+    tflops_everything: float           # LLM prefill of the prompt of every tile, unpruned
     seconds: float
     peak_rss_mb: float
     fallback: str | None = None
@@ -112,7 +118,8 @@ class LargeImageAnswer:
         per_level = ", ".join(f"L{lv.index} {len(lv.encoded)}/{lv.n_tiles}" for lv in self.levels)
         return (f"tiles encoded {self.tiles_encoded}/{self.tiles_total} ({per_level}); visual tokens "
                 f"{self.kept_tokens} kept of {self.visual_tokens} encoded ({self.tokens_everything} if every tile "
-                f"were encoded); {self.relevance_passes} relevance pass(es), {self.seconds:.2f} s, "
+                f"were encoded); {self.relevance_passes} relevance pass(es); LLM prefill {self.tflops:.3g} TFLOPs "
+                f"({self.tflops_everything:.3g} for every tile); {self.seconds:.2f} s, "
                 f"peak RSS {self.peak_rss_mb:.0f} MB")
 
 
@@ -172,13 +179,14 @@ def answer_large_image(
     tile = families.tile_size(model, processor) if tile is None else tile
     image = image.convert("RGB") if image.mode != "RGB" else image
     fill = tuple(round(255 * m) for m in processor.image_processor.image_mean)
-    run = _Prompts(model, processor, question, template)
+    run = Prompts(model, processor, question, template)
 
     if max(image.height, image.width) <= tile:  # fits one tile: the plain path
         answer, n_visual, kept = run.answer([image], method, keep, layer, max_new_tokens, generate_kwargs)
         return LargeImageAnswer(
-            run.decode(answer), answer, tile, (), n_visual, kept, n_visual, 0, time.perf_counter() - started,
-            peak_rss_mb(), fallback=f"the image ({image.width}x{image.height}) fits one {tile}-px tile",
+            run.decode(answer), answer, tile, (), n_visual, kept, n_visual, 0, run.flops / 1e12,
+            run.everything_flops(n_visual) / 1e12, time.perf_counter() - started, peak_rss_mb(),
+            fallback=f"the image ({image.width}x{image.height}) fits one {tile}-px tile",
         )
 
     levels = build_pyramid(image.height, image.width, tile, base_tiles)
@@ -204,6 +212,7 @@ def answer_large_image(
             )
         local = slots[boxes[0].shape[0]:]
         scores = local_relevance(model, inputs, layer, local)
+        run.count_relevance_pass(inputs, layer)
         centres = torch.cat([token_centres(b, level, t) for b, t in zip(boxes[1:], chosen, strict=True)])
         chosen = select_child_tiles(scores, centres, level, finer, descend_ratio, tiles_per_level)
         passes += 1
@@ -211,68 +220,8 @@ def answer_large_image(
     records.append(LevelRecord(finest.index, finest.grid, tuple(chosen)))
     tiles = [render_tile(image, finest, r, c, fill) for r, c in chosen]
     answer, n_visual, kept = run.answer([thumbnail, *tiles], method, keep, layer, max_new_tokens, generate_kwargs)
-    per_tile = n_visual // (1 + len(chosen))  # every tile (and the thumbnail) is a tile x tile canvas
+    everything = n_visual // (1 + len(chosen)) * (1 + finest.n_tiles)  # every tile is a tile x tile canvas
     return LargeImageAnswer(
-        run.decode(answer), answer, tile, tuple(records), n_visual, kept, per_tile * (1 + finest.n_tiles), passes,
-        time.perf_counter() - started, peak_rss_mb(),
+        run.decode(answer), answer, tile, tuple(records), n_visual, kept, everything, passes, run.flops / 1e12,
+        run.everything_flops(everything) / 1e12, time.perf_counter() - started, peak_rss_mb(),
     )
-
-
-class _Prompts:
-    """Builds the one-row prompts of the front-end with the model's own processor and runs the final answer."""
-
-    def __init__(self, model: Any, processor: Any, question: str, template: str) -> None:
-        self.model, self.processor, self.question, self.template = model, processor, question, template
-        self.prompt_length = 0
-
-    def inputs(self, images: list[Image.Image]) -> Any:
-        text = self.template.format(images=families.placeholder(self.model) * len(images), question=self.question)
-        inputs = self.processor(text=text, images=images, return_tensors="pt")
-        device = self.model.device
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-
-    def answer(
-        self, images: list[Image.Image], method: Any, keep: float | int, layer: int, max_new_tokens: int,
-        generate_kwargs: dict[str, Any],
-    ) -> tuple[torch.Tensor, int, int]:
-        """``(generated ids, visual tokens of the prompt, visual tokens kept)``."""
-        inputs = self.inputs(images)
-        self.prompt_length = int(inputs["input_ids"].shape[1])
-        n_visual = int((inputs["input_ids"] == families.image_token_id(self.model)).sum())
-        options = {"do_sample": False, "max_new_tokens": max_new_tokens, **generate_kwargs}
-        if method is None:
-            with torch.no_grad():
-                return self.model.generate(**inputs, **options), n_visual, n_visual
-        if method == "fastv":
-            from tokenprune.methods.fastv import FastV
-
-            method = FastV(k=layer + 1)
-        with pruning(self.model, method, keep=keep) as handle, torch.no_grad():
-            out = self.model.generate(**inputs, **options)
-        kept = handle.last.n_kept if handle.last is not None else n_visual
-        return out, n_visual, kept
-
-    def decode(self, ids: torch.Tensor) -> str:
-        """The generated text (the tokens after the prompt)."""
-        return self.processor.tokenizer.decode(ids[0, self.prompt_length:], skip_special_tokens=True)
-
-
-def reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS counter of this process (Linux ``clear_refs`` 5); silently a no-op elsewhere."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB since the last reset (``VmHWM``), else since it started."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
