@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 from conftest import hook_and_attribute_census
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 from tokenprune import pruning
@@ -305,3 +307,47 @@ def test_the_docs_page_lists_every_deviation():
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "large-images.md").read_text()
     assert [d.what for d in DEVIATIONS if f"| {d.what} | {d.why} |" not in page] == []
+
+
+# --- properties ---------------------------------------------------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 30000), st.integers(1, 30000), st.integers(8, 600), st.integers(1, 4))
+def test_pyramid_properties(height, width, tile, base_tiles):
+    if max(height, width) <= tile:
+        with pytest.raises(ValueError, match="fits one"):
+            build_pyramid(height, width, tile, base_tiles)
+        return
+    levels = build_pyramid(height, width, tile, base_tiles)
+    assert levels[0].grid == (1, 1) and levels[-1].ratio == 1.0
+    assert [lv.ratio for lv in levels] == sorted({lv.ratio for lv in levels})  # coarse to fine, no repeats
+    for lv in levels:
+        (h, w), (rows, cols) = lv.size, lv.grid
+        assert (rows - 1) * tile < h <= rows * tile and (cols - 1) * tile < w <= cols * tile  # padding < one tile
+        assert h == rows * tile or w == cols * tile  # one side fills the grid exactly
+        assert lv.tile_box(rows - 1, cols - 1)[2:] == (w, h)
+    if len(levels) > 2 and base_tiles > 1:  # the base level fits base_tiles tiles on its long side (1: the global)
+        assert max(levels[1].grid) == base_tiles
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 40), st.floats(0.01, 1.0), st.one_of(st.none(), st.integers(1, 9)))
+def test_select_child_tiles_properties(seed, n, ratio, max_tiles):
+    _, base, finer = build_pyramid(900, 1300, 100)[:3]
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(n, 2, generator=g) * torch.tensor([base.grid[1] * 100.0, base.grid[0] * 100.0])
+    scores = torch.rand(n, generator=g).round(decimals=1)  # ties
+    inside = [child_tile(base, finer, x, y) is not None for x, y in centres.tolist()]
+    if not any(inside):
+        return
+    chosen = select_child_tiles(scores, centres, base, finer, ratio, max_tiles)
+    assert chosen == sorted(set(chosen)) and 1 <= len(chosen) <= (max_tiles or finer.n_tiles)
+    assert all(0 <= r < finer.grid[0] and 0 <= c < finer.grid[1] for r, c in chosen)
+    ranked = sorted((i for i in range(n) if inside[i]), key=lambda i: (-float(scores[i]), i))
+    votes: dict[tuple[int, int], int] = {}
+    for i in ranked[: max(1, int(len(ranked) * ratio))]:  # the top share of the tokens inside the image vote
+        place = child_tile(base, finer, *centres[i].tolist())
+        votes[place] = votes.get(place, 0) + 1
+    assert all(votes.get(t, 0) > 0 for t in chosen)
+    assert min(votes[t] for t in chosen) >= max([v for t, v in votes.items() if t not in chosen], default=0)
+    if max_tiles is None:
+        assert set(chosen) == set(votes)

@@ -73,6 +73,11 @@ def build_pyramid(height: int, width: int, tile: int, base_tiles: int = 3) -> li
         raise ValueError(f"tile and base_tiles must be >= 1; got tile={tile}, base_tiles={base_tiles}")
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive; got {height}x{width}")
+    if max(height, width) <= tile:
+        raise ValueError(
+            f"a {width}x{height} image fits one {tile}-px tile: there is no pyramid to search "
+            "(answer_large_image takes the model's plain path for it)"
+        )
     min_scale = min(base_tiles * tile / max(height, width), 1.0)
     ratios, r = [], 1.0
     while r >= min_scale:
