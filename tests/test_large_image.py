@@ -249,6 +249,8 @@ def test_clear_errors(family):
         answer_large_image(model, processor, image, QUESTION, tiles_per_level=0)
     with pytest.raises(ValueError, match="layer must be in"):
         answer_large_image(model, processor, image, QUESTION, layer=7)
+    with pytest.raises(ValueError, match="descend_ratio"):
+        answer_large_image(model, processor, image, QUESTION, descend_ratio=0.0)
     with pytest.raises(ValueError, match="FastV prunes from layer 3"):
         answer_large_image(model, processor, image, QUESTION, layer=2)
 

@@ -165,6 +165,8 @@ def answer_large_image(
         raise ValueError(
             f"tiles_per_level must be >= 1 tile (or None: every tile the relevance points at); got {tiles_per_level}"
         )
+    if not 0 < descend_ratio <= 1:
+        raise ValueError(f"descend_ratio (share of a level's tokens that vote) must be in (0, 1]; got {descend_ratio}")
     if descents is not None and (isinstance(descents, bool) or descents < 0):
         raise ValueError(f"descents must be an int >= 0 (or None: down to the original resolution); got {descents}")
     n_layers = len(model.model.language_model.layers)
