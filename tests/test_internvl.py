@@ -33,6 +33,7 @@ DECLINES = {
     "visiondrop": "no place in the LLM's input.*keep_cls=False",
     "visiondropfull": "no place in the LLM's input",
     "flowcut": "layer loop",
+    "holitom": "frames of a video.*'divprune'", "holitomouter": "frames of a video.*'divprune'",
 }
 # VisionZip and VisionDrop without their [CLS] token (keep_cls=False) run: dominant patches + merged contextual tokens.
 WITHOUT_CLS = {f"{m}-nocls": (m, {"keep_cls": False}) for m in ("visionzip", "visiondrop")}
