@@ -1,6 +1,6 @@
 """HoliTom (video token merging): the worked examples of tokenprune/functional/holitom.py, property tests, and
-16-frame videos on tiny Qwen2.5-VL and LLaVA-OneVision (eager and sdpa): keep=1.0, cache, batch, an oracle,
-positions, disable, and the clear error on images."""
+16-frame videos on tiny Qwen2.5-VL and LLaVA-OneVision (eager and sdpa; Qwen2-VL sdpa): keep=1.0, cache, batch, an
+oracle per family, M-RoPE positions, disable, and the clear errors on images and on families without videos."""
 
 import math
 
@@ -162,8 +162,8 @@ _MODELS: dict = {}
 
 def _model(family, attn):
     if (family, attn) not in _MODELS:
-        if family == "qwen2_5_vl":
-            _MODELS[family, attn] = tiny_qwen("2.5", attn, text_layers=3)
+        if family.startswith("qwen"):
+            _MODELS[family, attn] = tiny_qwen("2.5" if family == "qwen2_5_vl" else "2", attn, text_layers=3)
         else:
             _MODELS[family, attn] = tiny_onevision(attn, text_layers=3)
     return _MODELS[family, attn]
@@ -188,23 +188,24 @@ def ov_clip(seed=0):
 
 
 def inputs_for(family, processor, clips, prompts):
-    if family == "qwen2_5_vl":
+    if family.startswith("qwen"):
         return processor(text=prompts, videos=clips)
     return processor(text=prompts, videos=clips, return_tensors="pt", padding=True)
 
 
 def clip_for(family, seed=0):
-    return qwen_clip(seed) if family == "qwen2_5_vl" else ov_clip(seed)
+    return qwen_clip(seed) if family.startswith("qwen") else ov_clip(seed)
 
 
 def prompts_for(family):
-    return (QWEN_VIDEO, QWEN_OTHER) if family == "qwen2_5_vl" else (OV_VIDEO, OV_OTHER)
+    return (QWEN_VIDEO, QWEN_OTHER) if family.startswith("qwen") else (OV_VIDEO, OV_OTHER)
 
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision"]
 
 
-@pytest.fixture(params=[(f, a) for f in FAMILIES for a in ("eager", "sdpa")], ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(params=[(f, a) for f in FAMILIES for a in ("eager", "sdpa")] + [("qwen2_vl", "sdpa")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def video_model(request):
     family, attn = request.param
     model, processor = _model(family, attn)
@@ -353,7 +354,7 @@ def test_onevision_oracle_official_layout():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_an_image_gets_a_clear_error_and_nothing_changes(family):
     model, processor = _model(family, "sdpa")
-    if family == "qwen2_5_vl":
+    if family.startswith("qwen"):
         inputs = processor(text=["USER : <|vision_start|><|image_pad|><|vision_end|>what ? ASSISTANT :"],
                            images=[random_image(56, 84, seed=1)])
     else:
