@@ -395,3 +395,10 @@ def test_options_and_the_flops_schedule():
     inner = HoliTomMerge()
     assert inner.counts(941, 0.5, 28) == [470] and inner.counts(941, 1.0, 28) == [941]  # round(470.5) = 470
     assert inner.layer_tokens(100, 6272, 941, 28) == [1041] * 18 + [570] * 10
+    assert HoliTom().layer_tokens(100, 6272, 941, 28) == inner.layer_tokens(100, 6272, 941, 28)
+    from tokenprune.budget.flops import PRESETS, prefill_flops
+    from tokenprune.budget.flops_targets import prefill_cost
+
+    shape = PRESETS["llava-onevision-7b"]  # the paper's headline: 32 frames x 196 tokens, keep=0.10
+    ratio = prefill_cost(shape, HoliTom(), 0, 6272, 627) / prefill_flops(shape, 6272)
+    assert 0.06 < ratio < 0.08  # the paper: 6.9 % of the FLOPs (627 tokens in layers 0-17, 314 after)

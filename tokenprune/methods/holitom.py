@@ -196,3 +196,8 @@ class HoliTom(TwoStageMethod):
 
     def requests(self, cls_token: bool = True) -> tuple:
         return self.stages()[0].requests(cls_token)
+
+    def layer_tokens(self, text: int, visual: int, kept: int, num_layers: int) -> list[int]:
+        """The FLOPs schedule (:mod:`tokenprune.budget.flops_targets`): ``kept`` = the outer stage's tokens (merged
+        ones included), then the inner merge from ``layer`` on."""
+        return self.stages()[1].layer_tokens(text, visual, kept, num_layers)
