@@ -267,14 +267,13 @@ def _lm_positions(model):
     return seen, hook
 
 
-def test_qwen_oracle_and_monotone_time_axis():
-    """Oracle: the LLM fed HoliTom's outer-stage tokens (the functional's answer on the ViT's features and the
-    attention it receives) at the slots of their first members, with those slots' ORIGINAL M-RoPE positions."""
+def qwen_outer_oracle(model, inputs):
+    """``(embeds [1, L', D], position_ids [4, 1, L'], video mask [L'])``: the prompt with HoliTom's outer-stage
+    tokens (the functional's answer on the ViT's features and the attention they receive) at the slots of their
+    first members, each slot at its ORIGINAL M-RoPE position; plus the functional's answer."""
     from tokenprune.methods import ATTENTION_RECEIVED, SignalRequest
     from tokenprune.patches.qwen_signals import QwenProbe
 
-    model, processor = _model("qwen2_5_vl", "sdpa")
-    inputs = inputs_for("qwen2_5_vl", processor, [qwen_clip()], [QWEN_VIDEO])
     grid = inputs["video_grid_thw"]
     with torch.no_grad():
         with QwenProbe(model.model.visual, [SignalRequest(ATTENTION_RECEIVED)], grid) as probe:
@@ -282,16 +281,8 @@ def test_qwen_oracle_and_monotone_time_axis():
         received = probe.per_item()[0][ATTENTION_RECEIVED]
         positions, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
                                                   video_grid_thw=grid)
-        handle = enable_pruning(model, "holitomouter", keep=0.25)
-        seen, hook = _lm_positions(model)
-        try:
-            logits = model(**inputs).logits
-        finally:
-            hook.remove()
-            disable_pruning(model)
     t, h, w = int(grid[0, 0]), int(grid[0, 1]) // 2, int(grid[0, 2]) // 2
     out = holitom_outer(feats.reshape(t, h * w, -1), received.reshape(t, h * w), kept_ratio(t * h * w))
-    assert handle.last.images[0].n_merged == out.merged.shape[0] > 0  # the clip has static windows
     firsts = [int((out.assign == j).nonzero().min()) for j in range(out.merged.shape[0])]
     slots = torch.tensor(out.kept.tolist() + firsts)
     order = slots.argsort()
@@ -301,14 +292,68 @@ def test_qwen_oracle_and_monotone_time_axis():
     video_pos = (ids == model.config.video_token_id).nonzero().squeeze(1)
     keep = ids != model.config.video_token_id
     keep[video_pos[slots]] = True
+    video = ids[keep] == model.config.video_token_id
     with torch.no_grad():
         embeds = model.get_input_embeddings()(ids[keep][None])
-        embeds[0, ids[keep] == model.config.video_token_id] = tokens
-        text_row = torch.arange(int(keep.sum()))[None, None]
-        expected = model(inputs_embeds=embeds, position_ids=torch.cat([text_row, positions[:, :, keep]])).logits
+    embeds[0, video] = tokens
+    text_row = torch.arange(int(keep.sum()))[None, None]
+    return embeds, torch.cat([text_row, positions[:, :, keep]]), video, out
+
+
+def test_qwen_oracle_and_monotone_time_axis():
+    """Oracle: the LLM fed HoliTom's outer-stage tokens at their first members' slots and ORIGINAL positions."""
+    model, processor = _model("qwen2_5_vl", "sdpa")
+    inputs = inputs_for("qwen2_5_vl", processor, [qwen_clip()], [QWEN_VIDEO])
+    embeds, position_ids, video, out = qwen_outer_oracle(model, inputs)
+    with torch.no_grad():
+        handle = enable_pruning(model, "holitomouter", keep=0.25)
+        seen, hook = _lm_positions(model)
+        try:
+            logits = model(**inputs).logits
+        finally:
+            hook.remove()
+            disable_pruning(model)
+        expected = model(inputs_embeds=embeds, position_ids=position_ids).logits
+    assert handle.last.images[0].n_merged == out.merged.shape[0] > 0  # the clip has static windows
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
-    time_axis = seen[0][1, 0][ids[keep] == model.config.video_token_id]  # the (t) row at the video's tokens
+    time_axis = seen[0][1, 0][video]  # the (t) row at the video's tokens
     assert bool((time_axis[1:] >= time_axis[:-1]).all()) and int(time_axis[-1]) > int(time_axis[0])
+
+
+def test_qwen_inner_merge_oracle():
+    """Oracle of the full method: the unpatched LLM runs the outer-stage prompt up to layer ``LAYER`` (eager, its
+    own attention weights); the functional's inner merge of layer ``LAYER``'s input (scored by layer ``LAYER - 1``'s
+    last-row attention) then goes through layers ``LAYER..`` alone (the model's own forward on those layers, the
+    kept tokens at their positions)."""
+    model, processor = _model("qwen2_5_vl", "eager")
+    inputs = inputs_for("qwen2_5_vl", processor, [qwen_clip()], [QWEN_VIDEO])
+    embeds, position_ids, video, _ = qwen_outer_oracle(model, inputs)
+    lm = model.model.language_model
+    with torch.no_grad():
+        enable_pruning(model, "holitom", keep=0.25, layer=LAYER)
+        try:
+            logits = model(**inputs).logits
+        finally:
+            disable_pruning(model)
+        full = lm(inputs_embeds=embeds, position_ids=position_ids, output_hidden_states=True, output_attentions=True)
+        hidden = full.hidden_states[LAYER][0]  # input of layer LAYER
+        slots = video.nonzero().squeeze(1)
+        attention = full.attentions[LAYER - 1][0, :, -1].float().mean(dim=0)[slots]
+        kept, weights = holitom_inner(attention, hidden[slots], round(slots.numel() * 0.5))
+        merged = hidden.clone()
+        merged[slots[kept]] = (weights @ hidden[slots].float()).to(hidden.dtype)
+        keep = torch.ones(hidden.shape[0], dtype=torch.bool)
+        keep[slots] = False
+        keep[slots[kept]] = True
+        layers = lm.layers
+        lm.layers = layers[LAYER:]
+        try:
+            tail = lm(inputs_embeds=merged[keep][None], position_ids=position_ids[:, :, keep]).last_hidden_state
+        finally:
+            lm.layers = layers
+        expected = model.lm_head(tail)
+    assert int(keep.sum()) < hidden.shape[0]  # tokens were merged away
+    torch.testing.assert_close(logits[0, -1], expected[0, -1], rtol=1e-4, atol=1e-4)
 
 
 def kept_ratio(n: int) -> float:
