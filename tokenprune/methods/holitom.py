@@ -159,7 +159,9 @@ class HoliTom(TwoStageMethod):
     Videos only (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision); an image gets a clear error.
 
     Budget: ``keep`` is the outer retain ratio (the paper's 10/15/20/25%); the inner stage then merges
-    ``merge_ratio`` of what entered the LLM at ``layer`` (official 18, 0.5). ``keep=1.0`` prunes nothing.
+    ``merge_ratio`` of what entered the LLM at ``layer`` (official 18, 0.5). ``keep=1.0`` prunes nothing. An int
+    ``keep`` is the outer stage's token count per video; the inner merge runs for every ``keep`` but ``1.0``
+    (``merge_ratio=0`` switches it off).
     """
 
     name = "holitom"
