@@ -141,7 +141,8 @@ class VisionStageAdapter:
             raise ValueError(
                 f"method {self.method.name!r} merges tokens across the frames of a video; the "
                 f"{self.model.config.model_type!r} adapter does not hand it whole videos (video merging runs on "
-                f"Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision). For images use an image method, e.g. 'divprune'"
+                f"Qwen2-VL, Qwen2.5-VL, Qwen3-VL / Qwen3.5 and LLaVA-OneVision). For images use an image method, "
+                f"e.g. 'divprune'"
             )
         if self.method.stage == "vision-encoder" and not self.encoder_loop:
             raise ValueError(

@@ -48,7 +48,6 @@ _MERGE_TOLERANCE = 1e-4  # relative residual of a merged token rebuilt from its 
 
 class Qwen3VLAdapter(QwenVLAdapter):
     model_types = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
-    video_units = False  # frames come with timestamp text between them: whole-video merging is not wired here
 
     @classmethod
     def mixture_of_experts(cls, model_type: str) -> bool:

@@ -420,6 +420,43 @@ def test_an_image_gets_a_clear_error_and_nothing_changes(family):
         assert torch.equal(model(**inputs).logits, ref)
 
 
+@pytest.mark.parametrize(("family", "attn", "depth", "layer"), [
+    ("qwen3_vl", "eager", 4, LAYER), ("qwen3_vl", "sdpa", 4, LAYER),
+    ("qwen3_5", "sdpa", 8, 4),  # hybrid LLM: scored at the full-attention layer 3
+])
+def test_qwen3_videos_with_timestamps_and_deepstack(family, attn, depth, layer):
+    """Qwen3-VL / Qwen3.5: timestamp text between the frames, DeepStack features for the merged tokens (the same
+    combination of their members' rows); the inner merge runs per frame run (each one image for the decoder loop)."""
+    from tokenprune.tiny_qwen3 import random_video3, tiny_qwen3
+
+    model, processor = tiny_qwen3(family, attn, text_layers=depth)
+    pixels, grid = random_video3(16, 64, 96, seed=3)  # 8 temporal patches of 2 x 3 merged tokens
+    t = int(grid[0, 0])
+    per = pixels.shape[0] // t
+    p = pixels.reshape(t, per, -1)[torch.tensor(RUNS[::2])].clone()
+    p[:, : per // 3] += torch.randn(t, per // 3, p.shape[-1], generator=torch.Generator().manual_seed(1))
+    inputs = processor(text=[QWEN_VIDEO], videos=[(p.reshape(pixels.shape), grid)])
+    with torch.no_grad():
+        ref, ref_ids = model(**inputs).logits, model.generate(**inputs, **GEN)
+        census = hook_and_attribute_census(model)
+        enable_pruning(model, "holitom", keep=1.0, layer=layer)
+        assert torch.equal(model(**inputs).logits, ref) and torch.equal(model.generate(**inputs, **GEN), ref_ids)
+        disable_pruning(model)
+        outer = enable_pruning(model, "holitomouter", keep=0.25)
+        model(**inputs)
+        assert outer.last.images[0].n_merged > 0
+        disable_pruning(model)
+        handle = enable_pruning(model, "holitom", keep=0.25, layer=layer)
+        cached = model.generate(**inputs, **GEN)
+        assert torch.equal(cached, model.generate(**inputs, **GEN, use_cache=False))
+        disable_pruning(model)
+    runs = handle.last.images  # one per frame run
+    visual = handle.last.visual_per_layer
+    assert visual[0] == sum(im.n for im in runs) and visual[layer] == sum(max(1, round(im.n * 0.5)) for im in runs)
+    assert torch.equal(cached[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    assert hook_and_attribute_census(model) == census
+
+
 def test_families_without_whole_videos_decline_at_enable_time():
     from tokenprune.tiny_models import tiny_llava
 

@@ -46,6 +46,12 @@ _DEVIATIONS = (
         "appends it after the merged tokens.",
     ),
     Deviation(
+        "Qwen3-VL / Qwen3.5: the inner merge runs per frame (each frame's tokens sit between timestamp text, and "
+        "the decoder stage treats each run of visual tokens as one image); DeepStack features of a merged token "
+        "are the same combination of its members' rows.",
+        "The official code covers LLaVA-OneVision / LLaVA-Video only (one visual span per video).",
+    ),
+    Deviation(
         "If the budget leaves no token at all, the most attended token of the first frame is kept.",
         "The official code would hand the LLM an empty video.",
     ),
@@ -156,7 +162,7 @@ class HoliTomMerge(DecoderMethod):
 @dataclass
 class HoliTom(TwoStageMethod):
     """HoliTom (Shao et al., NeurIPS 2025): :class:`HoliTomOuter` before the LLM, :class:`HoliTomMerge` inside it.
-    Videos only (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision); an image gets a clear error.
+    Videos only (Qwen2-VL, Qwen2.5-VL, Qwen3-VL / Qwen3.5, LLaVA-OneVision); an image gets a clear error.
 
     Budget: ``keep`` is the outer retain ratio (the paper's 10/15/20/25%); the inner stage then merges
     ``merge_ratio`` of what entered the LLM at ``layer`` (official 18, 0.5). ``keep=1.0`` prunes nothing. An int
