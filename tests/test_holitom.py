@@ -366,7 +366,7 @@ def kept_ratio(n: int) -> float:
 def test_onevision_oracle_official_layout():
     """Oracle: the unpatched model given, through ``mm_encoder_outputs``, HoliTom's tokens in the official order
     (per window: static clusters, then each frame's tokens) -- from the features and the attention each token
-    receives in an eager tower run, pooled 2x2 as the features -- the video's newline dropped."""
+    receives in an eager tower run, pooled 2x2 as the features -- then the video's newline token."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     model, processor = _model("llava_onevision", "sdpa")
@@ -386,6 +386,7 @@ def test_onevision_oracle_official_layout():
     out = holitom_outer(video[:-1].reshape(16, n, -1), pooled, kept_ratio(16 * n))
     assert out.merged.shape[0] > 0 and len(out.segments) < 16  # static windows were merged
     tokens = torch.cat([video[:-1][out.kept], out.merged.to(video.dtype)])[out.order]
+    tokens = torch.cat([tokens, video[-1:]])  # the newline, last
     ids = inputs["input_ids"][0]
     slots = (ids == model.config.video_token_id).nonzero().squeeze(1)
     keep = torch.ones_like(ids, dtype=torch.bool)

@@ -41,11 +41,6 @@ _DEVIATIONS = (
         "(t, h, w) and the first member keeps the temporal axis monotone.",
     ),
     Deviation(
-        "LLaVA-OneVision: the newline token after the video is dropped once the video is merged.",
-        "Every non-DivPrune method here drops newline tokens of a pruned image; the official 'one_token' layout "
-        "appends it after the merged tokens.",
-    ),
-    Deviation(
         "Qwen3-VL / Qwen3.5: the inner merge runs per frame (each frame's tokens sit between timestamp text, and "
         "the decoder stage treats each run of visual tokens as one image); DeepStack features of a merged token "
         "are the same combination of its members' rows.",
@@ -74,6 +69,7 @@ class HoliTomOuter(PruningMethod):
     needs = frozenset({FEATURES, ATTENTION_RECEIVED})
     needs_without_cls = frozenset({FEATURES, ATTENTION_RECEIVED})
     crop_scope = "image"
+    newline_candidates = True  # LLaVA-OneVision's newline after the video stays, last (official "one_token")
     fixed_budget = False
     video_unit = "video"
     video_only = True
@@ -103,13 +99,23 @@ class HoliTomOuter(PruningMethod):
         if ctx.k >= ctx.n:
             return torch.arange(ctx.n)
         frames, h, w = ctx.video
-        features = ctx.signal(FEATURES).reshape(frames, h * w, -1)
-        attention = ctx.signal(ATTENTION_RECEIVED).reshape(frames, h * w)
+        tokens = frames * h * w
+        newline = ctx.n - tokens  # LLaVA-OneVision: one newline token after the video's frames
+        if newline not in (0, 1):
+            raise RuntimeError(f"{self.name}: a video unit of {frames} x {h} x {w} tokens holds {ctx.n} tokens")
+        features = ctx.signal(FEATURES)[:tokens].reshape(frames, h * w, -1)
+        attention = ctx.signal(ATTENTION_RECEIVED)[:tokens].reshape(frames, h * w)
         out = holitom_outer(features, attention, ctx.k / ctx.n, tau=self.tau, beta=self.beta, d=self.d, knn=self.knn,
                             max_window=self.max_window)
+        kept, order, assign = out.kept, out.order, out.assign
+        if newline:  # kept after everything else, as the official code appends it to the merged video
+            k = kept.numel()
+            kept = torch.cat([kept, torch.tensor([tokens])])
+            order = torch.cat([torch.where(order < k, order, order + 1), torch.tensor([k])])
+            assign = torch.cat([assign, torch.tensor([-1])])
         if out.merged.shape[0] == 0:
-            return out.kept
-        return Selection(out.kept, out.merged, out.assign, order=out.order)
+            return kept
+        return Selection(kept, out.merged, assign, order=order)
 
 
 @dataclass
