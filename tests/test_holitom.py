@@ -14,8 +14,8 @@ from torch.nn import functional as nnf
 from tokenprune import disable_pruning, enable_pruning
 from tokenprune.api import _HANDLE_ATTR
 from tokenprune.functional.holitom import (
+    cluster_centers,
     cluster_merge,
-    dpc_knn,
     frame_similarity,
     holitom_inner,
     holitom_outer,
@@ -46,9 +46,9 @@ def test_segmentation_worked_example():
 
 def test_dpc_knn_worked_example():
     x = torch.tensor([[1.0], [2.0], [4.0], [11.0]])
-    centers, dist = dpc_knn(x, 2, knn=2)
+    centers = cluster_centers(x, 2, knn=2)
     assert centers.tolist() == [0, 1]
-    merged, assign = cluster_merge(x, centers, dist, beta=0.6)
+    merged, assign = cluster_merge(x, centers, beta=0.6)
     assert assign.tolist() == [0, 1, 1, 1]
     torch.testing.assert_close(merged, torch.tensor([[1.0], [0.6 * 2 + 0.4 * 7.5]]))
 

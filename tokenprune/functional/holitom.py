@@ -11,7 +11,7 @@ Outer-LLM (before the LLM, on the projected, pooled frame tokens ``[F, N, D]``):
 3. **Spatial merging** with the retain ratio raised by what step 1 saved, ``r' = min(r / ((T - saved) / T), 1)``
    (``T = F N``): each frame's dynamic tokens keep their ``ceil(L r')`` most attended (attention received in the
    last vision layer; with a contextual share ``d > 0`` part of them are DPC-kNN cluster centres instead), and a
-   window's static tokens are clustered by DPC-kNN into ``round(S r')`` tokens (:func:`dpc_knn`,
+   window's static tokens are clustered by DPC-kNN into ``round(S r')`` tokens (:func:`cluster_centers`,
    :func:`cluster_merge`: a centre absorbs its nearest non-centres as ``beta * centre + (1 - beta) * mean(members)``).
    The sequence per window is ``[static clusters, frame s tokens, ..., frame e tokens]`` (official "one_token"
    layout).
@@ -46,6 +46,7 @@ import torch
 from torch.nn import functional as nnf
 
 from tokenprune.functional._ranking import top_k_indices
+from tokenprune.functional.sparsevlm import dpc_knn
 
 
 def frame_similarity(features: torch.Tensor) -> torch.Tensor:
@@ -83,28 +84,19 @@ def static_windows(similarity: torch.Tensor, tau: float = 0.8, max_window: int =
     return segments[::-1], best[-1]
 
 
-def dpc_knn(x: torch.Tensor, centers: int, knn: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
-    """DPC-kNN cluster centres of ``x`` ``[L, D]`` (sorted ascending) and the distance matrix ``[L, L]`` (fp32,
-    ``cdist / sqrt(D)``). Density ``exp(-mean of the squared distances to the knn nearest, self included)``; a
-    token's separation is its distance to the nearest denser token (the densest: the largest distance); the
-    ``centers`` highest ``density * separation`` are the centres, exact ties to the lowest index (the official
+def cluster_centers(x: torch.Tensor, centers: int, knn: int = 7) -> torch.Tensor:
+    """DPC-kNN cluster centres of ``x`` ``[L, D]``, sorted ascending (official HoliTom sorts them):
+    :func:`tokenprune.functional.sparsevlm.dpc_knn`, the same rule (exact ties to the lowest index; the official
     code breaks density ties with 1e-6 noise)."""
-    length, dim = x.shape
-    dist = torch.cdist(x.float()[None], x.float()[None])[0] / dim**0.5
-    nearest = torch.sort(dist, dim=-1, stable=True).values[:, :knn]
-    density = torch.exp(-(nearest**2).mean(dim=-1))
-    denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
-    separation = torch.where(denser, dist, dist.max()).min(dim=-1).values
-    return top_k_indices(separation * density, centers), dist
+    return torch.sort(dpc_knn(x, centers, knn)[0]).values
 
 
-def cluster_merge(x: torch.Tensor, centers: torch.Tensor, dist: torch.Tensor,
-                  beta: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
+def cluster_merge(x: torch.Tensor, centers: torch.Tensor, beta: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
     """Merged tokens ``[c, D]`` (fp32) and each token's cluster ``[L]``: every non-centre joins its nearest centre
-    (ties: the first centre); a cluster with members is ``beta * centre + (1 - beta) * mean(members)``, one
-    without is its centre (official ``merge_tokens_by_clustering`` with its default BETA weighting)."""
+    (``cdist``; ties: the first centre); a cluster with members is ``beta * centre + (1 - beta) * mean(members)``,
+    one without is its centre (official ``merge_tokens_by_clustering`` with its default BETA weighting)."""
     x = x.float()
-    assign = dist[:, centers].argmin(dim=-1)
+    assign = torch.cdist(x[None], x[centers][None])[0].argmin(dim=-1)
     assign[centers] = torch.arange(centers.numel())
     merged = x[centers].clone()
     is_center = torch.zeros(x.shape[0], dtype=torch.bool)
@@ -172,8 +164,7 @@ def holitom_outer(
             mean = x[s:e + 1, positions].mean(dim=0)  # [S, D] temporal merge
             count = round(positions.numel() * r)
             if count > 0:
-                centers, dist = dpc_knn(mean, count, min(knn, count))
-                tokens, cluster = cluster_merge(mean, centers, dist, beta)
+                tokens, cluster = cluster_merge(mean, cluster_centers(mean, count, min(knn, count)), beta)
                 for c in range(count):
                     spots = positions[cluster == c]
                     members = (torch.arange(s, e + 1)[:, None] * n + spots[None]).flatten()
@@ -188,8 +179,8 @@ def holitom_outer(
                     sequence.append(("k", f * n + j))
             if contextual > 0:
                 rest = dynamic[torch.isin(dynamic, dynamic[top], invert=True)] if dominant > 0 else dynamic
-                centers, dist = dpc_knn(x[f, rest], contextual, min(knn, contextual))
-                tokens, cluster = cluster_merge(x[f, rest], centers, dist, beta)
+                centers = cluster_centers(x[f, rest], contextual, min(knn, contextual))
+                tokens, cluster = cluster_merge(x[f, rest], centers, beta)
                 for c in range(contextual):
                     add_merged(tokens[c], f * n + rest[cluster == c])
     if not kept and not merged:  # degenerate budget: keep the most attended token of the first frame
