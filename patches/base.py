@@ -59,6 +59,8 @@ class VisionStageAdapter:
     # Does the adapter run the vision encoder's layer loop for ``stage = "vision-encoder"`` methods (FlowCut)?
     encoder_loop: ClassVar[bool] = False
     decoder_keep_positions: ClassVar[bool] = False  # True: decoder stages always KEEP positions (M-RoPE)
+    # Can hand a whole video to a method as one selection unit (``SelectionContext.video``; HoliTom)?
+    video_units: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -135,6 +137,13 @@ class VisionStageAdapter:
     def check_method(self) -> None:
         """Raise a ``ValueError`` if this model cannot provide what the method needs."""
         missing = self.method.signals_needed(self.cls_token) - self.signals
+        if self.method.video_only and not self.video_units:
+            raise ValueError(
+                f"method {self.method.name!r} merges tokens across the frames of a video; the "
+                f"{self.model.config.model_type!r} adapter does not hand it whole videos (video merging runs on "
+                f"Qwen2-VL, Qwen2.5-VL, Qwen3-VL / Qwen3.5 and LLaVA-OneVision). For images use an image method, "
+                f"e.g. 'divprune'"
+            )
         if self.method.stage == "vision-encoder" and not self.encoder_loop:
             raise ValueError(
                 f"method {self.method.name!r} prunes inside the vision encoder, layer by layer; the "

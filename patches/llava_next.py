@@ -250,7 +250,10 @@ def selection_units(layout: PackedLayout, method: Any, scope: str | None) -> tup
         candidate &= ~layout.newline
     scope = scope or method.crop_scope
     if scope == "image":
-        return [Unit(candidate.nonzero().squeeze(1), None)], [-1]
+        video = None
+        if getattr(layout, "video", False) and method.video_unit == "video":  # LLaVA-OneVision: frames of side^2
+            video = (layout.n_crops, layout.side, layout.side)
+        return [Unit(candidate.nonzero().squeeze(1), None, video)], [-1]
     units, crops = [], []
     for crop in range(layout.n_crops):
         index = (layout.crop == crop).nonzero().squeeze(1)

@@ -59,6 +59,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     cls_token = False
     signals = frozenset({FEATURES, TEXT_EMBEDDINGS, ATTENTION_MAP}) | _TOWER_SIGNALS
     encoder_loop = False
+    video_units = True
 
     def visual_token_ids(self) -> tuple[int, ...]:
         config = self.model.config

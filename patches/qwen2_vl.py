@@ -40,6 +40,7 @@ class QwenVLAdapter(VisionStageAdapter):
     signals = frozenset({FEATURES, TEXT_EMBEDDINGS}) | QWEN_SIGNALS
     cls_token = False
     decoder_keep_positions = True  # M-RoPE (t, h, w) ids: only KEEP is defined (docs/composition.md)
+    video_units = True
 
     def visual_token_ids(self) -> tuple[int, ...]:
         config = self.model.config
@@ -173,6 +174,8 @@ class QwenVLAdapter(VisionStageAdapter):
     def _units(self, kind: str, thw: torch.Tensor) -> list[Unit]:
         merge = self.model.config.vision_config.spatial_merge_size
         t, h, w = int(thw[0]), int(thw[1]) // merge, int(thw[2]) // merge
+        if kind == "video" and self.video_units and self.method.video_unit == "video" and self.scope in (None, "image"):
+            return [Unit(torch.arange(t * h * w), (h, w) if t == 1 else None, video=(t, h, w))]
         per_frame = kind == "video" and self.scope != "image"
         if not per_frame:
             return [Unit(torch.arange(t * h * w), (h, w) if t == 1 else None)]

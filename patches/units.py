@@ -18,10 +18,12 @@ from tokenprune.methods import FEATURES, PruningMethod, Selection, SelectionCont
 
 @dataclass(frozen=True)
 class Unit:
-    """``index``: ``[n_u]`` long, the unit's tokens within the image's tokens; ``grid``: its ``(h, w)`` raster grid."""
+    """``index``: ``[n_u]`` long, the unit's tokens within the image's tokens; ``grid``: its ``(h, w)`` raster grid;
+    ``video``: ``(frames, h, w)`` when the unit is a whole video (frame-major rasters)."""
 
     index: torch.Tensor
     grid: tuple[int, int] | None = None
+    video: tuple[int, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ def select_image(
     contexts = [
         SelectionContext(
             k=k, n=unit.index.numel(), signals=signals[u], grid=unit.grid, image_index=image_index, row=row,
-            index_in_row=index_in_row, unit_index=u, cls_token=cls_token,
+            index_in_row=index_in_row, unit_index=u, cls_token=cls_token, video=unit.video,
         )
         for u, (unit, k) in enumerate(zip(units, budgets, strict=True))
     ]
@@ -123,7 +125,10 @@ def select_image(
             members = unit_assign >= 0
             assign[index[members]] = unit_assign[members] + n_merged
         n_merged += merged.shape[0]
-        spans.append(torch.cat([merged[: selection.lead], kept_features, merged[selection.lead:]]))
+        if selection.order is not None:  # the method's own layout of [kept, merged] (span placement)
+            spans.append(torch.cat([kept_features, merged])[torch.as_tensor(selection.order).to(merged.device)])
+        else:
+            spans.append(torch.cat([merged[: selection.lead], kept_features, merged[selection.lead:]]))
         if placement == "slots":  # each merged token takes the slot (and so the position) of its first member
             for j in range(merged.shape[0]):
                 group = (unit_assign == j).nonzero().squeeze(1)

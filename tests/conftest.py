@@ -17,15 +17,17 @@ TINY_OPTIONS = {"hiprune": {"object_layer": 0}}
 
 
 def runnable_methods(model_type="llava"):
-    """Registered vision-side methods that can run, on LLaVA-1.5 by default; in-encoder methods (FlowCut) only where
-    the family's adapter runs the encoder's layer loop. Decoder-stage methods: ``decoder_methods()``."""
+    """Registered vision-side methods that can run on images, on LLaVA-1.5 by default; in-encoder methods (FlowCut)
+    only where the family's adapter runs the encoder's layer loop. Decoder-stage methods: ``decoder_methods()``;
+    video-only methods: ``video_methods()``."""
     from tokenprune.methods import METHODS
     from tokenprune.patches import ADAPTERS
 
     loop = ADAPTERS[model_type].encoder_loop
     return sorted(
         name for name, cls in METHODS.items()
-        if not cls.unavailable and (cls.stage == "vision" or (cls.stage == "vision-encoder" and loop))
+        if not cls.unavailable and not cls.video_only
+        and (cls.stage == "vision" or (cls.stage == "vision-encoder" and loop))
     )
 
 
@@ -67,7 +69,15 @@ def two_stage_methods():
     """Registered two-stage methods (one name that prunes before and inside the LLM, e.g. ToDRE)."""
     from tokenprune.methods import METHODS
 
-    return sorted(name for name, cls in METHODS.items() if cls.stage == "two-stage")
+    return sorted(name for name, cls in METHODS.items() if cls.stage == "two-stage" and not cls.video_only)
+
+
+def video_methods():
+    """Registered methods that merge the frames of a video (HoliTom): they decline images (at the call) and
+    families without whole-video units (at enable time); their invariants live in tests/test_holitom.py."""
+    from tokenprune.methods import METHODS
+
+    return sorted(name for name, cls in METHODS.items() if cls.video_only)
 
 
 torch.set_num_threads(2)

@@ -43,7 +43,9 @@ def image_only(name: str) -> bool:
     return cls.stage in ("vision", "vision-encoder") and TEXT_EMBEDDINGS not in cls.needs
 
 
-CASES = [(f, m) for f in FAMILIES for m in sorted(METHODS) if runs_on(f, m)]
+# Video-only methods (HoliTom) decline these image prompts at the call (listed in tests/test_matrix_real_depth.py);
+# their generate patterns on videos are in tests/test_holitom.py.
+CASES = [(f, m) for f in FAMILIES for m in sorted(METHODS) if runs_on(f, m) and not METHODS[m].video_only]
 
 
 @functools.cache

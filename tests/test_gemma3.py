@@ -39,6 +39,7 @@ _DECODER = r"not supported on 'gemma3'.*sliding-window mask.*divprune"
 VISION_DECLINES = {
     "fastervlm": _NO_CLS, "flowcut": _NO_CLS, "fopru": _NO_CLS, "recoverable": _NO_CLS, "vflowopt": _NO_CLS,
     "visionzip": _NO_CLS,
+    "holitom": "frames of a video.*divprune", "holitomouter": "frames of a video.*divprune",
 }
 # Checked on the real-depth model, where every decoder method's default layers exist.
 DECODER_DECLINES = {name: _DECODER for name in decoder_methods() + two_stage_methods() if name not in VISION_DECLINES}

@@ -33,12 +33,17 @@ IMAGE = {"llava": (64, 64), "llava_next": (40, 70), "qwen2_vl": (84, 140), "qwen
 # What each family declines, and the missing signal the error must name. Explicit on purpose: a method that starts
 # or stops declining a family fails here until this table (and docs/testing.md) says so.
 _NO_CLS = {m: "[CLS]" for m in ("fastervlm", "fopru", "recoverable", "visionzip")}
+_VIDEO = {m: "video" for m in ("holitom", "holitomouter")}  # merge the frames of a video: no videos on LLaVA/NeXT
 DECLINES = {
-    "llava": {},
-    "llava_next": {"flowcut": "layer loop"},
+    "llava": {**_VIDEO},
+    "llava_next": {"flowcut": "layer loop", **_VIDEO},
     "qwen2_vl": {**_NO_CLS, "flowcut": "[CLS]", "vflowopt": "attention_map"},
     "qwen2_5_vl": {**_NO_CLS, "flowcut": "[CLS]", "vflowopt": "attention_map"},
 }
+
+
+# Declined at the CALL (the family takes videos, this prompt has an image): what the error must name.
+CALL_DECLINES = {"holitom": "video", "holitomouter": "video"}
 
 
 def _method(case):
@@ -151,6 +156,19 @@ def test_method_at_real_depth(deep, case):
         message = str(err.value)
         assert case in message and family in message and decline in message, message
         assert hook_and_attribute_census(model) == census
+        return
+    if case in CALL_DECLINES:
+        enable_pruning(model, _method(case), keep=0.25)
+        try:
+            with pytest.raises(ValueError) as err, torch.no_grad():
+                model(**inputs)
+            message = str(err.value)
+            assert case in message and CALL_DECLINES[case] in message and "divprune" in message, message
+        finally:
+            disable_pruning(model)
+        assert hook_and_attribute_census(model) == census
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, ref_logits)
         return
     try:
         enable_pruning(model, _method(case), keep=1.0)

@@ -60,6 +60,8 @@ def unsupported_reason(method: PruningMethod, adapter: type, model_type: str | N
     vision, decoder = method.stages() if isinstance(method, TwoStageMethod) else (method, None)
     if vision.stage == "decoder":
         vision, decoder = None, vision
+    if vision is not None and vision.video_only and not adapter.video_units:
+        return "merges the frames of a video; this adapter does not hand it whole videos"
     try:
         method.check_family(adapter.cls_token)
         if decoder is not None:

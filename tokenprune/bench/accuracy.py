@@ -51,6 +51,8 @@ def llava_methods() -> list[tuple[str, str]]:
     loop = ADAPTERS["llava"].encoder_loop
     out = []
     for name, cls in sorted(METHODS.items()):
+        if cls.video_only:  # HoliTom: videos only, no LLaVA-1.5
+            continue
         if cls.stage in ("decoder", "vision", "two-stage") or (cls.stage == "vision-encoder" and loop):
             out.append((name, cls.stage))
     return out

@@ -17,6 +17,7 @@ from tokenprune.functional.dpp import cdpruner, instruction_relevance
 from tokenprune.functional.feather import feather, feather_counts, feather_uniform
 from tokenprune.functional.flow import flowcut_scores, flowcut_step
 from tokenprune.functional.hierarchy import hiprune, hiprune_anchor_count
+from tokenprune.functional.holitom import holitom_inner, holitom_outer, static_windows
 from tokenprune.functional.merging import contextual_merge, visiondrop, visionzip, visionzip_with_assign
 from tokenprune.functional.recovery import lof_outlier_fraction, recoverable
 from tokenprune.functional.sparsevlm import (
@@ -45,4 +46,5 @@ __all__ = [
     "dart", "dart_count", "feather", "feather_counts", "feather_uniform", "todre_drop_all", "todre_text_to_visual",
     "transprune", "transprune_counts", "transprune_scale", "transprune_ttv",
     "core_match", "core_neurons", "corematching", "elbow_value", "token_core_neurons",
+    "holitom_inner", "holitom_outer", "static_windows",
 ]

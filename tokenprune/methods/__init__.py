@@ -34,6 +34,7 @@ from tokenprune.methods.feather import FEATHER
 from tokenprune.methods.flowcut import FlowCut
 from tokenprune.methods.fopru import FoPru
 from tokenprune.methods.hiprune import HiPrune
+from tokenprune.methods.holitom import HoliTom, HoliTomMerge, HoliTomOuter
 from tokenprune.methods.holov import HoloV
 from tokenprune.methods.kcenter import KCenter
 from tokenprune.methods.mmtok import MMTok
@@ -55,6 +56,7 @@ METHODS: dict[str, type[PruningMethod]] = {
         VisionDropFull, VisionDropLLM, VisionZip,
         DART, FEATHER, ToDRE, TransPrune,
         CoreMatching,
+        HoliTom, HoliTomOuter,
     )
 }
 
@@ -112,4 +114,5 @@ __all__ = [
     "PyramidDrop", "RandomPrune", "Recoverable", "RowSignals", "Selection", "SelectionContext", "SignalRequest",
     "StagePlan", "TwoStageMethod", "UniformPrune", "VisionDrop", "VisionZip", "make_method", "split_stages",
     "DART", "FEATHER", "ToDRE", "TransPrune",
+    "HoliTom", "HoliTomMerge", "HoliTomOuter",
 ]

@@ -85,7 +85,9 @@ class Selection:
     officially the first dominant token). ``space`` says where the merged rows live: ``"features"`` (projector
     output, placed as they are) or ``"vision_hidden"`` (pre-projector, like :data:`VISION_HIDDEN`; the adapter runs
     them through the projector, as the official codes merge before projecting). ``assign`` ``[N]`` long: for each
-    original token, the merged token it was folded into, or -1 (for drawing and records).
+    original token, the merged token it was folded into, or -1 (for drawing and records). ``order`` ``[k + m]``
+    (optional): the sequence of ``cat([kept, merged])`` rows in the span where positions are re-indexed (HoliTom's
+    per-window ``[static clusters, frame tokens]`` layout); None: ``lead`` merged, kept, the other merged.
     """
 
     kept: torch.Tensor
@@ -93,6 +95,7 @@ class Selection:
     assign: torch.Tensor | None = None
     lead: int = 0
     space: str = FEATURES
+    order: torch.Tensor | None = None
 
     @property
     def n_merged(self) -> int:
@@ -107,7 +110,8 @@ class SelectionContext:
     ``(h, w)`` patch grid when the tokens form one raster grid; ``index_in_row`` counts the images of one prompt;
     ``unit_index`` the selection unit within the image (the crop of a LLaVA-NeXT image under a per-crop budget, the
     frame of a video under a per-frame budget; 0 when the whole image is one unit); ``cls_token`` is False on vision
-    towers without [CLS] (the signals are then those of ``needs_without_cls``).
+    towers without [CLS] (the signals are then those of ``needs_without_cls``); ``video`` is ``(frames, h, w)`` when
+    the unit is a whole video (frame-major rasters of ``h x w`` tokens; methods with ``video_unit = "video"``).
     """
 
     k: int
@@ -119,6 +123,7 @@ class SelectionContext:
     index_in_row: int = 0
     unit_index: int = 0
     cls_token: bool = True
+    video: tuple[int, int, int] | None = None
 
     def signal(self, name: str, layer: int | None = None) -> torch.Tensor:
         key = SignalRequest(name, layer).key
@@ -162,6 +167,11 @@ class PruningMethod:
     unavailable: ClassVar[str] = ""
     # Deliberate differences from the official code (rendered into docs/deviations.md).
     deviations: ClassVar[tuple[Deviation, ...]] = ()
+    # Videos: "frame" = the family's default units (per frame unless scope="image"); "video" = one unit per whole
+    # video with ``SelectionContext.video`` set (HoliTom's temporal merging). ``video_only``: the method merges
+    # frames and declines families without videos at enable time and images at the call.
+    video_unit: ClassVar[str] = "frame"
+    video_only: ClassVar[bool] = False
 
     @classmethod
     def signals_needed(cls, cls_token: bool = True) -> frozenset[str]:
