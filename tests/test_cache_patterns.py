@@ -13,7 +13,7 @@ import functools
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from tokenprune import disable_pruning, enable_pruning
 from tokenprune.catalog import unsupported_reason
@@ -256,6 +256,47 @@ def test_new_image_in_a_later_turn_on_every_family(family, method):
         check_new_image_turn(family, method, model, processor, inputs, out)
     finally:
         disable_pruning(model)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_new_image_in_one_row_of_two(family, cache):
+    """Turn 2 brings a new image in row 0 only (row 1: text; the processor pads the new turn, so the conversation has
+    padding inside it): == a fresh pruned run of the whole conversation (three images), on a dynamic or a static
+    cache (one long enough for both turns)."""
+    model, processor = _own_model(family)
+    images = [random_image(84, 140, seed=1), random_image(56, 84, seed=2)]
+    inputs = visual_prompts(family, processor, ["USER : {}" + q for q in QUESTIONS], images, first=True)
+    enable_pruning(model, "divprune", keep=KEEP)
+    try:
+        with torch.no_grad():
+            first_cache = DynamicCache() if cache == "dynamic" else StaticCache(config=model.config, max_cache_len=400)
+            out = gen(model, **inputs, past_key_values=first_cache, max_new_tokens=2)
+            g = out.sequences.shape[1] - inputs["input_ids"].shape[1]
+            new = visual_prompts(family, processor, [" USER : {}and this one ? ASSISTANT :", " USER : and else ?"],
+                                 [random_image(70, 98, seed=3)], first=False)
+            call = dict(input_ids=torch.cat([out.sequences, new["input_ids"]], dim=1), attention_mask=torch.cat(
+                [inputs["attention_mask"], torch.ones_like(out.sequences[:, -g:]), new["attention_mask"]], dim=1))
+            if "mm_token_type_ids" in new:
+                call["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"],
+                                                       torch.zeros_like(out.sequences[:, -g:]),
+                                                       new["mm_token_type_ids"]], dim=1)
+            pixels = {k: v for k, v in new.items() if k not in call}
+            reuse = gen(model, **call, **pixels, past_key_values=copy.deepcopy(out.past_key_values), max_new_tokens=2)
+            if family.startswith("qwen"):
+                first = torch.split(inputs["pixel_values"], inputs["image_grid_thw"].prod(-1).tolist())
+                grids = inputs["image_grid_thw"]
+                everything = dict(pixel_values=torch.cat([first[0], new["pixel_values"], first[1]]),
+                                  image_grid_thw=torch.stack([grids[0], new["image_grid_thw"][0], grids[1]]))
+            else:
+                everything = dict(pixel_values=torch.cat([inputs["pixel_values"][:1], new["pixel_values"],
+                                                          inputs["pixel_values"][1:]]))
+            fresh = gen(model, **call, **everything, max_new_tokens=2)
+    finally:
+        disable_pruning(model)
+    assert torch.equal(reuse.sequences, fresh.sequences)
+    torch.testing.assert_close(torch.stack(reuse.logits), torch.stack(fresh.logits), **TOL)
 
 
 # Families whose UNPRUNED model continues a cache with a new image itself (transformers 5.23). Qwen's does not:
