@@ -218,9 +218,10 @@ def check_new_image_turn(family: str, method: str, model, processor, inputs: dic
             fresh = gen(model, **call, **everything, max_new_tokens=2)
             assert torch.equal(reuse.sequences, fresh.sequences)
             torch.testing.assert_close(torch.stack(reuse.logits), torch.stack(fresh.logits), **TOL)
-            given_all = gen(model, **call, **everything, past_key_values=copy.deepcopy(out.past_key_values),
-                            max_new_tokens=2)
-            assert torch.equal(given_all.sequences, fresh.sequences)
+            if method == "divprune":  # which pixels are dropped does not depend on the method: one per family
+                given_all = gen(model, **call, **everything, past_key_values=copy.deepcopy(out.past_key_values),
+                                max_new_tokens=2)
+                assert torch.equal(given_all.sequences, fresh.sequences)
         assert pruned_cache.original_length(reuse.past_key_values) == reuse.sequences.shape[1] - 1
         tail = torch.cat([reuse.sequences[:, -1:], words(processor, " ok ?", rows)], dim=1)
         mask3 = torch.cat([mask, torch.ones_like(reuse.sequences[:, ids.shape[1]:]), torch.ones_like(tail[:, 1:])], 1)
