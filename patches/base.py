@@ -12,7 +12,8 @@ arguments with the image placeholders and features compacted together (``mm_enco
   prompt length is mapped onto the pruned KV cache.
 * a call with a cache a pruned prefill filled (follow-up question, resumed generation, a ``copy.deepcopy`` of a
   prompt cache): mapped onto the cache by its :class:`~tokenprune.patches.pruned_cache.CacheState` -- exactly the
-  new tokens, at their original positions, the image as it was pruned when it entered the cache.
+  new tokens, at their original positions, the image as it was pruned when it entered the cache. A new image in
+  those new tokens is pruned as it enters (``patches/entering_images.py``).
 
 A decoder-stage method (``decoder``) runs inside the language model through a
 :class:`~tokenprune.patches.decoder_loop.DecoderLoop` (hooks installed with the wrappers, removed with them); with a
@@ -30,7 +31,7 @@ import torch
 
 from tokenprune.budget import Keep, flops_targets, kept_count
 from tokenprune.methods import PruningMethod
-from tokenprune.patches import pruned_cache
+from tokenprune.patches import entering_images, pruned_cache
 from tokenprune.patches.decoder_loop import DecoderLoop, LayerRecord
 from tokenprune.record import ImageRecord, PruneRecord
 
@@ -91,6 +92,7 @@ class VisionStageAdapter:
         if method is not None:
             self.check_method()
         self._pending: PruneRecord | None = None  # the vision-stage record of the call in progress
+        self._images_before: list[int] | None = None  # per row: images already in the cache (a new image entering)
         if decoder is not None:
             plan = decoder.check_layers(len(model.model.language_model.layers), model.config.model_type)
             first = min(stage.layer for stage in plan)
@@ -161,6 +163,12 @@ class VisionStageAdapter:
     def prune(self, kwargs: dict[str, Any]) -> PrunedCall | None:
         """Pruned keyword arguments for a prefill call, or ``None`` when there is nothing to prune."""
         raise NotImplementedError
+
+    def images_before(self, batch: int) -> list[int]:
+        """Per row, the index (``SelectionContext.index_in_row``) the call's first image gets: 0 in a fresh prompt;
+        after a pruned cache, the images the cache already holds (an image's index is its index in the
+        conversation, as in a fresh run of all of it)."""
+        return list(self._images_before) if self._images_before is not None else [0] * batch
 
     @staticmethod
     def prefill_ids(kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -261,6 +269,9 @@ class VisionStageAdapter:
         if length and state is not None and state.vision_pruned and kwargs.get("input_ids") is not None:
             return self._continue_generate(inner, state, kwargs, length)
         if length and state is not None and kwargs.get("input_ids") is not None:
+            if self.decoder is not None and entering_images.has_pixels(kwargs) and entering_images.enters_new_images(
+                    kwargs["input_ids"], length, self.visual_token_ids()):
+                raise ValueError(entering_images.decoder_stage_decline(self.decoder.method.name))
             self.continue_positions(state, kwargs["input_ids"].shape[0])  # a decoder-stage cache: its own offset
         with torch.no_grad():  # as generate itself: no autograd graph (bitsandbytes' CPU 4-bit kernel refuses one)
             call = self.prune(kwargs) if self.method is not None else None
@@ -295,12 +306,61 @@ class VisionStageAdapter:
 
     def _continue_generate(self, inner: Any, state: Any, kwargs: dict[str, Any], length: int) -> Any:
         """``generate`` on a cache a vision-pruned prefill filled: the call's ids (original prompt + new tokens)
-        mapped onto the pruned prompt, the output's head restored to the caller's ids."""
-        kwargs = pruned_cache.without_cached_pixels(kwargs, state, self.visual_token_ids())
+        mapped onto the pruned prompt, the output's head restored to the caller's ids. New images in the new tokens
+        are pruned as they enter (:meth:`_enter_generate`)."""
+        entering = entering_images.has_pixels(kwargs) and entering_images.enters_new_images(
+            kwargs["input_ids"], pruned_cache.original_length(kwargs["past_key_values"]), self.visual_token_ids())
+        if not entering:
+            kwargs = pruned_cache.without_cached_pixels(kwargs)
         mapped, original = pruned_cache.continuation(state, kwargs, length)
         self.continue_positions(state, mapped["input_ids"].shape[0])
+        if entering:
+            return self._enter_generate(inner, state, kwargs, mapped, length)
         out = self._run_generate(inner, **mapped)
         return pruned_cache.with_original_prompt(out, kwargs["input_ids"][:, :original], state.prefix_ids.shape[1])
+
+    def _enter_generate(
+        self, inner: Any, state: Any, kwargs: dict[str, Any], mapped: dict[str, Any], length: int
+    ) -> Any:
+        """A new image after a vision-pruned cache: the tokens after the cache pruned as a prompt of their own
+        (their own budget), joined behind the cached pruned prefix; the cache's state then stands for the whole
+        call, so a later turn continues it (``patches/entering_images.py``)."""
+        if self.decoder is not None:
+            raise ValueError(entering_images.decoder_stage_decline(self.decoder.method.name))
+        cache, ids = kwargs["past_key_values"], kwargs["input_ids"]
+        segment = entering_images.segment_kwargs(kwargs, mapped, length)
+        start = ids.shape[1] - segment["input_ids"].shape[1]
+        segment = self.new_image_pixels(segment, ids, start)
+        self._images_before = entering_images.images_per_row(ids[:, :start], self.visual_token_ids())
+        try:
+            with torch.no_grad():
+                call = self.prune_entering(state, segment, entering_images.cached_valid(mapped, length))
+        finally:
+            self._images_before = None
+        joined = entering_images.joined_kwargs(mapped, call.kwargs, length)
+        joined["past_key_values"] = cache
+        self._vision_record(call, segment)
+        try:
+            out = self._run_generate(inner, **joined)
+        finally:
+            self._pending = None
+        entering_images.grown_state(cache, ids, joined, call.rope_deltas)
+        return pruned_cache.with_original_prompt(out, ids, joined["input_ids"].shape[1])
+
+    def prune_entering(self, state: Any, segment: dict[str, Any], cached_valid: torch.Tensor) -> PrunedCall:
+        """Prune the tokens after a pruned cache (``segment``: a prompt of their own, with the new images' pixels)
+        as :meth:`prune` prunes a fresh prompt; ``cached_valid`` ``[B]``: attended tokens already cached per row
+        (where the segment's positions start). Families with explicit positions (Qwen M-RoPE) override it."""
+        call = self.prune(segment)
+        if call is None:
+            raise ValueError("the new tokens after the pruned KV cache hold image placeholders but no image to prune")
+        return call
+
+    def new_image_pixels(self, segment: dict[str, Any], ids: torch.Tensor, start: int) -> dict[str, Any]:
+        """``segment`` with the pixels of the images in ``ids[:, start:]`` only: the caller may pass those, or every
+        image of the conversation (a processor run on all of it); the cached images' pixels are dropped. Default: one
+        ``pixel_values`` (and ``image_sizes``) entry per image, row-major."""
+        return entering_images.per_image_pixels(segment, ids, start, int(self.model.config.image_token_id))
 
     def _on_pruned_cache(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """A forward on a warm cache (a manual decode loop, a forward continuation): only the new tokens, as with
@@ -311,6 +371,9 @@ class VisionStageAdapter:
         ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if state is None or length == 0 or ids is None:
             return kwargs
+        if entering_images.has_pixels(kwargs) and kwargs.get("input_ids") is not None and \
+                entering_images.enters_new_images(kwargs["input_ids"], 0, self.visual_token_ids()):
+            raise ValueError(entering_images.FORWARD_DECLINE)
         batch, q = ids.shape[:2]
         self.continue_positions(state, batch)
         mask = kwargs.get("attention_mask")

@@ -133,7 +133,7 @@ class Gemma3Adapter(VisionStageAdapter):
         flat_positions = placeholder_positions(is_image, features)
         side = self._grid()[2]
         keep = torch.ones_like(input_ids, dtype=torch.bool)
-        kept_features, images, start, seen_in_row = [], [], 0, [0] * batch
+        kept_features, images, start, seen_in_row = [], [], 0, self.images_before(batch)
         placeholders = (config.image_token_id, config.boi_token_id, config.eoi_token_id)
         for i, feats in enumerate(features):
             n = feats.shape[0]

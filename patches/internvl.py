@@ -46,6 +46,7 @@ from tokenprune.methods import (
     VISION_KEYS,
     PruningMethod,
 )
+from tokenprune.patches import entering_images
 from tokenprune.patches.base import PrunedCall, VisionStageAdapter
 from tokenprune.patches.clip_signals import PROBE_SIGNALS, ClipProbe, encoder_layers, resolve_layer
 from tokenprune.patches.llava_next import LlavaNextAdapter, PackedLayout
@@ -181,6 +182,18 @@ class InternVLAdapter(LlavaNextAdapter):
             )
         return images
 
+    def new_image_pixels(self, segment: dict[str, Any], ids: torch.Tensor, start: int) -> dict[str, Any]:
+        """The tiles of the new images only (``pixel_values`` holds tiles, row-major; tiles per image from its
+        placeholders)."""
+        pixels = segment.get("pixel_values")
+        if pixels is None:
+            return segment
+        per_tile = round((self._patch_side() * self.model.config.downsample_ratio) ** 2)
+        token = int(self.model.config.image_token_id)
+        cached, new = ((part == token).sum(-1) // per_tile for part in (ids[:, :start], ids[:, start:]))
+        index = entering_images.new_items(cached.tolist(), new.tolist(), pixels.shape[0], "image tile")
+        return segment if index is None else {**segment, "pixel_values": pixels[index]}
+
     def prune(self, kwargs: dict[str, Any]) -> PrunedCall | None:
         is_image = self._placeholders(kwargs)
         if is_image is None:
@@ -195,7 +208,7 @@ class InternVLAdapter(LlavaNextAdapter):
         budgets = self.kept_counts(sizes, kwargs)
 
         keep = torch.ones_like(input_ids, dtype=torch.bool)
-        kept_features, images, seen_in_row, first = [], [], [0] * input_ids.shape[0], 0
+        kept_features, images, seen_in_row, first = [], [], self.images_before(input_ids.shape[0]), 0
         for i, ((row, start, n_img_tiles), layout, units) in enumerate(zip(found, layouts, all_units, strict=True)):
             feats = tiles[first:first + n_img_tiles].reshape(-1, tiles.shape[-1])  # [T_i * t, D]
             mine = tile_signals[first:first + n_img_tiles] if tile_signals else []

@@ -142,7 +142,7 @@ class LlavaAdapter(VisionStageAdapter):
         length = input_ids.shape[1]
         flat_positions = placeholder_positions(is_image, sizes)
         slots = torch.split(flat_positions, sizes)
-        contexts, seen_in_row = [], [0] * input_ids.shape[0]
+        contexts, seen_in_row = [], self.images_before(input_ids.shape[0])
         for i, (n, positions) in enumerate(zip(sizes, slots, strict=True)):
             row = int(positions[0]) // length
             contexts.append(SelectionContext(k=budgets[i], n=n, signals={}, grid=self._grid(n), image_index=i,

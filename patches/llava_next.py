@@ -96,7 +96,7 @@ class LlavaNextAdapter(LlavaAdapter):
         layouts = [self.layout(tuple(int(v) for v in sizes[i]), n_crops[i]) for i in range(len(features))]
         keep = torch.ones_like(kwargs["input_ids"], dtype=torch.bool)
         kept_features, images = self._select_packed(
-            kwargs, is_image, features, layouts, crop_signals, keep, [0] * keep.shape[0]
+            kwargs, is_image, features, layouts, crop_signals, keep, self.images_before(keep.shape[0])
         )
         return self._compacted(kwargs, keep, kept_features, images)
 

@@ -222,7 +222,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             return None
         self._check_strategy(kwargs)
         keep = torch.ones_like(input_ids, dtype=torch.bool)
-        seen_in_row = [0] * input_ids.shape[0]
+        seen_in_row = self.images_before(input_ids.shape[0])
         outputs, records, image_features = {}, [], []
         for kind in present:
             token_id = self.model.config.image_token_id if kind == "image" else self.model.config.video_token_id

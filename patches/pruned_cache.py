@@ -15,7 +15,8 @@ to know what the cache stands for. :class:`CacheState` holds exactly that and is
 * Decoder stage: the selection (per stage: kept prompt slots, per row), so decode calls on this cache, or on a copy
   of it, rebuild each pruned layer's mask from layer-0 coordinates (``patches/decoder_loop.py``).
 
-An image is pruned once, in the forward in which it enters the cache; later calls see what was kept.
+An image is pruned once, in the forward in which it enters the cache; later calls see what was kept. A new image
+in a later turn is pruned when it enters (``patches/entering_images.py``).
 """
 
 from __future__ import annotations
@@ -194,20 +195,9 @@ def padding_mask_2d(mask: Any, length: int) -> Any:
     return mask
 
 
-def without_cached_pixels(kwargs: dict[str, Any], state: CacheState, visual_ids: tuple[int, ...]) -> dict[str, Any]:
-    """Pixels of images that are already in the cache are dropped (the image was pruned when it entered); a NEW
-    image after a pruned cache is declined with a clear error."""
+def without_cached_pixels(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` without pixel inputs: their images are already in the cache (pruned when they entered)."""
     pixel_keys = ("pixel_values", "pixel_values_videos", "image_sizes", "image_grid_thw", "video_grid_thw")
-    if not any(kwargs.get(k) is not None for k in pixel_keys):
-        return kwargs
-    ids, original = kwargs["input_ids"], state.original_ids.shape[1]
-    if bool(torch.isin(ids[:, original:], torch.tensor(visual_ids, device=ids.device)).any()):
-        raise ValueError(
-            "this call adds a new image or video after a pruned KV cache; tokenprune prunes an image in the forward "
-            "in which it enters the cache, and a new image in a later turn on a pruned cache is not supported yet. "
-            "Run the whole conversation with its images on a fresh cache (past_key_values=None), or "
-            "disable_pruning(model) for this call"
-        )
     return {k: v for k, v in kwargs.items() if k not in pixel_keys}
 
 

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenprune.compaction import compact, padding_side
 from tokenprune.methods import FEATURES, TEXT_EMBEDDINGS
-from tokenprune.patches import pruned_cache
+from tokenprune.patches import entering_images, pruned_cache
 from tokenprune.patches.base import PrunedCall, VisionStageAdapter, placeholder_positions, text_embeddings
 from tokenprune.patches.qwen_signals import QWEN_SIGNALS, QwenProbe
 from tokenprune.patches.units import ImageSelection, Unit, select_image
@@ -86,7 +86,7 @@ class QwenVLAdapter(VisionStageAdapter):
 
         keep = torch.ones_like(input_ids, dtype=torch.bool)
         encoder_outputs, images = {}, []
-        seen_in_row = [0] * batch
+        seen_in_row = self.images_before(batch)
         for kind, token_attr, pixel_key, grid_key, getter, _ in present:
             features, probed, vision_out = self._encode(getter, kwargs[pixel_key], kwargs[grid_key])
             kept_features, chosen = self._select(
@@ -154,6 +154,50 @@ class QwenVLAdapter(VisionStageAdapter):
         deltas = pruned_cache.rows(state.rope_deltas, text.shape[0], "input_ids")
         mrope = (text + deltas.to(text.device))[None].expand(3, -1, -1)
         return torch.cat([text[None], mrope], dim=0)
+
+    def prune_entering(self, state: Any, segment: dict[str, Any], cached_valid: torch.Tensor) -> PrunedCall:
+        """A new image after the pruned cache: the segment's M-RoPE positions as the unpruned model places them in
+        the whole conversation (``get_rope_index`` on the segment, shifted to the cache's next original position:
+        translation-equivariant), pruned as a fresh prompt; text row and ``rope_deltas`` over the whole sequence."""
+        seg = dict(segment)
+        ids = seg["input_ids"]
+        if seg.get("mm_token_type_ids") is None or seg["mm_token_type_ids"].shape != ids.shape:
+            config = self.model.config
+            seg["mm_token_type_ids"] = (ids == config.image_token_id).long() + 2 * (ids == config.video_token_id).long()
+        deltas = torch.zeros_like(cached_valid)[:, None] if state.rope_deltas is None else pruned_cache.rows(
+            state.rope_deltas, ids.shape[0], "input_ids").to(cached_valid.device)
+        offset = (cached_valid[:, None] + deltas).to(ids.device)  # [B, 1] the next token's original position
+        seg["position_ids"] = self._original_positions(seg) + offset[None]
+        call = super().prune_entering(state, seg, cached_valid)
+        positions = call.kwargs["position_ids"]
+        mask = call.kwargs.get("attention_mask")
+        mask = torch.ones_like(call.kwargs["input_ids"]) if mask is None else mask
+        valid = mask.bool()
+        positions[0] = (positions[0] + cached_valid[:, None].to(positions)).masked_fill(~valid, 0)
+        top = positions[1:].masked_fill(~valid[None], -1).amax(dim=(0, 2))
+        call.rope_deltas = (top + 1 - cached_valid.to(top) - valid.long().sum(-1))[:, None]
+        self.model.model.rope_deltas = call.rope_deltas
+        return call
+
+    def new_image_pixels(self, segment: dict[str, Any], ids: torch.Tensor, start: int) -> dict[str, Any]:
+        """Per modality: patch rows of the new images/videos only (rows per item: the product of its grid)."""
+        out = dict(segment)
+        for kind, token_attr, pixel_key, grid_key, *_ in _MODALITIES:
+            grid = out.get(grid_key)
+            if out.get(pixel_key) is None or grid is None:
+                continue
+            token = int(getattr(self.model.config, token_attr))
+            index = entering_images.new_items(
+                entering_images.spans_per_row(ids[:, :start], token),
+                entering_images.spans_per_row(ids[:, start:], token), grid.shape[0], kind)
+            if index is None:
+                continue
+            rows = torch.split(torch.arange(out[pixel_key].shape[0]), grid.prod(-1).tolist())
+            out[pixel_key] = out[pixel_key][torch.cat([rows[i] for i in index])]
+            out[grid_key] = grid[index]
+            if kind == "video" and out.get("second_per_grid_ts") is not None:
+                out["second_per_grid_ts"] = out["second_per_grid_ts"][index]
+        return out
 
     def _encode(
         self, getter: str, pixels: torch.Tensor, grid_thw: torch.Tensor
