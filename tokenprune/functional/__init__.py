@@ -7,6 +7,7 @@ the lowest index. Merging methods also return the merged rows.
 
 from tokenprune.functional.attention import fastervlm, fopru
 from tokenprune.functional.baselines import random, uniform
+from tokenprune.functional.catp import catp_context, catp_context_scores, catp_query, catp_submodular
 from tokenprune.functional.chunks import holov, holov_chunk_count
 from tokenprune.functional.corematching import core_match, core_neurons, corematching, elbow_value, token_core_neurons
 from tokenprune.functional.coverage import mmtok
@@ -45,4 +46,5 @@ __all__ = [
     "dart", "dart_count", "feather", "feather_counts", "feather_uniform", "todre_drop_all", "todre_text_to_visual",
     "transprune", "transprune_counts", "transprune_scale", "transprune_ttv",
     "core_match", "core_neurons", "corematching", "elbow_value", "token_core_neurons",
+    "catp_context", "catp_context_scores", "catp_query", "catp_submodular",
 ]
