@@ -13,7 +13,7 @@ from tokenprune.methods.base import FEATURES, PAIRED_TEXT, Deviation, PruningMet
 from tokenprune.methods.decoder_base import DecoderMethod, RowSignals, StagePlan
 from tokenprune.methods.two_stage import TwoStageMethod
 
-PAPER = "CATP: Contextually Adaptive Token Pruning for Efficient and Enhanced Multimodal In-Context Learning (AAAI 2026)"
+PAPER = "CATP: Contextually Adaptive Token Pruning, for multimodal in-context learning (AAAI 2026)"
 
 
 @dataclass
