@@ -69,8 +69,8 @@ def catp_context_scores(attn_k: torch.Tensor, attn_prev: torch.Tensor, hidden: t
     ``attn_k`` / ``attn_prev`` ``[..., N]``: attention of the query's last token to the tokens at layers K and K-1
     (averaged over every leading dimension, e.g. heads); ``hidden`` ``[N, D]`` their hidden states at layer K;
     ``query_mean`` ``[D]`` the mean hidden state of the query sample at layer K. Returns ``[N]`` fp32."""
-    a_k = attn_k.float().reshape(-1, attn_k.shape[-1]).mean(dim=0)
-    a_prev = attn_prev.float().reshape(-1, attn_prev.shape[-1]).mean(dim=0)
+    a_k = attn_k.float().reshape(-1, attn_k.shape[-1]).mean(dim=0) if attn_k.ndim > 1 else attn_k.float()
+    a_prev = attn_prev.float().reshape(-1, attn_prev.shape[-1]).mean(dim=0) if attn_prev.ndim > 1 else attn_prev.float()
     if a_k.shape != a_prev.shape or a_k.shape[0] != hidden.shape[0]:
         raise ValueError(f"catp: attention of layers K and K-1 and the hidden states must cover the same tokens; got "
                          f"{tuple(attn_k.shape)}, {tuple(attn_prev.shape)} and {tuple(hidden.shape)}")
