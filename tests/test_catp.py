@@ -146,6 +146,15 @@ def test_options_are_checked():
     assert [p.score_layer for p in CATP().stages()[1].plan(40)] == [10, 11]  # the paper's 13B setting
 
 
+def test_schedule_counts_both_stages():
+    """The per-layer visual tokens at the paper's headline setting (4 examples + query, R = 77.8%, 32 layers):
+    stage 1 keeps 61.1% of every image up to layer K = 6, the pool is cut from layer 7, the query from layer 8."""
+    schedule = CATP().schedule([576] * 5, 0.222, 32)
+    assert schedule == [5 * 352] * 7 + [4 * 128 + 352] + [5 * 128] * 24
+    assert CATP().schedule([576], 0.222, 32) == [352] * 8 + [128] * 24  # one image: 0-shot, no pool
+    assert CATP().schedule([576] * 3, 1.0, 32) == [3 * 576] * 32
+
+
 # --- the paired-text rule -----------------------------------------------------------------------------------------
 class _Model(torch.nn.Module):
     """Just what :func:`paired_text_embeddings` reads: a config and the input embeddings (id -> [id])."""
@@ -229,6 +238,8 @@ def test_multi_image_prompt(deep, shots):
     assert visual[K + 1] == shots * k2 + n1 and visual[K + 2:] == ((shots + 1) * k2,) * (len(visual) - K - 2)
     query, context = rec.images[-1], rec.images[:-1]
     assert query.n_kept == k2 and sum(im.n_kept for im in context) == shots * k2
+    if family.startswith("qwen"):  # every token is a stage-1 candidate: the FLOPs schedule is the run's
+        assert list(visual) == CATP().schedule([im.n for im in rec.images], 0.25, len(visual))
     assert hook_and_attribute_census(model) == census
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, ref_logits)

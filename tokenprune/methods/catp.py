@@ -221,3 +221,18 @@ class CATP(TwoStageMethod):
 
     def requests(self, cls_token: bool = True) -> tuple:
         return self.stages()[0].requests(cls_token)
+
+    def schedule(self, images: list[int], keep: float, num_layers: int) -> list[int]:
+        """Visual tokens entering each LLM layer for a prompt row whose images have ``images`` stage-1 candidates
+        each (in prompt order): the counts a run keeps, for the FLOPs / KV calculator
+        (:func:`tokenprune.budget.flops.prefill_flops` of ``text + schedule``). Layers ``0..K``: stage 1's tokens;
+        ``K+1``: the in-context pool cut; ``K+2..``: the query image cut too (one image: 0-shot, no pool)."""
+        vision, decoder = self.stage_keeps(keep)
+        entering = [kept_count(vision, n) for n in images]
+        final = [kept_count(decoder, n) for n in entering]
+        plan = self.stages()[1].plan(num_layers)
+        q = self.query_image % len(images)
+        context = sum(f for i, f in enumerate(final) if i != q) if len(images) > 1 else 0
+        first, second = plan[0].layer, plan[1].layer
+        return ([sum(entering)] * first + [context + entering[q]] * (second - first)
+                + [context + final[q]] * (num_layers - second))
