@@ -338,3 +338,54 @@ def test_clear_errors(deep):
         finally:
             disable_pruning(model)
         assert hook_and_attribute_census(model) == census
+
+
+# --- every other family that takes several images (4 LLM layers, layer=1: pool cut from 2, query from 3) ---------
+def _tiny(family):
+    from tokenprune.tiny_internvl import tiny_internvl
+    from tokenprune.tiny_models import LlavaSize, tiny_llava, tiny_qwen
+    from tokenprune.tiny_onevision import tiny_onevision
+    from tokenprune.tiny_qwen3 import tiny_qwen3
+
+    builders = {
+        "llava": lambda: tiny_llava(LlavaSize(text_layers=4)),
+        "qwen2_vl": lambda: tiny_qwen("2", text_layers=4),
+        "qwen3_vl": lambda: tiny_qwen3("qwen3_vl", text_layers=4),
+        "llava_onevision": lambda: tiny_onevision(text_layers=4),
+        "internvl": lambda: tiny_internvl(text_layers=4),
+    }
+    return builders[family]()
+
+
+TOKEN = {"llava": "<image>", "qwen2_vl": QIMG, "qwen3_vl": QIMG, "llava_onevision": "<image>",
+         "internvl": "<IMG_CONTEXT>"}
+
+
+@pytest.mark.parametrize("family", sorted(TOKEN))
+def test_two_examples_on_every_family(family):
+    model, processor = _tiny(family)
+    img = TOKEN[family]
+    text = f"USER : {img} a dog . {img} a red circle . {img} what is in the image ? ASSISTANT :"
+    inputs = dict(processor(text=[text], images=[random_image(56, 84, seed=i) for i in range(3)], return_tensors="pt"))
+    with torch.no_grad():
+        ref_logits = model(**inputs).logits
+    census = hook_and_attribute_census(model)
+    try:
+        enable_pruning(model, "catp", keep=1.0, layer=1)
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, ref_logits)
+        disable_pruning(model)
+        handle = enable_pruning(model, "catp", keep=0.25, layer=1)
+        with torch.no_grad():
+            cached = model.generate(**inputs, **GEN)
+            rec = handle.last
+            uncached = model.generate(**inputs, **GEN, use_cache=False)
+    finally:
+        disable_pruning(model)
+    assert torch.equal(cached, uncached)
+    visual = rec.visual_per_layer
+    assert len(rec.images) == 3 and visual[0] == visual[1] > visual[2] > visual[3]
+    decoder = CATP().stage_keeps(0.25)[1]
+    entering_query = visual[2] - sum(kept_count(decoder, visual[0] // 3) for _ in range(2))  # equal-size images
+    assert rec.images[-1].n_kept == kept_count(decoder, entering_query)
+    assert hook_and_attribute_census(model) == census
