@@ -106,10 +106,16 @@ def test_degenerate_inputs():
         F.catp_query(torch.rand(3, 2), torch.ones(2), 0)
 
 
-def test_stage1_is_the_greedy_maximiser_of_its_objective():
-    """Every greedy step adds the token of largest marginal gain of F(Y) = facility location + lambda1 alignment."""
-    g = torch.Generator().manual_seed(3)
-    x, text = torch.randn(9, 5, generator=g), torch.randn(4, 5, generator=g)
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 30), d=st.integers(2, 16), k=st.integers(1, 12), seed=st.integers(0, 1000),
+       duplicates=st.booleans())
+def test_stage1_is_the_greedy_maximiser_of_its_objective(n, d, k, seed, duplicates):
+    """Every greedy step adds the token of largest marginal gain of F(Y) = facility location + lambda1 alignment,
+    recomputed from scratch (the selector updates the gains incrementally); duplicated tokens tie."""
+    g = torch.Generator().manual_seed(seed)
+    x, text = torch.randn(n, d, generator=g), torch.randn(4, d, generator=g)
+    if duplicates:
+        x[n // 2:] = x[: n - n // 2].clone()
     unit = x / x.norm(dim=1, keepdim=True)
     sim = (unit @ unit.T + 1) / 2
     v = text.mean(0)
@@ -119,10 +125,11 @@ def test_stage1_is_the_greedy_maximiser_of_its_objective():
         return (sim[chosen].max(0).values.sum() + 0.7 * align[chosen].sum()) if chosen else torch.tensor(0.0)
 
     chosen = []
-    for _ in range(4):
-        gains = [float(objective(chosen + [i]) - objective(chosen)) if i not in chosen else -1e9 for i in range(9)]
-        chosen.append(max(range(9), key=lambda i: (gains[i], -i)))
-    assert F.catp_submodular(x, text, 4).tolist() == sorted(chosen)
+    for _ in range(min(k, n)):
+        gains = [float(objective(chosen + [i]) - objective(chosen)) if i not in chosen else -1e9 for i in range(n)]
+        best = max(gains)
+        chosen.append(next(i for i in range(n) if gains[i] >= best - 1e-5))  # near ties: the lowest index
+    assert F.catp_submodular(x, text, k).tolist() == sorted(chosen)
 
 
 # --- budget and options -------------------------------------------------------------------------------------------

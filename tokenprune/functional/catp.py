@@ -26,6 +26,12 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def _cosine_to(unit_rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``[N]`` cosine of unit rows to ``v``, one row-wise reduction (a matrix-vector product may round its last
+    rows differently, which would split exact ties between duplicate tokens)."""
+    return (unit_rows * _unit(v)).sum(dim=-1)
+
+
 def _mean_direction(text: torch.Tensor, what: str) -> torch.Tensor:
     if text.ndim == 1:
         text = text[None]
@@ -47,18 +53,26 @@ def catp_submodular(features: torch.Tensor, text: torch.Tensor, k: int, *, lambd
     if k >= n:
         return torch.arange(n, device=features.device)
     x = _unit(features)
-    sim = (x @ x.T + 1.0) / 2.0                                   # [N, N] s_hat, fp32
-    align = (x @ _unit(v) + 1.0) / 2.0                            # [N]
+    sim = (x @ x.T + 1.0) / 2.0                                   # [N, N] s_hat in [0, 1], fp32
+    align = ((_cosine_to(x, v) + 1.0) / 2.0).double()             # [N]
+    # marginal facility gain of every token, kept up to date: sum_x max(0, s_hat(i, x) - covered_x); only the
+    # columns a pick covers better change (few after the first picks), so a step costs N x (changed columns)
     covered = torch.zeros(n, dtype=torch.float32, device=x.device)  # max_{y in Y} s_hat(y, x); 0 for Y empty
+    facility = sim.double().sum(dim=1)
     chosen = torch.zeros(n, dtype=torch.bool, device=x.device)
     picks = []
     for _ in range(k):
-        gain = (sim - covered[None]).clamp_min(0).sum(dim=1) + lambda1 * align
-        gain = gain.masked_fill(chosen, float("-inf"))
-        best = int(torch.sort(gain, descending=True, stable=True).indices[0])
+        gain = (facility + lambda1 * align).masked_fill(chosen, float("-inf"))
+        best = int(torch.argmax(gain))  # the first maximum: ties go to the lowest index
         picks.append(best)
         chosen[best] = True
-        covered = torch.maximum(covered, sim[best])
+        better = covered < sim[best]
+        if bool(better.any()):
+            rows = sim[better].double()  # [changed, N] = the changed columns (s_hat is symmetric; rows are contiguous)
+            old, new = covered[better].double()[:, None], sim[best, better].double()[:, None]
+            # max(0, s - old) - max(0, s - new) = clamp(s - old, 0, new - old) for new > old
+            facility -= torch.minimum((rows - old).clamp_min(0), new - old).sum(dim=0)
+            covered = torch.where(better, sim[best], covered)
     return torch.sort(torch.tensor(picks, dtype=torch.long, device=features.device)).values
 
 
@@ -74,7 +88,7 @@ def catp_context_scores(attn_k: torch.Tensor, attn_prev: torch.Tensor, hidden: t
     if a_k.shape != a_prev.shape or a_k.shape[0] != hidden.shape[0]:
         raise ValueError(f"catp: attention of layers K and K-1 and the hidden states must cover the same tokens; got "
                          f"{tuple(attn_k.shape)}, {tuple(attn_prev.shape)} and {tuple(hidden.shape)}")
-    cos = _unit(hidden) @ _unit(query_mean.to(hidden.device).reshape(-1))
+    cos = _cosine_to(_unit(hidden), query_mean.to(hidden.device).reshape(-1))
     return (a_k - a_prev.to(a_k.device)).clamp_min(0) + lambda2 * cos.to(a_k.device)
 
 
@@ -97,5 +111,5 @@ def catp_query(hidden: torch.Tensor, context_mean: torch.Tensor, k: int) -> torc
     if n == 0:
         return torch.zeros(0, dtype=torch.long, device=hidden.device)
     check_k(k, n)
-    scores = _unit(hidden) @ _unit(context_mean.to(hidden.device).reshape(-1))
+    scores = _cosine_to(_unit(hidden), context_mean.to(hidden.device).reshape(-1))
     return top_k_indices(scores, k).to(hidden.device)
