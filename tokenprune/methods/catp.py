@@ -188,6 +188,11 @@ class CATP(TwoStageMethod):
             "require_context=True",
         ),
         Deviation(
+            "LLaVA-NeXT: stage 1 runs on one pool per image (base tile and crops together); its `image_newline` "
+            "tokens are not candidates and are dropped when the image is pruned.",
+            "The paper does not say how AnyRes crops and newline tokens enter the per-image selection.",
+        ),
+        Deviation(
             "On a hybrid LLM (Qwen3.5) the layers are moved to full-attention layers, and the attention of layer K-1 "
             "is read at the closest full-attention layer below the scoring layer.",
             "Attention rows exist only at full-attention layers there.",
