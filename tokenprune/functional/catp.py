@@ -18,12 +18,12 @@ from __future__ import annotations
 import torch
 
 from tokenprune.functional._ranking import check_k, top_k_indices
+from tokenprune.functional.diversity import unit_rows
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit norm in fp32 (a zero row stays zero: cosine 0 to everything)."""
-    x = x.float()
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return unit_rows(x, 1e-12)
 
 
 def _cosine_to(unit_rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
