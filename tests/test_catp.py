@@ -2,6 +2,7 @@
 prompts (1, 2 and 4 examples before the query) on LLaVA-NeXT and Qwen2.5-VL as deep as the 7B checkpoints, so that
 stage 2 runs at the paper's K = 6 (in-context pool removed from layer 7, query image from layer 8)."""
 
+import copy
 import math
 
 import pytest
@@ -396,3 +397,32 @@ def test_two_examples_on_every_family(family):
     entering_query = visual[2] - sum(kept_count(decoder, visual[0] // 3) for _ in range(2))  # equal-size images
     assert rec.images[-1].n_kept == kept_count(decoder, entering_query)
     assert hook_and_attribute_census(model) == census
+
+
+def test_follow_up_turn_on_a_multi_image_cache(deep):
+    """A second question on the cache a 2-example prompt left: fed as one chunk == fed token by token, and
+    ``generate`` on the whole conversation returns the caller's ids (the images stay as they were pruned)."""
+    family, _, model, processor = deep
+    inputs = _inputs(processor, family, [(2, "what is in the image ?")])
+    enable_pruning(model, "catp", keep=0.25)
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False,
+                                 return_dict_in_generate=True)
+            question = processor.tokenizer(" and the dog ? ASSISTANT :", return_tensors="pt",
+                                           add_special_tokens=False).input_ids
+            tail = torch.cat([out.sequences[:, -1:], question], dim=1)
+            mask = torch.ones(1, out.sequences.shape[1] + question.shape[1], dtype=torch.long)
+            chunk = model(input_ids=tail, attention_mask=mask, past_key_values=copy.deepcopy(out.past_key_values))
+            cache, steps = copy.deepcopy(out.past_key_values), []
+            for i in range(tail.shape[1]):
+                width = mask.shape[1] - tail.shape[1] + i + 1
+                steps.append(model(input_ids=tail[:, i:i + 1], attention_mask=mask[:, :width],
+                                   past_key_values=cache).logits[:, -1])
+            conversation = torch.cat([out.sequences, question], dim=1)
+            follow = model.generate(input_ids=conversation, attention_mask=mask, past_key_values=out.past_key_values,
+                                    max_new_tokens=2, do_sample=False)
+    finally:
+        disable_pruning(model)
+    torch.testing.assert_close(chunk.logits, torch.stack(steps, dim=1), rtol=0, atol=1e-4)
+    assert torch.equal(follow[:, : conversation.shape[1]], conversation)
