@@ -161,6 +161,9 @@ def test_schedule_counts_both_stages():
     assert schedule == [5 * 352] * 7 + [4 * 128 + 352] + [5 * 128] * 24
     assert CATP().schedule([576], 0.222, 32) == [352] * 8 + [128] * 24  # one image: 0-shot, no pool
     assert CATP().schedule([576] * 3, 1.0, 32) == [3 * 576] * 32
+    assert CATP(query_image=0).schedule([100, 576], 0.222, 32)[8] == kept_count(0.222 / 0.611, 61) + 128
+    with pytest.raises(ValueError, match="query_image=2"):
+        CATP(query_image=2).schedule([576, 576], 0.222, 32)
 
 
 # --- the paired-text rule -----------------------------------------------------------------------------------------

@@ -236,6 +236,8 @@ class CATP(TwoStageMethod):
         entering = [kept_count(vision, n) for n in images]
         final = [kept_count(decoder, n) for n in entering]
         plan = self.stages()[1].plan(num_layers)
+        if not -len(images) <= self.query_image < len(images):
+            raise ValueError(f"catp: query_image={self.query_image} but the schedule has {len(images)} image(s)")
         q = self.query_image % len(images)
         context = sum(f for i, f in enumerate(final) if i != q) if len(images) > 1 else 0
         first, second = plan[0].layer, plan[1].layer
