@@ -119,6 +119,7 @@ class DecoderLoop:
         self._call: _Call | None = None
         self._hooks: list[Any] = []
         self._ffn = SparseFFN(self) if method.sparse_ffn() else None  # neuron sparsity (patches/sparse_ffn.py)
+        self.attention_layers = self._attention_layers()
 
     # --- installation -------------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -287,7 +288,7 @@ class DecoderLoop:
     def _select_at(self, i: int, h: torch.Tensor, kwargs: dict, call: _Call) -> torch.Tensor:
         if i == 0:
             call.embeds = h
-        if any(p.score_layer == i for p in self.plan):
+        if any(p.score_layer == i for p in self.plan) or i in self.attention_layers.values():
             cos, sin = kwargs["position_embeddings"]
             call.inputs[i] = (h, cos, sin)
         s = next((j for j, p in enumerate(self.plan) if p.layer == i), None)
@@ -345,6 +346,23 @@ class DecoderLoop:
         return out
 
     # --- bookkeeping --------------------------------------------------------------------------------------------
+    def _attention_layers(self) -> dict[int, int]:
+        """The method's extra attention layers (``DecoderMethod.attention_layers``) -> the layer whose rows are read:
+        itself, or on a hybrid LLM (Qwen3.5) the closest full-attention layer at or below it; all before the first
+        pruned layer, so their rows share the first stage's slot layout."""
+        first = min(p.layer for p in self.plan)
+        out = {}
+        for i in self.method.attention_layers(self.plan):
+            full = [j for j in range(min(i, first - 1), -1, -1) if j not in self.linear]
+            if not 0 <= i < first or not full:
+                raise ValueError(
+                    f"{self.method.name}: needs the attention rows of layer {i}, before its first pruned layer "
+                    f"{first}; this {self.model.config.model_type!r} model has no full-attention layer there. Set "
+                    f"{self.method.layer_option}= to a later layer"
+                )
+            out[i] = full[0]
+        return out
+
     def _has_visual(self, ids: torch.Tensor) -> bool:
         return bool(torch.isin(ids, torch.tensor(self.visual_ids, device=ids.device)).any())
 

@@ -64,8 +64,8 @@ class Row:
                  visual: torch.Tensor, call: Any = None, *, norm: torch.nn.Module | None = None,
                  token_index: torch.Tensor | None = None, image_local: torch.Tensor | None = None,
                  coords: torch.Tensor | None = None, accumulated: torch.Tensor | None = None,
-                 rotary: torch.nn.Module | None = None):
-        self._layer, self._b = layer, b
+                 rotary: torch.nn.Module | None = None, layers: Any = None, read_at: dict | None = None):
+        self._layer, self._b, self._layers, self._read_at = layer, b, layers, read_at or {}
         self._norm, self._rotary = norm, rotary
         self.token_index, self.image_local, self.accumulated = token_index, image_local, accumulated
         self.coords = coords
@@ -96,6 +96,26 @@ class Row:
         if key not in self._rows:
             rows = rows.to(self._h_in.device)
             out = attention_rows(self._layer, self._h_in, rows[None], self._cos, self._sin, self.valid[None])
+            self._rows[key] = out[0]
+        return self._rows[key]
+
+    def attention_at(self, layer: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``[H, R, N]`` as :meth:`attention`, at ``layer`` (one of the method's ``attention_layers``, whose input the
+        loop kept; same slots as the score layer's)."""
+        layer = self._read_at.get(layer, layer)
+        inputs = getattr(self._call, "inputs", {}).get(layer)
+        if inputs is None or self._layers is None or inputs[0].shape[1] != self._h_in.shape[1]:
+            raise RuntimeError(f"the decoder loop kept no input of layer {layer} in this layout; a method lists the "
+                               f"layers it reads in DecoderMethod.attention_layers")
+        rows = torch.tensor([self.last]) if rows is None else rows.reshape(-1)
+        key = ("at", layer, tuple(rows.tolist()))
+        if key not in self._rows:
+            h_in, cos, sin = inputs
+            b = self._b
+            cos = cos[b:b + 1] if cos.shape[0] > 1 else cos
+            sin = sin[b:b + 1] if sin.shape[0] > 1 else sin
+            out = attention_rows(self._layers[layer], h_in[b:b + 1], rows.to(h_in.device)[None], cos, sin,
+                                 self.valid[None])
             self._rows[key] = out[0]
         return self._rows[key]
 
@@ -260,4 +280,6 @@ def _extras(loop: Any, call: Any, b: int) -> dict[str, Any]:
         "coords": None if coords is None else coords[b].gather(0, index[:, None].expand(-1, 2)),
         "accumulated": None if accum is None else accum[b],
         "rotary": loop.lm.rotary_emb if loop.one_d_positions else None,
+        "layers": loop.layers,
+        "read_at": getattr(loop, "attention_layers", None),
     }

@@ -41,6 +41,7 @@ from tokenprune.methods import (
     CLS_ATTENTION_WIDE,
     CLS_HIDDEN,
     FEATURES,
+    PAIRED_TEXT,
     TEXT_EMBEDDINGS,
     VISION_HIDDEN,
     VISION_KEYS,
@@ -88,7 +89,7 @@ def shuffled_signal(name: str, value: torch.Tensor, groups: torch.Tensor) -> tor
 
 class InternVLAdapter(LlavaNextAdapter):
     model_types = ("internvl",)
-    signals = frozenset({FEATURES, TEXT_EMBEDDINGS}) | PROBE_SIGNALS
+    signals = frozenset({FEATURES, TEXT_EMBEDDINGS, PAIRED_TEXT}) | PROBE_SIGNALS
     encoder_loop = False
 
     @classmethod

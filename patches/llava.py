@@ -21,17 +21,18 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenprune.compaction import compact, padding_side, reindex_positions
 from tokenprune.compute_dtype import compute_dtype_device
-from tokenprune.methods import CLS_SIGNALS, FEATURES, TEXT_EMBEDDINGS, Selection, SelectionContext
+from tokenprune.methods import CLS_SIGNALS, FEATURES, PAIRED_TEXT, TEXT_EMBEDDINGS, Selection, SelectionContext
 from tokenprune.patches.base import PrunedCall, VisionStageAdapter, placeholder_positions, text_embeddings
 from tokenprune.patches.clip_encoder_loop import encode_pruned
 from tokenprune.patches.clip_signals import PROBE_SIGNALS, ClipProbe, encoder_layers, resolve_layer
+from tokenprune.patches.paired_text import paired_text_embeddings
 from tokenprune.patches.units import checked_indices
 from tokenprune.record import ImageRecord, PruneRecord, grid_boxes
 
 
 class LlavaAdapter(VisionStageAdapter):
     model_types = ("llava",)
-    signals = frozenset({FEATURES, TEXT_EMBEDDINGS}) | PROBE_SIGNALS
+    signals = frozenset({FEATURES, TEXT_EMBEDDINGS, PAIRED_TEXT}) | PROBE_SIGNALS
     encoder_loop = True  # runs "vision-encoder" methods (FlowCut) in the tower's layer loop
 
     def check_method(self) -> None:
@@ -176,6 +177,11 @@ class LlavaAdapter(VisionStageAdapter):
             signals = {FEATURES: feats.detach(), **signals}
             if TEXT_EMBEDDINGS in self.method.needs:
                 signals[TEXT_EMBEDDINGS] = text_embeddings(
+                    self.model, input_ids, kwargs.get("attention_mask"), ctx.row, int(positions[-1]) % length,
+                    (self.model.config.image_token_id,),
+                )
+            if PAIRED_TEXT in self.method.needs:
+                signals[PAIRED_TEXT] = paired_text_embeddings(
                     self.model, input_ids, kwargs.get("attention_mask"), ctx.row, int(positions[-1]) % length,
                     (self.model.config.image_token_id,),
                 )

@@ -33,11 +33,13 @@ from tokenprune.methods import (
     CLS_ATTENTION,
     CLS_HIDDEN,
     FEATURES,
+    PAIRED_TEXT,
     TEXT_EMBEDDINGS,
     VISION_KEYS,
 )
 from tokenprune.patches.base import PrunedCall, placeholder_positions, text_embeddings
 from tokenprune.patches.llava import LlavaAdapter
+from tokenprune.patches.paired_text import paired_text_embeddings
 from tokenprune.patches.units import ImageSelection, Unit, select_image
 from tokenprune.record import ImageRecord, grid_boxes
 
@@ -173,6 +175,10 @@ class LlavaNextAdapter(LlavaAdapter):
         shared = {}
         if TEXT_EMBEDDINGS in self.method.signals_needed(self.cls_token):
             shared[TEXT_EMBEDDINGS] = text_embeddings(
+                self.model, kwargs["input_ids"], kwargs.get("attention_mask"), row, end, self.visual_token_ids(),
+            )
+        if PAIRED_TEXT in self.method.signals_needed(self.cls_token):
+            shared[PAIRED_TEXT] = paired_text_embeddings(
                 self.model, kwargs["input_ids"], kwargs.get("attention_mask"), row, end, self.visual_token_ids(),
             )
         signals = [

@@ -34,7 +34,7 @@ from torch.nn import functional as nnf
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
-from tokenprune.methods import ATTENTION_MAP, ATTENTION_RECEIVED, FEATURES, TEXT_EMBEDDINGS, VISION_HIDDEN
+from tokenprune.methods import ATTENTION_MAP, ATTENTION_RECEIVED, FEATURES, PAIRED_TEXT, TEXT_EMBEDDINGS, VISION_HIDDEN
 from tokenprune.patches.base import PrunedCall, VisionStageAdapter
 from tokenprune.patches.clip_signals import ClipProbe, encoder_layers, resolve_layer
 from tokenprune.patches.llava_next import LlavaNextAdapter, PackedLayout
@@ -57,7 +57,7 @@ class OnevisionLayout(PackedLayout):
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     model_types = ("llava_onevision",)
     cls_token = False
-    signals = frozenset({FEATURES, TEXT_EMBEDDINGS, ATTENTION_MAP}) | _TOWER_SIGNALS
+    signals = frozenset({FEATURES, TEXT_EMBEDDINGS, PAIRED_TEXT, ATTENTION_MAP}) | _TOWER_SIGNALS
     encoder_loop = False
     video_units = True
 

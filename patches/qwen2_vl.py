@@ -22,9 +22,10 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenprune.compaction import compact, padding_side
-from tokenprune.methods import FEATURES, TEXT_EMBEDDINGS
+from tokenprune.methods import FEATURES, PAIRED_TEXT, TEXT_EMBEDDINGS
 from tokenprune.patches import entering_images, pruned_cache
 from tokenprune.patches.base import PrunedCall, VisionStageAdapter, placeholder_positions, text_embeddings
+from tokenprune.patches.paired_text import paired_text_embeddings
 from tokenprune.patches.qwen_signals import QWEN_SIGNALS, QwenProbe
 from tokenprune.patches.units import ImageSelection, Unit, select_image
 from tokenprune.record import ImageRecord, PruneRecord, grid_boxes
@@ -37,7 +38,7 @@ _MODALITIES = (  # (kind, token id attribute, pixel kwarg, grid kwarg, features 
 
 class QwenVLAdapter(VisionStageAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl")
-    signals = frozenset({FEATURES, TEXT_EMBEDDINGS}) | QWEN_SIGNALS
+    signals = frozenset({FEATURES, TEXT_EMBEDDINGS, PAIRED_TEXT}) | QWEN_SIGNALS
     cls_token = False
     decoder_keep_positions = True  # M-RoPE (t, h, w) ids: only KEEP is defined (docs/composition.md)
     video_units = True
@@ -245,6 +246,12 @@ class QwenVLAdapter(VisionStageAdapter):
             if TEXT_EMBEDDINGS in self.method.signals_needed(cls_token=False):
                 config = self.model.config
                 shared[TEXT_EMBEDDINGS] = text_embeddings(
+                    self.model, kwargs["input_ids"], kwargs.get("attention_mask"), row, int(positions[-1]) % length,
+                    (config.image_token_id, config.video_token_id),
+                )
+            if PAIRED_TEXT in self.method.signals_needed(cls_token=False):
+                config = self.model.config
+                shared[PAIRED_TEXT] = paired_text_embeddings(
                     self.model, kwargs["input_ids"], kwargs.get("attention_mask"), row, int(positions[-1]) % length,
                     (config.image_token_id, config.video_token_id),
                 )

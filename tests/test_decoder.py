@@ -23,6 +23,8 @@ OPTIONS = {"fastv": {"k": 2}, "pdrop": {}, "dart": {"k": 2}, "feather": {"layers
 # VisionDrop's LLM stages: its four equal stages (paper), (1, 2, 3) of 4
 FIRST_PRUNED = {"fastv": 2, "pdrop": 1, "dart": 2, "feather": 1, "todre": 2, "transprune": 1, "sparsevlm": 1,
                 "adaptinfer": 1, "visiondropllm": 1, "visiondropfull": 1, "vflowopt": 1, "corematching": 2}
+OPTIONS["catp"] = {"layer": 1}  # CATP: in-context pool scored at layers 0 and 1, cut from 2; the query from 3
+FIRST_PRUNED["catp"] = 3  # single-image prompts here: 0-shot, no in-context pool; the query image is cut from 3
 METHODS = decoder_methods() + two_stage_methods()  # two-stage methods: a vision stage, then the same decoder loop
 # VFlowOpt needs the ViT attention map among image tokens, which the Qwen adapters do not compute (it raises a clear
 # error there: tests/test_decoder_recycle.py)

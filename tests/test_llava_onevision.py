@@ -324,6 +324,7 @@ DECODER_OPTIONS = {"fastv": {"k": 2}, "dart": {"k": 2}, "feather": {"layers": (1
                    "transprune": {"layers": (1, 2, 3)}, "todre": {"layer": 1, "tau": 1.0},
                    "sparsevlm": {"layers": (0, 1, 2)}, "adaptinfer": {"layers": (0, 1, 2)},
                    "vflowopt": {"layers": (1, 2)}}
+DECODER_OPTIONS["catp"] = {"layer": 1}  # 4 layers: in-context pool scored at 0 and 1, cut from 2; query from 3
 
 
 @pytest.fixture

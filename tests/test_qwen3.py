@@ -249,6 +249,7 @@ MOE_REFUSED = {"corematching"}  # core neurons need a dense FFN: refused on a mi
 DECODER_OPTIONS = {"fastv": {"k": 2}, "dart": {"k": 2}, "feather": {"layers": (1, 2)},
                    "transprune": {"layers": (1, 2, 3)}, "todre": {"layer": 1, "tau": 1.0},
                    "sparsevlm": {"layers": (0, 1, 2)}, "adaptinfer": {"layers": (0, 1, 2)}}
+DECODER_OPTIONS["catp"] = {"layer": 1}  # 4 layers: in-context pool scored at 0 and 1, cut from 2; query from 3
 
 
 # Qwen3.5 with 16 LLM layers (full attention in 3, 7, 11, 15): layers where every stage's scoring layer maps onto a
@@ -256,6 +257,7 @@ DECODER_OPTIONS = {"fastv": {"k": 2}, "dart": {"k": 2}, "feather": {"layers": (1
 HYBRID_OPTIONS = {"fastv": {"k": 2}, "dart": {"k": 2}, "sparsevlm": {"layers": (3, 7, 11)},
                   "adaptinfer": {"layers": (3, 7, 11)}, "feather": {"layers": (4, 8)},
                   "transprune": {"layers": (7, 11, 15)}, "todre": {"layer": 3, "tau": 1.0}}
+HYBRID_OPTIONS["catp"] = {"layer": 7}  # scored at 7 (A_{K-1} at full-attention layer 3), query at 11
 
 
 @pytest.fixture(params=QWEN3_FAMILIES)

@@ -7,6 +7,7 @@ the lowest index. Merging methods also return the merged rows.
 
 from tokenprune.functional.attention import fastervlm, fopru
 from tokenprune.functional.baselines import random, uniform
+from tokenprune.functional.catp import catp_context, catp_context_scores, catp_query, catp_submodular
 from tokenprune.functional.chunks import holov, holov_chunk_count
 from tokenprune.functional.corematching import core_match, core_neurons, corematching, elbow_value, token_core_neurons
 from tokenprune.functional.coverage import mmtok
@@ -47,4 +48,5 @@ __all__ = [
     "transprune", "transprune_counts", "transprune_scale", "transprune_ttv",
     "core_match", "core_neurons", "corematching", "elbow_value", "token_core_neurons",
     "holitom_inner", "holitom_outer", "static_windows",
+    "catp_context", "catp_context_scores", "catp_query", "catp_submodular",
 ]

@@ -13,6 +13,7 @@ from tokenprune.methods.base import (
     CLS_HIDDEN,
     CLS_SIGNALS,
     FEATURES,
+    PAIRED_TEXT,
     SIGNALS,
     TEXT_EMBEDDINGS,
     VISION_HIDDEN,
@@ -23,6 +24,7 @@ from tokenprune.methods.base import (
     SignalRequest,
 )
 from tokenprune.methods.baselines import RandomPrune, UniformPrune
+from tokenprune.methods.catp import CATP
 from tokenprune.methods.cdpruner import CDPruner
 from tokenprune.methods.corematching import CoreMatching
 from tokenprune.methods.dart import DART
@@ -57,6 +59,7 @@ METHODS: dict[str, type[PruningMethod]] = {
         DART, FEATHER, ToDRE, TransPrune,
         CoreMatching,
         HoliTom, HoliTomOuter,
+        CATP,
     )
 }
 
@@ -109,10 +112,11 @@ def make_method(method: str | PruningMethod, **options: Any) -> PruningMethod:
 __all__ = [
     "AdaptInfer", "Recycled", "SparseVLM", "VFlowOpt", "VisionDropFull", "VisionDropLLM",
     "ATTENTION_MAP", "ATTENTION_RECEIVED", "CLS_ATTENTION", "CLS_ATTENTION_WIDE", "CLS_HIDDEN", "CLS_SIGNALS",
-    "FEATURES", "METHODS", "SIGNALS", "TEXT_EMBEDDINGS", "VISION_HIDDEN", "VISION_KEYS", "CDPruner", "DecoderMethod",
+    "FEATURES", "METHODS", "PAIRED_TEXT", "SIGNALS", "TEXT_EMBEDDINGS", "VISION_HIDDEN", "VISION_KEYS", "CDPruner",
+    "DecoderMethod",
     "DivPrune", "FastV", "FasterVLM", "FlowCut", "FoPru", "HiPrune", "HoloV", "KCenter", "MMTok", "PruningMethod",
     "PyramidDrop", "RandomPrune", "Recoverable", "RowSignals", "Selection", "SelectionContext", "SignalRequest",
     "StagePlan", "TwoStageMethod", "UniformPrune", "VisionDrop", "VisionZip", "make_method", "split_stages",
-    "DART", "FEATHER", "ToDRE", "TransPrune",
+    "DART", "FEATHER", "ToDRE", "TransPrune", "CATP",
     "HoliTom", "HoliTomMerge", "HoliTomOuter",
 ]

@@ -43,9 +43,14 @@ TEXT_EMBEDDINGS = "text_embeddings"  # [M, D] the LLM input embeddings (``get_in
 #                                    question and the rest of the prompt; other images' placeholders and padding
 #                                    excluded); if no text follows, every non-image, non-padding token of the row.
 #                                    Same definition on every family (BOS is never after an image).
+PAIRED_TEXT = "paired_text"  # [M, D] the LLM input embeddings of the image's PAIRED text in an interleaved prompt:
+#                                    the text tokens between the image's block and the next image's (or video's)
+#                                    block of the row, or the row's end for its last image; the family's image-block
+#                                    delimiters (Qwen <|vision_start|>/<|vision_end|>, InternVL <img>/</img>) and
+#                                    padding excluded. An image followed directly by another has none: an error (CATP).
 SIGNALS = (
     FEATURES, CLS_ATTENTION, ATTENTION_RECEIVED, ATTENTION_MAP, VISION_HIDDEN, CLS_HIDDEN, VISION_KEYS,
-    CLS_ATTENTION_WIDE, TEXT_EMBEDDINGS,
+    CLS_ATTENTION_WIDE, TEXT_EMBEDDINGS, PAIRED_TEXT,
 )
 # Signals that exist only on vision towers with a [CLS] token (CLIP); a Qwen adapter never computes them.
 CLS_SIGNALS = frozenset({CLS_ATTENTION, CLS_HIDDEN, CLS_ATTENTION_WIDE})

@@ -96,6 +96,7 @@ class RowSignals(Protocol):
 
     # Optional extras (patches/decoder_select.py ``Row``): ``token_index`` / ``image_local`` ``[N]`` (position in
     # the unpadded prompt / among the image's original tokens), ``accumulated`` ``[N]`` (see ``observe``),
+    # ``attention_at(layer, rows)`` ``[H, R, N]`` as ``attention`` at a layer of ``DecoderMethod.attention_layers``,
     # ``keys()`` ``[H_kv, N, d_h]`` post-RoPE keys of the score layer, ``normed_hidden()`` ``[N, D]`` (final norm),
     # ``attention_no_rope(keys, rows)`` ``[H, R, K]``, ``coords`` ``[N, 2]`` (row, column) in the image or -1.
 
@@ -144,6 +145,12 @@ class DecoderMethod(PruningMethod):
         """Budget of stage ``stage`` for an image of ``n`` tokens entering the LLM of which ``current`` are left
         (default: ``counts(n, ...)[stage]``; FEATHER's stage 2 is a share of the tokens stage 1 left)."""
         return self.counts(n, keep, n_layers)[stage]
+
+    def attention_layers(self, plan: tuple[StagePlan, ...]) -> tuple[int, ...]:
+        """Layers besides the score layers whose attention rows :meth:`select_stage` reads with the row's
+        ``attention_at(layer, rows)``, given the plan as it runs on the model (default none; CATP: the layer before
+        its first score layer). Each must come before the plan's first pruned layer (one slot layout)."""
+        return ()
 
     def observed_layers(self, n_layers: int) -> tuple[int, ...]:
         """Layers whose attention and MLP sublayers :meth:`observe` sees during a selecting prefill (default none)."""
