@@ -41,12 +41,18 @@ def previous_selectors(rev: str) -> dict:
     )
 
     modules = {}
-    for name in ("diversity", "dpp", "coverage", "recovery"):
-        source = subprocess.run(["git", "show", f"{rev}:tokenprune/functional/{name}.py"], cwd=ROOT, check=True,
-                                capture_output=True, text=True).stdout
-        module = types.ModuleType(f"before_{name}")
-        exec(compile(source, f"{rev}:{name}.py", "exec"), module.__dict__)  # noqa: S102 (our own history)
-        modules[name] = module
+    current = sys.modules["tokenprune.functional.diversity"]
+    try:
+        for name in ("diversity", "dpp", "coverage", "recovery"):
+            source = subprocess.run(["git", "show", f"{rev}:tokenprune/functional/{name}.py"], cwd=ROOT, check=True,
+                                    capture_output=True, text=True).stdout
+            module = types.ModuleType(f"before_{name}")
+            exec(compile(source, f"{rev}:{name}.py", "exec"), module.__dict__)  # noqa: S102 (our own history)
+            modules[name] = module
+            if name == "diversity":  # the old dpp and coverage import the old diversity's helpers
+                sys.modules["tokenprune.functional.diversity"] = module
+    finally:
+        sys.modules["tokenprune.functional.diversity"] = current
 
     def relevance(ctx):
         feats, text = ctx.signal(FEATURES), ctx.signal(TEXT_EMBEDDINGS)

@@ -91,6 +91,41 @@ def test_kcenter_and_maxsum_equal_the_textbook_greedy(seed, dtype):
     assert F.kcenter(x, k, pivot, rule="maxsum").tolist() == kcenter_textbook(x, k, pivot, "maxsum")
 
 
+def test_similarity_rows_round_as_the_full_matrix():
+    """The premise of the blocked rows: rows of a product of >= 16 rows, the 256-wide diagonal blocks and the
+    transpose of ``x x^T`` equal the full matrix bit for bit (a 1-row product would not)."""
+    from tokenprune.functional.diversity import unit_rows
+    from tokenprune.functional.similarity_rows import SimilarityRows, diagonal
+
+    g = torch.Generator().manual_seed(0)
+    x = unit_rows(torch.randn(600, 512, generator=g))
+    full = x @ x.T
+    assert torch.equal(full, full.T) and torch.equal(diagonal(x), torch.diagonal(full))
+    rows = SimilarityRows(x, block=16)
+    score = torch.randn(600, generator=g)
+    for i in (5, 599, 0, int(torch.argmax(score))):
+        assert torch.equal(rows.row(i, score), full[i])
+    assert rows.products <= 4
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_greedy_selectors_past_the_blocks_equal_the_textbook(seed):
+    """N = 1,100 (> 4 blocks of 256: DivPrune's first pick from probe rows and bounds), clustered tokens with
+    duplicates and outliers; k-center, max-sum and CDPruner from blocked rows."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(12, 64, generator=g)
+    x = centres[torch.randint(0, 12, (1100,), generator=g)] + 0.3 * torch.randn(1100, 64, generator=g)
+    x[700:705] = x[3]
+    x[1000] = 5 * torch.randn(64, generator=g)
+    for k in (1, 2, 40):
+        assert F.divprune(x, k).tolist() == divprune_textbook(x, k)
+        assert F.divprune(x.bfloat16(), k).tolist() == divprune_textbook(x.bfloat16(), k)
+        assert F.kcenter(x, k, 17).tolist() == kcenter_textbook(x, k, 17, "kcenter")
+        assert F.kcenter(x, k, 17, rule="maxsum").tolist() == kcenter_textbook(x, k, 17, "maxsum")
+    relevance = torch.randn(1100, generator=g)
+    assert torch.equal(F.cdpruner(x, relevance, 40), cdpruner_naive(x, relevance, 40))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seed", range(8))
 def test_cdpruner_equals_the_textbook_greedy_map(seed, dtype):
