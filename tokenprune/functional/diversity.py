@@ -3,10 +3,10 @@
 Cost (``B`` images of ``N`` tokens, ``D`` dims, ``k`` kept): the greedy reads one row of the similarity matrix per
 pick -- ``k N D`` in all, the rows computed a block at a time by compute-bound matrix products
 (:mod:`tokenprune.functional.similarity_rows`), memory ``O(N D)``. DivPrune's first pick (the token farthest from
-its nearest neighbour) needs every pair: ``N^2 D``; where the fp32 ``N x N`` matrix and the unit rows fit two fp32
-copies of the features (:func:`keeps_matrix`: ``N <= D``) the matrix is kept and its rows serve the greedy, beyond
-it is computed in row blocks that are never kept. Images of a batch select one after the other (each its own
-products: the result of each equals the image alone).
+its nearest neighbour) needs every pair in the worst case, ``N^2 D``; rows of probe tokens and distance bounds
+skip the pairs that cannot decide it (:func:`_first_pick`), and up to 1,024 tokens (where the fp32 matrix fits the
+memory bound, :func:`keeps_matrix`) the whole matrix is one product whose rows then serve the greedy. Images of a
+batch select one after the other (each its own products: the result of each equals the image alone).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _first_pick(x: torch.Tensor, rows: SimilarityRows, block: int = 256) -> int:
     exact = torch.full((n,), torch.nan, device=x.device)
     exact[probes] = 1.0 - _nearest_similarity(sims)
     top = torch.topk(sims, 2, dim=0).values  # [2, N]: largest probe similarities of every token
-    own = torch.where((x * x).sum(dim=-1) > 0.9, 0.5, -torch.inf)  # s_jj >= 1/2 for a unit row (zero rows: 0)
+    own = torch.where(torch.linalg.vector_norm(x, dim=-1) > 0.95, 0.5, -torch.inf)  # s_jj >= 1/2: a unit row
     bound = 1.0 - torch.maximum(torch.minimum(own, top[0]), top[1])  # >= 1 - v_j
     bound[probes] = -torch.inf  # exact there
     best = exact.nan_to_num(-torch.inf).max()
@@ -109,10 +109,11 @@ def divprune(features: torch.Tensor, k: int) -> torch.Tensor:
     maximises the distance to the nearest already selected token; ``argmax`` ties go to the lowest index.
     ``[B, N, D]`` selects in ``B`` images (or crops) of ``N`` tokens at once -> ``[B, k]``, each row as alone.
 
-    Cost: ``N^2 D`` for the first pick (every pair: the matrix if :func:`keeps_matrix`, else row blocks of
-    ``N D / 8`` entries, never kept), then the greedy reads the matrix's rows or computes ``k`` of them in
-    blocks (:class:`~tokenprune.functional.similarity_rows.SimilarityRows`, about ``k N D``); the official code
-    re-reduces the selected rows at every step (``k^2 N``).
+    Cost: the first pick reads the rows that can decide it (:func:`_first_pick`: probe rows and distance bounds;
+    every pair, ``N^2 D``, in the worst case and as the whole matrix up to 1,024 tokens), then the greedy reads
+    ``k`` rows, computed in blocks (:class:`~tokenprune.functional.similarity_rows.SimilarityRows`, about
+    ``k N D``) and seeded with the first pick's; the official code builds the matrix and re-reduces the selected
+    rows at every step (``k^2 N``).
 
     Deliberate deviation: selected tokens are excluded from later picks (as the official Qwen port does). The
     official LLaVA loop has no exclusion and, once every remaining token duplicates a selected one, can
