@@ -305,3 +305,18 @@ def test_recoverable_cluster_rows_equal_the_per_centre_loop(seed):
             args = (keys, sim, x, attn, perm[:c], perm[c:], size, 50.0)
             fast, naive = cluster_rows(*args), cluster_rows_naive(*args)
             assert len(fast) == len(naive) == c and all(torch.equal(a, b) for a, b in zip(fast, naive, strict=True))
+
+
+def test_docs_sweep_tables_are_generated_from_the_committed_results():
+    """docs/selection_cost.md's third-round tables are ``docs_section`` of the committed sweep JSON, not hand-kept
+    (``python benchmarks/selection_cost.py --docs`` rewrites them)."""
+    import json
+    from pathlib import Path
+
+    from tokenprune.bench.selection_sweep import docs_section
+
+    root = Path(__file__).resolve().parent.parent
+    rows = json.loads((root / "benchmarks/results/selection_sweep_scaled.json").read_text())["rows"]
+    section = docs_section(rows)
+    assert section in (root / "docs/selection_cost.md").read_text()
+    assert all(section.count(f"| {name} | ") >= 2 for name in ("divprune", "kcenter", "cdpruner", "mmtok"))
