@@ -85,27 +85,32 @@ def test_divprune_column_blocks_cover_every_column():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seed", range(8))
 def test_kcenter_and_maxsum_equal_the_textbook_greedy(seed, dtype):
-    x, k, g = _case(seed, dtype, d=24)  # N from 6 to 89: both sides of N = 2 D (keeps_matrix)
+    x, k, g = _case(seed, dtype, d=24)  # N from 6 to 89: both sides of N = D (whole matrix / blocks)
     pivot = int(torch.randint(x.shape[0], (1,), generator=g))
     assert F.kcenter(x, k, pivot).tolist() == kcenter_textbook(x, k, pivot, "kcenter")
     assert F.kcenter(x, k, pivot, rule="maxsum").tolist() == kcenter_textbook(x, k, pivot, "maxsum")
 
 
 def test_similarity_rows_round_as_the_full_matrix():
-    """The premise of the blocked rows: rows of a product of >= 16 rows, the 256-wide diagonal blocks and the
-    transpose of ``x x^T`` equal the full matrix bit for bit (a 1-row product would not)."""
+    """The premise of the blocked rows (one thread): rows of a product of >= 16 rows, the 256-wide diagonal blocks
+    and the transpose of ``x x^T`` equal the full matrix bit for bit (a 1-row product would not)."""
     from tokenprune.functional.diversity import unit_rows
     from tokenprune.functional.similarity_rows import SimilarityRows, diagonal
 
     g = torch.Generator().manual_seed(0)
     x = unit_rows(torch.randn(600, 512, generator=g))
-    full = x @ x.T
-    assert torch.equal(full, full.T) and torch.equal(diagonal(x), torch.diagonal(full))
-    rows = SimilarityRows(x, block=16)
-    score = torch.randn(600, generator=g)
-    for i in (5, 599, 0, int(torch.argmax(score))):
-        assert torch.equal(rows.row(i, score), full[i])
-    assert rows.products <= 4
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        full = x @ x.T
+        assert torch.equal(full, full.T) and torch.equal(diagonal(x), torch.diagonal(full))
+        rows = SimilarityRows(x, block=16)
+        score = torch.randn(600, generator=g)
+        for i in (5, 599, 0, int(torch.argmax(score))):
+            assert torch.equal(rows.row(i, score), full[i])
+        assert rows.products <= 4 and rows.full is None  # N > D: blocks
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("seed", range(2))

@@ -4,9 +4,10 @@ Cost (``B`` images of ``N`` tokens, ``D`` dims, ``k`` kept): the greedy reads on
 pick -- ``k N D`` in all, the rows computed a block at a time by compute-bound matrix products
 (:mod:`tokenprune.functional.similarity_rows`), memory ``O(N D)``. DivPrune's first pick (the token farthest from
 its nearest neighbour) needs every pair in the worst case, ``N^2 D``; rows of probe tokens and distance bounds
-skip the pairs that cannot decide it (:func:`_first_pick`), and up to 1,024 tokens (where the fp32 matrix fits the
-memory bound, :func:`keeps_matrix`) the whole matrix is one product whose rows then serve the greedy. Images of a
-batch select one after the other (each its own products: the result of each equals the image alone).
+skip the pairs that cannot decide it (:func:`_first_pick`); up to 1,024 tokens (and ``N <= D``: the fp32 matrix
+fits the memory of the features) the whole matrix is one product whose rows serve the greedy
+(:class:`~tokenprune.functional.similarity_rows.SimilarityRows`). Images of a batch select one after the other
+(each its own products: the result of each equals the image alone).
 """
 
 from __future__ import annotations
@@ -15,13 +16,6 @@ import torch
 
 from tokenprune.functional._ranking import check_k
 from tokenprune.functional.similarity_rows import SimilarityRows
-
-
-def keeps_matrix(n: int, d: int) -> bool:
-    """Whether DivPrune keeps the fp32 ``N x N`` similarity matrix its first pick computes: when the matrix and the
-    fp32 unit rows together stay within two fp32 copies of the ``[N, D]`` features (``N^2 + N D <= 2 N D``), the
-    extra-memory bound of the selection-cost targets."""
-    return n <= d
 
 
 def unit_rows(features: torch.Tensor, eps: float = torch.finfo(torch.float32).tiny) -> torch.Tensor:
@@ -69,8 +63,7 @@ def _first_pick(x: torch.Tensor, rows: SimilarityRows, block: int = 256) -> int:
     computed, highest bound first, for every token whose bound reaches the best exact distance so far -- the others
     cannot be picked. Worst case (equidistant tokens) every row, the textbook's cost."""
     n = x.shape[0]
-    if n <= 4 * block and keeps_matrix(n, x.shape[1]):  # probes + one block would be half the rows: all of them
-        rows.full = x @ x.T
+    if rows.full is not None:  # small: the whole matrix
         return int(torch.argmax(1.0 - _nearest_similarity(rows.full)))
     probes = torch.arange(0, n, max(1, n // max(16, n // 8)), device=x.device)  # N / 8, at least 16
     sims = probe_rows = x.index_select(0, probes) @ x.T  # [m, N]
