@@ -57,7 +57,7 @@ def _greedy_map(x: torch.Tensor, rel: torch.Tensor, k: int) -> torch.Tensor:
     """Fast greedy MAP (Chen et al., NeurIPS 2018) for one image: unit rows ``x`` ``[N, D]``, normalised relevance
     ``rel`` ``[N]``, kernel ``L = diag(rel) (x x^T) diag(rel)``; ``k`` picks in pick order ``[k]``."""
     rows = SimilarityRows(x)
-    gains = rel * diagonal(x) * rel
+    gains = rel * (diagonal(x) if rows.full is None else torch.diagonal(rows.full)) * rel
     basis = torch.zeros(k, x.shape[0], device=x.device)
     chosen = []
     for i in range(k):
