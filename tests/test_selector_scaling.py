@@ -10,6 +10,8 @@ from tokenprune import functional as F
 from tokenprune.bench.references import cdpruner_naive, mmtok_naive
 from tokenprune.functional.coverage import coverage_items
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: a second thread only spins on a loaded machine
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
@@ -85,10 +87,50 @@ def test_divprune_column_blocks_cover_every_column():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seed", range(8))
 def test_kcenter_and_maxsum_equal_the_textbook_greedy(seed, dtype):
-    x, k, g = _case(seed, dtype, d=24)  # N from 6 to 89: both sides of N = 2 D (keeps_matrix)
+    x, k, g = _case(seed, dtype, d=24)  # N from 6 to 89: both sides of N = D (whole matrix / blocks)
     pivot = int(torch.randint(x.shape[0], (1,), generator=g))
     assert F.kcenter(x, k, pivot).tolist() == kcenter_textbook(x, k, pivot, "kcenter")
     assert F.kcenter(x, k, pivot, rule="maxsum").tolist() == kcenter_textbook(x, k, pivot, "maxsum")
+
+
+def test_similarity_rows_round_as_the_full_matrix():
+    """The premise of the blocked rows (one thread): rows of a product of >= 16 rows, the 256-wide diagonal blocks
+    and the transpose of ``x x^T`` equal the full matrix bit for bit (a 1-row product would not)."""
+    from tokenprune.functional.diversity import unit_rows
+    from tokenprune.functional.similarity_rows import SimilarityRows, diagonal
+
+    g = torch.Generator().manual_seed(0)
+    x = unit_rows(torch.randn(600, 512, generator=g))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        full = x @ x.T
+        assert torch.equal(full, full.T) and torch.equal(diagonal(x), torch.diagonal(full))
+        rows = SimilarityRows(x, block=16)
+        score = torch.randn(600, generator=g)
+        for i in (5, 599, 0, int(torch.argmax(score))):
+            assert torch.equal(rows.row(i, score), full[i])
+        assert rows.products <= 4 and rows.full is None  # N > D: blocks
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_greedy_selectors_past_the_blocks_equal_the_textbook(seed):
+    """N = 600 > D (DivPrune's first pick from 75 probe rows and bounds, candidates in blocks of 256), clustered
+    tokens with duplicates and outliers; k-center, max-sum and CDPruner from blocked rows of 64."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(12, 32, generator=g)
+    x = centres[torch.randint(0, 12, (600,), generator=g)] + 0.3 * torch.randn(600, 32, generator=g)
+    x[400:405] = x[3]
+    x[550] = 5 * torch.randn(32, generator=g)
+    for k in (1, 40):
+        assert F.divprune(x, k).tolist() == divprune_textbook(x, k)
+        assert F.kcenter(x, k, 17).tolist() == kcenter_textbook(x, k, 17, "kcenter")
+        assert F.kcenter(x, k, 17, rule="maxsum").tolist() == kcenter_textbook(x, k, 17, "maxsum")
+    assert F.divprune(x.bfloat16(), 40).tolist() == divprune_textbook(x.bfloat16(), 40)
+    relevance = torch.randn(600, generator=g)
+    assert torch.equal(F.cdpruner(x, relevance, 20), cdpruner_naive(x, relevance, 20))  # within the rank (D = 32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -270,3 +312,18 @@ def test_recoverable_cluster_rows_equal_the_per_centre_loop(seed):
             args = (keys, sim, x, attn, perm[:c], perm[c:], size, 50.0)
             fast, naive = cluster_rows(*args), cluster_rows_naive(*args)
             assert len(fast) == len(naive) == c and all(torch.equal(a, b) for a, b in zip(fast, naive, strict=True))
+
+
+def test_docs_sweep_tables_are_generated_from_the_committed_results():
+    """docs/selection_cost.md's third-round tables are ``docs_section`` of the committed sweep JSON, not hand-kept
+    (``python benchmarks/selection_cost.py --docs`` rewrites them)."""
+    import json
+    from pathlib import Path
+
+    from tokenprune.bench.selection_sweep import docs_section
+
+    root = Path(__file__).resolve().parent.parent
+    rows = json.loads((root / "benchmarks/results/selection_sweep_scaled.json").read_text())["rows"]
+    section = docs_section(rows)
+    assert section in (root / "docs/selection_cost.md").read_text()
+    assert all(section.count(f"| {name} | ") >= 2 for name in ("divprune", "kcenter", "cdpruner", "mmtok"))

@@ -1,14 +1,13 @@
 """Diversity selectors: DivPrune's greedy max-min and ToDRE's k-center / max-sum, batched over images or crops.
 
-Cost (``B`` images of ``N`` tokens, ``D`` dims, ``k`` kept): the greedy needs only the distances from each newly
-chosen token, one ``[N, D] x [D]`` product per pick -- ``k N D`` in all, memory ``O(N D)`` (the fp32 unit rows).
-DivPrune's first pick (the token farthest from its nearest neighbour) needs every pair: ``N^2 D``, computed in
-column blocks so that the extra memory stays ``O(N D)``; where the fp32 ``N x N`` matrix fits the memory bound of
-two fp32 copies of the features (:func:`keeps_matrix`: ``N <= 2 D``, e.g. every LLaVA-OneVision image at ``D = 4096``)
-it is kept and its rows serve the greedy
-(no further products; the distances are then those of the one-matmul matrix the code used before). k-center does
-the same: at ``k = N / 9`` one compute-bound ``N^2 D`` matmul beats ``k`` memory-bound ``N D`` products on a CPU
-(measured: ``docs/selection_cost.md``), and beyond ``N = 2 D`` the per-pick products keep the memory linear.
+Cost (``B`` images of ``N`` tokens, ``D`` dims, ``k`` kept): the greedy reads one row of the similarity matrix per
+pick -- ``k N D`` in all, the rows computed a block at a time by compute-bound matrix products
+(:mod:`tokenprune.functional.similarity_rows`), memory ``O(N D)``. DivPrune's first pick (the token farthest from
+its nearest neighbour) needs every pair in the worst case, ``N^2 D``; rows of probe tokens and distance bounds
+skip the pairs that cannot decide it (:func:`_first_pick`); up to 1,024 tokens (and ``N <= D``: the fp32 matrix
+fits the memory of the features) the whole matrix is one product whose rows serve the greedy
+(:class:`~tokenprune.functional.similarity_rows.SimilarityRows`). Images of a batch select one after the other
+(each its own products: the result of each equals the image alone).
 """
 
 from __future__ import annotations
@@ -16,12 +15,7 @@ from __future__ import annotations
 import torch
 
 from tokenprune.functional._ranking import check_k
-
-
-def keeps_matrix(n: int, d: int) -> bool:
-    """Whether selectors keep the fp32 ``N x N`` similarity matrix: when it is no larger than two fp32 copies of the
-    ``[N, D]`` features (``N^2 <= 2 N D``), the extra-memory bound of the selection-cost targets."""
-    return n <= 2 * d
+from tokenprune.functional.similarity_rows import SimilarityRows
 
 
 def unit_rows(features: torch.Tensor, eps: float = torch.finfo(torch.float32).tiny) -> torch.Tensor:
@@ -51,44 +45,52 @@ def _everything(x: torch.Tensor, batched: bool) -> torch.Tensor:
     return out.expand(x.shape[0], -1).clone() if batched else out
 
 
-def similarities(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``[B, N]`` dot products of every row of ``x`` ``[B, N, D]`` with row ``index[b]`` of the same image: one
-    matrix-vector product per image (a batched one rounds differently from the single-image product, and a batch
-    must select exactly as its images one by one). ``index`` stays on the device: no host synchronisation."""
-    return torch.stack([torch.mv(x[b], x[b].index_select(0, index[b:b + 1])[0]) for b in range(x.shape[0])])
+def _nearest_similarity(rows: torch.Tensor) -> torch.Tensor:
+    """Second largest entry of each row of ``[m, N]`` similarity rows (the largest being the token itself)."""
+    return torch.topk(rows, 2, dim=1).values[:, 1]
 
 
-class _Distances:
-    """Rows of the cosine-distance matrix of unit rows ``x`` ``[B, N, D]`` on demand: from the full matrix when it
-    is kept (:func:`keeps_matrix`), else one matrix-vector product per requested row (``N D``)."""
+def _first_pick(x: torch.Tensor, rows: SimilarityRows, block: int = 256) -> int:
+    """DivPrune's first pick for one image (unit rows ``x`` ``[N, D]``, ``N >= 2``): the token whose nearest other
+    token is farthest, ``argmax_j (1 - v_j)`` with ``v_j`` the second largest similarity in column ``j`` (ties: lowest
+    index). The textbook reads every pair (``N^2 D``); this reads the pairs that can decide it.
 
-    def __init__(self, x: torch.Tensor, full: torch.Tensor | None = None) -> None:
-        self.x, self.full = x, full
-        self.batch = torch.arange(x.shape[0], device=x.device)
-
-    def row(self, index: torch.Tensor) -> torch.Tensor:
-        """``[B, N]`` distances from token ``index[b]`` of each image (``index`` ``[B]`` long, stays on device)."""
-        if self.full is not None:
-            return self.full[self.batch, index]
-        return 1.0 - similarities(self.x, index)
-
-    def similarity_row(self, index: torch.Tensor) -> torch.Tensor:
-        return 1.0 - self.row(index)
-
-
-def _nearest_other(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per token, the second smallest entry of its distance column (the smallest is itself): ``[B, N]``; and the
-    full ``[B, N, N]`` matrix when :func:`keeps_matrix` (else ``None``: column blocks of ``block`` tokens, never
-    kept)."""
-    n, d = x.shape[-2:]
-    if keeps_matrix(n, d):
-        dist = 1.0 - torch.bmm(x, x.mT)  # bmm: the same rounding batched or alone
-        return torch.topk(dist, 2, dim=-2, largest=False).values[:, 1], dist
-    parts = []
-    for start in range(0, n, block):
-        dist = 1.0 - torch.bmm(x, x[:, start:start + block].mT)  # [B, N, block]: columns start..start+block
-        parts.append(torch.topk(dist, 2, dim=-2, largest=False).values[:, 1])
-    return torch.cat(parts, dim=-1), None
+    ``x x^T`` is symmetric (``s_ij`` and ``s_ji`` are the same products summed in the same order), so column ``j`` is
+    row ``j``, and rows of a product of at least 16 rows round as the full matrix's (:mod:`similarity_rows`). The
+    rows of ``N / 8`` probe tokens give their exact ``v`` and, for every other token ``j``, a lower bound of ``v_j``:
+    the second largest of the known entries of row ``j`` (its probe similarities and ``s_jj >= 1/2`` for a unit
+    row). ``1 - v`` rounds monotonically, so ``1 - bound`` bounds token ``j``'s distance from above; rows are then
+    computed, highest bound first, for every token whose bound reaches the best exact distance so far -- the others
+    cannot be picked. Worst case (equidistant tokens) every row, the textbook's cost."""
+    n = x.shape[0]
+    if rows.full is not None:  # small: the whole matrix
+        return int(torch.argmax(1.0 - _nearest_similarity(rows.full)))
+    probes = torch.arange(0, n, max(1, n // max(16, n // 8)), device=x.device)  # N / 8, at least 16
+    sims = probe_rows = x.index_select(0, probes) @ x.T  # [m, N]
+    exact = torch.full((n,), torch.nan, device=x.device)
+    exact[probes] = 1.0 - _nearest_similarity(sims)
+    top = torch.topk(sims, 2, dim=0).values  # [2, N]: largest probe similarities of every token
+    own = torch.where(torch.linalg.vector_norm(x, dim=-1) > 0.95, 0.5, -torch.inf)  # s_jj >= 1/2: a unit row
+    bound = 1.0 - torch.maximum(torch.minimum(own, top[0]), top[1])  # >= 1 - v_j
+    bound[probes] = -torch.inf  # exact there
+    best = exact.nan_to_num(-torch.inf).max()
+    while True:
+        open_ = (bound >= best).nonzero().flatten()
+        if open_.numel() == 0:
+            break
+        wanted = open_[torch.topk(bound[open_], min(block, open_.numel())).indices]
+        real = wanted.numel()
+        if real < 16:  # a product of at least 16 rows: pad with the first wanted token
+            wanted = torch.cat([wanted, wanted[:1].expand(16 - real)])
+        sims = x.index_select(0, wanted) @ x.T  # [w, N]: new probes, which tighten every bound
+        rows.keep(wanted[:real], sims[:real])  # far from their neighbours: likely picks of the greedy
+        exact[wanted] = 1.0 - _nearest_similarity(sims)
+        top = torch.topk(torch.cat([top, sims[:real]]), 2, dim=0).values  # each probe once
+        bound = torch.minimum(bound, 1.0 - torch.maximum(torch.minimum(own, top[0]), top[1]))
+        bound[wanted] = -torch.inf
+        best = torch.maximum(best, exact[wanted].max())
+    rows.keep(probes, probe_rows)
+    return int(torch.argmax(exact.nan_to_num(-torch.inf)))
 
 
 def divprune(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -100,8 +102,11 @@ def divprune(features: torch.Tensor, k: int) -> torch.Tensor:
     maximises the distance to the nearest already selected token; ``argmax`` ties go to the lowest index.
     ``[B, N, D]`` selects in ``B`` images (or crops) of ``N`` tokens at once -> ``[B, k]``, each row as alone.
 
-    Cost: ``N^2 D`` for the first pick (every pair, in column blocks), then ``k N D`` (module docstring); the
-    official code keeps the ``N x N`` matrix and re-reduces the selected rows at every step (``k^2 N``).
+    Cost: the first pick reads the rows that can decide it (:func:`_first_pick`: probe rows and distance bounds;
+    every pair, ``N^2 D``, in the worst case and as the whole matrix up to 1,024 tokens), then the greedy reads
+    ``k`` rows, computed in blocks (:class:`~tokenprune.functional.similarity_rows.SimilarityRows`, about
+    ``k N D``) and seeded with the first pick's; the official code builds the matrix and re-reduces the selected
+    rows at every step (``k^2 N``).
 
     Deliberate deviation: selected tokens are excluded from later picks (as the official Qwen port does). The
     official LLaVA loop has no exclusion and, once every remaining token duplicates a selected one, can
@@ -112,10 +117,11 @@ def divprune(features: torch.Tensor, k: int) -> torch.Tensor:
     n = feats.shape[1]
     if k >= n:
         return _everything(feats, batched)
-    x = unit_rows(feats)  # n >= 2 here (k >= 1)
-    nearest_other, full = _nearest_other(x, block=max(64, x.shape[-1] // (8 * x.shape[0])))  # blocks <= N D / 8
-    first = torch.argmax(nearest_other, dim=-1)
-    return _greedy(_Distances(x, full), first, k, rule="kcenter", batched=batched)
+    out = []
+    for x in unit_rows(feats):  # n >= 2 here (k >= 1)
+        rows = SimilarityRows(x)  # the rows the first pick computes serve the greedy
+        out.append(_greedy(rows, _first_pick(x, rows), k, rule="kcenter"))
+    return torch.stack(out) if batched else out[0]
 
 
 def kcenter(features: torch.Tensor, k: int, pivot: int | torch.Tensor = 0, *, rule: str = "kcenter") -> torch.Tensor:
@@ -125,34 +131,35 @@ def kcenter(features: torch.Tensor, k: int, pivot: int | torch.Tensor = 0, *, ru
     ``rule="kcenter"`` (paper v1) greedily adds the token farthest, in cosine distance, from its nearest chosen
     token; ``rule="maxsum"`` (paper v2, Algorithm 1) adds the token with the smallest summed cosine similarity to
     the chosen ones. Ties to the lowest index; kept indices ascending. ``[B, N, D]`` features with a ``[B]``
-    ``pivot`` select in ``B`` images (or crops) at once -> ``[B, k]``. Cost ``k N D``, memory ``O(N D)``; where
-    :func:`keeps_matrix` the ``N x N`` matrix is computed instead (``N^2 D`` in one matmul,
-    which a CPU runs faster than ``k`` memory-bound matrix-vector products at ``k = N / 9``).
+    ``pivot`` select in ``B`` images (or crops) at once -> ``[B, k]``. Cost about ``k N D`` (the chosen tokens'
+    rows, computed in blocks: :class:`~tokenprune.functional.similarity_rows.SimilarityRows`), memory ``O(N D)``.
     """
     if rule not in ("kcenter", "maxsum"):
         raise ValueError(f"kcenter rule must be 'kcenter' or 'maxsum'; got {rule!r}")
     feats, batched = _batched(features, k)
     if k >= feats.shape[1]:
         return _everything(feats, batched)
-    x = unit_rows(feats)
-    first = torch.as_tensor(pivot, dtype=torch.long, device=x.device).reshape(-1).expand(x.shape[0])
-    full = 1.0 - torch.bmm(x, x.mT) if keeps_matrix(*x.shape[1:]) else None  # see the module docstring
-    return _greedy(_Distances(x, full), first, k, rule=rule, batched=batched)
+    pivots = torch.as_tensor(pivot, dtype=torch.long).reshape(-1).expand(feats.shape[0]).tolist()
+    out = [_greedy(SimilarityRows(x), first, k, rule=rule) for x, first in zip(unit_rows(feats), pivots, strict=True)]
+    return torch.stack(out) if batched else out[0]
 
 
-def _greedy(dist: _Distances, first: torch.Tensor, k: int, *, rule: str, batched: bool) -> torch.Tensor:
-    """Greedy diversity from ``first`` ``[B]``: ``kcenter`` keeps each token's distance to its nearest chosen
-    token (running minimum), ``maxsum`` its negated similarity summed in pick order; chosen tokens at ``-inf``.
-    No host synchronisation inside the loop (picks stay on the device)."""
-    chosen = torch.empty(first.shape[0], k, dtype=torch.long, device=first.device)
-    chosen[:, 0] = first
-    score = dist.row(first) if rule == "kcenter" else -dist.similarity_row(first)
-    score = score.scatter(1, first[:, None], -torch.inf)
+def _greedy(rows: SimilarityRows, first: int, k: int, *, rule: str) -> torch.Tensor:
+    """Greedy diversity from ``first`` over one image: ``kcenter`` keeps each token's distance ``1 - s`` to its
+    nearest chosen token (running minimum, in place), ``maxsum`` its negated similarity summed in pick order (the
+    similarity as ``1 - (1 - s)``, the textbook's rounding); chosen tokens at ``-inf``. Sorted kept indices."""
+    chosen = [first]
+    distance = 1.0 - rows.row(first)
+    score = distance if rule == "kcenter" else -(1.0 - distance)
+    score[first] = -torch.inf
     for i in range(1, k):
-        pick = torch.argmax(score, dim=1)  # first maximum: ties to the lowest index
-        chosen[:, i] = pick
+        pick = int(torch.argmax(score))  # first maximum: ties to the lowest index
+        chosen.append(pick)
         if i + 1 < k:
-            score = torch.minimum(score, dist.row(pick)) if rule == "kcenter" else score - dist.similarity_row(pick)
-            score.scatter_(1, pick[:, None], -torch.inf)
-    out = torch.sort(chosen, dim=1).values
-    return out if batched else out[0]
+            distance = 1.0 - rows.row(pick, score)
+            if rule == "kcenter":
+                torch.minimum(score, distance, out=score)
+            else:
+                score.sub_(1.0 - distance)
+            score[pick] = -torch.inf
+    return torch.sort(torch.tensor(chosen, dtype=torch.long, device=score.device)).values

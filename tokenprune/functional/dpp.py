@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from tokenprune.functional._ranking import check_k
-from tokenprune.functional.diversity import keeps_matrix, similarities, unit_rows
+from tokenprune.functional.diversity import unit_rows
+from tokenprune.functional.similarity_rows import SimilarityRows, diagonal
 
 
 def instruction_relevance(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -27,9 +28,10 @@ def cdpruner(features: torch.Tensor, relevance: torch.Tensor, k: int, *, quirks:
     ``[B, N]`` relevance select in ``B`` images (or crops) at once -> ``[B, k]``, each row as alone.
 
     Cost: each pick takes its kernel row and its incremental Cholesky row against the ``i`` earlier ones
-    (``i N``): ``k^2 N / 2`` plus the kernel rows. Where ``N <= 2 D`` (:func:`diversity.keeps_matrix`) the
-    ``N x N`` cosine matrix (one compute-bound matmul, ``N^2 D``) provides them, as the official code; beyond, each
-    row is one ``N D`` product (``k N D`` in all) and memory stays ``O(k N)`` beyond the fp32 unit rows.
+    (``i N``): ``k^2 N / 2`` plus the kernel rows, computed a block at a time for the tokens with the highest
+    gains (:class:`~tokenprune.functional.similarity_rows.SimilarityRows`, about ``k N D``) where the official
+    code builds the whole ``N x N`` kernel (``N^2 D``); the diagonal comes from ``256``-wide blocks
+    (``256 N D``). Memory ``O(k N)`` beyond the fp32 unit rows. The kernel's entries round as the full matrix's.
     """
     if features.ndim not in (2, 3) or relevance.shape != features.shape[:-1]:
         raise ValueError(f"cdpruner: features [N, D] with relevance [N] (or [B, N, D] with [B, N]); got "
@@ -46,24 +48,27 @@ def cdpruner(features: torch.Tensor, relevance: torch.Tensor, k: int, *, quirks:
     spread = high - low
     rel = torch.where(spread > 0, (rel - low + 1e-6) / spread, torch.ones_like(rel))  # constant: plain DPP
     x = unit_rows(feats, 1e-12)
-    rows = torch.arange(b, device=x.device)
-    similarity = torch.bmm(x, x.mT) if keeps_matrix(n, x.shape[-1]) else None
-    gains = rel * (torch.diagonal(similarity, dim1=1, dim2=2) if similarity is not None else (x * x).sum(-1)) * rel
-    basis = torch.zeros(b, k, n, device=x.device)
-    chosen = torch.empty(b, k, dtype=torch.long, device=x.device)
-    for i in range(k):
-        j = torch.argmax(gains, dim=1)  # [B]: first maximum, ties to the lowest index
-        chosen[:, i] = j
-        if i + 1 < k:
-            cosines = similarity[rows, j] if similarity is not None else similarities(x, j)
-            kernel_row = rel[rows, j, None] * cosines * rel  # L[j, :]
-            residual = gains[rows, j]
-            coeff = basis[rows, :i, j]  # [B, i]
-            projection = torch.stack([coeff[r] @ basis[r, :i] for r in range(b)])  # per image: batched == alone
-            e = (kernel_row - projection) / residual.sqrt()[:, None]
-            e = torch.where((residual > 1e-12)[:, None], e, torch.zeros_like(e))  # rank exhausted: no update
-            basis[:, i] = e
-            gains = gains - e**2
-        gains[rows, j] = -torch.inf
+    chosen = torch.stack([_greedy_map(x[i], rel[i], k) for i in range(b)])
     out = torch.sort(chosen, dim=1).values
     return out if batched else out[0]
+
+
+def _greedy_map(x: torch.Tensor, rel: torch.Tensor, k: int) -> torch.Tensor:
+    """Fast greedy MAP (Chen et al., NeurIPS 2018) for one image: unit rows ``x`` ``[N, D]``, normalised relevance
+    ``rel`` ``[N]``, kernel ``L = diag(rel) (x x^T) diag(rel)``; ``k`` picks in pick order ``[k]``."""
+    rows = SimilarityRows(x)
+    gains = rel * (diagonal(x) if rows.full is None else torch.diagonal(rows.full)) * rel
+    basis = torch.zeros(k, x.shape[0], device=x.device)
+    chosen = []
+    for i in range(k):
+        j = int(torch.argmax(gains))  # first maximum: ties to the lowest index
+        chosen.append(j)
+        if i + 1 < k:
+            kernel_row = rel[j] * rows.row(j, gains) * rel  # L[j, :]
+            residual = gains[j]
+            e = (kernel_row - basis[:i, j] @ basis[:i]) / residual.sqrt()
+            if float(residual) > 1e-12:  # else: rank exhausted, no update
+                basis[i] = e
+                gains -= e**2
+        gains[j] = -torch.inf
+    return torch.tensor(chosen, dtype=torch.long, device=x.device)

@@ -1,0 +1,90 @@
+"""Rows of an image's cosine-similarity matrix on demand, a block of rows per matrix product.
+
+The greedy selectors (DivPrune, k-center / max-sum, CDPruner's fast MAP) read one row of the ``N x N`` similarity
+matrix per pick: ``k`` rows, ``k N D`` multiply-adds, where the whole matrix costs ``N^2 D`` (9x more at
+``k = N / 9``). One row alone is a matrix-vector product, memory-bound on a CPU (it streams all ``N D`` features
+for ``2 N D`` flops), so ``k`` of them ran slower than the one compute-bound ``N^2 D`` matmul. Here each missing row
+is computed together with the rows the greedy is likely to ask for next -- the tokens with the highest scores at
+that moment (a pick lowers the scores of few tokens, so the next picks are mostly among them) -- in one
+``[block, D] x [D, N]`` product: compute-bound, and a few blocks cover most picks.
+
+Rounding: on one thread the entries of a matrix product of at least 16 rows equal those of the full ``x x^T`` (MKL
+tiles every output row alike; a 1-row product takes the matrix-vector path and rounds differently), so the picks
+are those of the full matrix (``tests/test_selector_scaling.py``). With several threads MKL splits a block's
+product differently from the full matrix's (measured: entries differ by up to 3e-7 at D = 4,096; the full matrix
+itself is the same on any thread count), so two tokens whose scores differ by less than that may be ordered
+differently from the full matrix; identical tokens still tie exactly (their columns are equal in every product).
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 64  # rows per product: >= 16 for the full matrix's rounding, small enough that few are wasted
+WHOLE = 1024  # up to this many tokens (and N <= D) one product of the whole matrix: blocks only tie with it at 576
+
+
+class SimilarityRows:
+    """fp32 rows of ``x x^T`` for one image's unit rows ``x`` ``[N, D]``, computed ``block`` rows per product and
+    cached (at most ``max(block, D / 2)`` rows, about ``N D / 2`` floats, then the cache starts afresh); rows of
+    the whole matrix, one product, when ``N <= WHOLE`` and ``N <= D`` (it then fits the memory of the features)."""
+
+    def __init__(self, x: torch.Tensor, block: int = BLOCK) -> None:
+        self.x, self.block = x, block
+        self.full = x @ x.T if x.shape[0] <= min(WHOLE, x.shape[1]) else None
+        self.capacity = max(block, x.shape[-1] // 2)
+        self.products = 0  # matrix products run (for the benchmark's record)
+        self._clear()
+
+    def _clear(self) -> None:
+        self.slot: dict[int, torch.Tensor] = {}
+        self.cached = torch.zeros(self.x.shape[0], dtype=torch.bool, device=self.x.device)
+
+    def row(self, index: int, score: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N]`` similarities of token ``index`` to every token. On a miss, the block also computes the rows of
+        the ``block - 1`` uncached tokens with the highest ``score`` ``[N]`` (the caller's next picks, likely)."""
+        if self.full is not None:
+            return self.full[index]
+        if index not in self.slot:
+            self._fill(index, score)
+        return self.slot[index]
+
+    def keep(self, tokens: torch.Tensor, rows: torch.Tensor) -> None:
+        """Cache ``rows`` ``[m, N]`` already computed (as a product of at least 16 rows) for ``tokens`` ``[m]``, as
+        far as the cache holds them."""
+        if self.full is None:
+            room = max(0, self.capacity - len(self.slot))
+            for i, token in enumerate(tokens[:room].tolist()):
+                self.slot.setdefault(token, rows[i])
+            self.cached[tokens[:room]] = True
+
+    def _fill(self, index: int, score: torch.Tensor | None) -> None:
+        n = self.x.shape[0]
+        wanted = torch.full((self.block,), index, dtype=torch.long, device=self.x.device)  # padding repeats index
+        if score is not None and n > 1:
+            guess = score.masked_fill(self.cached, -torch.inf)
+            guess[index] = -torch.inf
+            others = torch.topk(guess, min(self.block - 1, n - 1)).indices
+            others = others[guess[others] > -torch.inf]  # chosen or cached tokens need no row
+            wanted[1:1 + others.numel()] = others
+        if len(self.slot) + self.block > self.capacity:
+            self._clear()
+        rows = self.x.index_select(0, wanted) @ self.x.T  # [block, N]: compute-bound, the full matrix's rounding
+        self.products += 1
+        for i, token in enumerate(wanted.tolist()):
+            self.slot.setdefault(token, rows[i])
+        self.cached[wanted] = True
+
+
+def diagonal(x: torch.Tensor, width: int = 256) -> torch.Tensor:
+    """``[N]`` diagonal of ``x x^T`` as the full matrix product rounds it, from ``[width, width]`` diagonal blocks
+    (``N width D`` multiply-adds instead of ``N^2 D``; products with fewer than 256 columns take another kernel and
+    round the sums differently)."""
+    n = x.shape[0]
+    width = min(width, n)
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    for start in range(0, n, width):
+        lo = min(start, n - width)  # the last block overlaps the previous one: every block is width wide
+        block = x[lo:lo + width]
+        out[lo:lo + width] = torch.diagonal(block @ block.T)
+    return out
