@@ -62,11 +62,14 @@ def attention_rows(
     cos: torch.Tensor,
     sin: torch.Tensor,
     valid: torch.Tensor,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[B, H, R, N]`` fp32 attention probabilities of query slots ``rows`` ``[B, R]`` over all ``N`` key slots.
 
     ``hidden`` ``[B, N, D]`` is the layer's input; slots are in sequence order, so key ``j`` is visible to row ``i``
-    iff ``j <= i`` (causal) and ``valid[b, j]`` (padding). ``cos``/``sin`` ``[B or 1, N, d_h]``.
+    iff ``j <= i`` (causal) and ``valid[b, j]`` (padding), unless ``allowed`` ``[B, R, N]`` gives the layer's own
+    rule (sliding window, bidirectional image blocks: ``patches/decoder_masks.py``). ``cos``/``sin`` ``[B or 1, N,
+    d_h]``. Logit soft-capping (``attn_logit_softcapping``) is applied where the layer has it, before the mask.
     """
     attn = layer.self_attn
     b, n, _ = hidden.shape
@@ -79,8 +82,12 @@ def attention_rows(
     k = _rope(_keys(attn, x), cos, sin)  # [B, H_kv, N, d_h]
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA
     scores = (q.float() @ k.float().transpose(-1, -2)) * float(attn.scaling)  # [B, H, R, N]
-    keys = torch.arange(n, device=hidden.device)
-    allowed = (keys[None, None, :] <= rows[..., None]) & valid[:, None, :].bool()  # [B, R, N]
+    cap = getattr(attn, "attn_logit_softcapping", None)
+    if cap:
+        scores = torch.tanh(scores / cap) * cap
+    if allowed is None:
+        keys = torch.arange(n, device=hidden.device)
+        allowed = (keys[None, None, :] <= rows[..., None]) & valid[:, None, :].bool()  # [B, R, N]
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)
 

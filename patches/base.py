@@ -62,6 +62,7 @@ class VisionStageAdapter:
     decoder_keep_positions: ClassVar[bool] = False  # True: decoder stages always KEEP positions (M-RoPE)
     # Can hand a whole video to a method as one selection unit (``SelectionContext.video``; HoliTom)?
     video_units: ClassVar[bool] = False
+    decoder_one_d_rope: ClassVar[bool | None] = None  # 1-D RoPE despite KEEP (Gemma 3); None: not keep_positions
 
     def __init__(
         self,
@@ -103,7 +104,14 @@ class VisionStageAdapter:
         self.decoder = None if decoder is None else DecoderLoop(
             model, decoder, decoder_keep if decoder_keep is not None else keep, self.visual_token_ids(),
             self._decoder_record, force_keep_positions=self.decoder_keep_positions, plan=plan,
+            blocks=self.decoder_blocks(), one_d_rope=self.decoder_one_d_rope,
         )
+
+    def decoder_blocks(self) -> Any:
+        """For a family whose image tokens attend to each other in both directions: a function of the model's call
+        kwargs giving ``[B, L]`` the image block of every token (-1 text) or None (the call has no blocks), which the
+        decoder loop keeps over the surviving tokens (``patches/decoder_masks.py``). Default None: causal only."""
+        return None
 
     def visual_token_ids(self) -> tuple[int, ...]:
         """Placeholder ids of the visual tokens in the LLM's input (where decoder-stage methods look)."""

@@ -3,9 +3,9 @@ uniform sampling, official code markendo/FEATHER): per prompt token its ``(row, 
 unknown.
 
 Qwen2-VL/2.5-VL: the M-RoPE ``(h, w)`` position rows of the image tokens, relative to the image's first row and
-column (exact, also after pruning before the LLM, which keeps positions). LLaVA-1.5: a square run of placeholders
-(24 x 24 = 576) in raster order. LLaVA-NeXT's packed layout (base tile + unpadded crops + newline tokens) has no
-single raster: unknown.
+column (exact, also after pruning before the LLM, which keeps positions). LLaVA-1.5 and Gemma 3: a square run of
+placeholders (24 x 24 = 576; Gemma 3's pooled 16 x 16 = 256 per image or crop) in raster order. LLaVA-NeXT's packed
+layout (base tile + unpadded crops + newline tokens) has no single raster: unknown.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def visual_coords(model_type: str, image_of: torch.Tensor, position_ids: Any) ->
             if mrope:
                 hw = position_ids[-2:, b if position_ids.shape[1] > 1 else 0].to(members.device)[:, members].T.long()
                 coords[b, members] = hw - hw.min(dim=0).values
-            elif model_type == "llava":
+            elif model_type in ("llava", "gemma3"):
                 side = math.isqrt(members.numel())
                 if side * side == members.numel():
                     local = torch.arange(members.numel(), device=members.device)

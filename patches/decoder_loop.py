@@ -26,10 +26,16 @@ Three kinds of call:
 
 Qwen3-VL's DeepStack maps, added after the first LLM layers: when a stage prunes before the last of them, the loop
 adds them itself, gathered and merged like the hidden states (``patches/deepstack_carry.py``).
+
+Models whose layers do not share one mask (sliding-window layers, bidirectional image blocks: Gemma 3) get, from the
+first pruned layer on, each layer's own mask over the kept slots and each layer's own rotary tables gathered for
+them (``patches/decoder_masks.py``); the adapter hands the loop the image blocks of a call (``blocks``).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +46,7 @@ from tokenprune.budget import Keep
 from tokenprune.methods.decoder_base import DecoderMethod, StagePlan
 from tokenprune.patches import pruned_cache
 from tokenprune.patches.decoder_grids import visual_coords
+from tokenprune.patches.decoder_masks import LayerMasks, build_mask, call_padding
 from tokenprune.patches.decoder_select import Stage, apply_mixes, gather, select_stage
 from tokenprune.patches.deepstack_carry import DeepStack, take_deepstack
 from tokenprune.patches.sparse_ffn import SparseFFN
@@ -53,6 +60,7 @@ class PrefillSelection:
     ids: torch.Tensor       # [B, n] prompt ids the selection was made on
     stages: list[Stage]     # (attached to the KV cache the prefill wrote: patches/pruned_cache.py)
     ffn: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> each row's core FFN neurons
+    mask: torch.Tensor | None = None  # [B, n] the prompt's padding mask (per-layer masks: decode calls' fallback)
 
 
 @dataclass
@@ -90,6 +98,7 @@ class _Call:
     kv_len: int | None = None              # a static cache's per-layer key length (max_cache_len), else None
     source_rows: int | None = None         # rows of the caller's prompt (generate repeats them for beams/samples)
     deepstack: DeepStack | None = None     # Qwen3-VL maps still to be added, in the current layout (select, replay)
+    blocks: torch.Tensor | None = None     # [B, n] bidirectional image block of each prompt token, -1 text (per-layer)
 
 
 class DecoderLoop:
@@ -99,6 +108,7 @@ class DecoderLoop:
         self, model: torch.nn.Module, method: DecoderMethod, keep: Keep, visual_ids: tuple[int, ...],
         on_record: Callable[[LayerRecord], None], force_keep_positions: bool = False,
         plan: tuple[StagePlan, ...] | None = None,
+        blocks: Callable[[dict[str, Any]], torch.Tensor | None] | None = None, one_d_rope: bool | None = None,
     ):
         self.model, self.method, self.keep = model, method, keep
         self.lm = model.model.language_model
@@ -110,7 +120,17 @@ class DecoderLoop:
         self.linear = frozenset(i for i, layer in enumerate(self.layers) if hasattr(layer, "linear_attn"))
         self.visual_ids = visual_ids
         self.reindex = method.positions == "reindex" and not force_keep_positions
-        self.one_d_positions = not force_keep_positions  # 1-D RoPE (LLaVA, InternVL); False: Qwen's M-RoPE
+        # 1-D RoPE (LLaVA, InternVL, Gemma 3); False: Qwen's M-RoPE (default: the families that force KEEP)
+        self.one_d_positions = not force_keep_positions if one_d_rope is None else one_d_rope
+        # Per-layer masks (patches/decoder_masks.py): each layer's sliding window, and the adapter's image blocks of a
+        # call (from the model's kwargs: Gemma 3's token_type_ids), or None
+        self.windows = [getattr(getattr(layer, "self_attn", None), "sliding_window", None) for layer in self.layers]
+        self.block_fn = blocks
+        self.per_layer = blocks is not None or any(isinstance(w, int) for w in self.windows)
+        if self.per_layer and self.reindex:
+            raise ValueError(f"{method.name}: re-indexed positions are not supported on a model with per-layer masks")
+        self._mask2d: torch.Tensor | None = None  # the model's 2-D padding mask of the call (layer-0 coordinates)
+        self._blocks: torch.Tensor | None = None
         self.on_record = on_record
         self.frozen = 0  # > 0 inside generate: a use_cache=False step replays the prefill's selection
         self.source_rows: int | None = None  # the caller's prompt rows of the call in progress (set by the adapter)
@@ -144,14 +164,21 @@ class DecoderLoop:
         if self._ffn is not None:
             self._ffn.uninstall()
         self.selection, self._call, self._ids = None, None, None
+        self._mask2d, self._blocks = None, None
 
     # --- call start / end ---------------------------------------------------------------------------------------
     def _model_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._ids = ids if isinstance(ids, torch.Tensor) else None
+        if self.per_layer:
+            mask = kwargs.get("attention_mask")
+            self._mask2d = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
+            self._blocks = self.block_fn(kwargs) if self.block_fn is not None else None
 
     def _lm_pre(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         ids, self._ids, self._call = self._ids, None, None
+        model_mask, self._mask2d = self._mask2d, None
+        blocks, self._blocks = self._blocks, None
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             return
@@ -160,7 +187,11 @@ class DecoderLoop:
         past = pruned_cache.cached_length(cache)
         state = pruned_cache.state_of(cache) if past > 0 else None
         sel = state.selection if state is not None else None  # a call on a cache: ITS prefill's selection
-        mask = pruned_cache.padding_mask_2d(kwargs.get("attention_mask"), past + q)
+        mask = kwargs.get("attention_mask")
+        if self.per_layer and not (isinstance(mask, torch.Tensor) and mask.ndim == 2):
+            mask = call_padding(model_mask, mask, sel, batch, past, q)
+        else:
+            mask = pruned_cache.padding_mask_2d(mask, past + q)
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim != 2):
             if past == 0 and ids is not None and not self._has_visual(ids):
                 return
@@ -194,15 +225,15 @@ class DecoderLoop:
                 and q >= sel.ids.shape[1]
                 and torch.equal(ids[:, : sel.ids.shape[1]], sel.ids)):
             if sel.stages:
-                self._call = _Call("replay", q, sel.ids.shape[1], mask2d, pos, sel)
+                self._call = _Call("replay", q, sel.ids.shape[1], mask2d, pos, sel, blocks=blocks)
                 return self._take_deepstack(args, kwargs, q)
             return
         if not self._has_visual(ids):
             return
-        sel = PrefillSelection(ids.clone(), [])
+        sel = PrefillSelection(ids.clone(), [], mask=mask2d[:, :q].clone() if self.per_layer else None)
         self.selection = sel
         call = _Call("select", q, q, mask2d, pos, sel, image_of=self._image_of(ids),
-                     kv_len=pruned_cache.static_length(cache), source_rows=self.source_rows)
+                     kv_len=pruned_cache.static_length(cache), source_rows=self.source_rows, blocks=blocks)
         call.coords = visual_coords(self.model.config.model_type, call.image_of, kwargs.get("position_ids"))
         call.index = torch.arange(q, device=ids.device).expand(batch, -1)
         call.valid = mask2d[:, :q].clone()
@@ -234,13 +265,14 @@ class DecoderLoop:
                 h, rest = args[0], args[1:]
             else:
                 h, rest = kwargs.pop("hidden_states"), ()
+            kwargs["_incoming"] = kwargs.get("position_embeddings")  # this layer's own rotary tables, unpruned
             if call.cos_sin is None:  # first layer: HF's (unpruned) rotary tables and the call's cache
                 call.cos_sin = kwargs["position_embeddings"]
                 cache = kwargs.get("past_key_values")
                 if call.mode == "select":
                     pruned_cache.attach(cache, selection=call.sel)
             if call.override:
-                kwargs.update(self._for_layer(i, call.override))
+                kwargs.update(self._for_layer(i, call.override, kwargs))
             if call.mode == "select":
                 h = self._select_at(i, h, kwargs, call)
             else:
@@ -254,7 +286,8 @@ class DecoderLoop:
                         if call.deepstack is not None:
                             call.deepstack.follow(slots, stage.mixes)
                     call.override = self._override(stage, call, h)
-                    kwargs.update(self._for_layer(i, call.override))
+                    kwargs.update(self._for_layer(i, call.override, kwargs))
+            kwargs.pop("_incoming")
             return (h, *rest), kwargs
 
         return hook
@@ -304,9 +337,9 @@ class DecoderLoop:
                 call.index, call.valid, call.removed, call.shift = stage.index, stage.valid, stage.removed, stage.shift
                 call.extra = stage.extra
                 call.override = self._override(stage, call, h)
-                kwargs.update(self._for_layer(i, call.override))
+                kwargs.update(self._for_layer(i, call.override, kwargs))
                 if any(p.score_layer == i < p.layer for p in self.plan):  # a later stage scores what layer i gets
-                    call.inputs[i] = (h, *call.override["position_embeddings"])
+                    call.inputs[i] = (h, *kwargs["position_embeddings"])
         visual = call.valid & (call.image_of.gather(1, call.index) >= 0)
         call.counts.append((call.valid.sum(1), visual.sum(1)))
         return h
@@ -317,9 +350,19 @@ class DecoderLoop:
         prompt_valid = stage.valid & call.mask2d[:, :n].gather(1, stage.index)
         kv_valid = torch.cat([prompt_valid, call.mask2d[:, n:]], dim=1)
         q = call.q if call.mode == "decode" else kv_valid.shape[1]
-        cos, sin = call.cos_sin
         t = 0 if call.mode == "decode" else call.q - call.n  # replay: generated tokens after the prompt
         index = torch.cat([stage.index, torch.arange(n, n + t, device=h.device).expand(batch, -1)], dim=1)
+        impl = self.lm.config._attn_implementation
+        if self.per_layer:  # each layer's own mask and rotary tables (patches/decoder_masks.py)
+            coords = torch.cat([stage.index, torch.arange(n, call.mask2d.shape[1], device=h.device)
+                                .expand(batch, -1)], dim=1)
+            blocks = None
+            if call.blocks is not None and call.mode != "decode":  # decode: text queries, no block to see
+                prompt = call.blocks.to(h.device).gather(1, stage.index).masked_fill(~prompt_valid, -1)
+                blocks = torch.cat([prompt, torch.full((batch, t), -1, dtype=prompt.dtype, device=h.device)], dim=1)
+            masks = LayerMasks(impl, h.dtype, coords, kv_valid, blocks, q)
+            return {"masks": masks, "index": None if call.mode == "decode" else index, "tables": {},
+                    "position_ids": None}
         if self.reindex:
             if call.mode == "decode":
                 pos = call.pos - stage.shift[:, None]
@@ -328,18 +371,30 @@ class DecoderLoop:
                 pos = call.pos.gather(1, index) - removed
             emb = self.lm.rotary_emb(h, pos)
         elif call.mode == "decode":
-            emb = (cos, sin)
+            emb = call.cos_sin
         else:
-            emb = tuple(gather(x.expand(batch, -1, -1), index) for x in (cos, sin))
-        mask = build_mask(self.lm.config._attn_implementation, kv_valid, q, h.dtype, call.kv_len)
+            emb = tuple(gather(x.expand(batch, -1, -1), index) for x in call.cos_sin)
+        mask = build_mask(impl, kv_valid, q, h.dtype, call.kv_len)
         override = {"attention_mask": mask, "position_embeddings": emb, "position_ids": None}
         if self.linear:  # what HF's create_recurrent_attention_mask gives: the queries' padding, None if there is none
             queries = kv_valid[:, -q:]
             override["recurrent_mask"] = None if q == 1 or bool(queries.all()) else queries
         return override
 
-    def _for_layer(self, i: int, override: dict[str, Any]) -> dict[str, Any]:
-        """The override of layer ``i``: a linear-attention layer takes the 2-D padding mask of its queries."""
+    def _for_layer(self, i: int, override: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The override of layer ``i``: a linear-attention layer takes the 2-D padding mask of its queries; with
+        per-layer masks, the layer's own mask and its own rotary tables (``kwargs["_incoming"]``, what HF computed
+        for the unpruned call) gathered at the kept slots' prompt index."""
+        if "masks" in override:
+            out = {"position_ids": None}
+            out["attention_mask"] = override["masks"].for_layer(kwargs.get("past_key_values"), i, self.windows[i])
+            incoming, index = kwargs["_incoming"], override["index"]
+            if index is not None and incoming is not None:
+                key = id(incoming[0])
+                if key not in override["tables"]:
+                    override["tables"][key] = tuple(gather(x.expand(index.shape[0], -1, -1), index) for x in incoming)
+                out["position_embeddings"] = override["tables"][key]
+            return out
         out = {k: v for k, v in override.items() if k != "recurrent_mask"}
         if i in self.linear:
             out["attention_mask"] = override.get("recurrent_mask")
@@ -362,6 +417,15 @@ class DecoderLoop:
                 )
             out[i] = full[0]
         return out
+
+    def rotary_for(self, i: int) -> Callable:
+        """The language model's rotary module as layer ``i`` uses it (``(x, position_ids) -> (cos, sin)``): Gemma 3's
+        takes the layer type (local and global bases)."""
+        rotary = self.lm.rotary_emb
+        types = getattr(self.lm.config, "layer_types", None)
+        if types and "layer_type" in inspect.signature(rotary.forward).parameters:
+            return functools.partial(rotary, layer_type=types[i])
+        return rotary
 
     def _has_visual(self, ids: torch.Tensor) -> bool:
         return bool(torch.isin(ids, torch.tensor(self.visual_ids, device=ids.device)).any())
@@ -394,36 +458,3 @@ class DecoderLoop:
         if given.ndim == 3:  # Qwen rows; REINDEX never runs there, kept for completeness
             given = given[0]
         return given.expand(batch, -1)
-
-
-def build_mask(
-    impl: str, kv_valid: torch.Tensor, q: int, dtype: torch.dtype, kv_len: int | None = None
-) -> torch.Tensor | None:
-    """The attention mask for ``q`` queries that are the last ``q`` of ``kv_valid.shape[1]`` keys (causal + padding),
-    in the form the kernel takes: flash -- 2-D 0/1 (None without padding); eager -- additive float; others (sdpa)
-    -- boolean ``[B, 1, q, kv]``. Query rows with no visible key (padding) see every key: no NaN, never read.
-    ``kv_len`` (a static cache: every layer returns ``max_cache_len`` keys): the unwritten key slots are masked."""
-    if kv_len is not None and kv_len > kv_valid.shape[1]:
-        blank = torch.zeros(kv_valid.shape[0], kv_len - kv_valid.shape[1], dtype=torch.bool, device=kv_valid.device)
-        full = build_mask(impl, kv_valid, q, dtype)
-        if "flash" in impl:
-            return torch.cat([kv_valid, blank], dim=1).long()
-        blank = blank[:, None, None].expand(-1, 1, q, -1)
-        if impl == "eager":
-            return torch.cat([full, torch.full(blank.shape, torch.finfo(dtype).min, dtype=dtype,
-                                               device=full.device)], dim=-1)
-        return torch.cat([full, blank], dim=-1)
-    if "flash" in impl:
-        return None if bool(kv_valid.all()) else kv_valid.long()
-    kv = kv_valid.shape[1]
-    keys = torch.arange(kv, device=kv_valid.device)
-    causal = keys[None, :] <= (keys[kv - q:])[:, None]                    # [q, kv]
-    allowed = causal[None] & kv_valid[:, None, :]                          # [B, q, kv]
-    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
-    allowed = allowed[:, None]
-    if impl == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=kv_valid.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min
-        )
-    return allowed
-

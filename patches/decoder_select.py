@@ -17,6 +17,7 @@ import torch
 from tokenprune.compaction import padding_side
 from tokenprune.methods.decoder_base import Recycled
 from tokenprune.patches.attention_rows import attention_rows, attention_rows_no_rope, layer_keys
+from tokenprune.patches.decoder_masks import visible
 
 
 @dataclass
@@ -57,18 +58,20 @@ class Row:
     (:meth:`normed_hidden`), ``token_index`` ``[N]`` each slot's position in the unpadded prompt, ``image_local``
     ``[N]`` each slot's index among its image's tokens entering the LLM (-1 for text), ``coords`` ``[N, 2]`` each
     slot's ``(row, column)`` within its image (-1 unknown: ``patches/decoder_grids.py``), ``accumulated`` ``[N]``
-    a per-token sum the method collected with :meth:`~tokenprune.methods.decoder_base.DecoderMethod.observe`.
+    a per-token sum the method collected with :meth:`~tokenprune.methods.decoder_base.DecoderMethod.observe`,
+    ``visibility`` ``(window, blocks [N] or None)`` the score layer's own mask rule (per-layer masks: Gemma 3).
     """
 
     def __init__(self, layer: torch.nn.Module, inputs: tuple, b: int, h: torch.Tensor, valid: torch.Tensor,
                  visual: torch.Tensor, call: Any = None, *, norm: torch.nn.Module | None = None,
                  token_index: torch.Tensor | None = None, image_local: torch.Tensor | None = None,
                  coords: torch.Tensor | None = None, accumulated: torch.Tensor | None = None,
-                 rotary: torch.nn.Module | None = None, layers: Any = None, read_at: dict | None = None):
+                 rotary: Any = None, visibility: tuple | None = None, layers: Any = None,
+                 read_at: dict | None = None):
         self._layer, self._b, self._layers, self._read_at = layer, b, layers, read_at or {}
         self._norm, self._rotary = norm, rotary
         self.token_index, self.image_local, self.accumulated = token_index, image_local, accumulated
-        self.coords = coords
+        self.coords, self._visibility = coords, visibility
         h_in, cos, sin = inputs
         self._h_in = h_in[b:b + 1]
         self._cos = cos[b:b + 1] if cos.shape[0] > 1 else cos
@@ -86,6 +89,17 @@ class Row:
             self.index = call.index[b]
             self.visual_prompt = call.image_of[b] >= 0
 
+    def _allowed(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """``[1, R, N]`` keys the query slots ``rows`` see under the score layer's own rule, or None (causal)."""
+        if self._visibility is None:
+            return None
+        window, blocks = self._visibility
+        slots = torch.arange(self.valid.shape[0], device=rows.device)[None]
+        coords = self.index[None].to(rows.device)
+        query_blocks = None if blocks is None else blocks[rows][None]
+        return visible(slots, coords, self.valid[None], None if blocks is None else blocks[None], rows[None],
+                       coords[:, rows], query_blocks, window)
+
     @property
     def embeddings(self) -> torch.Tensor:
         return self._call.embeds[self._b]
@@ -95,7 +109,8 @@ class Row:
         key = tuple(rows.tolist())
         if key not in self._rows:
             rows = rows.to(self._h_in.device)
-            out = attention_rows(self._layer, self._h_in, rows[None], self._cos, self._sin, self.valid[None])
+            out = attention_rows(self._layer, self._h_in, rows[None], self._cos, self._sin, self.valid[None],
+                                 allowed=self._allowed(rows))
             self._rows[key] = out[0]
         return self._rows[key]
 
@@ -177,7 +192,7 @@ def select_stage(loop: Any, s: int, h: torch.Tensor, call: Any) -> Stage | None:
         if all(k >= slots.numel() for slots, k in images):
             continue
         row = Row(loop.layers[plan.score_layer], inputs, b, h, call.valid[b], of[b] >= 0, call,
-                  **_extras(loop, call, b))
+                  **_extras(loop, call, b, plan.score_layer))
         chosen = loop.method.select_stage(s, row, images)
         exact = loop.method.exact_counts
         for (slots, k), choice in zip(images, chosen, strict=True):
@@ -261,7 +276,7 @@ def _removed_with_extras(call: Any, removed: torch.Tensor, slots: torch.Tensor, 
     return original - new_pos
 
 
-def _extras(loop: Any, call: Any, b: int) -> dict[str, Any]:
+def _extras(loop: Any, call: Any, b: int, score_layer: int) -> dict[str, Any]:
     """The optional :class:`Row` signals of row ``b`` in the call's current layout."""
     n = call.n
     unpadded = call.mask2d[b, :n].long().cumsum(0) - 1
@@ -279,7 +294,18 @@ def _extras(loop: Any, call: Any, b: int) -> dict[str, Any]:
         "image_local": local.gather(0, index).masked_fill(~call.valid[b], -1),
         "coords": None if coords is None else coords[b].gather(0, index[:, None].expand(-1, 2)),
         "accumulated": None if accum is None else accum[b],
-        "rotary": loop.lm.rotary_emb if loop.one_d_positions else None,
+        "rotary": loop.rotary_for(score_layer) if loop.one_d_positions else None,
+        "visibility": _visibility(loop, call, b, score_layer),
         "layers": loop.layers,
         "read_at": getattr(loop, "attention_layers", None),
     }
+
+
+def _visibility(loop: Any, call: Any, b: int, score_layer: int) -> tuple | None:
+    """Row ``b``'s ``(window, blocks)`` at ``score_layer`` (per-layer masks only; blocks over the current slots)."""
+    if not loop.per_layer:
+        return None
+    blocks = None
+    if call.blocks is not None:
+        blocks = call.blocks[b].to(call.index.device).gather(0, call.index[b]).masked_fill(~call.valid[b], -1)
+    return loop.windows[score_layer], blocks

@@ -21,9 +21,13 @@ select per image, drop the unselected ``<image_soft_token>`` placeholders from `
   coordinate, as in the unpruned model: a query sees the ``W`` tokens before it of the sequence the LLM runs on.
   Kept original positions would make RoPE count removed tokens that the window does not.
 
-Decoder-stage methods decline on Gemma 3 (:meth:`Gemma3Adapter.decoder_reason`): the shared decoder loop rebuilds
-one causal mask for all pruned layers, while Gemma 3 needs a global and a sliding-window mask, each with the
-bidirectional block over the surviving image tokens.
+Decoder-stage methods (FastV, PDrop, ...) run inside the LLM through the shared decoder loop with per-layer masks
+(``patches/decoder_masks.py``): from the pruned layer on, each layer type gets its own mask over the kept slots --
+causal, the bidirectional block over exactly the kept tokens of each image (from ``token_type_ids``, by the model's
+own ``get_block_sequence_ids_for_mask``), and in the sliding-window layers the window counted in ORIGINAL positions
+(a kept token at position ``p`` sees keys at positions ``> p - W``), as the unpruned model counts it. Positions stay
+original (``decoder_keep_positions``): each layer gets its own rotary tables (local and global bases) gathered at the
+kept slots. The recomputed attention rows a method scores with follow the score layer's own rule.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
 
 from tokenprune.compaction import compact, padding_side, reindex_positions
 from tokenprune.methods import ATTENTION_RECEIVED, FEATURES, TEXT_EMBEDDINGS, VISION_HIDDEN
@@ -47,15 +52,28 @@ class Gemma3Adapter(VisionStageAdapter):
     model_types = ("gemma3",)
     signals = frozenset({FEATURES, TEXT_EMBEDDINGS}) | POOLED_SIGNALS
     cls_token = False
+    decoder_keep_positions = True  # original positions: the sliding window and RoPE count them, as unpruned
+    decoder_one_d_rope = True
 
     @classmethod
     def decoder_reason(cls, model_type: str, name: str, first_layer: int, config: Any = None) -> str | None:
-        return (
-            f"decoder-stage method {name!r} is not supported on {model_type!r} yet: the decoder loop rebuilds one "
-            f"causal mask for every pruned layer, while Gemma 3 needs a global and a sliding-window mask, each with "
-            f"the bidirectional block over the surviving image tokens (token_type_ids). Use a vision-stage method "
-            f"(e.g. 'divprune', 'cdpruner', 'hiprune') on this model"
-        )
+        impl = getattr(config, "_attn_implementation", None) or ""
+        if "flash" in impl:
+            return (
+                f"decoder-stage method {name!r} on Gemma 3 needs one 4-D attention mask per layer type (sliding "
+                f"window, bidirectional image block over the kept tokens), which attn_implementation={impl!r} cannot "
+                f"take; load the model with attn_implementation='sdpa' or 'eager', or use a vision-stage method"
+            )
+        return None
+
+    def decoder_blocks(self) -> Any:
+        """The image blocks HF builds the bidirectional mask from: each run of ``token_type_ids == 1``."""
+
+        def blocks(kwargs: dict[str, Any]) -> torch.Tensor | None:
+            types = kwargs.get("token_type_ids")
+            return None if types is None else get_block_sequence_ids_for_mask(types)
+
+        return blocks
 
     def check_method(self) -> None:
         try:

@@ -4,6 +4,8 @@ with ``copy.deepcopy``, the static cache, beams and several samples -- exact, or
 
 One parametrized matrix (family x method): a new family in ``FAMILIES`` or a new registered method gets it for free.
 Each case prunes ONE conversation turn once (a module fixture) and every pattern continues copies of that cache.
+Gemma 3 (sliding-window and global layers, bidirectional image blocks) runs its decoder-stage and two-stage methods
+here (``DECODER_FAMILIES``); its vision-stage patterns are in tests/test_gemma3.py.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tokenprune.real_depth import real_depth
 from tokenprune.tiny_models import random_image
 
 FAMILIES = ("llava", "qwen2_5_vl", "llava_next", "qwen2_vl")
+DECODER_FAMILIES = ("gemma3",)  # families whose decoder-stage and two-stage methods run here
 KEEP = 0.25
 TOL = dict(rtol=0, atol=1e-4)
 QIMG = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -46,6 +49,8 @@ def image_only(name: str) -> bool:
 # Video-only methods (HoliTom) decline these image prompts at the call (listed in tests/test_matrix_real_depth.py);
 # their generate patterns on videos are in tests/test_holitom.py.
 CASES = [(f, m) for f in FAMILIES for m in sorted(METHODS) if runs_on(f, m) and not METHODS[m].video_only]
+CASES += [(f, m) for f in DECODER_FAMILIES for m in sorted(METHODS)
+          if METHODS[m].stage in ("decoder", "two-stage") and runs_on(f, m) and not METHODS[m].video_only]
 
 
 @functools.cache
@@ -60,6 +65,8 @@ def _own_model(family: str):
 
 
 def prompt(family: str, text: str) -> str:
+    if family == "gemma3":
+        return f"USER : <start_of_image> {text}"
     return f"USER : {QIMG}{text}" if family.startswith("qwen") else f"USER : <image>\n{text}"
 
 
@@ -68,6 +75,8 @@ def encode(family: str, processor, texts: list[str]) -> dict:
     prompts = [prompt(family, t) for t in texts]
     if family.startswith("qwen"):
         return dict(processor(text=prompts, images=images))
+    if family == "gemma3":
+        return dict(processor(text=prompts, images=[[im] for im in images], return_tensors="pt", padding=True))
     return dict(processor(images=images, text=prompts, return_tensors="pt", padding=True))
 
 
@@ -81,8 +90,9 @@ def extend(inputs: dict, ids: torch.Tensor) -> dict:
     n = ids.shape[1] - inputs["input_ids"].shape[1]
     out = dict(inputs, input_ids=ids)
     out["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(ids[:, -n:])], dim=1)
-    if "mm_token_type_ids" in inputs:
-        out["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids[:, -n:])], dim=1)
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if key in inputs:
+            out[key] = torch.cat([inputs[key], torch.zeros_like(ids[:, -n:])], dim=1)
     return out
 
 

@@ -33,7 +33,7 @@ class DART(DecoderMethod):
         "EMNLP 2025)"
     deviations = (
         Deviation(
-            "On 1-D RoPE families (LLaVA, InternVL) key norms use the unpadded prompt's positions.",
+            "On 1-D RoPE families (LLaVA, InternVL, Gemma 3) key norms use the unpadded prompt's positions.",
             "So a left-padded `forward` without `position_ids` selects what the row alone would; `generate` is "
             "unaffected.",
         ),
