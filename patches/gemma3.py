@@ -39,9 +39,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
 
 from tokenprune.compaction import compact, padding_side, reindex_positions
-from tokenprune.methods import ATTENTION_RECEIVED, FEATURES, TEXT_EMBEDDINGS, VISION_HIDDEN
+from tokenprune.methods import ATTENTION_RECEIVED, FEATURES, PAIRED_TEXT, TEXT_EMBEDDINGS, VISION_HIDDEN
 from tokenprune.patches.base import PrunedCall, VisionStageAdapter, placeholder_positions, text_embeddings
 from tokenprune.patches.clip_signals import ClipProbe, encoder_layers, resolve_layer
+from tokenprune.patches.paired_text import paired_text_embeddings
 from tokenprune.patches.units import Unit, select_image
 from tokenprune.record import ImageRecord, PruneRecord, grid_boxes
 
@@ -50,7 +51,7 @@ POOLED_SIGNALS = frozenset({ATTENTION_RECEIVED, VISION_HIDDEN})
 
 class Gemma3Adapter(VisionStageAdapter):
     model_types = ("gemma3",)
-    signals = frozenset({FEATURES, TEXT_EMBEDDINGS}) | POOLED_SIGNALS
+    signals = frozenset({FEATURES, TEXT_EMBEDDINGS, PAIRED_TEXT}) | POOLED_SIGNALS
     cls_token = False
     decoder_keep_positions = True  # original positions: the sliding window and RoPE count them, as unpruned
     decoder_one_d_rope = True
@@ -163,6 +164,11 @@ class Gemma3Adapter(VisionStageAdapter):
                 unit_signals[TEXT_EMBEDDINGS] = text_embeddings(
                     self.model, input_ids, kwargs.get("attention_mask"), row, int(positions[-1]) % length,
                     placeholders,
+                )
+            if PAIRED_TEXT in self.method.needs:
+                unit_signals[PAIRED_TEXT] = paired_text_embeddings(  # begin/end-of-image: config delimiters
+                    self.model, input_ids, kwargs.get("attention_mask"), row, int(positions[-1]) % length,
+                    (config.image_token_id,),
                 )
             grid = (side, side) if side * side == n else None
             chosen = select_image(

@@ -353,6 +353,7 @@ def test_clear_errors(deep):
 
 # --- every other family that takes several images (4 LLM layers, layer=1: pool cut from 2, query from 3) ---------
 def _tiny(family):
+    from tokenprune.tiny_gemma3 import tiny_gemma3
     from tokenprune.tiny_internvl import tiny_internvl
     from tokenprune.tiny_models import LlavaSize, tiny_llava, tiny_qwen
     from tokenprune.tiny_onevision import tiny_onevision
@@ -364,12 +365,13 @@ def _tiny(family):
         "qwen3_vl": lambda: tiny_qwen3("qwen3_vl", text_layers=4),
         "llava_onevision": lambda: tiny_onevision(text_layers=4),
         "internvl": lambda: tiny_internvl(text_layers=4),
+        "gemma3": lambda: tiny_gemma3(text_layers=4),
     }
     return builders[family]()
 
 
 TOKEN = {"llava": "<image>", "qwen2_vl": QIMG, "qwen3_vl": QIMG, "llava_onevision": "<image>",
-         "internvl": "<IMG_CONTEXT>"}
+         "internvl": "<IMG_CONTEXT>", "gemma3": "<start_of_image>"}
 
 
 @pytest.mark.parametrize("family", sorted(TOKEN))

@@ -430,6 +430,7 @@ SHALLOW = 8  # LLM layers: sliding 0-4, global 5, sliding 6-7 (every method's la
 SHALLOW_OPTIONS = {
     "adaptinfer": {"layers": (1, 4, 6)}, "feather": {"layers": (3, 6)}, "pdrop": {"layers": (2, 4, 6)},
     "sparsevlm": {"layers": (1, 4, 6)}, "todre": {"layer": 5}, "transprune": {"layers": (3, 5, 7)},
+    "catp": {"layer": 4},
 }
 
 
