@@ -209,10 +209,10 @@ class InternVLAdapter(LlavaNextAdapter):
             dropped[chosen.slots] = False
             keep[row, start:start + n] = ~dropped.to(keep.device)
             kept_features.append(chosen.features)
-            single = n_img_tiles == 1
+            single = n_img_tiles == 1  # one tile: the whole image; more: boxes within each tile, thumbnail last
             images.append(ImageRecord(
                 row, seen_in_row[row], n, chosen.kept, (layout.side, layout.side) if single else None,
-                boxes=layout.boxes if single else None, view="image",
+                boxes=layout.boxes, view="image" if single else "tiles",
                 segments=None if single else layout.crop, merged=chosen.assign, n_merged=chosen.n_merged,
             ))
             seen_in_row[row] += 1
