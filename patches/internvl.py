@@ -107,7 +107,9 @@ class InternVLAdapter(LlavaNextAdapter):
         if self.method.stage == "vision-encoder":
             raise ValueError(
                 f"method {self.method.name!r} prunes inside the vision encoder, layer by layer; the 'internvl' adapter "
-                f"does not run InternViT's layer loop. Use 'fastervlm' ([CLS] attention after the encoder) instead"
+                f"does not run InternViT's layer loop (the pixel shuffle after it needs every 2x2 patch group of the "
+                f"tile, so single patches cannot be dropped inside the tower). Use 'fastervlm' ([CLS] attention after "
+                f"the encoder) instead"
             )
         VisionStageAdapter.check_method(self)
         n_layers = len(encoder_layers(self.model.model.vision_tower))
