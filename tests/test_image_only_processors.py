@@ -9,16 +9,16 @@ from tokenprune.integrations.image_only_processors import (
     image_only_internvl_processor,
     image_only_onevision_processor,
 )
-from tokenprune.tiny_internvl import tiny_internvl
+from tokenprune.tiny_internvl import named_tokenizer, tiny_internvl
 from tokenprune.tiny_models import random_image
 from tokenprune.tiny_onevision import tiny_onevision
 
-# (w, h): one tile; unpadded crops / tiles plus thumbnail; a wide picture; a large one (down-scaled AnyRes grid)
+# (height, width): one tile; unpadded crops / tiles plus thumbnail; a tall picture; a large one (down-scaled grid)
 SIZES = [(64, 64), (56, 64), (150, 40), (128, 120)]
 
 
 def _images():
-    return [random_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
+    return [random_image(h, w, seed=i) for i, (h, w) in enumerate(SIZES)]
 
 
 def _same(real, tiny, keys):
@@ -43,17 +43,10 @@ def test_onevision_real_processor_without_videos_matches_the_stand_in(tmp_path):
 
 
 def test_internvl_real_processor_without_videos_matches_the_stand_in(tmp_path):
-    from transformers import PreTrainedTokenizerFast
-
-    from tokenprune.tiny_internvl import INTERNVL_TOKENS
-
     _, tiny = tiny_internvl()
-    tokenizer = PreTrainedTokenizerFast(  # InternVL's image tokens named as the released tokenizers name them
-        tokenizer_object=tiny.tokenizer.backend_tokenizer, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-        eos_token="</s>", padding_side="left", extra_special_tokens=dict(INTERNVL_TOKENS),
-    )
     cls = image_only_internvl_processor()
-    cls(tiny.image_processor, tokenizer, image_seq_length=tiny.image_seq_length).save_pretrained(tmp_path)
+    cls(tiny.image_processor, named_tokenizer(tiny.tokenizer), image_seq_length=tiny.image_seq_length
+        ).save_pretrained(tmp_path)
     real = cls.from_pretrained(tmp_path)
     assert not hasattr(real, "video_processor") and real.image_seq_length == tiny.image_seq_length
     text = "USER : <IMG_CONTEXT>\nwhat is it ? ASSISTANT :"

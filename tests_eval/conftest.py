@@ -123,18 +123,13 @@ def save_tiny_onevision(path: Path) -> Path:
 def save_tiny_internvl(path: Path) -> Path:
     """A tiny InternVL3 with the real ``InternVLProcessor`` minus its video processor, and a tokenizer that names
     InternVL's image tokens as the released ones do (``start_image_token``, ``context_image_token``, ...)."""
-    from transformers import PreTrainedTokenizerFast
-
     from tokenprune.integrations.image_only_processors import image_only_internvl_processor
-    from tokenprune.tiny_internvl import INTERNVL_TOKENS, tiny_internvl
+    from tokenprune.tiny_internvl import named_tokenizer, tiny_internvl
 
     model, tiny = tiny_internvl()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tiny.tokenizer.backend_tokenizer, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-        eos_token="</s>", padding_side="left", extra_special_tokens=dict(INTERNVL_TOKENS),
-    )
     processor = image_only_internvl_processor()(
-        tiny.image_processor, tokenizer, image_seq_length=tiny.image_seq_length, chat_template=INTERNVL_CHAT_TEMPLATE,
+        tiny.image_processor, named_tokenizer(tiny.tokenizer), image_seq_length=tiny.image_seq_length,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
     )
     model.save_pretrained(path)
     processor.save_pretrained(path)

@@ -201,7 +201,7 @@ def test_onevision_pruned_run_through_llava_hf(task_dir, workdir):
 
 def test_internvl_pruned_run_with_tiles(large_task_dir, workdir):
     """InternVL3 through ``tokenprune_internvl_hf`` (chat; image-only ``InternVLProcessor`` without torchvision):
-    ``max_patches=6`` tiles the 128 px pictures into 2x2 or 3x2 tiles plus a thumbnail, 16 tokens per tile."""
+    ``max_patches=6`` tiles the 128 px wide pictures into 2 x 2 or 2 x 3 tiles plus a thumbnail, 16 tokens per tile."""
     from tokenprune.tiny_internvl import TOKENS_PER_TILE
 
     pretrained = save_tiny_internvl(workdir / "tiny_internvl")
