@@ -36,8 +36,8 @@ GEMMA3_CHAT_TEMPLATE = (
 
 
 def write_task(root: Path, n: int = 6, size: int = 64) -> Path:
-    """A ``load_from_disk`` dataset of ``n`` generated pictures with questions (``size`` px high; every other one
-    ``size`` px wide, the rest wider), and its task YAML; returns the ``--include_path`` folder."""
+    """A ``load_from_disk`` dataset of ``n`` generated pictures with questions (``size`` px wide; every other one
+    ``size`` px high, the rest 7/8, 9/8, 11/8 ... of it), and its task YAML; returns the ``--include_path`` folder."""
     from datasets import Dataset, DatasetDict, Features, Image, Value
 
     from tokenprune.tiny_models import demo_image, random_image
