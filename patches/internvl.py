@@ -109,7 +109,9 @@ class InternVLAdapter(LlavaNextAdapter):
         if self.method.stage == "vision-encoder":
             raise ValueError(
                 f"method {self.method.name!r} prunes inside the vision encoder, layer by layer; the 'internvl' adapter "
-                f"does not run InternViT's layer loop. Use 'fastervlm' ([CLS] attention after the encoder) instead"
+                f"does not run InternViT's layer loop (the pixel shuffle after it needs every 2x2 patch group of the "
+                f"tile, so single patches cannot be dropped inside the tower). Use 'fastervlm' ([CLS] attention after "
+                f"the encoder) instead"
             )
         VisionStageAdapter.check_method(self)
         n_layers = len(encoder_layers(self.model.model.vision_tower))
@@ -223,10 +225,10 @@ class InternVLAdapter(LlavaNextAdapter):
             dropped[chosen.slots] = False
             keep[row, start:start + n] = ~dropped.to(keep.device)
             kept_features.append(chosen.features)
-            single = n_img_tiles == 1
+            single = n_img_tiles == 1  # one tile: the whole image; more: boxes within each tile, thumbnail last
             images.append(ImageRecord(
                 row, seen_in_row[row], n, chosen.kept, (layout.side, layout.side) if single else None,
-                boxes=layout.boxes if single else None, view="image",
+                boxes=layout.boxes, view="image" if single else "tiles",
                 segments=None if single else layout.crop, merged=chosen.assign, n_merged=chosen.n_merged,
             ))
             seen_in_row[row] += 1

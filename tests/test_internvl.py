@@ -2,6 +2,7 @@
 selection units, InternViT signals carried through the pixel shuffle, batches with several images per prompt, an
 oracle, and the explicit list of what declines."""
 
+import dataclasses
 import re
 
 import pytest
@@ -346,16 +347,49 @@ def test_flops_preset_and_the_tiny_models_shape():
     assert (tiny.hidden_size, tiny.num_layers, tiny.num_kv_heads) == (128, 2, 2)
 
 
-def test_visualize_draws_a_single_tile_image_and_refuses_tiles_it_cannot_place():
+def test_visualize_draws_a_single_tile_image_on_its_grid():
     from tokenprune.viz import draw_kept, prune_once
 
     model, processor = _model("sdpa")
-    square, wide = random_image(64, 64, seed=1), random_image(*WIDE, seed=1)
+    square = random_image(64, 64, seed=1)
     record = prune_once(model, processor, square, PROMPT, "divprune", keep=6)
     assert record.images[0].grid == (4, 4) and draw_kept(square, record, size=128, legend=False).size[0] == 128
-    record = prune_once(model, processor, wide, PROMPT, "divprune", keep=6)
-    with pytest.raises(ValueError, match="no geometry"):
-        draw_kept(wide, record, size=128, legend=False)
+    assert _HANDLE_ATTR not in model.__dict__
+
+
+@pytest.mark.parametrize(("method", "options"), [("divprune", {}), ("visionzip", {"keep_cls": False})])
+def test_visualize_places_every_tile_in_the_picture_and_the_thumbnail_apart(method, options):
+    """A 192 x 128 picture is cut into 3 x 2 tiles (row-major) + a thumbnail: the kept cells of each tile are drawn
+    at that tile's place in the picture (first panel), the thumbnail's over the whole picture (second panel)."""
+    from test_viz import GREY, assert_looks, centre, grey
+
+    from tokenprune.viz import GAP, HEADER, draw_kept, prune_once
+
+    model, processor = _model("sdpa", max_tiles=6)
+    image = grey(192, 128)
+    record = prune_once(model, processor, image, PROMPT, method, keep=0.25, **options)
+    rec = record.images[0]
+    assert rec.view == "tiles" and rec.n == 7 * T
+    figure = draw_kept(image, record, size=240, legend=False)  # two 240 x 160 panels
+    second, rect = 240 + GAP, (0, 0, 240, 160)
+    assert figure.size[0] >= second + 240 and figure.size[1] == HEADER + 160
+    side = round(T**0.5)
+    boxes = []  # where each token belongs in the picture, from the processor's cutting order alone
+    for i in range(rec.n):
+        tile, token = divmod(i, T)
+        x, y = token % side, token // side
+        col, row, cols, rows = (tile % 3, tile // 3, 3, 2) if tile < 6 else (0, 0, 1, 1)
+        boxes.append([(col + x / side) / cols, (row + y / side) / rows,
+                      (col + (x + 1) / side) / cols, (row + (y + 1) / side) / rows])
+    panel_of = lambda i: (0 if i < 6 * T else second, None)  # noqa: E731
+    assert_looks(figure, dataclasses.replace(rec, boxes=torch.tensor(boxes)), panel_of, {0: rect, second: rect})
+    kept, per_tile = rec.kept_mask(), []
+    for tile in range(7):
+        tokens = range(tile * T, (tile + 1) * T)
+        drawn = [i for i in tokens if centre(figure, boxes[i], panel_of(i)[0], rect) == (GREY,) * 3]
+        per_tile.append(len(drawn))
+        assert len(drawn) == int(kept[tile * T:(tile + 1) * T].sum())
+    assert sum(per_tile) == rec.kept.numel() and sum(n > 0 for n in per_tile) > 1
     assert _HANDLE_ATTR not in model.__dict__
 
 

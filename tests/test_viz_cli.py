@@ -92,3 +92,25 @@ def test_docs_picture_is_committed_and_made_by_the_command_shown(tmp_path):
     width, height = assert_png(path)
     rows, columns = len(args.method), len(args.keep)
     assert height == 2 * HEADER + rows * (HEADER + args.size + GAP) + LEGEND and width > columns * args.size
+
+
+def test_internvl_checkpoint_without_torchvision_draws_tiles_and_thumbnail(tmp_path, capsys):
+    """An InternVL checkpoint (AutoProcessor cannot build its processor without torchvision: the real one minus its
+    video processor is loaded) and a picture cut into several tiles: tiles panel + thumbnail panel."""
+    from tokenprune.integrations.image_only_processors import image_only_internvl_processor
+    from tokenprune.tiny_internvl import named_tokenizer, tiny_internvl
+
+    model, tiny = tiny_internvl()
+    checkpoint = tmp_path / "internvl"
+    model.save_pretrained(checkpoint)
+    image_only_internvl_processor()(tiny.image_processor, named_tokenizer(tiny.tokenizer),
+                                    image_seq_length=tiny.image_seq_length).save_pretrained(checkpoint)
+    picture = tmp_path / "wide.png"
+    tiny_models.random_image(128, 192, seed=0).save(picture)  # 192 px wide: 2 x 2 tiles at most 4 tiles
+    out = tmp_path / "tiles.png"
+    argv = ["visualize", str(picture), "--model", str(checkpoint), "--method", "divprune", "--keep", "0.25",
+            "--prompt", "USER : <IMG_CONTEXT>\nwhat is it ? ASSISTANT :", "-o", str(out), "--size", "120"]
+    assert main(argv) == 0
+    assert "divprune: kept 20/80 visual tokens" in capsys.readouterr().out  # 2 x 2 tiles + thumbnail, 16 each
+    width, height = assert_png(out)
+    assert width >= 2 * 120 + GAP and height == HEADER + 80 + LEGEND

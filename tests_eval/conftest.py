@@ -25,11 +25,19 @@ QWEN_CHAT_TEMPLATE = (
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} {% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT :{% endif %}"
 )
+# InternVL's and Gemma 3's image placeholders (each processor expands its own into the image's tokens).
+INTERNVL_CHAT_TEMPLATE = LLAVA_CHAT_TEMPLATE.replace("<image>\n", "<IMG_CONTEXT>\n")
+GEMMA3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER : {% elif message['role'] == 'system' %}"
+    "SYSTEM : {% else %}ASSISTANT : {% endif %}{% for c in message['content'] %}{% if c['type'] == 'image' %}"
+    "<start_of_image>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT :{% endif %}"
+)
 
 
 def write_task(root: Path, n: int = 6, size: int = 64) -> Path:
-    """A ``load_from_disk`` dataset of ``n`` generated pictures with questions (``size`` px high; every other one
-    ``size`` px wide, the rest wider), and its task YAML; returns the ``--include_path`` folder."""
+    """A ``load_from_disk`` dataset of ``n`` generated pictures with questions (``size`` px wide; every other one
+    ``size`` px high, the rest 7/8, 9/8, 11/8 ... of it), and its task YAML; returns the ``--include_path`` folder."""
     from datasets import Dataset, DatasetDict, Features, Image, Value
 
     from tokenprune.tiny_models import demo_image, random_image
@@ -83,13 +91,57 @@ def save_tiny_qwen(path: Path, version: str) -> Path:
     the real processor class the lmms-eval wrapper loads, minus its video processor (no torchvision here)."""
     import transformers
 
-    from tokenprune.integrations.lmms_eval import _image_only_processor_class
+    from tokenprune.integrations.image_only_processors import image_only_qwen_processor
     from tokenprune.tiny_models import tiny_qwen
     from tokenprune.tiny_qwen3 import tiny_qwen3
 
     model, tiny = tiny_qwen(version) if version in ("2", "2.5") else tiny_qwen3(version)
     base = getattr(transformers, QWEN_PROCESSORS[version])
-    processor = _image_only_processor_class(base)(tiny.image_processor, tiny.tokenizer, QWEN_CHAT_TEMPLATE)
+    processor = image_only_qwen_processor(base)(tiny.image_processor, tiny.tokenizer, QWEN_CHAT_TEMPLATE)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def save_tiny_onevision(path: Path) -> Path:
+    """A tiny LLaVA-OneVision with the real ``LlavaOnevisionProcessor`` minus its video processor (what
+    ``tokenprune_llava_hf`` loads without torchvision)."""
+    from tokenprune.integrations.image_only_processors import image_only_onevision_processor
+    from tokenprune.tiny_onevision import tiny_onevision
+
+    model, tiny = tiny_onevision()
+    processor = image_only_onevision_processor()(
+        tiny.image_processor, tiny.tokenizer, num_image_tokens=tiny.num_image_tokens,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy, chat_template=LLAVA_CHAT_TEMPLATE,
+        vision_aspect_ratio=tiny.vision_aspect_ratio,
+    )
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def save_tiny_internvl(path: Path) -> Path:
+    """A tiny InternVL3 with the real ``InternVLProcessor`` minus its video processor, and a tokenizer that names
+    InternVL's image tokens as the released ones do (``start_image_token``, ``context_image_token``, ...)."""
+    from tokenprune.integrations.image_only_processors import image_only_internvl_processor
+    from tokenprune.tiny_internvl import named_tokenizer, tiny_internvl
+
+    model, tiny = tiny_internvl()
+    processor = image_only_internvl_processor()(
+        tiny.image_processor, named_tokenizer(tiny.tokenizer), image_seq_length=tiny.image_seq_length,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def save_tiny_gemma3(path: Path) -> Path:
+    """A tiny Gemma 3 with its real ``Gemma3Processor`` (builds without torchvision)."""
+    from tokenprune.tiny_gemma3 import tiny_gemma3
+
+    model, processor = tiny_gemma3()
+    processor.chat_template = GEMMA3_CHAT_TEMPLATE
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path

@@ -4,13 +4,14 @@ results say what was pruned. Runs in .venv-eval (``make eval-test``)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import TASK, save_tiny_qwen
+from conftest import TASK, save_tiny_gemma3, save_tiny_internvl, save_tiny_onevision, save_tiny_qwen
 
 N_DOCS = 6
 TINY_LLAVA_TOKENS = 64  # 8x8 patches per image
@@ -124,6 +125,105 @@ def test_qwen3_pruned_run_without_torchvision(model, large_task_dir, workdir):
     for r in records:
         assert r["seq_len_before"] - r["seq_len_after"] == r["visual_tokens"] - r["kept_tokens"]
     assert "accuracy,none" in results["results"][TASK]
+
+
+def doc_sizes(task_dir: Path) -> list[tuple[int, int]]:
+    """(height, width) of every doc's picture, in doc order."""
+    from datasets import load_from_disk
+
+    return [(im.height, im.width) for im in load_from_disk(str(task_dir.parent / "data"))["test"]["image"]]
+
+
+def expected_onevision_tokens(height: int, width: int, pinpoints: list[list[int]], tile: int = 32, side: int = 4,
+                              max_crops: int = 9) -> int:
+    """LLaVA-OneVision's visual tokens for one image (LLaVA-NeXT's AnyRes, ``anyres_max_9``): the base tile's
+    ``side**2`` tokens, then the crop grid of the pinpoint that keeps the most of the image (least waste on ties),
+    unpadded to the image's aspect ratio, bilinearly shrunk when it holds more than ``1.1**2 x max_crops`` tiles'
+    worth, and one newline per row."""
+    def fit(pin: list[int]) -> tuple[int, int]:
+        scale = min(pin[1] / width, pin[0] / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        return effective, -(pin[0] * pin[1] - effective)
+
+    best = max(pinpoints, key=fit)
+    rows, cols = side * best[0] // tile, side * best[1] // tile
+    if width / height > cols / rows:
+        rows -= 2 * ((rows - int(round(height * cols / width, 7))) // 2)
+    else:
+        cols -= 2 * ((cols - int(round(width * rows / height, 7))) // 2)
+    ratio = math.sqrt(rows * cols / (max_crops * side**2))
+    if ratio > 1.1:
+        rows, cols = int(rows // ratio), int(cols // ratio)
+    return side**2 + rows * cols + rows
+
+
+def expected_internvl_tiles(height: int, width: int, max_tiles: int, tile: int = 64) -> int:
+    """InternVL's dynamic tiling (``crop_to_patches``): the grid (columns x rows, at most ``max_tiles``, by area) whose
+    aspect ratio is closest to the image's, ties going to the larger grid while the image covers more than half of
+    it; plus a thumbnail when there is more than one tile."""
+    grids = sorted(((c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1) if c * r <= max_tiles),
+                   key=lambda g: g[0] * g[1])
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in grids:
+        diff = abs(width / height - cols / rows)
+        if diff < best_diff or (diff == best_diff and width * height > 0.5 * tile * tile * cols * rows):
+            best, best_diff = (cols, rows), diff
+    n = best[0] * best[1]
+    return n + 1 if n > 1 else n
+
+
+def check_half_kept(samples: list[dict], expected: list[int], results: dict, pad_multiple: int = 1) -> None:
+    """Visual tokens per doc as ``expected``, half of them kept (rounded half up), the prompt shortened by the
+    pruned ones (and by its left padding when the wrapper pads prompts to a multiple of ``pad_multiple``: a lone
+    pruned row needs none)."""
+    by_doc = {s["doc_id"]: r for s, r in zip(samples, pruning_records(samples), strict=True)}
+    assert [by_doc[i]["visual_tokens"] for i in range(N_DOCS)] == expected
+    assert [by_doc[i]["kept_tokens"] for i in range(N_DOCS)] == [round(n / 2 + 1e-9) for n in expected]
+    for r in by_doc.values():
+        padding = r["seq_len_before"] - r["seq_len_after"] - (r["visual_tokens"] - r["kept_tokens"])
+        assert 0 <= padding < pad_multiple and r["seq_len_before"] % pad_multiple == 0
+    assert "accuracy,none" in results["results"][TASK]
+
+
+def test_onevision_pruned_run_through_llava_hf(task_dir, workdir):
+    """LLaVA-OneVision through ``tokenprune_llava_hf`` (lmms-eval's ``llava_hf`` loads
+    ``LlavaOnevisionForConditionalGeneration`` by the config's model_type): image-only ``LlavaOnevisionProcessor``
+    without torchvision, AnyRes token counts per picture, pruned to half."""
+    from tokenprune.tiny_onevision import ONEVISION_PINPOINTS
+
+    pretrained = save_tiny_onevision(workdir / "tiny_onevision")
+    args = f"pretrained={pretrained},device=cpu,device_map=cpu,dtype=float32,method=divprune,keep=0.5"
+    results, samples = run_lmms_eval("tokenprune_llava_hf", args, task_dir, workdir / "out_onevision")
+    expected = [expected_onevision_tokens(h, w, ONEVISION_PINPOINTS) for h, w in doc_sizes(task_dir)]
+    assert len(set(expected)) > 1
+    check_half_kept(samples, expected, results)
+
+
+def test_internvl_pruned_run_with_tiles(large_task_dir, workdir):
+    """InternVL3 through ``tokenprune_internvl_hf`` (chat; image-only ``InternVLProcessor`` without torchvision):
+    ``max_patches=6`` tiles the 128 px wide pictures into 2 x 2 or 2 x 3 tiles plus a thumbnail, 16 tokens per tile."""
+    from tokenprune.tiny_internvl import TOKENS_PER_TILE
+
+    pretrained = save_tiny_internvl(workdir / "tiny_internvl")
+    args = f"pretrained={pretrained},device=cpu,device_map=cpu,max_patches=6,method=divprune,keep=0.5"
+    results, samples = run_lmms_eval("tokenprune_internvl_hf", args, large_task_dir, workdir / "out_internvl")
+    tiles = [expected_internvl_tiles(h, w, max_tiles=6) for h, w in doc_sizes(large_task_dir)]
+    assert sorted(set(tiles)) == [5, 7]
+    check_half_kept(samples, [TOKENS_PER_TILE * n for n in tiles], results)
+
+
+def test_gemma3_pruned_run(task_dir, workdir):
+    """Gemma 3 through ``tokenprune_gemma3`` (simple; the real ``Gemma3Processor``): every picture resized to the
+    tower's square input, its patches average-pooled to ``mm_tokens_per_image`` tokens, pruned to half."""
+    from tokenprune.tiny_gemma3 import IMAGE_SIZE, PATCH
+
+    pretrained = save_tiny_gemma3(workdir / "tiny_gemma3")
+    config = json.loads((pretrained / "config.json").read_text())
+    pooled_side = math.isqrt(config["mm_tokens_per_image"])
+    assert (IMAGE_SIZE // PATCH) % pooled_side == 0
+    args = f"pretrained={pretrained},device=cpu,device_map=cpu,method=divprune,keep=0.5"
+    results, samples = run_lmms_eval("tokenprune_gemma3", args, task_dir, workdir / "out_gemma3")
+    check_half_kept(samples, [pooled_side**2] * N_DOCS, results, pad_multiple=8)  # lmms-eval's gemma3 pads to 8
 
 
 def test_aggregator_renders_the_smoke_runs(llava_pruned, workdir, tmp_path):

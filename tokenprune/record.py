@@ -18,7 +18,9 @@ class ImageRecord:
     * ``boxes`` ``[n, 4]`` float: ``(x0, y0, x1, y1)`` of each token as fractions of the picture named by ``view``;
       NaN rows for tokens with no place in the picture (LLaVA-NeXT's ``image_newline`` tokens).
     * ``view``: ``"center_crop"`` when the boxes are fractions of the square centre crop the CLIP processor takes
-      (LLaVA-1.5), ``"image"`` when they are fractions of the original image (LLaVA-NeXT, Qwen).
+      (LLaVA-1.5), ``"image"`` when they are fractions of the original image (LLaVA-NeXT, Qwen), ``"tiles"`` when
+      they are fractions of the tile given by ``segments`` (InternVL: the grid tiles row-major, then the thumbnail of
+      the whole image; the drawing places the grid from the picture's aspect ratio).
     * ``segments`` ``[n]`` long: which view of the picture a token belongs to. LLaVA-NeXT: 0 = the base tile (the
       whole image at low resolution), 1 = the high-resolution crops (unpadded); Qwen video: the temporal index of the
       token's merged frame pair. ``None`` when all tokens belong to one view.

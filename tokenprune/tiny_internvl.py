@@ -67,6 +67,18 @@ class TinyInternVLProcessor:
         return BatchFeature({**enc, **out})
 
 
+def named_tokenizer(tokenizer):
+    """``tokenizer`` (the tiny word-level one) with InternVL's image tokens as attributes, as the released tokenizers
+    have them (``start_image_token``, ``context_image_token``, ... and their ids): what the real ``InternVLProcessor``
+    reads."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend_tokenizer, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+        eos_token="</s>", padding_side="left", extra_special_tokens=dict(INTERNVL_TOKENS),
+    )
+
+
 def tiny_internvl(
     attn_implementation: str = "sdpa", seed: int = 0, text_layers: int = 2, vision_layers: int = 3,
     max_tiles: int = 4,

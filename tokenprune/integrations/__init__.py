@@ -23,4 +23,6 @@ def lmms_eval_models() -> list:
                       chat_class_path=f"{_WRAPPERS}.TokenpruneQwen3VL"),
         ModelManifest("tokenprune_qwen3_5", simple_class_path=f"{_WRAPPERS}.TokenpruneQwen35Simple",
                       chat_class_path=f"{_WRAPPERS}.TokenpruneQwen35"),
+        ModelManifest("tokenprune_internvl_hf", chat_class_path=f"{_WRAPPERS}.TokenpruneInternVLHf"),
+        ModelManifest("tokenprune_gemma3", simple_class_path=f"{_WRAPPERS}.TokenpruneGemma3"),
     ]

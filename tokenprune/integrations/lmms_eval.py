@@ -1,13 +1,14 @@
 """lmms-eval 0.7.x models with visual-token pruning.
 
-``--model tokenprune_llava_hf``, ``tokenprune_qwen2_vl``, ``tokenprune_qwen2_5_vl``, ``tokenprune_qwen3_vl`` (Qwen3-VL
-and Qwen3-VL-MoE) or ``tokenprune_qwen3_5`` (Qwen3.5 and Qwen3.5-MoE).
+``--model tokenprune_llava_hf`` (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision), ``tokenprune_qwen2_vl``,
+``tokenprune_qwen2_5_vl``, ``tokenprune_qwen3_vl`` (Qwen3-VL and Qwen3-VL-MoE), ``tokenprune_qwen3_5`` (Qwen3.5 and
+Qwen3.5-MoE), ``tokenprune_internvl_hf`` (InternVL3) or ``tokenprune_gemma3`` (Gemma 3).
 
 Each class subclasses lmms-eval's released wrapper (``llava_hf``, ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``,
-``qwen3_5``; chat and simple variants), takes the keys of ``--model_args`` that wrapper does not know as pruning options
-(:mod:`tokenprune.integrations.model_args`), loads the model as the released wrapper does (quantized when
-``--model_args`` has bitsandbytes keys such as ``load_in_4bit=True``) and then calls ``enable_pruning`` on the
-unwrapped model. What it logs:
+``qwen3_5``, ``internvl_hf``, ``gemma3``; chat and simple variants where lmms-eval has both), takes the keys of
+``--model_args`` that wrapper does not know as pruning options (:mod:`tokenprune.integrations.model_args`), loads the
+model as the released wrapper does (quantized when ``--model_args`` has bitsandbytes keys such as
+``load_in_4bit=True``) and then calls ``enable_pruning`` on the unwrapped model. What it logs:
 
 * per sample (``--log_samples``): ``token_counts.tokenprune`` = visual tokens, kept tokens, prompt length before and
   after pruning, measured prefill ms (first forward of ``generate``, vision tower included) and, when the record
@@ -16,15 +17,14 @@ unwrapped model. What it logs:
   pruning options themselves are in ``config.model_args``.
 
 Requests are generated one at a time so that every sample gets its own record (the papers evaluate with batch 1).
-Without torchvision (CPU machines with the CPU torch wheel) the Qwen processors cannot be built by
-``AutoProcessor``; the Qwen wrappers then load the real ``Qwen2VLProcessor``/``Qwen2_5_VLProcessor``/
-``Qwen3VLProcessor`` without a video processor (images only) — see :class:`ImageOnlyQwenProcessor`.
+Without torchvision (CPU machines with the CPU torch wheel) ``AutoProcessor`` cannot build the Qwen, LLaVA-OneVision
+and InternVL processors; the wrappers then load the real processor class without its video processor (images only,
+:mod:`tokenprune.integrations.image_only_processors`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import inspect
 import time
 from collections.abc import Iterator
@@ -33,16 +33,20 @@ from typing import Any
 
 import torch
 from lmms_eval.api.instance import GenerationResult, TokenCounts
+from lmms_eval.models.chat import internvl_hf as _internvl_chat_module
 from lmms_eval.models.chat import qwen2_5_vl as _qwen25_chat_module
 from lmms_eval.models.chat import qwen3_vl as _qwen3_chat_module
+from lmms_eval.models.chat.internvl_hf import InternVLHf as _InternVLHfChat
 from lmms_eval.models.chat.llava_hf import LlavaHf as _LlavaHfChat
 from lmms_eval.models.chat.qwen2_5_vl import Qwen2_5_VL as _Qwen25VLChat
 from lmms_eval.models.chat.qwen3_5 import Qwen3_5 as _Qwen35Chat
 from lmms_eval.models.chat.qwen3_vl import Qwen3_VL as _Qwen3VLChat
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
+from lmms_eval.models.simple import llava_hf as _llava_simple_module
 from lmms_eval.models.simple import qwen2_5_vl as _qwen25_simple_module
 from lmms_eval.models.simple import qwen2_vl as _qwen2_simple_module
 from lmms_eval.models.simple import qwen3_vl as _qwen3_simple_module
+from lmms_eval.models.simple.gemma3 import Gemma3 as _Gemma3Simple
 from lmms_eval.models.simple.llava_hf import LlavaHf as _LlavaHfSimple
 from lmms_eval.models.simple.qwen2_5_vl import Qwen2_5_VL as _Qwen25VLSimple
 from lmms_eval.models.simple.qwen2_vl import Qwen2_VL as _Qwen2VLSimple
@@ -52,6 +56,11 @@ from lmms_eval.models.simple.qwen3_vl import Qwen3_VL as _Qwen3VLSimple
 from tokenprune.api import enable_pruning
 from tokenprune.compute_dtype import compute_device
 from tokenprune.integrations import qwen_images
+from tokenprune.integrations.image_only_processors import (
+    IMAGE_ONLY_BY_MODEL_TYPE,
+    image_only_qwen_processor,
+    torchvision_importable,
+)
 from tokenprune.integrations.model_args import quantized_loading, split_own_options
 
 RECORD_FIELDS = (
@@ -203,66 +212,37 @@ def wrapper_keys(cls: type) -> frozenset[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Qwen processors without torchvision
-
-
-def _image_only_processor_class(base: type) -> type:
-    class ImageOnlyQwenProcessor(base):
-        """The real Qwen2-VL / Qwen2.5-VL / Qwen3-VL processor without its video processor (needs torchvision): the same
-        prompt expansion, ``mm_token_type_ids`` and image preprocessing (``Qwen2VLImageProcessorPil``); videos raise."""
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            for name, text in (("vision_start", "<|vision_start|>"), ("vision_end", "<|vision_end|>")):  # Qwen3-VL
-                token = getattr(tokenizer, f"{name}_token", None) or text
-                setattr(self, f"{name}_token", token)
-                setattr(self, f"{name}_token_id", tokenizer.convert_tokens_to_ids(token))
-            from transformers import ProcessorMixin
-
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-        def __call__(self, *args: Any, videos: Any = None, video_metadata: Any = None, **kwargs: Any):
-            if videos:
-                raise NotImplementedError(
-                    "videos need Qwen's video processor, which needs torchvision; install a torch/torchvision pair "
-                    "that import together (e.g. a CUDA torch with its torchvision) to evaluate video tasks"
-                )
-            return super().__call__(*args, **kwargs)
-
-    ImageOnlyQwenProcessor.__qualname__ = f"ImageOnly{base.__name__}"
-    return ImageOnlyQwenProcessor
-
-
-def torchvision_importable() -> bool:
-    if importlib.util.find_spec("torchvision") is None:
-        return False
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # a torchvision built for another torch fails at import (operator torchvision::nms ...)
-        return False
-    return True
+# Processors without torchvision
 
 
 class _ImageOnlyAutoProcessor:
-    """Stands in for ``AutoProcessor`` inside a released Qwen wrapper's ``__init__`` when torchvision is missing."""
+    """Stands in for ``AutoProcessor`` inside a released wrapper's ``__init__`` when torchvision is missing: loads
+    ``image_only`` (a processor class, or a map model_type -> builder of one; other model types go to ``original``)."""
 
-    def __init__(self, processor_class: type):
-        self.processor_class = _image_only_processor_class(processor_class)
+    def __init__(self, image_only: type | dict[str, Any], original: Any):
+        self.image_only, self.original = image_only, original
 
     def from_pretrained(self, pretrained: str, **kwargs: Any):
-        return self.processor_class.from_pretrained(pretrained, **kwargs)
+        processor_class = self.image_only
+        if isinstance(processor_class, dict):
+            from transformers import AutoConfig
+
+            options = {k: kwargs[k] for k in ("revision", "trust_remote_code") if k in kwargs}
+            build = processor_class.get(AutoConfig.from_pretrained(pretrained, **options).model_type)
+            if build is None:
+                return self.original.from_pretrained(pretrained, **kwargs)
+            processor_class = build()
+        return processor_class.from_pretrained(pretrained, **kwargs)
 
 
 @contextlib.contextmanager
-def _image_only_qwen_processor(module: Any, processor_class: type) -> Iterator[None]:
+def _image_only_processor(module: Any, image_only: type | dict[str, Any]) -> Iterator[None]:
+    """Swap ``module.AutoProcessor`` for :class:`_ImageOnlyAutoProcessor` while torchvision is missing."""
     if torchvision_importable():
         yield
         return
     original = module.AutoProcessor
-    module.AutoProcessor = _ImageOnlyAutoProcessor(processor_class)
+    module.AutoProcessor = _ImageOnlyAutoProcessor(image_only, original)
     try:
         yield
     finally:
@@ -294,7 +274,8 @@ class _QwenMixin(PruningWrapperMixin):
     def _processor_loading(self) -> contextlib.AbstractContextManager:
         import transformers
 
-        return _image_only_qwen_processor(self._simple_module, getattr(transformers, self._processor_name))
+        base = getattr(transformers, self._processor_name)
+        return _image_only_processor(self._simple_module, image_only_qwen_processor(base))
 
     def generate_until(self, requests: list) -> list:
         with _image_only_vision_info(self._modules):
@@ -305,12 +286,38 @@ class _QwenMixin(PruningWrapperMixin):
 # The published models
 
 
-class TokenpruneLlavaHf(PruningWrapperMixin, _LlavaHfChat):
-    """``--model tokenprune_llava_hf``: lmms-eval's ``llava_hf`` (chat) with pruning (LLaVA-1.5, LLaVA-NeXT)."""
+class _ImageOnlyByModelTypeMixin(PruningWrapperMixin):
+    """Wrappers whose ``AutoProcessor`` cannot build some of their models' processors without torchvision
+    (LLaVA-OneVision, InternVL): those load the image-only version of the real processor class."""
+
+    _autoprocessor_module: Any = None
+
+    def _processor_loading(self) -> contextlib.AbstractContextManager:
+        return _image_only_processor(self._autoprocessor_module, IMAGE_ONLY_BY_MODEL_TYPE)
 
 
-class TokenpruneLlavaHfSimple(PruningWrapperMixin, _LlavaHfSimple):
+class TokenpruneLlavaHf(_ImageOnlyByModelTypeMixin, _LlavaHfChat):
+    """``--model tokenprune_llava_hf``: lmms-eval's ``llava_hf`` (chat) with pruning (LLaVA-1.5, LLaVA-NeXT and
+    LLaVA-OneVision: lmms-eval's ``llava_hf`` loads ``LlavaOnevisionForConditionalGeneration`` for its checkpoints)."""
+
+    _autoprocessor_module = _llava_simple_module
+
+
+class TokenpruneLlavaHfSimple(_ImageOnlyByModelTypeMixin, _LlavaHfSimple):
     """``--model tokenprune_llava_hf --force_simple``."""
+
+    _autoprocessor_module = _llava_simple_module
+
+
+class TokenpruneInternVLHf(_ImageOnlyByModelTypeMixin, _InternVLHfChat):
+    """``--model tokenprune_internvl_hf``: lmms-eval's ``internvl_hf`` (chat only, batch size 1) with pruning
+    (InternVL3 / InternVL3.5 ``-hf`` checkpoints, ``InternVLForConditionalGeneration``)."""
+
+    _autoprocessor_module = _internvl_chat_module
+
+
+class TokenpruneGemma3(PruningWrapperMixin, _Gemma3Simple):
+    """``--model tokenprune_gemma3``: lmms-eval's ``gemma3`` (simple only) with pruning (Gemma 3 4B/12B/27B)."""
 
 
 class TokenpruneQwen2VL(_QwenMixin, _Qwen2VLSimple):

@@ -92,7 +92,8 @@ def compare(
 
 
 def load(model_path: str | None = None, device: str | None = None) -> tuple[torch.nn.Module, Any]:
-    """``(model, processor)``: ``from_pretrained(model_path)`` through the transformers Auto classes, or the
+    """``(model, processor)``: ``from_pretrained(model_path)`` through the transformers Auto classes (without
+    torchvision, LLaVA-OneVision and InternVL get their real processor minus the video processor), or the
     project's trained small LLaVA-1.5-architecture model (``tokenprune.tiny_models.trained_llava``: 256 tokens per
     image, trained on synthetic scenes of coloured shapes) when ``model_path`` is None."""
     if model_path is None:
@@ -101,7 +102,12 @@ def load(model_path: str | None = None, device: str | None = None) -> tuple[torc
         return trained_llava()
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from tokenprune.integrations.image_only_processors import IMAGE_ONLY_BY_MODEL_TYPE, torchvision_importable
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "auto" if device.startswith("cuda") else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    image_only = IMAGE_ONLY_BY_MODEL_TYPE.get(model.config.model_type)
+    if image_only is not None and not torchvision_importable():  # AutoProcessor needs torchvision for these
+        return model, image_only().from_pretrained(model_path)
     return model, AutoProcessor.from_pretrained(model_path)

@@ -7,7 +7,8 @@ Drawing reads only the geometry of an :class:`~tokenprune.record.ImageRecord` (`
   with that merged token's colour (one colour per merged token); the part of the picture the model never saw (outside
   LLaVA-1.5's centre crop) is darkened further;
 * one panel per view of the picture (``segments``): LLaVA-NeXT's base tile and its high-resolution crops side by
-  side, both over the original image; one panel per frame of a video;
+  side, both over the original image; one panel per frame of a video; InternVL's tiles (``view="tiles"``) each at
+  its place in the picture in one panel, the thumbnail in a second;
 * tokens without a place in the picture (NaN boxes: LLaVA-NeXT's row-end newline tokens) are counted, not drawn.
 
 Layout (what the tests rely on): panels of ``size`` px on the longest side, each under a caption strip of
@@ -79,7 +80,7 @@ def _boxes(rec: ImageRecord) -> np.ndarray:
 
 def _view_rect(view: str, width: int, height: int) -> tuple[float, float, float, float]:
     """``(x, y, w, h)`` in panel pixels of the picture the boxes are fractions of."""
-    if view == "image":
+    if view in ("image", "tiles"):  # tile boxes are placed in the picture by draw_kept
         return 0.0, 0.0, float(width), float(height)
     if view == "center_crop":  # the square the CLIP processor keeps: shortest edge, centred
         side = float(min(width, height))
@@ -158,14 +159,17 @@ def draw_kept(
     placed = ~np.isnan(boxes).any(axis=1)
     segments = rec.segments.cpu().numpy() if rec.segments is not None else np.zeros(rec.n, dtype=np.int64)
     frames = [image] if isinstance(image, Image.Image) else list(image)
+    names = {}
+    if rec.view == "tiles":
+        boxes, segments, names = place_tiles(boxes, segments, *frames[0].size)
     views = sorted(set(segments[placed].tolist()))
     panels, captions = [], []
     for j, seg in enumerate(views):
         tokens = np.flatnonzero(placed & (segments == seg))
         frame = frames[min(len(frames) - 1, j * len(frames) // len(views))]
         panels.append(_panel(frame, rec, boxes, tokens, size, outline))
-        name = None
-        if rec.segments is not None:
+        name = names.get(seg)
+        if rec.segments is not None and name is None:
             name = f"t={seg}" if rec.kind == "video" else NEXT_VIEWS.get(seg, f"view {seg}")
         captions.append(_caption(rec, tokens, name))
     unplaced = int((~placed).sum())
@@ -177,6 +181,29 @@ def draw_kept(
     if save is not None:
         figure.save(save, format="PNG")
     return figure
+
+
+def tile_grid(n_tiles: int, width: int, height: int) -> tuple[int, int]:
+    """``(columns, rows)`` of InternVL's ``n_tiles`` tiles over a ``width`` x ``height`` picture: of the grids with
+    that many tiles, the one whose aspect ratio is closest to the picture's (the processor's own rule,
+    ``GotOcr2ImageProcessor``'s ``get_optimal_tiled_canvas``, chose the grid that way among all allowed counts)."""
+    grids = [(c, n_tiles // c) for c in range(1, n_tiles + 1) if n_tiles % c == 0]
+    return min(grids, key=lambda g: abs(width / height - g[0] / g[1]))
+
+
+def place_tiles(boxes: np.ndarray, segments: np.ndarray, width: int, height: int
+                ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """A ``view="tiles"`` record (boxes as fractions of each tile, ``segments`` = tile index, the thumbnail last)
+    placed in the picture: the grid tiles, row-major as the processor cuts them, become one view (0) with boxes as
+    fractions of the picture; the thumbnail, the whole picture resized, a second view (1). Returns the boxes, the
+    views and their captions."""
+    n_grid = int(segments.max())  # tiles before the thumbnail
+    columns, rows = tile_grid(n_grid, width, height)
+    column, row = segments % columns, segments // columns
+    grid = segments < n_grid
+    placed = boxes.copy()
+    placed[grid] = (boxes[grid] + np.stack([column, row, column, row], 1)[grid]) / [columns, rows, columns, rows]
+    return placed, (~grid).astype(np.int64), {0: f"{columns}x{rows} tiles", 1: "thumbnail"}
 
 
 def legend_items(rec: ImageRecord, picture: Image.Image) -> list[tuple[str, tuple[int, int, int]]]:
