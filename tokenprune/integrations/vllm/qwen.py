@@ -155,8 +155,9 @@ class _QwenPruning:
         merge = self.config.vision_config.spatial_merge_size
         needs_text = TEXT_EMBEDDINGS in self.tokenprune.method.signals_needed(cls_token=False)
         out, self.tokenprune_kept = [], []
-        for i, (emb, (t, h, w)) in enumerate(zip(embeds, grid_thw.tolist(), strict=True)):
+        for i, (item, (t, h, w)) in enumerate(zip(embeds, grid_thw.tolist(), strict=True)):
             h, w = h // merge, w // merge
+            emb, extra = self._tokenprune_split(item)
             signals = {FEATURES: emb, **per_item[i]}
             if needs_text:
                 if text_ids is None:
@@ -166,9 +167,18 @@ class _QwenPruning:
                 signals[TEXT_EMBEDDINGS] = self.get_language_model().embed_input_ids(ids)
             chosen = select_image(self.tokenprune, emb, signals, (h, w), cls_token=False)
             coords = media_coords(t, h, w)[chosen.slots].to(emb.device, emb.dtype)
-            out.append(torch.cat([chosen.features, coords], dim=1))
+            out.append(torch.cat([self._tokenprune_join(chosen, emb, extra), coords], dim=1))
             self.tokenprune_kept.append(chosen.kept)
         return out
+
+    def _tokenprune_split(self, item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One image's encoder output -> (the features the method selects on, columns carried along or None)."""
+        return item, None
+
+    def _tokenprune_join(self, chosen, features: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        """The rows the LLM gets for one image: the selection's features (and what :meth:`_tokenprune_split` set
+        aside, reduced the same way)."""
+        return chosen.features
 
     def _positioned_videos(self, embeds, inputs) -> list[torch.Tensor]:
         merge = self.config.vision_config.spatial_merge_size
