@@ -24,10 +24,10 @@ from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import PromptReplacement
 
 from tokenprune.integrations.vllm.mrope import MediaSpan, media_coords, placeholder_positions
 from tokenprune.integrations.vllm.options import CONFIG_KEY, VllmPruning, parse_options
+from tokenprune.integrations.vllm.placeholders import check_embedding_request, pruned_prompt_updates
 from tokenprune.integrations.vllm.prompt_text import TEXT_FIELD, PromptTextProcessor, check_cache_type
 from tokenprune.integrations.vllm.qwen_probe import QWEN_VLLM_SIGNALS, VllmQwenProbe
 from tokenprune.integrations.vllm.selection import select_image
@@ -37,21 +37,6 @@ from tokenprune.methods import FEATURES, TEXT_EMBEDDINGS
 def _pruning(hf_config) -> VllmPruning | None:
     pruning = parse_options(getattr(hf_config, CONFIG_KEY, None), cls_token=False)
     return None if pruning is None or pruning.keeps_all else pruning
-
-
-def pruned_prompt_updates(updates, pruning: VllmPruning | None) -> list:
-    """The processor's prompt replacements with each image's placeholder run cut to its kept count."""
-    if pruning is None:
-        return list(updates)
-    out = []
-    for update in updates:
-        if update.modality == "image":
-            def replacement(item_idx: int, original=update.replacement):
-                tokens = original(item_idx)
-                return tokens[: pruning.kept(len(tokens))]
-            update = PromptReplacement(modality=update.modality, target=update.target, replacement=replacement)
-        out.append(update)
-    return out
 
 
 class _QwenText(PromptTextProcessor):
@@ -66,13 +51,17 @@ class _QwenText(PromptTextProcessor):
 class TokenpruneQwen2VLProcessor(_QwenText, Qwen2VLMultiModalProcessor):
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        return pruned_prompt_updates(updates, _pruning(self.info.get_hf_config()))
+        pruning = _pruning(self.info.get_hf_config())
+        check_embedding_request(pruning, mm_items, cls_token=False)
+        return pruned_prompt_updates(updates, pruning)
 
 
 class TokenpruneQwen2_5_VLProcessor(_QwenText, Qwen2_5_VLMultiModalProcessor):
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        return pruned_prompt_updates(updates, _pruning(self.info.get_hf_config()))
+        pruning = _pruning(self.info.get_hf_config())
+        check_embedding_request(pruning, mm_items, cls_token=False)
+        return pruned_prompt_updates(updates, pruning)
 
 
 class _QwenPruning:

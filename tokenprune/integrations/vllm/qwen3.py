@@ -29,14 +29,17 @@ from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGene
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from tokenprune.integrations.vllm.mrope import MediaSpan, placeholder_positions
-from tokenprune.integrations.vllm.qwen import _pruning, _QwenPruning, _QwenText, pruned_prompt_updates
+from tokenprune.integrations.vllm.placeholders import check_embedding_request, pruned_prompt_updates
+from tokenprune.integrations.vllm.qwen import _pruning, _QwenPruning, _QwenText
 from tokenprune.patches.qwen3_vl import deepstack_like
 
 
 class TokenpruneQwen3VLProcessor(_QwenText, Qwen3VLMultiModalProcessor):
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        return pruned_prompt_updates(updates, _pruning(self.info.get_hf_config()))
+        pruning = _pruning(self.info.get_hf_config())
+        check_embedding_request(pruning, mm_items, cls_token=False)
+        return pruned_prompt_updates(updates, pruning)
 
 
 class _Qwen3Pruning(_QwenPruning):
