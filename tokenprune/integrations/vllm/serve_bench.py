@@ -323,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     return handle(args, parser)
 
 
-def handle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def handle(args: argparse.Namespace, parser: argparse.ArgumentParser, two_turn=None) -> int:
+    """Run the command; ``two_turn(plan, args)`` runs ``--two-turn`` (:func:`.serve_chat.handle_two_turn`, passed in
+    by the CLI: that module builds on this one)."""
     if args.offline_one:
         job = json.loads(args.offline_one)
         plan = Plan(**{**job["plan"], "image_size": tuple(job["plan"]["image_size"])})
@@ -350,11 +352,9 @@ def handle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
               + ("" if args.no_offline else ", and offline LLM.generate on the same batch"))
         return 0
     if args.two_turn:
-        from tokenprune.integrations.vllm.serve_chat import markdown as two_turn_markdown
-        from tokenprune.integrations.vllm.serve_chat import run_two_turn
-
-        print(two_turn_markdown(run_two_turn(plan, args.methods or [plan.method], args.out)))
-        return 0
+        if two_turn is None:
+            parser.error("--two-turn runs through `tokenprune serve-bench` or benchmarks/serve.py")
+        return two_turn(plan, args)
     results = run(plan, args.out, offline=not args.no_offline)
     from tokenprune.integrations.vllm.serve_report import markdown
 

@@ -121,3 +121,9 @@ def run_two_turn(plan: Plan, methods: list[str], out_dir: str) -> dict:
     with open(stem + ".md", "w") as f:
         f.write(markdown(results))
     return results
+
+
+def handle_two_turn(plan: Plan, args) -> int:
+    """``serve-bench --two-turn``: run, print the table."""
+    print(markdown(run_two_turn(plan, args.methods or [plan.method], args.out)))
+    return 0
