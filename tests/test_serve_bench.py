@@ -83,3 +83,36 @@ def test_gpu_script_dry_run_checks_its_arguments():
     bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run", "--keeps", "2"], env=env,
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "--keeps" in bad.stderr
+
+
+def test_two_turn_chat_template_continues_turn_one_and_the_table_reads_vllm_counters():
+    """Turn 2's prompt is turn 1's prompt + the answer + the new question (what lets the prefix cache serve it), and
+    the hit rate comes from vLLM's prefix-cache counters (summed over label sets, ``_total`` or not)."""
+    import jinja2
+
+    from tokenprune.integrations.vllm.serve_bench import TEMPLATE
+    from tokenprune.integrations.vllm.serve_chat import markdown as two_turn_markdown
+    from tokenprune.integrations.vllm.serve_chat import prefix_cache_counts
+
+    render = jinja2.Template(TEMPLATE).render
+    turn1 = render(messages=[{"role": "user", "content": "<image>\nq1"}])
+    turn2 = render(messages=[{"role": "user", "content": "<image>\nq1"}, {"role": "assistant", "content": "a1"},
+                             {"role": "user", "content": "q2"}])
+    assert turn1 == "USER : <image>\nq1 ASSISTANT :"
+    assert turn2 == turn1 + " a1USER : q2 ASSISTANT :"
+
+    metrics = ('# HELP vllm:prefix_cache_hits_total hits\nvllm:prefix_cache_hits_total{engine="0",model_name="m"} '
+               '96.0\nvllm:prefix_cache_queries_total{engine="0",model_name="m"} 128.0\n'
+               'vllm:prefix_cache_queries_total{engine="1",model_name="m"} 32.0\n')
+    assert prefix_cache_counts(metrics) == (96.0, 160.0)
+
+    def row(turn2_ttft: float, hits: float) -> dict:
+        return {"turn1_ttft_p50_s": 0.8, "turn2_ttft_p50_s": turn2_ttft, "turn1_prompt_tokens": 600,
+                "turn2_prompt_tokens": 620, "turn1_hit_rate": 0.0, "turn2_hit_rate": hits}
+
+    plan = {"model": "m", "model_type": "llava", "requests": 4, "max_tokens": 8, "image_size": [336, 336],
+            "device": "cpu"}
+    table = two_turn_markdown({"plan": plan, "two_turn": {"unpruned": row(0.2, 0.96), "cdpruner 0.25": row(0.4, 0)}})
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert "| 0.4 | 2.00 |" in rows["cdpruner 0.25"] and rows["cdpruner 0.25"].endswith("| 0% |")
+    assert rows["unpruned"].endswith("| 96% |")

@@ -26,6 +26,8 @@ class HFReference:
         self.model = AutoModelForImageTextToText.from_pretrained(
             path, dtype=torch.float32, attn_implementation="eager"
         ).eval()
+        # vLLM does not apply generation_config.suppress_tokens (the tiny Qwen3 models suppress their vision ids)
+        self.model.generation_config.suppress_tokens = None
         self.inputs = self.processor(text=PROMPTS[name], images=image(name), return_tensors="pt")
         self.image_token_id = self.model.config.image_token_id
 

@@ -47,13 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub)  # flops, bench, bench-selection, bench-decoder
 
-    from tokenprune.integrations.vllm import serve_bench
+    from tokenprune.integrations.vllm import serve_bench, serve_chat
 
     serve = sub.add_parser(
         "serve-bench", help="vLLM serving benchmark: `vllm serve` with and without pruning, ratios side by side",
         description=serve_bench.__doc__.split("\n\n")[0] + " Needs vLLM (make vllm-env); --dry-run does not.")
     serve_bench.add_arguments(serve)
-    serve.set_defaults(handler=lambda args: serve_bench.handle(args, serve))
+    serve.set_defaults(handler=lambda args: serve_bench.handle(args, serve, two_turn=serve_chat.handle_two_turn))
     return parser
 
 

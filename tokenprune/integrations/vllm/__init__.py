@@ -25,6 +25,10 @@ ARCHITECTURES = {
                  "tokenprune.integrations.vllm.qwen:TokenpruneQwen2VLForConditionalGeneration"),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "TokenpruneQwen2_5_VLForConditionalGeneration",
                    "tokenprune.integrations.vllm.qwen:TokenpruneQwen2_5_VLForConditionalGeneration"),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "TokenpruneQwen3VLForConditionalGeneration",
+                 "tokenprune.integrations.vllm.qwen3:TokenpruneQwen3VLForConditionalGeneration"),
+    "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", "TokenpruneQwen3VLMoeForConditionalGeneration",
+                     "tokenprune.integrations.vllm.qwen3:TokenpruneQwen3VLMoeForConditionalGeneration"),
 }
 
 

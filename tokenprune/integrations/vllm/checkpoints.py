@@ -47,14 +47,50 @@ def _save_qwen(path: str, version: str) -> None:
     processor.save_pretrained(path)
 
 
-def save_tiny_checkpoint(model_type: str, path: str) -> str:
+def _hub_expert_layout(file: str) -> None:
+    """Qwen3-VL-MoE's fused expert weights in the hub layout (``gate_up_proj`` [E, hidden, 2*inter], ``down_proj``
+    [E, inter, hidden]), which vLLM 0.32 loads; transformers >= 5 saves them transposed (its own layout)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(file)
+    for key, value in state.items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            state[key] = value.transpose(1, 2).contiguous()
+    save_file(state, file, metadata={"format": "pt"})
+
+
+def _save_qwen3(path: str, family: str, hub_layout: bool = True) -> None:
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    from tokenprune.tiny_qwen3 import PATCH, tiny_qwen3
+
+    model, tiny_processor = tiny_qwen3(family)
+    if family.endswith("_moe"):  # vLLM 0.32 reads it; transformers' Qwen3-VL-MoE always renormalises the top-k
+        model.config.text_config.norm_topk_prob = True
+    model.save_pretrained(path)
+    if family.endswith("_moe") and hub_layout:
+        _hub_expert_layout(os.path.join(path, "model.safetensors"))
+    sizes = dict(patch_size=PATCH, merge_size=2, temporal_patch_size=2)
+    pixels = dict(min_pixels=32 * 32, max_pixels=128 * 160)
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**sizes, **pixels), tokenizer=tiny_processor.tokenizer,
+        video_processor=Qwen3VLVideoProcessor(**sizes, size={"shortest_edge": 32 * 32, "longest_edge": 128 * 160}),
+        chat_template=None,
+    )
+    processor.save_pretrained(path)
+
+
+def save_tiny_checkpoint(model_type: str, path: str, for_vllm: bool = True) -> str:
     """Save a tiny ``model_type`` (``"llava"``, ``"llava_next"``, ``"qwen2_vl"``, ``"qwen2_5_vl"``) model that vLLM
     can load; returns ``path``. LLaVA: 64x64 px images, 64 visual tokens; LLaVA-NeXT: 32 px tiles of 16 tokens,
-    AnyRes up to 64x64 px; Qwen: one token per 28x28 px, up to 64 per image. ``"llava_mid"``: the serving
+    AnyRes up to 64x64 px; Qwen2/2.5: one token per 28x28 px, up to 64 per image; Qwen3-VL (+MoE): one token per
+    32x32 px, up to 20 per image. ``for_vllm=False``: Qwen3-VL-MoE's experts in transformers' own layout (what
+    ``from_pretrained`` of transformers >= 5 reads) instead of the hub's (what vLLM reads). ``"llava_mid"``: the serving
     benchmark's LLaVA-1.5-shaped model (336 px, 576 visual tokens, a 4-layer 512-wide LLM)."""
     savers = {"llava": _save_llava, "llava_next": lambda p: _save_llava(p, next_=True),
               "llava_mid": lambda p: _save_llava(p, mid=True), "qwen2_vl": lambda p: _save_qwen(p, "2"),
-              "qwen2_5_vl": lambda p: _save_qwen(p, "2.5")}
+              "qwen2_5_vl": lambda p: _save_qwen(p, "2.5"), "qwen3_vl": lambda p: _save_qwen3(p, "qwen3_vl"),
+              "qwen3_vl_moe": lambda p: _save_qwen3(p, "qwen3_vl_moe", hub_layout=for_vllm)}
     if model_type not in savers:
         raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(savers)}")
     savers[model_type](path)

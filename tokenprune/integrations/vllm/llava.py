@@ -27,6 +27,7 @@ from vllm.model_executor.models.utils import maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from tokenprune.integrations.vllm.options import CONFIG_KEY, VllmPruning, parse_options
+from tokenprune.integrations.vllm.placeholders import check_embedding_request, pruned_prompt_updates
 from tokenprune.integrations.vllm.prompt_text import TEXT_FIELD, PromptTextProcessor, check_cache_type
 from tokenprune.integrations.vllm.selection import select_image
 from tokenprune.methods import FEATURES, TEXT_EMBEDDINGS, SignalRequest
@@ -45,6 +46,13 @@ class TokenpruneLlavaProcessingInfo(LlavaProcessingInfo):
 
 
 class TokenpruneLlavaMultiModalProcessor(PromptTextProcessor, LlavaMultiModalProcessor):
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        """Pixel images get the kept count from ``get_num_image_tokens``; image embeddings are cut here."""
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        pruning = _pruning(self.info.get_hf_config())
+        check_embedding_request(pruning, mm_items, cls_token=True)
+        return pruned_prompt_updates(updates, pruning, only_embeddings_of=mm_items)
+
     def _tokenprune_text(self):
         pruning = _pruning(self.info.get_hf_config())
         if pruning is None or pruning.keeps_all or TEXT_EMBEDDINGS not in pruning.method.needs:
@@ -172,7 +180,8 @@ class ClipPruning:
 class TokenpruneLlavaForConditionalGeneration(ClipPruning, LlavaForConditionalGeneration):
     """``LlavaForConditionalGeneration`` that keeps ``hf_config.tokenprune``'s selection of each image's tokens.
 
-    Images given as ``image_embeds`` are not pruned (their placeholder count is their own row count).
+    Images given as ``image_embeds`` (the projector's output) are pruned by the methods that select on the projected
+    features; the processor refuses the others for such requests.
     """
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
@@ -180,8 +189,10 @@ class TokenpruneLlavaForConditionalGeneration(ClipPruning, LlavaForConditionalGe
         self._tokenprune_init(vllm_config, prefix)
 
     def _process_image_input(self, image_input):
-        if self.tokenprune is None or self.tokenprune.keeps_all or image_input["type"] != "pixel_values":
+        if self.tokenprune is None or self.tokenprune.keeps_all:
             return super()._process_image_input(image_input)
+        if image_input["type"] != "pixel_values":  # image embeddings: projected features only
+            return self._pruned_embeddings(super()._process_image_input(image_input))
         with self._probe() as probe:
             embeds = super()._process_image_input(image_input)  # [B, N, D]: pixel inputs share one size
         rows = self._probed_rows(probe, embeds.shape[0])
@@ -196,3 +207,16 @@ class TokenpruneLlavaForConditionalGeneration(ClipPruning, LlavaForConditionalGe
             kept.append(chosen.features)
             self.tokenprune_kept.append(chosen.kept)
         return torch.stack(kept)
+
+    def _pruned_embeddings(self, embeds) -> list[torch.Tensor]:
+        """The selection of each image given as embeddings ``[n, D]`` (the processor reserved its kept count)."""
+        out, self.tokenprune_kept = [], []
+        for b, emb in enumerate(embeds):
+            side = math.isqrt(emb.shape[0])
+            grid = (side, side) if side * side == emb.shape[0] else None
+            signals = {FEATURES: emb, **self._text_signals(b, emb.device)}
+            chosen = select_image(self.tokenprune, emb, signals, grid, cls_token=True,
+                                  project=self.multi_modal_projector)
+            out.append(chosen.features)
+            self.tokenprune_kept.append(chosen.kept)
+        return out

@@ -34,6 +34,9 @@ CONFIG_KEY = "tokenprune"
 SIGNALS_WITH_CLS = frozenset({FEATURES, CLS_ATTENTION, ATTENTION_RECEIVED, ATTENTION_MAP, VISION_HIDDEN, CLS_HIDDEN,
                               VISION_KEYS, TEXT_EMBEDDINGS})   # LLaVA-1.5 (CLIP tower)
 SIGNALS_WITHOUT_CLS = frozenset({FEATURES, ATTENTION_RECEIVED, VISION_HIDDEN, TEXT_EMBEDDINGS})  # Qwen2-VL / 2.5-VL
+# What a request that passes precomputed image embeddings (``image_embeds``) still has: the projected features (and
+# the prompt text); the vision tower does not run.
+EMBEDDING_SIGNALS = frozenset({FEATURES, TEXT_EMBEDDINGS})
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,23 @@ def check_method(method: PruningMethod, cls_token: bool) -> None:
         raise ValueError(
             f"{reason}; the nearest method the vLLM plugin runs on this model is {nearest!r} "
             f"(all: {supported_methods(cls_token)})"
+        )
+
+
+def embedding_methods(cls_token: bool) -> list[str]:
+    """The methods the plugin runs on precomputed image embeddings (they select on the projected features)."""
+    return [name for name in supported_methods(cls_token)
+            if {r.name for r in make_method(name).requests(cls_token)} <= EMBEDDING_SIGNALS]
+
+
+def check_embeddings(pruning: VllmPruning, cls_token: bool) -> None:
+    """Raise a ``ValueError`` unless ``pruning``'s method can select on precomputed image embeddings."""
+    needs = sorted({r.name for r in pruning.method.requests(cls_token)} - EMBEDDING_SIGNALS)
+    if needs:
+        raise ValueError(
+            f"this request passes image embeddings (image_embeds) instead of pixels, so the vision tower does not "
+            f"run; {pruning.method.name!r} reads {needs} inside it. Send the image's pixels, or serve a method that "
+            f"selects on the projected features: {embedding_methods(cls_token)}"
         )
 
 

@@ -24,10 +24,10 @@ from vllm.model_executor.models.qwen2_vl import (
     Qwen2VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import PromptReplacement
 
 from tokenprune.integrations.vllm.mrope import MediaSpan, media_coords, placeholder_positions
 from tokenprune.integrations.vllm.options import CONFIG_KEY, VllmPruning, parse_options
+from tokenprune.integrations.vllm.placeholders import check_embedding_request, pruned_prompt_updates
 from tokenprune.integrations.vllm.prompt_text import TEXT_FIELD, PromptTextProcessor, check_cache_type
 from tokenprune.integrations.vllm.qwen_probe import QWEN_VLLM_SIGNALS, VllmQwenProbe
 from tokenprune.integrations.vllm.selection import select_image
@@ -37,21 +37,6 @@ from tokenprune.methods import FEATURES, TEXT_EMBEDDINGS
 def _pruning(hf_config) -> VllmPruning | None:
     pruning = parse_options(getattr(hf_config, CONFIG_KEY, None), cls_token=False)
     return None if pruning is None or pruning.keeps_all else pruning
-
-
-def pruned_prompt_updates(updates, pruning: VllmPruning | None) -> list:
-    """The processor's prompt replacements with each image's placeholder run cut to its kept count."""
-    if pruning is None:
-        return list(updates)
-    out = []
-    for update in updates:
-        if update.modality == "image":
-            def replacement(item_idx: int, original=update.replacement):
-                tokens = original(item_idx)
-                return tokens[: pruning.kept(len(tokens))]
-            update = PromptReplacement(modality=update.modality, target=update.target, replacement=replacement)
-        out.append(update)
-    return out
 
 
 class _QwenText(PromptTextProcessor):
@@ -66,13 +51,17 @@ class _QwenText(PromptTextProcessor):
 class TokenpruneQwen2VLProcessor(_QwenText, Qwen2VLMultiModalProcessor):
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        return pruned_prompt_updates(updates, _pruning(self.info.get_hf_config()))
+        pruning = _pruning(self.info.get_hf_config())
+        check_embedding_request(pruning, mm_items, cls_token=False)
+        return pruned_prompt_updates(updates, pruning)
 
 
 class TokenpruneQwen2_5_VLProcessor(_QwenText, Qwen2_5_VLMultiModalProcessor):
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        return pruned_prompt_updates(updates, _pruning(self.info.get_hf_config()))
+        pruning = _pruning(self.info.get_hf_config())
+        check_embedding_request(pruning, mm_items, cls_token=False)
+        return pruned_prompt_updates(updates, pruning)
 
 
 class _QwenPruning:
@@ -155,8 +144,9 @@ class _QwenPruning:
         merge = self.config.vision_config.spatial_merge_size
         needs_text = TEXT_EMBEDDINGS in self.tokenprune.method.signals_needed(cls_token=False)
         out, self.tokenprune_kept = [], []
-        for i, (emb, (t, h, w)) in enumerate(zip(embeds, grid_thw.tolist(), strict=True)):
+        for i, (item, (t, h, w)) in enumerate(zip(embeds, grid_thw.tolist(), strict=True)):
             h, w = h // merge, w // merge
+            emb, extra = self._tokenprune_split(item)
             signals = {FEATURES: emb, **per_item[i]}
             if needs_text:
                 if text_ids is None:
@@ -166,9 +156,18 @@ class _QwenPruning:
                 signals[TEXT_EMBEDDINGS] = self.get_language_model().embed_input_ids(ids)
             chosen = select_image(self.tokenprune, emb, signals, (h, w), cls_token=False)
             coords = media_coords(t, h, w)[chosen.slots].to(emb.device, emb.dtype)
-            out.append(torch.cat([chosen.features, coords], dim=1))
+            out.append(torch.cat([self._tokenprune_join(chosen, emb, extra), coords], dim=1))
             self.tokenprune_kept.append(chosen.kept)
         return out
+
+    def _tokenprune_split(self, item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One image's encoder output -> (the features the method selects on, columns carried along or None)."""
+        return item, None
+
+    def _tokenprune_join(self, chosen, features: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        """The rows the LLM gets for one image: the selection's features (and what :meth:`_tokenprune_split` set
+        aside, reduced the same way)."""
+        return chosen.features
 
     def _positioned_videos(self, embeds, inputs) -> list[torch.Tensor]:
         merge = self.config.vision_config.spatial_merge_size

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import os
@@ -35,8 +36,10 @@ PLACEHOLDER = {"llava": "<image>\n", "llava_next": "<image>\n",
                "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
                "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
 QUESTION = "describe the image in detail ."
-# The chat template of the benchmark's checkpoints (plain ``USER : ... ASSISTANT :`` prompts, as in the tests).
-TEMPLATE = "{% for m in messages %}USER : {{ m['content'] }} ASSISTANT :{% endfor %}"
+# The chat template of the benchmark's checkpoints (plain ``USER : ... ASSISTANT :`` prompts, as in the tests; an
+# assistant turn is its text after the ``ASSISTANT :`` that asked for it).
+TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %} {{ m['content'] }}{% else %}USER : "
+            "{{ m['content'] }} ASSISTANT :{% endif %}{% endfor %}")
 
 
 @dataclass
@@ -113,26 +116,38 @@ def _image_url(plan: Plan, seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _chat(plan: Plan, model: str, image_url: str) -> tuple[float, int]:
-    """One streamed chat request: ``(time to first token in s, output tokens)``."""
+def user_turn(image_url: str | None, text: str) -> dict:
+    """One user message of the chat API: an optional image, then the text."""
+    content = [{"type": "image_url", "image_url": {"url": image_url}}] if image_url else []
+    return {"role": "user", "content": [*content, {"type": "text", "text": text}]}
+
+
+def stream_chat(plan: Plan, model: str, messages: list[dict]) -> dict:
+    """One streamed chat request: time to first token (s), output and prompt tokens, and the answer's text."""
     body = {"model": model, "max_tokens": plan.max_tokens, "temperature": 0.0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
-                                                      {"type": "text", "text": QUESTION}]}]}
+            "stream_options": {"include_usage": True}, "messages": messages}
     request = urllib.request.Request(f"http://{HOST}:{plan.port}/v1/chat/completions", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
-    start, first, tokens = time.perf_counter(), None, 0
+    start, first, usage, text = time.perf_counter(), None, {}, []
     with urllib.request.urlopen(request, timeout=plan.request_timeout) as response:  # noqa: S310
         for raw in response:
             line = raw.decode().strip()
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+            pieces = [c.get("delta", {}).get("content") or "" for c in chunk.get("choices", [])]
+            if first is None and any(pieces):
                 first = time.perf_counter() - start
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return (first if first is not None else time.perf_counter() - start), tokens
+            text += pieces
+            usage = chunk.get("usage") or usage
+    return {"ttft_s": first if first is not None else time.perf_counter() - start, "text": "".join(text),
+            "output_tokens": usage.get("completion_tokens", 0), "prompt_tokens": usage.get("prompt_tokens", 0)}
+
+
+def _chat(plan: Plan, model: str, image_url: str) -> tuple[float, int]:
+    """One streamed single-turn request: ``(time to first token in s, output tokens)``."""
+    out = stream_chat(plan, model, [user_turn(image_url, QUESTION)])
+    return out["ttft_s"], out["output_tokens"]
 
 
 def _kv_blocks(metrics: str) -> float | None:
@@ -155,8 +170,9 @@ def _stop(server: subprocess.Popen) -> None:
             continue
 
 
-def measure_server(plan: Plan, keep: float | None, template: str, log) -> dict:
-    """Start one server, warm it up, drive the load, sample the KV cache, stop it; the figures of this setting."""
+@contextlib.contextmanager
+def serving(plan: Plan, keep: float | None, template: str, log):
+    """A healthy ``vllm serve`` of one setting for the ``with`` block (its served model name), stopped after."""
     env = {**os.environ, **OFFLINE_ENV}
     server = subprocess.Popen(serve_command(plan, keep, template), env=env, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
@@ -173,7 +189,14 @@ def measure_server(plan: Plan, keep: float | None, template: str, log) -> dict:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"vllm serve did not become healthy in {plan.startup_timeout:.0f} s")
             time.sleep(1.0)
-        model = json.loads(_get(f"http://{HOST}:{plan.port}/v1/models"))["data"][0]["id"]
+        yield json.loads(_get(f"http://{HOST}:{plan.port}/v1/models"))["data"][0]["id"]
+    finally:
+        _stop(server)
+
+
+def measure_server(plan: Plan, keep: float | None, template: str, log) -> dict:
+    """Start one server, warm it up, drive the load, sample the KV cache, stop it; the figures of this setting."""
+    with serving(plan, keep, template, log) as model:
         images = [_image_url(plan, seed) for seed in range(plan.requests)]
         _chat(plan, model, images[0])  # warm-up
         peak, stop = [0.0], threading.Event()
@@ -192,8 +215,6 @@ def measure_server(plan: Plan, keep: float | None, template: str, log) -> dict:
         elapsed = time.perf_counter() - start
         stop.set()
         sampler.join(timeout=5)
-    finally:
-        _stop(server)
     ttft = sorted(r[0] for r in results)
     return {"requests_per_s": plan.requests / elapsed, "output_tokens_per_s": sum(r[1] for r in results) / elapsed,
             "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
@@ -287,6 +308,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an extra `vllm serve` argument (repeatable), e.g. --serve-arg=--mm-encoder-attn-backend "
                         "--serve-arg=FLASH_ATTN")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--two-turn", action="store_true", help="instead: two-turn chats (turn 2 = turn 1 + answer + "
+                        "another question, same image), turn-2 TTFT and prefix-cache hit rate per setting")
+    parser.add_argument("--methods", nargs="+", metavar="METHOD",
+                        help="with --two-turn: the methods compared (default: --method)")
     parser.add_argument("--dry-run", action="store_true", help="check the arguments, print the commands, run nothing")
     parser.add_argument("--offline-one", help=argparse.SUPPRESS)
 
@@ -298,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     return handle(args, parser)
 
 
-def handle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def handle(args: argparse.Namespace, parser: argparse.ArgumentParser, two_turn=None) -> int:
+    """Run the command; ``two_turn(plan, args)`` runs ``--two-turn`` (:func:`.serve_chat.handle_two_turn`, passed in
+    by the CLI: that module builds on this one)."""
     if args.offline_one:
         job = json.loads(args.offline_one)
         plan = Plan(**{**job["plan"], "image_size": tuple(job["plan"]["image_size"])})
@@ -324,6 +351,10 @@ def handle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"then {plan.requests} requests at concurrency {plan.concurrency} per setting"
               + ("" if args.no_offline else ", and offline LLM.generate on the same batch"))
         return 0
+    if args.two_turn:
+        if two_turn is None:
+            parser.error("--two-turn runs through `tokenprune serve-bench` or benchmarks/serve.py")
+        return two_turn(plan, args)
     results = run(plan, args.out, offline=not args.no_offline)
     from tokenprune.integrations.vllm.serve_report import markdown
 
