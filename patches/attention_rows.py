@@ -11,6 +11,8 @@ selection is the same under ``eager``, ``sdpa`` and ``flash_attention_2``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -47,6 +49,16 @@ def _keys(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (norm(k) if norm is not None else k).transpose(1, 2)
 
 
+def scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """``(q @ k^T) * scale`` in fp32 (``q`` ``[..., R, d_h]``, ``k`` ``[..., N, d_h]``). A power-of-two scale
+    (``head_dim ** -0.5`` for ``head_dim`` 64 or 256) is applied to ``q`` before the product instead: exact in
+    floating point, so the scores are bit-identical, and one pass over ``[R, d_h]`` instead of ``[R, N]``."""
+    q, k = q.float(), k.float()
+    if math.frexp(scale)[0] == 0.5:
+        return (q * scale) @ k.transpose(-1, -2)
+    return (q @ k.transpose(-1, -2)) * scale
+
+
 def layer_keys(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Post-RoPE keys ``[B, H_kv, N, d_h]`` the layer computes from its input ``hidden`` ``[B, N, D]``."""
     b = hidden.shape[0]
@@ -76,13 +88,19 @@ def attention_rows(
     q = _queries(attn, x_rows)  # [B, H, R, d_h]
     gather = rows[..., None].expand(-1, -1, cos.shape[-1])
     q = _rope(q, cos.gather(1, gather), sin.gather(1, gather))
-    k = _rope(_keys(attn, x), cos, sin)  # [B, H_kv, N, d_h]
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA
-    scores = (q.float() @ k.float().transpose(-1, -2)) * float(attn.scaling)  # [B, H, R, N]
+    k = _repeat_kv(_rope(_keys(attn, x), cos, sin), q.shape[1])  # [B, H, N, d_h]
     keys = torch.arange(n, device=hidden.device)
     allowed = (keys[None, None, :] <= rows[..., None]) & valid[:, None, :].bool()  # [B, R, N]
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    scores = scaled_scores(q, k, float(attn.scaling))  # [B, H, R, N], a fresh tensor: masked in place
+    scores.masked_fill_(~allowed[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    # a query row whose own slot is padding sees no key (all -inf: NaN); a valid row always sees itself
+    return probs if bool(valid.bool().gather(1, rows).all()) else probs.nan_to_num_(0.0)
+
+
+def _repeat_kv(k: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, H_kv, N, d_h]`` keys repeated for ``heads`` query heads (GQA; as they are when ``H_kv == heads``)."""
+    return k if k.shape[1] == heads else k.repeat_interleave(heads // k.shape[1], dim=1)
 
 
 @torch.no_grad()
@@ -96,7 +114,5 @@ def attention_rows_no_rope(
     x = layer.input_layernorm(hidden)
     pick = lambda idx: x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
     q = _queries(attn, pick(rows))  # [B, H, R, d_h]
-    k = _keys(attn, pick(keys))  # [B, H_kv, K, d_h]
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA
-    scores = (q.float() @ k.float().transpose(-1, -2)) * float(attn.scaling)
-    return torch.softmax(scores, dim=-1)
+    k = _repeat_kv(_keys(attn, pick(keys)), q.shape[1])  # [B, H, K, d_h]
+    return torch.softmax(scaled_scores(q, k, float(attn.scaling)), dim=-1)
