@@ -201,9 +201,9 @@ def select_stage(loop: Any, s: int, h: torch.Tensor, call: Any) -> Stage | None:
     old_extra = call.extra.gather(1, slots) if getattr(call, "extra", None) is not None else torch.zeros_like(valid)
     mixes = []
     for b, out, out_extra, image_slots, weights in pending:
-        new = [int(((slots[b] == o) & (is_extra[b] == e) & valid[b]).nonzero()[0]) for o, e in
-               zip(out.tolist(), out_extra.tolist(), strict=True)]
-        mixes.append((b, torch.tensor(new, device=h.device), image_slots, weights.float()))
+        # new slot of each mixed output token: the first valid slot with its previous slot and extra flag
+        match = (slots[b] == out[:, None]) & (is_extra[b] == out_extra[:, None]) & valid[b]  # [r, new_len]
+        mixes.append((b, match.int().argmax(dim=1), image_slots, weights.float()))
     return Stage(
         layer=plan.layer, slots=slots, prev_len=length, index=call.index.gather(1, slots), valid=valid,
         removed=removed, shift=call.shift + dropped.long().sum(1) - n_extra,
@@ -246,11 +246,12 @@ def _extras(loop: Any, call: Any, b: int) -> dict[str, Any]:
     n = call.n
     unpadded = call.mask2d[b, :n].long().cumsum(0) - 1
     of = call.image_of[b]
-    starts = {}
-    for m in range(int(of.max()) + 1):
-        starts[m] = int((of == m).nonzero().min())
-    start = torch.tensor([starts.get(int(m), 0) for m in of.tolist()], device=of.device)
-    local = torch.where(of >= 0, torch.arange(of.shape[0], device=of.device) - start, -1)
+    slot = torch.arange(of.shape[0], device=of.device)
+    image = of >= 0
+    # first prompt index of every image (one scatter, no loop over tokens)
+    starts = torch.full((int(of.max()) + 1 if bool(image.any()) else 1,), of.shape[0], device=of.device)
+    starts = starts.scatter_reduce(0, of[image], slot[image], "amin")
+    local = torch.where(image, slot - starts[of.clamp(min=0)], -1)
     index = call.index[b]
     accum, coords = getattr(call, "accum", None), getattr(call, "coords", None)
     return {
