@@ -59,10 +59,18 @@ def scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
     return (q @ k.transpose(-1, -2)) * scale
 
 
-def layer_keys(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Post-RoPE keys ``[B, H_kv, N, d_h]`` the layer computes from its input ``hidden`` ``[B, N, D]``."""
+def pre_rope_keys(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Keys ``[B, H_kv, N, d_h]`` of the layer's input ``hidden`` ``[B, N, D]`` before RoPE (``k_norm`` applied):
+    what :func:`layer_keys` and :func:`attention_rows` rotate, computed once when a method reads both."""
+    return _keys(layer.self_attn, layer.input_layernorm(hidden))
+
+
+def layer_keys(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Post-RoPE keys ``[B, H_kv, N, d_h]`` the layer computes from its input ``hidden`` ``[B, N, D]`` (``keys``:
+    its :func:`pre_rope_keys`, when already computed)."""
     b = hidden.shape[0]
-    k = _keys(layer.self_attn, layer.input_layernorm(hidden))
+    k = pre_rope_keys(layer, hidden) if keys is None else keys
     return _rope(k, cos.expand(b, -1, -1), sin.expand(b, -1, -1))
 
 
@@ -74,11 +82,13 @@ def attention_rows(
     cos: torch.Tensor,
     sin: torch.Tensor,
     valid: torch.Tensor,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[B, H, R, N]`` fp32 attention probabilities of query slots ``rows`` ``[B, R]`` over all ``N`` key slots.
 
     ``hidden`` ``[B, N, D]`` is the layer's input; slots are in sequence order, so key ``j`` is visible to row ``i``
-    iff ``j <= i`` (causal) and ``valid[b, j]`` (padding). ``cos``/``sin`` ``[B or 1, N, d_h]``.
+    iff ``j <= i`` (causal) and ``valid[b, j]`` (padding). ``cos``/``sin`` ``[B or 1, N, d_h]``. ``keys``: the
+    layer's :func:`pre_rope_keys` of ``hidden`` when already computed (else computed here).
     """
     attn = layer.self_attn
     b, n, _ = hidden.shape
@@ -88,9 +98,9 @@ def attention_rows(
     q = _queries(attn, x_rows)  # [B, H, R, d_h]
     gather = rows[..., None].expand(-1, -1, cos.shape[-1])
     q = _rope(q, cos.gather(1, gather), sin.gather(1, gather))
-    k = _repeat_kv(_rope(_keys(attn, x), cos, sin), q.shape[1])  # [B, H, N, d_h]
-    keys = torch.arange(n, device=hidden.device)
-    allowed = (keys[None, None, :] <= rows[..., None]) & valid[:, None, :].bool()  # [B, R, N]
+    k = _repeat_kv(_rope(_keys(attn, x) if keys is None else keys, cos, sin), q.shape[1])  # [B, H, N, d_h]
+    slots = torch.arange(n, device=hidden.device)
+    allowed = (slots[None, None, :] <= rows[..., None]) & valid[:, None, :].bool()  # [B, R, N]
     scores = scaled_scores(q, k, float(attn.scaling))  # [B, H, R, N], a fresh tensor: masked in place
     scores.masked_fill_(~allowed[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)

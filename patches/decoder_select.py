@@ -16,7 +16,7 @@ import torch
 
 from tokenprune.compaction import padding_side
 from tokenprune.methods.decoder_base import Recycled
-from tokenprune.patches.attention_rows import attention_rows, attention_rows_no_rope, layer_keys
+from tokenprune.patches.attention_rows import attention_rows, attention_rows_no_rope, layer_keys, pre_rope_keys
 
 
 @dataclass
@@ -95,7 +95,8 @@ class Row:
         key = tuple(rows.tolist())
         if key not in self._rows:
             rows = rows.to(self._h_in.device)
-            out = attention_rows(self._layer, self._h_in, rows[None], self._cos, self._sin, self.valid[None])
+            out = attention_rows(self._layer, self._h_in, rows[None], self._cos, self._sin, self.valid[None],
+                                 keys=self._pre_rope_keys())
             self._rows[key] = out[0]
         return self._rows[key]
 
@@ -109,8 +110,16 @@ class Row:
                 if self._rotary is not None and self.token_index is not None:
                     pos = self.token_index.clamp(min=0)[None].to(self._h_in.device)
                     cos, sin = self._rotary(self._h_in, pos)
-                self._rows["keys"] = layer_keys(self._layer, self._h_in, cos, sin)[0]
+                self._rows["keys"] = layer_keys(self._layer, self._h_in, cos, sin, keys=self._pre_rope_keys())[0]
         return self._rows["keys"]
+
+    def _pre_rope_keys(self) -> torch.Tensor:
+        """``[1, H_kv, N, d_h]`` keys of the score layer before RoPE, computed once for :meth:`attention` (every row
+        set) and :meth:`keys` (one ``k_proj`` over the sequence per stage, not one per call)."""
+        if "pre_rope_keys" not in self._rows:
+            with torch.no_grad():
+                self._rows["pre_rope_keys"] = pre_rope_keys(self._layer, self._h_in)
+        return self._rows["pre_rope_keys"]
 
     def normed_hidden(self) -> torch.Tensor:
         """``[N, D]`` :attr:`hidden` through the language model's final norm (DART's similarity space)."""
