@@ -4,10 +4,14 @@ Writes ``benchmarks/results/overhead_all.json`` after every finished setting (ru
 stopped: finished settings are skipped) and, at the end (or with ``--report`` alone), ``overhead_all.md``,
 ``.csv`` and ``.png``. Default model: the tiny LLaVA-1.5 architecture (64 visual tokens, LLM width 128) at
 LLaVA-1.5-7B's full LLM depth (32 layers, so every decoder-stage method prunes at its real layers), fp32, 1 thread,
-5 interleaved repeats after a warm-up round (:mod:`tokenprune.bench.overhead_all`). ``--model demo --dtype bfloat16
---threads 2 --repeats 3 --warmup 0 --out benchmarks/results/overhead_all_demo.json`` is the 576-token model (LLM
-width 512, 4-layer vision tower of width 256) of the same depth; on the loaded machine one of its settings took
-about 6 minutes (docs/benchmarks.md).
+5 interleaved repeats after a warm-up round (:mod:`tokenprune.bench.overhead_all`). The 576-token model (LLM
+width 512, 4-layer vision tower of width 256) of the same depth, every method, from scratch (docs/benchmarks.md):
+
+    python benchmarks/overhead_all.py --model demo --dtype bfloat16 --threads 1 --fresh \\
+        --out benchmarks/results/overhead_all_demo.json
+
+``--method a,b`` measures some methods only; ``--before earlier.json`` writes the .md with that run's ratios and
+this run's side by side (``results/overhead_changed.md``).
 """
 
 from __future__ import annotations
@@ -40,9 +44,14 @@ if __name__ == "__main__":
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds of pruned + limit")
     parser.add_argument("--out", default=str(RESULTS / "overhead_all.json"))
     parser.add_argument("--report", action="store_true", help="only write .md/.csv/.png from the JSON")
+    parser.add_argument("--fresh", action="store_true", help="measure every setting again (the JSON is replaced)")
+    parser.add_argument("--before", default=None,
+                        help="a JSON of an earlier run: the .md puts its ratios and this run's side by side")
     args = parser.parse_args()
     keeps = [float(k) for k in args.keep.split(",")]
     out = Path(args.out)
+    if args.fresh and not args.report:
+        out.unlink(missing_ok=True)
     if not args.report:
         torch.set_num_threads(args.threads)
         bm = load(args.model, layers=args.layers, vision_layers=args.vision_layers or None, dtype=args.dtype,
@@ -50,5 +59,10 @@ if __name__ == "__main__":
         methods = oa.all_methods() if args.method == "all" else args.method.split(",")
         oa.run_all(bm, out, methods, keeps, repeats=args.repeats, warmup=args.warmup, options=OPTIONS,
                    log=lambda line: print(line, flush=True))
-    for path in oa.write_outputs(json.loads(out.read_text()), keeps, out.with_suffix("")):
+    data = json.loads(out.read_text())
+    for path in oa.write_outputs(data, keeps, out.with_suffix("")):
         print(f"wrote {path}")
+    if args.before:
+        md = out.with_suffix(".md")
+        md.write_text(oa.side_by_side(json.loads(Path(args.before).read_text()), data, keeps) + "\n")
+        print(f"wrote {md} (before: {args.before})")

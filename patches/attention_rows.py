@@ -11,6 +11,8 @@ selection is the same under ``eager``, ``sdpa`` and ``flash_attention_2``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -47,10 +49,28 @@ def _keys(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (norm(k) if norm is not None else k).transpose(1, 2)
 
 
-def layer_keys(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Post-RoPE keys ``[B, H_kv, N, d_h]`` the layer computes from its input ``hidden`` ``[B, N, D]``."""
+def scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """``(q @ k^T) * scale`` in fp32 (``q`` ``[..., R, d_h]``, ``k`` ``[..., N, d_h]``). A power-of-two scale
+    (``head_dim ** -0.5`` for ``head_dim`` 64 or 256) is applied to ``q`` before the product instead: exact in
+    floating point, so the scores are bit-identical, and one pass over ``[R, d_h]`` instead of ``[R, N]``."""
+    q, k = q.float(), k.float()
+    if math.frexp(scale)[0] == 0.5:
+        return (q * scale) @ k.transpose(-1, -2)
+    return (q @ k.transpose(-1, -2)) * scale
+
+
+def pre_rope_keys(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Keys ``[B, H_kv, N, d_h]`` of the layer's input ``hidden`` ``[B, N, D]`` before RoPE (``k_norm`` applied):
+    what :func:`layer_keys` and :func:`attention_rows` rotate, computed once when a method reads both."""
+    return _keys(layer.self_attn, layer.input_layernorm(hidden))
+
+
+def layer_keys(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Post-RoPE keys ``[B, H_kv, N, d_h]`` the layer computes from its input ``hidden`` ``[B, N, D]`` (``keys``:
+    its :func:`pre_rope_keys`, when already computed)."""
     b = hidden.shape[0]
-    k = _keys(layer.self_attn, layer.input_layernorm(hidden))
+    k = pre_rope_keys(layer, hidden) if keys is None else keys
     return _rope(k, cos.expand(b, -1, -1), sin.expand(b, -1, -1))
 
 
@@ -63,6 +83,7 @@ def attention_rows(
     sin: torch.Tensor,
     valid: torch.Tensor,
     allowed: torch.Tensor | None = None,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[B, H, R, N]`` fp32 attention probabilities of query slots ``rows`` ``[B, R]`` over all ``N`` key slots.
 
@@ -70,6 +91,7 @@ def attention_rows(
     iff ``j <= i`` (causal) and ``valid[b, j]`` (padding), unless ``allowed`` ``[B, R, N]`` gives the layer's own
     rule (sliding window, bidirectional image blocks: ``patches/decoder_masks.py``). ``cos``/``sin`` ``[B or 1, N,
     d_h]``. Logit soft-capping (``attn_logit_softcapping``) is applied where the layer has it, before the mask.
+    ``keys``: the layer's :func:`pre_rope_keys` of ``hidden`` when already computed (else computed here).
     """
     attn = layer.self_attn
     b, n, _ = hidden.shape
@@ -79,17 +101,24 @@ def attention_rows(
     q = _queries(attn, x_rows)  # [B, H, R, d_h]
     gather = rows[..., None].expand(-1, -1, cos.shape[-1])
     q = _rope(q, cos.gather(1, gather), sin.gather(1, gather))
-    k = _rope(_keys(attn, x), cos, sin)  # [B, H_kv, N, d_h]
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA
-    scores = (q.float() @ k.float().transpose(-1, -2)) * float(attn.scaling)  # [B, H, R, N]
+    k = _repeat_kv(_rope(_keys(attn, x) if keys is None else keys, cos, sin), q.shape[1])  # [B, H, N, d_h]
+    scores = scaled_scores(q, k, float(attn.scaling))  # [B, H, R, N], a fresh tensor: modified in place
     cap = getattr(attn, "attn_logit_softcapping", None)
     if cap:
         scores = torch.tanh(scores / cap) * cap
     if allowed is None:
-        keys = torch.arange(n, device=hidden.device)
-        allowed = (keys[None, None, :] <= rows[..., None]) & valid[:, None, :].bool()  # [B, R, N]
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        slots = torch.arange(n, device=hidden.device)
+        allowed = (slots[None, None, :] <= rows[..., None]) & valid[:, None, :].bool()  # [B, R, N]
+    scores.masked_fill_(~allowed[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    # a query row whose own slot is padding sees no key (all -inf: NaN); a valid row always sees itself (causal,
+    # sliding window and image blocks alike)
+    return probs if bool(valid.bool().gather(1, rows).all()) else probs.nan_to_num_(0.0)
+
+
+def _repeat_kv(k: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, H_kv, N, d_h]`` keys repeated for ``heads`` query heads (GQA; as they are when ``H_kv == heads``)."""
+    return k if k.shape[1] == heads else k.repeat_interleave(heads // k.shape[1], dim=1)
 
 
 @torch.no_grad()
@@ -103,7 +132,5 @@ def attention_rows_no_rope(
     x = layer.input_layernorm(hidden)
     pick = lambda idx: x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
     q = _queries(attn, pick(rows))  # [B, H, R, d_h]
-    k = _keys(attn, pick(keys))  # [B, H_kv, K, d_h]
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA
-    scores = (q.float() @ k.float().transpose(-1, -2)) * float(attn.scaling)
-    return torch.softmax(scores, dim=-1)
+    k = _repeat_kv(_keys(attn, pick(keys)), q.shape[1])  # [B, H, K, d_h]
+    return torch.softmax(scaled_scores(q, k, float(attn.scaling)), dim=-1)

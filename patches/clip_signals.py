@@ -1,10 +1,12 @@
 """Signals of a CLIP-style vision tower (LLaVA-1.5, LLaVA-NeXT), computed only for what a method declared.
 
 ``ClipProbe`` is a context manager around one forward of the tower. For every layer a request names it installs a
-forward pre-hook on that layer's attention module (attention rows, keys) and/or a forward hook on the layer
-(hidden states), recomputes just what was asked from the module's own projections in fp32, and removes every hook
-on exit. The tower keeps its attention kernel (eager, sdpa or flash-attention): nothing is read from the kernel
-and ``output_attentions`` is never switched on. Semantics of each signal: ``tokenprune/methods/base.py``.
+forward hook on that layer's attention module (attention rows, keys), forward hooks on the module's key (and, for
+signals that read every query row, query) projections that keep what the tower computes anyway, and/or a forward
+hook on the layer (hidden states); it computes just what was asked from those projections in fp32 and removes
+every hook on exit. The tower keeps its attention kernel (eager, sdpa or flash-attention): nothing is read from the
+kernel and ``output_attentions`` is never switched on. A projection that is not a module (vLLM's fused ``qkv_proj``
+views) is recomputed from the attention input instead. Semantics of each signal: ``tokenprune/methods/base.py``.
 
     with ClipProbe(tower, method.requests(), feature_layer) as probe:
         out = get_image_features(...)
@@ -28,10 +30,12 @@ from tokenprune.methods.base import (
     VISION_KEYS,
     SignalRequest,
 )
+from tokenprune.patches.attention_rows import scaled_scores
 
 ATTENTION_SIGNALS = frozenset({CLS_ATTENTION, ATTENTION_RECEIVED, ATTENTION_MAP, VISION_KEYS, CLS_ATTENTION_WIDE})
 OUTPUT_SIGNALS = frozenset({VISION_HIDDEN, CLS_HIDDEN})
 PROBE_SIGNALS = ATTENTION_SIGNALS | OUTPUT_SIGNALS
+FULL_QUERY_SIGNALS = frozenset({ATTENTION_RECEIVED, ATTENTION_MAP})  # read every query row: the tower's q is kept
 
 
 def encoder_layers(tower: torch.nn.Module) -> torch.nn.ModuleList:
@@ -57,36 +61,53 @@ def resolve_layer(layer: int | None, feature_layer: int, n_layers: int) -> int:
     return index
 
 
-def attention_signals(module: torch.nn.Module, hidden: torch.Tensor, names: frozenset[str]) -> dict[str, torch.Tensor]:
+def projection_modules(module: torch.nn.Module) -> tuple[Any, Any]:
+    """``(query, key)``: the last module of each projection chain of an attention module, whose output is what
+    the attention's forward uses (``q_norm``/``k_norm`` where the module has them, e.g. InternViT's QK-norm or its
+    Identity, else ``q_proj``/``k_proj``)."""
+    q_norm, k_norm = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
+    return (module.q_proj if q_norm is None else q_norm), (module.k_proj if k_norm is None else k_norm)
+
+
+def _projected(module: torch.nn.Module, hidden: torch.Tensor, part: str) -> torch.Tensor:
+    """``q_norm(q_proj(hidden))`` (``part="q"``) or the keys, as the attention's forward computes them."""
+    out = getattr(module, f"{part}_proj")(hidden)
+    norm = getattr(module, f"{part}_norm", None)
+    return out if norm is None else norm(out)
+
+
+def attention_signals(module: torch.nn.Module, hidden: torch.Tensor, names: frozenset[str],
+                      q: torch.Tensor | None = None, k: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The requested attention-derived signals of one CLIP attention module from its input ``[B, T, D]`` (after
     ``layer_norm1``), in fp32, batch dimension first and [CLS] still at position 0. A module with ``q_norm`` /
-    ``k_norm`` (InternViT's QK-norm; Identity when off) has them applied to the projections, as its forward does."""
+    ``k_norm`` (InternViT's QK-norm; Identity when off) has them applied to the projections, as its forward does.
+    ``q`` / ``k`` ``[B, T, D]``: the module's own query / key projections of ``hidden`` when the forward already
+    computed them (the probe keeps them), else recomputed here."""
     batch, length, width = hidden.shape
     heads, head_dim = module.num_heads, module.head_dim
-    q_norm, k_norm = getattr(module, "q_norm", torch.nn.Identity()), getattr(module, "k_norm", torch.nn.Identity())
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        k = k_norm(module.k_proj(hidden)).float()  # [B, T, D]
+        k = (_projected(module, hidden, "k") if k is None else k).float()  # [B, T, D]
         k_heads = k.view(batch, length, heads, head_dim).transpose(1, 2)  # [B, H, T, d_h]
         if VISION_KEYS in names:
             out[VISION_KEYS] = k_heads
         if CLS_ATTENTION_WIDE in names:
-            q_cls = q_norm(module.q_proj(hidden[:, :1])).float()  # [B, 1, D]: one full-width "head"
+            q_cls = _projected(module, hidden[:, :1], "q").float()  # [B, 1, D]: one full-width "head"
             out[CLS_ATTENTION_WIDE] = torch.softmax((q_cls @ k.transpose(-1, -2))[:, 0] * width**-0.5, dim=-1)
         if CLS_ATTENTION in names:
-            q = q_norm(module.q_proj(hidden[:, :1])).float().view(batch, 1, heads, head_dim).transpose(1, 2)
-            out[CLS_ATTENTION] = torch.softmax((q @ k_heads.transpose(-1, -2)) * module.scale, dim=-1)[:, :, 0]
+            q_cls = _projected(module, hidden[:, :1], "q").float().view(batch, 1, heads, head_dim).transpose(1, 2)
+            out[CLS_ATTENTION] = torch.softmax((q_cls @ k_heads.transpose(-1, -2)) * module.scale, dim=-1)[:, :, 0]
         if names & {ATTENTION_RECEIVED, ATTENTION_MAP}:
-            q_all = q_norm(module.q_proj(hidden)).float().view(batch, length, heads, head_dim).transpose(1, 2)
+            q_all = (_projected(module, hidden, "q") if q is None else q).float()
+            q_all = q_all.view(batch, length, heads, head_dim).transpose(1, 2)  # [B, H, T, d_h]
             maps = []
             for b in range(batch):  # one image at a time: [H, T, T] is the largest tensor alive
-                probs = torch.softmax((q_all[b] @ k_heads[b].transpose(-1, -2)) * module.scale, dim=-1)
+                probs = torch.softmax(scaled_scores(q_all[b], k_heads[b], module.scale), dim=-1)
                 maps.append(probs.mean(dim=0))  # [T, T] head mean
-            full = torch.stack(maps)  # [B, T, T]
             if ATTENTION_RECEIVED in names:
-                out[ATTENTION_RECEIVED] = full.mean(dim=1)  # [B, T]: mean over every query row
+                out[ATTENTION_RECEIVED] = torch.stack([m.mean(dim=0) for m in maps])  # [B, T]: mean over query rows
             if ATTENTION_MAP in names:
-                out[ATTENTION_MAP] = full
+                out[ATTENTION_MAP] = torch.stack(maps)  # [B, T, T]
     return out
 
 
@@ -109,8 +130,15 @@ class ClipProbe:
             layer = self.layers[index]
             wanted = frozenset(names)
             if wanted & ATTENTION_SIGNALS:
-                self._handles.append(layer_attention(layer).register_forward_pre_hook(
-                    self._attention_hook(index, wanted & ATTENTION_SIGNALS), with_kwargs=True))
+                attention = layer_attention(layer)
+                kept: dict[str, torch.Tensor] = {}  # the projections this forward computed: "q", "k"
+                for part, source in zip("qk", projection_modules(attention), strict=True):
+                    if part == "q" and not wanted & FULL_QUERY_SIGNALS:
+                        continue
+                    if isinstance(source, torch.nn.Module):  # vLLM's fused views are not: recomputed instead
+                        self._handles.append(source.register_forward_hook(self._keep_hook(kept, part)))
+                self._handles.append(attention.register_forward_hook(
+                    self._attention_hook(index, wanted & ATTENTION_SIGNALS, kept), with_kwargs=True))
             if wanted & OUTPUT_SIGNALS:
                 self._handles.append(layer.register_forward_hook(self._output_hook(index)))
         return self
@@ -120,10 +148,18 @@ class ClipProbe:
             handle.remove()
         self._handles.clear()
 
-    def _attention_hook(self, index: int, names: frozenset[str]) -> Any:
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    @staticmethod
+    def _keep_hook(kept: dict[str, torch.Tensor], part: str) -> Any:
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            kept[part] = output
+
+        return hook
+
+    def _attention_hook(self, index: int, names: frozenset[str], kept: dict[str, torch.Tensor]) -> Any:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            for name, value in attention_signals(module, hidden, names).items():
+            q, k = kept.pop("q", None), kept.pop("k", None)
+            for name, value in attention_signals(module, hidden, names, q=q, k=k).items():
                 self._store.setdefault((name, index), []).append(value)
 
         return hook

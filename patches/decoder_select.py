@@ -16,7 +16,7 @@ import torch
 
 from tokenprune.compaction import padding_side
 from tokenprune.methods.decoder_base import Recycled
-from tokenprune.patches.attention_rows import attention_rows, attention_rows_no_rope, layer_keys
+from tokenprune.patches.attention_rows import attention_rows, attention_rows_no_rope, layer_keys, pre_rope_keys
 from tokenprune.patches.decoder_masks import visible
 
 
@@ -110,7 +110,7 @@ class Row:
         if key not in self._rows:
             rows = rows.to(self._h_in.device)
             out = attention_rows(self._layer, self._h_in, rows[None], self._cos, self._sin, self.valid[None],
-                                 allowed=self._allowed(rows))
+                                 allowed=self._allowed(rows), keys=self._pre_rope_keys())
             self._rows[key] = out[0]
         return self._rows[key]
 
@@ -144,8 +144,16 @@ class Row:
                 if self._rotary is not None and self.token_index is not None:
                     pos = self.token_index.clamp(min=0)[None].to(self._h_in.device)
                     cos, sin = self._rotary(self._h_in, pos)
-                self._rows["keys"] = layer_keys(self._layer, self._h_in, cos, sin)[0]
+                self._rows["keys"] = layer_keys(self._layer, self._h_in, cos, sin, keys=self._pre_rope_keys())[0]
         return self._rows["keys"]
+
+    def _pre_rope_keys(self) -> torch.Tensor:
+        """``[1, H_kv, N, d_h]`` keys of the score layer before RoPE, computed once for :meth:`attention` (every row
+        set) and :meth:`keys` (one ``k_proj`` over the sequence per stage, not one per call)."""
+        if "pre_rope_keys" not in self._rows:
+            with torch.no_grad():
+                self._rows["pre_rope_keys"] = pre_rope_keys(self._layer, self._h_in)
+        return self._rows["pre_rope_keys"]
 
     def normed_hidden(self) -> torch.Tensor:
         """``[N, D]`` :attr:`hidden` through the language model's final norm (DART's similarity space)."""
@@ -236,9 +244,9 @@ def select_stage(loop: Any, s: int, h: torch.Tensor, call: Any) -> Stage | None:
     old_extra = call.extra.gather(1, slots) if getattr(call, "extra", None) is not None else torch.zeros_like(valid)
     mixes = []
     for b, out, out_extra, image_slots, weights in pending:
-        new = [int(((slots[b] == o) & (is_extra[b] == e) & valid[b]).nonzero()[0]) for o, e in
-               zip(out.tolist(), out_extra.tolist(), strict=True)]
-        mixes.append((b, torch.tensor(new, device=h.device), image_slots, weights.float()))
+        # new slot of each mixed output token: the first valid slot with its previous slot and extra flag
+        match = (slots[b] == out[:, None]) & (is_extra[b] == out_extra[:, None]) & valid[b]  # [r, new_len]
+        mixes.append((b, match.int().argmax(dim=1), image_slots, weights.float()))
     return Stage(
         layer=plan.layer, slots=slots, prev_len=length, index=call.index.gather(1, slots), valid=valid,
         removed=removed, shift=call.shift + dropped.long().sum(1) - n_extra,
@@ -281,11 +289,12 @@ def _extras(loop: Any, call: Any, b: int, score_layer: int) -> dict[str, Any]:
     n = call.n
     unpadded = call.mask2d[b, :n].long().cumsum(0) - 1
     of = call.image_of[b]
-    starts = {}
-    for m in range(int(of.max()) + 1):
-        starts[m] = int((of == m).nonzero().min())
-    start = torch.tensor([starts.get(int(m), 0) for m in of.tolist()], device=of.device)
-    local = torch.where(of >= 0, torch.arange(of.shape[0], device=of.device) - start, -1)
+    slot = torch.arange(of.shape[0], device=of.device)
+    image = of >= 0
+    # first prompt index of every image (one scatter, no loop over tokens)
+    starts = torch.full((int(of.max()) + 1 if bool(image.any()) else 1,), of.shape[0], device=of.device)
+    starts = starts.scatter_reduce(0, of[image], slot[image], "amin")
+    local = torch.where(image, slot - starts[of.clamp(min=0)], -1)
     index = call.index[b]
     accum, coords = getattr(call, "accum", None), getattr(call, "coords", None)
     return {

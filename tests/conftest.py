@@ -121,3 +121,29 @@ MERGING = {"visionzip", "visiondrop", "recoverable"}
 
 def enable(model, method, keep, **kwargs):
     return enable_pruning(model, method, keep=keep, **TINY_OPTIONS.get(method, {}), **kwargs)
+
+
+def cached_model(cache, key, build):
+    """The body of a family's model fixture: ``cache[key]`` (a module-level dict), built by ``build()`` on first
+    use, yielded as ``(model, processor)``; pruning a test left on is removed after it. Use as
+    ``yield from cached_model(_MODELS, attn, lambda: tiny_gemma3(attn))``."""
+    from tokenprune.api import _HANDLE_ATTR, disable_pruning
+
+    if key not in cache:
+        cache[key] = build()
+    model, processor = cache[key]
+    yield model, processor
+    if _HANDLE_ATTR in model.__dict__:
+        disable_pruning(model)
+
+
+def generate_cached_and_uncached(model, inputs, **gen):
+    """``model.generate(**inputs, **gen)`` with and without the KV cache: both return the prompt's own ids first and
+    the same ids (a pruned cache answers as a full recompute of the pruned sequence). Returns the ids."""
+    with torch.no_grad():
+        cached = model.generate(**inputs, **gen)
+        uncached = model.generate(**inputs, **gen, use_cache=False)
+    prompt = inputs["input_ids"]
+    assert torch.equal(cached[:, : prompt.shape[1]], prompt)
+    assert torch.equal(cached, uncached)
+    return cached

@@ -76,3 +76,15 @@ def test_run_all_is_resumable_and_writes_its_report(deep_tiny, tmp_path):
     table = md.read_text()
     assert "| divprune | vision |" in table and "| fastv | decoder |" in table and "not run" in table
     assert csv_path.read_text().count("\n") == 4 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_side_by_side_puts_two_runs_of_a_method_next_to_each_other():
+    context = {"model": "m", "threads": 1, "repeats": 3, "warmup": 1}
+
+    def run(ratio, ms):
+        return {"context": context, "rows": [{"method": "fopru", "keep": 0.11, "overhead": ratio,
+                                              "selection_ms": ms}]}
+
+    table = oa.side_by_side(run(1.066, 0.2), run(1.031, 0.2), [0.11, 0.5])
+    assert "| fopru | vision | **1.066** (0.2) | 1.031 (0.2) | not run | not run |" in table
+    assert table.count("m; 1 threads, median of 3") == 2  # both runs' contexts

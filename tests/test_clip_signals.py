@@ -70,12 +70,38 @@ def test_probe_keeps_cls_for_the_full_strategy_and_removes_its_hooks(tower_and_p
     tower, pixels = tower_and_pixels
     before = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in tower.modules())
     with ClipProbe(tower, [SignalRequest(CLS_ATTENTION), SignalRequest(VISION_HIDDEN)], 1) as probe:
-        assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in tower.modules()) == before + 2
+        # the attention module's hook, the key projection's (keeps the tower's keys), the layer's output hook
+        assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in tower.modules()) == before + 3
         with torch.no_grad():
             tower(pixels)
     assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in tower.modules()) == before
     row = probe.per_image(drop_cls=False)[0]
     assert row[CLS_ATTENTION].shape[-1] == row[VISION_HIDDEN].shape[0] == pixels.shape[-1] ** 2 // 64 + 1
+
+
+@pytest.mark.parametrize("name", [ATTENTION_RECEIVED, ATTENTION_MAP, VISION_KEYS])
+def test_full_row_signals_reuse_the_towers_own_projections(tower_and_pixels, name):
+    """Every-query-row signals (HiPrune, FoPru, VFlowOpt) and keys read the q/k the tower computes anyway: each
+    projection of the probed layer runs once per forward, as without the probe (no second projection pass)."""
+    tower, pixels = tower_and_pixels
+    attention = encoder_layers(tower)[0].self_attn
+    calls = {"q": 0, "k": 0}
+
+    def counter(part):
+        def hook(module, args, output):
+            calls[part] += 1
+        return hook
+
+    handles = [attention.q_proj.register_forward_hook(counter("q")),
+               attention.k_proj.register_forward_hook(counter("k"))]
+    try:
+        with ClipProbe(tower, [SignalRequest(name, 0)], 1) as probe, torch.no_grad():
+            tower(pixels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == {"q": 1, "k": 1}
+    assert probe.per_image()[0][f"{name}@0"].shape[-1 if name != VISION_KEYS else -2] == pixels.shape[-1] ** 2 // 64
 
 
 def test_out_of_range_layer_is_a_clear_error(tower_and_pixels):

@@ -10,7 +10,16 @@ import re
 
 import pytest
 import torch
-from conftest import MERGING, decoder_methods, enable, hook_and_attribute_census, runnable_methods, two_stage_methods
+from conftest import (
+    MERGING,
+    cached_model,
+    decoder_methods,
+    enable,
+    generate_cached_and_uncached,
+    hook_and_attribute_census,
+    runnable_methods,
+    two_stage_methods,
+)
 from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -55,12 +64,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 @pytest.fixture
 def gemma3(attn):
     """One tiny model per kernel for the module; pruning is removed after every test."""
-    if attn not in _MODELS:
-        _MODELS[attn] = tiny_gemma3(attn)
-    model, processor = _MODELS[attn]
-    yield model, processor
-    if _HANDLE_ATTR in model.__dict__:
-        disable_pruning(model)
+    yield from cached_model(_MODELS, attn, lambda: tiny_gemma3(attn))
 
 
 def _inputs(processor, prompts, images, crops=False):
@@ -101,12 +105,8 @@ def test_keep_all_is_bit_identical_and_disable_leaves_nothing(gemma3, one, metho
 def test_pruned_generate_returns_the_prompt_and_cache_is_consistent(gemma3, one, method):
     model, _ = gemma3
     handle = enable(model, method, 0.25)
-    with torch.no_grad():
-        cached = model.generate(**one, **GEN)
-        uncached = model.generate(**one, **GEN, use_cache=False)
+    generate_cached_and_uncached(model, one, **GEN)
     prompt = one["input_ids"]
-    assert torch.equal(cached[:, : prompt.shape[1]], prompt)
-    assert torch.equal(cached, uncached)
     assert handle.last.images[0].n_kept == kept_count(0.25, N)
     assert handle.last.seq_len_after == prompt.shape[1] - N + kept_count(0.25, N)
 

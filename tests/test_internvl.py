@@ -7,7 +7,15 @@ import re
 
 import pytest
 import torch
-from conftest import MERGING, decoder_methods, hook_and_attribute_census, runnable_methods, two_stage_methods
+from conftest import (
+    MERGING,
+    cached_model,
+    decoder_methods,
+    generate_cached_and_uncached,
+    hook_and_attribute_census,
+    runnable_methods,
+    two_stage_methods,
+)
 from conftest import enable as _enable
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -61,10 +69,7 @@ def _model(attn, **options):
 
 @pytest.fixture
 def internvl(attn):
-    model, processor = _model(attn)
-    yield model, processor
-    if _HANDLE_ATTR in model.__dict__:
-        disable_pruning(model)
+    yield from cached_model(_MODELS, (attn, ()), lambda: tiny_internvl(attn))
 
 
 @pytest.fixture
@@ -106,12 +111,8 @@ def test_keep_all_is_bit_identical_and_disable_leaves_nothing(internvl, one, met
 def test_pruned_generate_returns_the_prompt_and_cache_is_consistent(internvl, one, method):
     model, _ = internvl
     handle = enable(model, method, 0.25)
-    with torch.no_grad():
-        cached = model.generate(**one, **GEN)
-        uncached = model.generate(**one, **GEN, use_cache=False)
+    generate_cached_and_uncached(model, one, **GEN)
     prompt = one["input_ids"]
-    assert torch.equal(cached[:, : prompt.shape[1]], prompt)
-    assert torch.equal(cached, uncached)
     record = handle.last.images[0]
     if METHODS[WITHOUT_CLS.get(method, (method,))[0]].fixed_budget:
         assert record.n_kept == _expected_kept(method, 0.25, 3)

@@ -4,7 +4,14 @@ decline by name."""
 
 import pytest
 import torch
-from conftest import MERGING, decoder_methods, hook_and_attribute_census, runnable_methods, two_stage_methods
+from conftest import (
+    MERGING,
+    cached_model,
+    decoder_methods,
+    hook_and_attribute_census,
+    runnable_methods,
+    two_stage_methods,
+)
 
 from tokenprune import disable_pruning, enable_pruning
 from tokenprune.api import _HANDLE_ATTR
@@ -34,12 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 @pytest.fixture
 def ov(attn):
     """One tiny model per kernel for the module; pruning is removed after every test."""
-    if attn not in _MODELS:
-        _MODELS[attn] = tiny_onevision(attn)
-    model, processor = _MODELS[attn]
-    yield model, processor
-    if _HANDLE_ATTR in model.__dict__:
-        disable_pruning(model)
+    yield from cached_model(_MODELS, attn, lambda: tiny_onevision(attn))
 
 
 def _both(processor, size=(120, 120), seed=1):
@@ -330,13 +332,7 @@ DECODER_OPTIONS["catp"] = {"layer": 1}  # 4 layers: in-context pool scored at 0 
 @pytest.fixture
 def deep_ov(attn):
     """4 LLM layers, so that every decoder method prunes at least once with small layer options."""
-    key = (attn, "decoder")
-    if key not in _MODELS:
-        _MODELS[key] = tiny_onevision(attn, text_layers=4)
-    model, processor = _MODELS[key]
-    yield model, processor
-    if _HANDLE_ATTR in model.__dict__:
-        disable_pruning(model)
+    yield from cached_model(_MODELS, (attn, "decoder"), lambda: tiny_onevision(attn, text_layers=4))
 
 
 def _enable_decoder(model, method, keep):

@@ -3,7 +3,15 @@ method with a signal there; DeepStack against an oracle; M-RoPE positions; batch
 
 import pytest
 import torch
-from conftest import MERGING, decoder_methods, enable, runnable_methods, two_stage_methods
+from conftest import (
+    MERGING,
+    cached_model,
+    decoder_methods,
+    enable,
+    generate_cached_and_uncached,
+    runnable_methods,
+    two_stage_methods,
+)
 
 from tokenprune import disable_pruning, enable_pruning
 from tokenprune.api import _HANDLE_ATTR
@@ -46,13 +54,7 @@ def family(request):
 @pytest.fixture
 def qwen3(family, attn):
     """One tiny model per (family, kernel) for the module; pruning is removed after every test."""
-    key = (family, attn)
-    if key not in _MODELS:
-        _MODELS[key] = tiny_qwen3(family, attn)
-    model, processor = _MODELS[key]
-    yield model, processor
-    if _HANDLE_ATTR in model.__dict__:
-        disable_pruning(model)
+    yield from cached_model(_MODELS, (family, attn), lambda: tiny_qwen3(family, attn))
 
 
 @pytest.fixture
@@ -85,12 +87,8 @@ def test_keep_all_is_bit_identical_and_disable_leaves_nothing(qwen3, one, method
 def test_pruned_generate_returns_the_prompt_and_cache_is_consistent(qwen3, one, method):
     model, _ = qwen3
     handle = enable(model, method, 0.34)
-    with torch.no_grad():
-        cached = model.generate(**one, **GEN)
-        uncached = model.generate(**one, **GEN, use_cache=False)
+    generate_cached_and_uncached(model, one, **GEN)
     prompt = one["input_ids"]
-    assert torch.equal(cached[:, : prompt.shape[1]], prompt)
-    assert torch.equal(cached, uncached)
     assert handle.last.images[0].n_kept == kept_count(0.34, 12)
     assert handle.last.seq_len_after == prompt.shape[1] - 12 + kept_count(0.34, 12)
 
@@ -265,14 +263,8 @@ def deep_qwen3(request, attn):
     """Qwen3-VL: 4 LLM layers, three DeepStack maps (ViT blocks 0, 1, 2) added after LLM layers 0, 1, 2: every method
     prunes at layer 1 or 2, before the last DeepStack addition (which then gets the surviving tokens' rows only).
     Qwen3.5: 16 hybrid layers, the methods at :data:`HYBRID_OPTIONS` (scored at full-attention layers)."""
-    key = (request.param, attn, "decoder")
-    if key not in _MODELS:
-        _MODELS[key] = (_hybrid16(request.param, attn) if request.param.startswith("qwen3_5")
-                        else _deepstack3(request.param, attn))
-    model, processor = _MODELS[key]
-    yield model, processor
-    if _HANDLE_ATTR in model.__dict__:
-        disable_pruning(model)
+    yield from cached_model(_MODELS, (request.param, attn, "decoder"), lambda: (
+        _hybrid16(request.param, attn) if request.param.startswith("qwen3_5") else _deepstack3(request.param, attn)))
 
 
 def _deepstack3(family, attn):

@@ -34,3 +34,28 @@ def test_paper_schedule_and_layer_average_budget():
     assert VisionDropLLM().counts(48, 19 / 48, 32) == [30, 22, 16]
     assert [p.layer for p in VisionDropLLM().plan(32)] == [8, 16, 24]
     assert [p.score_layer for p in VisionDropLLM().plan(32)] == [8, 16, 24]
+
+
+def test_a_stage_projects_the_score_layers_keys_once():
+    """The stage reads attention rows AND post-RoPE keys of its score layer: one key projection of the sequence
+    serves both (plus the layer's own forward on the kept tokens), not one per signal."""
+    from dataclasses import replace
+
+    from tokenprune import disable_pruning, enable_pruning
+    from tokenprune.tiny_models import TINY, random_image, tiny_llava
+
+    model, processor = tiny_llava(replace(TINY, text_layers=4), attn_implementation="sdpa", seed=0)
+    inputs = processor(images=[random_image(80, 96, seed=1)], text=["USER : <image>\nwhat is it ? ASSISTANT :"],
+                       return_tensors="pt")
+    layer = model.model.language_model.layers[1]
+    calls = []
+    handle = layer.self_attn.k_proj.register_forward_hook(lambda module, args, out: calls.append(out.shape[1]))
+    enable_pruning(model, "visiondropllm", keep=0.5, layers=(1, 2, 3))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        disable_pruning(model)
+        handle.remove()
+    n = inputs["input_ids"].shape[1]
+    assert len(calls) == 2 and calls[0] == n and calls[1] < n  # the stage's projection, then the layer's forward

@@ -114,6 +114,27 @@ def markdown(data: dict[str, Any], keeps: Sequence[float]) -> str:
     return "\n".join(lines)
 
 
+def side_by_side(before: dict[str, Any], after: dict[str, Any], keeps: Sequence[float]) -> str:
+    """The methods of ``after`` with, per keep, the overhead ratio (selection ms) of ``before`` and of ``after``
+    next to each other (above the target in bold): the same settings measured on two versions of the code. Both
+    runs' contexts are printed, so a reader sees whether the model and the machine's settings match."""
+    old = {(r["method"], r["keep"]): r for r in before["rows"]}
+    new = {(r["method"], r["keep"]): r for r in after["rows"]}
+    methods = [m for m in all_methods() if any(m == n for n, _ in new)]
+    head = ["method", "stage", *[f"keep {k}: {when}" for k in keeps for when in ("before", "after")]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        cells = [_cell(rows.get((m, k))) for k in keeps for rows in (old, new)]
+        lines.append("| " + " | ".join([m, METHODS[m].stage, *cells]) + " |")
+    for name, data in (("Before", before), ("After", after)):
+        ctx = data["context"]
+        unpruned = data.get("unpruned", {}).get("prefill_ms_unpruned")
+        lines += ["", f"{name}: {ctx['model']}; {ctx['threads']} threads, median of {ctx['repeats']} interleaved "
+                      f"pruned/limit pairs after {ctx['warmup']} warm-up round(s)"
+                  + (f"; unpruned prefill {unpruned:,.0f} ms." if unpruned else ".")]
+    return "\n".join(lines)
+
+
 def to_csv(data: dict[str, Any]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
