@@ -93,7 +93,15 @@ def test_kcenter_and_maxsum_equal_the_textbook_greedy(seed, dtype):
     assert F.kcenter(x, k, pivot, rule="maxsum").tolist() == kcenter_textbook(x, k, pivot, "maxsum")
 
 
-def test_similarity_rows_round_as_the_full_matrix():
+@pytest.fixture
+def blocks(monkeypatch):
+    """The blocked-rows path at test sizes: the whole matrix is one product up to ``WHOLE`` (1,024) tokens."""
+    from tokenprune.functional import similarity_rows
+
+    monkeypatch.setattr(similarity_rows, "WHOLE", 16)
+
+
+def test_similarity_rows_round_as_the_full_matrix(blocks):
     """The premise of the blocked rows (one thread): rows of a product of >= 16 rows, the 256-wide diagonal blocks
     and the transpose of ``x x^T`` equal the full matrix bit for bit (a 1-row product would not)."""
     from tokenprune.functional.diversity import unit_rows
@@ -110,14 +118,14 @@ def test_similarity_rows_round_as_the_full_matrix():
         score = torch.randn(600, generator=g)
         for i in (5, 599, 0, int(torch.argmax(score))):
             assert torch.equal(rows.row(i, score), full[i])
-        assert rows.products <= 4 and rows.full is None  # N > D: blocks
+        assert rows.products <= 4 and rows.full is None  # N > WHOLE: blocks
     finally:
         torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("seed", range(2))
-def test_greedy_selectors_past_the_blocks_equal_the_textbook(seed):
-    """N = 600 > D (DivPrune's first pick from 75 probe rows and bounds, candidates in blocks of 256), clustered
+def test_greedy_selectors_past_the_blocks_equal_the_textbook(seed, blocks):
+    """N = 600 > WHOLE (DivPrune's first pick from 75 probe rows and bounds, candidates in blocks of 256), clustered
     tokens with duplicates and outliers; k-center, max-sum and CDPruner from blocked rows of 64."""
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(12, 32, generator=g)
@@ -184,10 +192,13 @@ def test_mmtok_coverage_blocks_are_the_whole_softmax():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batched_selection_equals_one_call_per_image(dtype):
+@pytest.mark.parametrize("path", ["whole", "blocks"])
+def test_batched_selection_equals_one_call_per_image(dtype, path, request):
     """5 crops of 40 tokens (a LLaVA-NeXT prompt's shape, scaled down) select in one call as they do one by one."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(5, 40, 24, generator=g)  # N > D: rows on demand (N <= D: one bmm, the same per image)
+    if path == "blocks":
+        request.getfixturevalue("blocks")  # N > WHOLE: rows on demand
+    x = torch.randn(5, 40, 24, generator=g)
     x[2, 10:14] = x[2, 3]  # ties inside one crop
     x[4] = x[1]            # two identical crops
     x = x.to(dtype)

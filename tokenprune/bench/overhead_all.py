@@ -33,8 +33,15 @@ CSV_COLUMNS = ("method", "stage", "keep", "visual_tokens", "kept_tokens", "prefi
 
 
 def all_methods() -> list[str]:
-    """Every registered method, grouped by stage (vision, inside the encoder, decoder, two-stage), then by name."""
-    return sorted(METHODS, key=lambda name: (STAGE_ORDER.index(METHODS[name].stage), name))
+    """Every registered image method, grouped by stage (vision, inside the encoder, decoder, two-stage), then by
+    name. Video-only methods (HoliTom) are not in this benchmark: its model takes one image (:func:`video_only`)."""
+    images = [name for name in METHODS if not METHODS[name].video_only]
+    return sorted(images, key=lambda name: (STAGE_ORDER.index(METHODS[name].stage), name))
+
+
+def video_only() -> list[str]:
+    """The registered methods that merge the frames of a video and so have no row in this image benchmark."""
+    return sorted(name for name in METHODS if METHODS[name].video_only)
 
 
 def run_all(bm: BenchModel, path: Path, methods: Sequence[str], keeps: Sequence[float], *, repeats: int,
@@ -109,8 +116,10 @@ def markdown(data: dict[str, Any], keeps: Sequence[float]) -> str:
     lines += ["", f"Model: {ctx['model']}; {ctx['threads']} threads, median of {ctx['repeats']} interleaved "
                   f"pruned/limit pairs after {ctx['warmup']} warm-up round(s)"
               + (f"; unpruned prefill {unpruned:,.0f} ms." if unpruned else ".")]
-    errors = [r for r in data["rows"] if r.get("error")]
+    errors = [r for r in data["rows"] if r.get("error") and r["method"] in methods]
     lines += [f"- {r['method']} keep={r['keep']}: {r['error']}" for r in errors]
+    if video_only():
+        lines += ["", f"Not measured: {', '.join(video_only())} (videos only; the benchmark model takes one image)."]
     return "\n".join(lines)
 
 

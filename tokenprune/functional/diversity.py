@@ -4,8 +4,8 @@ Cost (``B`` images of ``N`` tokens, ``D`` dims, ``k`` kept): the greedy reads on
 pick -- ``k N D`` in all, the rows computed a block at a time by compute-bound matrix products
 (:mod:`tokenprune.functional.similarity_rows`), memory ``O(N D)``. DivPrune's first pick (the token farthest from
 its nearest neighbour) needs every pair in the worst case, ``N^2 D``; rows of probe tokens and distance bounds
-skip the pairs that cannot decide it (:func:`_first_pick`); up to 1,024 tokens (and ``N <= D``: the fp32 matrix
-fits the memory of the features) the whole matrix is one product whose rows serve the greedy
+skip the pairs that cannot decide it (:func:`_first_pick`); up to 1,024 tokens (an fp32 matrix of at most
+4 MiB) the whole matrix is one product whose rows serve the greedy
 (:class:`~tokenprune.functional.similarity_rows.SimilarityRows`). Images of a batch select one after the other
 (each its own products: the result of each equals the image alone).
 """

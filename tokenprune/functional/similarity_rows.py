@@ -21,17 +21,17 @@ from __future__ import annotations
 import torch
 
 BLOCK = 64  # rows per product: >= 16 for the full matrix's rounding, small enough that few are wasted
-WHOLE = 1024  # up to this many tokens (and N <= D) one product of the whole matrix: blocks only tie with it at 576
+WHOLE = 1024  # up to this many tokens one product of the whole matrix (<= 4 MiB): blocks only tie with it at 576
 
 
 class SimilarityRows:
     """fp32 rows of ``x x^T`` for one image's unit rows ``x`` ``[N, D]``, computed ``block`` rows per product and
     cached (at most ``max(block, D / 2)`` rows, about ``N D / 2`` floats, then the cache starts afresh); rows of
-    the whole matrix, one product, when ``N <= WHOLE`` and ``N <= D`` (it then fits the memory of the features)."""
+    the whole matrix, one product, when ``N <= WHOLE`` (at most 4 MiB: faster than blocks there, whatever ``D``)."""
 
     def __init__(self, x: torch.Tensor, block: int = BLOCK) -> None:
         self.x, self.block = x, block
-        self.full = x @ x.T if x.shape[0] <= min(WHOLE, x.shape[1]) else None
+        self.full = x @ x.T if x.shape[0] <= WHOLE else None
         self.capacity = max(block, x.shape[-1] // 2)
         self.products = 0  # matrix products run (for the benchmark's record)
         self._clear()
