@@ -36,6 +36,7 @@ ATTENTION_SIGNALS = frozenset({CLS_ATTENTION, ATTENTION_RECEIVED, ATTENTION_MAP,
 OUTPUT_SIGNALS = frozenset({VISION_HIDDEN, CLS_HIDDEN})
 PROBE_SIGNALS = ATTENTION_SIGNALS | OUTPUT_SIGNALS
 FULL_QUERY_SIGNALS = frozenset({ATTENTION_RECEIVED, ATTENTION_MAP})  # read every query row: the tower's q is kept
+_MAP_ROWS = 256  # query patches per chunk of a pooled attention map
 
 
 def encoder_layers(tower: torch.nn.Module) -> torch.nn.ModuleList:
@@ -76,13 +77,36 @@ def _projected(module: torch.nn.Module, hidden: torch.Tensor, part: str) -> torc
     return out if norm is None else norm(out)
 
 
+def pooled_attention_map(q: torch.Tensor, k: torch.Tensor, scale: float, groups: torch.Tensor) -> torch.Tensor:
+    """``P A P^T`` of one image: the head-mean attention map among POOLED tokens, ``[t, t]``. ``q`` / ``k``
+    ``[H, T, d_h]`` (fp32); ``groups`` ``[t, g]``: the patch indices each pooled token averages. Row ``i`` is the mean
+    over heads and over token ``i``'s ``g`` query patches of the attention they give to each token's key patches
+    (summed), so rows still sum to 1. Computed over ``_MAP_ROWS`` query patches at a time: the largest tensors are
+    ``[H, _MAP_ROWS, T]`` blocks (scores, scaled scores, probabilities; SigLIP So400m at 896 px, 16 heads x 256 x
+    4,096 fp32: 64 MiB each, ~200 MiB peak), never the ``[H, T, T]`` map (1 GiB a copy)."""
+    t, g = groups.shape
+    groups = groups.to(q.device)
+    key_sum = torch.zeros(k.shape[1], t, device=q.device)  # [T, t]: 1 where a key patch belongs to a token
+    key_sum[groups.reshape(-1), torch.arange(t, device=q.device).repeat_interleave(g)] = 1.0
+    step = max(1, _MAP_ROWS // g)
+    rows = []
+    for first in range(0, t, step):
+        members = groups[first:first + step]  # [c, g]
+        probs = torch.softmax(scaled_scores(q[:, members.reshape(-1)], k, scale), dim=-1)  # [H, c*g, T]
+        rows.append((probs.mean(dim=0) @ key_sum).view(members.shape[0], g, t).mean(dim=1))  # [c, t]
+    return torch.cat(rows)
+
+
 def attention_signals(module: torch.nn.Module, hidden: torch.Tensor, names: frozenset[str],
-                      q: torch.Tensor | None = None, k: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                      q: torch.Tensor | None = None, k: torch.Tensor | None = None,
+                      map_groups: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The requested attention-derived signals of one CLIP attention module from its input ``[B, T, D]`` (after
     ``layer_norm1``), in fp32, batch dimension first and [CLS] still at position 0. A module with ``q_norm`` /
     ``k_norm`` (InternViT's QK-norm; Identity when off) has them applied to the projections, as its forward does.
     ``q`` / ``k`` ``[B, T, D]``: the module's own query / key projections of ``hidden`` when the forward already
-    computed them (the probe keeps them), else recomputed here."""
+    computed them (the probe keeps them), else recomputed here. ``map_groups`` ``[t, g]``: ATTENTION_MAP among the
+    pooled tokens these patch groups form (:func:`pooled_attention_map`), for a tower whose patches the projector
+    average-pools (Gemma 3)."""
     batch, length, width = hidden.shape
     heads, head_dim = module.num_heads, module.head_dim
     out: dict[str, torch.Tensor] = {}
@@ -100,8 +124,13 @@ def attention_signals(module: torch.nn.Module, hidden: torch.Tensor, names: froz
         if names & {ATTENTION_RECEIVED, ATTENTION_MAP}:
             q_all = (_projected(module, hidden, "q") if q is None else q).float()
             q_all = q_all.view(batch, length, heads, head_dim).transpose(1, 2)  # [B, H, T, d_h]
+            if ATTENTION_MAP in names and map_groups is not None:
+                out[ATTENTION_MAP] = torch.stack(
+                    [pooled_attention_map(q_all[b], k_heads[b], module.scale, map_groups) for b in range(batch)])
+                names = names - {ATTENTION_MAP}
             maps = []
-            for b in range(batch):  # one image at a time: [H, T, T] is the largest tensor alive
+            full = names & {ATTENTION_RECEIVED, ATTENTION_MAP}  # empty when only the pooled map was asked
+            for b in range(batch if full else 0):  # one image at a time: [H, T, T] is the largest tensor alive
                 probs = torch.softmax(scaled_scores(q_all[b], k_heads[b], module.scale), dim=-1)
                 maps.append(probs.mean(dim=0))  # [T, T] head mean
             if ATTENTION_RECEIVED in names:
@@ -114,8 +143,10 @@ def attention_signals(module: torch.nn.Module, hidden: torch.Tensor, names: froz
 class ClipProbe:
     """Computes the requested signals during one forward of a CLIP vision tower (see the module docstring)."""
 
-    def __init__(self, tower: torch.nn.Module, requests: Iterable[SignalRequest], feature_layer: int):
+    def __init__(self, tower: torch.nn.Module, requests: Iterable[SignalRequest], feature_layer: int,
+                 map_groups: torch.Tensor | None = None):
         self.layers = encoder_layers(tower)
+        self.map_groups = map_groups  # [t, g]: ATTENTION_MAP among pooled tokens (see attention_signals)
         self.requests = [r for r in requests if r.name in PROBE_SIGNALS]
         self.feature_layer = feature_layer
         self._by_layer: dict[int, set[str]] = {}
@@ -159,7 +190,8 @@ class ClipProbe:
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             q, k = kept.pop("q", None), kept.pop("k", None)
-            for name, value in attention_signals(module, hidden, names, q=q, k=k).items():
+            signals = attention_signals(module, hidden, names, q=q, k=k, map_groups=self.map_groups)
+            for name, value in signals.items():
                 self._store.setdefault((name, index), []).append(value)
 
         return hook

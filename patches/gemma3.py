@@ -8,6 +8,16 @@ select per image, drop the unselected ``<image_soft_token>`` placeholders from `
 ``token_type_ids`` (and ``labels``), re-pad, and hand the kept features to the model through
 ``mm_encoder_outputs``. ``<start_of_image>`` / ``<end_of_image>`` are text tokens: never pruned.
 
+* Pooled signals: attention received and hidden states (at the last layer after the tower's ``post_layernorm``:
+  what the projector averages) are averaged over each token's ``kernel x kernel`` patches, as the projector averages
+  the patches; a merged hidden state (VFlowOpt's recycled cells) goes through the projector's per-token tail. The
+  attention map (VFlowOpt) is the map among the POOLED tokens, ``P A P^T`` with ``A`` the head-mean SigLIP map and
+  ``P`` the average-pooling matrix: token ``i``'s row is the mean over its member query patches of the attention
+  they give to each token's member key patches (summed), so rows still sum to 1 (the aggregation InternVL's pixel
+  shuffle gets, ``patches/internvl.py``). It is computed in chunks of query patches
+  (``clip_signals.pooled_attention_map``): at 896 px (4,096 patches, 16 heads) the largest tensors are
+  ``[16, 256, 4096]`` fp32 blocks (64 MiB each; ~200 MiB peak), never the ``[16, 4096, 4096]`` map (1 GiB a copy).
+
 * Pan-and-scan (``do_pan_and_scan=True`` in the processor): the original image and each crop are separate
   ``pixel_values`` rows with their own ``<start_of_image>`` ... ``<end_of_image>`` block of 256 tokens; each is one
   selection unit with its own budget (``handle.last`` lists them in prompt order, ``index_in_row`` 0, 1, ...).
@@ -32,6 +42,7 @@ kept slots. The recomputed attention rows a method scores with follow the score 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -39,14 +50,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
 
 from tokenprune.compaction import compact, padding_side, reindex_positions
-from tokenprune.methods import ATTENTION_RECEIVED, FEATURES, PAIRED_TEXT, TEXT_EMBEDDINGS, VISION_HIDDEN
+from tokenprune.compute_dtype import compute_dtype_device
+from tokenprune.methods import ATTENTION_MAP, ATTENTION_RECEIVED, FEATURES, PAIRED_TEXT, TEXT_EMBEDDINGS, VISION_HIDDEN
 from tokenprune.patches.base import PrunedCall, VisionStageAdapter, placeholder_positions, text_embeddings
 from tokenprune.patches.clip_signals import ClipProbe, encoder_layers, resolve_layer
 from tokenprune.patches.paired_text import paired_text_embeddings
 from tokenprune.patches.units import Unit, select_image
 from tokenprune.record import ImageRecord, PruneRecord, grid_boxes
 
-POOLED_SIGNALS = frozenset({ATTENTION_RECEIVED, VISION_HIDDEN})
+POOLED_SIGNALS = frozenset({ATTENTION_RECEIVED, ATTENTION_MAP, VISION_HIDDEN})
 
 
 class Gemma3Adapter(VisionStageAdapter):
@@ -109,17 +121,46 @@ class Gemma3Adapter(VisionStageAdapter):
         grid = value.float().reshape(tokens, kernel, tokens, kernel, *value.shape[1:])
         return grid.mean(dim=(1, 3)).reshape(tokens * tokens, *value.shape[1:])
 
+    def _pool_groups(self) -> torch.Tensor:
+        """``[T*T, kernel*kernel]``: the patch indices (raster order) each LLM token averages (tokens in raster)."""
+        side, kernel, tokens = self._grid()
+        patches = torch.arange(side * side).reshape(tokens, kernel, tokens, kernel)
+        return patches.permute(0, 2, 1, 3).reshape(tokens * tokens, kernel * kernel)
+
     def _encode(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
         """Projected features per image ``[T*T, D]`` and the requested signals per image, on the pooled grid."""
         gemma = self.model.model
         requests = [r for r in self.method.requests(cls_token=False) if r.name in POOLED_SIGNALS]
         n_layers = len(encoder_layers(gemma.vision_tower))
-        with ClipProbe(gemma.vision_tower, requests, n_layers - 1) as probe:  # layer None: the last encoder layer
+        groups = self._pool_groups() if any(r.name == ATTENTION_MAP for r in requests) else None
+        with ClipProbe(gemma.vision_tower, requests, n_layers - 1, map_groups=groups) as probe:  # layer None: last
             out = gemma.get_image_features(pixel_values, return_dict=True)
         features = list(out.pooler_output)  # [n_images, T*T, D] -> one [T*T, D] per image
         per_image = probe.per_image(drop_cls=False) or [{} for _ in features]
-        signals = [{key: self._pooled(value) for key, value in item.items()} for item in per_image]
-        return features, signals
+        read = {  # hidden states of the last layer: what the projector reads, after SigLIP's post_layernorm
+            r.key for r in requests if r.name == VISION_HIDDEN and resolve_layer(r.layer, n_layers - 1, n_layers)
+            == n_layers - 1
+        }
+        norm = getattr(gemma.vision_tower, "vision_model", gemma.vision_tower).post_layernorm
+
+        def pooled(key: str, value: torch.Tensor) -> torch.Tensor:
+            if key.split("@")[0] == ATTENTION_MAP:  # pooled by the probe
+                return value
+            with torch.no_grad():
+                return self._pooled(norm(value) if key in read else value)
+
+        return features, [{key: pooled(key, value) for key, value in item.items()} for item in per_image]
+
+    def _project(self, pooled: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Pooled vision-space tokens (averages of post-layernorm patches, e.g. VFlowOpt's recycled cell tokens)
+        through the projector's per-token tail -- its RMSNorm and projection after the average pooling -- in the
+        dtype of its output ``like``: a pooled grid token comes out as the model's own feature."""
+        projector = self.model.model.multi_modal_projector
+        dtype, device = compute_dtype_device(projector, like)
+        weight = projector.mm_input_projection_weight
+        with torch.no_grad():
+            normed = projector.mm_soft_emb_norm(pooled.to(device=device, dtype=dtype))
+            return (normed @ weight.to(device=device, dtype=dtype)).to(like.dtype)
 
     # --- pruning ---------------------------------------------------------------------------------------------
     def prune(self, kwargs: dict[str, Any]) -> PrunedCall | None:
@@ -174,6 +215,7 @@ class Gemma3Adapter(VisionStageAdapter):
             chosen = select_image(
                 self.method, feats, [Unit(torch.arange(n), grid)], [budgets[i]], [unit_signals], image_index=i,
                 row=row, index_in_row=seen_in_row[row], cls_token=False, placement="span",
+                project=functools.partial(self._project, like=feats),
             )
             keep.view(-1)[positions[chosen.features.shape[0]:]] = False  # identical placeholders: keep the first
             kept_features.append(chosen.features)

@@ -49,11 +49,10 @@ METHODS = [m for m in runnable_methods("gemma3") if _runs_without_cls(m)]
 # Every registered method that does NOT run on Gemma 3, with the reason its error names: a new decline fails here.
 _NO_CLS = r"\[CLS\].*divprune"
 VISION_DECLINES = {
-    "fastervlm": _NO_CLS, "flowcut": _NO_CLS, "fopru": _NO_CLS, "recoverable": _NO_CLS, "vflowopt": _NO_CLS,
-    "visionzip": _NO_CLS,
+    "fastervlm": _NO_CLS, "flowcut": _NO_CLS, "fopru": _NO_CLS, "recoverable": _NO_CLS, "visionzip": _NO_CLS,
     "holitom": "frames of a video.*divprune", "holitomouter": "frames of a video.*divprune",
 }
-# Decoder-stage and two-stage methods: all run (VFlowOpt's vision stage declines above).
+# Decoder-stage and two-stage methods: all run (VFlowOpt's vision stage on the pooled attention map).
 DECODER_RUNS = sorted(name for name in decoder_methods() + two_stage_methods() if name not in VISION_DECLINES)
 _MODELS: dict = {}
 
@@ -425,12 +424,54 @@ def test_recomputed_attention_rows_are_the_models_own(layer_index):
     torch.testing.assert_close(got[0], weights[0][:, rows[0]].float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [256, 80])  # query patches a chunk: 16 or 5 pooled tokens (the last chunk ragged)
+def test_pooled_attention_map_is_the_eager_siglip_map_pooled_by_hand(chunk, monkeypatch):
+    """VFlowOpt's map on Gemma 3: P A P^T of the last SigLIP layer's head-mean attention (eager weights), each pooled
+    token's row the mean over its 4 x 4 query patches of the sum over each token's 4 x 4 key patches."""
+    from tokenprune.methods import ATTENTION_MAP
+    from tokenprune.methods.vflowopt import VFlowOptViT
+    from tokenprune.patches import clip_signals
+    from tokenprune.patches.gemma3 import Gemma3Adapter
+
+    monkeypatch.setattr(clip_signals, "_MAP_ROWS", chunk)
+    model, processor = _MODELS.setdefault("eager", tiny_gemma3("eager"))
+    images = [random_image(60, 80, seed=1), random_image(80, 60, seed=2)]
+    pixels = _inputs(processor, [PROMPT, PROMPT], images)["pixel_values"]
+    with torch.no_grad():
+        weights = model.model.vision_tower(pixel_values=pixels, output_attentions=True).attentions[-1]  # [B, H, P, P]
+        _, signals = Gemma3Adapter(model, VFlowOptViT(), 1.0, None)._encode(pixels)
+    side, kernel = 24, 4  # 24 x 24 patches -> 6 x 6 tokens
+    tokens = side // kernel
+    for b, image in enumerate(signals):
+        a = weights[b].float().mean(dim=0).reshape([tokens, kernel] * 4)  # query (row, i, col, j), key (row, i, ...)
+        expected = a.sum(dim=(5, 7)).mean(dim=(1, 3)).reshape(tokens * tokens, tokens * tokens)
+        torch.testing.assert_close(image[ATTENTION_MAP], expected)
+        torch.testing.assert_close(image[ATTENTION_MAP].sum(dim=-1), torch.ones(tokens * tokens))
+    assert not torch.equal(signals[0][ATTENTION_MAP], signals[1][ATTENTION_MAP])
+
+
+def test_recycled_tokens_are_projected_as_the_projector_projects_a_pooled_token():
+    """VFlowOpt recycles cells in the vision space (the last layer's post-layernorm output, pooled: what the
+    projector averages); the adapter's projection of a pooled grid token is the model's own feature for it."""
+    from tokenprune.methods import VISION_HIDDEN
+    from tokenprune.methods.vflowopt import VFlowOptViT
+    from tokenprune.patches.gemma3 import Gemma3Adapter
+
+    model, processor = _MODELS.setdefault("sdpa", tiny_gemma3("sdpa"))
+    pixels = _inputs(processor, [PROMPT], [random_image(60, 80, seed=1)])["pixel_values"]
+    adapter = Gemma3Adapter(model, VFlowOptViT(), 1.0, None)
+    with torch.no_grad():
+        features, signals = adapter._encode(pixels)
+    projected = adapter._project(signals[0][VISION_HIDDEN], like=features[0])
+    torch.testing.assert_close(projected, features[0], rtol=1e-5, atol=1e-5)
+
+
 # --- decoder stage ---------------------------------------------------------------------------------------------
 SHALLOW = 8  # LLM layers: sliding 0-4, global 5, sliding 6-7 (every method's layers set to fit, below)
 SHALLOW_OPTIONS = {
     "adaptinfer": {"layers": (1, 4, 6)}, "feather": {"layers": (3, 6)}, "pdrop": {"layers": (2, 4, 6)},
     "sparsevlm": {"layers": (1, 4, 6)}, "todre": {"layer": 5}, "transprune": {"layers": (3, 5, 7)},
-    "catp": {"layer": 4},
+    "catp": {"layer": 4}, "vflowopt": {"layers": (2, 6)},
 }
 
 

@@ -140,8 +140,9 @@ class VFlowOpt(TwoStageMethod):
 
     Budget: ``keep`` is the LAYER-AVERAGED share of visual tokens (the paper's 10% / 25% / 50%, exactly the
     shipped configs; other ratios interpolate them). A float only. Entropy term: ``alpha_v = 0`` in every shipped
-    config, so patch entropy is not computed. LLaVA-1.5 and LLaVA-OneVision (the Qwen adapters have no ViT attention
-    map; LLaVA-NeXT spans do not line up with the per-crop hand-off yet).
+    config, so patch entropy is not computed. Runs where the adapter gives a ViT attention map: LLaVA-1.5,
+    LLaVA-OneVision, InternVL3 and Gemma 3 (the map among its pooled tokens); not on the Qwen adapters (no ViT
+    attention map) nor LLaVA-NeXT (its spans do not line up with the per-crop hand-off yet).
     """
 
     name = "vflowopt"
@@ -162,6 +163,15 @@ class VFlowOpt(TwoStageMethod):
             "under its centre; video frames are recycled like images.",
             "Our selection units are crops (the LLaVA-NeXT budget rule); the official multi-crop path ranks all "
             "crops together and its video path keeps a plain top-k.",
+        ),
+        Deviation(
+            "Gemma 3: the ViT map is the map among the POOLED tokens, `P A P^T` (`A` the head-mean SigLIP map of the "
+            "last encoder layer, `P` the projector's 4x4 average pooling: each token's row is the mean over its query "
+            "patches of the attention they give to each token's key patches, summed; rows still sum to 1); recycled "
+            "cells average the pooled post-layernorm outputs and go through the projector's RMSNorm and projection.",
+            "The official code (LLaVA-OneVision) reads the unpooled SigLIP map, one row per LLM token there; Gemma 3's "
+            "projector averages 16 patches into each LLM token, so the map and the recycled cells are taken on the "
+            "tokens the LLM reads.",
         ),
         Deviation(
             "A recycled cell token is placed after the image's kept tokens.",
