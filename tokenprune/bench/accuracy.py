@@ -38,7 +38,7 @@ KEEPS = (0.5, 0.25, 0.11, 0.05)
 MODEL_OPTIONS: dict[str, dict[str, Any]] = {
     "hiprune": {"object_layer": 1}, "transprune": {"layers": (1, 2, 3)}, "feather": {"layers": (1, 2)},
     "sparsevlm": {"layers": (0, 1, 2)}, "adaptinfer": {"layers": (0, 1, 2)}, "vflowopt": {"layers": (1, 3)},
-    "todre": {"layer": 2},
+    "todre": {"layer": 2}, "catp": {"layer": 1},
 }
 
 
