@@ -263,6 +263,8 @@ class VisionStageAdapter:
         return out
 
     def _generate(self, inner: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.decoder is not None:
+            decline_assisted(self.decoder.method.name, self.model, kwargs)
         if len(args) > 1 or (args and not isinstance(args[0], torch.Tensor)):
             return self._run_generate(inner, *args, **kwargs)
         if args:
@@ -451,6 +453,28 @@ class VisionStageAdapter:
             name, tuple(images), before, info.seq_len_after,
             tokens_per_layer=info.tokens_per_layer, visual_per_layer=info.visual_per_layer,
         ))
+
+
+ASSISTED_FIELDS = ("prompt_lookup_num_tokens", "assistant_early_exit")  # GenerationConfig fields of candidate modes
+
+
+def decline_assisted(name: str, model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+    """Raise a ``ValueError`` for assisted generation (``assistant_model=``, ``prompt_lookup_num_tokens=``,
+    ``assistant_early_exit=``) under decoder-stage method ``name``: its first forward verifies the candidate tokens
+    together with the prompt, so the method would select at its layers with those candidates in the sequence -- not
+    the selection a plain ``generate`` makes. (Vision-stage methods prune before the LLM: assisted generation is
+    exact with them.)"""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    modes = ["assistant_model"] if kwargs.get("assistant_model") is not None else []
+    modes += [f for f in ASSISTED_FIELDS if kwargs.get(f, getattr(config, f, None)) is not None]
+    if modes:
+        raise ValueError(
+            f"{name!r} is a decoder-stage method and this generate call is assisted ({modes[0]}=): assisted "
+            f"generation verifies its candidate tokens in the same forward as the prompt, so {name!r} would select "
+            f"its tokens inside the LLM with those candidates in the sequence, not as a plain generate does. Call "
+            f"generate without {modes[0]}= (plain greedy gives exactly the tokens assisted greedy would), use a "
+            f"vision-stage method (assisted generation is exact with those), or disable_pruning(model) for that call"
+        )
 
 
 def placeholder_positions(
