@@ -5,15 +5,9 @@ An adapter wraps ``model.forward`` and ``model.generate`` ON THE INSTANCE (never
 arguments it computes the image features and the signals the method declared, selects, and returns new keyword
 arguments with the image placeholders and features compacted together (``mm_encoder_outputs``).
 
-* ``generate``: prunes once, runs the original ``generate`` on the shorter prompt and returns the ORIGINAL prompt
-  ids followed by the new tokens, so callers that slice by prompt length (lmms-eval) get the generated tokens.
-* ``forward`` with images: prunes and runs; logits cover the pruned sequence (see ``handle.last``).
-* ``forward`` decode steps of a manual loop after a pruned prefill: an attention mask built on the original
-  prompt length is mapped onto the pruned KV cache.
-* a call with a cache a pruned prefill filled (follow-up question, resumed generation, a ``copy.deepcopy`` of a
-  prompt cache): mapped onto the cache by its :class:`~tokenprune.patches.pruned_cache.CacheState` -- exactly the
-  new tokens, at their original positions, the image as it was pruned when it entered the cache. A new image in
-  those new tokens is pruned as it enters (``patches/entering_images.py``).
+The wrappers' routing (``generate`` and ``forward`` on a fresh prompt, on a pruned KV cache, assisted generation)
+is :class:`~tokenprune.patches.generate_routing.CacheRouting`, mixed into the adapter
+(``patches/generate_routing.py``); the state a pruned prefill leaves on its cache is ``patches/pruned_cache.py``.
 
 A decoder-stage method (``decoder``) runs inside the language model through a
 :class:`~tokenprune.patches.decoder_loop.DecoderLoop` (hooks installed with the wrappers, removed with them); with a
@@ -31,8 +25,8 @@ import torch
 
 from tokenprune.budget import Keep, flops_targets, kept_count
 from tokenprune.methods import PruningMethod
-from tokenprune.patches import entering_images, pruned_cache
 from tokenprune.patches.decoder_loop import DecoderLoop, LayerRecord
+from tokenprune.patches.generate_routing import CacheRouting
 from tokenprune.record import ImageRecord, PruneRecord
 
 if TYPE_CHECKING:
@@ -51,8 +45,9 @@ class PrunedCall:
     rope_deltas: torch.Tensor | None = None  # Qwen: [B, 1] decode offset on the pruned cache (M-RoPE)
 
 
-class VisionStageAdapter:
-    """Base of the adapters that prune after the vision encoder, before the LLM."""
+class VisionStageAdapter(CacheRouting):
+    """Base of the adapters that prune after the vision encoder, before the LLM (the wrappers' routing:
+    :class:`~tokenprune.patches.generate_routing.CacheRouting`)."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
     signals: ClassVar[frozenset[str]] = frozenset()
@@ -239,191 +234,6 @@ class VisionStageAdapter:
         if self.decoder is not None:
             self.decoder.uninstall()
 
-    # --- wrappers -----------------------------------------------------------------------------------------------
-    def _forward(self, inner: Any, *args: Any, **kwargs: Any) -> Any:
-        if self._generating:
-            return inner(*args, **kwargs)
-        if len(args) > len(self._forward_params):
-            return inner(*args, **kwargs)
-        kwargs.update(zip(self._forward_params, args, strict=False))
-        cache = kwargs.get("past_key_values")
-        if pruned_cache.cached_length(cache) == 0:
-            pruned_cache.forget(cache)
-        call = self.prune(kwargs) if self.method is not None else None
-        if call is None:
-            out = inner(**self._on_pruned_cache(kwargs))
-            self._remember_positions(cache if cache is not None else getattr(out, "past_key_values", None))
-            return out
-        self._vision_record(call, kwargs)
-        try:
-            out = inner(**call.kwargs)
-        finally:
-            self._pending = None
-        self._remember(cache if cache is not None else getattr(out, "past_key_values", None), call, kwargs)
-        return out
-
-    def _generate(self, inner: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.decoder is not None:
-            decline_assisted(self.decoder.method.name, self.model, kwargs)
-        if len(args) > 1 or (args and not isinstance(args[0], torch.Tensor)):
-            return self._run_generate(inner, *args, **kwargs)
-        if args:
-            kwargs["input_ids"] = args[0]
-        elif isinstance(kwargs.get("inputs"), torch.Tensor) and "input_ids" not in kwargs:
-            kwargs["input_ids"] = kwargs.pop("inputs")
-        cache = kwargs.get("past_key_values")
-        length = pruned_cache.cached_length(cache)
-        if length == 0:
-            pruned_cache.forget(cache)
-        state = pruned_cache.state_of(cache)
-        if length and state is not None and state.vision_pruned and kwargs.get("input_ids") is not None:
-            return self._continue_generate(inner, state, kwargs, length)
-        if length and state is not None and kwargs.get("input_ids") is not None:
-            if self.decoder is not None and entering_images.has_pixels(kwargs) and entering_images.enters_new_images(
-                    kwargs["input_ids"], length, self.visual_token_ids()):
-                raise ValueError(entering_images.decoder_stage_decline(self.decoder.method.name))
-            self.continue_positions(state, kwargs["input_ids"].shape[0])  # a decoder-stage cache: its own offset
-        with torch.no_grad():  # as generate itself: no autograd graph (bitsandbytes' CPU 4-bit kernel refuses one)
-            call = self.prune(kwargs) if self.method is not None else None
-        if call is None:
-            out = self._run_generate(inner, **kwargs)
-            self._remember_positions(cache if cache is not None else getattr(out, "past_key_values", None))
-            return out
-        self._vision_record(call, kwargs)
-        try:
-            out = self._run_generate(inner, **call.kwargs)
-        finally:
-            self._pending = None
-        self._remember(cache if cache is not None else getattr(out, "past_key_values", None), call, kwargs)
-        return pruned_cache.with_original_prompt(out, kwargs["input_ids"], call.kwargs["input_ids"].shape[1])
-
-    # --- calls on a pruned cache --------------------------------------------------------------------------------
-    def _remember(self, cache: Any, call: PrunedCall, kwargs: dict[str, Any]) -> None:
-        """Attach what the pruned prefill cached to the cache object (it travels with ``copy.deepcopy``)."""
-        pruned_cache.attach(
-            cache, original_ids=kwargs["input_ids"].clone(), prefix_ids=call.kwargs["input_ids"].clone(),
-            prefix_mask=call.kwargs.get("attention_mask"), prefix_types=call.kwargs.get("mm_token_type_ids"),
-            rope_deltas=call.rope_deltas,
-        )
-
-    def _remember_positions(self, cache: Any) -> None:
-        """A decoder-stage selection on a cache without a vision stage: keep the family's decode offset (Qwen's
-        ``rope_deltas``, HF module state) with it, for later calls on this cache or a copy."""
-        state = pruned_cache.state_of(cache)
-        if state is not None and not state.vision_pruned and state.rope_deltas is None:
-            deltas = getattr(self.model.model, "rope_deltas", None)
-            state.rope_deltas = deltas.clone() if isinstance(deltas, torch.Tensor) else None
-
-    def _continue_generate(self, inner: Any, state: Any, kwargs: dict[str, Any], length: int) -> Any:
-        """``generate`` on a cache a vision-pruned prefill filled: the call's ids (original prompt + new tokens)
-        mapped onto the pruned prompt, the output's head restored to the caller's ids. New images in the new tokens
-        are pruned as they enter (:meth:`_enter_generate`)."""
-        entering = entering_images.has_pixels(kwargs) and entering_images.enters_new_images(
-            kwargs["input_ids"], pruned_cache.original_length(kwargs["past_key_values"]), self.visual_token_ids())
-        if not entering:
-            kwargs = pruned_cache.without_cached_pixels(kwargs)
-        mapped, original = pruned_cache.continuation(state, kwargs, length)
-        self.continue_positions(state, mapped["input_ids"].shape[0])
-        if entering:
-            return self._enter_generate(inner, state, kwargs, mapped, length)
-        out = self._run_generate(inner, **mapped)
-        return pruned_cache.with_original_prompt(out, kwargs["input_ids"][:, :original], state.prefix_ids.shape[1])
-
-    def _enter_generate(
-        self, inner: Any, state: Any, kwargs: dict[str, Any], mapped: dict[str, Any], length: int
-    ) -> Any:
-        """A new image after a vision-pruned cache: the tokens after the cache pruned as a prompt of their own
-        (their own budget), joined behind the cached pruned prefix; the cache's state then stands for the whole
-        call, so a later turn continues it (``patches/entering_images.py``)."""
-        if self.decoder is not None:
-            raise ValueError(entering_images.decoder_stage_decline(self.decoder.method.name))
-        cache, ids = kwargs["past_key_values"], kwargs["input_ids"]
-        segment = entering_images.segment_kwargs(kwargs, mapped, length)
-        start = ids.shape[1] - segment["input_ids"].shape[1]
-        segment = self.new_image_pixels(segment, ids, start)
-        self._images_before = entering_images.images_per_row(ids[:, :start], self.visual_token_ids())
-        try:
-            with torch.no_grad():
-                call = self.prune_entering(state, segment, entering_images.cached_valid(mapped, length))
-        finally:
-            self._images_before = None
-        joined = entering_images.joined_kwargs(mapped, call.kwargs, length)
-        joined["past_key_values"] = cache
-        self._vision_record(call, segment)
-        try:
-            out = self._run_generate(inner, **joined)
-        finally:
-            self._pending = None
-        entering_images.grown_state(cache, ids, joined, call.rope_deltas)
-        return pruned_cache.with_original_prompt(out, ids, joined["input_ids"].shape[1])
-
-    def prune_entering(self, state: Any, segment: dict[str, Any], cached_valid: torch.Tensor) -> PrunedCall:
-        """Prune the tokens after a pruned cache (``segment``: a prompt of their own, with the new images' pixels)
-        as :meth:`prune` prunes a fresh prompt; ``cached_valid`` ``[B]``: attended tokens already cached per row
-        (where the segment's positions start). Families with explicit positions (Qwen M-RoPE) override it."""
-        call = self.prune(segment)
-        if call is None:
-            raise ValueError("the new tokens after the pruned KV cache hold image placeholders but no image to prune")
-        return call
-
-    def new_image_pixels(self, segment: dict[str, Any], ids: torch.Tensor, start: int) -> dict[str, Any]:
-        """``segment`` with the pixels of the images in ``ids[:, start:]`` only: the caller may pass those, or every
-        image of the conversation (a processor run on all of it); the cached images' pixels are dropped. Default: one
-        ``pixel_values`` (and ``image_sizes``) entry per image, row-major."""
-        return entering_images.per_image_pixels(segment, ids, start, int(self.model.config.image_token_id))
-
-    def _on_pruned_cache(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """A forward on a warm cache (a manual decode loop, a forward continuation): only the new tokens, as with
-        any cache; a 2-D mask in original coordinates is mapped onto a vision-pruned cache and, without explicit
-        ``position_ids``, the family's continuation positions are set (Qwen: the original M-RoPE positions)."""
-        cache = kwargs.get("past_key_values")
-        state, length = pruned_cache.state_of(cache), pruned_cache.cached_length(cache)
-        ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        if state is None or length == 0 or ids is None:
-            return kwargs
-        if entering_images.has_pixels(kwargs) and kwargs.get("input_ids") is not None and \
-                entering_images.enters_new_images(kwargs["input_ids"], 0, self.visual_token_ids()):
-            raise ValueError(entering_images.FORWARD_DECLINE)
-        batch, q = ids.shape[:2]
-        self.continue_positions(state, batch)
-        mask = kwargs.get("attention_mask")
-        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim != 2):
-            return kwargs
-        out = dict(kwargs)
-        if mask is not None and state.vision_pruned:
-            mask = out["attention_mask"] = pruned_cache.decode_mask(state, mask, length, q)
-        if kwargs.get("position_ids") is None:
-            full = mask if mask is not None else pruned_cache.full_mask(state, batch, length + q, ids.device)
-            text = (full.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]  # [B, q]: generate's convention
-            positions = self.continuation_positions(state, text)
-            if positions is not None:
-                out["position_ids"] = positions
-        return out
-
-    def continue_positions(self, state: Any, batch: int) -> None:
-        """Family hook: restore what positions on the pruned cache need before a call on it (Qwen: rope_deltas)."""
-
-    def continuation_positions(self, state: Any, text: torch.Tensor) -> torch.Tensor | None:
-        """Position ids of new tokens on a pruned cache from their text positions ``[B, q]`` (cache coordinates,
-        padding-aware); None: the model's own default (LLaVA: a forward prefill without position ids numbered the
-        prompt 0.., the decode steps must continue that numbering)."""
-        return None
-
-    def _run_generate(self, inner: Any, *args: Any, **kwargs: Any) -> Any:
-        self._generating += 1
-        if self.decoder is not None:
-            self.decoder.frozen += 1  # use_cache=False steps replay this generate's first decoder selection
-            self.decoder.selection = None
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            self.decoder.source_rows = ids.shape[0] if isinstance(ids, torch.Tensor) else None  # before repeats
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            self._generating -= 1
-            if self.decoder is not None:
-                self.decoder.frozen -= 1
-                self.decoder.source_rows = None
-
     # --- records ------------------------------------------------------------------------------------------------
     def _vision_record(self, call: PrunedCall, kwargs: dict[str, Any]) -> None:
         """Record a vision-stage prefill (per-layer counts: the pruned prompt in every layer; the prefill FLOPs
@@ -453,28 +263,6 @@ class VisionStageAdapter:
             name, tuple(images), before, info.seq_len_after,
             tokens_per_layer=info.tokens_per_layer, visual_per_layer=info.visual_per_layer,
         ))
-
-
-ASSISTED_FIELDS = ("prompt_lookup_num_tokens", "assistant_early_exit")  # GenerationConfig fields of candidate modes
-
-
-def decline_assisted(name: str, model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
-    """Raise a ``ValueError`` for assisted generation (``assistant_model=``, ``prompt_lookup_num_tokens=``,
-    ``assistant_early_exit=``) under decoder-stage method ``name``: its first forward verifies the candidate tokens
-    together with the prompt, so the method would select at its layers with those candidates in the sequence -- not
-    the selection a plain ``generate`` makes. (Vision-stage methods prune before the LLM: assisted generation is
-    exact with them.)"""
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    modes = ["assistant_model"] if kwargs.get("assistant_model") is not None else []
-    modes += [f for f in ASSISTED_FIELDS if kwargs.get(f, getattr(config, f, None)) is not None]
-    if modes:
-        raise ValueError(
-            f"{name!r} is a decoder-stage method and this generate call is assisted ({modes[0]}=): assisted "
-            f"generation verifies its candidate tokens in the same forward as the prompt, so {name!r} would select "
-            f"its tokens inside the LLM with those candidates in the sequence, not as a plain generate does. Call "
-            f"generate without {modes[0]}= (plain greedy gives exactly the tokens assisted greedy would), use a "
-            f"vision-stage method (assisted generation is exact with those), or disable_pruning(model) for that call"
-        )
 
 
 def placeholder_positions(
