@@ -12,8 +12,8 @@ call (``model.forward`` / ``model.generate``); the adapter's other half prunes (
   prompt cache): mapped onto the cache by its :class:`~tokenprune.patches.pruned_cache.CacheState` -- exactly the
   new tokens, at their original positions, the image as it was pruned when it entered the cache. A new image in
   those new tokens is pruned as it enters (``patches/entering_images.py``).
-* assisted generation (``assistant_model=``, ``prompt_lookup_num_tokens=``): exact with a vision-stage method;
-  declined (:func:`decline_assisted`) with a decoder-stage one.
+* assisted generation (``assistant_model=``, ``prompt_lookup_num_tokens=``): exact with a vision-stage method on a
+  fresh prompt; declined (:func:`decline_assisted`) where it cannot be exact.
 
 The generate modes and what each gives on a pruned model: docs/conversations.md (tests/test_generate_modes.py).
 """
@@ -46,7 +46,9 @@ def decline_assisted(model: torch.nn.Module, kwargs: dict[str, Any], decoder: st
 
     * under decoder-stage method ``decoder``: the first verification forward holds the prompt AND the candidate
       tokens, so the method would select at its layers with those candidates in the sequence (measured: other logits
-      than plain greedy).
+      than plain greedy);
+    * on a warm cache: transformers 5.23's assisted loop feeds the whole ``input_ids`` on top of it (the unpruned
+      model answers wrong there too).
     Vision-stage methods prune before the LLM: on a fresh prompt, assisted greedy is plain greedy token for token."""
     mode = assisted_mode(model, kwargs)
     if mode is None:
@@ -58,6 +60,14 @@ def decline_assisted(model: torch.nn.Module, kwargs: dict[str, Any], decoder: st
             f"its tokens inside the LLM with those candidates in the sequence, not as a plain generate does. Call "
             f"generate without {mode}= (plain greedy gives exactly the tokens assisted greedy would), use a "
             f"vision-stage method (assisted generation is exact with those), or disable_pruning(model) for that call"
+        )
+    if pruned_cache.cached_length(kwargs.get("past_key_values")) > 0:
+        raise ValueError(
+            f"this generate call is assisted ({mode}=) and continues a KV cache that already holds tokens: "
+            f"transformers' assisted generation feeds the whole input_ids on top of such a cache (not only the new "
+            f"tokens), which cannot be exact. Continue the cache without {mode}= (a follow-up turn or resumed "
+            f"generation is exact), or run the whole conversation with {mode}= on a fresh cache "
+            f"(past_key_values=None)"
         )
 
 

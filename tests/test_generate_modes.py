@@ -217,3 +217,23 @@ def test_keep_all_assisted_equals_unpruned():
             disable_pruning(model)
         assert torch.equal(out.sequences, expected.sequences)
         assert all(torch.equal(a, b) for a, b in zip(out.logits, expected.logits, strict=True))
+
+
+@pytest.mark.parametrize("pruned", [c for c in CASES if c[1] == "divprune"], ids=["llava", "qwen2_5_vl"],
+                         indirect=True)
+def test_assisted_generation_on_a_warm_cache_declines(pruned):
+    """A follow-up turn on the returned pruned cache, assisted: transformers 5.23's assisted loop feeds the whole
+    ids on top of a warm cache (measured: other logits than the plain follow-up, unpruned too), so it is declined at
+    the call; the same turn without the assistant stays exact (tests/test_cache_patterns.py)."""
+    from transformers import DynamicCache
+
+    family, method, model, processor, _ = pruned
+    out = greedy(model, encode(family, processor), past_key_values=DynamicCache(), max_new_tokens=2)
+    question = processor.tokenizer(" and the blue square ? ASSISTANT :", return_tensors="pt",
+                                   add_special_tokens=False).input_ids
+    conversation = torch.cat([out.sequences, question], dim=1)
+    for extra in assisted_calls(family).values():
+        with pytest.raises(ValueError, match=r"assisted \(\w+=\) and continues a KV cache that already holds"):
+            greedy(model, {"input_ids": conversation}, past_key_values=out.past_key_values, **extra)
+    follow = greedy(model, {"input_ids": conversation}, past_key_values=out.past_key_values)
+    assert torch.equal(follow.sequences[:, : conversation.shape[1]], conversation)
