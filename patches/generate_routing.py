@@ -71,6 +71,23 @@ def decline_assisted(model: torch.nn.Module, kwargs: dict[str, Any], decoder: st
         )
 
 
+class CallerPromptStreamer:
+    """A ``generate`` streamer whose first ``put`` (the prompt, which ``generate`` streams before the new tokens) gets
+    the caller's prompt ids instead of the pruned ones it runs on; every later ``put`` and ``end`` pass through."""
+
+    def __init__(self, streamer: Any, caller_ids: torch.Tensor):
+        self.streamer, self.caller_ids = streamer, caller_ids
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.caller_ids is not None:
+            repeat = max(value.shape[0] // self.caller_ids.shape[0], 1)  # rows as generate expands them
+            value, self.caller_ids = self.caller_ids.to(value.device).repeat_interleave(repeat, dim=0), None
+        self.streamer.put(value)
+
+    def end(self) -> None:
+        self.streamer.end()
+
+
 class CacheRouting:
     """The ``forward`` / ``generate`` wrappers' routing (mixed into ``VisionStageAdapter``, which provides ``model``,
     ``method``, ``decoder``, ``prune``, ``visual_token_ids`` and the record hooks)."""
@@ -126,7 +143,7 @@ class CacheRouting:
             return out
         self._vision_record(call, kwargs)
         try:
-            out = self._run_generate(inner, **call.kwargs)
+            out = self._run_generate(inner, caller_ids=kwargs["input_ids"], **call.kwargs)
         finally:
             self._pending = None
         self._remember(cache if cache is not None else getattr(out, "past_key_values", None), call, kwargs)
@@ -161,7 +178,7 @@ class CacheRouting:
         self.continue_positions(state, mapped["input_ids"].shape[0])
         if entering:
             return self._enter_generate(inner, state, kwargs, mapped, length)
-        out = self._run_generate(inner, **mapped)
+        out = self._run_generate(inner, caller_ids=kwargs["input_ids"], **mapped)
         return pruned_cache.with_original_prompt(out, kwargs["input_ids"][:, :original], state.prefix_ids.shape[1])
 
     def _enter_generate(
@@ -186,7 +203,7 @@ class CacheRouting:
         joined["past_key_values"] = cache
         self._vision_record(call, segment)
         try:
-            out = self._run_generate(inner, **joined)
+            out = self._run_generate(inner, caller_ids=ids, **joined)
         finally:
             self._pending = None
         entering_images.grown_state(cache, ids, joined, call.rope_deltas)
@@ -244,7 +261,11 @@ class CacheRouting:
         prompt 0.., the decode steps must continue that numbering)."""
         return None
 
-    def _run_generate(self, inner: Any, *args: Any, **kwargs: Any) -> Any:
+    def _run_generate(self, inner: Any, *args: Any, caller_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """The original ``generate`` on the (pruned) arguments; ``caller_ids``: the caller's ``input_ids`` when the
+        call runs on other ids (a streamer is then shown the caller's prompt, as without pruning)."""
+        if caller_ids is not None and kwargs.get("streamer") is not None:
+            kwargs["streamer"] = CallerPromptStreamer(kwargs["streamer"], caller_ids)
         self._generating += 1
         if self.decoder is not None:
             self.decoder.frozen += 1  # use_cache=False steps replay this generate's first decoder selection

@@ -237,3 +237,36 @@ def test_assisted_generation_on_a_warm_cache_declines(pruned):
             greedy(model, {"input_ids": conversation}, past_key_values=out.past_key_values, **extra)
     follow = greedy(model, {"input_ids": conversation}, past_key_values=out.past_key_values)
     assert torch.equal(follow.sequences[:, : conversation.shape[1]], conversation)
+
+
+class Recorder:
+    """A ``generate`` streamer that keeps what it is given."""
+
+    def __init__(self):
+        self.puts: list[torch.Tensor] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(value.reshape(1, -1).clone())
+
+    def end(self) -> None:
+        self.puts.append(None)
+
+
+@pytest.mark.parametrize("pruned", CASES, ids=IDS, indirect=True)
+def test_streamer_sees_the_callers_ids(pruned):
+    """A streamer is given the caller's prompt (not the pruned prompt the model runs on), then each new token, then
+    ``end``: what it streams is the returned sequence, on a fresh prompt and on a follow-up turn on the pruned cache."""
+    from transformers import DynamicCache
+
+    family, method, model, processor, _ = pruned
+    first = Recorder()
+    out = greedy(model, encode(family, processor), past_key_values=DynamicCache(), max_new_tokens=2, streamer=first)
+    question = processor.tokenizer(" and the blue square ? ASSISTANT :", return_tensors="pt",
+                                   add_special_tokens=False).input_ids
+    conversation = torch.cat([out.sequences, question], dim=1)
+    second = Recorder()
+    follow = greedy(model, {"input_ids": conversation}, past_key_values=out.past_key_values, max_new_tokens=2,
+                    streamer=second)
+    for streamer, result in ((first, out), (second, follow)):
+        assert streamer.puts[-1] is None and len(streamer.puts) == 4  # prompt, two tokens, end
+        assert torch.equal(torch.cat(streamer.puts[:-1], dim=1), result.sequences)
