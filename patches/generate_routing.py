@@ -71,6 +71,20 @@ def decline_assisted(model: torch.nn.Module, kwargs: dict[str, Any], decoder: st
         )
 
 
+def run_lengths(model: torch.nn.Module, kwargs: dict[str, Any], shift: int) -> dict[str, int]:
+    """``max_length`` / ``min_length`` of a ``generate`` call (absolute: prompt + new tokens, from the call, its
+    ``generation_config`` or the model's) moved onto ids ``shift`` tokens shorter than the caller's, so that the pruned
+    run generates as many new tokens as the caller's length asks for; {} where ``max_new_tokens`` /
+    ``min_new_tokens`` decide or no absolute length is set."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    lengths = {}
+    for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+        value = kwargs.get(total, getattr(config, total, None))
+        if shift and value is not None and kwargs.get(new, getattr(config, new, None)) is None:
+            lengths[total] = max(int(value) - shift, 0)
+    return lengths
+
+
 class CallerPromptStreamer:
     """A ``generate`` streamer whose first ``put`` (the prompt, which ``generate`` streams before the new tokens) gets
     the caller's prompt ids instead of the pruned ones it runs on; every later ``put`` and ``end`` pass through."""
@@ -263,9 +277,12 @@ class CacheRouting:
 
     def _run_generate(self, inner: Any, *args: Any, caller_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """The original ``generate`` on the (pruned) arguments; ``caller_ids``: the caller's ``input_ids`` when the
-        call runs on other ids (a streamer is then shown the caller's prompt, as without pruning)."""
-        if caller_ids is not None and kwargs.get("streamer") is not None:
-            kwargs["streamer"] = CallerPromptStreamer(kwargs["streamer"], caller_ids)
+        call runs on other ids (a streamer is then shown the caller's prompt, and absolute lengths count it, as
+        without pruning)."""
+        if caller_ids is not None:
+            if kwargs.get("streamer") is not None:
+                kwargs["streamer"] = CallerPromptStreamer(kwargs["streamer"], caller_ids)
+            kwargs.update(run_lengths(self.model, kwargs, caller_ids.shape[1] - kwargs["input_ids"].shape[1]))
         self._generating += 1
         if self.decoder is not None:
             self.decoder.frozen += 1  # use_cache=False steps replay this generate's first decoder selection

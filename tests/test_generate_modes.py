@@ -270,3 +270,26 @@ def test_streamer_sees_the_callers_ids(pruned):
     for streamer, result in ((first, out), (second, follow)):
         assert streamer.puts[-1] is None and len(streamer.puts) == 4  # prompt, two tokens, end
         assert torch.equal(torch.cat(streamer.puts[:-1], dim=1), result.sequences)
+
+
+@pytest.mark.parametrize("pruned", CASES, ids=IDS, indirect=True)
+def test_absolute_lengths_count_the_callers_prompt(pruned):
+    """``max_length`` / ``min_length`` count the caller's prompt (as without pruning), not the shorter prompt the
+    model runs on: ``max_length=prompt + 4`` == ``max_new_tokens=4``; ``min_length=prompt + 3`` with the first
+    greedy token as end of sequence == ``min_new_tokens=3`` (as a call and through a ``GenerationConfig``)."""
+    from transformers import GenerationConfig
+
+    family, method, model, processor, _ = pruned
+    inputs = encode(family, processor)
+    prompt = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        by_total = model.generate(**inputs, do_sample=False, max_length=prompt + 4)
+        by_new = model.generate(**inputs, do_sample=False, max_new_tokens=4)
+        assert by_total.shape[1] == prompt + 4 and torch.equal(by_total, by_new)
+        eos = int(by_new[0, prompt])
+        by_new = model.generate(**inputs, do_sample=False, max_new_tokens=6, min_new_tokens=3, eos_token_id=eos,
+                                pad_token_id=eos)
+        config = GenerationConfig(do_sample=False, max_length=prompt + 6, min_length=prompt + 3, eos_token_id=eos,
+                                  pad_token_id=eos)
+        by_total = model.generate(**inputs, generation_config=config)
+    assert by_new.shape[1] >= prompt + 3 and torch.equal(by_total, by_new)
