@@ -49,6 +49,7 @@ from tokenprune.patches.decoder_grids import visual_coords
 from tokenprune.patches.decoder_masks import LayerMasks, build_mask, call_padding
 from tokenprune.patches.decoder_select import Stage, apply_mixes, gather, select_stage
 from tokenprune.patches.deepstack_carry import DeepStack, take_deepstack
+from tokenprune.patches.image_runs import image_numbers
 from tokenprune.patches.sparse_ffn import SparseFFN
 
 
@@ -109,6 +110,7 @@ class DecoderLoop:
         on_record: Callable[[LayerRecord], None], force_keep_positions: bool = False,
         plan: tuple[StagePlan, ...] | None = None,
         blocks: Callable[[dict[str, Any]], torch.Tensor | None] | None = None, one_d_rope: bool | None = None,
+        image_counts: Callable[[dict[str, Any]], dict[int, list[int]]] | None = None,
     ):
         self.model, self.method, self.keep = model, method, keep
         self.lm = model.model.language_model
@@ -126,6 +128,9 @@ class DecoderLoop:
         # call (from the model's kwargs: Gemma 3's token_type_ids), or None
         self.windows = [getattr(getattr(layer, "self_attn", None), "sliding_window", None) for layer in self.layers]
         self.block_fn = blocks
+        # each image's placeholder count from the model's call kwargs (images side by side: patches/image_runs.py)
+        self.count_fn = image_counts
+        self._model_kwargs: dict[str, Any] | None = None
         self.per_layer = blocks is not None or any(isinstance(w, int) for w in self.windows)
         if self.per_layer and self.reindex:
             raise ValueError(f"{method.name}: re-indexed positions are not supported on a model with per-layer masks")
@@ -164,12 +169,13 @@ class DecoderLoop:
         if self._ffn is not None:
             self._ffn.uninstall()
         self.selection, self._call, self._ids = None, None, None
-        self._mask2d, self._blocks = None, None
+        self._mask2d, self._blocks, self._model_kwargs = None, None, None
 
     # --- call start / end ---------------------------------------------------------------------------------------
     def _model_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._ids = ids if isinstance(ids, torch.Tensor) else None
+        self._model_kwargs = kwargs
         if self.per_layer:
             mask = kwargs.get("attention_mask")
             self._mask2d = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
@@ -179,6 +185,7 @@ class DecoderLoop:
         ids, self._ids, self._call = self._ids, None, None
         model_mask, self._mask2d = self._mask2d, None
         blocks, self._blocks = self._blocks, None
+        model_kwargs, self._model_kwargs = self._model_kwargs, None
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             return
@@ -232,7 +239,7 @@ class DecoderLoop:
             return
         sel = PrefillSelection(ids.clone(), [], mask=mask2d[:, :q].clone() if self.per_layer else None)
         self.selection = sel
-        call = _Call("select", q, q, mask2d, pos, sel, image_of=self._image_of(ids),
+        call = _Call("select", q, q, mask2d, pos, sel, image_of=self._image_of(ids, model_kwargs),
                      kv_len=pruned_cache.static_length(cache), source_rows=self.source_rows, blocks=blocks)
         call.coords = visual_coords(self.model.config.model_type, call.image_of, kwargs.get("position_ids"))
         call.index = torch.arange(q, device=ids.device).expand(batch, -1)
@@ -430,12 +437,10 @@ class DecoderLoop:
     def _has_visual(self, ids: torch.Tensor) -> bool:
         return bool(torch.isin(ids, torch.tensor(self.visual_ids, device=ids.device)).any())
 
-    def _image_of(self, ids: torch.Tensor) -> torch.Tensor:
-        """Image number of each token within its row (a contiguous run of visual placeholders), -1 for text."""
-        visual = torch.isin(ids, torch.tensor(self.visual_ids, device=ids.device))
-        starts = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]
-        number = starts.long().cumsum(1) - 1
-        return number.masked_fill(~visual, -1)
+    def _image_of(self, ids: torch.Tensor, model_kwargs: dict[str, Any] | None) -> torch.Tensor:
+        """Image number of each token within its row, -1 for text (``patches/image_runs.py``)."""
+        counts = self.count_fn(model_kwargs) if self.count_fn is not None and model_kwargs is not None else {}
+        return image_numbers(ids, self.visual_ids, counts)
 
     def _images(self, call: _Call) -> list[tuple[int, int, int, torch.Tensor, int]]:
         out = []
