@@ -127,6 +127,32 @@ def test_vision_stage_then_decoder_stage_records_each_image():
     assert all(im.kept.numel() < n and int(im.kept.max()) < n for im, n in zip(rec.images, own, strict=True))
 
 
+def test_onevision_image_then_video_back_to_back_are_two_items():
+    """LLaVA-OneVision "<image><video>": a change of placeholder id starts a new item; each keeps its own budget, and
+    cached generation equals use_cache=False (the video's count from its frames)."""
+    from tokenprune.tiny_onevision import random_video_ov
+
+    model, processor = _model("llava_onevision")
+    image, video = IMAGES[0], random_video_ov(3, seed=1)
+
+    def run(text):
+        inputs = dict(processor(text=[text], images=[image], videos=[video], return_tensors="pt"))
+        handle = enable_pruning(model, "fastv", keep=0.4, k=K)
+        try:
+            with torch.no_grad():
+                cached = model.generate(**inputs, **GEN)
+                rec = handle.last
+                assert torch.equal(cached, model.generate(**inputs, **GEN, use_cache=False))
+        finally:
+            disable_pruning(model)
+        return rec
+
+    adjacent = run("USER : <image><video> what is the dog doing ? ASSISTANT :")
+    separated = run("USER : <image> and <video> what is the dog doing ? ASSISTANT :")
+    assert [im.n for im in adjacent.images] == [im.n for im in separated.images] and len(adjacent.images) == 2
+    assert [im.n_kept for im in adjacent.images] == [kept_count(0.4, im.n) for im in separated.images]
+
+
 def test_image_numbers_split_runs_by_counts_and_modality():
     ids = torch.tensor([[1, 9, 9, 9, 9, 9, 2, 8, 8, 3],
                         [9, 9, 9, 8, 8, 8, 8, 4, 0, 0]])
