@@ -99,7 +99,7 @@ class VisionStageAdapter(CacheRouting):
         self.decoder = None if decoder is None else DecoderLoop(
             model, decoder, decoder_keep if decoder_keep is not None else keep, self.visual_token_ids(),
             self._decoder_record, force_keep_positions=self.decoder_keep_positions, plan=plan,
-            blocks=self.decoder_blocks(), one_d_rope=self.decoder_one_d_rope,
+            blocks=self.decoder_blocks(), one_d_rope=self.decoder_one_d_rope, image_counts=self.decoder_image_counts,
         )
 
     def decoder_blocks(self) -> Any:
@@ -107,6 +107,11 @@ class VisionStageAdapter(CacheRouting):
         kwargs giving ``[B, L]`` the image block of every token (-1 text) or None (the call has no blocks), which the
         decoder loop keeps over the surviving tokens (``patches/decoder_masks.py``). Default None: causal only."""
         return None
+
+    def decoder_image_counts(self, kwargs: dict[str, Any]) -> dict[int, list[int]]:
+        """Per placeholder id, each image's placeholder count (flat prompt order) in the model call ``kwargs``, for
+        families whose images can sit side by side (``patches/image_runs.py``); default {}: a run is one image."""
+        return {}
 
     def visual_token_ids(self) -> tuple[int, ...]:
         """Placeholder ids of the visual tokens in the LLM's input (where decoder-stage methods look)."""

@@ -30,14 +30,15 @@ adds them itself, gathered and merged like the hidden states (``patches/deepstac
 Models whose layers do not share one mask (sliding-window layers, bidirectional image blocks: Gemma 3) get, from the
 first pruned layer on, each layer's own mask over the kept slots and each layer's own rotary tables gathered for
 them (``patches/decoder_masks.py``); the adapter hands the loop the image blocks of a call (``blocks``).
+
+Around the loop: the call's state, the stored selection and the record (``patches/decoder_call.py``), what a pruned
+layer is handed (``patches/decoder_layer_inputs.py``), which image each placeholder belongs to, also for images
+side by side (``patches/image_runs.py``), and one stage's selection (``patches/decoder_select.py``).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,60 +46,14 @@ import torch
 from tokenprune.budget import Keep
 from tokenprune.methods.decoder_base import DecoderMethod, StagePlan
 from tokenprune.patches import pruned_cache
+from tokenprune.patches.decoder_call import LayerRecord, LoopCall, PrefillSelection, call_images, call_positions
 from tokenprune.patches.decoder_grids import visual_coords
-from tokenprune.patches.decoder_masks import LayerMasks, build_mask, call_padding
-from tokenprune.patches.decoder_select import Stage, apply_mixes, gather, select_stage
-from tokenprune.patches.deepstack_carry import DeepStack, take_deepstack
+from tokenprune.patches.decoder_layer_inputs import layer_override, read_layers, rotary_for, stage_override
+from tokenprune.patches.decoder_masks import call_padding
+from tokenprune.patches.decoder_select import apply_mixes, gather, select_stage
+from tokenprune.patches.deepstack_carry import take_deepstack
+from tokenprune.patches.image_runs import image_numbers
 from tokenprune.patches.sparse_ffn import SparseFFN
-
-
-@dataclass
-class PrefillSelection:
-    """A decoder-stage selection made at prefill and reused by the decode and replay calls on its cache (not the
-    vision-stage :class:`tokenprune.methods.Selection`, which is one method's answer for one unit)."""
-
-    ids: torch.Tensor       # [B, n] prompt ids the selection was made on
-    stages: list[Stage]     # (attached to the KV cache the prefill wrote: patches/pruned_cache.py)
-    ffn: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # layer -> each row's core FFN neurons
-    mask: torch.Tensor | None = None  # [B, n] the prompt's padding mask (per-layer masks: decode calls' fallback)
-
-
-@dataclass
-class LayerRecord:
-    """What one ``select`` call did (the adapter turns it into ``handle.last``)."""
-
-    images: list[tuple[int, int, int, torch.Tensor, int]]  # (row, index_in_row, n, kept local indices, n_merged)
-    tokens_per_layer: tuple[int, ...]
-    visual_per_layer: tuple[int, ...]
-    seq_len_before: int
-    seq_len_after: int
-
-
-@dataclass
-class _Call:
-    mode: str
-    q: int
-    n: int
-    mask2d: torch.Tensor            # [B, past + q] bool, layer-0 key coordinates
-    pos: torch.Tensor | None        # [B, q] position ids of the call (REINDEX only)
-    sel: PrefillSelection
-    image_of: torch.Tensor | None = None   # [B, n] image number of each prompt token within its row, -1 text
-    cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
-    index: torch.Tensor | None = None      # current layout (select)
-    valid: torch.Tensor | None = None
-    removed: torch.Tensor | None = None
-    shift: torch.Tensor | None = None
-    extra: torch.Tensor | None = None      # [B, M] bool: merged/recycled extra slots of the current layout
-    embeds: torch.Tensor | None = None     # [B, n, D] the LLM's input embeddings (layer 0 input)
-    override: dict[str, Any] | None = None
-    inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    counts: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    accum: torch.Tensor | None = None      # [B, M] per-slot sum collected by ``method.observe`` (select)
-    coords: torch.Tensor | None = None     # [B, n, 2] (row, column) of each token within its image, -1 unknown
-    kv_len: int | None = None              # a static cache's per-layer key length (max_cache_len), else None
-    source_rows: int | None = None         # rows of the caller's prompt (generate repeats them for beams/samples)
-    deepstack: DeepStack | None = None     # Qwen3-VL maps still to be added, in the current layout (select, replay)
-    blocks: torch.Tensor | None = None     # [B, n] bidirectional image block of each prompt token, -1 text (per-layer)
 
 
 class DecoderLoop:
@@ -109,6 +64,7 @@ class DecoderLoop:
         on_record: Callable[[LayerRecord], None], force_keep_positions: bool = False,
         plan: tuple[StagePlan, ...] | None = None,
         blocks: Callable[[dict[str, Any]], torch.Tensor | None] | None = None, one_d_rope: bool | None = None,
+        image_counts: Callable[[dict[str, Any]], dict[int, list[int]]] | None = None,
     ):
         self.model, self.method, self.keep = model, method, keep
         self.lm = model.model.language_model
@@ -126,6 +82,9 @@ class DecoderLoop:
         # call (from the model's kwargs: Gemma 3's token_type_ids), or None
         self.windows = [getattr(getattr(layer, "self_attn", None), "sliding_window", None) for layer in self.layers]
         self.block_fn = blocks
+        # each image's placeholder count from the model's call kwargs (images side by side: patches/image_runs.py)
+        self.count_fn = image_counts
+        self._model_kwargs: dict[str, Any] | None = None
         self.per_layer = blocks is not None or any(isinstance(w, int) for w in self.windows)
         if self.per_layer and self.reindex:
             raise ValueError(f"{method.name}: re-indexed positions are not supported on a model with per-layer masks")
@@ -136,10 +95,10 @@ class DecoderLoop:
         self.source_rows: int | None = None  # the caller's prompt rows of the call in progress (set by the adapter)
         self.selection: PrefillSelection | None = None
         self._ids: torch.Tensor | None = None
-        self._call: _Call | None = None
+        self._call: LoopCall | None = None
         self._hooks: list[Any] = []
         self._ffn = SparseFFN(self) if method.sparse_ffn() else None  # neuron sparsity (patches/sparse_ffn.py)
-        self.attention_layers = self._attention_layers()
+        self.attention_layers = read_layers(self)
 
     # --- installation -------------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -164,12 +123,13 @@ class DecoderLoop:
         if self._ffn is not None:
             self._ffn.uninstall()
         self.selection, self._call, self._ids = None, None, None
-        self._mask2d, self._blocks = None, None
+        self._mask2d, self._blocks, self._model_kwargs = None, None, None
 
     # --- call start / end ---------------------------------------------------------------------------------------
     def _model_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._ids = ids if isinstance(ids, torch.Tensor) else None
+        self._model_kwargs = kwargs
         if self.per_layer:
             mask = kwargs.get("attention_mask")
             self._mask2d = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
@@ -179,6 +139,7 @@ class DecoderLoop:
         ids, self._ids, self._call = self._ids, None, None
         model_mask, self._mask2d = self._mask2d, None
         blocks, self._blocks = self._blocks, None
+        model_kwargs, self._model_kwargs = self._model_kwargs, None
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             return
@@ -203,7 +164,7 @@ class DecoderLoop:
             )
         mask2d = (mask.bool() if mask is not None
                   else torch.ones(batch, past + q, dtype=torch.bool, device=embeds.device))
-        pos = self._call_positions(kwargs.get("position_ids"), batch, q, past, embeds.device) if self.reindex else None
+        pos = call_positions(kwargs.get("position_ids"), batch, q, past, embeds.device) if self.reindex else None
         if past > 0:
             if sel is None or not sel.stages:
                 return
@@ -214,7 +175,7 @@ class DecoderLoop:
                     f"start the beam search from the pruned prefill, not from a cache of another batch)"
                 )
             kv_len = pruned_cache.static_length(cache)
-            self._call = _Call("decode", q, sel.ids.shape[1], mask2d, pos, sel, kv_len=kv_len)
+            self._call = LoopCall("decode", q, sel.ids.shape[1], mask2d, pos, sel, kv_len=kv_len)
             return
         sel = self.selection
         if ids is None:
@@ -225,14 +186,14 @@ class DecoderLoop:
                 and q >= sel.ids.shape[1]
                 and torch.equal(ids[:, : sel.ids.shape[1]], sel.ids)):
             if sel.stages:
-                self._call = _Call("replay", q, sel.ids.shape[1], mask2d, pos, sel, blocks=blocks)
+                self._call = LoopCall("replay", q, sel.ids.shape[1], mask2d, pos, sel, blocks=blocks)
                 return self._take_deepstack(args, kwargs, q)
             return
         if not self._has_visual(ids):
             return
         sel = PrefillSelection(ids.clone(), [], mask=mask2d[:, :q].clone() if self.per_layer else None)
         self.selection = sel
-        call = _Call("select", q, q, mask2d, pos, sel, image_of=self._image_of(ids),
+        call = LoopCall("select", q, q, mask2d, pos, sel, image_of=self._image_of(ids, model_kwargs),
                      kv_len=pruned_cache.static_length(cache), source_rows=self.source_rows, blocks=blocks)
         call.coords = visual_coords(self.model.config.model_type, call.image_of, kwargs.get("position_ids"))
         call.index = torch.arange(q, device=ids.device).expand(batch, -1)
@@ -253,7 +214,7 @@ class DecoderLoop:
             return
         tokens = tuple(int(c.sum()) for c, _ in call.counts)
         visual = tuple(int(v.sum()) for _, v in call.counts)
-        self.on_record(LayerRecord(self._images(call), tokens, visual, call.n, int(call.index.shape[1])))
+        self.on_record(LayerRecord(call_images(call), tokens, visual, call.n, int(call.index.shape[1])))
 
     # --- per layer ----------------------------------------------------------------------------------------------
     def _layer_pre(self, i: int) -> Callable:
@@ -272,7 +233,7 @@ class DecoderLoop:
                 if call.mode == "select":
                     pruned_cache.attach(cache, selection=call.sel)
             if call.override:
-                kwargs.update(self._for_layer(i, call.override, kwargs))
+                kwargs.update(layer_override(self, i, call.override, kwargs))
             if call.mode == "select":
                 h = self._select_at(i, h, kwargs, call)
             else:
@@ -285,8 +246,8 @@ class DecoderLoop:
                         h = apply_mixes(gather(h, slots), h, stage.mixes)
                         if call.deepstack is not None:
                             call.deepstack.follow(slots, stage.mixes)
-                    call.override = self._override(stage, call, h)
-                    kwargs.update(self._for_layer(i, call.override, kwargs))
+                    call.override = stage_override(self, stage, call, h)
+                    kwargs.update(layer_override(self, i, call.override, kwargs))
             kwargs.pop("_incoming")
             return (h, *rest), kwargs
 
@@ -318,7 +279,7 @@ class DecoderLoop:
 
         return hook
 
-    def _select_at(self, i: int, h: torch.Tensor, kwargs: dict, call: _Call) -> torch.Tensor:
+    def _select_at(self, i: int, h: torch.Tensor, kwargs: dict, call: LoopCall) -> torch.Tensor:
         if i == 0:
             call.embeds = h
         if any(p.score_layer == i for p in self.plan) or i in self.attention_layers.values():
@@ -336,125 +297,23 @@ class DecoderLoop:
                     call.accum = gather(call.accum, stage.slots)
                 call.index, call.valid, call.removed, call.shift = stage.index, stage.valid, stage.removed, stage.shift
                 call.extra = stage.extra
-                call.override = self._override(stage, call, h)
-                kwargs.update(self._for_layer(i, call.override, kwargs))
+                call.override = stage_override(self, stage, call, h)
+                kwargs.update(layer_override(self, i, call.override, kwargs))
                 if any(p.score_layer == i < p.layer for p in self.plan):  # a later stage scores what layer i gets
                     call.inputs[i] = (h, *kwargs["position_embeddings"])
         visual = call.valid & (call.image_of.gather(1, call.index) >= 0)
         call.counts.append((call.valid.sum(1), visual.sum(1)))
         return h
 
-    def _override(self, stage: Stage, call: _Call, h: torch.Tensor) -> dict[str, Any]:
-        """Mask, rotary cos/sin and position ids of the layers from ``stage.layer`` on, for this call."""
-        n, batch = call.n, h.shape[0]
-        prompt_valid = stage.valid & call.mask2d[:, :n].gather(1, stage.index)
-        kv_valid = torch.cat([prompt_valid, call.mask2d[:, n:]], dim=1)
-        q = call.q if call.mode == "decode" else kv_valid.shape[1]
-        t = 0 if call.mode == "decode" else call.q - call.n  # replay: generated tokens after the prompt
-        index = torch.cat([stage.index, torch.arange(n, n + t, device=h.device).expand(batch, -1)], dim=1)
-        impl = self.lm.config._attn_implementation
-        if self.per_layer:  # each layer's own mask and rotary tables (patches/decoder_masks.py)
-            coords = torch.cat([stage.index, torch.arange(n, call.mask2d.shape[1], device=h.device)
-                                .expand(batch, -1)], dim=1)
-            blocks = None
-            if call.blocks is not None and call.mode != "decode":  # decode: text queries, no block to see
-                prompt = call.blocks.to(h.device).gather(1, stage.index).masked_fill(~prompt_valid, -1)
-                blocks = torch.cat([prompt, torch.full((batch, t), -1, dtype=prompt.dtype, device=h.device)], dim=1)
-            masks = LayerMasks(impl, h.dtype, coords, kv_valid, blocks, q)
-            return {"masks": masks, "index": None if call.mode == "decode" else index, "tables": {},
-                    "position_ids": None}
-        if self.reindex:
-            if call.mode == "decode":
-                pos = call.pos - stage.shift[:, None]
-            else:
-                removed = torch.cat([stage.removed, stage.shift[:, None].expand(-1, t)], dim=1)
-                pos = call.pos.gather(1, index) - removed
-            emb = self.lm.rotary_emb(h, pos)
-        elif call.mode == "decode":
-            emb = call.cos_sin
-        else:
-            emb = tuple(gather(x.expand(batch, -1, -1), index) for x in call.cos_sin)
-        mask = build_mask(impl, kv_valid, q, h.dtype, call.kv_len)
-        override = {"attention_mask": mask, "position_embeddings": emb, "position_ids": None}
-        if self.linear:  # what HF's create_recurrent_attention_mask gives: the queries' padding, None if there is none
-            queries = kv_valid[:, -q:]
-            override["recurrent_mask"] = None if q == 1 or bool(queries.all()) else queries
-        return override
-
-    def _for_layer(self, i: int, override: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The override of layer ``i``: a linear-attention layer takes the 2-D padding mask of its queries; with
-        per-layer masks, the layer's own mask and its own rotary tables (``kwargs["_incoming"]``, what HF computed
-        for the unpruned call) gathered at the kept slots' prompt index."""
-        if "masks" in override:
-            out = {"position_ids": None}
-            out["attention_mask"] = override["masks"].for_layer(kwargs.get("past_key_values"), i, self.windows[i])
-            incoming, index = kwargs["_incoming"], override["index"]
-            if index is not None and incoming is not None:
-                key = id(incoming[0])
-                if key not in override["tables"]:
-                    override["tables"][key] = tuple(gather(x.expand(index.shape[0], -1, -1), index) for x in incoming)
-                out["position_embeddings"] = override["tables"][key]
-            return out
-        out = {k: v for k, v in override.items() if k != "recurrent_mask"}
-        if i in self.linear:
-            out["attention_mask"] = override.get("recurrent_mask")
-        return out
-
     # --- bookkeeping --------------------------------------------------------------------------------------------
-    def _attention_layers(self) -> dict[int, int]:
-        """The method's extra attention layers (``DecoderMethod.attention_layers``) -> the layer whose rows are read:
-        itself, or on a hybrid LLM (Qwen3.5) the closest full-attention layer at or below it; all before the first
-        pruned layer, so their rows share the first stage's slot layout."""
-        first = min(p.layer for p in self.plan)
-        out = {}
-        for i in self.method.attention_layers(self.plan):
-            full = [j for j in range(min(i, first - 1), -1, -1) if j not in self.linear]
-            if not 0 <= i < first or not full:
-                raise ValueError(
-                    f"{self.method.name}: needs the attention rows of layer {i}, before its first pruned layer "
-                    f"{first}; this {self.model.config.model_type!r} model has no full-attention layer there. Set "
-                    f"{self.method.layer_option}= to a later layer"
-                )
-            out[i] = full[0]
-        return out
-
     def rotary_for(self, i: int) -> Callable:
-        """The language model's rotary module as layer ``i`` uses it (``(x, position_ids) -> (cos, sin)``): Gemma 3's
-        takes the layer type (local and global bases)."""
-        rotary = self.lm.rotary_emb
-        types = getattr(self.lm.config, "layer_types", None)
-        if types and "layer_type" in inspect.signature(rotary.forward).parameters:
-            return functools.partial(rotary, layer_type=types[i])
-        return rotary
+        """The language model's rotary module as layer ``i`` uses it (``patches/decoder_layer_inputs.py``)."""
+        return rotary_for(self.lm, i)
 
     def _has_visual(self, ids: torch.Tensor) -> bool:
         return bool(torch.isin(ids, torch.tensor(self.visual_ids, device=ids.device)).any())
 
-    def _image_of(self, ids: torch.Tensor) -> torch.Tensor:
-        """Image number of each token within its row (a contiguous run of visual placeholders), -1 for text."""
-        visual = torch.isin(ids, torch.tensor(self.visual_ids, device=ids.device))
-        starts = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]
-        number = starts.long().cumsum(1) - 1
-        return number.masked_fill(~visual, -1)
-
-    def _images(self, call: _Call) -> list[tuple[int, int, int, torch.Tensor, int]]:
-        out = []
-        for b in range(call.image_of.shape[0]):
-            of = call.image_of[b]
-            extra = call.extra[b] if call.extra is not None else torch.zeros_like(call.valid[b])
-            final = call.index[b][call.valid[b] & ~extra]
-            merged = call.index[b][call.valid[b] & extra]
-            for m in range(int(of.max()) + 1):
-                members = (of == m).nonzero().squeeze(1)
-                kept = torch.isin(members, final).nonzero().squeeze(1)
-                n_merged = int(torch.isin(members, merged).sum())
-                out.append((b, m, int(members.numel()), kept.cpu(), n_merged))
-        return out
-
-    @staticmethod
-    def _call_positions(given: Any, batch: int, q: int, past: int, device: torch.device) -> torch.Tensor:
-        if given is None:
-            return (torch.arange(q, device=device) + past).expand(batch, -1)
-        if given.ndim == 3:  # Qwen rows; REINDEX never runs there, kept for completeness
-            given = given[0]
-        return given.expand(batch, -1)
+    def _image_of(self, ids: torch.Tensor, model_kwargs: dict[str, Any] | None) -> torch.Tensor:
+        """Image number of each token within its row, -1 for text (``patches/image_runs.py``)."""
+        counts = self.count_fn(model_kwargs) if self.count_fn is not None and model_kwargs is not None else {}
+        return image_numbers(ids, self.visual_ids, counts)

@@ -22,6 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from tokenprune.compaction import compact, padding_side, reindex_positions
 from tokenprune.compute_dtype import compute_dtype_device
 from tokenprune.methods import CLS_SIGNALS, FEATURES, PAIRED_TEXT, TEXT_EMBEDDINGS, Selection, SelectionContext
+from tokenprune.patches import image_runs
 from tokenprune.patches.base import PrunedCall, VisionStageAdapter, placeholder_positions, text_embeddings
 from tokenprune.patches.clip_encoder_loop import encode_pruned
 from tokenprune.patches.clip_signals import PROBE_SIGNALS, ClipProbe, encoder_layers, resolve_layer
@@ -108,6 +109,24 @@ class LlavaAdapter(VisionStageAdapter):
         vc = self.model.config.vision_config
         side = vc.image_size // vc.patch_size
         return (side, side) if side * side == n else None
+
+    def decoder_image_counts(self, kwargs: dict[str, Any]) -> dict[int, list[int]]:
+        """Each image's placeholder count (images can sit side by side: ``patches/image_runs.py``): what the call's
+        ``mm_encoder_outputs`` hold (``generate`` pre-encodes; a vision stage's kept spans), else the family's rule."""
+        counts = image_runs.encoded_counts(kwargs, self.model.config)
+        token = int(self.model.config.image_token_id)
+        if token not in counts and kwargs.get("pixel_values") is not None:
+            counts[token] = self.placeholder_counts(kwargs)
+        return {t: c for t, c in counts.items() if c}
+
+    def placeholder_counts(self, kwargs: dict[str, Any]) -> list[int]:
+        """Placeholders of each image of the call's ``pixel_values``: the square patch grid, plus [CLS] under the
+        "full" strategy (as ``get_image_features``); [] for towers that size each image (``image_sizes``)."""
+        if kwargs.get("image_sizes") is not None:
+            return []
+        vc = self.model.config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2 + int(self._feature_choice(kwargs)[1] == "full")
+        return [n] * kwargs["pixel_values"].shape[0]
 
     # --- pruning ---------------------------------------------------------------------------------------------
     def _placeholders(self, kwargs: dict[str, Any]) -> torch.Tensor | None:

@@ -197,6 +197,16 @@ class LlavaNextAdapter(LlavaAdapter):
         with torch.no_grad():
             return projector(hidden.to(device=device, dtype=dtype))
 
+    def placeholder_counts(self, kwargs: dict[str, Any]) -> list[int]:
+        """Placeholders of each image of the call: its packed layout (base tile, unpadded grid, newline tokens)."""
+        sizes = kwargs["image_sizes"]
+        rows = self.tower_rows(kwargs, len(sizes))
+        return [self.layout(tuple(int(v) for v in size), n).crop.numel() for size, n in zip(sizes, rows, strict=True)]
+
+    def tower_rows(self, kwargs: dict[str, Any], n_images: int) -> list[int]:
+        """Tower rows of each image (base tile + high-resolution crops)."""
+        return self._crops_per_image(kwargs["image_sizes"], n_images)
+
     def _crops_per_image(self, sizes: torch.Tensor, n_images: int) -> list[int]:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 

@@ -116,6 +116,14 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         boxes = torch.cat([grid_boxes((p, p)).repeat(frames, 1), torch.full((1, 4), float("nan"))])
         return OnevisionLayout(crop, position, boxes, p, frames, (0, 0), None, video=True)
 
+    def decoder_image_counts(self, kwargs: dict[str, Any]) -> dict[int, list[int]]:
+        """Images as LLaVA-NeXT's; videos: each ``frames`` pooled tiles plus one newline."""
+        counts = super().decoder_image_counts(kwargs)
+        token, videos = int(self.model.config.video_token_id), kwargs.get("pixel_values_videos")
+        if token not in counts and videos is not None:
+            counts[token] = [self.video_layout(videos.shape[1]).crop.numel()] * videos.shape[0]
+        return counts
+
     def tower_rows(self, kwargs: dict[str, Any], n_images: int) -> list[int]:
         """Tower rows of each image: base tile + crops, or the base tile alone in a row with several images."""
         counts = self._crops_per_image(kwargs["image_sizes"], n_images)

@@ -16,6 +16,7 @@ What runs by default (within the test budget; bitsandbytes' CPU kernels are slow
 
 import logging
 import os
+from typing import Any
 
 import bitsandbytes  # noqa: F401 -- in the dev extra: a missing install fails loudly, it does not skip
 import pytest
@@ -93,11 +94,6 @@ class Quantized:
         self.census = hook_and_attribute_census(self.model)
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    return save_real_depth(tmp_path_factory, FAMILIES)
-
-
 def save_real_depth(tmp_path_factory, families: tuple[str, ...]) -> dict:
     """Per family: the folder of a saved real-depth model, its processor and the full-precision model."""
     out = {}
@@ -130,10 +126,23 @@ def cases(families: tuple[str, ...] = FAMILIES, spread: bool = False) -> list:
     return out
 
 
-@pytest.fixture(scope="module")
-def quantized(request, saved) -> Quantized:
-    """Module-scoped and parametrized: pytest runs every test of one quantized model before building the next."""
-    return build_quantized(request.param, saved)
+def matrix_fixtures(families: tuple[str, ...]) -> tuple[Any, Any]:
+    """The two module fixtures of a quantized matrix over ``families`` (this file and its family files assign them
+    to ``saved, quantized``): ``saved`` the real-depth models saved once; ``quantized`` module-scoped and
+    parametrized (indirect), so pytest runs every test of one quantized model before building the next."""
+
+    @pytest.fixture(scope="module")
+    def saved(tmp_path_factory):
+        return save_real_depth(tmp_path_factory, families)
+
+    @pytest.fixture(scope="module")
+    def quantized(request, saved) -> Quantized:
+        return build_quantized(request.param, saved)
+
+    return saved, quantized
+
+
+saved, quantized = matrix_fixtures(FAMILIES)
 
 
 def build_quantized(param: tuple[str, str], saved: dict) -> Quantized:

@@ -19,14 +19,7 @@ FAMILIES = ("llava_onevision", "internvl", "gemma3")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    return matrix.save_real_depth(tmp_path_factory, FAMILIES)
-
-
-@pytest.fixture(scope="module")
-def quantized(request, saved) -> matrix.Quantized:
-    return matrix.build_quantized(request.param, saved)
+saved, quantized = matrix.matrix_fixtures(FAMILIES)  # tests/test_quantized.py
 
 
 @pytest.mark.parametrize(("quantized", "method"), matrix.cases(FAMILIES, spread=True), indirect=["quantized"],

@@ -21,14 +21,7 @@ from tokenprune.tiny_qwen3 import QWEN3_FAMILIES
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    return matrix.save_real_depth(tmp_path_factory, QWEN3_FAMILIES)
-
-
-@pytest.fixture(scope="module")
-def quantized(request, saved) -> matrix.Quantized:
-    return matrix.build_quantized(request.param, saved)
+saved, quantized = matrix.matrix_fixtures(QWEN3_FAMILIES)  # tests/test_quantized.py
 
 
 @pytest.mark.parametrize(("quantized", "method"), matrix.cases(QWEN3_FAMILIES, spread=True), indirect=["quantized"],

@@ -163,7 +163,7 @@ class _EagerRow:
 def _layer_call(layer: torch.nn.Module, args: tuple, impl: str) -> tuple[Callable[[], Any], dict[str, Any]]:
     """``layer`` run on the captured scoring input with ``impl`` attention; returns the call and a dict that the
     call fills with ``probs`` (``[H, N, N]``, eager only, read from ``self_attn``'s output)."""
-    from tokenprune.patches.decoder_loop import build_mask
+    from tokenprune.patches.decoder_masks import build_mask
 
     _, hidden, _, cos, sin, valid = args
     n = hidden.shape[1]

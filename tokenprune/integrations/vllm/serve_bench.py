@@ -25,9 +25,10 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 HOST = "127.0.0.1"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
@@ -261,18 +262,37 @@ def _offline_in_child(plan: Plan, keep: float | None, log) -> dict:
 
 
 # --- the run ---------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def run_files(kind: str, model_type: str) -> Iterator[tuple[str, Any]]:
+    """The chat template file (removed at the end) and the open server log of one run: ``tokenprune-<kind>-
+    <model_type>.jinja/.log`` in the temporary folder (the one-turn run and the two-turn chat share them)."""
+    base = os.path.join(tempfile.gettempdir(), f"tokenprune-{kind}-{model_type}")
+    with open(base + ".jinja", "w") as f:
+        f.write(TEMPLATE)
+    try:
+        with open(base + ".log", "w") as log:
+            yield base + ".jinja", log
+    finally:
+        os.remove(base + ".jinja")
+
+
+def write_results(stem: str, results: dict, table: str) -> None:
+    """``stem.json`` (the results, for a program) and ``stem.md`` (their table, for a person)."""
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(table)
+
+
 def run(plan: Plan, out_dir: str, offline: bool = True) -> dict:
     """Every setting, servers one after the other; writes ``serve_<model_type>.json/.md/.svg`` to ``out_dir``."""
     from tokenprune.integrations.vllm.serve_report import markdown, svg_ttft
 
     check(plan)
     os.makedirs(out_dir, exist_ok=True)
-    template = os.path.join(tempfile.gettempdir(), f"tokenprune-serve-{plan.model_type}.jinja")
-    with open(template, "w") as f:
-        f.write(TEMPLATE)
     settings: list[float | None] = [None, *plan.keeps]
     results = {"plan": asdict(plan), "server": {}, "offline": {}}
-    with open(os.path.join(tempfile.gettempdir(), f"tokenprune-serve-{plan.model_type}.log"), "w") as log:
+    with run_files("serve", plan.model_type) as (template, log):
         for keep in settings:
             label = "unpruned" if keep is None else str(keep)
             print(f"[serve-bench] server {label} ...", flush=True)
@@ -280,12 +300,8 @@ def run(plan: Plan, out_dir: str, offline: bool = True) -> dict:
             if offline:
                 print(f"[serve-bench] offline {label} ...", flush=True)
                 results["offline"][label] = _offline_in_child(plan, keep, log)
-    os.remove(template)
     stem = os.path.join(out_dir, f"serve_{plan.model_type}")
-    with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(results))
+    write_results(stem, results, markdown(results))
     with open(stem + ".svg", "w") as f:
         f.write(svg_ttft(results))
     return results

@@ -14,22 +14,21 @@ turn-2 time to first token (p50), turn-2 prompt tokens, and turn 2's prefix-cach
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import statistics
-import tempfile
 
 from tokenprune.integrations.vllm.serve_bench import (
     HOST,
-    TEMPLATE,
     Plan,
     _get,
     _image_url,
     check,
+    run_files,
     serving,
     stream_chat,
     user_turn,
+    write_results,
 )
 
 QUESTIONS = ("describe the image in detail .", "what color is the shape at the top left ?")
@@ -105,21 +104,13 @@ def run_two_turn(plan: Plan, methods: list[str], out_dir: str) -> dict:
     for each in plans:
         check(each)
     os.makedirs(out_dir, exist_ok=True)
-    template = os.path.join(tempfile.gettempdir(), f"tokenprune-chat-{plan.model_type}.jinja")
-    with open(template, "w") as f:
-        f.write(TEMPLATE)
     results = {"plan": dataclasses.asdict(plan), "methods": list(methods), "two_turn": {}}
     settings = [("unpruned", plan, None)] + [(f"{p.method} {k}", p, k) for p in plans for k in plan.keeps]
-    with open(os.path.join(tempfile.gettempdir(), f"tokenprune-chat-{plan.model_type}.log"), "w") as log:
+    with run_files("chat", plan.model_type) as (template, log):
         for label, each, keep in settings:
             print(f"[serve-bench two-turn] {label} ...", flush=True)
             results["two_turn"][label] = measure_two_turn(each, keep, template, log)
-    os.remove(template)
-    stem = os.path.join(out_dir, f"serve_two_turn_{plan.model_type}")
-    with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(results))
+    write_results(os.path.join(out_dir, f"serve_two_turn_{plan.model_type}"), results, markdown(results))
     return results
 
 
