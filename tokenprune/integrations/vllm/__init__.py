@@ -30,6 +30,8 @@ ARCHITECTURES = {
     "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", "TokenpruneQwen3VLMoeForConditionalGeneration",
                      "tokenprune.integrations.vllm.qwen3:TokenpruneQwen3VLMoeForConditionalGeneration"),
 }
+ARCHITECTURES["gemma3"] = ("Gemma3ForConditionalGeneration", "TokenpruneGemma3ForConditionalGeneration",
+                           "tokenprune.integrations.vllm.gemma3:TokenpruneGemma3ForConditionalGeneration")
 
 
 def vllm_overrides(model_type: str, method: str, keep: Keep, **options: Any) -> dict[str, Any]:
