@@ -32,6 +32,8 @@ ARCHITECTURES = {
 }
 ARCHITECTURES["gemma3"] = ("Gemma3ForConditionalGeneration", "TokenpruneGemma3ForConditionalGeneration",
                            "tokenprune.integrations.vllm.gemma3:TokenpruneGemma3ForConditionalGeneration")
+ARCHITECTURES["internvl"] = ("InternVLForConditionalGeneration", "TokenpruneInternVLForConditionalGeneration",
+                             "tokenprune.integrations.vllm.internvl:TokenpruneInternVLForConditionalGeneration")
 
 
 def vllm_overrides(model_type: str, method: str, keep: Keep, **options: Any) -> dict[str, Any]:

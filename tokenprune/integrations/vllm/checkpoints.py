@@ -94,6 +94,21 @@ def _save_gemma3(path: str) -> None:
     _hub_tower_names(path)  # SigLIP as on the hub (transformers >= 5 saves model.vision_tower.*)
 
 
+def _save_internvl(path: str) -> None:
+    from transformers import InternVLProcessor, InternVLVideoProcessor
+
+    from tokenprune.tiny_internvl import TILE, TOKENS_PER_TILE, named_tokenizer, tiny_internvl
+
+    model, tiny_processor = tiny_internvl()
+    model.save_pretrained(path)
+    processor = InternVLProcessor(  # the real processor (vLLM runs it); it needs the image tokens as named attributes
+        image_processor=tiny_processor.image_processor, tokenizer=named_tokenizer(tiny_processor.tokenizer),
+        video_processor=InternVLVideoProcessor(size={"height": TILE, "width": TILE}), image_seq_length=TOKENS_PER_TILE,
+        chat_template=None,
+    )
+    processor.save_pretrained(path)
+
+
 def save_tiny_checkpoint(model_type: str, path: str, for_vllm: bool = True) -> str:
     """Save a tiny ``model_type`` (``"llava"``, ``"llava_next"``, ``"qwen2_vl"``, ``"qwen2_5_vl"``) model that vLLM
     can load; returns ``path``. LLaVA: 64x64 px images, 64 visual tokens; LLaVA-NeXT: 32 px tiles of 16 tokens,
@@ -101,12 +116,15 @@ def save_tiny_checkpoint(model_type: str, path: str, for_vllm: bool = True) -> s
     32x32 px, up to 20 per image. ``for_vllm=False``: Qwen3-VL-MoE's experts in transformers' own layout (what
     ``from_pretrained`` of transformers >= 5 reads) instead of the hub's (what vLLM reads). ``"llava_mid"``: the serving
     benchmark's LLaVA-1.5-shaped model (336 px, 576 visual tokens, a 4-layer 512-wide LLM). ``"gemma3"``: 96 px images,
-    36 tokens each (:mod:`tokenprune.tiny_gemma3`, its tokenizer with the newline-run tokens vLLM looks up)."""
+    36 tokens each (:mod:`tokenprune.tiny_gemma3`, its tokenizer with the newline-run tokens vLLM looks up).
+    ``"internvl"``: InternVL3 in the HF format, 64 px tiles of 16 tokens (:mod:`tokenprune.tiny_internvl`), the real
+    ``InternVLProcessor``."""
     savers = {"llava": _save_llava, "llava_next": lambda p: _save_llava(p, next_=True),
               "llava_mid": lambda p: _save_llava(p, mid=True), "qwen2_vl": lambda p: _save_qwen(p, "2"),
               "qwen2_5_vl": lambda p: _save_qwen(p, "2.5"), "qwen3_vl": lambda p: _save_qwen3(p, "qwen3_vl"),
               "qwen3_vl_moe": lambda p: _save_qwen3(p, "qwen3_vl_moe", hub_layout=for_vllm)}
     savers["gemma3"] = _save_gemma3
+    savers["internvl"] = _save_internvl
     if model_type not in savers:
         raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(savers)}")
     savers[model_type](path)
