@@ -64,12 +64,12 @@ def _hub_expert_layout(file: str) -> None:
     save_file(state, file, metadata={"format": "pt"})
 
 
-def _save_qwen3(path: str, family: str, hub_layout: bool = True) -> None:
+def _save_qwen3(path: str, family: str, hub_layout: bool = True, **sizes) -> None:
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     from tokenprune.tiny_qwen3 import PATCH, tiny_qwen3
 
-    model, tiny_processor = tiny_qwen3(family)
+    model, tiny_processor = tiny_qwen3(family, **sizes)
     if family.endswith("_moe"):  # vLLM 0.32 reads it; transformers' Qwen3-VL-MoE always renormalises the top-k
         model.config.text_config.norm_topk_prob = True
     model.save_pretrained(path)
@@ -118,13 +118,16 @@ def save_tiny_checkpoint(model_type: str, path: str, for_vllm: bool = True) -> s
     benchmark's LLaVA-1.5-shaped model (336 px, 576 visual tokens, a 4-layer 512-wide LLM). ``"gemma3"``: 96 px images,
     36 tokens each (:mod:`tokenprune.tiny_gemma3`, its tokenizer with the newline-run tokens vLLM looks up).
     ``"internvl"``: InternVL3 in the HF format, 64 px tiles of 16 tokens (:mod:`tokenprune.tiny_internvl`), the real
-    ``InternVLProcessor``."""
+    ``InternVLProcessor``. ``"qwen3_5"`` / ``"qwen3_5_moe"``: Qwen3.5 (+MoE) with Gated DeltaNet head dims of 64
+    (vLLM's CPU kernel; serve in bfloat16, the only dtype it runs)."""
     savers = {"llava": _save_llava, "llava_next": lambda p: _save_llava(p, next_=True),
               "llava_mid": lambda p: _save_llava(p, mid=True), "qwen2_vl": lambda p: _save_qwen(p, "2"),
               "qwen2_5_vl": lambda p: _save_qwen(p, "2.5"), "qwen3_vl": lambda p: _save_qwen3(p, "qwen3_vl"),
               "qwen3_vl_moe": lambda p: _save_qwen3(p, "qwen3_vl_moe", hub_layout=for_vllm)}
     savers["gemma3"] = _save_gemma3
     savers["internvl"] = _save_internvl
+    savers["qwen3_5"] = lambda p: _save_qwen3(p, "qwen3_5", linear_head_dim=64)  # vLLM's CPU Gated DeltaNet
+    savers["qwen3_5_moe"] = lambda p: _save_qwen3(p, "qwen3_5_moe", hub_layout=for_vllm, linear_head_dim=64)
     if model_type not in savers:
         raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(savers)}")
     savers[model_type](path)
