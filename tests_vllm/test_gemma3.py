@@ -16,6 +16,7 @@ import re
 import pytest
 import torch
 from cases import MAX_TOKENS, Run
+from engines import engine, error_text, generate, run_alone
 from test_e2e import TOL, max_diff, report
 
 from tokenprune.integrations.vllm import vllm_overrides
@@ -96,34 +97,8 @@ class GemmaHF:
         return Run(ids.numel(), tokens, logprobs), kept
 
 
-def _engine(path: str, overrides: dict | None = None, **kwargs):
-    from vllm import LLM
-
-    return LLM(model=path, dtype="float32", max_model_len=1024, max_num_seqs=4, enforce_eager=True, seed=0,
-               limit_mm_per_prompt={"image": 1}, distributed_executor_backend="uni",
-               **({"hf_overrides": overrides} if overrides else {}), **kwargs)
-
-
-def _generate(llm, batch) -> tuple[list[Run], list[list[int]]]:
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0, ignore_eos=True)
-    outs = llm.generate([{"prompt": p, "multi_modal_data": {"image": im}} for p, im in batch], params, use_tqdm=False)
-    runs = [Run(len(o.prompt_token_ids), list(o.outputs[0].token_ids),
-                [s[t].logprob for s, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)])
-            for o in outs]
-    kept = llm.apply_model(lambda model: [k.tolist() for k in getattr(model, "tokenprune_kept", [])])[0]
-    return runs, kept
-
-
 def _run_alone(path: str, overrides: dict | None = None) -> tuple[Run, list[list[int]]]:
-    llm = _engine(path, overrides)
-    try:
-        runs, kept = _generate(llm, [(PROMPT, _image())])
-        return runs[0], kept
-    finally:
-        del llm
-        gc.collect()
+    return run_alone(path, (PROMPT, _image()), overrides, videos=False)
 
 
 @pytest.fixture(scope="module")
@@ -164,10 +139,10 @@ def test_pruned_matches_enable_pruning(method, keep, options, gemma_dir, vanilla
 def test_batch_equals_alone_and_prompt_dependent_indices(gemma_dir):
     question = PROMPT.replace("what is in the image ?", "how many red circle are there ?")
     requests = [(PROMPT, _image()), (question, _image()), (PROMPT, _image(seed=11))]
-    llm = _engine(gemma_dir, vllm_overrides(NAME, "cdpruner", keep=9))
+    llm = engine(gemma_dir, vllm_overrides(NAME, "cdpruner", keep=9), videos=False)
     try:
-        alone = [_generate(llm, [r]) for r in requests]
-        together, _ = _generate(llm, requests)
+        alone = [generate(llm, [r]) for r in requests]
+        together, _ = generate(llm, requests)
     finally:
         del llm
         gc.collect()
@@ -182,9 +157,23 @@ def test_batch_equals_alone_and_prompt_dependent_indices(gemma_dir):
 
 def test_refused_method_fails_at_engine_start(gemma_dir):
     with pytest.raises(Exception) as info:  # noqa: PT011 - vLLM may wrap the plugin's ValueError
-        _engine(gemma_dir, vllm_overrides(NAME, "fastervlm", keep=9))
+        engine(gemma_dir, vllm_overrides(NAME, "fastervlm", keep=9), videos=False)
     gc.collect()
-    text, cause = str(info.value), info.value.__cause__
-    while cause is not None:
-        text, cause = text + " | " + str(cause), cause.__cause__
+    text = error_text(info)
     assert re.search(r"\[CLS\]", text) and re.search(r"nearest method .* is 'holov'", text)
+
+
+def test_bidirectional_range_is_exactly_the_kept_soft_tokens():
+    """What vLLM's runner hands an attention backend with the bidirectional image block (GPU backends; not the CPU
+    build's): the placeholder's embed range, which after pruning covers exactly the kept soft tokens."""
+    from vllm.multimodal.inputs import PlaceholderRange
+    from vllm.multimodal.processing.processor import PromptUpdateDetails
+
+    from tokenprune.integrations.vllm.gemma3 import cut_runs
+
+    newline, boi, soft, eoi = 8, 5, 7, 6
+    full = [newline, boi] + [soft] * N_TOKENS + [eoi, newline]
+    details = PromptUpdateDetails.select_token_id(cut_runs(full, soft, lambda n: n // 4), soft)
+    assert details.full == [newline, boi] + [soft] * (N_TOKENS // 4) + [eoi, newline]
+    placeholder = PlaceholderRange(offset=10, length=len(details.full), is_embed=details.is_embed(details.full))
+    assert placeholder.extract_embeds_range() == [(12, 12 + N_TOKENS // 4 - 1)]

@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 from cases import MAX_TOKENS, Run
+from engines import engine, error_text, generate, run_alone
 from test_e2e import TOL, max_diff, report
 
 from tokenprune.integrations.vllm import vllm_overrides
@@ -62,34 +63,8 @@ class InternVLHF:
             disable_pruning(self.model)
 
 
-def _engine(path: str, overrides: dict | None = None):
-    from vllm import LLM
-
-    return LLM(model=path, dtype="float32", max_model_len=1024, max_num_seqs=4, enforce_eager=True, seed=0,
-               limit_mm_per_prompt={"image": 1, "video": 0}, distributed_executor_backend="uni",
-               **({"hf_overrides": overrides} if overrides else {}))
-
-
-def _generate(llm, batch) -> tuple[list[Run], list[list[int]]]:
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0, ignore_eos=True)
-    outs = llm.generate([{"prompt": p, "multi_modal_data": {"image": im}} for p, im in batch], params, use_tqdm=False)
-    runs = [Run(len(o.prompt_token_ids), list(o.outputs[0].token_ids),
-                [s[t].logprob for s, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)])
-            for o in outs]
-    kept = llm.apply_model(lambda model: [k.tolist() for k in getattr(model, "tokenprune_kept", [])])[0]
-    return runs, kept
-
-
 def _run_alone(path: str, overrides: dict | None = None) -> tuple[Run, list[list[int]]]:
-    llm = _engine(path, overrides)
-    try:
-        runs, kept = _generate(llm, [(PROMPT, _image())])
-        return runs[0], kept
-    finally:
-        del llm
-        gc.collect()
+    return run_alone(path, (PROMPT, _image()), overrides)
 
 
 @pytest.fixture(scope="module")
@@ -128,10 +103,10 @@ def test_pruned_matches_enable_pruning(method, keep, options, internvl_dir, vani
 def test_batch_of_different_requests_equals_each_alone(internvl_dir):
     question = PROMPT.replace("what is in the image ?", "how many red circle are there ?")
     requests = [(PROMPT, _image()), (question, _image()), (PROMPT, random_image(64, 64, seed=11))]  # 1 tile
-    llm = _engine(internvl_dir, vllm_overrides(NAME, "mmtok", keep=8))
+    llm = engine(internvl_dir, vllm_overrides(NAME, "mmtok", keep=8))
     try:
-        alone = [_generate(llm, [r]) for r in requests]
-        together, _ = _generate(llm, requests)
+        alone = [generate(llm, [r]) for r in requests]
+        together, _ = generate(llm, requests)
     finally:
         del llm
         gc.collect()
@@ -145,9 +120,6 @@ def test_batch_of_different_requests_equals_each_alone(internvl_dir):
 
 def test_cls_token_method_is_refused_at_engine_start(internvl_dir):
     with pytest.raises(Exception) as info:  # noqa: PT011 - vLLM may wrap the plugin's ValueError
-        _engine(internvl_dir, vllm_overrides(NAME, "visionzip", keep=6))  # keep_cls=True: the [CLS] token itself
+        engine(internvl_dir, vllm_overrides(NAME, "visionzip", keep=6))  # keep_cls=True: the [CLS] token itself
     gc.collect()
-    text, cause = str(info.value), info.value.__cause__
-    while cause is not None:
-        text, cause = text + " | " + str(cause), cause.__cause__
-    assert re.search(r"keep_cls=False", text)
+    assert re.search(r"keep_cls=False", error_text(info))

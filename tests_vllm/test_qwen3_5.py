@@ -14,7 +14,8 @@ import gc
 
 import pytest
 import torch
-from cases import MAX_TOKENS, PROMPTS, Run
+from cases import PROMPTS, Run
+from engines import engine, generate, run_alone
 from test_e2e import max_diff, report
 
 from tokenprune.integrations.vllm import vllm_overrides
@@ -35,34 +36,8 @@ def qwen35_dir(tmp_path_factory) -> str:
     return save_tiny_checkpoint(NAME, str(tmp_path_factory.mktemp("qwen3_5") / NAME))
 
 
-def _engine(path: str, overrides: dict | None = None):
-    from vllm import LLM
-
-    return LLM(model=path, dtype="bfloat16", max_model_len=1024, max_num_seqs=4, enforce_eager=True, seed=0,
-               limit_mm_per_prompt={"image": 1, "video": 0}, distributed_executor_backend="uni",
-               **({"hf_overrides": overrides} if overrides else {}))
-
-
-def _generate(llm, batch) -> tuple[list[Run], list[list[int]]]:
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0, ignore_eos=True)
-    outs = llm.generate([{"prompt": p, "multi_modal_data": {"image": im}} for p, im in batch], params, use_tqdm=False)
-    runs = [Run(len(o.prompt_token_ids), list(o.outputs[0].token_ids),
-                [s[t].logprob for s, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)])
-            for o in outs]
-    kept = llm.apply_model(lambda model: [k.tolist() for k in getattr(model, "tokenprune_kept", [])])[0]
-    return runs, kept
-
-
 def _run_alone(path: str, overrides: dict | None = None) -> tuple[Run, list[list[int]]]:
-    llm = _engine(path, overrides)
-    try:
-        runs, kept = _generate(llm, [(PROMPT, _image())])
-        return runs[0], kept
-    finally:
-        del llm
-        gc.collect()
+    return run_alone(path, (PROMPT, _image()), overrides, dtype="bfloat16")
 
 
 def _hf_kept(path: str, method: str, keep, prompt: str = PROMPT, image=None, **options) -> list[int]:
@@ -103,10 +78,10 @@ def test_pruned_keeps_enable_pruning_indices(method, keep, options, qwen35_dir, 
 def test_batch_equals_alone_and_prompt_dependent_indices(qwen35_dir):
     question = PROMPT.replace("what is in the image ?", "how many red circle are there ?")
     requests = [(PROMPT, _image()), (question, _image()), (PROMPT, random_image(64, 128, seed=11))]  # 4 x 2 tokens
-    llm = _engine(qwen35_dir, vllm_overrides(NAME, "cdpruner", keep=5))
+    llm = engine(qwen35_dir, vllm_overrides(NAME, "cdpruner", keep=5), dtype="bfloat16")
     try:
-        alone = [_generate(llm, [r]) for r in requests]  # each image in its own encoder call
-        together, _ = _generate(llm, requests)
+        alone = [generate(llm, [r]) for r in requests]  # each image in its own encoder call
+        together, _ = generate(llm, requests)
     finally:
         del llm
         gc.collect()

@@ -18,6 +18,7 @@ vLLM lazily.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from itertools import groupby
@@ -34,12 +35,7 @@ from vllm.multimodal.processing.processor import PromptUpdateDetails, replace_to
 
 from tokenprune.integrations.vllm.llava import _FusedPart
 from tokenprune.integrations.vllm.options import CONFIG_KEY, VllmPruning, parse_options
-from tokenprune.integrations.vllm.prompt_text import (
-    TEXT_FIELD,
-    PromptTextProcessor,
-    check_cache_type,
-    text_after_images,
-)
+from tokenprune.integrations.vllm.prompt_text import PromptTextModel, PromptTextProcessor, check_cache_type
 from tokenprune.methods import ATTENTION_MAP, FEATURES, TEXT_EMBEDDINGS
 from tokenprune.patches.clip_signals import ClipProbe, encoder_layers, resolve_layer
 from tokenprune.patches.gemma3 import POOLED_SIGNALS, pool_groups, pool_probed, project_pooled
@@ -105,34 +101,28 @@ class TokenpruneGemma3Processor(PromptTextProcessor, Gemma3MultiModalProcessor):
         config = self.info.get_hf_config()
         return config.boi_token_index, (config.image_token_index, config.boi_token_index, config.eoi_token_index)
 
-    def _texts(self, inputs) -> list[list[int]] | None:
-        """The text after each image as the HF processor's prompt has it: each ``<start_of_image>`` of the prompt
-        becomes ``"\\n\\n" <start_of_image> ... "\\n\\n"`` (merged with neighbouring newlines, as vLLM writes it)."""
-        spec = self._tokenprune_text()
-        items = inputs.mm_data_items
-        if spec is None or "image" not in items:
-            return None
-        boi, placeholders = spec
+    def _tokenprune_prompt(self, prompt: list[int]) -> list[int]:
+        """Each ``<start_of_image>`` becomes ``"\\n\\n" <start_of_image> ... "\\n\\n"``, merged with neighbouring
+        newlines as vLLM writes it: the text after an image starts with that ``"\\n\\n"`` in the HF prompt."""
+        boi = self.info.get_hf_config().boi_token_index
         vocab = self.info.get_tokenizer().get_vocab()
         newlines = [vocab["\n" * n] for n in range(1, 5)]
         expanded: list[int] = []
-        for token in inputs.prompt:
+        for token in prompt:
             expanded += [newlines[1], token, newlines[1]] if token == boi else [token]
-        return text_after_images(newline_merged(expanded, newlines), items.get_count("image", strict=False), boi,
-                                 placeholders)
+        return newline_merged(expanded, newlines)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
     TokenpruneGemma3Processor, info=TokenpruneGemma3ProcessingInfo, dummy_inputs=Gemma3DummyInputsBuilder
 )
-class TokenpruneGemma3ForConditionalGeneration(Gemma3ForConditionalGeneration):
+class TokenpruneGemma3ForConditionalGeneration(PromptTextModel, Gemma3ForConditionalGeneration):
     """``Gemma3ForConditionalGeneration`` that keeps ``hf_config.tokenprune``'s selection of each image block."""
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.tokenprune = _pruning(self.config)
         self.tokenprune_kept: list[torch.Tensor] = []  # the kept tokens of each image block of the last encoder call
-        self._text_ids: list[torch.Tensor] | None = None
         self._requests = []
         if self.tokenprune is None:
             return
@@ -150,19 +140,7 @@ class TokenpruneGemma3ForConditionalGeneration(Gemma3ForConditionalGeneration):
     def get_encoder_cudagraph_config(self):
         # Encoder CUDA graphs bypass _process_image_input (no pruning): off while pruning.
         config = super().get_encoder_cudagraph_config()
-        if self.tokenprune is None:
-            return config
-        import dataclasses
-
-        return dataclasses.replace(config, modalities=[])
-
-    def embed_multimodal(self, **kwargs: object):
-        text = kwargs.pop(TEXT_FIELD, None)
-        self._text_ids = None if text is None else list(text)
-        try:
-            return super().embed_multimodal(**kwargs)
-        finally:
-            self._text_ids = None
+        return config if self.tokenprune is None else dataclasses.replace(config, modalities=[])
 
     def _process_image_input(self, image_input) -> list[torch.Tensor]:
         if self.tokenprune is None:
@@ -181,7 +159,7 @@ class TokenpruneGemma3ForConditionalGeneration(Gemma3ForConditionalGeneration):
         out, block = [], 0
         self.tokenprune_kept = []
         for item, count in enumerate(counts):
-            text = self._text_signals(item, embeds.device)
+            text = self._text_signals(item, embeds.device, cls_token=False)
             rows = []
             for crop in range(count):
                 feats = embeds[block]
@@ -199,12 +177,3 @@ class TokenpruneGemma3ForConditionalGeneration(Gemma3ForConditionalGeneration):
                 block += 1
             out.append(torch.cat(rows))
         return out
-
-    def _text_signals(self, item: int, device: torch.device) -> dict[str, torch.Tensor]:
-        if TEXT_EMBEDDINGS not in self.tokenprune.method.signals_needed(cls_token=False):
-            return {}
-        if self._text_ids is None:
-            raise RuntimeError(f"{self.tokenprune.method.name} needs the prompt text; the processor did not attach "
-                               f"it ({TEXT_FIELD})")
-        ids = self._text_ids[item].reshape(-1).to(device)
-        return {TEXT_EMBEDDINGS: self.language_model.embed_input_ids(ids)}

@@ -27,12 +27,7 @@ from vllm.multimodal.processing.processor import PromptReplacement, PromptUpdate
 from tokenprune.integrations.vllm.gemma3 import cut_runs
 from tokenprune.integrations.vllm.options import CONFIG_KEY, VllmPruning, parse_options
 from tokenprune.integrations.vllm.placeholders import image_embeddings
-from tokenprune.integrations.vllm.prompt_text import (
-    TEXT_FIELD,
-    PromptTextProcessor,
-    check_cache_type,
-    text_after_images,
-)
+from tokenprune.integrations.vllm.prompt_text import PromptTextModel, PromptTextProcessor, check_cache_type
 from tokenprune.methods import FEATURES, TEXT_EMBEDDINGS, VISION_HIDDEN
 from tokenprune.patches.clip_signals import PROBE_SIGNALS, ClipProbe, encoder_layers, resolve_layer
 from tokenprune.patches.internvl import InternVLAdapter, shuffled_patch_groups, shuffled_signal, tile_layout
@@ -94,34 +89,29 @@ class TokenpruneInternVLProcessor(PromptTextProcessor, InternS1MultiModalProcess
         context = self.info.get_hf_config().image_token_id
         return context, (context,)
 
-    def _texts(self, inputs) -> list[list[int]] | None:
-        """The text after each image as the HF processor writes the prompt: ``<IMG_CONTEXT>`` -> ``<img>`` ...
-        ``</img>`` (``</img>`` is text to the HF path)."""
-        spec = self._tokenprune_text()
-        items = inputs.mm_data_items
-        if spec is None or "image" not in items:
-            return None
-        context, placeholders = spec
+    def _tokenprune_prompt(self, prompt: list[int]) -> list[int]:
+        """``<IMG_CONTEXT>`` -> ``<img>`` ... ``</img>``, as the HF processor writes an image (``</img>`` is text to
+        the HF path)."""
+        context = self.info.get_hf_config().image_token_id
         tokenizer = self.info.get_tokenizer()
         start, end = (tokenizer.convert_tokens_to_ids(t) for t in (tokenizer.start_image_token,
                                                                      tokenizer.end_image_token))
         expanded: list[int] = []
-        for token in inputs.prompt:
+        for token in prompt:
             expanded += [start, token, end] if token == context else [token]
-        return text_after_images(expanded, items.get_count("image", strict=False), context, placeholders)
+        return expanded
 
 
 @MULTIMODAL_REGISTRY.register_processor(
     TokenpruneInternVLProcessor, info=TokenpruneInternVLProcessingInfo, dummy_inputs=InternS1DummyInputsBuilder
 )
-class TokenpruneInternVLForConditionalGeneration(InternS1ForConditionalGeneration):
+class TokenpruneInternVLForConditionalGeneration(PromptTextModel, InternS1ForConditionalGeneration):
     """vLLM's InternVL (HF format) model that keeps ``hf_config.tokenprune``'s selection of each image's tiles."""
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.tokenprune = _pruning(self.config)
         self.tokenprune_kept: list[torch.Tensor] = []  # the kept tokens of each image of the last encoder call
-        self._text_ids: list[torch.Tensor] | None = None
         self._requests = []
         if self.tokenprune is None:
             return
@@ -138,14 +128,6 @@ class TokenpruneInternVLForConditionalGeneration(InternS1ForConditionalGeneratio
         self._requests = [r for r in self.tokenprune.method.requests(cls_token=True) if r.name in PROBE_SIGNALS]
         for request in self._requests:  # a bad layer fails at engine start, not mid-request
             resolve_layer(request.layer, self._feature_layer, n_layers)
-
-    def embed_multimodal(self, **kwargs: object):
-        text = kwargs.pop(TEXT_FIELD, None)
-        self._text_ids = None if text is None else list(text)
-        try:
-            return super().embed_multimodal(**kwargs)
-        finally:
-            self._text_ids = None
 
     def _process_vision_input(self, image_input):
         if self.tokenprune is None or image_input["type"] != "pixel_values":  # videos: unpruned
@@ -169,7 +151,7 @@ class TokenpruneInternVLForConditionalGeneration(InternS1ForConditionalGeneratio
             layout = tile_layout(n_tiles, tiles.shape[1])
             units, _ = selection_units(layout, self.tokenprune.method, self.tokenprune.scope)
             budgets = [self.tokenprune.kept(u.index.numel()) for u in units]
-            text = self._text_signals(item, feats.device)
+            text = self._text_signals(item, feats.device, cls_token=True)
             signals = [{FEATURES: feats[u.index.to(feats.device)], **text, **unit_signals(layout, u, mine)}
                        for u in units]
             chosen = select_units(
@@ -182,11 +164,3 @@ class TokenpruneInternVLForConditionalGeneration(InternS1ForConditionalGeneratio
             out.append(chosen.features)
             self.tokenprune_kept.append(chosen.kept)
         return tuple(out)
-
-    def _text_signals(self, item: int, device: torch.device) -> dict[str, torch.Tensor]:
-        if TEXT_EMBEDDINGS not in self.tokenprune.method.signals_needed(cls_token=True):
-            return {}
-        if self._text_ids is None:
-            raise RuntimeError(f"{self.tokenprune.method.name} needs the prompt text; the processor did not attach "
-                               f"it ({TEXT_FIELD})")
-        return {TEXT_EMBEDDINGS: self.language_model.embed_input_ids(self._text_ids[item].reshape(-1).to(device))}
