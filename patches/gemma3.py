@@ -111,21 +111,10 @@ class Gemma3Adapter(VisionStageAdapter):
     # --- signals ---------------------------------------------------------------------------------------------
     def _grid(self) -> tuple[int, int, int]:
         """``(patches per side, pooling kernel, tokens per side)`` of the projector."""
-        projector = self.model.model.multi_modal_projector
-        return projector.patches_per_image, projector.kernel_size, projector.tokens_per_side
-
-    def _pooled(self, value: torch.Tensor) -> torch.Tensor:
-        """A per-patch signal ``[P*P]`` or ``[P*P, D]`` averaged over each ``kernel x kernel`` pooling window, as
-        the projector pools the patches: ``[T*T]`` or ``[T*T, D]`` in the LLM tokens' raster order."""
-        side, kernel, tokens = self._grid()
-        grid = value.float().reshape(tokens, kernel, tokens, kernel, *value.shape[1:])
-        return grid.mean(dim=(1, 3)).reshape(tokens * tokens, *value.shape[1:])
+        return projector_grid(self.model.model.multi_modal_projector)
 
     def _pool_groups(self) -> torch.Tensor:
-        """``[T*T, kernel*kernel]``: the patch indices (raster order) each LLM token averages (tokens in raster)."""
-        side, kernel, tokens = self._grid()
-        patches = torch.arange(side * side).reshape(tokens, kernel, tokens, kernel)
-        return patches.permute(0, 2, 1, 3).reshape(tokens * tokens, kernel * kernel)
+        return pool_groups(self.model.model.multi_modal_projector)
 
     def _encode(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
         """Projected features per image ``[T*T, D]`` and the requested signals per image, on the pooled grid."""
@@ -137,30 +126,11 @@ class Gemma3Adapter(VisionStageAdapter):
             out = gemma.get_image_features(pixel_values, return_dict=True)
         features = list(out.pooler_output)  # [n_images, T*T, D] -> one [T*T, D] per image
         per_image = probe.per_image(drop_cls=False) or [{} for _ in features]
-        read = {  # hidden states of the last layer: what the projector reads, after SigLIP's post_layernorm
-            r.key for r in requests if r.name == VISION_HIDDEN and resolve_layer(r.layer, n_layers - 1, n_layers)
-            == n_layers - 1
-        }
         norm = getattr(gemma.vision_tower, "vision_model", gemma.vision_tower).post_layernorm
-
-        def pooled(key: str, value: torch.Tensor) -> torch.Tensor:
-            if key.split("@")[0] == ATTENTION_MAP:  # pooled by the probe
-                return value
-            with torch.no_grad():
-                return self._pooled(norm(value) if key in read else value)
-
-        return features, [{key: pooled(key, value) for key, value in item.items()} for item in per_image]
+        return features, pool_probed(gemma.multi_modal_projector, norm, requests, n_layers, per_image)
 
     def _project(self, pooled: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Pooled vision-space tokens (averages of post-layernorm patches, e.g. VFlowOpt's recycled cell tokens)
-        through the projector's per-token tail -- its RMSNorm and projection after the average pooling -- in the
-        dtype of its output ``like``: a pooled grid token comes out as the model's own feature."""
-        projector = self.model.model.multi_modal_projector
-        dtype, device = compute_dtype_device(projector, like)
-        weight = projector.mm_input_projection_weight
-        with torch.no_grad():
-            normed = projector.mm_soft_emb_norm(pooled.to(device=device, dtype=dtype))
-            return (normed @ weight.to(device=device, dtype=dtype)).to(like.dtype)
+        return project_pooled(self.model.model.multi_modal_projector, pooled, like)
 
     # --- pruning ---------------------------------------------------------------------------------------------
     def prune(self, kwargs: dict[str, Any]) -> PrunedCall | None:
@@ -247,6 +217,58 @@ class Gemma3Adapter(VisionStageAdapter):
         new_kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=_stacked(kept_features))}
         record = PruneRecord(self.method.name, tuple(images), input_ids.shape[1], new_kwargs["input_ids"].shape[1])
         return PrunedCall(new_kwargs, record)
+
+
+def pool_probed(
+    projector: Any, post_layernorm: Any, requests: list, n_layers: int, per_image: list[dict[str, torch.Tensor]]
+) -> list[dict[str, torch.Tensor]]:
+    """The probe's per-patch signals of each image on the LLM's pooled token grid: hidden states of the last layer
+    through SigLIP's ``post_layernorm`` first (what the projector reads), the attention map as pooled by the probe
+    itself (``map_groups``). Shared by the HF adapter and the vLLM model."""
+    read = {
+        r.key for r in requests if r.name == VISION_HIDDEN and resolve_layer(r.layer, n_layers - 1, n_layers)
+        == n_layers - 1
+    }
+
+    def pooled(key: str, value: torch.Tensor) -> torch.Tensor:
+        if key.split("@")[0] == ATTENTION_MAP:  # pooled by the probe
+            return value
+        with torch.no_grad():
+            return pooled_signal(projector, post_layernorm(value) if key in read else value)
+
+    return [{key: pooled(key, value) for key, value in item.items()} for item in per_image]
+
+
+def projector_grid(projector: Any) -> tuple[int, int, int]:
+    """``(patches per side, pooling kernel, tokens per side)`` of a Gemma 3 projector (HF's or vLLM's: the same
+    attributes)."""
+    return projector.patches_per_image, projector.kernel_size, projector.tokens_per_side
+
+
+def pooled_signal(projector: Any, value: torch.Tensor) -> torch.Tensor:
+    """A per-patch signal ``[P*P]`` or ``[P*P, D]`` averaged over each ``kernel x kernel`` pooling window, as
+    the projector pools the patches: ``[T*T]`` or ``[T*T, D]`` in the LLM tokens' raster order."""
+    _, kernel, tokens = projector_grid(projector)
+    grid = value.float().reshape(tokens, kernel, tokens, kernel, *value.shape[1:])
+    return grid.mean(dim=(1, 3)).reshape(tokens * tokens, *value.shape[1:])
+
+
+def pool_groups(projector: Any) -> torch.Tensor:
+    """``[T*T, kernel*kernel]``: the patch indices (raster order) each LLM token averages (tokens in raster)."""
+    side, kernel, tokens = projector_grid(projector)
+    patches = torch.arange(side * side).reshape(tokens, kernel, tokens, kernel)
+    return patches.permute(0, 2, 1, 3).reshape(tokens * tokens, kernel * kernel)
+
+
+def project_pooled(projector: Any, pooled: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Pooled vision-space tokens (averages of post-layernorm patches, e.g. VFlowOpt's recycled cell tokens)
+    through the projector's per-token tail -- its RMSNorm and projection after the average pooling -- in the
+    dtype of its output ``like``: a pooled grid token comes out as the model's own feature."""
+    dtype, device = compute_dtype_device(projector, like)
+    weight = projector.mm_input_projection_weight
+    with torch.no_grad():
+        normed = projector.mm_soft_emb_norm(pooled.to(device=device, dtype=dtype))
+        return (normed @ weight.to(device=device, dtype=dtype)).to(like.dtype)
 
 
 def _stacked(spans: list[torch.Tensor]) -> torch.Tensor:

@@ -62,10 +62,24 @@ CLS_TOKEN_REASON = (
 def shuffle_groups(model: torch.nn.Module, side: int) -> torch.Tensor:
     """``[t, 4]`` long: the patch indices (raster order of the ``side x side`` tile) that the model's own
     ``pixel_shuffle`` concatenates into each of its ``t`` output tokens, in channel order."""
+    return shuffled_patch_groups(model.model.pixel_shuffle, model.config.downsample_ratio, side)
+
+
+def shuffled_patch_groups(pixel_shuffle: Any, ratio: float, side: int) -> torch.Tensor:
+    """:func:`shuffle_groups` for any model's ``pixel_shuffle(x, scale_factor=)`` (HF's, vLLM's)."""
     index = torch.arange(side * side).reshape(1, side, side, 1)
-    ratio = model.config.downsample_ratio
-    shuffled = model.model.pixel_shuffle(index, scale_factor=ratio)  # [1, s', s', 1/ratio^2]
+    shuffled = pixel_shuffle(index, scale_factor=ratio)  # [1, s', s', 1/ratio^2]
     return shuffled.reshape(-1, shuffled.shape[-1])
+
+
+def tile_layout(n_tiles: int, tokens_per_tile: int) -> PackedLayout:
+    """Per token of an image of ``n_tiles`` tiles: its tile (the thumbnail last), its place in the tile, its box
+    in the tile (fractions of the tile; of the image when there is a single tile)."""
+    side = int(round(tokens_per_tile ** 0.5))
+    return PackedLayout(
+        torch.arange(n_tiles).repeat_interleave(tokens_per_tile), torch.arange(tokens_per_tile).repeat(n_tiles),
+        grid_boxes((side, side)).repeat(n_tiles, 1), side, n_tiles,
+    )
 
 
 def shuffled_signal(name: str, value: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -153,13 +167,7 @@ class InternVLAdapter(LlavaNextAdapter):
         return vc.image_size[0] // vc.patch_size[0]
 
     def tile_layout(self, n_tiles: int, tokens_per_tile: int) -> PackedLayout:
-        """Per token of an image of ``n_tiles`` tiles: its tile (the thumbnail last), its place in the tile, its box
-        in the tile (fractions of the tile; of the image when there is a single tile)."""
-        side = int(round(tokens_per_tile ** 0.5))
-        return PackedLayout(
-            torch.arange(n_tiles).repeat_interleave(tokens_per_tile), torch.arange(tokens_per_tile).repeat(n_tiles),
-            grid_boxes((side, side)).repeat(n_tiles, 1), side, n_tiles,
-        )
+        return tile_layout(n_tiles, tokens_per_tile)
 
     # --- pruning -----------------------------------------------------------------------------------------------
     def _images(self, is_image: torch.Tensor, tokens_per_tile: int, n_tiles: int) -> list[tuple[int, int, int]]:

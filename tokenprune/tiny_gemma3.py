@@ -26,6 +26,10 @@ from tokenprune.tiny_models import _finish, make_tokenizer
 GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
 IMAGE_SIZE, PATCH, TOKENS_PER_IMAGE = 96, 4, 36
 SLIDING_WINDOW = 16
+# Runs of newlines that the real Gemma tokenizer has as single tokens and vLLM's Gemma 3 processor looks up (it
+# writes each image as "\n\n<start_of_image>...<end_of_image>\n\n" and merges the runs it makes with a
+# neighbouring "\n" as the tokenizer would). Only in the vLLM checkpoint's tokenizer (``newline_runs=True``).
+NEWLINE_RUNS = ("\n\n", "\n\n\n", "\n\n\n\n")
 
 # Depths of the public checkpoints (config.json on the Hugging Face hub), at tiny width: google/gemma-3-12b-it and
 # google/gemma-3-27b-it share the SigLIP So400m tower (27 layers, 896 px, patch 14, mm_tokens_per_image 256); their
@@ -35,12 +39,13 @@ GEMMA3_REAL_DEPTH = {"gemma-3-12b": dict(vision_layers=27, text_layers=48),
                      "gemma-3-27b": dict(vision_layers=27, text_layers=62)}
 
 
-def gemma3_tokenizer():
+def gemma3_tokenizer(newline_runs: bool = False):
     """The word-level tokenizer with Gemma 3's ``boi_token`` / ``eoi_token`` / ``image_token`` attributes (what
-    ``Gemma3Processor`` reads)."""
+    ``Gemma3Processor`` reads); ``newline_runs``: also :data:`NEWLINE_RUNS` as single tokens, as in the real
+    tokenizer (matched longest first), which vLLM's Gemma 3 processor needs."""
     from transformers import PreTrainedTokenizerFast
 
-    base = make_tokenizer(tuple(GEMMA3_TOKENS.values()))
+    base = make_tokenizer(tuple(GEMMA3_TOKENS.values()) + (NEWLINE_RUNS if newline_runs else ()))
     return PreTrainedTokenizerFast(
         tokenizer_object=base.backend_tokenizer, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
         eos_token="</s>", padding_side="left", extra_special_tokens=dict(GEMMA3_TOKENS),
@@ -49,12 +54,13 @@ def gemma3_tokenizer():
 
 def tiny_gemma3(
     attn_implementation: str = "sdpa", seed: int = 0, text_layers: int = 2, vision_layers: int = 3,
-    sliding_window: int = SLIDING_WINDOW,
+    sliding_window: int = SLIDING_WINDOW, newline_runs: bool = False,
 ):
     """``(model, processor)``: a Gemma 3 model with random weights (eval mode, fp32).
 
     ``text_layers`` LLM layers in Gemma 3's pattern (five sliding-window layers, then a global one; with fewer than
     six layers the last one is global so both kinds always exist); ``vision_layers`` SigLIP layers (width 64).
+    ``newline_runs``: the tokenizer of :func:`gemma3_tokenizer` with the newline runs (the vLLM checkpoint's).
     """
     from transformers import (
         Gemma3Config,
@@ -65,7 +71,7 @@ def tiny_gemma3(
         SiglipVisionConfig,
     )
 
-    tok = gemma3_tokenizer()
+    tok = gemma3_tokenizer(newline_runs)
     layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(text_layers)]
     if "full_attention" not in layer_types:
         layer_types[-1] = "full_attention"
@@ -102,7 +108,10 @@ def tiny_gemma3(
     )
     processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=TOKENS_PER_IMAGE)
     # The processor's own defaults (minimum crop 256 px) would override the image processor's at this tiny size.
-    processor.images_kwargs = {**Gemma3Processor.images_kwargs, "pan_and_scan_min_crop_size": 16}
+    # (transformers < 5.20, vLLM's, keeps them in Gemma3ProcessorKwargs instead: tiny pan-and-scan crops do not
+    # happen there.)
+    if hasattr(Gemma3Processor, "images_kwargs"):
+        processor.images_kwargs = {**Gemma3Processor.images_kwargs, "pan_and_scan_min_crop_size": 16}
     return model, processor
 
 

@@ -66,12 +66,14 @@ class TinyQwen3Processor(TinyQwenProcessor):
 def tiny_qwen3(
     family: str = "qwen3_vl", attn_implementation: str = "sdpa", seed: int = 0, max_pixels: int = 128 * 160,
     text_layers: int | None = None, vision_layers: int = 3, deepstack: tuple[int, ...] | None = None,
+    linear_head_dim: int = 16,
 ):
     """``(model, processor)`` of ``family`` (one of :data:`QWEN3_FAMILIES`) with random weights.
 
     ``vision_layers`` ViT blocks (width 64); ``text_layers`` LLM layers (default 2 for Qwen3-VL, 4 for Qwen3.5: one
     full-attention layer, 3); ``deepstack`` the DeepStack ViT blocks of Qwen3-VL (default: every block but the
-    last, at most 3). MoE variants: 4 experts, 2 active per token.
+    last, at most 3). MoE variants: 4 experts, 2 active per token. ``linear_head_dim``: Qwen3.5's Gated DeltaNet
+    key/value head dim (vLLM's CPU kernel needs multiples of 32: its checkpoint uses 32).
     """
     from transformers import Qwen2VLImageProcessorPil
 
@@ -89,7 +91,8 @@ def tiny_qwen3(
     if moe:
         text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
     if hybrid:  # head_dim 64, a quarter of it rotary (as the real 0.25): 8 frequencies split t/h/w
-        text.update(head_dim=64, linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+        text.update(head_dim=64, linear_conv_kernel_dim=4, linear_key_head_dim=linear_head_dim,
+                    linear_value_head_dim=linear_head_dim,
                     linear_num_key_heads=2, linear_num_value_heads=4,
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
                                      "mrope_section": [3, 3, 2], "mrope_interleaved": True})

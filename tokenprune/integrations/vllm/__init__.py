@@ -30,6 +30,14 @@ ARCHITECTURES = {
     "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", "TokenpruneQwen3VLMoeForConditionalGeneration",
                      "tokenprune.integrations.vllm.qwen3:TokenpruneQwen3VLMoeForConditionalGeneration"),
 }
+ARCHITECTURES["gemma3"] = ("Gemma3ForConditionalGeneration", "TokenpruneGemma3ForConditionalGeneration",
+                           "tokenprune.integrations.vllm.gemma3:TokenpruneGemma3ForConditionalGeneration")
+ARCHITECTURES["internvl"] = ("InternVLForConditionalGeneration", "TokenpruneInternVLForConditionalGeneration",
+                             "tokenprune.integrations.vllm.internvl:TokenpruneInternVLForConditionalGeneration")
+ARCHITECTURES["qwen3_5"] = ("Qwen3_5ForConditionalGeneration", "TokenpruneQwen3_5ForConditionalGeneration",
+                            "tokenprune.integrations.vllm.qwen3_5:TokenpruneQwen3_5ForConditionalGeneration")
+ARCHITECTURES["qwen3_5_moe"] = ("Qwen3_5MoeForConditionalGeneration", "TokenpruneQwen3_5MoeForConditionalGeneration",
+                                "tokenprune.integrations.vllm.qwen3_5:TokenpruneQwen3_5MoeForConditionalGeneration")
 
 
 def vllm_overrides(model_type: str, method: str, keep: Keep, **options: Any) -> dict[str, Any]:

@@ -20,13 +20,18 @@ def _hub_clip_name(key: str) -> str:
 
 
 def _save_llava(path: str, next_: bool = False, mid: bool = False) -> None:
-    from safetensors.torch import load_file, save_file
-
     from tokenprune.tiny_models import DEMO, tiny_llava, tiny_llava_next
 
     model, processor = tiny_llava_next() if next_ else tiny_llava(DEMO) if mid else tiny_llava()
     model.save_pretrained(path)
     processor.save_pretrained(path)
+    _hub_tower_names(path)
+
+
+def _hub_tower_names(path: str) -> None:
+    """The CLIP / SigLIP tower's weights renamed to the hub layout (``vision_tower.vision_model.*``)."""
+    from safetensors.torch import load_file, save_file
+
     file = os.path.join(path, "model.safetensors")
     state = {_hub_clip_name(key): value for key, value in load_file(file).items()}
     save_file(state, file, metadata={"format": "pt"})
@@ -59,12 +64,12 @@ def _hub_expert_layout(file: str) -> None:
     save_file(state, file, metadata={"format": "pt"})
 
 
-def _save_qwen3(path: str, family: str, hub_layout: bool = True) -> None:
+def _save_qwen3(path: str, family: str, hub_layout: bool = True, **sizes) -> None:
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     from tokenprune.tiny_qwen3 import PATCH, tiny_qwen3
 
-    model, tiny_processor = tiny_qwen3(family)
+    model, tiny_processor = tiny_qwen3(family, **sizes)
     if family.endswith("_moe"):  # vLLM 0.32 reads it; transformers' Qwen3-VL-MoE always renormalises the top-k
         model.config.text_config.norm_topk_prob = True
     model.save_pretrained(path)
@@ -80,17 +85,49 @@ def _save_qwen3(path: str, family: str, hub_layout: bool = True) -> None:
     processor.save_pretrained(path)
 
 
+def _save_gemma3(path: str) -> None:
+    from tokenprune.tiny_gemma3 import tiny_gemma3
+
+    model, processor = tiny_gemma3(newline_runs=True)  # vLLM's processor looks up the newline-run tokens
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    _hub_tower_names(path)  # SigLIP as on the hub (transformers >= 5 saves model.vision_tower.*)
+
+
+def _save_internvl(path: str) -> None:
+    from transformers import InternVLProcessor, InternVLVideoProcessor
+
+    from tokenprune.tiny_internvl import TILE, TOKENS_PER_TILE, named_tokenizer, tiny_internvl
+
+    model, tiny_processor = tiny_internvl()
+    model.save_pretrained(path)
+    processor = InternVLProcessor(  # the real processor (vLLM runs it); it needs the image tokens as named attributes
+        image_processor=tiny_processor.image_processor, tokenizer=named_tokenizer(tiny_processor.tokenizer),
+        video_processor=InternVLVideoProcessor(size={"height": TILE, "width": TILE}), image_seq_length=TOKENS_PER_TILE,
+        chat_template=None,
+    )
+    processor.save_pretrained(path)
+
+
 def save_tiny_checkpoint(model_type: str, path: str, for_vllm: bool = True) -> str:
     """Save a tiny ``model_type`` (``"llava"``, ``"llava_next"``, ``"qwen2_vl"``, ``"qwen2_5_vl"``) model that vLLM
     can load; returns ``path``. LLaVA: 64x64 px images, 64 visual tokens; LLaVA-NeXT: 32 px tiles of 16 tokens,
     AnyRes up to 64x64 px; Qwen2/2.5: one token per 28x28 px, up to 64 per image; Qwen3-VL (+MoE): one token per
     32x32 px, up to 20 per image. ``for_vllm=False``: Qwen3-VL-MoE's experts in transformers' own layout (what
     ``from_pretrained`` of transformers >= 5 reads) instead of the hub's (what vLLM reads). ``"llava_mid"``: the serving
-    benchmark's LLaVA-1.5-shaped model (336 px, 576 visual tokens, a 4-layer 512-wide LLM)."""
+    benchmark's LLaVA-1.5-shaped model (336 px, 576 visual tokens, a 4-layer 512-wide LLM). ``"gemma3"``: 96 px images,
+    36 tokens each (:mod:`tokenprune.tiny_gemma3`, its tokenizer with the newline-run tokens vLLM looks up).
+    ``"internvl"``: InternVL3 in the HF format, 64 px tiles of 16 tokens (:mod:`tokenprune.tiny_internvl`), the real
+    ``InternVLProcessor``. ``"qwen3_5"`` / ``"qwen3_5_moe"``: Qwen3.5 (+MoE) with Gated DeltaNet head dims of 64
+    (vLLM's CPU kernel; serve in bfloat16, the only dtype it runs)."""
     savers = {"llava": _save_llava, "llava_next": lambda p: _save_llava(p, next_=True),
               "llava_mid": lambda p: _save_llava(p, mid=True), "qwen2_vl": lambda p: _save_qwen(p, "2"),
               "qwen2_5_vl": lambda p: _save_qwen(p, "2.5"), "qwen3_vl": lambda p: _save_qwen3(p, "qwen3_vl"),
               "qwen3_vl_moe": lambda p: _save_qwen3(p, "qwen3_vl_moe", hub_layout=for_vllm)}
+    savers["gemma3"] = _save_gemma3
+    savers["internvl"] = _save_internvl
+    savers["qwen3_5"] = lambda p: _save_qwen3(p, "qwen3_5", linear_head_dim=64)  # vLLM's CPU Gated DeltaNet
+    savers["qwen3_5_moe"] = lambda p: _save_qwen3(p, "qwen3_5_moe", hub_layout=for_vllm, linear_head_dim=64)
     if model_type not in savers:
         raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(savers)}")
     savers[model_type](path)

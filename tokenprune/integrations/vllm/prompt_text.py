@@ -63,7 +63,13 @@ class PromptTextProcessor:
         if spec is None or "image" not in items:
             return None
         image_token_id, placeholders = spec
-        return text_after_images(inputs.prompt, items.get_count("image", strict=False), image_token_id, placeholders)
+        return text_after_images(self._tokenprune_prompt(list(inputs.prompt)), items.get_count("image", strict=False),
+                                 image_token_id, placeholders)
+
+    def _tokenprune_prompt(self, prompt: list[int]) -> list[int]:
+        """The prompt's ids as the Hugging Face processor writes them around each image, where that differs from
+        the raw prompt (text the processor adds next to an image is text to ``enable_pruning``)."""
+        return prompt
 
     def _get_mm_hashes(self, inputs):
         hashes = super()._get_mm_hashes(inputs)
@@ -95,3 +101,30 @@ def check_cache_type(vllm_config) -> None:
             "tokenprune's prompt-dependent methods attach the prompt text to each image item, which vLLM's "
             "shared-memory processor cache (mm_processor_cache_type='shm') drops; use the default 'lru' cache"
         )
+
+
+class PromptTextModel:
+    """Mixed in before a vLLM model: holds :data:`TEXT_FIELD` of the current encoder call and embeds the text
+    after image ``item`` with the language model's own embedding table, for a method that needs it."""
+
+    _text_ids: list[torch.Tensor] | None = None
+
+    def embed_multimodal(self, **kwargs: object):
+        text = kwargs.pop(TEXT_FIELD, None)
+        self._text_ids = None if text is None else list(text)
+        try:
+            return super().embed_multimodal(**kwargs)
+        finally:
+            self._text_ids = None
+
+    def _text_signals(self, item: int, device: torch.device, cls_token: bool) -> dict[str, torch.Tensor]:
+        """``{TEXT_EMBEDDINGS: [M, D]}`` for image ``item`` of this call, or ``{}`` when the method needs no text."""
+        from tokenprune.methods import TEXT_EMBEDDINGS
+
+        if TEXT_EMBEDDINGS not in self.tokenprune.method.signals_needed(cls_token=cls_token):
+            return {}
+        if self._text_ids is None:
+            raise RuntimeError(f"{self.tokenprune.method.name} needs the prompt text; the processor did not attach "
+                               f"it ({TEXT_FIELD})")
+        ids = self._text_ids[item].reshape(-1).to(device)
+        return {TEXT_EMBEDDINGS: self.get_language_model().embed_input_ids(ids)}

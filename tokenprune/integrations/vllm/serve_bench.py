@@ -74,6 +74,9 @@ def check(plan: Plan) -> None:
 
     if plan.model_type not in ARCHITECTURES:
         raise ValueError(f"--model-type {plan.model_type!r} is not served by the plugin; one of {list(ARCHITECTURES)}")
+    if plan.model_type not in PLACEHOLDER:  # the benchmark writes its prompts for these families only
+        raise ValueError(f"--model-type {plan.model_type!r} is served by the plugin but not by serve-bench; "
+                         f"one of {list(PLACEHOLDER)}")
     if not plan.keeps or any(not 0 < k < 1 for k in plan.keeps):
         raise ValueError(f"--keeps must be ratios in (0, 1); got {list(plan.keeps)}")
     for keep in plan.keeps:
