@@ -78,9 +78,12 @@ def _first_pick(x: torch.Tensor, rows: SimilarityRows, block: int = 256) -> int:
         open_ = (bound >= best).nonzero().flatten()
         if open_.numel() == 0:
             break
-        wanted = open_[torch.topk(bound[open_], min(block, open_.numel())).indices]
+        if open_.numel() >= 16:
+            wanted = open_[torch.topk(bound[open_], min(block, open_.numel())).indices]
+        else:  # a product of at least 16 rows: the next highest bounds fill it (far from their probes: greedy picks)
+            wanted = torch.topk(bound, min(16, int(torch.isfinite(bound).sum()))).indices
         real = wanted.numel()
-        if real < 16:  # a product of at least 16 rows: pad with the first wanted token
+        if real < 16:  # fewer than 16 tokens without a row: pad with the first wanted token
             wanted = torch.cat([wanted, wanted[:1].expand(16 - real)])
         sims = x.index_select(0, wanted) @ x.T  # [w, N]: new probes, which tighten every bound
         rows.keep(wanted[:real], sims[:real])  # far from their neighbours: likely picks of the greedy
