@@ -152,14 +152,14 @@ def _greedy(rows: SimilarityRows, first: int, k: int, *, rule: str) -> torch.Ten
     nearest chosen token (running minimum, in place), ``maxsum`` its negated similarity summed in pick order (the
     similarity as ``1 - (1 - s)``, the textbook's rounding); chosen tokens at ``-inf``. Sorted kept indices."""
     chosen = [first]
-    distance = 1.0 - rows.row(first)
+    distance = 1.0 - rows.take(first)
     score = distance if rule == "kcenter" else -(1.0 - distance)
     score[first] = -torch.inf
     for i in range(1, k):
         pick = int(torch.argmax(score))  # first maximum: ties to the lowest index
         chosen.append(pick)
         if i + 1 < k:
-            distance = 1.0 - rows.row(pick, score)
+            distance = 1.0 - rows.take(pick, score)
             if rule == "kcenter":
                 torch.minimum(score, distance, out=score)
             else:

@@ -67,7 +67,7 @@ def _greedy_map(x: torch.Tensor, rel: torch.Tensor, k: int) -> torch.Tensor:
         j = int(torch.argmax(gains))  # first maximum: ties to the lowest index
         chosen.append(j)
         if i + 1 < k:
-            kernel_row = rel[j] * rows.row(j, gains) * rel  # L[j, :]
+            kernel_row = rel[j] * rows.take(j, gains) * rel  # L[j, :]
             residual = gains[j]
             e = (kernel_row - basis[:i, j] @ basis[:i]) / residual.sqrt()
             if float(residual) > 1e-12:  # else: rank exhausted, no update

@@ -26,8 +26,9 @@ WHOLE = 1024  # up to this many tokens one product of the whole matrix (<= 4 MiB
 
 class SimilarityRows:
     """fp32 rows of ``x x^T`` for one image's unit rows ``x`` ``[N, D]``, computed ``block`` rows per product and
-    cached (at most ``max(block, D / 2)`` rows, about ``N D / 2`` floats, then the cache starts afresh); rows of
-    the whole matrix, one product, when ``N <= WHOLE`` (at most 4 MiB: faster than blocks there, whatever ``D``)."""
+    cached (at most ``max(block, D / 2)`` rows, about ``N D / 2`` floats; when full, the rows of the lowest-scored
+    tokens go; a row :meth:`take` hands out leaves at once); rows of the whole matrix, one product, when
+    ``N <= WHOLE`` (at most 4 MiB: faster than blocks there, whatever ``D``)."""
 
     def __init__(self, x: torch.Tensor, block: int = BLOCK) -> None:
         self.x, self.block = x, block
@@ -49,30 +50,53 @@ class SimilarityRows:
             self._fill(index, score)
         return self.slot[index]
 
+    def take(self, index: int, score: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`row`, then forget it: a greedy reads a chosen token's row once, so its slot is free for the next
+        guesses (the token is never guessed again)."""
+        out = self.row(index, score)
+        if self.full is None:
+            self.slot.pop(index, None)
+        return out
+
     def keep(self, tokens: torch.Tensor, rows: torch.Tensor) -> None:
         """Cache ``rows`` ``[m, N]`` already computed (as a product of at least 16 rows) for ``tokens`` ``[m]``, as
         far as the cache holds them."""
         if self.full is None:
             room = max(0, self.capacity - len(self.slot))
             for i, token in enumerate(tokens[:room].tolist()):
-                self.slot.setdefault(token, rows[i])
+                if token not in self.slot:
+                    self.slot[token] = rows[i].clone()  # its own memory: the product can go
             self.cached[tokens[:room]] = True
+
+    def _evict(self, room: int, score: torch.Tensor | None) -> None:
+        """Free ``room`` slots: drop the cached rows of the tokens with the lowest ``score`` (the least likely
+        picks), or the oldest rows without a score."""
+        tokens = torch.tensor(list(self.slot)[::-1], dtype=torch.long, device=self.x.device)  # newest first
+        if score is not None:
+            tokens = tokens[torch.argsort(score[tokens], descending=True, stable=True)]
+        drop = tokens[max(0, self.capacity - room):]  # the rest fits with ``room`` new rows
+        for token in drop.tolist():
+            del self.slot[token]
+        self.cached[drop] = False
 
     def _fill(self, index: int, score: torch.Tensor | None) -> None:
         n = self.x.shape[0]
-        wanted = torch.full((self.block,), index, dtype=torch.long, device=self.x.device)  # padding repeats index
-        if score is not None and n > 1:
+        guessing = score is not None and n > 1
+        size = self.block if guessing else min(16, self.block)  # nothing to guess: the smallest exact product
+        wanted = torch.full((size,), index, dtype=torch.long, device=self.x.device)  # padding repeats index
+        if guessing:
             guess = score.masked_fill(self.cached, -torch.inf)
             guess[index] = -torch.inf
-            others = torch.topk(guess, min(self.block - 1, n - 1)).indices
+            others = torch.topk(guess, min(size - 1, n - 1)).indices
             others = others[guess[others] > -torch.inf]  # chosen or cached tokens need no row
             wanted[1:1 + others.numel()] = others
-        if len(self.slot) + self.block > self.capacity:
-            self._clear()
+        if len(self.slot) + size > self.capacity:
+            self._evict(size, score)
         rows = self.x.index_select(0, wanted) @ self.x.T  # [block, N]: compute-bound, the full matrix's rounding
         self.products += 1
         for i, token in enumerate(wanted.tolist()):
-            self.slot.setdefault(token, rows[i])
+            if token not in self.slot:  # own memory per row: a taken or evicted row frees its floats
+                self.slot[token] = rows[i].clone()
         self.cached[wanted] = True
 
 
