@@ -130,9 +130,9 @@ def test_similarity_rows_free_taken_rows_and_evict_the_lowest_scores(blocks):
     from tokenprune.functional.similarity_rows import SimilarityRows
 
     g = torch.Generator().manual_seed(1)
-    x = unit_rows(torch.randn(300, 64, generator=g))
+    x = unit_rows(torch.randn(300, 128, generator=g))
     full = x @ x.T
-    rows = SimilarityRows(x, block=16)  # capacity max(16, 64 / 2) = 32 rows
+    rows = SimilarityRows(x, block=16)  # capacity max(16, 128 / 4) = 32 rows
     score = torch.randn(300, generator=g)
     first = int(torch.argmax(score))
     assert torch.equal(rows.take(first, score), full[first]) and first not in rows.slot and len(rows.slot) == 15
@@ -142,7 +142,7 @@ def test_similarity_rows_free_taken_rows_and_evict_the_lowest_scores(blocks):
         assert len(rows.slot) <= rows.capacity
     kept = torch.tensor(sorted(rows.slot))
     assert len(rows.slot) == 31 and torch.isin(torch.topk(score, 16).indices, kept).all()  # the best 16 survive
-    assert all(torch.equal(row, full[t]) for t, row in rows.slot.items())
+    assert all(torch.equal(rows.store[place], full[t]) for t, place in rows.slot.items())
 
 
 @pytest.mark.parametrize("seed", range(2))

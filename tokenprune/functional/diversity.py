@@ -66,10 +66,12 @@ def _first_pick(x: torch.Tensor, rows: SimilarityRows, block: int = 256) -> int:
     if rows.full is not None:  # small: the whole matrix
         return int(torch.argmax(1.0 - _nearest_similarity(rows.full)))
     probes = torch.arange(0, n, max(1, n // max(16, n // 8)), device=x.device)  # N / 8, at least 16
-    sims = probe_rows = x.index_select(0, probes) @ x.T  # [m, N]
+    probe_rows = x.index_select(0, probes) @ x.T  # [m, N]
     exact = torch.full((n,), torch.nan, device=x.device)
-    exact[probes] = 1.0 - _nearest_similarity(sims)
-    top = torch.topk(sims, 2, dim=0).values  # [2, N]: largest probe similarities of every token
+    exact[probes] = 1.0 - _nearest_similarity(probe_rows)
+    top = torch.topk(probe_rows, 2, dim=0).values  # [2, N]: largest probe similarities of every token
+    rows.keep(probes, probe_rows)  # as far as the greedy's store holds them; the product itself goes now
+    del probe_rows
     own = torch.where(torch.linalg.vector_norm(x, dim=-1) > 0.95, 0.5, -torch.inf)  # s_jj >= 1/2: a unit row
     bound = 1.0 - torch.maximum(torch.minimum(own, top[0]), top[1])  # >= 1 - v_j
     bound[probes] = -torch.inf  # exact there
@@ -92,7 +94,6 @@ def _first_pick(x: torch.Tensor, rows: SimilarityRows, block: int = 256) -> int:
         bound = torch.minimum(bound, 1.0 - torch.maximum(torch.minimum(own, top[0]), top[1]))
         bound[wanted] = -torch.inf
         best = torch.maximum(best, exact[wanted].max())
-    rows.keep(probes, probe_rows)
     return int(torch.argmax(exact.nan_to_num(-torch.inf)))
 
 
