@@ -45,18 +45,23 @@ def previous_selectors(rev: str) -> dict:
     )
 
     modules = {}
-    current = sys.modules["tokenprune.functional.diversity"]
+    shared = ("similarity_rows", "diversity")  # imported by the old modules after them: the old versions
+    current = {name: sys.modules.get(f"tokenprune.functional.{name}") for name in shared}
     try:
-        for name in ("diversity", "dpp", "coverage", "recovery"):
-            source = subprocess.run(["git", "show", f"{rev}:tokenprune/functional/{name}.py"], cwd=ROOT, check=True,
-                                    capture_output=True, text=True).stdout
+        for name in ("similarity_rows", "diversity", "dpp", "coverage", "recovery", "chunks"):
+            show = subprocess.run(["git", "show", f"{rev}:tokenprune/functional/{name}.py"], cwd=ROOT,
+                                  capture_output=True, text=True)
+            if show.returncode:  # not in that revision (similarity_rows before the third round)
+                continue
             module = types.ModuleType(f"before_{name}")
-            exec(compile(source, f"{rev}:{name}.py", "exec"), module.__dict__)  # noqa: S102 (our own history)
+            exec(compile(show.stdout, f"{rev}:{name}.py", "exec"), module.__dict__)  # noqa: S102 (our own history)
             modules[name] = module
-            if name == "diversity":  # the old dpp and coverage import the old diversity's helpers
-                sys.modules["tokenprune.functional.diversity"] = module
+            if name in shared:
+                sys.modules[f"tokenprune.functional.{name}"] = module
     finally:
-        sys.modules["tokenprune.functional.diversity"] = current
+        for name, module in current.items():
+            if module is not None:
+                sys.modules[f"tokenprune.functional.{name}"] = module
 
     def relevance(ctx):
         feats, text = ctx.signal(FEATURES), ctx.signal(TEXT_EMBEDDINGS)
@@ -72,8 +77,13 @@ def previous_selectors(rev: str) -> dict:
         return modules["recovery"].recoverable(ctx.signal(CLS_ATTENTION_WIDE, -1), sim, ctx.signal(VISION_HIDDEN),
                                                keys)[0]
 
+    def holov(ctx):  # the method's select with [CLS] (tokenprune/methods/holov.py) on the old functional
+        attn = ctx.signal(CLS_ATTENTION).float().mean(dim=0)
+        return modules["chunks"].holov(attn, ctx.signal(FEATURES), ctx.k, chunks=16)[0]
+
     return {
         "recoverable": recoverable,
+        "holov": holov,
         "divprune": lambda ctx: modules["diversity"].divprune(ctx.signal(FEATURES), ctx.k),
         "kcenter": lambda ctx: modules["diversity"].kcenter(ctx.signal(FEATURES), ctx.k, pivot(ctx)),
         "cdpruner": lambda ctx: modules["dpp"].cdpruner(ctx.signal(FEATURES), relevance(ctx), ctx.k),

@@ -123,6 +123,28 @@ def test_similarity_rows_round_as_the_full_matrix(blocks):
         torch.set_num_threads(threads)
 
 
+def test_similarity_rows_free_taken_rows_and_evict_the_lowest_scores(blocks):
+    """A taken row leaves the cache at once; a full cache drops the rows of the lowest-scored tokens (not all of
+    them), and every row handed out is still the full matrix's."""
+    from tokenprune.functional.diversity import unit_rows
+    from tokenprune.functional.similarity_rows import SimilarityRows
+
+    g = torch.Generator().manual_seed(1)
+    x = unit_rows(torch.randn(300, 128, generator=g))
+    full = x @ x.T
+    rows = SimilarityRows(x, block=16)  # capacity max(16, 128 / 4) = 32 rows
+    score = torch.randn(300, generator=g)
+    first = int(torch.argmax(score))
+    assert torch.equal(rows.take(first, score), full[first]) and first not in rows.slot and len(rows.slot) == 15
+    score[first] = -torch.inf
+    for low in torch.argsort(score)[:2].tolist():  # two misses far down the ranking: 15 + 16 + 16 > 32 rows
+        assert torch.equal(rows.take(low, score), full[low])
+        assert len(rows.slot) <= rows.capacity
+    kept = torch.tensor(sorted(rows.slot))
+    assert len(rows.slot) == 31 and torch.isin(torch.topk(score, 16).indices, kept).all()  # the best 16 survive
+    assert all(torch.equal(rows.store[place], full[t]) for t, place in rows.slot.items())
+
+
 @pytest.mark.parametrize("seed", range(2))
 def test_greedy_selectors_past_the_blocks_equal_the_textbook(seed, blocks):
     """N = 600 > WHOLE (DivPrune's first pick from 75 probe rows and bounds, candidates in blocks of 256), clustered

@@ -238,13 +238,15 @@ LIMITS = {
     "kcenter": "k rows of the fp32 similarity (k N D = {rows} GFLOP, about 2 k computed in blocks of likely picks; "
                "each block streams the N D fp32 features); bf16 products would change the picks",
     "cdpruner": "as k-center (k kernel rows, k N D = {rows} GFLOP) + the incremental Cholesky rows (k^2 N / 2)",
-    "mmtok": "the paper's facility location has N vision items per token: the N x (M + N) coverage and its fp32 "
-             "N^2 D = {pairs} GFLOP similarity",
+    "mmtok": "the paper's facility location has N vision items per token: the fp32 N x (M + N) coverage "
+             "({cover} MiB) and its N^2 D_c similarity (D_c = 1,024: {vision_pairs} GFLOP), then a lazy greedy "
+             "over coverage rows",
     "holov": "similarity variance within each of P = 16 chunks: N^2 D / P = {chunks} GFLOP",
     "visiondrop": "linear: column mean of the given attention rows + the VisionZip merge",
     "visionzip": "linear: one [R, C] key-similarity product",
     "recoverable": "per-centre fp64 matrix-vector products over the N x D_k keys (int(D r) centres, the official "
-                   "quirk) and fp64 copies; LOF O(N k)",
+                   "quirk; each streams the keys), the fp64 keys and their gathered copy (2 N D_k x 8 bytes) and the "
+                   "fp32 unit rows of the relevance (N D x 4); LOF O(N k)",
 }
 
 
@@ -278,7 +280,8 @@ def verdict(rows: list[dict[str, Any]], dtype: str, threads: int, mid: str = "28
         else:
             cells += ["-", "-", "-"]
         cells.append(LIMITS[name].format(pairs=f"{n * n * d / 1e9:.0f}", rows=f"{k * n * d / 1e9:.1f}",
-                                         chunks=f"{n * n * d / 16 / 1e9:.1f}"))
+                                         chunks=f"{n * n * d / 16 / 1e9:.1f}", cover=f"{n * (n + 32) * 4 / 2**20:,.0f}",
+                                         vision_pairs=f"{n * n * 1024 / 1e9:.1f}"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

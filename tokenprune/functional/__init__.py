@@ -13,7 +13,7 @@ from tokenprune.functional.corematching import core_match, core_neurons, coremat
 from tokenprune.functional.coverage import mmtok
 from tokenprune.functional.dart import dart, dart_count
 from tokenprune.functional.decoder_rules import fastv, layer_average, pdrop_counts, pdrop_ratio
-from tokenprune.functional.diversity import cosine_distance, divprune, kcenter
+from tokenprune.functional.diversity import cosine_distance, divprune, kcenter, unit_rows
 from tokenprune.functional.dpp import cdpruner, instruction_relevance
 from tokenprune.functional.feather import feather, feather_counts, feather_uniform
 from tokenprune.functional.flow import flowcut_scores, flowcut_step
@@ -45,7 +45,7 @@ __all__ = [
     "hiprune_anchor_count", "holov", "holov_chunk_count", "instruction_relevance", "kcenter", "lof_outlier_fraction",
     "mmtok", "random", "recoverable", "uniform", "visiondrop", "visionzip", "visionzip_with_assign",
     "dart", "dart_count", "feather", "feather_counts", "feather_uniform", "todre_drop_all", "todre_text_to_visual",
-    "transprune", "transprune_counts", "transprune_scale", "transprune_ttv",
+    "transprune", "transprune_counts", "transprune_scale", "transprune_ttv", "unit_rows",
     "core_match", "core_neurons", "corematching", "elbow_value", "token_core_neurons",
     "holitom_inner", "holitom_outer", "static_windows",
     "catp_context", "catp_context_scores", "catp_query", "catp_submodular",

@@ -15,11 +15,14 @@ def holov_chunk_count(n: int, k: int) -> int:
 
 
 def _chunk_score(attn: torch.Tensor, feats: torch.Tensor, alpha_var: float) -> float:
-    """Mean of ``1000 * attn + alpha_var * rescaled similarity variance`` over one chunk (raw attn if alone)."""
+    """Mean of ``1000 * attn + alpha_var * rescaled similarity variance`` over one chunk (raw attn if alone).
+    ``feats`` in any float dtype: upcast here, one chunk at a time (never a whole-image fp32 copy)."""
     n = attn.shape[0]
     if n == 1:
         return float(attn[0])
-    x = feats / (feats.norm(dim=-1, keepdim=True) + 1e-6)
+    x = feats.float()
+    norm = x.norm(dim=-1, keepdim=True) + 1e-6
+    x = x / norm if x.data_ptr() == feats.data_ptr() else x.div_(norm)  # divide in place when the upcast copied
     sim = x @ x.T
     sim.fill_diagonal_(0.0)
     mean = sim.sum(dim=1, keepdim=True) / (n - 1)
@@ -45,7 +48,7 @@ def holov(
     check_k(k, n)
     if k >= n:
         return torch.arange(n, device=attn.device), 0
-    a, x = attn.float(), features.float()
+    a, x = attn.float(), features  # chunks upcast one at a time (_chunk_score): no fp32 copy of the image
     p = max(1, min(chunks, n))
     sizes = [n // p + (1 if c < n % p else 0) for c in range(p)]
     starts = [sum(sizes[:c]) for c in range(p)]

@@ -58,13 +58,18 @@ def coverage_items(
     Built in place, the vision-vision items ``block`` rows at a time: the only ``N x N`` array is the coverage the
     greedy reads (the paper's facility-location objective has ``N`` vision items per token), never a second one."""
     n, m = vision.shape[0], text.shape[0]
+    # the text items first: their fp32 unit rows of ``vision`` ([N, D]) are freed before the coverage exists
+    text_items = torch.softmax(_cosine(text, vision) / tv_temp, dim=-1).div_(m) if m else None  # [M, N]
     vs = _unit(vision if vision_sim is None else vision_sim)
     cover = torch.empty(n, m + n, dtype=torch.float32, device=vision.device)
-    if m:
-        cover[:, :m] = (torch.softmax(_cosine(text, vision) / tv_temp, dim=-1) / m).T
+    if text_items is not None:
+        cover[:, :m] = text_items.T
+    del text_items
     for start in range(0, n, block):
-        rows = torch.softmax(vs[start:start + block] @ vs.T / vv_temp, dim=-1)  # [block, N]: items start..
-        cover[:, m + start:m + start + rows.shape[0]] = (alpha * rows / n).T
+        sims = (vs[start:start + block] @ vs.T).div_(vv_temp)
+        rows = torch.softmax(sims, dim=-1)  # [block, N]: items start..
+        del sims
+        cover[:, m + start:m + start + rows.shape[0]] = rows.mul_(alpha).div_(n).T  # alpha * rows / n, in place
     return cover
 
 
@@ -94,6 +99,8 @@ def _greedy_coverage(cover: torch.Tensor, k: int, block: int = 32) -> torch.Tens
             continue
         top = torch.topk(bound, min(block, n - len(chosen))).indices
         stale = torch.cat([top.new_tensor([pick]), top[~fresh[top]]])  # the argmax itself always: progress
-        bound[stale] = (cover[stale] - best).clamp_min(0).sum(dim=1)
+        gains = cover.index_select(0, stale)  # [s, R] copy: the gain formula runs in place on it
+        bound[stale] = gains.sub_(best).clamp_min_(0).sum(dim=1)
         fresh[stale] = True
     return torch.sort(torch.tensor(chosen, dtype=torch.long, device=cover.device)).values
+

@@ -66,10 +66,12 @@ def _first_pick(x: torch.Tensor, rows: SimilarityRows, block: int = 256) -> int:
     if rows.full is not None:  # small: the whole matrix
         return int(torch.argmax(1.0 - _nearest_similarity(rows.full)))
     probes = torch.arange(0, n, max(1, n // max(16, n // 8)), device=x.device)  # N / 8, at least 16
-    sims = probe_rows = x.index_select(0, probes) @ x.T  # [m, N]
+    probe_rows = x.index_select(0, probes) @ x.T  # [m, N]
     exact = torch.full((n,), torch.nan, device=x.device)
-    exact[probes] = 1.0 - _nearest_similarity(sims)
-    top = torch.topk(sims, 2, dim=0).values  # [2, N]: largest probe similarities of every token
+    exact[probes] = 1.0 - _nearest_similarity(probe_rows)
+    top = torch.topk(probe_rows, 2, dim=0).values  # [2, N]: largest probe similarities of every token
+    rows.keep(probes, probe_rows)  # as far as the greedy's store holds them; the product itself goes now
+    del probe_rows
     own = torch.where(torch.linalg.vector_norm(x, dim=-1) > 0.95, 0.5, -torch.inf)  # s_jj >= 1/2: a unit row
     bound = 1.0 - torch.maximum(torch.minimum(own, top[0]), top[1])  # >= 1 - v_j
     bound[probes] = -torch.inf  # exact there
@@ -78,9 +80,12 @@ def _first_pick(x: torch.Tensor, rows: SimilarityRows, block: int = 256) -> int:
         open_ = (bound >= best).nonzero().flatten()
         if open_.numel() == 0:
             break
-        wanted = open_[torch.topk(bound[open_], min(block, open_.numel())).indices]
+        if open_.numel() >= 16:
+            wanted = open_[torch.topk(bound[open_], min(block, open_.numel())).indices]
+        else:  # a product of at least 16 rows: the next highest bounds fill it (far from their probes: greedy picks)
+            wanted = torch.topk(bound, min(16, int(torch.isfinite(bound).sum()))).indices
         real = wanted.numel()
-        if real < 16:  # a product of at least 16 rows: pad with the first wanted token
+        if real < 16:  # fewer than 16 tokens without a row: pad with the first wanted token
             wanted = torch.cat([wanted, wanted[:1].expand(16 - real)])
         sims = x.index_select(0, wanted) @ x.T  # [w, N]: new probes, which tighten every bound
         rows.keep(wanted[:real], sims[:real])  # far from their neighbours: likely picks of the greedy
@@ -89,7 +94,6 @@ def _first_pick(x: torch.Tensor, rows: SimilarityRows, block: int = 256) -> int:
         bound = torch.minimum(bound, 1.0 - torch.maximum(torch.minimum(own, top[0]), top[1]))
         bound[wanted] = -torch.inf
         best = torch.maximum(best, exact[wanted].max())
-    rows.keep(probes, probe_rows)
     return int(torch.argmax(exact.nan_to_num(-torch.inf)))
 
 
@@ -149,14 +153,14 @@ def _greedy(rows: SimilarityRows, first: int, k: int, *, rule: str) -> torch.Ten
     nearest chosen token (running minimum, in place), ``maxsum`` its negated similarity summed in pick order (the
     similarity as ``1 - (1 - s)``, the textbook's rounding); chosen tokens at ``-inf``. Sorted kept indices."""
     chosen = [first]
-    distance = 1.0 - rows.row(first)
+    distance = 1.0 - rows.take(first)
     score = distance if rule == "kcenter" else -(1.0 - distance)
     score[first] = -torch.inf
     for i in range(1, k):
         pick = int(torch.argmax(score))  # first maximum: ties to the lowest index
         chosen.append(pick)
         if i + 1 < k:
-            distance = 1.0 - rows.row(pick, score)
+            distance = 1.0 - rows.take(pick, score)
             if rule == "kcenter":
                 torch.minimum(score, distance, out=score)
             else:

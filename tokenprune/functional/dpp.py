@@ -9,14 +9,16 @@ from tokenprune.functional.diversity import unit_rows
 from tokenprune.functional.similarity_rows import SimilarityRows, diagonal
 
 
-def instruction_relevance(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """``[N]`` mean cosine similarity of each image embedding ``[N, D]`` to the text embeddings ``[M, D]`` (fp32)."""
-    a = image.float() / image.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    b = text.float() / text.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return (a @ b.T).mean(dim=1)
+def instruction_relevance(image: torch.Tensor, text: torch.Tensor, *, unit: torch.Tensor | None = None) -> torch.Tensor:
+    """``[N]`` mean cosine similarity of each image embedding ``[N, D]`` to the text embeddings ``[M, D]`` (fp32).
+    ``unit``: the image's fp32 unit rows ``unit_rows(image, 1e-12)`` if the caller has them (one fp32 copy of the
+    image fewer: CDPruner's kernel reads the same rows)."""
+    a = unit_rows(image, 1e-12) if unit is None else unit
+    return (a @ unit_rows(text, 1e-12).T).mean(dim=1)
 
 
-def cdpruner(features: torch.Tensor, relevance: torch.Tensor, k: int, *, quirks: bool = True) -> torch.Tensor:
+def cdpruner(features: torch.Tensor, relevance: torch.Tensor, k: int, *, quirks: bool = True,
+             unit: torch.Tensor | None = None) -> torch.Tensor:
     """CDPruner (Beyond Attention or Similarity: Maximizing Conditional Diversity for Token Pruning in MLLMs, 2025).
 
     ``features`` ``[N, D]`` the tokens whose cosine similarity forms the kernel, ``relevance`` ``[N]`` the raw
@@ -25,7 +27,8 @@ def cdpruner(features: torch.Tensor, relevance: torch.Tensor, k: int, *, quirks:
     greedy MAP inference of Chen et al. (2018), ties to the lowest index. ``quirks=True`` negates the relevance
     first, as the official code does (``-cos``); ``quirks=False`` uses ``+cos``. A pick whose residual is <= 1e-12
     (kernel rank exhausted) no longer updates the others instead of producing NaN. ``[B, N, D]`` features with
-    ``[B, N]`` relevance select in ``B`` images (or crops) at once -> ``[B, k]``, each row as alone.
+    ``[B, N]`` relevance select in ``B`` images (or crops) at once -> ``[B, k]``, each row as alone. ``unit``: the
+    features' fp32 unit rows (``unit_rows(features, 1e-12)``) when the caller already has them.
 
     Cost: each pick takes its kernel row and its incremental Cholesky row against the ``i`` earlier ones
     (``i N``): ``k^2 N / 2`` plus the kernel rows, computed a block at a time for the tokens with the highest
@@ -47,7 +50,7 @@ def cdpruner(features: torch.Tensor, relevance: torch.Tensor, k: int, *, quirks:
     low, high = rel.min(dim=1, keepdim=True).values, rel.max(dim=1, keepdim=True).values
     spread = high - low
     rel = torch.where(spread > 0, (rel - low + 1e-6) / spread, torch.ones_like(rel))  # constant: plain DPP
-    x = unit_rows(feats, 1e-12)
+    x = unit_rows(feats, 1e-12) if unit is None else unit.reshape(feats.shape)
     chosen = torch.stack([_greedy_map(x[i], rel[i], k) for i in range(b)])
     out = torch.sort(chosen, dim=1).values
     return out if batched else out[0]
@@ -64,7 +67,7 @@ def _greedy_map(x: torch.Tensor, rel: torch.Tensor, k: int) -> torch.Tensor:
         j = int(torch.argmax(gains))  # first maximum: ties to the lowest index
         chosen.append(j)
         if i + 1 < k:
-            kernel_row = rel[j] * rows.row(j, gains) * rel  # L[j, :]
+            kernel_row = rel[j] * rows.take(j, gains) * rel  # L[j, :]
             residual = gains[j]
             e = (kernel_row - basis[:i, j] @ basis[:i]) / residual.sqrt()
             if float(residual) > 1e-12:  # else: rank exhausted, no update

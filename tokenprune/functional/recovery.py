@@ -106,16 +106,17 @@ def cluster_rows(keys: torch.Tensor, sim: torch.Tensor, x: torch.Tensor, attn: t
     becomes its row plus their attention-weighted rows. The candidates' keys are gathered once, not per centre
     (``O(C N D_k)`` products, one ``N x D_k`` copy); each centre's affinities are those of the full candidate list
     with its own entry cut out, so they and the order are the per-centre formula's
-    (:func:`tokenprune.bench.references.cluster_rows_naive`)."""
+    (:func:`tokenprune.bench.references.cluster_rows_naive`). ``x`` in any float dtype: the rows a centre merges are
+    upcast to fp64 as they are gathered (no fp64 copy of all ``N`` rows)."""
     pool = torch.cat([centers, others])  # centre i sits at place i
     pool_keys, pool_sim = keys[pool], text_weight * sim[pool]
     size = min(cluster_size, pool.numel() - 1)
     rows = []
     for i in range(centers.numel()):
-        affinity = pool_keys @ keys[centers[i]] + pool_sim
+        affinity = pool_keys @ pool_keys[i] + pool_sim  # pool_keys[i] is keys[centers[i]]
         affinity[i] = -torch.inf  # the centre itself is no candidate; stable sort: the rest keep their order
         members = pool[_top(affinity, size)]
-        rows.append(x[centers[i]] + (attn[members, None] * x[members]).sum(dim=0))
+        rows.append(x[centers[i]].double() + x[members].double().mul_(attn[members, None]).sum(dim=0))
     return rows
 
 
@@ -150,7 +151,7 @@ def recoverable(
     attention) + one attention-weighted sum of the non-centres (dropped when there are no centres).
     """
     n = cls_attn.shape[0]
-    attn, sim, x = cls_attn.double(), text_sim.double().clone(), hidden.double()
+    attn, sim = cls_attn.double(), text_sim.double().clone()
     visual = _top(attn, int(n * lof_outlier_fraction(attn, neighbors)))
     sim[visual] = sim.min()
     textual = _top(sim, int((n - visual.numel()) * lof_outlier_fraction(sim, neighbors)))
@@ -168,12 +169,13 @@ def recoverable(
         return main, hidden.new_zeros((0, hidden.shape[1]), dtype=torch.float32)
     centers = rest[_top(attn[rest], n_centers)]
     others = rest[~torch.isin(rest, centers)]
-    k = keys.double() / keys.double().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    k = keys.double()  # one fp64 copy, divided in place (a copy of the caller's tensor if it was fp64 already)
+    norm = k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    k = k / norm if k.data_ptr() == keys.data_ptr() else k.div_(norm)
     if quirks:  # the official code gathers the rest tokens' keys by rest-list position p: key of patch p, not rest[p]
-        k = k.clone()
         k[rest] = k[: rest.numel()].clone()
-    rows = cluster_rows(k, sim, x, attn, centers, others, cluster_size, text_weight)
+    rows = cluster_rows(k, sim, hidden, attn, centers, others, cluster_size, text_weight)
     if others.numel():  # the official code appends it even when empty (a zero row); we do not
-        rows.append((attn[others, None] * x[others]).sum(dim=0))
+        rows.append(hidden[others].double().mul_(attn[others, None]).sum(dim=0))
     return main, torch.stack(rows).float()
 

@@ -26,54 +26,96 @@ WHOLE = 1024  # up to this many tokens one product of the whole matrix (<= 4 MiB
 
 class SimilarityRows:
     """fp32 rows of ``x x^T`` for one image's unit rows ``x`` ``[N, D]``, computed ``block`` rows per product and
-    cached (at most ``max(block, D / 2)`` rows, about ``N D / 2`` floats, then the cache starts afresh); rows of
-    the whole matrix, one product, when ``N <= WHOLE`` (at most 4 MiB: faster than blocks there, whatever ``D``)."""
+    cached in one preallocated ``[capacity, N]`` store (``capacity = max(block, D / 4)`` rows, about ``N D / 4``
+    floats: the memory is bounded whatever the greedy asks); when it is full the rows of the lowest-scored tokens
+    go, and a row :meth:`take` hands out frees its place at once. Rows of the whole matrix, one product, when
+    ``N <= WHOLE`` (at most 4 MiB: faster than blocks there, whatever ``D``)."""
 
     def __init__(self, x: torch.Tensor, block: int = BLOCK) -> None:
         self.x, self.block = x, block
         self.full = x @ x.T if x.shape[0] <= WHOLE else None
-        self.capacity = max(block, x.shape[-1] // 2)
+        self.capacity = max(block, x.shape[-1] // 4)
+        self.store = None if self.full is not None else x.new_empty((self.capacity, x.shape[0]))  # pages on use
         self.products = 0  # matrix products run (for the benchmark's record)
         self._clear()
 
     def _clear(self) -> None:
-        self.slot: dict[int, torch.Tensor] = {}
+        self.slot: dict[int, int] = {}  # token -> its row of the store, oldest first
+        self.free = list(range(self.capacity - 1, -1, -1))  # free rows of the store (a stack)
         self.cached = torch.zeros(self.x.shape[0], dtype=torch.bool, device=self.x.device)
 
     def row(self, index: int, score: torch.Tensor | None = None) -> torch.Tensor:
-        """``[N]`` similarities of token ``index`` to every token. On a miss, the block also computes the rows of
-        the ``block - 1`` uncached tokens with the highest ``score`` ``[N]`` (the caller's next picks, likely)."""
+        """``[N]`` similarities of token ``index`` to every token (a view of the store: read it before the next
+        miss). On a miss, the block also computes the rows of the ``block - 1`` uncached tokens with the highest
+        ``score`` ``[N]`` (the caller's next picks, likely)."""
         if self.full is not None:
             return self.full[index]
         if index not in self.slot:
             self._fill(index, score)
-        return self.slot[index]
+        return self.store[self.slot[index]]
+
+    def take(self, index: int, score: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`row`, then free its place: a greedy reads a chosen token's row once (the token is never guessed
+        again). The view stays valid until the next miss."""
+        out = self.row(index, score)
+        if self.full is None:
+            self.free.append(self.slot.pop(index))
+        return out
 
     def keep(self, tokens: torch.Tensor, rows: torch.Tensor) -> None:
         """Cache ``rows`` ``[m, N]`` already computed (as a product of at least 16 rows) for ``tokens`` ``[m]``, as
-        far as the cache holds them."""
-        if self.full is None:
-            room = max(0, self.capacity - len(self.slot))
-            for i, token in enumerate(tokens[:room].tolist()):
-                self.slot.setdefault(token, rows[i])
-            self.cached[tokens[:room]] = True
+        far as the store has room."""
+        if self.full is not None:
+            return
+        self._put(tokens, rows)
+
+    def _put(self, tokens: torch.Tensor, rows: torch.Tensor) -> None:
+        """Copy the rows of the tokens not cached yet into free rows of the store, in order, while there is room."""
+        fresh: list[int] = []
+        where: list[int] = []
+        for i, token in enumerate(tokens.tolist()):
+            if not self.free:
+                break
+            if token not in self.slot:
+                self.slot[token] = self.free.pop()
+                fresh.append(i)
+                where.append(self.slot[token])
+        if not fresh:
+            return
+        if fresh == list(range(len(fresh))):  # a prefix of the rows (the usual case): no gathered copy
+            self.store[torch.tensor(where, dtype=torch.long, device=rows.device)] = rows[:len(fresh)]
+        else:
+            for i, place in zip(fresh, where, strict=True):
+                self.store[place] = rows[i]
+        self.cached[tokens[fresh]] = True
+
+    def _evict(self, room: int, score: torch.Tensor | None) -> None:
+        """Free ``room`` rows of the store: drop the rows of the tokens with the lowest ``score`` (the least likely
+        picks), or the oldest rows without a score."""
+        tokens = torch.tensor(list(self.slot)[::-1], dtype=torch.long, device=self.x.device)  # newest first
+        if score is not None:
+            tokens = tokens[torch.argsort(score[tokens], descending=True, stable=True)]
+        drop = tokens[max(0, self.capacity - room):]  # the rest fits with ``room`` new rows
+        for token in drop.tolist():
+            self.free.append(self.slot.pop(token))
+        self.cached[drop] = False
 
     def _fill(self, index: int, score: torch.Tensor | None) -> None:
         n = self.x.shape[0]
-        wanted = torch.full((self.block,), index, dtype=torch.long, device=self.x.device)  # padding repeats index
-        if score is not None and n > 1:
+        guessing = score is not None and n > 1
+        size = self.block if guessing else min(16, self.block)  # nothing to guess: the smallest exact product
+        wanted = torch.full((size,), index, dtype=torch.long, device=self.x.device)  # padding repeats index
+        if guessing:
             guess = score.masked_fill(self.cached, -torch.inf)
             guess[index] = -torch.inf
-            others = torch.topk(guess, min(self.block - 1, n - 1)).indices
+            others = torch.topk(guess, min(size - 1, n - 1)).indices
             others = others[guess[others] > -torch.inf]  # chosen or cached tokens need no row
             wanted[1:1 + others.numel()] = others
-        if len(self.slot) + self.block > self.capacity:
-            self._clear()
+        if len(self.free) < size:
+            self._evict(size, score)
         rows = self.x.index_select(0, wanted) @ self.x.T  # [block, N]: compute-bound, the full matrix's rounding
         self.products += 1
-        for i, token in enumerate(wanted.tolist()):
-            self.slot.setdefault(token, rows[i])
-        self.cached[wanted] = True
+        self._put(wanted, rows)
 
 
 def diagonal(x: torch.Tensor, width: int = 256) -> torch.Tensor:

@@ -43,14 +43,21 @@ class CDPruner(PruningMethod):
     quirks: bool = True
 
     @staticmethod
-    def relevance(ctx: SelectionContext) -> torch.Tensor:
+    def relevance(ctx: SelectionContext, unit: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw relevance ``[N]``; ``unit``: the features' fp32 unit rows if already computed (shared with the
+        kernel: one fp32 copy of the image instead of two)."""
         feats, text = ctx.signal(FEATURES), ctx.signal(TEXT_EMBEDDINGS)
-        return F.instruction_relevance(feats, text) if text.shape[0] else feats.new_ones(ctx.n).float()
+        return F.instruction_relevance(feats, text, unit=unit) if text.shape[0] else feats.new_ones(ctx.n).float()
 
     def select(self, ctx: SelectionContext) -> torch.Tensor:
-        return F.cdpruner(ctx.signal(FEATURES), self.relevance(ctx), ctx.k, quirks=self.quirks)
+        unit = F.unit_rows(ctx.signal(FEATURES), 1e-12)
+        return F.cdpruner(ctx.signal(FEATURES), self.relevance(ctx, unit), ctx.k, quirks=self.quirks, unit=unit)
 
     def select_many(self, contexts: list[SelectionContext]) -> list[torch.Tensor]:
-        return select_grouped(contexts, self.select, lambda group: F.cdpruner(
-            torch.stack([c.signal(FEATURES) for c in group]), torch.stack([self.relevance(c) for c in group]),
-            group[0].k, quirks=self.quirks))
+        def grouped(group: list[SelectionContext]) -> torch.Tensor:
+            unit = torch.stack([F.unit_rows(c.signal(FEATURES), 1e-12) for c in group])
+            relevance = torch.stack([self.relevance(c, u) for c, u in zip(group, unit, strict=True)])
+            return F.cdpruner(torch.stack([c.signal(FEATURES) for c in group]), relevance, group[0].k,
+                              quirks=self.quirks, unit=unit)
+
+        return select_grouped(contexts, self.select, grouped)

@@ -79,8 +79,7 @@ class Recoverable(PruningMethod):
             return torch.arange(ctx.n)
         feats, text = ctx.signal(FEATURES), ctx.signal(TEXT_EMBEDDINGS)
         sim = F.instruction_relevance(feats, text.float().mean(dim=0, keepdim=True)) * 768**-0.5
-        keys = ctx.signal(VISION_KEYS, -1).float()  # [H, N, d_h] -> [N, H * d_h]
-        keys = keys.transpose(0, 1).reshape(ctx.n, -1)
+        keys = ctx.signal(VISION_KEYS, -1).transpose(0, 1).reshape(ctx.n, -1)  # [H, N, d_h] -> [N, H * d_h]
         main, merged = F.recoverable(
             ctx.signal(CLS_ATTENTION_WIDE, -1), sim, ctx.signal(VISION_HIDDEN), keys, neighbors=self.neighbors,
             rest_neighbors=self.rest_neighbors, cluster_size=self.cluster_size, text_weight=self.text_weight,
