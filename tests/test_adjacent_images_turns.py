@@ -171,3 +171,57 @@ def test_new_items_by_count_reads_rows_and_turns():
         new_items_by_count(ids, 4, 9, [2, 2, 3])
     with pytest.raises(ValueError, match="describe 2 image"):
         new_items_by_count(ids, 4, 9, [3, 3])
+
+
+def test_two_rows_with_two_and_one_new_images():
+    """A batch: row 0 adds two images back to back, row 1 one (the new turn is padded): == the uncached run of the
+    whole conversation with every image's pixels, row-major."""
+    model, processor = _model("llava")
+    first = dict(processor(images=IMAGES[:2], text=[TURN1.format("<image>"), TURN1.format("<image>") + " ok"],
+                           return_tensors="pt", padding=True))
+    second = dict(processor(images=[IMAGES[2], IMAGES[3], IMAGES[0]], text=[TURN2, " USER : <image> and this ?"],
+                            return_tensors="pt", padding=True, add_special_tokens=False))
+    handle = enable_pruning(model, "divprune", keep=0.4)
+    try:
+        with torch.no_grad():
+            out = model.generate(**first, past_key_values=DynamicCache(), **GEN)
+            g = out.sequences.shape[1] - first["input_ids"].shape[1]
+            call = dict(input_ids=torch.cat([out.sequences, second["input_ids"]], dim=1), attention_mask=torch.cat(
+                [first["attention_mask"], torch.ones_like(out.sequences[:, -g:]), second["attention_mask"]], dim=1))
+            reuse = model.generate(**call, pixel_values=second["pixel_values"], past_key_values=out.past_key_values,
+                                   **GEN)
+            entered = handle.last
+            every = torch.cat([first["pixel_values"][:1], second["pixel_values"][:2], first["pixel_values"][1:],
+                               second["pixel_values"][2:]])
+            fresh = model.generate(**call, pixel_values=every, **GEN)
+    finally:
+        disable_pruning(model)
+    assert bool((call["attention_mask"] == 0).any())
+    assert torch.equal(reuse.sequences, fresh.sequences)
+    torch.testing.assert_close(torch.stack(reuse.logits), torch.stack(fresh.logits), rtol=0, atol=1e-4)
+    assert [(im.row, im.index_in_row) for im in entered.images] == [(0, 1), (0, 2), (1, 1)]
+    assert reuse.past_key_values._tokenprune_state.images.tolist() == [3, 2]
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_keep_all_two_new_images_equal_the_unpruned_model(family):
+    """keep=1.0: the turn with two new images back to back on the returned cache gives the unpruned model's ids and
+    logits bit for bit (transformers continues such a cache itself on these families)."""
+    model, processor = _model(family)
+
+    def turn2(keep):
+        turn1 = dict(processor(images=IMAGES[:1], text=TURN1.format("<image>"), return_tensors="pt"))
+        turn2 = dict(processor(images=IMAGES[1:3], text=TURN2, return_tensors="pt", add_special_tokens=False))
+        if keep is not None:
+            enable_pruning(model, "divprune", keep=keep)
+        try:
+            with torch.no_grad():
+                out = model.generate(**turn1, past_key_values=DynamicCache(), **GEN)
+                ids = torch.cat([out.sequences, turn2["input_ids"]], dim=1)
+                return model.generate(input_ids=ids, **_pixels(turn2), past_key_values=out.past_key_values, **GEN)
+        finally:
+            disable_pruning(model)
+
+    mine, expected = turn2(1.0), turn2(None)
+    assert torch.equal(mine.sequences, expected.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(mine.logits, expected.logits, strict=True))
