@@ -64,14 +64,21 @@ def images_per_row(ids: torch.Tensor, visual_ids: tuple[int, ...]) -> list[int]:
     return [sum(n) for n in zip(*(spans_per_row(ids, token) for token in visual_ids), strict=True)]
 
 
-def per_image_pixels(segment: dict[str, Any], ids: torch.Tensor, start: int, token: int) -> dict[str, Any]:
+def per_image_pixels(
+    segment: dict[str, Any], ids: torch.Tensor, start: int, token: int, sizes: list[int] | None = None
+) -> dict[str, Any]:
     """``segment`` with the pixel inputs of the images in ``ids[:, start:]`` only, for pixel inputs with one entry
-    per image, row-major (``pixel_values``, ``image_sizes``; OneVision's ``batch_num_images`` recounted)."""
+    per image, row-major (``pixel_values``, ``image_sizes``; OneVision's ``batch_num_images`` recounted).
+    ``sizes``: each given image's placeholder count (the adapter's, as the decoder loop tells images side by side
+    apart: ``patches/image_runs.py``); None: one run of placeholders per image."""
     pixels = segment.get("pixel_values")
     if pixels is None:
         return segment
-    new = spans_per_row(ids[:, start:], token)
-    index = new_items(spans_per_row(ids[:, :start], token), new, pixels.shape[0], "image")
+    if sizes:
+        index, new = new_items_by_count(ids, start, token, sizes)
+    else:
+        new = spans_per_row(ids[:, start:], token)
+        index = new_items(spans_per_row(ids[:, :start], token), new, pixels.shape[0], "image")
     if index is None:
         return segment
     out = dict(segment)
@@ -81,6 +88,62 @@ def per_image_pixels(segment: dict[str, Any], ids: torch.Tensor, start: int, tok
     if out.get("batch_num_images") is not None:
         out["batch_num_images"] = torch.tensor(new, dtype=torch.long)
     return out
+
+
+def new_items_by_count(
+    ids: torch.Tensor, start: int, token: int, sizes: list[int]
+) -> tuple[list[int] | None, list[int]]:
+    """Which of the given images (``sizes``: each one's placeholder count, flat row-major order) are the NEW ones in
+    ``ids[:, start:]``, and how many new images each row holds: images back to back (``"<image><image>"``) form one
+    run of placeholders, so they are told apart by their counts, as the model assigns its features. The index is
+    None when only the new images were given; a ValueError when the counts fit neither reading."""
+    cached = (ids[:, :start] == token).sum(-1).tolist()
+    new = (ids[:, start:] == token).sum(-1).tolist()
+    if sum(sizes) == sum(new):
+        parts = [(row, n, True) for row, n in enumerate(new)]
+    elif sum(sizes) == sum(cached) + sum(new):
+        parts = [(row, t, is_new) for row, (c, n) in enumerate(zip(cached, new, strict=True))
+                 for t, is_new in ((c, False), (n, True))]
+    else:
+        raise ValueError(
+            f"this call adds {sum(new)} image placeholder tokens after a pruned KV cache whose prompt holds "
+            f"{sum(cached)}; the pixel inputs describe {len(sizes)} image(s) of {sum(sizes)} placeholder tokens, "
+            f"neither the new images alone nor every image of the conversation. Pass the pixels of the new image(s) "
+            f"only (processor(images=new_images, text=new_turn)), or of every image of the conversation (processor "
+            f"run on the whole conversation)"
+        )
+    index, per_row, item = [], [0] * len(new), 0
+    for row, tokens, is_new in parts:
+        while tokens > 0:
+            if sizes[item] > tokens:
+                raise ValueError(
+                    f"the given images hold {sizes} placeholder tokens each, which do not line up with each row's "
+                    f"image placeholders before the new turn ({cached}) and in it ({new}); build the inputs with the "
+                    f"model's processor"
+                )
+            tokens -= sizes[item]
+            if is_new:
+                index.append(item)
+                per_row[row] += 1
+            item += 1
+    return (None if parts and all(is_new for *_, is_new in parts) else index), per_row
+
+
+def cached_images(state: Any, cached_ids: torch.Tensor, visual_ids: tuple[int, ...]) -> list[int]:
+    """Images (and videos) per row that a pruned cache already holds: as its prefills recorded them
+    (``CacheState.images``), else runs of placeholders in ``cached_ids`` (the conversation the cache stands for)."""
+    images = getattr(state, "images", None)
+    if images is None:
+        return images_per_row(cached_ids, visual_ids)
+    return pruned_cache.rows(images, cached_ids.shape[0], "input_ids").tolist()
+
+
+def images_in_rows(record: Any, before: list[int]) -> torch.Tensor:
+    """``[B]`` images per row after a prefill whose record is ``record``, on top of ``before`` per row."""
+    counts = torch.tensor(before, dtype=torch.long)
+    for image in record.images:
+        counts[image.row] += 1
+    return counts
 
 
 def new_items(cached: list[int], new: list[int], given: int, what: str) -> list[int] | None:
@@ -155,12 +218,14 @@ def joined_kwargs(mapped: dict[str, Any], call_kwargs: dict[str, Any], length: i
     return joined
 
 
-def grown_state(cache: Any, caller_ids: torch.Tensor, joined: dict[str, Any], rope_deltas: Any) -> None:
+def grown_state(
+    cache: Any, caller_ids: torch.Tensor, joined: dict[str, Any], rope_deltas: Any, images: torch.Tensor | None = None
+) -> None:
     """The cache now stands for the caller's whole sequence (original coordinates) and holds the joined (pruned)
     one: a later call on it (turn 3) is mapped as any continuation."""
     mask = joined["attention_mask"]
     pruned_cache.attach(
         cache, original_ids=caller_ids.clone(), prefix_ids=joined["input_ids"].clone(),
         prefix_mask=None if bool((mask == 1).all()) else mask.clone(),
-        prefix_types=joined.get("mm_token_type_ids"), rope_deltas=rope_deltas,
+        prefix_types=joined.get("mm_token_type_ids"), rope_deltas=rope_deltas, images=images,
     )

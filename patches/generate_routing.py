@@ -170,6 +170,7 @@ class CacheRouting:
             cache, original_ids=kwargs["input_ids"].clone(), prefix_ids=call.kwargs["input_ids"].clone(),
             prefix_mask=call.kwargs.get("attention_mask"), prefix_types=call.kwargs.get("mm_token_type_ids"),
             rope_deltas=call.rope_deltas,
+            images=entering_images.images_in_rows(call.record, [0] * kwargs["input_ids"].shape[0]),
         )
 
     def _remember_positions(self, cache: Any) -> None:
@@ -207,7 +208,8 @@ class CacheRouting:
         segment = entering_images.segment_kwargs(kwargs, mapped, length)
         start = ids.shape[1] - segment["input_ids"].shape[1]
         segment = self.new_image_pixels(segment, ids, start)
-        self._images_before = entering_images.images_per_row(ids[:, :start], self.visual_token_ids())
+        before = entering_images.cached_images(state, ids[:, :start], self.visual_token_ids())
+        self._images_before = before
         try:
             with torch.no_grad():
                 call = self.prune_entering(state, segment, entering_images.cached_valid(mapped, length))
@@ -220,7 +222,8 @@ class CacheRouting:
             out = self._run_generate(inner, caller_ids=ids, **joined)
         finally:
             self._pending = None
-        entering_images.grown_state(cache, ids, joined, call.rope_deltas)
+        entering_images.grown_state(cache, ids, joined, call.rope_deltas,
+                                    entering_images.images_in_rows(call.record, before))
         return pruned_cache.with_original_prompt(out, ids, joined["input_ids"].shape[1])
 
     def prune_entering(self, state: Any, segment: dict[str, Any], cached_valid: torch.Tensor) -> PrunedCall:
@@ -235,8 +238,11 @@ class CacheRouting:
     def new_image_pixels(self, segment: dict[str, Any], ids: torch.Tensor, start: int) -> dict[str, Any]:
         """``segment`` with the pixels of the images in ``ids[:, start:]`` only: the caller may pass those, or every
         image of the conversation (a processor run on all of it); the cached images' pixels are dropped. Default: one
-        ``pixel_values`` (and ``image_sizes``) entry per image, row-major."""
-        return entering_images.per_image_pixels(segment, ids, start, int(self.model.config.image_token_id))
+        ``pixel_values`` (and ``image_sizes``) entry per image, row-major, told apart by each image's placeholder
+        count where the family gives it (images back to back: ``patches/image_runs.py``)."""
+        token = int(self.model.config.image_token_id)
+        sizes = self.decoder_image_counts(segment).get(token) if segment.get("pixel_values") is not None else None
+        return entering_images.per_image_pixels(segment, ids, start, token, sizes)
 
     def _on_pruned_cache(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """A forward on a warm cache (a manual decode loop, a forward continuation): only the new tokens, as with

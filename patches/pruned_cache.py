@@ -38,6 +38,7 @@ class CacheState:
     prefix_mask: torch.Tensor | None = None    # [B, P] its padding mask (None: no padding)
     prefix_types: torch.Tensor | None = None   # [B, P] Qwen mm_token_type_ids of the pruned prompt
     rope_deltas: torch.Tensor | None = None    # [B, 1] Qwen: original M-RoPE position - pruned text position
+    images: torch.Tensor | None = None         # [B] images (and videos) the cache holds per row (None: not recorded)
     selection: Any = None                      # decoder stage: patches.decoder_call.PrefillSelection
 
     @property
