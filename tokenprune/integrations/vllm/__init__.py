@@ -30,6 +30,9 @@ ARCHITECTURES = {
     "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", "TokenpruneQwen3VLMoeForConditionalGeneration",
                      "tokenprune.integrations.vllm.qwen3:TokenpruneQwen3VLMoeForConditionalGeneration"),
 }
+ARCHITECTURES["llava_onevision"] = (
+    "LlavaOnevisionForConditionalGeneration", "TokenpruneLlavaOnevisionForConditionalGeneration",
+    "tokenprune.integrations.vllm.onevision:TokenpruneLlavaOnevisionForConditionalGeneration")
 
 
 def vllm_overrides(model_type: str, method: str, keep: Keep, **options: Any) -> dict[str, Any]:

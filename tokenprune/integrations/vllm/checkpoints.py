@@ -80,17 +80,41 @@ def _save_qwen3(path: str, family: str, hub_layout: bool = True) -> None:
     processor.save_pretrained(path)
 
 
+def _save_onevision(path: str) -> None:
+    """The tiny LLaVA-OneVision (:mod:`tokenprune.tiny_onevision`): SigLIP weights in the hub layout and the real
+    ``LlavaOnevisionProcessor`` (its video processor needs torchvision, present in vLLM's environment)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    from tokenprune.tiny_onevision import TILE, tiny_onevision
+
+    model, tiny_processor = tiny_onevision()
+    model.save_pretrained(path)
+    file = os.path.join(path, "model.safetensors")
+    save_file({_hub_clip_name(k): v for k, v in load_file(file).items()}, file, metadata={"format": "pt"})
+    tile = {"height": TILE, "width": TILE}
+    processor = LlavaOnevisionProcessor(
+        image_processor=tiny_processor.image_processor, tokenizer=tiny_processor.tokenizer,
+        video_processor=LlavaOnevisionVideoProcessor(size=tile, crop_size=tile),
+        num_image_tokens=tiny_processor.num_image_tokens, vision_feature_select_strategy="full",
+        vision_aspect_ratio=tiny_processor.vision_aspect_ratio, chat_template=None,
+    )
+    processor.save_pretrained(path)
+
+
 def save_tiny_checkpoint(model_type: str, path: str, for_vllm: bool = True) -> str:
     """Save a tiny ``model_type`` (``"llava"``, ``"llava_next"``, ``"qwen2_vl"``, ``"qwen2_5_vl"``) model that vLLM
     can load; returns ``path``. LLaVA: 64x64 px images, 64 visual tokens; LLaVA-NeXT: 32 px tiles of 16 tokens,
     AnyRes up to 64x64 px; Qwen2/2.5: one token per 28x28 px, up to 64 per image; Qwen3-VL (+MoE): one token per
     32x32 px, up to 20 per image. ``for_vllm=False``: Qwen3-VL-MoE's experts in transformers' own layout (what
     ``from_pretrained`` of transformers >= 5 reads) instead of the hub's (what vLLM reads). ``"llava_mid"``: the serving
-    benchmark's LLaVA-1.5-shaped model (336 px, 576 visual tokens, a 4-layer 512-wide LLM)."""
+    benchmark's LLaVA-1.5-shaped model (336 px, 576 visual tokens, a 4-layer 512-wide LLM). ``"llava_onevision"``:
+    32 px tiles of 16 tokens, AnyRes-max-9 up to 4 x 4 crops (a large image's grid is down-scaled)."""
     savers = {"llava": _save_llava, "llava_next": lambda p: _save_llava(p, next_=True),
               "llava_mid": lambda p: _save_llava(p, mid=True), "qwen2_vl": lambda p: _save_qwen(p, "2"),
               "qwen2_5_vl": lambda p: _save_qwen(p, "2.5"), "qwen3_vl": lambda p: _save_qwen3(p, "qwen3_vl"),
               "qwen3_vl_moe": lambda p: _save_qwen3(p, "qwen3_vl_moe", hub_layout=for_vllm)}
+    savers["llava_onevision"] = _save_onevision
     if model_type not in savers:
         raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(savers)}")
     savers[model_type](path)
