@@ -1,8 +1,8 @@
 """LLaVA-OneVision in vLLM: vanilla vLLM equals HF ``generate``, keep-all is bit-identical to vanilla vLLM, and each
 method equals ``enable_pruning`` on the HF model (the AnyRes-max down-scaled layout, per-crop or per-image units, the
 newline rule, SigLIP signals without [CLS], re-indexed positions: logprobs within 1e-5); a batch of different images
-and questions gives each request what it gets alone; videos, image embeddings and [CLS]-only methods are refused
-with the reason."""
+and questions gives each request what it gets alone; videos, [CLS]-only methods and image embeddings for a per-crop
+method are refused with the reason (embeddings pruned by DivPrune: test_image_embeds.py)."""
 
 from __future__ import annotations
 
@@ -97,7 +97,9 @@ def test_batch_of_different_images_equals_each_alone_and_embeddings_are_refused(
         assert a[0] == b[0]
         assert max(abs(x - y) for x, y in zip(a[1], b[1], strict=True)) < TOL
     assert alone[0] != alone[1]  # the question matters
-    assert error is not None and re.search(r"does not prune image embeddings .* send the image's pixels", error)
+    assert error is not None
+    assert re.search(r"arrive packed .* 'cdpruner'.*units \(scope='crop'.* Send the image's pixels.*\['divprune'\]",
+                     error)
 
 
 def _start_error(model_dirs, overrides: dict, limits: dict) -> str:

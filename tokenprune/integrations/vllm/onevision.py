@@ -10,8 +10,8 @@ and the newline rule. The processor counts each image's placeholders from its si
 vLLM gives every image its full AnyRes layout, also in a prompt with several images (transformers then keeps only
 each image's base tile); the plugin prunes the layout vLLM builds. Videos (pooled frames) are not pruned here: the
 engine refuses to start with videos allowed while pruning, so a video is never served unpruned by a pruned model.
-Image embeddings (``image_embeds``) arrive packed without their size and are refused while pruning. Imported by
-vLLM lazily.
+Image embeddings (``image_embeds``) arrive packed without their size: pruned, as on LLaVA-NeXT, by the methods whose
+unit is the whole packed image (DivPrune), refused by the others. Imported by vLLM lazily.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from vllm.model_executor.models.llava_onevision import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from tokenprune.integrations.vllm.llava import ClipPruning, _pruning
-from tokenprune.integrations.vllm.llava_next import placeholder_count
-from tokenprune.integrations.vllm.options import VllmPruning, embedding_methods
-from tokenprune.integrations.vllm.placeholders import image_embeddings
+from tokenprune.integrations.vllm.llava_next import check_packed_embeddings, placeholder_count, select_packed
+from tokenprune.integrations.vllm.options import VllmPruning
+from tokenprune.integrations.vllm.placeholders import pruned_prompt_updates
 from tokenprune.integrations.vllm.prompt_text import PromptTextProcessor
 from tokenprune.methods import FEATURES, TEXT_EMBEDDINGS
 from tokenprune.patches.llava_next import selection_units
@@ -69,15 +69,11 @@ class TokenpruneLlavaOnevisionProcessingInfo(LlavaOnevisionProcessingInfo):
 
 class TokenpruneLlavaOnevisionMultiModalProcessor(PromptTextProcessor, LlavaOnevisionMultiModalProcessor):
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        """Pixel images get the kept count from ``get_num_image_tokens``; packed image embeddings are cut here."""
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         pruning = _options(self.info.get_hf_config())
-        if pruning is not None and not pruning.keeps_all and image_embeddings(mm_items):
-            raise ValueError(
-                f"tokenprune on LLaVA-OneVision does not prune image embeddings (image_embeds): they arrive packed "
-                f"(base tile, down-scaled crops, newlines) without the image size, so neither the crops nor the "
-                f"newline tokens can be told apart; send the image's pixels (methods on LLaVA-1.5 / Qwen embeddings: "
-                f"{embedding_methods(cls_token=False)})"
-            )
-        return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        check_packed_embeddings(pruning, mm_items, cls_token=False, family="LLaVA-OneVision")
+        return pruned_prompt_updates(updates, pruning, only_embeddings_of=mm_items)
 
     def _tokenprune_text(self):
         config = self.info.get_hf_config()
@@ -119,8 +115,13 @@ class TokenpruneLlavaOnevisionForConditionalGeneration(ClipPruning, LlavaOnevisi
             )
 
     def _process_image_input(self, image_input):
-        if self.tokenprune is None or self.tokenprune.keeps_all or image_input["type"] != "pixel_values":
+        if self.tokenprune is None or self.tokenprune.keeps_all:
             return super()._process_image_input(image_input)
+        if image_input["type"] != "pixel_values":  # packed embeddings: the processor admitted whole-image methods only
+            chosen = [select_packed(self.tokenprune, emb, self._text_signals(b, emb.device), cls_token=False,
+                                    project=self.multi_modal_projector) for b, emb in enumerate(image_input["data"])]
+            self.tokenprune_kept = [c.kept for c in chosen]
+            return [c.features for c in chosen]
         with self._probe() as probe:
             patches = self._process_image_pixels(image_input)  # per image: [crops, side * side, D]
         rows = self._probed_rows(probe, sum(p.shape[0] for p in patches))
