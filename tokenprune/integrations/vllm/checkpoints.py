@@ -1,8 +1,9 @@
 """Tiny random-weight checkpoints saved in the layout vLLM loads, for offline tests and the docs snippet.
 
 The models are :mod:`tokenprune.tiny_models` (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL; text head_dim 32, which
-vLLM's CPU attention needs). Two things make a saved tiny model loadable by vLLM 0.32: the LLaVA families' CLIP
-weights are renamed to the hub layout (``vision_tower.vision_model.*``; transformers >= 5 saves ``vision_tower.*``),
+vLLM's CPU attention needs), :mod:`tokenprune.tiny_qwen3` and :mod:`tokenprune.tiny_onevision`. Two things make a saved
+tiny model loadable by vLLM 0.32: the LLaVA families' CLIP / SigLIP weights are renamed to the hub layout
+(``vision_tower.vision_model.*``; transformers >= 5 saves ``vision_tower.*``),
 and Qwen gets a real ``Qwen2VLProcessor`` (image + video processor; the latter needs torchvision, present in vLLM's
 environment).
 """
