@@ -96,12 +96,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return onevision_layout(self.model.config, image_size, n_crops)
 
     def video_layout(self, frames: int) -> OnevisionLayout:
-        """A video of ``frames`` frames: each a ``p x p`` pooled grid (p = ceil(side / 2)), then one newline."""
-        p = math.ceil(self.side / 2)
-        crop = torch.cat([torch.arange(frames).repeat_interleave(p * p), torch.tensor([-1])])
-        position = torch.cat([torch.arange(p * p).repeat(frames), torch.tensor([-1])])
-        boxes = torch.cat([grid_boxes((p, p)).repeat(frames, 1), torch.full((1, 4), float("nan"))])
-        return OnevisionLayout(crop, position, boxes, p, frames, (0, 0), None, video=True)
+        """A video of ``frames`` frames (:func:`onevision_video_layout`)."""
+        return onevision_video_layout(self.model.config, frames)
 
     def tower_rows(self, kwargs: dict[str, Any], n_images: int) -> list[int]:
         """Tower rows of each image: base tile + crops, or the base tile alone in a row with several images."""
@@ -218,6 +214,15 @@ def onevision_layout(config: Any, image_size: tuple[int, int], n_crops: int) -> 
         torch.cat([base.crop[:n_base], coords[0]]), torch.cat([base.position[:n_base], coords[1]]),
         torch.cat([base.boxes[:n_base], grid.reshape(-1, 4)]), base.side, n_crops, image_size, resized,
     )
+
+
+def onevision_video_layout(config: Any, frames: int) -> OnevisionLayout:
+    """A video of ``frames`` frames: each a ``p x p`` pooled grid (p = ceil(side / 2)), then one newline."""
+    p = math.ceil(_side(config) / 2)
+    crop = torch.cat([torch.arange(frames).repeat_interleave(p * p), torch.tensor([-1])])
+    position = torch.cat([torch.arange(p * p).repeat(frames), torch.tensor([-1])])
+    boxes = torch.cat([grid_boxes((p, p)).repeat(frames, 1), torch.full((1, 4), float("nan"))])
+    return OnevisionLayout(crop, position, boxes, p, frames, (0, 0), None, video=True)
 
 
 def pack_tile_values(config: Any, layout: OnevisionLayout, values: list[torch.Tensor]) -> torch.Tensor:

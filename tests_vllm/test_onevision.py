@@ -1,8 +1,9 @@
 """LLaVA-OneVision in vLLM: vanilla vLLM equals HF ``generate``, keep-all is bit-identical to vanilla vLLM, and each
 method equals ``enable_pruning`` on the HF model (the AnyRes-max down-scaled layout, per-crop or per-image units, the
-newline rule, SigLIP signals without [CLS], re-indexed positions: logprobs within 1e-5); a batch of different images
-and questions gives each request what it gets alone; videos, [CLS]-only methods and image embeddings for a per-crop
-method are refused with the reason (embeddings pruned by DivPrune: test_image_embeds.py)."""
+newline rule, SigLIP signals without [CLS], re-indexed positions: logprobs within 1e-5), videos too (pooled frames,
+the newline after the video); a batch of different images and questions gives each request what it gets alone;
+videos with a prompt-dependent method, [CLS]-only methods and image embeddings for a per-crop method are refused with
+the reason (embeddings pruned by DivPrune: test_image_embeds.py)."""
 
 from __future__ import annotations
 
@@ -115,9 +116,69 @@ def _start_error(model_dirs, overrides: dict, limits: dict) -> str:
     return text
 
 
-def test_videos_are_refused_at_engine_start(model_dirs):
-    text = _start_error(model_dirs, vllm_overrides(NAME, "divprune", keep=0.3), {"image": 1, "video": 1})
-    assert re.search(r"prunes images only; videos are not served while pruning", text)
+def test_videos_with_a_prompt_dependent_method_are_refused_at_engine_start(model_dirs):
+    text = _start_error(model_dirs, vllm_overrides(NAME, "cdpruner", keep=0.3), {"image": 1, "video": 1})
+    assert re.search(r"prunes videos with the methods that need no prompt text; 'cdpruner' .* 'video': 0", text)
+
+
+VIDEO_PROMPT = PROMPTS[NAME].replace("<image>", "<video>")
+
+
+def _video():
+    """4 frames of 48 x 40 px (the video processor resizes each to one 32-px tile: 2 x 2 pooled tokens)."""
+    return torch.randint(0, 256, (4, 40, 48, 3), generator=torch.Generator().manual_seed(5), dtype=torch.uint8).numpy()
+
+
+def _video_run(path: str, overrides: dict | None):
+    from cases import Run
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=path, dtype="float32", max_model_len=1024, max_num_seqs=2, enforce_eager=True, seed=0,
+              limit_mm_per_prompt={"image": 0, "video": 1}, distributed_executor_backend="uni",
+              **({"hf_overrides": overrides} if overrides else {}))
+    try:
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0, ignore_eos=True)
+        out = llm.generate([{"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": _video()}}], params,
+                           use_tqdm=False)[0]
+    finally:
+        del llm
+        gc.collect()
+    c = out.outputs[0]
+    return Run(len(out.prompt_token_ids), list(c.token_ids),
+               [s[t].logprob for s, t in zip(c.logprobs, c.token_ids, strict=True)])
+
+
+def test_video_vanilla_matches_hf_and_keep_all_is_bit_identical(model_dirs):
+    ref_model = HFReference(model_dirs[NAME], NAME)
+    ref_model.inputs = ref_model.processor(text=VIDEO_PROMPT, videos=[_video()], return_tensors="pt")
+    vanilla, ref = _video_run(model_dirs[NAME], None), ref_model.generate()
+    assert vanilla.prompt_len == ref.prompt_len and vanilla.tokens == ref.tokens
+    assert max_diff(vanilla, ref) < TOL
+    assert _video_run(model_dirs[NAME], vllm_overrides(NAME, "divprune", keep=10_000)) == vanilla
+
+
+@pytest.mark.parametrize(("method", "keep", "options"), [("divprune", 0.3, {}), ("hiprune", 0.5, {"object_layer": 0})],
+                         ids=["divprune", "hiprune"])
+def test_videos_are_pruned_as_enable_pruning(method, keep, options, model_dirs):
+    from tokenprune import disable_pruning, enable_pruning
+
+    ref_model = HFReference(model_dirs[NAME], NAME)
+    ref_model.inputs = ref_model.processor(text=VIDEO_PROMPT, videos=[_video()], return_tensors="pt")
+    vanilla = ref_model.generate()
+    handle = enable_pruning(ref_model.model, method=method, keep=keep, **options)
+    try:
+        ref = ref_model.generate()
+        record = handle.last.images[0]
+    finally:
+        disable_pruning(ref_model.model)
+    rows = len(record.kept) + record.n_merged
+    assert record.kind == "video" and rows < record.n
+    ours = _video_run(model_dirs[NAME], vllm_overrides(NAME, method, keep=keep, **options))
+    assert ours.prompt_len == vanilla.prompt_len - (record.n - rows)  # HF's prompt_len: before pruning
+    assert ours.tokens == ref.tokens
+    report(f"video, pruned vLLM vs enable_pruning, {NAME} {method} keep={keep}", max_diff(ours, ref))
+    assert max_diff(ours, ref) < TOL
+    assert max_diff(vanilla, ref) > 100 * TOL  # the comparison can fail
 
 
 def test_cls_only_methods_are_refused_at_engine_start_with_the_nearest(model_dirs):

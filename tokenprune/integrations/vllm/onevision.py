@@ -8,8 +8,9 @@ CLIP probe on vLLM's fused ``qkv_proj``, packed and resized exactly as the featu
 and the newline rule. The processor counts each image's placeholders from its size with the same functions.
 
 vLLM gives every image its full AnyRes layout, also in a prompt with several images (transformers then keeps only
-each image's base tile); the plugin prunes the layout vLLM builds. Videos (pooled frames) are not pruned here: the
-engine refuses to start with videos allowed while pruning, so a video is never served unpruned by a pruned model.
+each image's base tile); the plugin prunes the layout vLLM builds. Videos (frames pooled 2x2, one newline after the
+video) are pruned as the HF adapter prunes them, except by prompt-dependent methods (the prompt text is carried for
+images only): with those the engine refuses to start while videos are allowed, so a video is never served unpruned.
 Image embeddings (``image_embeds``) arrive packed without their size: pruned, as on LLaVA-NeXT, by the methods whose
 unit is the whole packed image (DivPrune), refused by the others. Imported by vLLM lazily.
 """
@@ -33,7 +34,12 @@ from tokenprune.integrations.vllm.placeholders import pruned_prompt_updates
 from tokenprune.integrations.vllm.prompt_text import PromptTextProcessor
 from tokenprune.methods import FEATURES, TEXT_EMBEDDINGS
 from tokenprune.patches.llava_next import selection_units
-from tokenprune.patches.llava_onevision import OnevisionLayout, onevision_layout, onevision_unit_signals
+from tokenprune.patches.llava_onevision import (
+    OnevisionLayout,
+    onevision_layout,
+    onevision_unit_signals,
+    onevision_video_layout,
+)
 from tokenprune.patches.units import Unit
 from tokenprune.patches.units import select_image as select_units
 
@@ -53,7 +59,31 @@ def image_plan(config, pruning: VllmPruning, height: int, width: int) -> tuple[O
     return layout, units, [pruning.kept(u.index.numel()) for u in units]
 
 
+def video_plan(config, pruning: VllmPruning, frames: int) -> tuple[OnevisionLayout, list[Unit], list[int]]:
+    """``(layout, units, budgets)`` of one video of ``frames`` frames (pooled frames, one newline at the end)."""
+    layout = onevision_video_layout(config, frames)
+    units, _ = selection_units(layout, pruning.method, pruning.scope)
+    return layout, units, [pruning.kept(u.index.numel()) for u in units]
+
+
+def prunes_videos(pruning: VllmPruning) -> bool:
+    """Videos are pruned by the methods that need no prompt text (the text field is attached to images only)."""
+    return TEXT_EMBEDDINGS not in pruning.method.needs
+
+
 class TokenpruneLlavaOnevisionProcessingInfo(LlavaOnevisionProcessingInfo):
+    def get_num_video_tokens(self, *, image_width: int, image_height: int, num_frames: int) -> int:
+        n = super().get_num_video_tokens(image_width=image_width, image_height=image_height, num_frames=num_frames)
+        config = self.get_hf_config()
+        pruning = _options(config)
+        if pruning is None or pruning.keeps_all:
+            return n
+        layout, units, budgets = video_plan(config, pruning, num_frames)
+        if layout.crop.numel() != n:
+            raise RuntimeError(f"LLaVA-OneVision layout of a {num_frames}-frame video has {layout.crop.numel()} "
+                               f"tokens, vLLM counts {n}")
+        return placeholder_count(layout, units, budgets)
+
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
         config = self.get_hf_config()
@@ -91,7 +121,7 @@ class TokenpruneLlavaOnevisionMultiModalProcessor(PromptTextProcessor, LlavaOnev
 )
 class TokenpruneLlavaOnevisionForConditionalGeneration(ClipPruning, LlavaOnevisionForConditionalGeneration):
     """``LlavaOnevisionForConditionalGeneration`` that keeps ``hf_config.tokenprune``'s selection of each image's
-    packed tokens (videos refused at engine start while pruning)."""
+    packed tokens, and of each video's pooled frames."""
 
     tokenprune_cls_token = False  # SigLIP
 
@@ -107,11 +137,13 @@ class TokenpruneLlavaOnevisionForConditionalGeneration(ClipPruning, LlavaOnevisi
                 f"layer (all released checkpoints); got {strategy!r}, {layer!r}"
             )
         mm_config = vllm_config.model_config.multimodal_config
-        if mm_config is not None and mm_config.get_limit_per_prompt("video") > 0:
+        if mm_config is not None and mm_config.get_limit_per_prompt("video") > 0 and not prunes_videos(self.tokenprune):
             raise ValueError(
-                "tokenprune on LLaVA-OneVision in vLLM prunes images only; videos are not served while pruning. Start "
-                "the engine with limit_mm_per_prompt={'image': N, 'video': 0} (CLI: --limit-mm-per-prompt "
-                "'{\"image\": N, \"video\": 0}'), or prune videos with enable_pruning on the HF model"
+                f"tokenprune on LLaVA-OneVision in vLLM prunes videos with the methods that need no prompt text; "
+                f"{self.tokenprune.method.name!r} reads the text after each image, which the plugin carries for images "
+                f"only, so videos are not served with it. Start the engine with limit_mm_per_prompt={{'image': N, "
+                f"'video': 0}} (CLI: --limit-mm-per-prompt '{{\"image\": N, \"video\": 0}}'), or serve videos with "
+                f"'divprune' / 'hiprune'"
             )
 
     def _process_image_input(self, image_input):
@@ -146,4 +178,29 @@ class TokenpruneLlavaOnevisionForConditionalGeneration(ClipPruning, LlavaOnevisi
             )
             out.append(chosen.features)
             self.tokenprune_kept.append(chosen.kept)
+        return out
+
+    def _process_video_pixels(self, inputs):
+        if self.tokenprune is None or self.tokenprune.keeps_all:
+            return super()._process_video_pixels(inputs)
+        with self._probe() as probe:
+            videos = super()._process_video_pixels(inputs)  # per video: [1, frames * p * p + 1, D] (packed)
+        pixels = inputs["pixel_values_videos"]
+        frames = [int(v.shape[0]) for v in pixels]
+        rows = self._probed_rows(probe, sum(frames))  # one tower row per frame, videos in order
+        out, start = [], 0
+        for video, n_frames in zip(videos, frames, strict=True):
+            feats = video.reshape(-1, video.shape[-1])
+            layout, units, budgets = video_plan(self.config, self.tokenprune, n_frames)
+            mine, start = rows[start:start + n_frames], start + n_frames
+            if placeholder_count(layout, units, budgets) == feats.shape[0]:  # nothing pruned: the newline stays too
+                out.append(feats)
+                continue
+            tower = onevision_unit_signals(self.config, layout, units, mine)
+            signals = [{FEATURES: feats[u.index.to(feats.device)], **t} for u, t in zip(units, tower, strict=True)]
+            chosen = select_units(
+                self.tokenprune.method, feats, units, budgets, signals, image_index=0, row=0, index_in_row=0,
+                cls_token=False, project=self.multi_modal_projector, placement="span",
+            )
+            out.append(chosen.features)
         return out
