@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ({"keeps": (0.5, 1.0)}, "--keeps"),
     ({"method": "fastv"}, "nearest method"),
     ({"model_type": "qwen2_5_vl", "method": "fastervlm"}, "without a [CLS] token"),
+    ({"model_type": "llava_onevision", "method": "fastervlm"}, "without a [CLS] token"),  # SigLIP
     ({"concurrency": 8, "requests": 4}, "--concurrency"),
     ({"port": 80}, "--port"),
     ({"device": "tpu"}, "--device"),
