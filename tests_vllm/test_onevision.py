@@ -32,11 +32,10 @@ def test_vanilla_matches_hf_and_keep_all_is_bit_identical(vllm_run, model_dirs):
 
 CASES = [
     ("divprune", 0.3, {}),                    # one pool over the packed image, newline tokens candidates
+    # (k-center, uniform, random: per-crop units as HiPrune, no new code path here; run on the other families)
     ("hiprune", 0.3, {"object_layer": 0}),   # attention received per tile, packed and down-scaled like the features
     ("holov", 0.3, {}),
     ("visiondrop", 0.3, {}),                  # merged tokens
-    ("kcenter", 0.3, {}),                     # no [CLS]: seeded pivot
-    ("uniform", 0.3, {}),
     ("cdpruner", 0.3, {}),                    # prompt-dependent: the text after the image
     ("mmtok", 0.3, {}),                       # vision_hidden + text
 ]
