@@ -32,12 +32,18 @@ from typing import Any
 import torch
 from torch.nn import functional as nnf
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.llava_next.modeling_llava_next import unpad_image
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from tokenprune.methods import ATTENTION_MAP, ATTENTION_RECEIVED, FEATURES, PAIRED_TEXT, TEXT_EMBEDDINGS, VISION_HIDDEN
 from tokenprune.patches.base import PrunedCall, VisionStageAdapter
 from tokenprune.patches.clip_signals import ClipProbe, encoder_layers, resolve_layer
-from tokenprune.patches.llava_next import LlavaNextAdapter, PackedLayout
+from tokenprune.patches.llava_next import (
+    LlavaNextAdapter,
+    PackedLayout,
+    packed_layout,
+    unit_signals,
+    unpadded_grid_coords,
+)
 from tokenprune.patches.units import Unit
 from tokenprune.record import grid_boxes
 
@@ -87,34 +93,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def layout(self, image_size: tuple[int, int], n_crops: int) -> OnevisionLayout:
         """The packed token layout of one image of ``image_size`` (H, W) with ``n_crops`` tower rows."""
-        base = super().layout(image_size, n_crops)
-        if n_crops == 1:
-            return OnevisionLayout(base.crop, base.position, base.boxes, base.side, n_crops, image_size)
-        coords = self.unpadded_coords(image_size)  # [2, h, w]
-        h, w = coords.shape[1:]
-        max_tiles = int(self.model.config.vision_aspect_ratio.removeprefix("anyres_max_"))
-        ratio = math.sqrt(h * w / (max_tiles * self.side**2))
-        if ratio <= 1.1:  # as pack_image_features: not resized
-            return OnevisionLayout(base.crop, base.position, base.boxes, base.side, n_crops, image_size)
-        resized = (int(h // ratio), int(w // ratio))
-        rows = ((torch.arange(resized[0]) + 0.5) * h / resized[0]).long().clamp(max=h - 1)  # source under the centre
-        cols = ((torch.arange(resized[1]) + 0.5) * w / resized[1]).long().clamp(max=w - 1)
-        coords = coords[:, rows][:, :, cols]
-        coords = torch.cat([coords, torch.full((2, resized[0], 1), -1, dtype=torch.long)], dim=2).reshape(2, -1)
-        grid = torch.cat([grid_boxes(resized).reshape(*resized, 4), torch.full((resized[0], 1, 4), float("nan"))], 1)
-        n_base = self.side**2
-        return OnevisionLayout(
-            torch.cat([base.crop[:n_base], coords[0]]), torch.cat([base.position[:n_base], coords[1]]),
-            torch.cat([base.boxes[:n_base], grid.reshape(-1, 4)]), base.side, n_crops, image_size, resized,
-        )
+        return onevision_layout(self.model.config, image_size, n_crops)
 
     def video_layout(self, frames: int) -> OnevisionLayout:
-        """A video of ``frames`` frames: each a ``p x p`` pooled grid (p = ceil(side / 2)), then one newline."""
-        p = math.ceil(self.side / 2)
-        crop = torch.cat([torch.arange(frames).repeat_interleave(p * p), torch.tensor([-1])])
-        position = torch.cat([torch.arange(p * p).repeat(frames), torch.tensor([-1])])
-        boxes = torch.cat([grid_boxes((p, p)).repeat(frames, 1), torch.full((1, 4), float("nan"))])
-        return OnevisionLayout(crop, position, boxes, p, frames, (0, 0), None, video=True)
+        """A video of ``frames`` frames (:func:`onevision_video_layout`)."""
+        return onevision_video_layout(self.model.config, frames)
 
     def decoder_image_counts(self, kwargs: dict[str, Any]) -> dict[int, list[int]]:
         """Images as LLaVA-NeXT's; videos: each ``frames`` pooled tiles plus one newline."""
@@ -141,62 +124,13 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     # --- signals -------------------------------------------------------------------------------------------------
     def pack(self, layout: OnevisionLayout, values: list[torch.Tensor]) -> torch.Tensor:
-        """``[n, ...]``: per-tile tower values ``[side*side, ...]`` (one per tower row of the image or video) laid out
-        as transformers lays out the features -- unpadded and bilinearly resized (images), pooled 2x2 (video
-        frames) -- with zeros at the newline tokens."""
-        side, rest = self.side, values[0].shape[1:]
-        flat = [v.reshape(side, side, -1).float() for v in values]  # [side, side, C]
-        channels = flat[0].shape[-1]
-        if layout.video:
-            p = math.ceil(side / 2)
-            frames = [nnf.interpolate(v.permute(2, 0, 1)[None], size=[p, p], mode="bilinear")[0] for v in flat]
-            parts = [f.flatten(1).T for f in frames] + [flat[0].new_zeros(1, channels)]
-        else:
-            parts = [flat[0].reshape(side * side, channels)]
-            if layout.n_crops > 1:
-                grid = self._crop_grid(layout, flat[1:])  # [C, h, w]
-                if layout.resized is not None:
-                    grid = nnf.interpolate(grid[None], list(layout.resized), mode="bilinear")[0]
-                grid = torch.cat([grid, grid.new_zeros(channels, grid.shape[1], 1)], dim=2)
-                parts.append(grid.flatten(1).T)
-            else:
-                parts.append(flat[0].new_zeros(1, channels))
-        return torch.cat(parts).reshape(-1, *rest)
-
-    def _crop_grid(self, layout: OnevisionLayout, crops: list[torch.Tensor]) -> torch.Tensor:
-        """``[C, h, w]``: the crops' values on the unpadded high-resolution grid (``pack_image_features``' order)."""
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
-
-        config, side = self.model.config, self.side
-        rows, cols = get_anyres_image_grid_shape(list(layout.image_size), config.image_grid_pinpoints,
-                                                 config.vision_config.image_size)
-        stacked = torch.stack(crops).reshape(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3)
-        return unpad_image(stacked.reshape(-1, rows * side, cols * side), list(layout.image_size))
+        """Per-tile tower values packed as the features (:func:`pack_tile_values`)."""
+        return pack_tile_values(self.model.config, layout, values)
 
     def _unit_signal_list(
         self, layout: PackedLayout, units: list[Unit], crop_signals: list[dict[str, torch.Tensor]]
     ) -> list[dict[str, torch.Tensor]]:
-        if not crop_signals or not crop_signals[0]:
-            return [{} for _ in units]
-        maps = [k for k in crop_signals[0] if k.split("@")[0] == ATTENTION_MAP]
-        packed = {key: self.pack(layout, [c[key] for c in crop_signals]) for key in crop_signals[0] if key not in maps}
-        out = [{key: value[u.index.to(value.device)] for key, value in packed.items()} for u in units]
-        if maps:
-            if layout.video:  # each frame's map pooled on both axes as its tokens: P A P^T
-                pooling = self._pooling_matrix()
-                crop_signals = [{k: pooling @ c[k].float() @ pooling.T for k in maps} for c in crop_signals]
-            else:  # the crops' own maps; a down-scaled token takes the row/column of the source under its centre
-                crop_signals = [{k: c[k] for k in maps} for c in crop_signals]
-            for signals, unit in zip(out, units, strict=True):
-                signals.update(self._unit_signals(layout, unit, crop_signals))
-        return out
-
-    def _pooling_matrix(self) -> torch.Tensor:
-        """``[p*p, side*side]``: ``apply_pooling``'s bilinear 2x2 pooling of one frame as a matrix."""
-        side = self.side
-        p = math.ceil(side / 2)
-        basis = torch.eye(side * side).reshape(side * side, 1, side, side)
-        return nnf.interpolate(basis, size=[p, p], mode="bilinear").reshape(side * side, p * p).T
+        return onevision_unit_signals(self.model.config, layout, units, crop_signals)
 
     def _encode_modality(self, kind: str, kwargs: dict[str, Any]) -> tuple[list[torch.Tensor], list[dict]]:
         """Packed features per image (video) ``[n_i, D]`` and the requested tower signals per tower row."""
@@ -257,3 +191,105 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             call.kwargs["mm_encoder_outputs"].pop("image")
         call.kwargs["mm_encoder_outputs"].update(outputs)
         return call
+
+
+# --- layouts and tower signals from the config alone (shared with the vLLM plugin, which counts before the tower) ---
+def _side(config: Any) -> int:
+    return config.vision_config.image_size // config.vision_config.patch_size
+
+
+def onevision_layout(config: Any, image_size: tuple[int, int], n_crops: int) -> OnevisionLayout:
+    """The packed token layout of one image of ``image_size`` (H, W) with ``n_crops`` tower rows under a
+    LLaVA-OneVision ``config``: LLaVA-NeXT's, with the AnyRes-max down-scaled grid when it applies."""
+    base = packed_layout(config, image_size, n_crops)
+    if n_crops == 1:
+        return OnevisionLayout(base.crop, base.position, base.boxes, base.side, n_crops, image_size)
+    side = _side(config)
+    coords = unpadded_grid_coords(config, image_size)  # [2, h, w]
+    h, w = coords.shape[1:]
+    max_tiles = int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
+    ratio = math.sqrt(h * w / (max_tiles * side**2))
+    if ratio <= 1.1:  # as pack_image_features: not resized
+        return OnevisionLayout(base.crop, base.position, base.boxes, base.side, n_crops, image_size)
+    resized = (int(h // ratio), int(w // ratio))
+    rows = ((torch.arange(resized[0]) + 0.5) * h / resized[0]).long().clamp(max=h - 1)  # source under the centre
+    cols = ((torch.arange(resized[1]) + 0.5) * w / resized[1]).long().clamp(max=w - 1)
+    coords = coords[:, rows][:, :, cols]
+    coords = torch.cat([coords, torch.full((2, resized[0], 1), -1, dtype=torch.long)], dim=2).reshape(2, -1)
+    grid = torch.cat([grid_boxes(resized).reshape(*resized, 4), torch.full((resized[0], 1, 4), float("nan"))], 1)
+    n_base = side**2
+    return OnevisionLayout(
+        torch.cat([base.crop[:n_base], coords[0]]), torch.cat([base.position[:n_base], coords[1]]),
+        torch.cat([base.boxes[:n_base], grid.reshape(-1, 4)]), base.side, n_crops, image_size, resized,
+    )
+
+
+def onevision_video_layout(config: Any, frames: int) -> OnevisionLayout:
+    """A video of ``frames`` frames: each a ``p x p`` pooled grid (p = ceil(side / 2)), then one newline."""
+    p = math.ceil(_side(config) / 2)
+    crop = torch.cat([torch.arange(frames).repeat_interleave(p * p), torch.tensor([-1])])
+    position = torch.cat([torch.arange(p * p).repeat(frames), torch.tensor([-1])])
+    boxes = torch.cat([grid_boxes((p, p)).repeat(frames, 1), torch.full((1, 4), float("nan"))])
+    return OnevisionLayout(crop, position, boxes, p, frames, (0, 0), None, video=True)
+
+
+def pack_tile_values(config: Any, layout: OnevisionLayout, values: list[torch.Tensor]) -> torch.Tensor:
+    """``[n, ...]``: per-tile tower values ``[side*side, ...]`` (one per tower row of the image or video) laid out
+    as transformers lays out the features -- unpadded and bilinearly resized (images), pooled 2x2 (video
+    frames) -- with zeros at the newline tokens."""
+    side, rest = _side(config), values[0].shape[1:]
+    flat = [v.reshape(side, side, -1).float() for v in values]  # [side, side, C]
+    channels = flat[0].shape[-1]
+    if layout.video:
+        p = math.ceil(side / 2)
+        frames = [nnf.interpolate(v.permute(2, 0, 1)[None], size=[p, p], mode="bilinear")[0] for v in flat]
+        parts = [f.flatten(1).T for f in frames] + [flat[0].new_zeros(1, channels)]
+    else:
+        parts = [flat[0].reshape(side * side, channels)]
+        if layout.n_crops > 1:
+            grid = _crop_grid(config, layout, flat[1:])  # [C, h, w]
+            if layout.resized is not None:
+                grid = nnf.interpolate(grid[None], list(layout.resized), mode="bilinear")[0]
+            grid = torch.cat([grid, grid.new_zeros(channels, grid.shape[1], 1)], dim=2)
+            parts.append(grid.flatten(1).T)
+        else:
+            parts.append(flat[0].new_zeros(1, channels))
+    return torch.cat(parts).reshape(-1, *rest)
+
+
+def _crop_grid(config: Any, layout: OnevisionLayout, crops: list[torch.Tensor]) -> torch.Tensor:
+    """``[C, h, w]``: the crops' values on the unpadded high-resolution grid (``pack_image_features``' order)."""
+    side = _side(config)
+    rows, cols = get_anyres_image_grid_shape(list(layout.image_size), config.image_grid_pinpoints,
+                                             config.vision_config.image_size)
+    stacked = torch.stack(crops).reshape(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3)
+    return unpad_image(stacked.reshape(-1, rows * side, cols * side), list(layout.image_size))
+
+
+def onevision_unit_signals(
+    config: Any, layout: PackedLayout, units: list[Unit], crop_signals: list[dict[str, torch.Tensor]]
+) -> list[dict[str, torch.Tensor]]:
+    """The tower signals of each unit of one image or video (``crop_signals``: its tower rows, in order): per-token
+    signals packed as the features, attention maps per crop (a video frame's pooled on both axes)."""
+    if not crop_signals or not crop_signals[0]:
+        return [{} for _ in units]
+    maps = [k for k in crop_signals[0] if k.split("@")[0] == ATTENTION_MAP]
+    packed = {key: pack_tile_values(config, layout, [c[key] for c in crop_signals])
+              for key in crop_signals[0] if key not in maps}
+    out = [{key: value[u.index.to(value.device)] for key, value in packed.items()} for u in units]
+    if maps:
+        if layout.video:  # each frame's map pooled on both axes as its tokens: P A P^T
+            pooling = _pooling_matrix(_side(config))
+            crop_signals = [{k: pooling @ c[k].float() @ pooling.T for k in maps} for c in crop_signals]
+        else:  # the crops' own maps; a down-scaled token takes the row/column of the source under its centre
+            crop_signals = [{k: c[k] for k in maps} for c in crop_signals]
+        for signals, unit in zip(out, units, strict=True):
+            signals.update(unit_signals(layout, unit, crop_signals))
+    return out
+
+
+def _pooling_matrix(side: int) -> torch.Tensor:
+    """``[p*p, side*side]``: ``apply_pooling``'s bilinear 2x2 pooling of one frame as a matrix."""
+    p = math.ceil(side / 2)
+    basis = torch.eye(side * side).reshape(side * side, 1, side, side)
+    return nnf.interpolate(basis, size=[p, p], mode="bilinear").reshape(side * side, p * p).T

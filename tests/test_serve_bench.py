@@ -19,11 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"model_type": "llava_onevision"}, "--model-type"),  # not served by the plugin
     ({"model_type": "gemma3"}, "--model-type"),           # served, but serve-bench writes no Gemma 3 prompts
     ({"keeps": (0.5, 1.0)}, "--keeps"),
     ({"method": "fastv"}, "nearest method"),
     ({"model_type": "qwen2_5_vl", "method": "fastervlm"}, "without a [CLS] token"),
+    ({"model_type": "llava_onevision", "method": "fastervlm"}, "without a [CLS] token"),  # SigLIP
     ({"concurrency": 8, "requests": 4}, "--concurrency"),
     ({"port": 80}, "--port"),
     ({"device": "tpu"}, "--device"),

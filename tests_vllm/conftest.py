@@ -26,6 +26,7 @@ from tokenprune.integrations.vllm.checkpoints import save_tiny_checkpoint  # noq
 def model_dirs(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("models")
     names = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+    names += ("llava_onevision",)
     dirs = {name: save_tiny_checkpoint(name, str(root / name)) for name in names}
     # transformers >= 5 reads Qwen3-VL-MoE's experts in its own layout, vLLM in the hub's: the HF side gets its own copy
     dirs["qwen3_vl_moe_hf"] = save_tiny_checkpoint("qwen3_vl_moe", str(root / "qwen3_vl_moe_hf"), for_vllm=False)

@@ -1,6 +1,8 @@
 """Requests that pass precomputed image embeddings instead of pixels: pruned by the methods that select on the
 projected features (the same selection as on the features the tower would give, == the HF reference), refused with
-a clear message, when the request is processed, by the methods that read the vision tower."""
+a clear message, when the request is processed, by the methods that read the vision tower. LLaVA-NeXT and
+LLaVA-OneVision embeddings come packed (newline tokens merged, no image size): DivPrune (one pool over the packed
+image) prunes them as ``enable_pruning`` prunes the pixels' packed features, per-crop methods refuse them."""
 
 from __future__ import annotations
 
@@ -82,3 +84,41 @@ def test_embeddings_with_everything_kept_are_bit_identical_to_vanilla(hf, model_
 def test_tower_methods_refuse_embeddings_with_a_clear_message(name, method, options, hf, model_dirs):
     with pytest.raises(ValueError, match=r"passes image embeddings .* reads \[.*\] inside it.* 'divprune'"):
         _run(model_dirs[name], _embeds_request(name, hf(name)), vllm_overrides(name, method, keep=8, **options))
+
+
+def _packed_request(name: str, ref: HFReference) -> dict:
+    """The prompt with its image as the packed features ``[1, n, D]`` the HF model computes (base tile, unpadded
+    crops and newline tokens merged), which is what vLLM's LLaVA-NeXT / OneVision take as ``image_embeds``."""
+    inputs = {k: v for k, v in ref.inputs.items() if k in ("pixel_values", "image_sizes", "batch_num_images")}
+    packed = ref.model.model.get_image_features(**inputs).pooler_output
+    packed = packed[0] if isinstance(packed, (list, tuple)) else packed
+    return {"prompt": PROMPTS[name], "multi_modal_data": {"image": packed.detach()[None]}}
+
+
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
+def test_packed_embeddings_are_pruned_as_enable_pruning(name, hf, model_dirs):
+    from tokenprune import disable_pruning, enable_pruning
+
+    ref_model = hf(name)
+    request, vanilla = _packed_request(name, ref_model), ref_model.generate()
+    n = request["multi_modal_data"]["image"].shape[1]
+    handle = enable_pruning(ref_model.model, method="divprune", keep=0.3)
+    try:
+        ref = ref_model.generate()
+        record = handle.last.images[0]
+    finally:
+        disable_pruning(ref_model.model)
+    assert record.n == n and len(record.kept) < n
+    ours = _run(model_dirs[name], request, vllm_overrides(name, "divprune", keep=0.3))
+    assert ours.prompt_len == vanilla.prompt_len - (n - len(record.kept))  # HF's prompt_len: before pruning
+    assert ours.tokens == ref.tokens
+    report(f"packed image embeddings, pruned vLLM vs enable_pruning, {name} divprune keep=0.3", max_diff(ours, ref))
+    assert max_diff(ours, ref) < TOL
+    assert max_diff(vanilla, ref) > 100 * TOL  # the comparison can fail
+
+
+def test_per_crop_methods_refuse_packed_embeddings(hf, model_dirs):
+    name = "llava_next"
+    with pytest.raises(ValueError, match=r"arrive packed .* 'uniform'.*scope='crop'.* Send the image's pixels.*"
+                                         r"\['divprune'\]"):
+        _run(model_dirs[name], _packed_request(name, hf(name)), vllm_overrides(name, "uniform", keep=0.3))

@@ -38,6 +38,9 @@ ARCHITECTURES["qwen3_5"] = ("Qwen3_5ForConditionalGeneration", "TokenpruneQwen3_
                             "tokenprune.integrations.vllm.qwen3_5:TokenpruneQwen3_5ForConditionalGeneration")
 ARCHITECTURES["qwen3_5_moe"] = ("Qwen3_5MoeForConditionalGeneration", "TokenpruneQwen3_5MoeForConditionalGeneration",
                                 "tokenprune.integrations.vllm.qwen3_5:TokenpruneQwen3_5MoeForConditionalGeneration")
+ARCHITECTURES["llava_onevision"] = (
+    "LlavaOnevisionForConditionalGeneration", "TokenpruneLlavaOnevisionForConditionalGeneration",
+    "tokenprune.integrations.vllm.onevision:TokenpruneLlavaOnevisionForConditionalGeneration")
 
 
 def vllm_overrides(model_type: str, method: str, keep: Keep, **options: Any) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Tiny random-weight checkpoints saved in the layout vLLM loads, for offline tests and the docs snippet.
 
 The models are :mod:`tokenprune.tiny_models` (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL; text head_dim 32, which
-vLLM's CPU attention needs). Two things make a saved tiny model loadable by vLLM 0.32: the LLaVA families' CLIP
-weights are renamed to the hub layout (``vision_tower.vision_model.*``; transformers >= 5 saves ``vision_tower.*``),
+vLLM's CPU attention needs), :mod:`tokenprune.tiny_qwen3` and :mod:`tokenprune.tiny_onevision`. Two things make a saved
+tiny model loadable by vLLM 0.32: the LLaVA families' CLIP / SigLIP weights are renamed to the hub layout
+(``vision_tower.vision_model.*``; transformers >= 5 saves ``vision_tower.*``),
 and Qwen gets a real ``Qwen2VLProcessor`` (image + video processor; the latter needs torchvision, present in vLLM's
 environment).
 """
@@ -109,14 +110,36 @@ def _save_internvl(path: str) -> None:
     processor.save_pretrained(path)
 
 
+def _save_onevision(path: str) -> None:
+    """The tiny LLaVA-OneVision (:mod:`tokenprune.tiny_onevision`): SigLIP weights in the hub layout and the real
+    ``LlavaOnevisionProcessor`` (its video processor needs torchvision, present in vLLM's environment)."""
+    from transformers import LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    from tokenprune.tiny_onevision import TILE, tiny_onevision
+
+    model, tiny_processor = tiny_onevision()
+    model.save_pretrained(path)
+    _hub_tower_names(path)
+    tile = {"height": TILE, "width": TILE}
+    processor = LlavaOnevisionProcessor(
+        image_processor=tiny_processor.image_processor, tokenizer=tiny_processor.tokenizer,
+        video_processor=LlavaOnevisionVideoProcessor(size=tile, crop_size=tile),
+        num_image_tokens=tiny_processor.num_image_tokens, vision_feature_select_strategy="full",
+        vision_aspect_ratio=tiny_processor.vision_aspect_ratio, chat_template=None,
+    )
+    processor.save_pretrained(path)
+
+
 def save_tiny_checkpoint(model_type: str, path: str, for_vllm: bool = True) -> str:
     """Save a tiny ``model_type`` (``"llava"``, ``"llava_next"``, ``"qwen2_vl"``, ``"qwen2_5_vl"``) model that vLLM
     can load; returns ``path``. LLaVA: 64x64 px images, 64 visual tokens; LLaVA-NeXT: 32 px tiles of 16 tokens,
     AnyRes up to 64x64 px; Qwen2/2.5: one token per 28x28 px, up to 64 per image; Qwen3-VL (+MoE): one token per
     32x32 px, up to 20 per image. ``for_vllm=False``: Qwen3-VL-MoE's experts in transformers' own layout (what
     ``from_pretrained`` of transformers >= 5 reads) instead of the hub's (what vLLM reads). ``"llava_mid"``: the serving
-    benchmark's LLaVA-1.5-shaped model (336 px, 576 visual tokens, a 4-layer 512-wide LLM). ``"gemma3"``: 96 px images,
-    36 tokens each (:mod:`tokenprune.tiny_gemma3`, its tokenizer with the newline-run tokens vLLM looks up).
+    benchmark's LLaVA-1.5-shaped model (336 px, 576 visual tokens, a 4-layer 512-wide LLM). ``"llava_onevision"``:
+    32 px tiles of 16 tokens, AnyRes-max-9 up to 4 x 4 crops (a large image's grid is down-scaled).
+    ``"gemma3"``: 96 px images, 36 tokens each (:mod:`tokenprune.tiny_gemma3`, its tokenizer with the
+    newline-run tokens vLLM looks up).
     ``"internvl"``: InternVL3 in the HF format, 64 px tiles of 16 tokens (:mod:`tokenprune.tiny_internvl`), the real
     ``InternVLProcessor``. ``"qwen3_5"`` / ``"qwen3_5_moe"``: Qwen3.5 (+MoE) with Gated DeltaNet head dims of 64
     (vLLM's CPU kernel; serve in bfloat16, the only dtype it runs)."""
@@ -128,6 +151,7 @@ def save_tiny_checkpoint(model_type: str, path: str, for_vllm: bool = True) -> s
     savers["internvl"] = _save_internvl
     savers["qwen3_5"] = lambda p: _save_qwen3(p, "qwen3_5", linear_head_dim=64)  # vLLM's CPU Gated DeltaNet
     savers["qwen3_5_moe"] = lambda p: _save_qwen3(p, "qwen3_5_moe", hub_layout=for_vllm, linear_head_dim=64)
+    savers["llava_onevision"] = _save_onevision
     if model_type not in savers:
         raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(savers)}")
     savers[model_type](path)

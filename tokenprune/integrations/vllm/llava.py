@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import CLIPVisionConfig
+from transformers import CLIPVisionConfig, SiglipVisionConfig
 from vllm.distributed import tensor_model_parallel_all_gather
 from vllm.model_executor.layers.attention import MMEncoderAttention
 from vllm.model_executor.models.clip import CLIPEncoderLayer
@@ -34,8 +34,8 @@ from tokenprune.methods import FEATURES, TEXT_EMBEDDINGS, SignalRequest
 from tokenprune.patches.clip_signals import OUTPUT_SIGNALS, PROBE_SIGNALS, ClipProbe
 
 
-def _pruning(hf_config) -> VllmPruning | None:
-    return parse_options(getattr(hf_config, CONFIG_KEY, None), cls_token=True)
+def _pruning(hf_config, cls_token: bool = True) -> VllmPruning | None:
+    return parse_options(getattr(hf_config, CONFIG_KEY, None), cls_token=cls_token)
 
 
 class TokenpruneLlavaProcessingInfo(LlavaProcessingInfo):
@@ -87,10 +87,13 @@ def _signal_only_forward(layer: torch.nn.Module):
 
 class ClipPruning:
     """What LLaVA-1.5 and LLaVA-NeXT share in vLLM (mixed in before the stock class): the options, the CLIP probe
-    (layers, ``q_proj``/``k_proj`` views), the prompt text of prompt-dependent methods, the record of kept tokens."""
+    (layers, ``q_proj``/``k_proj`` views), the prompt text of prompt-dependent methods, the record of kept tokens.
+    ``tokenprune_cls_token``: whether the tower has a [CLS] token (False: LLaVA-OneVision's SigLIP)."""
+
+    tokenprune_cls_token = True
 
     def _tokenprune_init(self, vllm_config, prefix: str) -> None:
-        self.tokenprune = _pruning(self.config)
+        self.tokenprune = _pruning(self.config, self.tokenprune_cls_token)
         self.tokenprune_kept: list[torch.Tensor] = []  # the kept tokens of each image of the last encoder call
         self._requests: list[SignalRequest] = []   # the method's requests, layers made non-negative
         self._keys: dict[str, str] = {}            # probe key -> the method's key
@@ -100,7 +103,8 @@ class ClipPruning:
             return
         if TEXT_EMBEDDINGS in self.tokenprune.method.needs:
             check_cache_type(vllm_config)
-        requests = [r for r in self.tokenprune.method.requests(cls_token=True) if r.name in PROBE_SIGNALS]
+        requests = [r for r in self.tokenprune.method.requests(cls_token=self.tokenprune_cls_token)
+                    if r.name in PROBE_SIGNALS]
         if requests:
             self._install_probe_layers(requests, vllm_config, prefix)
 
@@ -111,7 +115,7 @@ class ClipPruning:
         is appended as a signal-only layer (:func:`_signal_only_forward`; its weights are loaded).
         """
         vision = self.config.vision_config
-        if not isinstance(vision, CLIPVisionConfig):
+        if not isinstance(vision, (CLIPVisionConfig, SiglipVisionConfig)):
             raise ValueError(
                 f"{self.tokenprune.method.name} needs CLIP signals {sorted(r.key for r in requests)}; this model's "
                 f"vision tower is {type(vision).__name__}"
@@ -130,6 +134,9 @@ class ClipPruning:
                     f"{self.tokenprune.method.name} asks for {request.name} at vision layer {request.layer}, past the "
                     f"feature layer vLLM builds the tower up to; the plugin reads attention signals there only"
                 )
+            if index >= built and not isinstance(vision, CLIPVisionConfig):
+                raise ValueError(f"{self.tokenprune.method.name} asks for vision layer {request.layer}, past the "
+                                 f"feature layer vLLM builds the {type(vision).__name__} tower up to")
             while len(layers) <= index:
                 layer = CLIPEncoderLayer(
                     vision, vllm_config.quant_config, attn_cls=MMEncoderAttention,

@@ -36,6 +36,7 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAG
 PLACEHOLDER = {"llava": "<image>\n", "llava_next": "<image>\n",
                "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
                "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+PLACEHOLDER["llava_onevision"] = "<image>\n"
 QUESTION = "describe the image in detail ."
 # The chat template of the benchmark's checkpoints (plain ``USER : ... ASSISTANT :`` prompts, as in the tests; an
 # assistant turn is its text after the ``ASSISTANT :`` that asked for it).
@@ -80,7 +81,7 @@ def check(plan: Plan) -> None:
     if not plan.keeps or any(not 0 < k < 1 for k in plan.keeps):
         raise ValueError(f"--keeps must be ratios in (0, 1); got {list(plan.keeps)}")
     for keep in plan.keeps:
-        parse_options(plan.overrides(keep)["tokenprune"], cls_token=plan.model_type.startswith("llava"))
+        parse_options(plan.overrides(keep)["tokenprune"], cls_token=plan.model_type in ("llava", "llava_next"))
     if plan.concurrency < 1 or plan.requests < plan.concurrency or plan.max_tokens < 1:
         raise ValueError(f"need 1 <= --concurrency <= --requests and --max-tokens >= 1; got {plan.concurrency}, "
                          f"{plan.requests}, {plan.max_tokens}")
