@@ -26,9 +26,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m tokenprune demo
 
+# One pytest worker per physical core, at most 8 (more would rebuild the same tiny models in every worker for little
+# gain); each worker runs on cores // workers torch threads (tests/conftest.py). --dist loadscope keeps a test module
+# on one worker, so its module-scoped models are built once (docs/testing.md). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= auto
+
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --maxprocesses 8 --dist loadscope
 
 # The documentation site (mkdocs.yml, docs/): the docs extra goes into .venv on first use (its own stamp, so that
 # `make test` stays light); the generated method/family tables must be current; warnings are errors.

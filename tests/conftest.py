@@ -80,7 +80,31 @@ def video_methods():
     return sorted(name for name, cls in METHODS.items() if cls.video_only)
 
 
-torch.set_num_threads(2)
+def worker_threads() -> int:
+    """Torch threads for this test process. One process (plain ``pytest``): 2. Under pytest-xdist (``make test``)
+    each worker takes its share of the cores, ``cores // workers`` and at least 1, so that N workers never run more
+    threads than there are cores (OpenMP threads spinning against each other cost 10-50x on a busy machine)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if not workers:
+        return 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // workers)
+
+
+THREADS = worker_threads()
+torch.set_num_threads(THREADS)
+if "PYTEST_XDIST_WORKER" in os.environ:  # processes a test starts (notebook kernels, the CLI) take the same share
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Every test leaves torch's thread count as it found it: a test (or the bench code it calls, which sets
+    ``--threads``) that changes it must not change the share the following tests of this worker run on."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
