@@ -127,17 +127,24 @@ def cases(families: tuple[str, ...] = FAMILIES, spread: bool = False) -> list:
 
 
 def matrix_fixtures(families: tuple[str, ...]) -> tuple[Any, Any]:
-    """The two module fixtures of a quantized matrix over ``families`` (this file and its family files assign them
-    to ``saved, quantized``): ``saved`` the real-depth models saved once; ``quantized`` module-scoped and
-    parametrized (indirect), so pytest runs every test of one quantized model before building the next."""
+    """The two fixtures of a quantized matrix over ``families`` (this file and its family files assign them to
+    ``saved, quantized``): ``saved`` the real-depth models saved once per module; ``quantized`` parametrized
+    (indirect) with ``(family, setting)`` and built once per run of consecutive cases of that pair (:func:`cases`
+    lists them grouped). Not a module-scoped parametrized fixture: pytest keys those by each case's own parameter
+    index, and one matrix case per index reordered the cases and rebuilt the model for almost every test."""
+    last: dict[tuple[str, str], Quantized] = {}
 
     @pytest.fixture(scope="module")
     def saved(tmp_path_factory):
-        return save_real_depth(tmp_path_factory, families)
+        yield save_real_depth(tmp_path_factory, families)
+        last.clear()
 
-    @pytest.fixture(scope="module")
+    @pytest.fixture
     def quantized(request, saved) -> Quantized:
-        return build_quantized(request.param, saved)
+        if request.param not in last:
+            last.clear()  # one quantized model alive at a time
+            last[request.param] = build_quantized(request.param, saved)
+        return last[request.param]
 
     return saved, quantized
 
@@ -171,7 +178,7 @@ def refused_as_at_full_precision(q: Quantized, saved, method: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize(("quantized", "method"), cases(), indirect=["quantized"], scope="module")
+@pytest.mark.parametrize(("quantized", "method"), cases(), indirect=["quantized"])
 def test_method_on_the_quantized_model(quantized, saved, method):
     """keep=1.0 is identical to the quantized model (logits, generated id); keep=0.25 generates, hands back the
     original prompt and shortens every pruned layer's KV cache; disable_pruning leaves no hook or attribute.

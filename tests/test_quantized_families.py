@@ -22,8 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 saved, quantized = matrix.matrix_fixtures(FAMILIES)  # tests/test_quantized.py
 
 
-@pytest.mark.parametrize(("quantized", "method"), matrix.cases(FAMILIES, spread=True), indirect=["quantized"],
-                         scope="module")
+@pytest.mark.parametrize(("quantized", "method"), matrix.cases(FAMILIES, spread=True), indirect=["quantized"])
 def test_method_on_the_quantized_model_of_a_new_family(quantized, saved, method):
     """keep=1.0 identical to the quantized model; keep=0.25 generates, returns the prompt and shortens every
     pruned layer's cache; disable_pruning leaves nothing (tests/test_quantized.py)."""
