@@ -106,6 +106,11 @@ class InternVLAdapter(LlavaNextAdapter):
     signals = frozenset({FEATURES, TEXT_EMBEDDINGS, PAIRED_TEXT}) | PROBE_SIGNALS
     encoder_loop = False
 
+    def decoder_image_counts(self, kwargs: dict[str, Any]) -> dict[int, list[int]]:
+        """Every image sits between its own start and end tokens, so each run of placeholders is one image (the base
+        rule), not LLaVA-NeXT's packed counts."""
+        return VisionStageAdapter.decoder_image_counts(self, kwargs)
+
     @classmethod
     def method_reason(cls, method: PruningMethod) -> str | None:
         if getattr(method, "keep_cls", False):  # VisionZip / VisionDrop with their official [CLS] dominant token

@@ -136,6 +136,8 @@ def test_tables_command_checks_and_rewrites(tmp_path, capsys):
     from tokenprune.cli import main
 
     assert main(["tables", "--root", str(ROOT)]) == 0
+    (tmp_path / catalog.SERVING_RESULT).parent.mkdir(parents=True)  # the serving table's source
+    (tmp_path / catalog.SERVING_RESULT).write_text((ROOT / catalog.SERVING_RESULT).read_text())
     for name in catalog.TABLE_FILES:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         text = (ROOT / name).read_text()
@@ -144,5 +146,6 @@ def test_tables_command_checks_and_rewrites(tmp_path, capsys):
     assert "stale: README.md" in capsys.readouterr().out
     assert main(["tables", "--root", str(tmp_path), "--write"]) == 0
     assert all((tmp_path / n).read_text() == (ROOT / n).read_text() for n in catalog.TABLE_FILES)
+    assert "| 0.25 | 154 |" in catalog.serving_table(tmp_path)  # generated from the committed serve-bench result
     (tmp_path / "README.md").write_text("no markers")
     assert main(["tables", "--root", str(tmp_path), "--write"]) == 1  # markers must be placed by hand

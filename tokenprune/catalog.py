@@ -32,7 +32,7 @@ REFERENCE_DEPTH = 32  # LLM depth at which decoder plans are shown (LLaVA-1.5-7B
 STAGE_PAGES = {"vision": "vision", "vision-encoder": "vision", "decoder": "decoder", "two-stage": "two-stage"}
 # Which generated table goes into which committed file (relative to the repository root).
 TABLE_FILES = {
-    "README.md": ("families", "methods-short"),
+    "README.md": ("families", "methods-short", "serving"),
     "docs/families.md": ("families",),
     "docs/methods/index.md": ("methods",),
     "docs/methods/vision.md": ("methods-vision",),
@@ -181,6 +181,30 @@ def tables() -> dict[str, str]:
     return out
 
 
+SERVING_RESULT = "benchmarks/results/serve_llava.json"  # the committed `tokenprune serve-bench` run (docs/vllm.md)
+
+
+def serving_table(root: str | Path) -> str:
+    """The README's serving table from the committed serve-bench result under ``root``: per keep, the prompt length
+    and the server's time to first token, throughput and KV-cache blocks as ratios pruned / unpruned (the full
+    table with absolute figures is in docs/vllm.md)."""
+    import json
+
+    path = Path(root) / SERVING_RESULT
+    if not path.exists():
+        return f"(no `{SERVING_RESULT}`: run `tokenprune serve-bench` in `.venv-vllm`, docs/vllm.md)"
+    run = json.loads(path.read_text())
+    server, offline, base = run["server"], run["offline"], run["server"]["unpruned"]
+    rows = []
+    for keep in ["unpruned", *(str(k) for k in run["plan"]["keeps"])]:
+        got = server[keep]
+        rows.append([keep, str(offline[keep]["prompt_tokens"]),
+                     *(f"{got[key] / base[key]:.2f}" for key in
+                       ("ttft_p50_s", "ttft_p99_s", "requests_per_s", "output_tokens_per_s", "kv_blocks_peak"))])
+    header = ["keep", "prompt tokens", "TTFT p50", "TTFT p99", "requests/s", "output tokens/s", "KV blocks"]
+    return _table(header, rows)
+
+
 def render(text: str, generated: dict[str, str]) -> str:
     """``text`` with every marked table replaced by its generated version."""
     def replace(match: re.Match) -> str:
@@ -196,7 +220,7 @@ def stale_files(root: str | Path, write: bool = False) -> list[str]:
     """The files of :data:`TABLE_FILES` under ``root`` whose tables differ from the registry (rewritten if
     ``write``). A file that lacks one of its markers counts as stale (the marker must be placed by hand)."""
     root = Path(root)
-    generated = tables()
+    generated = {**tables(), "serving": serving_table(root)}
     stale = []
     for name, expected in TABLE_FILES.items():
         path = root / name
