@@ -8,7 +8,11 @@ N = 576, 1,152, 2,880, 7,290 and a 16-frame Qwen video, D = 4,096, k = N/9, bf16
 and peak extra memory per selector, one 7B layer's prefill, the naive references up to ``--reference-max-n``, the
 previous implementation (``--before REV``, read from git) up to ``--before-max-n``; after the first configuration
 both up to ``--later-max-n``) and writes
-``results/selection_sweep.{json,md,png}``. Each finished configuration is saved at once (a partial sweep is usable).
+``results/selection_sweep.{json,md,png}``. Each finished configuration is saved at once (a partial sweep is usable);
+after the last one every selector's peak memory is re-measured as the peak of the tensor memory it holds
+(``selection_sweep.memory_pass``; ``--no-memory-pass`` keeps the timed runs' resident-set peaks).
+
+``--memory DIR`` re-runs the memory pass over the sweep saved in ``DIR`` and rewrites its files.
 
 ``--merge DIR ... --name NAME`` merges the rows of several sweep runs (one per dtype or shape group, run side by
 side) into ``results/NAME.{json,md,png}``; ``--docs --name NAME`` writes the tables of ``docs/selection_cost.md``
@@ -99,16 +103,41 @@ def run_sweep(args: argparse.Namespace) -> None:
     before = previous_selectors(args.before) if args.before else None
     out = Path(args.out)
     rows: list = []
+    meta = {"what": "benchmarks/selection_cost.py " + " ".join(sys.argv[1:]), "before": args.before,
+            "memory": "resident-set peaks of the timed runs"}
+
+    def save() -> None:
+        (out / "selection_sweep.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+        (out / "selection_sweep.md").write_text(sweep.markdown(rows) + "\n")
+        sweep.plot(rows, str(out / "selection_sweep.png"))
+
     for i, config in enumerate(args.configs.split(",")):
         dtype, threads = config.split("x")
         limit = 10**9 if i == 0 else args.later_max_n  # the first configuration runs the baselines the furthest
         rows += sweep.sweep(dtype, int(threads), shapes, reference_max_n=min(args.reference_max_n, limit),
                             before=before, before_max_n=min(args.before_max_n, limit),
                             log=lambda line: print(line, flush=True))
-        meta = {"what": "benchmarks/selection_cost.py " + " ".join(sys.argv[1:]), "before": args.before}
-        (out / "selection_sweep.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
-        (out / "selection_sweep.md").write_text(sweep.markdown(rows) + "\n")
-        sweep.plot(rows, str(out / "selection_sweep.png"))
+        save()
+    if not args.no_memory_pass:
+        sweep.memory_pass(rows, shapes, before, log=lambda line: print(line, flush=True))
+        meta["memory"] = "peaks of the tensor memory each call holds (selection_sweep.memory_pass)"
+        save()
+
+
+def remeasure_memory(directory: str) -> None:
+    """Re-run the memory pass over the rows of the sweep saved in ``directory`` (its ``before`` revision read from
+    git again) and rewrite its files: for a sweep run before the pass existed, or after a change to memory only."""
+    from tokenprune.bench import selection_sweep as sweep
+
+    out = Path(directory)
+    saved = json.loads((out / "selection_sweep.json").read_text())
+    rows = saved["rows"]
+    before = previous_selectors(saved["before"]) if saved.get("before") else None
+    sweep.memory_pass(rows, sweep.SHAPES, before, log=lambda line: print(line, flush=True))
+    saved["memory"] = "peaks of the tensor memory each call holds (selection_sweep.memory_pass)"
+    (out / "selection_sweep.json").write_text(json.dumps(saved, indent=1) + "\n")
+    (out / "selection_sweep.md").write_text(sweep.markdown(rows) + "\n")
+    sweep.plot(rows, str(out / "selection_sweep.png"))
 
 
 DOCS = ROOT / "docs" / "selection_cost.md"
@@ -122,7 +151,8 @@ def merge(parts: list[str], name: str) -> None:
 
     runs = [json.loads((Path(p) / "selection_sweep.json").read_text()) for p in parts]
     rows = [r for run in runs for r in run["rows"]]
-    meta = {"what": [run["what"] for run in runs], "before": runs[0]["before"]}
+    meta = {"what": [run["what"] for run in runs], "before": runs[0]["before"],
+            "memory": [run.get("memory", "resident-set peaks of the timed runs") for run in runs]}
     (RESULTS / f"{name}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     (RESULTS / f"{name}.md").write_text(sweep.markdown(rows) + "\n")
     sweep.plot(rows, str(RESULTS / f"{name}.png"))
@@ -151,19 +181,25 @@ if __name__ == "__main__":
     parser.add_argument("--later-max-n", type=int, default=1152,
                         help="largest N of the naive references and the previous selectors after the first config")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--memory", default=None, metavar="DIR", help="re-measure the memory of the sweep saved in "
+                        "DIR (selection_sweep.json) and rewrite its files")
+    parser.add_argument("--no-memory-pass", action="store_true", help="keep the timed runs' resident-set peaks "
+                        "instead of re-measuring each selector's memory after them")
     parser.add_argument("--merge", nargs="+", default=None, help="sweep --out directories to merge into --name")
     parser.add_argument("--name", default="selection_sweep_scaled", help="results/NAME.{json,md,png} to merge into "
                         "or to write the docs' tables from")
     parser.add_argument("--docs", action="store_true", help="rewrite the tables of docs/selection_cost.md from "
                         "results/NAME.json")
     args = parser.parse_args()
+    if args.memory:
+        remeasure_memory(args.memory)
     if args.merge:
         merge(args.merge, args.name)
     if args.docs:
         write_docs(args.name)
     if args.sweep:
         run_sweep(args)
-    elif not (args.merge or args.docs):
+    elif not (args.merge or args.docs or args.memory):
         table = io.StringIO()
         with contextlib.redirect_stdout(table):
             main(["bench-selection", "--sizes", "576,2880", "--dim", "4096", "--dtype", "bfloat16", "--repeats", "5",

@@ -267,6 +267,81 @@ def test_scaling_sweep_rows_plot_and_table(tmp_path):
     assert "| divprune | 36 |" in summary and "| yes |" in summary and "N = a: 100 ms" in summary
 
 
+def test_sweep_restores_threads_and_shows_the_clustered_shape():
+    """The sweep runs on the threads it is given and gives the caller's count back; a shape with a note (the
+    clustered features) is labelled in the tables and kept off the plot's N axis."""
+    from tokenprune.bench import selection_sweep as sweep
+
+    previous = torch.get_num_threads()
+    wanted = 2 if previous == 1 else 1
+    shapes = (sweep.Shape("72-clustered", 72, 16, "llama-7b", note="clustered", clustered=True),)
+    rows = sweep.sweep("float32", wanted, shapes, ("divprune", "kcenter"), layer=False, log=lambda line: None)
+    assert torch.get_num_threads() == previous
+    assert [r["threads"] for r in rows] == [wanted, wanted] and all(r["note"] == "clustered" for r in rows)
+    assert "| 72 (clustered) |" in sweep.markdown(rows)
+
+
+def test_memory_pass_measures_each_selector_again():
+    """After the timed runs the sweep re-measures each selector's (and the previous implementation's) peak as the
+    tensor memory it holds; the timed runs' resident-set peaks stay in the row. DivPrune at 576 tokens of width 256
+    holds at least its fp32 unit rows and its whole similarity matrix."""
+    from tokenprune.bench import selection_sweep as sweep
+
+    shapes = (sweep.Shape("s", 576, 256, "llama-7b"),)
+    before = {"divprune": lambda ctx: F.divprune(ctx.signal("features"), ctx.k)}
+    rows = sweep.sweep("float32", 1, shapes, ("divprune", "holov"), before=before, layer=False, log=lambda line: None)
+    sweep.memory_pass(rows, shapes, before, log=lambda line: None)
+    divprune, holov = rows
+    assert all("rss_peak_in_sweep_bytes" in r for r in rows)
+    assert divprune["peak_bytes"] >= 576 * 256 * 4 + 576 * 576 * 4 <= divprune["before_peak_bytes"]
+    assert "before_rss_peak_in_sweep_bytes" in divprune
+    assert 0 < holov["peak_bytes"] < divprune["peak_bytes"]  # chunk-local
+
+
+def test_tensor_peak_bytes_counts_what_a_call_holds_at_once():
+    from tokenprune.bench.measure import tensor_peak_bytes
+
+    def call() -> torch.Tensor:
+        a = torch.ones(1000, 1000)  # 4 MB
+        b = a * 2  # 8 MB held
+        del a
+        return b + 1  # 8 MB held again, never 12
+
+    assert 8_000_000 <= tensor_peak_bytes(call) < 8_001_000  # + the scalars' few bytes
+
+
+def test_clustered_features_have_near_twins():
+    """The clustered shape's tokens each have a near twin (nearest cosine about 0.8), the Gaussian ones none (about
+    0.3 at D = 256): the two ends of DivPrune's first-pick cost."""
+    from tokenprune.bench.selection_sweep import clustered_features
+
+    def nearest(x: torch.Tensor) -> torch.Tensor:
+        sim = F.cosine_distance(x).neg_().add_(1.0).fill_diagonal_(-1.0)
+        return sim.max(dim=1).values
+
+    clustered = nearest(clustered_features(360, 256, torch.float32))
+    gaussian = nearest(torch.randn(360, 256, generator=torch.Generator().manual_seed(0)))
+    assert clustered.min() > 0.6 > 0.4 > gaussian.max()
+
+
+def test_verdict_quotes_each_size_and_the_floor():
+    """The verdict's reasons give their figures at both sizes (N = 2,880 / 7,290), and the floor of an exact greedy
+    (k fp32 rows in one product) as a share of each size's layer."""
+    from tokenprune.bench.selection_sweep import verdict
+
+    rows = []
+    for n, layer in ((2880, 1000.0), (7290, 5000.0)):
+        base = {"shape": str(n), "n": n, "d": 4096, "k": round(n / 9), "dtype": "bfloat16", "threads": 1,
+                "memory_budget_bytes": 2 * n * 4096 * 4}
+        rows += [{**base, "method": "layer", "ms": layer, "floor_fp32_ms": layer / 40, "floor_dtype_ms": layer / 200},
+                 {**base, "method": "kcenter", "ms": layer / 10, "peak_bytes": 2**20, "reference_speedup": 4.0}]
+    text = verdict(rows, "bfloat16", 1)
+    assert "k N D = 3.8 / 24.2 G MACs" in text  # 320 x 2,880 x 4,096 and 810 x 7,290 x 4,096
+    assert "N = 2,880: 25.0 ms = **2.50 %** of the layer (bfloat16: 5.0 ms = 0.50 %)" in text
+    assert "N = 7,290: 125.0 ms = **2.50 %**" in text
+    assert "| kcenter | 10.00 | 4.0 | no | 10.00 | 1 (228) | no |" in text
+
+
 @pytest.mark.parametrize("name", ["divprune", "kcenter", "cdpruner"])
 @pytest.mark.parametrize("cls_token", [True, False])
 def test_select_many_equals_select_per_context(name, cls_token):

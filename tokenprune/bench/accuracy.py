@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from tokenprune.api import disable_pruning, enable_pruning
+from tokenprune.bench.measure import torch_threads
 from tokenprune.bench.synthetic.questions import PROMPT, QUESTION_TYPES, TEST_SEED, eval_split
 from tokenprune.bench.synthetic.scenes import render
 
@@ -104,11 +105,19 @@ def score(model, processor, data, handle=None, records: list | None = None) -> d
 def run(n_per_type: int = 20, keeps=KEEPS, methods: list[str] | None = None, batch: int = 20,
         attn_implementation: str = "sdpa", out=sys.stderr, threads: int | None = None,
         quantization_config: Any = None) -> dict[str, Any]:
+    """Accuracy of every LLaVA-1.5 method at each of ``keeps`` on ``n_per_type`` test questions per type of the
+    bundled trained model, next to the unpruned model's; on ``threads`` CPU threads (``None``: as set), the caller's
+    setting restored after."""
+    with torch_threads(threads):
+        return _run(n_per_type=n_per_type, keeps=keeps, methods=methods, batch=batch,
+                    attn_implementation=attn_implementation, out=out, quantization_config=quantization_config)
+
+
+def _run(*, n_per_type: int, keeps, methods: list[str] | None, batch: int, attn_implementation: str, out,
+         quantization_config: Any) -> dict[str, Any]:
     from tokenprune.quantization import describe
     from tokenprune.tiny_models import trained_llava
 
-    if threads:
-        torch.set_num_threads(threads)
     model, processor = trained_llava(attn_implementation=attn_implementation, quantization_config=quantization_config)
     data = batches(n_per_type, batch, processor)
     start = time.time()

@@ -176,24 +176,19 @@ def add_decoder_command(sub: argparse._SubParsersAction) -> None:
 
 
 def run_decoder(args: argparse.Namespace) -> int:
-    import torch
-
     from tokenprune.bench import decoder_cost
+    from tokenprune.bench.measure import torch_threads
     from tokenprune.bench.models import load
 
-    previous = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        bm = load(args.model, layers=args.layers, vision_layers=args.vision_layers, dtype=args.dtype,
-                  attn_implementation=args.attn, device=args.device, width_divisor=args.width_divisor,
-                  quantization_config=_quantization(args))
-        rows = decoder_cost.run(bm, args.method, args.keep, repeats=args.repeats, warmup=args.warmup,
-                                progress=False if args.no_progress else None)
-    except ValueError as err:
-        args.command_parser.error(str(err))
-    finally:
-        torch.set_num_threads(previous)
+    with torch_threads(args.threads):
+        try:
+            bm = load(args.model, layers=args.layers, vision_layers=args.vision_layers, dtype=args.dtype,
+                      attn_implementation=args.attn, device=args.device, width_divisor=args.width_divisor,
+                      quantization_config=_quantization(args))
+            rows = decoder_cost.run(bm, args.method, args.keep, repeats=args.repeats, warmup=args.warmup,
+                                    progress=False if args.no_progress else None)
+        except ValueError as err:
+            args.command_parser.error(str(err))
     table = decoder_cost.format_markdown(rows)
     if args.json != "-":
         print(table)
@@ -296,9 +291,8 @@ def _emit(text: str, target: str | None) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    import torch
-
     from tokenprune.bench import report
+    from tokenprune.bench.measure import torch_threads
     from tokenprune.bench.models import load
     from tokenprune.bench.run import Budget, run
     from tokenprune.budget import validate_flops
@@ -319,19 +313,15 @@ def run_bench(args: argparse.Namespace) -> int:
         parser.error(str(err))
     budgets = [Budget(m, keep=k) for m in methods for k in args.keep or []]
     budgets += [Budget(m, flops=f) for m in methods for f in args.flops or []]
-    previous = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        bm = load(args.model, layers=args.layers, vision_layers=args.vision_layers, dtype=args.dtype,
-                  attn_implementation=args.attn, device=args.device, prompt=args.prompt,
-                  quantization_config=_quantization(args))
-        rows = run(bm, budgets, repeats=args.repeats, warmup=args.warmup, decode_tokens=args.decode_tokens,
-                   progress=False if args.no_progress else None)
-    except ValueError as err:
-        parser.error(str(err))
-    finally:
-        torch.set_num_threads(previous)
+    with torch_threads(args.threads):
+        try:
+            bm = load(args.model, layers=args.layers, vision_layers=args.vision_layers, dtype=args.dtype,
+                      attn_implementation=args.attn, device=args.device, prompt=args.prompt,
+                      quantization_config=_quantization(args))
+            rows = run(bm, budgets, repeats=args.repeats, warmup=args.warmup, decode_tokens=args.decode_tokens,
+                       progress=False if args.no_progress else None)
+        except ValueError as err:
+            parser.error(str(err))
     if "-" not in (args.json, args.csv):
         print(report.format_table(rows))
     if args.json:
@@ -342,19 +332,13 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_selection(args: argparse.Namespace) -> int:
-    import torch
-
     from tokenprune.bench import selection
+    from tokenprune.bench.measure import torch_threads
 
-    previous = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         rows = selection.run(tuple(args.sizes), d=args.dim, dtype=args.dtype, repeats=args.repeats,
                              warmup=args.warmup, methods=args.method, layer=not args.no_layer,
                              reference_repeats=args.reference_repeats)
-    finally:
-        torch.set_num_threads(previous)
     if args.json != "-":
         print(selection.format_table(rows))
     if args.json:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +109,38 @@ class StepClock:
             torch.cuda.synchronize()
             return [a.elapsed_time(b) for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
         return [(b - a) * 1e3 for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block on ``threads`` intra-op CPU threads (``None`` or 0: as set), then restore the caller's
+    count: a benchmark called from a library, a notebook or a test must not leave the process's setting changed."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def tensor_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak bytes of CPU tensor memory ``fn`` holds on top of what was allocated before it: every allocation and
+    free of PyTorch's CPU allocator during the call (recorded by the profiler), summed in order. Deterministic:
+    it counts what tensors were given (an ``empty`` buffer in full, touched or not), not the resident set, which
+    also holds heap blocks an earlier, larger call freed (:func:`peak_memory`) and the BLAS library's own scratch.
+    The profiler slows the call: measure time in another run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def _rss_bytes(field: str) -> int | None:

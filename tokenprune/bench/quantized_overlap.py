@@ -18,6 +18,7 @@ import torch
 
 from tokenprune.api import disable_pruning, enable_pruning
 from tokenprune.bench.accuracy import MODEL_OPTIONS, batches, llava_methods, score
+from tokenprune.bench.measure import torch_threads
 from tokenprune.bench.synthetic.questions import TEST_SEED
 from tokenprune.quantization import describe
 
@@ -46,11 +47,17 @@ def run(quantization_config: Any, n_per_type: int = 8, keep: float = 0.25, metho
         batch: int = 20, attn_implementation: str = "sdpa", out=sys.stderr, threads: int | None = None
         ) -> dict[str, Any]:
     """Per method: mean Jaccard and shared share of the kept indices (full precision vs quantized) and the accuracy
-    of both at ``keep``, on ``n_per_type`` test questions per question type."""
+    of both at ``keep``, on ``n_per_type`` test questions per question type. On ``threads`` CPU threads
+    (``None``: as set), the caller's setting restored after."""
+    with torch_threads(threads):
+        return _run(quantization_config=quantization_config, n_per_type=n_per_type, keep=keep, methods=methods,
+                    batch=batch, attn_implementation=attn_implementation, out=out)
+
+
+def _run(*, quantization_config: Any, n_per_type: int, keep: float, methods: list[str] | None, batch: int,
+         attn_implementation: str, out) -> dict[str, Any]:
     from tokenprune.tiny_models import trained_llava
 
-    if threads:
-        torch.set_num_threads(threads)
     full, processor = trained_llava(attn_implementation=attn_implementation)
     quantized, _ = trained_llava(attn_implementation=attn_implementation, quantization_config=quantization_config)
     data = batches(n_per_type, batch, processor)
