@@ -20,7 +20,7 @@ import torch
 
 from tokenprune.bench.measure import Timer, peak_memory, tensor_peak_bytes, torch_threads
 from tokenprune.bench.references import REFERENCES
-from tokenprune.bench.selection import synthetic_context
+from tokenprune.bench.selection import decoder_layer, synthetic_context
 from tokenprune.methods import FEATURES, METHODS
 
 
@@ -65,40 +65,11 @@ def _label(row: dict[str, Any]) -> str:
     """N as the tables show it, with the shape's note (rows of older sweeps: the video shape's label)."""
     note = row.get("note", "video" if row["shape"] == "qwen-video-16f" else "")
     return f"{row['n']:,}" + (f" ({note})" if note else "")
+
+
 # hidden, intermediate, attention heads, key-value heads
 LAYERS = {"llama-7b": (4096, 11008, 32, 32), "qwen2-7b": (3584, 18944, 28, 4)}
 SELECTORS = ("divprune", "kcenter", "cdpruner", "mmtok", "holov", "visiondrop", "visionzip", "recoverable")
-
-
-def decoder_layer(layer: str, dtype: torch.dtype) -> Callable[[int], Callable[[], Any]]:
-    """``n -> one prefill of a 7B-shaped Llama decoder layer over n tokens`` (sdpa, random weights, no grad)."""
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-
-    hidden, intermediate, heads, kv = LAYERS[layer]
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
-                         num_key_value_heads=kv, num_hidden_layers=1)
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        module = LlamaDecoderLayer(config, layer_idx=0)
-    module = module.to_empty(device="cpu").to(dtype).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in module.parameters():  # random weights (the cost does not depend on them), quicker than init
-            p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(dtype) if p.ndim > 1 else torch.ones(p.shape))
-    rotary = LlamaRotaryEmbedding(config)
-
-    def prefill(n: int) -> Callable[[], Any]:
-        states = torch.randn(1, n, hidden, generator=g).to(dtype)
-        position = rotary(states, torch.arange(n)[None])
-
-        def run() -> Any:
-            with torch.inference_mode():
-                return module(states, attention_mask=None, position_embeddings=position)
-
-        return run
-
-    return prefill
 
 
 def _measure(fn: Callable[[], Any], timer: Timer, warmup: int, repeats: int) -> tuple[list[float], int | None, Any]:
@@ -162,7 +133,7 @@ def _sweep(
         layer_ms = None
         if layer:
             if shape.layer not in layers:
-                layers[shape.layer] = decoder_layer(shape.layer, torch_dtype)
+                layers[shape.layer] = decoder_layer(*LAYERS[shape.layer], torch_dtype)
             runs, peak, _ = _measure(layers[shape.layer](n), timer, 1 if n <= 1152 else 0, 1)
             layer_ms = statistics.median(runs)
             floor_fp32, floor_dtype = _floor(n, d, k, torch.float32, timer), _floor(n, d, k, torch_dtype, timer)
