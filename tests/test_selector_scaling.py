@@ -422,6 +422,31 @@ def test_recoverable_cluster_rows_equal_the_per_centre_loop(seed):
             assert len(fast) == len(naive) == c and all(torch.equal(a, b) for a, b in zip(fast, naive, strict=True))
 
 
+@pytest.mark.parametrize("duplicated", [False, True])
+def test_recoverable_cluster_rows_decide_near_ties_per_centre(monkeypatch, duplicated):
+    """The centres' affinities come from one matrix product; a centre whose top affinities are closer than the
+    rounding bound (here: duplicated tokens) is decided by the official per-centre product instead, and only then.
+    Rows equal the per-centre loop's either way."""
+    from tokenprune.bench.references import cluster_rows_naive
+    from tokenprune.functional import recovery
+
+    calls = []
+    top = recovery._top
+    monkeypatch.setattr(recovery, "_top", lambda scores, count: calls.append(count) or top(scores, count))
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(200, 64, generator=g, dtype=torch.float64)
+    sim = torch.randn(200, generator=g, dtype=torch.float64) * 0.03
+    if duplicated:  # tokens 100.. repeat tokens ..99: equal affinities
+        keys[100:], sim[100:] = keys[:100].clone(), sim[:100].clone()
+    keys = keys / keys.norm(dim=-1, keepdim=True)
+    x, attn = torch.randn(200, 5, generator=g), torch.rand(200, generator=g, dtype=torch.float64)
+    perm = torch.randperm(200, generator=g)
+    args = (keys, sim, x, attn, perm[:70], perm[70:], 32, 50.0)
+    fast, naive = recovery.cluster_rows(*args), cluster_rows_naive(keys, sim, x.double(), *args[3:])
+    assert all(torch.equal(a, b) for a, b in zip(fast, naive, strict=True))
+    assert (len(calls) > 0) == duplicated
+
+
 def test_docs_sweep_tables_are_generated_from_the_committed_results():
     """docs/selection_cost.md's third-round tables are ``docs_section`` of the committed sweep JSON, not hand-kept
     (``python benchmarks/selection_cost.py --docs`` rewrites them)."""

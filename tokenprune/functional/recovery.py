@@ -99,25 +99,51 @@ def lof_outlier_fraction(values: torch.Tensor, n_neighbors: int) -> float:
 
 
 def cluster_rows(keys: torch.Tensor, sim: torch.Tensor, x: torch.Tensor, attn: torch.Tensor, centers: torch.Tensor,
-                 others: torch.Tensor, cluster_size: int, text_weight: float) -> list[torch.Tensor]:
+                 others: torch.Tensor, cluster_size: int, text_weight: float, block: int = 64, *,
+                 key_of: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Recoverable's recovery step: each centre (in order) gathers the ``cluster_size`` candidates of highest key
     affinity + ``text_weight`` x text similarity among the other centres and the non-centres (the official
     candidate order: centres before it, centres after it, then the others; ties to the earlier candidate) and
-    becomes its row plus their attention-weighted rows. The candidates' keys are gathered once, not per centre
-    (``O(C N D_k)`` products, one ``N x D_k`` copy); each centre's affinities are those of the full candidate list
-    with its own entry cut out, so they and the order are the per-centre formula's
-    (:func:`tokenprune.bench.references.cluster_rows_naive`). ``x`` in any float dtype: the rows a centre merges are
-    upcast to fp64 as they are gathered (no fp64 copy of all ``N`` rows)."""
+    becomes its row plus their attention-weighted rows (:func:`tokenprune.bench.references.cluster_rows_naive`).
+    ``keys`` fp64 (unit rows in the method), token ``t``'s key being ``keys[t]`` or ``keys[key_of[t]]``; ``x`` in
+    any float dtype (the rows a centre merges are upcast to fp64 as gathered).
+
+    The official affinities are one fp64 matrix-vector product per centre, each streaming all ``N x D_k`` keys.
+    Here ``block`` centres share one matrix product, which sums in another order: its affinities differ from the
+    per-centre ones by at most ``_rounding_bound`` (``D_k`` unit products in fp64, about ``1e-13``). A centre's
+    top ``cluster_size + 1`` affinities from the product are used when every gap between them exceeds twice that
+    bound (then the per-centre products give the same members in the same order); otherwise, e.g. duplicated keys,
+    that centre's affinities are the per-centre product itself. Same members, same order, same rows."""
     pool = torch.cat([centers, others])  # centre i sits at place i
-    pool_keys, pool_sim = keys[pool], text_weight * sim[pool]
+    pool_keys, pool_sim = keys[pool if key_of is None else key_of[pool]], text_weight * sim[pool]
     size = min(cluster_size, pool.numel() - 1)
+    norm = float(pool_keys.norm(dim=1).max()) if pool.numel() else 0.0
+    margin = 2 * _rounding_bound(pool_keys.shape[1], norm * norm, float(pool_sim.abs().max()) if pool.numel() else 0.0)
     rows = []
-    for i in range(centers.numel()):
-        affinity = pool_keys @ pool_keys[i] + pool_sim  # pool_keys[i] is keys[centers[i]]
-        affinity[i] = -torch.inf  # the centre itself is no candidate; stable sort: the rest keep their order
-        members = pool[_top(affinity, size)]
-        rows.append(x[centers[i]].double() + x[members].double().mul_(attn[members, None]).sum(dim=0))
+    for start in range(0, centers.numel(), block):
+        batch = pool_keys[start:start + block] @ pool_keys.T + pool_sim  # [b, P]
+        for i in range(start, min(start + block, centers.numel())):
+            affinity = batch[i - start]
+            affinity[i] = -torch.inf  # the centre itself is no candidate
+            top = torch.topk(affinity, min(size + 1, pool.numel()))
+            gaps = top.values[:-1] - top.values[1:]  # descending: >= 0 (-inf - -inf is nan: not certain)
+            if bool((gaps > margin).all()):
+                members = pool[top.indices[:size]]
+            else:  # a near tie: the official per-centre product decides (stable sort: ties to the earlier candidate)
+                affinity = pool_keys @ pool_keys[i] + pool_sim  # pool_keys[i] is keys[centers[i]]
+                affinity[i] = -torch.inf
+                members = pool[_top(affinity, size)]
+            rows.append(x[centers[i]].double() + x[members].double().mul_(attn[members, None]).sum(dim=0))
     return rows
+
+
+def _rounding_bound(width: int, scale: float, offset: float) -> float:
+    """Bound on how far two fp64 evaluations of ``u . v + s`` can differ for rows ``u, v`` of ``width`` with
+    ``|u| |v| <= scale`` and ``|s| <= offset`` when only the order of the dot product's sum changes: each is within
+    ``width * eps * scale`` of the exact dot (Higham's bound, ``sum |u_j v_j| <= |u| |v|``), plus one rounding of
+    the sum; doubled for safety."""
+    eps = torch.finfo(torch.float64).eps
+    return 2 * (width * eps * 1.01 * scale + eps * (scale + offset))
 
 
 def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -172,9 +198,11 @@ def recoverable(
     k = keys.double()  # one fp64 copy, divided in place (a copy of the caller's tensor if it was fp64 already)
     norm = k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     k = k / norm if k.data_ptr() == keys.data_ptr() else k.div_(norm)
+    key_of = None
     if quirks:  # the official code gathers the rest tokens' keys by rest-list position p: key of patch p, not rest[p]
-        k[rest] = k[: rest.numel()].clone()
-    rows = cluster_rows(k, sim, hidden, attn, centers, others, cluster_size, text_weight)
+        key_of = torch.zeros(n, dtype=torch.long, device=k.device)
+        key_of[rest] = torch.arange(rest.numel(), device=k.device)
+    rows = cluster_rows(k, sim, hidden, attn, centers, others, cluster_size, text_weight, key_of=key_of)
     if others.numel():  # the official code appends it even when empty (a zero row); we do not
         rows.append(hidden[others].double().mul_(attn[others, None]).sum(dim=0))
     return main, torch.stack(rows).float()
