@@ -310,8 +310,8 @@ LIMITS = {
                   "merge",
     "visionzip": "linear: one pass over the tower's hidden states and head-mean keys, one [R, C] key-similarity "
                  "product",
-    "recoverable": "per-centre fp64 matrix-vector products over the N x D_k keys (int(D r) centres, the official "
-                   "quirk; each streams the keys); LOF O(N k)",
+    "recoverable": "fp64 affinities of int(D r) centres (the official quirk's count, data-dependent) to the N x D_k "
+                   "keys, one product per 64 centres; the image-text relevance's fp32 unit rows; LOF O(N k)",
 }
 
 
