@@ -91,7 +91,7 @@ def _kept(out: Any) -> torch.Tensor:
 def sweep(
     dtype: str, threads: int, shapes: tuple[Shape, ...] = SHAPES, methods: tuple[str, ...] = SELECTORS, *,
     reference_max_n: int = 1152, before: dict[str, Callable[[Any], torch.Tensor]] | None = None,
-    before_max_n: int = 2880, layer: bool = True, repeats: Callable[[int], int] = lambda n: 3 if n <= 1152 else 1,
+    before_max_n: int = 2880, layer: bool = True, repeats: Callable[[int], int] = lambda n: 3 if n <= 2880 else 1,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """One row per shape x method (and one ``"layer"`` row per shape): ``ms`` (median), ``runs``, ``peak_bytes``,
@@ -134,7 +134,7 @@ def _sweep(
         if layer:
             if shape.layer not in layers:
                 layers[shape.layer] = decoder_layer(*LAYERS[shape.layer], torch_dtype)
-            runs, peak, _ = _measure(layers[shape.layer](n), timer, 1 if n <= 1152 else 0, 1)
+            runs, peak, _ = _measure(layers[shape.layer](n), timer, 1, repeats(n))  # the median below
             layer_ms = statistics.median(runs)
             floor_fp32, floor_dtype = _floor(n, d, k, torch.float32, timer), _floor(n, d, k, torch_dtype, timer)
             rows.append({**base, "method": "layer", "layer": shape.layer, "ms": layer_ms, "runs": runs,
