@@ -73,15 +73,14 @@ SELECTORS = ("divprune", "kcenter", "cdpruner", "mmtok", "holov", "visiondrop", 
 
 
 def _measure(fn: Callable[[], Any], timer: Timer, warmup: int, repeats: int) -> tuple[list[float], int | None, Any]:
-    """Milliseconds of ``repeats`` runs after ``warmup``, the peak extra memory (bytes) of the first timed run and
-    its result."""
+    """Milliseconds of ``repeats`` runs after ``warmup`` runs and one untimed run that reads the peak extra
+    resident memory (bytes; it starts from a trimmed heap, so it pays the page faults the timed runs do not), and
+    that run's result."""
     for _ in range(warmup):
         fn()
-    runs: list[float] = []
     result: list[Any] = []
-    peak = peak_memory(lambda: runs.append(timer(lambda: result.append(fn()))), torch.device("cpu"))
-    runs += [timer(fn) for _ in range(repeats - 1)]
-    return runs, peak, result[0]
+    peak = peak_memory(lambda: result.append(fn()), torch.device("cpu"))
+    return [timer(fn) for _ in range(repeats)], peak, result[0]
 
 
 def _kept(out: Any) -> torch.Tensor:
