@@ -448,15 +448,16 @@ def test_recoverable_cluster_rows_decide_near_ties_per_centre(monkeypatch, dupli
 
 
 def test_docs_sweep_tables_are_generated_from_the_committed_results():
-    """docs/selection_cost.md's third-round tables are ``docs_section`` of the committed sweep JSON, not hand-kept
-    (``python benchmarks/selection_cost.py --docs`` rewrites them)."""
+    """docs/selection_cost.md's tables and its summary are ``docs_section`` and ``summary`` of the committed sweep
+    JSON, not hand-kept (``python benchmarks/selection_cost.py --docs`` rewrites them)."""
     import json
     from pathlib import Path
 
-    from tokenprune.bench.selection_sweep import docs_section
+    from tokenprune.bench.selection_sweep import docs_section, summary
 
     root = Path(__file__).resolve().parent.parent
     rows = json.loads((root / "benchmarks/results/selection_sweep_scaled.json").read_text())["rows"]
     section = docs_section(rows)
-    assert section in (root / "docs/selection_cost.md").read_text()
+    docs = (root / "docs/selection_cost.md").read_text()
+    assert section in docs and summary(rows) in docs and summary(rows).count("| divprune | ") == 1
     assert all(section.count(f"| {name} | ") >= 2 for name in ("divprune", "kcenter", "cdpruner", "mmtok"))

@@ -368,6 +368,42 @@ def verdict(rows: list[dict[str, Any]], dtype: str, threads: int, mid: str = "28
     return "\n".join(lines)
 
 
+def summary(rows: list[dict[str, Any]], dtype: str = "bfloat16", threads: int = 1, mid: str = "2880",
+            big: str = "7290") -> str:
+    """The docs' short table for one configuration: per selector, before -> now (ms) and the share of one layer at
+    ``mid`` and ``big``, the speed-up over the naive reference (and on the clustered shape), and the peak tensor
+    memory before -> now at ``big`` against the ``2 N D x 4`` bound."""
+    mine = {(r["shape"], r["method"]): r for r in rows if (r["dtype"], r["threads"]) == (dtype, threads)}
+    if (mid, "layer") not in mine or (big, "layer") not in mine:
+        return ""
+    budget = mine[(big, "layer")]["memory_budget_bytes"] / 2**20
+    lines = [f"| selector | N = {int(mid):,}: before -> now ms | % of a layer | x naive (clustered) | "
+             f"N = {int(big):,}: before -> now ms | % of a layer | MiB before -> now (bound {budget:,.0f}) |",
+             "|" + "---|" * 7,
+             f"| one 7B layer | {mine[(mid, 'layer')]['ms']:,.0f} | - | - | {mine[(big, 'layer')]['ms']:,.0f} | - "
+             "| - |"]
+
+    def change(r: dict[str, Any] | None, key: str, now: str, scale: float = 1.0) -> str:
+        if r is None:
+            return "-"
+        if r.get(key) is None:
+            return f"{r[now] / scale:,.0f}"
+        return f"{r[key] / scale:,.0f} -> {r[now] / scale:,.0f}"
+
+    for name in SELECTORS:
+        a, b, twin = mine.get((mid, name)), mine.get((big, name)), mine.get((f"{mid}-clustered", name), {})
+        if a is None and b is None:
+            continue
+        naive = "-" if not a or "reference_speedup" not in a else f"{a['reference_speedup']:.1f}" + (
+            f" ({twin['reference_speedup']:.1f})" if "reference_speedup" in twin else "")
+        lines.append("| " + " | ".join([
+            name, change(a, "before_ms", "ms"), f"{100 * a['ms'] / mine[(mid, 'layer')]['ms']:.1f}" if a else "-",
+            naive, change(b, "before_ms", "ms"), f"{100 * b['ms'] / mine[(big, 'layer')]['ms']:.1f}" if b else "-",
+            change(b, "before_peak_bytes", "peak_bytes", 2**20) if b and b.get("peak_bytes") is not None else "-",
+        ]) + " |")
+    return "\n".join(lines)
+
+
 def docs_section(rows: list[dict[str, Any]]) -> str:
     """The generated part of ``docs/selection_cost.md``: per configuration the before/after table and the verdict
     against the targets (``benchmarks/selection_cost.py --docs`` writes it from the committed JSON)."""
