@@ -74,7 +74,8 @@ def two_stage_methods():
 
 def video_methods():
     """Registered methods that merge the frames of a video (HoliTom): they decline images (at the call) and
-    families without whole-video units (at enable time); their invariants live in tests/test_holitom.py."""
+    families without whole-video units (at enable time); their invariants live in tests/test_holitom.py (the
+    functions) and tests/test_holitom_models.py (on models)."""
     from tokenprune.methods import METHODS
 
     return sorted(name for name, cls in METHODS.items() if cls.video_only)
@@ -147,15 +148,38 @@ def enable(model, method, keep, **kwargs):
     return enable_pruning(model, method, keep=keep, **TINY_OPTIONS.get(method, {}), **kwargs)
 
 
-def cached_model(cache, key, build):
-    """The body of a family's model fixture: ``cache[key]`` (a module-level dict), built by ``build()`` on first
-    use, yielded as ``(model, processor)``; pruning a test left on is removed after it. Use as
-    ``yield from cached_model(_MODELS, attn, lambda: tiny_gemma3(attn))``."""
-    from tokenprune.api import _HANDLE_ATTR, disable_pruning
+def runs_without_cls(name: str) -> bool:
+    """Can the registered method ``name`` run on a vision tower without a [CLS] token (Qwen3-VL, Gemma 3)?"""
+    from tokenprune.methods import METHODS
 
+    try:
+        METHODS[name].signals_needed(cls_token=False)
+    except ValueError:
+        return False
+    return True
+
+
+def left_clean(model) -> bool:
+    """No pruning handle and no instance ``forward``/``generate`` left on the model."""
+    from tokenprune.api import _HANDLE_ATTR
+
+    return not ({_HANDLE_ATTR, "forward", "generate"} & set(model.__dict__))
+
+
+def built(cache, key, build):
+    """``cache[key]`` (a module-level dict of tiny models), built by ``build()`` on first use only (unlike
+    ``cache.setdefault(key, build())``, which builds a model on every call and throws it away)."""
     if key not in cache:
         cache[key] = build()
-    model, processor = cache[key]
+    return cache[key]
+
+
+def cached_model(cache, key, build):
+    """The body of a family's model fixture: :func:`built`'s ``(model, processor)``, yielded; pruning a test left
+    on is removed after it. Use as ``yield from cached_model(_MODELS, attn, lambda: tiny_gemma3(attn))``."""
+    from tokenprune.api import _HANDLE_ATTR, disable_pruning
+
+    model, processor = built(cache, key, build)
     yield model, processor
     if _HANDLE_ATTR in model.__dict__:
         disable_pruning(model)

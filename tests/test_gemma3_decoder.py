@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import cached_model, hook_and_attribute_census
+from conftest import cached_model, hook_and_attribute_census, left_clean
 from gemma3_oracle import (
     DECODER_RUNS,
     GEN,
@@ -18,7 +18,6 @@ from gemma3_oracle import (
     gemma3_inputs,
     kept_prompt,
     layer_masks,
-    left_clean,
 )
 
 from tokenprune import disable_pruning, enable_pruning

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-from conftest import MERGING, enable, generate_cached_and_uncached, runnable_methods
+from conftest import MERGING, enable, generate_cached_and_uncached, runnable_methods, runs_without_cls
 
 from tokenprune import disable_pruning, enable_pruning
 from tokenprune.api import _HANDLE_ATTR
 from tokenprune.budget import kept_count
-from tokenprune.methods import METHODS as REGISTRY
 from tokenprune.tiny_models import random_image, random_video, tiny_qwen
 
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -19,16 +18,8 @@ VIDEO = f"USER : {VID}what is the dog doing ? ASSISTANT :"
 GEN = dict(max_new_tokens=5, do_sample=False)
 
 
-def _runs_without_cls(name: str) -> bool:
-    try:
-        REGISTRY[name].signals_needed(cls_token=False)
-    except ValueError:
-        return False
-    return True
-
-
-METHODS = [m for m in runnable_methods() if _runs_without_cls(m)]
-NO_CLS = [m for m in runnable_methods() if not _runs_without_cls(m)]
+METHODS = [m for m in runnable_methods() if runs_without_cls(m)]
+NO_CLS = [m for m in runnable_methods() if not runs_without_cls(m)]
 
 
 @pytest.fixture(params=["2", "2.5"])
