@@ -185,13 +185,40 @@ def cached_model(cache, key, build):
         disable_pruning(model)
 
 
-def generate_cached_and_uncached(model, inputs, **gen):
+def cached_and_uncached_record(model, inputs, **gen):
     """``model.generate(**inputs, **gen)`` with and without the KV cache: both return the prompt's own ids first and
-    the same ids (a pruned cache answers as a full recompute of the pruned sequence). Returns the ids."""
+    the same ids (a pruned cache answers as a full recompute of the pruned sequence). Returns ``(ids, record)``: the
+    pruning record of the cached run (read before the uncached run, whose steps replace ``handle.last``), ``None``
+    on an unpruned model."""
+    from tokenprune import get_handle
+
+    handle = get_handle(model)
     with torch.no_grad():
         cached = model.generate(**inputs, **gen)
+        record = None if handle is None else handle.last
         uncached = model.generate(**inputs, **gen, use_cache=False)
     prompt = inputs["input_ids"]
     assert torch.equal(cached[:, : prompt.shape[1]], prompt)
     assert torch.equal(cached, uncached)
+    return cached, record
+
+
+def generate_cached_and_uncached(model, inputs, **gen):
+    """The ids of :func:`cached_and_uncached_record`."""
+    return cached_and_uncached_record(model, inputs, **gen)[0]
+
+
+def generate_cached_and_uncached_logits(model, inputs, **gen):
+    """:func:`generate_cached_and_uncached` step by step: the same ids, and every step's logits within 1e-4 (the
+    positions, masks and pruned KV cache of a cached step agree with a full recompute). Returns the cached run's
+    output (``sequences``, ``logits``)."""
+    gen = dict(gen, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        cached = model.generate(**inputs, **gen)
+        uncached = model.generate(**inputs, **gen, use_cache=False)
+    prompt = inputs["input_ids"]
+    assert torch.equal(cached.sequences[:, : prompt.shape[1]], prompt)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for step_cached, step_uncached in zip(cached.logits, uncached.logits, strict=True):
+        torch.testing.assert_close(step_cached, step_uncached, rtol=1e-4, atol=1e-4)
     return cached

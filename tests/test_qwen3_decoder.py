@@ -5,7 +5,7 @@ docs' Qwen3.5 layer mapping. The vision stage: tests/test_qwen3.py."""
 
 import pytest
 import torch
-from conftest import built, cached_model, decoder_methods, two_stage_methods
+from conftest import built, cached_model, decoder_methods, generate_cached_and_uncached_logits, two_stage_methods
 from qwen3_cases import GEN, OTHER, PROMPT, hook_count, left_clean
 
 from tokenprune import disable_pruning, enable_pruning
@@ -57,13 +57,20 @@ def _enable_decoder(model, method, keep):
     return enable_pruning(model, method, keep=keep, **options.get(method, {}))
 
 
+def _refused_on_moe(model, method, keep) -> bool:
+    """A method of :data:`MOE_REFUSED` on a mixture of experts: refused with a clear error, nothing left behind."""
+    if method not in MOE_REFUSED or not model.config.model_type.endswith("_moe"):
+        return False
+    with pytest.raises(ValueError, match="mixture of experts"):
+        _enable_decoder(model, method, keep)
+    assert left_clean(model)
+    return True
+
+
 @pytest.mark.parametrize("method", DECODER_METHODS)
 def test_decoder_methods_keep_all_bit_identical_and_cache_consistent(deep_qwen3, method):
     model, processor = deep_qwen3
-    if method in MOE_REFUSED and model.config.model_type.endswith("_moe"):
-        with pytest.raises(ValueError, match="mixture of experts"):
-            _enable_decoder(model, method, 0.5)
-        assert left_clean(model)
+    if _refused_on_moe(model, method, 0.5):
         return
     one = processor(text=[PROMPT], images=[random_image(96, 128, seed=1)])
     hooks = hook_count(model)
@@ -71,24 +78,17 @@ def test_decoder_methods_keep_all_bit_identical_and_cache_consistent(deep_qwen3,
         ref_logits, ref_ids = model(**one).logits, model.generate(**one, **GEN)
         _enable_decoder(model, method, 1.0)
         assert torch.equal(model(**one).logits, ref_logits) and torch.equal(model.generate(**one, **GEN), ref_ids)
-        disable_pruning(model)
-        assert left_clean(model) and hook_count(model) == hooks
-        handle = _enable_decoder(model, method, 0.5)
-        cached = model.generate(**one, **GEN, output_logits=True, return_dict_in_generate=True)
-        uncached = model.generate(**one, **GEN, use_cache=False, output_logits=True, return_dict_in_generate=True)
-    assert torch.equal(cached.sequences[:, : one["input_ids"].shape[1]], one["input_ids"])
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for step_cached, step_uncached in zip(cached.logits, uncached.logits, strict=True):
-        torch.testing.assert_close(step_cached, step_uncached, rtol=1e-4, atol=1e-4)
+    disable_pruning(model)
+    assert left_clean(model) and hook_count(model) == hooks
+    handle = _enable_decoder(model, method, 0.5)
+    generate_cached_and_uncached_logits(model, one, **GEN)
     assert handle.last.visual_per_layer[-1] < handle.last.n_visual
 
 
 @pytest.mark.parametrize("method", DECODER_METHODS)
 def test_decoder_methods_padded_batch_rows_match_each_prompt_alone(deep_qwen3, method):
     model, processor = deep_qwen3
-    if method in MOE_REFUSED and model.config.model_type.endswith("_moe"):
-        with pytest.raises(ValueError, match="mixture of experts"):
-            _enable_decoder(model, method, 0.4)
+    if _refused_on_moe(model, method, 0.4):
         return
     prompts, images = [PROMPT, OTHER], [random_image(96, 128, seed=1), random_image(64, 64, seed=2)]
     handle = _enable_decoder(model, method, 0.4)
