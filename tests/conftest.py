@@ -222,3 +222,23 @@ def generate_cached_and_uncached_logits(model, inputs, **gen):
     for step_cached, step_uncached in zip(cached.logits, uncached.logits, strict=True):
         torch.testing.assert_close(step_cached, step_uncached, rtol=1e-4, atol=1e-4)
     return cached
+
+
+def assert_rows_match_alone(model, rows: list[dict], batch: dict):
+    """Each row of the padded ``batch`` keeps the same tokens of each of its images and gives the same last-position
+    logits (within 1e-4) as its prompt alone (``rows``: the inputs of each row's prompt, in order). Returns the
+    record of the batch's forward."""
+    from tokenprune import get_handle
+
+    handle = get_handle(model)
+    alone_logits, alone_kept = [], []
+    with torch.no_grad():
+        for inputs in rows:
+            alone_logits.append(model(**inputs).logits[0, -1])
+            alone_kept += [im.kept for im in handle.last.images]
+        logits = model(**batch).logits[:, -1]
+    record = handle.last
+    assert all(torch.equal(a, b) for a, b in zip(alone_kept, [im.kept for im in record.images], strict=True))
+    for row, out in enumerate(alone_logits):
+        torch.testing.assert_close(logits[row], out, rtol=1e-4, atol=1e-4)
+    return record

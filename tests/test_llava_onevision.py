@@ -5,7 +5,15 @@ the real depth: tests/test_llava_onevision_decoder.py."""
 
 import pytest
 import torch
-from conftest import MERGING, built, cached_model, hook_and_attribute_census, left_clean
+from conftest import (
+    MERGING,
+    assert_rows_match_alone,
+    built,
+    cached_model,
+    generate_cached_and_uncached,
+    hook_and_attribute_census,
+    left_clean,
+)
 from onevision_cases import DECLINES, GEN, METHODS, OTHER, PROMPT, TWO, adapter, both, enable
 
 from tokenprune import disable_pruning, enable_pruning
@@ -97,23 +105,12 @@ def test_padded_batch_rows_match_each_prompt_alone(ov, method):
     images = [[random_image(120, 120, seed=1)], [random_image(40, 70, seed=2)],
               [random_image(70, 40, seed=3), random_image(64, 64, seed=4)]]
     handle = enable(model, method, 0.3)
-    alone = []
-    with torch.no_grad():
-        for prompt, imgs in zip(prompts, images, strict=True):
-            out = model(**processor(text=[prompt], images=imgs)).logits[0, -1]
-            alone.append((out, [im.kept for im in handle.last.images]))
-        batch = processor(text=prompts, images=[im for imgs in images for im in imgs])
-        assert bool((batch["attention_mask"] == 0).any())
-        logits = model(**batch).logits[:, -1]
-        batch_kept = [im.kept for im in handle.last.images]
-        ids = model.generate(**batch, **GEN)
-        ids_nocache = model.generate(**batch, **GEN, use_cache=False)
+    batch = processor(text=prompts, images=[im for imgs in images for im in imgs])
+    assert bool((batch["attention_mask"] == 0).any())
+    rows = [processor(text=[prompt], images=imgs) for prompt, imgs in zip(prompts, images, strict=True)]
+    assert_rows_match_alone(model, rows, batch)
+    generate_cached_and_uncached(model, batch, **GEN)
     assert [im.n for im in handle.last.images] == [172, 94, 17, 17]
-    flat_alone = [k for _, kept in alone for k in kept]
-    assert all(torch.equal(a, b) for a, b in zip(flat_alone, batch_kept, strict=True))
-    for row, (out, _) in enumerate(alone):
-        torch.testing.assert_close(logits[row], out, rtol=1e-4, atol=1e-4)
-    assert torch.equal(ids[:, : batch["input_ids"].shape[1]], batch["input_ids"]) and torch.equal(ids, ids_nocache)
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m not in MERGING])

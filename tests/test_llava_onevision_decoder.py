@@ -5,8 +5,10 @@ one (SigLIP 26 layers, Qwen2 28). The vision stage: tests/test_llava_onevision.p
 import pytest
 import torch
 from conftest import (
+    assert_rows_match_alone,
     cached_model,
     decoder_methods,
+    generate_cached_and_uncached,
     generate_cached_and_uncached_logits,
     hook_and_attribute_census,
     left_clean,
@@ -62,20 +64,11 @@ def test_decoder_methods_keep_all_bit_identical_and_cache_consistent(deep_ov, me
 def test_decoder_methods_padded_batch_rows_match_each_prompt_alone(deep_ov, method):
     model, processor = deep_ov
     prompts, images = [PROMPT, OTHER], [random_image(120, 120, seed=1), random_image(40, 70, seed=2)]
-    handle = _enable_decoder(model, method, 0.4)
-    alone = []
-    with torch.no_grad():
-        for prompt, image in zip(prompts, images, strict=True):
-            alone.append((model(**processor(text=[prompt], images=[image])).logits[0, -1],
-                          [im.kept for im in handle.last.images]))
-        batch = processor(text=prompts, images=images)
-        logits = model(**batch).logits[:, -1]
-        kept = [im.kept for im in handle.last.images]
-        ids, ids_nocache = model.generate(**batch, **GEN), model.generate(**batch, **GEN, use_cache=False)
-    assert all(torch.equal(a, b) for a, b in zip([k for _, ks in alone for k in ks], kept, strict=True))
-    for row, (out, _) in enumerate(alone):
-        torch.testing.assert_close(logits[row], out, rtol=1e-4, atol=1e-4)
-    assert torch.equal(ids, ids_nocache)
+    _enable_decoder(model, method, 0.4)
+    rows = [processor(text=[prompt], images=[image]) for prompt, image in zip(prompts, images, strict=True)]
+    batch = processor(text=prompts, images=images)
+    assert_rows_match_alone(model, rows, batch)
+    generate_cached_and_uncached(model, batch, **GEN)
 
 
 def test_real_depth_model_runs_every_method_at_its_default_layers():

@@ -5,7 +5,14 @@ and the FLOPs counts: tests/test_qwen3_shapes.py."""
 
 import pytest
 import torch
-from conftest import MERGING, built, cached_model, enable, generate_cached_and_uncached
+from conftest import (
+    MERGING,
+    assert_rows_match_alone,
+    built,
+    cached_model,
+    enable,
+    generate_cached_and_uncached,
+)
 from qwen3_cases import GEN, METHODS, NO_CLS, OTHER, PROMPT, hook_count, left_clean
 
 from tokenprune import disable_pruning, enable_pruning
@@ -72,22 +79,12 @@ def test_padded_batch_rows_match_each_prompt_alone(qwen3, method):
     model, processor = qwen3
     prompts, images = [PROMPT, OTHER], [random_image(96, 128, seed=1), random_image(64, 64, seed=2)]
     handle = enable(model, method, 0.5)
-    alone = []
-    with torch.no_grad():
-        for prompt, image in zip(prompts, images, strict=True):
-            alone.append((model(**processor(text=[prompt], images=[image])).logits[0, -1], handle.last.images[0].kept))
-        batch = processor(text=prompts, images=images)
-        assert bool((batch["attention_mask"] == 0).any())
-        logits = model(**batch).logits[:, -1]
-        batch_kept = [im.kept for im in handle.last.images]
-        ids = model.generate(**batch, **GEN)
-        ids_nocache = model.generate(**batch, **GEN, use_cache=False)
+    batch = processor(text=prompts, images=images)
+    assert bool((batch["attention_mask"] == 0).any())
+    rows = [processor(text=[prompt], images=[image]) for prompt, image in zip(prompts, images, strict=True)]
+    assert_rows_match_alone(model, rows, batch)
+    generate_cached_and_uncached(model, batch, **GEN)
     assert [im.n_kept for im in handle.last.images] == [kept_count(0.5, 12), kept_count(0.5, 4)]
-    for row, (out, kept) in enumerate(alone):
-        assert torch.equal(kept, batch_kept[row])
-        torch.testing.assert_close(logits[row], out, rtol=1e-4, atol=1e-4)
-    assert torch.equal(ids[:, : batch["input_ids"].shape[1]], batch["input_ids"])
-    assert torch.equal(ids, ids_nocache)
 
 
 def _language_positions(model):

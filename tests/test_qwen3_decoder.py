@@ -5,7 +5,15 @@ docs' Qwen3.5 layer mapping. The vision stage: tests/test_qwen3.py."""
 
 import pytest
 import torch
-from conftest import built, cached_model, decoder_methods, generate_cached_and_uncached_logits, two_stage_methods
+from conftest import (
+    assert_rows_match_alone,
+    built,
+    cached_model,
+    decoder_methods,
+    generate_cached_and_uncached,
+    generate_cached_and_uncached_logits,
+    two_stage_methods,
+)
 from qwen3_cases import GEN, OTHER, PROMPT, hook_count, left_clean
 
 from tokenprune import disable_pruning, enable_pruning
@@ -91,20 +99,11 @@ def test_decoder_methods_padded_batch_rows_match_each_prompt_alone(deep_qwen3, m
     if _refused_on_moe(model, method, 0.4):
         return
     prompts, images = [PROMPT, OTHER], [random_image(96, 128, seed=1), random_image(64, 64, seed=2)]
-    handle = _enable_decoder(model, method, 0.4)
-    alone = []
-    with torch.no_grad():
-        for prompt, image in zip(prompts, images, strict=True):
-            alone.append((model(**processor(text=[prompt], images=[image])).logits[0, -1],
-                          [im.kept for im in handle.last.images]))
-        batch = processor(text=prompts, images=images)
-        logits = model(**batch).logits[:, -1]
-        kept = [im.kept for im in handle.last.images]
-        ids, ids_nocache = model.generate(**batch, **GEN), model.generate(**batch, **GEN, use_cache=False)
-    assert all(torch.equal(a, b) for a, b in zip([k for _, ks in alone for k in ks], kept, strict=True))
-    for row, (out, _) in enumerate(alone):
-        torch.testing.assert_close(logits[row], out, rtol=1e-4, atol=1e-4)
-    assert torch.equal(ids, ids_nocache)
+    _enable_decoder(model, method, 0.4)
+    rows = [processor(text=[prompt], images=[image]) for prompt, image in zip(prompts, images, strict=True)]
+    batch = processor(text=prompts, images=images)
+    assert_rows_match_alone(model, rows, batch)
+    generate_cached_and_uncached(model, batch, **GEN)
 
 
 @pytest.mark.parametrize("method, options", [("fastv", {"k": 1}), ("fastv", {"k": 2}), ("dart", {"k": 2})])
