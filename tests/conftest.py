@@ -160,10 +160,12 @@ def runs_without_cls(name: str) -> bool:
 
 
 def left_clean(model) -> bool:
-    """No pruning handle and no instance ``forward``/``generate`` left on the model."""
+    """No pruning handle and no instance ``forward``/``generate`` left on the model, nor (Qwen's M-RoPE) cached
+    ``rope_deltas``."""
     from tokenprune.api import _HANDLE_ATTR
 
-    return not ({_HANDLE_ATTR, "forward", "generate"} & set(model.__dict__))
+    rope_deltas = getattr(getattr(model, "model", None), "rope_deltas", None)
+    return not ({_HANDLE_ATTR, "forward", "generate"} & set(model.__dict__)) and rope_deltas is None
 
 
 def built(cache, key, build):
@@ -242,3 +244,23 @@ def assert_rows_match_alone(model, rows: list[dict], batch: dict):
     for row, out in enumerate(alone_logits):
         torch.testing.assert_close(logits[row], out, rtol=1e-4, atol=1e-4)
     return record
+
+
+def assert_keep_all_is_unpruned(model, inputs, enable_all, **gen):
+    """``enable_all()`` (pruning at keep=1.0, returning its handle) gives the unpruned model's logits and greedy ids
+    bit for bit; ``disable_pruning`` then leaves no handle, hook or attribute behind (:func:`left_clean`, and the
+    census taken after a first unpruned generate, which adds HF attributes of its own) and the unpruned logits
+    again. Returns the keep=1.0 record."""
+    from tokenprune import disable_pruning
+
+    with torch.no_grad():
+        ref_logits, ref_ids = model(**inputs).logits, model.generate(**inputs, **gen)
+        census = hook_and_attribute_census(model)
+        handle = enable_all()
+        logits, ids = model(**inputs).logits, model.generate(**inputs, **gen)
+    assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids)
+    disable_pruning(model)
+    assert left_clean(model) and hook_and_attribute_census(model) == census
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref_logits)
+    return handle.last

@@ -1,8 +1,7 @@
 """What the Qwen3 test files share (tests/test_qwen3.py: the vision stage; tests/test_qwen3_decoder.py: the decoder
 stage; tests/test_qwen3_shapes.py: the released depths and the FLOPs counts): the prompts, the vision-stage methods
-that run without a [CLS] token, and what "nothing left behind" means on a Qwen3 model."""
+that run without a [CLS] token, and a count of the hooks."""
 
-from conftest import left_clean as _no_handle_left
 from conftest import runnable_methods, runs_without_cls
 
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -12,11 +11,6 @@ GEN = dict(max_new_tokens=4, do_sample=False)
 
 METHODS = [m for m in runnable_methods("qwen3_vl") if runs_without_cls(m)]  # every vision-stage method that runs
 NO_CLS = [m for m in runnable_methods("qwen3_vl") if not runs_without_cls(m)]  # declined: they rank by the [CLS] row
-
-
-def left_clean(model) -> bool:
-    """No pruning handle, no instance ``forward``/``generate`` and no M-RoPE offsets (``rope_deltas``) left behind."""
-    return _no_handle_left(model) and model.model.rope_deltas is None
 
 
 def hook_count(model) -> int:

@@ -10,6 +10,7 @@ import torch
 from cache_turns import FOLLOW_UP, extend, gen, words
 from conftest import (
     MERGING,
+    assert_keep_all_is_unpruned,
     assert_rows_match_alone,
     built,
     cached_model,
@@ -66,17 +67,8 @@ def test_every_method_is_either_run_or_declined_here():
 @pytest.mark.parametrize("method", METHODS)
 def test_keep_all_is_bit_identical_and_disable_leaves_nothing(gemma3, one, method):
     model, _ = gemma3
-    before = hook_and_attribute_census(model)
-    with torch.no_grad():
-        ref_logits, ref_ids = model(**one).logits, model.generate(**one, **GEN)
-        handle = enable(model, method, 1.0)
-        logits, ids = model(**one).logits, model.generate(**one, **GEN)
-    assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids)
-    assert handle.last.n_kept == handle.last.n_visual == N
-    disable_pruning(model)
-    assert left_clean(model) and hook_and_attribute_census(model) == before
-    with torch.no_grad():
-        assert torch.equal(model(**one).logits, ref_logits)
+    record = assert_keep_all_is_unpruned(model, one, lambda: enable(model, method, 1.0), **GEN)
+    assert record.n_kept == record.n_visual == N
 
 
 @pytest.mark.parametrize("method", METHODS)

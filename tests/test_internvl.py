@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import (
     MERGING,
+    assert_keep_all_is_unpruned,
     assert_rows_match_alone,
     built,
     cached_model,
@@ -70,17 +71,8 @@ def _expected_kept(method, keep, tiles):
 @pytest.mark.parametrize("method", METHODS_HERE)
 def test_keep_all_is_bit_identical_and_disable_leaves_nothing(internvl, one, method):
     model, _ = internvl
-    with torch.no_grad():
-        ref_logits, ref_ids = model(**one).logits, model.generate(**one, **GEN)
-        census = hook_and_attribute_census(model)  # after a first generate (which caches its own attributes)
-        handle = enable(model, method, 1.0)
-        logits, ids = model(**one).logits, model.generate(**one, **GEN)
-    assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids)
-    assert handle.last.n_kept == handle.last.n_visual == 3 * T
-    disable_pruning(model)
-    assert hook_and_attribute_census(model) == census
-    with torch.no_grad():
-        assert torch.equal(model(**one).logits, ref_logits)
+    record = assert_keep_all_is_unpruned(model, one, lambda: enable(model, method, 1.0), **GEN)
+    assert record.n_kept == record.n_visual == 3 * T
 
 
 @pytest.mark.parametrize("method", METHODS_HERE)

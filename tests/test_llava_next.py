@@ -3,13 +3,14 @@
 import pytest
 import torch
 from conftest import (
+    assert_keep_all_is_unpruned,
     assert_rows_match_alone,
     enable,
     generate_cached_and_uncached,
     runnable_methods,
 )
 
-from tokenprune import disable_pruning, enable_pruning
+from tokenprune import enable_pruning
 from tokenprune import functional as F
 from tokenprune.api import _HANDLE_ATTR
 from tokenprune.budget import kept_count
@@ -59,16 +60,8 @@ def test_layout_matches_transformers_packing(size):
 @pytest.mark.parametrize("method", METHODS)
 def test_keep_all_is_bit_identical(nxt, one, method):
     model, _ = nxt
-    with torch.no_grad():
-        ref_logits, ref_ids = model(**one).logits, model.generate(**one, **GEN)
-        handle = enable(model, method, 1.0)
-        logits, ids = model(**one).logits, model.generate(**one, **GEN)
-    assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids)
-    assert handle.last.n_visual == 52 and handle.last.seq_len_after == handle.last.seq_len_before
-    disable_pruning(model)
-    assert _HANDLE_ATTR not in model.__dict__ and "forward" not in model.__dict__
-    with torch.no_grad():
-        assert torch.equal(model(**one).logits, ref_logits)
+    record = assert_keep_all_is_unpruned(model, one, lambda: enable(model, method, 1.0), **GEN)
+    assert record.n_visual == 52 and record.seq_len_after == record.seq_len_before
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import (
     MERGING,
+    assert_keep_all_is_unpruned,
     assert_rows_match_alone,
     built,
     cached_model,
@@ -39,18 +40,9 @@ def ov(attn):
 def test_keep_all_is_bit_identical_and_disable_leaves_nothing(ov, method):
     model, processor = ov
     inputs = both(processor)
-    with torch.no_grad():
-        ref_logits, ref_ids = model(**inputs).logits, model.generate(**inputs, **GEN)
-        census = hook_and_attribute_census(model)  # after a first generate (which adds HF attributes of its own)
-        handle = enable(model, method, 1.0)
-        logits, ids = model(**inputs).logits, model.generate(**inputs, **GEN)
-    assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids)
-    assert handle.last.n_kept == handle.last.n_visual == 172 + 13
-    assert [im.kind for im in handle.last.images] == ["image", "video"]
-    disable_pruning(model)
-    assert left_clean(model) and hook_and_attribute_census(model) == census
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, ref_logits)
+    record = assert_keep_all_is_unpruned(model, inputs, lambda: enable(model, method, 1.0), **GEN)
+    assert record.n_kept == record.n_visual == 172 + 13
+    assert [im.kind for im in record.images] == ["image", "video"]
 
 
 @pytest.mark.parametrize("method", METHODS)

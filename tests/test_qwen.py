@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import (
     MERGING,
+    assert_keep_all_is_unpruned,
     assert_rows_match_alone,
     enable,
     generate_cached_and_uncached,
@@ -58,17 +59,8 @@ def language_positions(model):
 @pytest.mark.parametrize("method", METHODS)
 def test_keep_all_is_bit_identical(qwen, one, method):
     model, _ = qwen
-    with torch.no_grad():
-        ref_logits, ref_ids = model(**one).logits, model.generate(**one, **GEN)
-        handle = enable(model, method, 1.0)
-        logits, ids = model(**one).logits, model.generate(**one, **GEN)
-    assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids)
-    assert handle.last.n_kept == handle.last.n_visual == 15
-    disable_pruning(model)
-    assert _HANDLE_ATTR not in model.__dict__ and "forward" not in model.__dict__ and "generate" not in model.__dict__
-    assert model.model.rope_deltas is None
-    with torch.no_grad():
-        assert torch.equal(model(**one).logits, ref_logits)
+    record = assert_keep_all_is_unpruned(model, one, lambda: enable(model, method, 1.0), **GEN)
+    assert record.n_kept == record.n_visual == 15
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -7,13 +7,15 @@ import pytest
 import torch
 from conftest import (
     MERGING,
+    assert_keep_all_is_unpruned,
     assert_rows_match_alone,
     built,
     cached_model,
     enable,
     generate_cached_and_uncached,
+    left_clean,
 )
-from qwen3_cases import GEN, METHODS, NO_CLS, OTHER, PROMPT, hook_count, left_clean
+from qwen3_cases import GEN, METHODS, NO_CLS, OTHER, PROMPT, hook_count
 
 from tokenprune import disable_pruning, enable_pruning
 from tokenprune.budget import kept_count
@@ -51,16 +53,8 @@ def one(qwen3):
 def test_keep_all_is_bit_identical_and_disable_leaves_nothing(qwen3, one, method):
     model, _ = qwen3
     hooks = hook_count(model)
-    with torch.no_grad():
-        ref_logits, ref_ids = model(**one).logits, model.generate(**one, **GEN)
-        handle = enable(model, method, 1.0)
-        logits, ids = model(**one).logits, model.generate(**one, **GEN)
-    assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids)
-    assert handle.last.n_kept == handle.last.n_visual == 12
-    disable_pruning(model)
-    assert left_clean(model) and hook_count(model) == hooks
-    with torch.no_grad():
-        assert torch.equal(model(**one).logits, ref_logits)
+    record = assert_keep_all_is_unpruned(model, one, lambda: enable(model, method, 1.0), **GEN)
+    assert record.n_kept == record.n_visual == 12 and hook_count(model) == hooks
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -12,9 +12,10 @@ from conftest import (
     decoder_methods,
     generate_cached_and_uncached,
     generate_cached_and_uncached_logits,
+    left_clean,
     two_stage_methods,
 )
-from qwen3_cases import GEN, OTHER, PROMPT, hook_count, left_clean
+from qwen3_cases import GEN, OTHER, PROMPT, hook_count
 
 from tokenprune import disable_pruning, enable_pruning
 from tokenprune.methods import METHODS as REGISTRY

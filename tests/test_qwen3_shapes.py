@@ -4,7 +4,8 @@ experts of a mixture; Qwen3.5's Gated DeltaNet layers as linear attention)."""
 
 import pytest
 import torch
-from qwen3_cases import GEN, METHODS, PROMPT, left_clean
+from conftest import left_clean
+from qwen3_cases import GEN, METHODS, PROMPT
 
 from tokenprune import disable_pruning, enable_pruning
 from tokenprune.tiny_models import random_image
