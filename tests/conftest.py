@@ -142,6 +142,12 @@ def one_prompt(llava):
 
 # Spans hold merged rows (or a data-dependent count): oracle in tests/test_methods_vision.py.
 MERGING = {"visionzip", "visiondrop", "recoverable"}
+# Decoder-stage layers on the 4-LLM-layer tiny models of the family files, so that every method prunes at least once.
+DECODER_OPTIONS = {"fastv": {"k": 2}, "dart": {"k": 2}, "feather": {"layers": (1, 2)},
+                   "transprune": {"layers": (1, 2, 3)}, "todre": {"layer": 1, "tau": 1.0},
+                   "sparsevlm": {"layers": (0, 1, 2)}, "adaptinfer": {"layers": (0, 1, 2)},
+                   "vflowopt": {"layers": (1, 2)}}
+DECODER_OPTIONS["catp"] = {"layer": 1}  # 4 layers: in-context pool scored at 0 and 1, cut from 2; query from 3
 
 
 def enable(model, method, keep, **kwargs):

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 from cache_turns import FOLLOW_UP, extend, gen, words
-from conftest import built, decoder_methods, hook_and_attribute_census, two_stage_methods
+from conftest import DECODER_OPTIONS, built, decoder_methods, hook_and_attribute_census, two_stage_methods
 from internvl_cases import DECLINES, GEN, PROMPT, WIDE, T, two_rows
 from transformers import DynamicCache
 
@@ -29,11 +29,6 @@ def _deep(attn):
 
 
 DECODER_METHODS = decoder_methods() + [m for m in two_stage_methods() if m not in DECLINES]
-DECODER_OPTIONS = {"fastv": {"k": 2}, "dart": {"k": 2}, "feather": {"layers": (1, 2)},
-                   "transprune": {"layers": (1, 2, 3)}, "todre": {"layer": 1, "tau": 1.0},
-                   "sparsevlm": {"layers": (0, 1, 2)}, "adaptinfer": {"layers": (0, 1, 2)},
-                   "vflowopt": {"layers": (1, 2)}}
-DECODER_OPTIONS["catp"] = {"layer": 1}  # 4 layers: in-context pool scored at 0 and 1, cut from 2; query from 3
 
 
 def _enable_decoder(model, method, keep):

@@ -5,6 +5,7 @@ one (SigLIP 26 layers, Qwen2 28). The vision stage: tests/test_llava_onevision.p
 import pytest
 import torch
 from conftest import (
+    DECODER_OPTIONS,
     assert_rows_match_alone,
     cached_model,
     decoder_methods,
@@ -27,11 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 DECODER_METHODS = [m for m in decoder_methods() + two_stage_methods() if m not in DECLINES]
-DECODER_OPTIONS = {"fastv": {"k": 2}, "dart": {"k": 2}, "feather": {"layers": (1, 2)}, "pdrop": {"layers": (1, 2, 3)},
-                   "transprune": {"layers": (1, 2, 3)}, "todre": {"layer": 1, "tau": 1.0},
-                   "sparsevlm": {"layers": (0, 1, 2)}, "adaptinfer": {"layers": (0, 1, 2)},
-                   "vflowopt": {"layers": (1, 2)}}
-DECODER_OPTIONS["catp"] = {"layer": 1}  # 4 layers: in-context pool scored at 0 and 1, cut from 2; query from 3
+OPTIONS = {**DECODER_OPTIONS, "pdrop": {"layers": (1, 2, 3)}}
 
 
 @pytest.fixture
@@ -41,7 +38,7 @@ def deep_ov(attn):
 
 
 def _enable_decoder(model, method, keep):
-    return enable_pruning(model, method, keep=keep, **DECODER_OPTIONS.get(method, {}))
+    return enable_pruning(model, method, keep=keep, **OPTIONS.get(method, {}))
 
 
 @pytest.mark.parametrize("method", DECODER_METHODS)

@@ -6,6 +6,7 @@ docs' Qwen3.5 layer mapping. The vision stage: tests/test_qwen3.py."""
 import pytest
 import torch
 from conftest import (
+    DECODER_OPTIONS,
     assert_rows_match_alone,
     built,
     cached_model,
@@ -30,10 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 DECODER_METHODS = [m for m in decoder_methods() + two_stage_methods() if m != "vflowopt"]  # vflowopt: ViT attn map
 MOE_REFUSED = {"corematching"}  # core neurons need a dense FFN: refused on a mixture of experts with a clear error
-DECODER_OPTIONS = {"fastv": {"k": 2}, "dart": {"k": 2}, "feather": {"layers": (1, 2)},
-                   "transprune": {"layers": (1, 2, 3)}, "todre": {"layer": 1, "tau": 1.0},
-                   "sparsevlm": {"layers": (0, 1, 2)}, "adaptinfer": {"layers": (0, 1, 2)}}
-DECODER_OPTIONS["catp"] = {"layer": 1}  # 4 layers: in-context pool scored at 0 and 1, cut from 2; query from 3
 
 
 # Qwen3.5 with 16 LLM layers (full attention in 3, 7, 11, 15): layers where every stage's scoring layer maps onto a
@@ -107,6 +104,25 @@ def test_decoder_methods_padded_batch_rows_match_each_prompt_alone(deep_qwen3, m
     generate_cached_and_uncached(model, batch, **GEN)
 
 
+def _unpruned_entering(model, one, layer, kept):
+    """The unpatched model on ``one``: ``(image mask [L], keep mask [L]: the text and the ``kept`` image tokens,
+    hidden states entering LLM layer ``layer`` [1, L, D], M-RoPE positions [3, 1, L])``."""
+    ids = one["input_ids"][0]
+    visual = ids == model.config.image_token_id
+    keep = ~visual
+    keep[visual.nonzero().squeeze(1)[kept]] = True
+    entering = []
+    hook = model.model.language_model.layers[layer].register_forward_pre_hook(lambda m, a: entering.append(a[0]))
+    try:
+        with torch.no_grad():
+            positions, _ = model.model.get_rope_index(
+                one["input_ids"], mm_token_type_ids=one["mm_token_type_ids"], image_grid_thw=one["image_grid_thw"])
+            model(**one)
+    finally:
+        hook.remove()
+    return visual, keep, entering[0], positions
+
+
 @pytest.mark.parametrize("method, options", [("fastv", {"k": 1}), ("fastv", {"k": 2}), ("dart", {"k": 2})])
 def test_decoder_pruning_before_the_last_deepstack_layer_equals_the_llm_fed_the_kept_rows(attn, method, options):
     """Oracle (Qwen3-VL, DeepStack added after LLM layers 0, 1, 2; pruned at layer K): the unpatched model's hidden
@@ -123,20 +139,9 @@ def test_decoder_pruning_before_the_last_deepstack_layer_equals_the_llm_fed_the_
     disable_pruning(model)
 
     lm = model.model.language_model
-    ids = one["input_ids"][0]
-    visual = ids == model.config.image_token_id
-    keep = ~visual
-    keep[visual.nonzero().squeeze(1)[kept]] = True
-    entering = []
-    hook = lm.layers[layer].register_forward_pre_hook(lambda m, args: entering.append(args[0]))
-    try:
-        with torch.no_grad():
-            positions, _ = model.model.get_rope_index(
-                one["input_ids"], mm_token_type_ids=one["mm_token_type_ids"], image_grid_thw=one["image_grid_thw"])
-            deepstack = model.model.get_image_features(one["pixel_values"], one["image_grid_thw"]).deepstack_features
-            model(**one)
-    finally:
-        hook.remove()
+    visual, keep, entering, positions = _unpruned_entering(model, one, layer, kept)
+    with torch.no_grad():
+        deepstack = model.model.get_image_features(one["pixel_values"], one["image_grid_thw"]).deepstack_features
     assert len(deepstack) == 3
     text_row = torch.arange(int(keep.sum()))[None, None]
     later = [level[0][kept] for level in deepstack[layer:]]
@@ -146,7 +151,7 @@ def test_decoder_pruning_before_the_last_deepstack_layer_equals_the_llm_fed_the_
         lm.layers = torch.nn.ModuleList(list(layers)[layer:])  # HF's loop and DeepStack addition, from layer K on
         try:
             with torch.no_grad():
-                out = lm(inputs_embeds=entering[0][:, keep], position_ids=torch.cat([text_row, positions[:, :, keep]]),
+                out = lm(inputs_embeds=entering[:, keep], position_ids=torch.cat([text_row, positions[:, :, keep]]),
                          visual_pos_masks=visual[keep][None], deepstack_visual_embeds=rows, use_cache=False)
                 return model.lm_head(out.last_hidden_state)
         finally:
@@ -175,25 +180,13 @@ def test_hybrid_decoder_pruning_equals_the_later_layers_fed_the_kept_hidden_stat
     disable_pruning(model)
     assert per_layer[3] > per_layer[4] == per_layer[-1]  # scored at layer 3 (full attention), pruned from 4
     lm = model.model.language_model
-    ids = one["input_ids"][0]
-    visual = ids == model.config.image_token_id
-    keep = ~visual
-    keep[visual.nonzero().squeeze(1)[kept]] = True
-    entering = []
-    hook = lm.layers[4].register_forward_pre_hook(lambda m, args: entering.append(args[0]))
-    try:
-        with torch.no_grad():
-            positions, _ = model.model.get_rope_index(
-                one["input_ids"], mm_token_type_ids=one["mm_token_type_ids"], image_grid_thw=one["image_grid_thw"])
-            model(**one)
-    finally:
-        hook.remove()
+    _, keep, entering, positions = _unpruned_entering(model, one, 4, kept)
     layers, types = lm.layers, model.config.text_config.layer_types
     lm.layers = torch.nn.ModuleList(list(layers)[4:])
     lm.config.layer_types = types[4:] + types[:4]  # the truncated stack's own layer types, in order
     try:
         with torch.no_grad():
-            out = lm(inputs_embeds=entering[0][:, keep], use_cache=False,
+            out = lm(inputs_embeds=entering[:, keep], use_cache=False,
                      position_ids=torch.cat([torch.arange(int(keep.sum()))[None, None], positions[:, :, keep]]))
             expected = model.lm_head(out.last_hidden_state)
     finally:
