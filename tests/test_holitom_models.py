@@ -9,7 +9,7 @@ import torch
 from conftest import built, hook_and_attribute_census
 from torch.nn import functional as nnf
 
-from tokenprune import disable_pruning, enable_pruning
+from tokenprune import disable_pruning, enable_pruning, pruning
 from tokenprune.api import _HANDLE_ATTR
 from tokenprune.functional.holitom import holitom_inner, holitom_outer
 from tokenprune.tiny_models import random_image, random_video, tiny_qwen
@@ -278,12 +278,9 @@ def test_an_image_gets_a_clear_error_and_nothing_changes(family):
         ref = model(**inputs).logits
     census = hook_and_attribute_census(model)
     for method in ("holitom", "holitomouter"):
-        enable_pruning(model, method, keep=0.25, **({"layer": LAYER} if method == "holitom" else {}))
-        try:
-            with pytest.raises(ValueError, match="frames of a video.*image.*'divprune'"), torch.no_grad():
+        with pruning(model, method, keep=0.25, **({"layer": LAYER} if method == "holitom" else {})), torch.no_grad():
+            with pytest.raises(ValueError, match="frames of a video.*image.*'divprune'"):
                 model(**inputs)
-        finally:
-            disable_pruning(model)
     assert hook_and_attribute_census(model) == census
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, ref)

@@ -17,7 +17,7 @@ from conftest import (
 )
 from onevision_cases import DECLINES, GEN, METHODS, OTHER, PROMPT, TWO, adapter, both, enable
 
-from tokenprune import disable_pruning, enable_pruning
+from tokenprune import disable_pruning, enable_pruning, pruning
 from tokenprune.budget import kept_count
 from tokenprune.methods import METHODS as REGISTRY
 from tokenprune.tiny_models import random_image
@@ -223,12 +223,8 @@ def test_flops_estimate_counts_the_qwen2_llm_and_the_7b_preset_is_its_shape():
 
     model, processor = built(_MODELS, "sdpa", lambda: tiny_onevision("sdpa"))
     inputs = both(processor)
-    handle = enable_pruning(model, "divprune", keep=0.25)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        disable_pruning(model)
+    with pruning(model, "divprune", keep=0.25) as handle, torch.no_grad():
+        model(**inputs)
     shape = ModelShape.from_config(model.config)
     assert shape.num_kv_heads == 2 and shape.num_layers == 2
     last = handle.last

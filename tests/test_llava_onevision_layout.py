@@ -7,7 +7,7 @@ import torch
 from conftest import built, left_clean
 from onevision_cases import PROMPT, TWO, adapter
 
-from tokenprune import disable_pruning, enable_pruning
+from tokenprune import pruning
 from tokenprune.tiny_models import random_image
 from tokenprune.tiny_onevision import random_video_ov, tiny_onevision
 
@@ -29,8 +29,7 @@ def test_packing_reproduces_the_models_own_features(size, rows):
     model, processor = built(_MODELS, "sdpa", lambda: tiny_onevision("sdpa"))
     images = [random_image(*size, seed=1)] * rows
     inputs = processor(text=[PROMPT if rows == 1 else TWO], images=images)
-    enable_pruning(model, "random", keep=1.0)
-    try:
+    with pruning(model, "random", keep=1.0):
         ad = adapter(model)
         n_tiles = ad.tower_rows(inputs, rows)
         with torch.no_grad():
@@ -41,8 +40,6 @@ def test_packing_reproduces_the_models_own_features(size, rows):
             )
         layout = ad.layout(size, n_tiles[0])
         mine = ad.pack(layout, list(tiles))
-    finally:
-        disable_pruning(model)
     assert packed[0].shape[0] == layout.crop.numel()
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == sum(p.shape[0] for p in packed)
     newline = layout.newline
@@ -56,16 +53,13 @@ def test_packing_reproduces_the_models_own_features(size, rows):
 def test_video_packing_pools_each_frame_and_ends_with_one_newline():
     model, processor = built(_MODELS, "sdpa", lambda: tiny_onevision("sdpa"))
     video = random_video_ov(3, seed=2)
-    enable_pruning(model, "random", keep=1.0)
-    try:
+    with pruning(model, "random", keep=1.0):
         ad = adapter(model)
         with torch.no_grad():
             packed = model.model.get_video_features(video[None]).pooler_output[0]
             tiles = model.model.multi_modal_projector(_feature_layer(model, video))
         layout = ad.video_layout(3)
         mine = ad.pack(layout, list(tiles))
-    finally:
-        disable_pruning(model)
     assert packed.shape[0] == layout.crop.numel() == 13 and layout.crop.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [-1]
     torch.testing.assert_close(mine[:-1], packed[:-1], rtol=1e-5, atol=1e-5)
 
