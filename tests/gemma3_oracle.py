@@ -5,7 +5,6 @@ holding only the kept image tokens and the attention mask every LLM layer receiv
 import torch
 from conftest import decoder_methods, two_stage_methods
 
-from tokenprune.api import _HANDLE_ATTR
 from tokenprune.tiny_gemma3 import TOKENS_PER_IMAGE
 
 IMG = "<start_of_image>"
@@ -28,11 +27,6 @@ def gemma3_inputs(processor, prompts, images, crops=False):
     """Processor output for a batch, one image per prompt (pan-and-scan crops with ``crops=True``)."""
     extra = {"do_pan_and_scan": True} if crops else {}
     return processor(text=prompts, images=[[im] for im in images], return_tensors="pt", padding=True, **extra)
-
-
-def left_clean(model) -> bool:
-    """No pruning handle and no instance ``forward``/``generate`` left on the model."""
-    return not ({_HANDLE_ATTR, "forward", "generate"} & set(model.__dict__))
 
 
 def kept_prompt(model, inputs, kept):

@@ -7,9 +7,10 @@ import functools
 
 import pytest
 import torch
+from conftest import cached_and_uncached_record
 
-from tokenprune import disable_pruning, enable_pruning
 from tokenprune import functional as F
+from tokenprune import pruning
 from tokenprune.budget import kept_count
 from tokenprune.methods.divprune import DivPrune
 from tokenprune.methods.fastv import FastV
@@ -62,13 +63,9 @@ def test_fastv_scores_and_budgets_each_image(family):
     own = _own_counts(model, processor, PROMPT, images)
     visual = inputs["input_ids"][0] == model.config.image_token_id
     assert (visual & ~torch.nn.functional.pad(visual, (1, 0))[:-1]).sum() == 1  # one run of placeholders
-    handle = enable_pruning(model, "fastv", keep=0.4, k=K)
-    try:
-        with torch.no_grad():
-            out = model(**inputs, output_attentions=True)
-        rec = handle.last
-    finally:
-        disable_pruning(model)
+    with pruning(model, "fastv", keep=0.4, k=K) as handle, torch.no_grad():
+        out = model(**inputs, output_attentions=True)
+    rec = handle.last
     assert [im.n for im in rec.images] == own and [im.index_in_row for im in rec.images] == [0, 1]
     slots = torch.split(visual.nonzero().squeeze(1), own)
     attn = out.attentions[K - 1][0, :, -1]  # [H, L] the last prompt token's row
@@ -84,23 +81,18 @@ def test_batch_rows_equal_rows_alone_and_cached_equals_uncached(family, method, 
     are the row's alone, and KV-cached generation equals use_cache=False."""
     model, processor = _model(family)
     rows = [(PROMPT, IMAGES[:2]), ("USER : <image> is there a dog left of the red circle ? ASSISTANT :", IMAGES[2:])]
-    handle = enable_pruning(model, method, keep=0.4, **options)
-    try:
+    with pruning(model, method, keep=0.4, **options) as handle:
+        alone = []
         with torch.no_grad():
-            alone = []
             for prompt, images in rows:
                 ids = model.generate(**_inputs(processor, [prompt], images), **GEN)
                 alone.append((ids[0, -GEN["max_new_tokens"]:], [im.kept for im in handle.last.images]))
             batch = _inputs(processor, [p for p, _ in rows], [im for _, ims in rows for im in ims])
             model(**batch)  # a forward: the images' counts from the family's rule (generate pre-encodes them)
             forward_kept = [im.kept for im in handle.last.images]
-            cached = model.generate(**batch, **GEN)
-            kept = [im.kept for im in handle.last.images]
-            uncached = model.generate(**batch, **GEN, use_cache=False)
-    finally:
-        disable_pruning(model)
+        cached, record = cached_and_uncached_record(model, batch, **GEN)
+        kept = [im.kept for im in record.images]
     assert bool((batch["attention_mask"] == 0).any()) and len(kept) == 3
-    assert torch.equal(cached, uncached)
     assert all(torch.equal(a, b) for a, b in zip([k for _, ks in alone for k in ks], kept, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(forward_kept, kept, strict=True))
     for r, (ids, _) in enumerate(alone):
@@ -114,15 +106,8 @@ def test_vision_stage_then_decoder_stage_records_each_image():
     images = IMAGES[:2]
     inputs = _inputs(processor, [PROMPT], images)
     own = _own_counts(model, processor, PROMPT, images)
-    handle = enable_pruning(model, [DivPrune(), FastV(k=K)], keep=0.5)
-    try:
-        with torch.no_grad():
-            cached = model.generate(**inputs, **GEN)
-            rec = handle.last
-            uncached = model.generate(**inputs, **GEN, use_cache=False)
-    finally:
-        disable_pruning(model)
-    assert torch.equal(cached, uncached)
+    with pruning(model, [DivPrune(), FastV(k=K)], keep=0.5):
+        _, rec = cached_and_uncached_record(model, inputs, **GEN)
     assert rec.method == "divprune+fastv" and [im.n for im in rec.images] == own
     assert all(im.kept.numel() < n and int(im.kept.max()) < n for im, n in zip(rec.images, own, strict=True))
 
@@ -137,15 +122,8 @@ def test_onevision_image_then_video_back_to_back_are_two_items():
 
     def run(text):
         inputs = dict(processor(text=[text], images=[image], videos=[video], return_tensors="pt"))
-        handle = enable_pruning(model, "fastv", keep=0.4, k=K)
-        try:
-            with torch.no_grad():
-                cached = model.generate(**inputs, **GEN)
-                rec = handle.last
-                assert torch.equal(cached, model.generate(**inputs, **GEN, use_cache=False))
-        finally:
-            disable_pruning(model)
-        return rec
+        with pruning(model, "fastv", keep=0.4, k=K):
+            return cached_and_uncached_record(model, inputs, **GEN)[1]
 
     adjacent = run("USER : <image><video> what is the dog doing ? ASSISTANT :")
     separated = run("USER : <image> and <video> what is the dog doing ? ASSISTANT :")

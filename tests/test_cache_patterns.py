@@ -49,7 +49,7 @@ DECODER_FAMILIES = ("gemma3",)  # families whose decoder-stage and two-stage met
 DECODER_METHODS = ("fastv", "pdrop", "sparsevlm", "visiondropllm", "corematching", "todre")
 
 # Video-only methods (HoliTom) decline these image prompts at the call (listed in tests/test_matrix_real_depth.py);
-# their generate patterns on videos are in tests/test_holitom.py.
+# their generate patterns on videos are in tests/test_holitom_models.py.
 CASES = [(f, m) for f in FAMILIES for m in sorted(METHODS) if runs_on(f, m) and not METHODS[m].video_only]
 CASES += [(f, m) for f in DECODER_FAMILIES for m in DECODER_METHODS
           if METHODS[m].stage in ("decoder", "two-stage") and runs_on(f, m) and not METHODS[m].video_only]

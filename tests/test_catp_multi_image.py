@@ -3,13 +3,13 @@ Qwen2.5-VL as deep as the 7B checkpoints, so that stage 2 runs at the paper's K 
 layer 7, query image from layer 8), the pool against the paper's rule on eager attention, batches, follow-up turns
 and clear errors; two examples on every other family that takes several images. The selectors: tests/test_catp.py."""
 
-import copy
 
 import pytest
 import torch
-from conftest import hook_and_attribute_census
+from cache_turns import assert_chunk_equals_steps, words
+from conftest import cached_and_uncached_record, hook_and_attribute_census
 
-from tokenprune import disable_pruning, enable_pruning
+from tokenprune import disable_pruning, enable_pruning, pruning
 from tokenprune import functional as F
 from tokenprune.budget import kept_count
 from tokenprune.methods.catp import CATP
@@ -55,20 +55,11 @@ def test_multi_image_prompt(deep, shots):
     with torch.no_grad():
         ref_logits, ref_ids = model(**inputs).logits, model.generate(**inputs, **GEN)
     census = hook_and_attribute_census(model)
-    try:
-        enable_pruning(model, "catp", keep=1.0)
-        with torch.no_grad():
-            assert torch.equal(model(**inputs).logits, ref_logits)
-            assert torch.equal(model.generate(**inputs, **GEN), ref_ids)
-        disable_pruning(model)
-        handle = enable_pruning(model, "catp", keep=0.25)
-        with torch.no_grad():
-            ids = model.generate(**inputs, **GEN)
-            rec = handle.last
-            uncached = model.generate(**inputs, **GEN, use_cache=False)
-    finally:
-        disable_pruning(model)
-    assert torch.equal(ids, uncached) and torch.equal(ids[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    with pruning(model, "catp", keep=1.0), torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref_logits)
+        assert torch.equal(model.generate(**inputs, **GEN), ref_ids)
+    with pruning(model, "catp", keep=0.25):
+        _, rec = cached_and_uncached_record(model, inputs, **GEN)
     assert len(rec.images) == shots + 1
     # layers 0..K see the stage-1 tokens; K+1 the in-context pool cut to its share; K+2.. the query image cut too
     # (every image has the same size here, so each enters the LLM with n1 tokens and has a share of k2)
@@ -92,13 +83,9 @@ def test_batch_equals_rows_alone(deep):
     rows = [(1, "what is in the image ?"), (2, "is there a dog ?")]
     batch = _inputs(processor, family, rows)
     alone = [_inputs(processor, family, rows[:1]), _inputs(processor, family, rows[1:], seed=10)]
-    enable_pruning(model, "catp", keep=0.25)
-    try:
-        with torch.no_grad():
-            together = model.generate(**batch, **GEN)[:, -GEN["max_new_tokens"]:]
-            each = [model.generate(**row, **GEN)[:, -GEN["max_new_tokens"]:] for row in alone]
-    finally:
-        disable_pruning(model)
+    with pruning(model, "catp", keep=0.25), torch.no_grad():
+        together = model.generate(**batch, **GEN)[:, -GEN["max_new_tokens"]:]
+        each = [model.generate(**row, **GEN)[:, -GEN["max_new_tokens"]:] for row in alone]
     assert torch.equal(together, torch.cat(each))
 
 
@@ -145,12 +132,8 @@ def test_query_image_option(deep):
     """query_image=0: the first image is the query (pruned from layer K+2 to its share); the others form the pool."""
     family, _, model, processor = deep
     inputs = _inputs(processor, family, [(2, "what is in the image ?")])
-    handle = enable_pruning(model, "catp", keep=0.25, query_image=0)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        disable_pruning(model)
+    with pruning(model, "catp", keep=0.25, query_image=0) as handle, torch.no_grad():
+        model(**inputs)
     visual, images = handle.last.visual_per_layer, handle.last.images
     n1 = visual[0] // 3
     k2 = kept_count(CATP().stage_keeps(0.25)[1], n1)
@@ -172,12 +155,8 @@ def test_clear_errors(deep):
         ({}, adjacent, "image 0 of prompt row 0 has no paired text: found another image right after it"),
     ]
     for options, inputs, message in cases:
-        enable_pruning(model, "catp", keep=0.25, **options)
-        try:
-            with pytest.raises(ValueError, match=message), torch.no_grad():
-                model.generate(**inputs, **GEN)
-        finally:
-            disable_pruning(model)
+        with pruning(model, "catp", keep=0.25, **options), pytest.raises(ValueError, match=message), torch.no_grad():
+            model.generate(**inputs, **GEN)
         assert hook_and_attribute_census(model) == census
 
 
@@ -213,19 +192,10 @@ def test_two_examples_on_every_family(family):
     with torch.no_grad():
         ref_logits = model(**inputs).logits
     census = hook_and_attribute_census(model)
-    try:
-        enable_pruning(model, "catp", keep=1.0, layer=1)
-        with torch.no_grad():
-            assert torch.equal(model(**inputs).logits, ref_logits)
-        disable_pruning(model)
-        handle = enable_pruning(model, "catp", keep=0.25, layer=1)
-        with torch.no_grad():
-            cached = model.generate(**inputs, **GEN)
-            rec = handle.last
-            uncached = model.generate(**inputs, **GEN, use_cache=False)
-    finally:
-        disable_pruning(model)
-    assert torch.equal(cached, uncached)
+    with pruning(model, "catp", keep=1.0, layer=1), torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref_logits)
+    with pruning(model, "catp", keep=0.25, layer=1):
+        _, rec = cached_and_uncached_record(model, inputs, **GEN)
     visual = rec.visual_per_layer
     assert len(rec.images) == 3 and visual[0] == visual[1] > visual[2] > visual[3]
     decoder = CATP().stage_keeps(0.25)[1]
@@ -239,25 +209,14 @@ def test_follow_up_turn_on_a_multi_image_cache(deep):
     ``generate`` on the whole conversation returns the caller's ids (the images stay as they were pruned)."""
     family, _, model, processor = deep
     inputs = _inputs(processor, family, [(2, "what is in the image ?")])
-    enable_pruning(model, "catp", keep=0.25)
-    try:
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False,
-                                 return_dict_in_generate=True)
-            question = processor.tokenizer(" and the dog ? ASSISTANT :", return_tensors="pt",
-                                           add_special_tokens=False).input_ids
-            tail = torch.cat([out.sequences[:, -1:], question], dim=1)
-            mask = torch.ones(1, out.sequences.shape[1] + question.shape[1], dtype=torch.long)
-            chunk = model(input_ids=tail, attention_mask=mask, past_key_values=copy.deepcopy(out.past_key_values))
-            cache, steps = copy.deepcopy(out.past_key_values), []
-            for i in range(tail.shape[1]):
-                width = mask.shape[1] - tail.shape[1] + i + 1
-                steps.append(model(input_ids=tail[:, i:i + 1], attention_mask=mask[:, :width],
-                                   past_key_values=cache).logits[:, -1])
-            conversation = torch.cat([out.sequences, question], dim=1)
-            follow = model.generate(input_ids=conversation, attention_mask=mask, past_key_values=out.past_key_values,
-                                    max_new_tokens=2, do_sample=False)
-    finally:
-        disable_pruning(model)
-    torch.testing.assert_close(chunk.logits, torch.stack(steps, dim=1), rtol=0, atol=1e-4)
+    with pruning(model, "catp", keep=0.25), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False,
+                             return_dict_in_generate=True)
+        question = words(processor, " and the dog ? ASSISTANT :", 1)
+        tail = torch.cat([out.sequences[:, -1:], question], dim=1)
+        mask = torch.ones(1, out.sequences.shape[1] + question.shape[1], dtype=torch.long)
+        assert_chunk_equals_steps(model, out.past_key_values, tail, mask)
+        conversation = torch.cat([out.sequences, question], dim=1)
+        follow = model.generate(input_ids=conversation, attention_mask=mask, past_key_values=out.past_key_values,
+                                max_new_tokens=2, do_sample=False)
     assert torch.equal(follow[:, : conversation.shape[1]], conversation)

@@ -1,18 +1,25 @@
 """Gemma 3 end to end on tiny models (eager and sdpa): every vision-stage method with a signal there; the
 bidirectional image block and the sliding window of the pruned prompt against the model's own masks; pan-and-scan
-crops; padded batches; an oracle; clear refusals. Decoder-stage and two-stage methods: tests/test_gemma3_decoder.py."""
+crops; padded batches; an oracle; generate on the pruned cache; clear refusals. Decoder-stage and two-stage methods:
+tests/test_gemma3_decoder.py; the signals against the model's own computation: tests/test_gemma3_signals.py."""
 
 import copy
 
 import pytest
 import torch
+from cache_turns import FOLLOW_UP, extend, gen, words
 from conftest import (
     MERGING,
+    assert_keep_all_is_unpruned,
+    assert_rows_match_alone,
+    built,
     cached_model,
     enable,
     generate_cached_and_uncached,
     hook_and_attribute_census,
+    left_clean,
     runnable_methods,
+    runs_without_cls,
 )
 from gemma3_oracle import (
     DECODER_RUNS,
@@ -25,7 +32,6 @@ from gemma3_oracle import (
     gemma3_inputs,
     kept_prompt,
     layer_masks,
-    left_clean,
 )
 from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -36,16 +42,7 @@ from tokenprune.methods import METHODS as REGISTRY
 from tokenprune.tiny_gemma3 import SLIDING_WINDOW, tiny_gemma3
 from tokenprune.tiny_models import random_image
 
-
-def _runs_without_cls(name: str) -> bool:
-    try:
-        REGISTRY[name].signals_needed(cls_token=False)
-    except ValueError:
-        return False
-    return True
-
-
-METHODS = [m for m in runnable_methods("gemma3") if _runs_without_cls(m)]
+METHODS = [m for m in runnable_methods("gemma3") if runs_without_cls(m)]
 _MODELS: dict = {}
 
 
@@ -70,17 +67,8 @@ def test_every_method_is_either_run_or_declined_here():
 @pytest.mark.parametrize("method", METHODS)
 def test_keep_all_is_bit_identical_and_disable_leaves_nothing(gemma3, one, method):
     model, _ = gemma3
-    before = hook_and_attribute_census(model)
-    with torch.no_grad():
-        ref_logits, ref_ids = model(**one).logits, model.generate(**one, **GEN)
-        handle = enable(model, method, 1.0)
-        logits, ids = model(**one).logits, model.generate(**one, **GEN)
-    assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids)
-    assert handle.last.n_kept == handle.last.n_visual == N
-    disable_pruning(model)
-    assert left_clean(model) and hook_and_attribute_census(model) == before
-    with torch.no_grad():
-        assert torch.equal(model(**one).logits, ref_logits)
+    record = assert_keep_all_is_unpruned(model, one, lambda: enable(model, method, 1.0), **GEN)
+    assert record.n_kept == record.n_visual == N
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -100,30 +88,13 @@ def test_padded_batch_with_crops_matches_each_prompt_alone(gemma3, method):
     model, processor = gemma3
     prompts, images = [PROMPT, OTHER], [random_image(30, 100, seed=1), random_image(64, 64, seed=2)]
     handle = enable(model, method, 0.5)
-    alone = []
-    with torch.no_grad():
-        for prompt, image in zip(prompts, images, strict=True):
-            logits = model(**gemma3_inputs(processor, [prompt], [image], crops=True)).logits[0, -1]
-            alone.append((logits, [im.kept for im in handle.last.images]))
-        batch = gemma3_inputs(processor, prompts, images, crops=True)
-        assert bool((batch["attention_mask"] == 0).any()) and batch["pixel_values"].shape[0] == 5
-        logits = model(**batch).logits[:, -1]
-        kept = [im.kept for im in handle.last.images]
-        ids = model.generate(**batch, **GEN)
-        ids_nocache = model.generate(**batch, **GEN, use_cache=False)
+    batch = gemma3_inputs(processor, prompts, images, crops=True)
+    assert bool((batch["attention_mask"] == 0).any()) and batch["pixel_values"].shape[0] == 5
+    rows = [gemma3_inputs(processor, [p], [im], crops=True) for p, im in zip(prompts, images, strict=True)]
+    assert_rows_match_alone(model, rows, batch)
+    generate_cached_and_uncached(model, batch, **GEN)
     assert [(im.row, im.index_in_row) for im in handle.last.images] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
     assert [im.n_kept for im in handle.last.images] == [kept_count(0.5, N)] * 5
-    assert all(torch.equal(a, b) for a, b in zip([k for _, ks in alone for k in ks], kept, strict=True))
-    for row, (out, _) in enumerate(alone):
-        torch.testing.assert_close(logits[row], out, rtol=1e-4, atol=1e-4)
-    assert torch.equal(ids[:, : batch["input_ids"].shape[1]], batch["input_ids"])
-    assert torch.equal(ids, ids_nocache)
-
-
-def _gen(model, **kwargs):
-    """Greedy with logits, no early end (a finished row would not be continued like a running one)."""
-    return model.generate(do_sample=False, return_dict_in_generate=True, output_logits=True,
-                          min_new_tokens=kwargs["max_new_tokens"], **kwargs)
 
 
 @pytest.mark.parametrize("keep", [1.0, 0.25])
@@ -137,18 +108,13 @@ def test_follow_up_turn_static_cache_and_beams(gemma3, keep):
     with torch.no_grad():
         unpruned_beams = model.generate(**inputs, num_beams=3, max_new_tokens=2, min_new_tokens=2, do_sample=False)
         enable(model, "divprune", keep)
-        out = _gen(model, **inputs, past_key_values=DynamicCache(), max_new_tokens=2)
-        question = processor.tokenizer(" and the blue square ? ASSISTANT :", return_tensors="pt",
-                                       add_special_tokens=False).input_ids.expand(2, -1)
-        conversation = torch.cat([out.sequences, question], dim=1)
-        new = conversation[:, inputs["input_ids"].shape[1]:]
-        mask = torch.cat([inputs["attention_mask"], torch.ones_like(new)], dim=1)
-        follow = _gen(model, input_ids=conversation, attention_mask=mask,
-                      past_key_values=copy.deepcopy(out.past_key_values), max_new_tokens=2)
-        types = torch.cat([inputs["token_type_ids"], torch.zeros_like(new)], dim=1)
-        fresh = _gen(model, **dict(inputs, input_ids=conversation, attention_mask=mask, token_type_ids=types),
-                     max_new_tokens=2)
-        static = _gen(model, **inputs, cache_implementation="static", max_new_tokens=2)
+        out = gen(model, **inputs, past_key_values=DynamicCache(), max_new_tokens=2)
+        conversation = torch.cat([out.sequences, words(processor, FOLLOW_UP, 2)], dim=1)
+        whole = extend(inputs, conversation)  # mask and token_type_ids grown with the question's text tokens
+        follow = gen(model, input_ids=conversation, attention_mask=whole["attention_mask"],
+                     past_key_values=copy.deepcopy(out.past_key_values), max_new_tokens=2)
+        fresh = gen(model, **whole, max_new_tokens=2)
+        static = gen(model, **inputs, cache_implementation="static", max_new_tokens=2)
         beams = model.generate(**inputs, num_beams=3, max_new_tokens=2, min_new_tokens=2, do_sample=False)
         samples = model.generate(**inputs, num_return_sequences=3, do_sample=True, max_new_tokens=2)
     assert torch.equal(follow.sequences[:, : conversation.shape[1]], conversation)
@@ -309,7 +275,7 @@ def test_flops_presets_and_budget():
     twelve, big = preset("gemma-3-12b"), preset("gemma-3-27b")
     assert (twelve.num_layers, twelve.num_kv_heads, twelve.d_head, twelve.visual_tokens) == (48, 8, 256, 256)
     assert (big.hidden_size, big.num_layers, big.num_heads, big.d_head) == (5376, 62, 32, 128)
-    model, processor = _MODELS.setdefault("sdpa", tiny_gemma3("sdpa"))
+    model, processor = built(_MODELS, "sdpa", lambda: tiny_gemma3("sdpa"))
     shape = ModelShape.from_config(model.config)
     assert (shape.num_layers, shape.d_head, shape.num_kv_heads) == (2, 32, 2)
     one = gemma3_inputs(processor, [PROMPT], [random_image(60, 80, seed=1)])
@@ -345,7 +311,7 @@ def test_visualize_draws_the_kept_tokens_of_a_gemma3_record(method):
 
     from tokenprune.viz import HEADER, draw_kept, prune_once
 
-    model, processor = _MODELS.setdefault("sdpa", tiny_gemma3("sdpa"))
+    model, processor = built(_MODELS, "sdpa", lambda: tiny_gemma3("sdpa"))
     image = grey(160, 96)
     record = prune_once(model, processor, image, PROMPT, method, keep=9)
     rec = record.images[0]
@@ -354,73 +320,3 @@ def test_visualize_draws_the_kept_tokens_of_a_gemma3_record(method):
     assert figure.size == (320, HEADER + 192)
     assert_looks(figure, rec, lambda i: (0, None), {0: (0, 0, 320, 192)})
     assert left_clean(model)
-
-
-@pytest.mark.parametrize("layer_index", [0, 1])  # a sliding-window layer and a global one
-def test_recomputed_attention_rows_are_the_models_own(layer_index):
-    """The decoder-stage row recomputation (patches/attention_rows.py) uses the layer's own modules: Gemma 3's
-    (1 + w) RMSNorms, per-head q_norm / k_norm, query_pre_attn_scalar scaling; checked against eager attention
-    weights on a prompt shorter than the window."""
-    from tokenprune.patches.attention_rows import attention_rows
-
-    model, _ = _MODELS.setdefault("eager", tiny_gemma3("eager"))
-    layer = model.model.language_model.layers[layer_index]
-    seen = {}
-
-    def hook(module, args, kwargs):
-        seen.update(hidden=args[0] if args else kwargs["hidden_states"], rope=kwargs["position_embeddings"])
-
-    ids = torch.arange(20, 20 + SLIDING_WINDOW - 2)[None]
-    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            weights = model(input_ids=ids, output_attentions=True).attentions[layer_index]  # [1, H, N, N]
-    finally:
-        handle.remove()
-    n = ids.shape[1]
-    rows = torch.tensor([[n - 1, n // 2]])
-    cos, sin = seen["rope"]
-    got = attention_rows(layer, seen["hidden"], rows, cos, sin, torch.ones(1, n, dtype=torch.bool))
-    torch.testing.assert_close(got[0], weights[0][:, rows[0]].float(), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("chunk", [256, 80])  # query patches a chunk: 16 or 5 pooled tokens (the last chunk ragged)
-def test_pooled_attention_map_is_the_eager_siglip_map_pooled_by_hand(chunk, monkeypatch):
-    """VFlowOpt's map on Gemma 3: P A P^T of the last SigLIP layer's head-mean attention (eager weights), each pooled
-    token's row the mean over its 4 x 4 query patches of the sum over each token's 4 x 4 key patches."""
-    from tokenprune.methods import ATTENTION_MAP
-    from tokenprune.methods.vflowopt import VFlowOptViT
-    from tokenprune.patches import clip_signals
-    from tokenprune.patches.gemma3 import Gemma3Adapter
-
-    monkeypatch.setattr(clip_signals, "_MAP_ROWS", chunk)
-    model, processor = _MODELS.setdefault("eager", tiny_gemma3("eager"))
-    images = [random_image(60, 80, seed=1), random_image(80, 60, seed=2)]
-    pixels = gemma3_inputs(processor, [PROMPT, PROMPT], images)["pixel_values"]
-    with torch.no_grad():
-        weights = model.model.vision_tower(pixel_values=pixels, output_attentions=True).attentions[-1]  # [B, H, P, P]
-        _, signals = Gemma3Adapter(model, VFlowOptViT(), 1.0, None)._encode(pixels)
-    side, kernel = 24, 4  # 24 x 24 patches -> 6 x 6 tokens
-    tokens = side // kernel
-    for b, image in enumerate(signals):
-        a = weights[b].float().mean(dim=0).reshape([tokens, kernel] * 4)  # query (row, i, col, j), key (row, i, ...)
-        expected = a.sum(dim=(5, 7)).mean(dim=(1, 3)).reshape(tokens * tokens, tokens * tokens)
-        torch.testing.assert_close(image[ATTENTION_MAP], expected)
-        torch.testing.assert_close(image[ATTENTION_MAP].sum(dim=-1), torch.ones(tokens * tokens))
-    assert not torch.equal(signals[0][ATTENTION_MAP], signals[1][ATTENTION_MAP])
-
-
-def test_recycled_tokens_are_projected_as_the_projector_projects_a_pooled_token():
-    """VFlowOpt recycles cells in the vision space (the last layer's post-layernorm output, pooled: what the
-    projector averages); the adapter's projection of a pooled grid token is the model's own feature for it."""
-    from tokenprune.methods import VISION_HIDDEN
-    from tokenprune.methods.vflowopt import VFlowOptViT
-    from tokenprune.patches.gemma3 import Gemma3Adapter
-
-    model, processor = _MODELS.setdefault("sdpa", tiny_gemma3("sdpa"))
-    pixels = gemma3_inputs(processor, [PROMPT], [random_image(60, 80, seed=1)])["pixel_values"]
-    adapter = Gemma3Adapter(model, VFlowOptViT(), 1.0, None)
-    with torch.no_grad():
-        features, signals = adapter._encode(pixels)
-    projected = adapter._project(signals[0][VISION_HIDDEN], like=features[0])
-    torch.testing.assert_close(projected, features[0], rtol=1e-5, atol=1e-5)

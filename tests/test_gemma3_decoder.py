@@ -7,7 +7,13 @@ import re
 
 import pytest
 import torch
-from conftest import cached_model, hook_and_attribute_census
+from conftest import (
+    assert_rows_match_alone,
+    cached_model,
+    generate_cached_and_uncached,
+    hook_and_attribute_census,
+    left_clean,
+)
 from gemma3_oracle import (
     DECODER_RUNS,
     GEN,
@@ -18,10 +24,9 @@ from gemma3_oracle import (
     gemma3_inputs,
     kept_prompt,
     layer_masks,
-    left_clean,
 )
 
-from tokenprune import disable_pruning, enable_pruning
+from tokenprune import disable_pruning, enable_pruning, pruning
 from tokenprune.tiny_gemma3 import SLIDING_WINDOW, tiny_gemma3
 from tokenprune.tiny_models import random_image
 
@@ -68,24 +73,12 @@ def test_decoder_stage_cached_equals_uncached_and_padded_batch_equals_rows(shall
     and returns the prompt; each row's last logits and kept tokens in the batch == the row alone."""
     model, processor = shallow
     prompts, images = [PROMPT, OTHER], [random_image(60, 80, seed=1), random_image(64, 64, seed=2)]
-    handle = _decoder(model, method, 0.25)
-    alone = []
-    with torch.no_grad():
-        for prompt, image in zip(prompts, images, strict=True):
-            logits = model(**gemma3_inputs(processor, [prompt], [image])).logits[0, -1]
-            alone.append((logits, handle.last.images[0].kept))
-        batch = gemma3_inputs(processor, prompts, images)
-        assert bool((batch["attention_mask"] == 0).any())
-        logits = model(**batch).logits[:, -1]
-        kept = [im.kept for im in handle.last.images]
-        assert handle.last.n_kept < 2 * N
-        cached = model.generate(**batch, **GEN)
-        uncached = model.generate(**batch, **GEN, use_cache=False)
-    assert all(torch.equal(a, k) for (_, a), k in zip(alone, kept, strict=True))
-    for row, (out, _) in enumerate(alone):
-        torch.testing.assert_close(logits[row], out, rtol=1e-4, atol=1e-4)
-    assert torch.equal(cached[:, : batch["input_ids"].shape[1]], batch["input_ids"])
-    assert torch.equal(cached, uncached)
+    _decoder(model, method, 0.25)
+    batch = gemma3_inputs(processor, prompts, images)
+    assert bool((batch["attention_mask"] == 0).any())
+    rows = [gemma3_inputs(processor, [prompt], [image]) for prompt, image in zip(prompts, images, strict=True)]
+    assert assert_rows_match_alone(model, rows, batch).n_kept < 2 * N
+    generate_cached_and_uncached(model, batch, **GEN)
 
 
 def _kept_slots(model, inputs, handle) -> torch.Tensor:
@@ -194,15 +187,9 @@ def test_decoder_methods_run_at_their_default_layers_on_the_real_depth_model():
     model, processor = real_depth("gemma3", "sdpa")
     inputs = gemma3_inputs(processor, [PROMPT], [random_image(60, 80, seed=1)])
     for method in DECODER_RUNS:
-        handle = enable_pruning(model, method, keep=0.25)
-        try:
-            with torch.no_grad():
-                cached = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-                uncached = model.generate(**inputs, max_new_tokens=2, do_sample=False, use_cache=False)
-        finally:
-            disable_pruning(model)
+        with pruning(model, method, keep=0.25) as handle:
+            generate_cached_and_uncached(model, inputs, max_new_tokens=2, do_sample=False)
         assert handle.last.n_kept < N, method
-        assert torch.equal(cached, uncached), method
     assert left_clean(model)
 
 

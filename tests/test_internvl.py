@@ -1,22 +1,24 @@
-"""InternVL3 end to end on tiny models (eager and sdpa): every method with a signal there, tiles and thumbnail as
-selection units, InternViT signals carried through the pixel shuffle, batches with several images per prompt, an
-oracle, and the explicit list of what declines."""
+"""InternVL3 end to end on tiny models (eager and sdpa), the vision stage: every method with a signal there, tiles and
+thumbnail as selection units, InternViT signals carried through the pixel shuffle, batches with several images per
+prompt, an oracle, the explicit list of what declines, and the overlay. Decoder-stage methods, the real depth and the
+pruned cache: tests/test_internvl_decoder.py."""
 
 import dataclasses
-import re
 
 import pytest
 import torch
 from conftest import (
     MERGING,
+    assert_keep_all_is_unpruned,
+    assert_rows_match_alone,
+    built,
     cached_model,
-    decoder_methods,
     generate_cached_and_uncached,
     hook_and_attribute_census,
     runnable_methods,
-    two_stage_methods,
 )
 from conftest import enable as _enable
+from internvl_cases import DECLINES, GEN, PROMPT, WIDE, T, two_rows
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tokenprune import disable_pruning, enable_pruning
@@ -25,46 +27,27 @@ from tokenprune.budget import kept_count
 from tokenprune.methods import CLS_ATTENTION, METHODS, VISION_HIDDEN, SignalRequest
 from tokenprune.patches.clip_signals import ClipProbe
 from tokenprune.patches.internvl import shuffle_groups, shuffled_signal
-from tokenprune.tiny_internvl import TOKENS_PER_TILE, tiny_internvl
+from tokenprune.tiny_internvl import tiny_internvl
 from tokenprune.tiny_models import random_image
 
-IMG = "<IMG_CONTEXT>"
-PROMPT = f"USER : {IMG}\nwhat is in the image ? ASSISTANT :"
-OTHER = f"USER : {IMG}\n{IMG}\ndescribe a red circle and a blue square left of the dog ? ASSISTANT :"
-GEN = dict(max_new_tokens=4, do_sample=False)
-T = TOKENS_PER_TILE  # 16 tokens per 64-px tile (4 x 4 after the 2 x 2 pixel shuffle)
-WIDE = (64, 128)  # 2 x 1 grid tiles + the thumbnail = 3 tiles, 48 tokens
-
-# What declines on InternVL3, and what the error must say. Explicit on purpose: a method that starts or stops
-# declining fails here until this table (and docs/internvl.md) says so.
-DECLINES = {
-    "visionzip": "no place in the LLM's input.*keep_cls=False",
-    "visiondrop": "no place in the LLM's input.*keep_cls=False",
-    "visiondropfull": "no place in the LLM's input",
-    "flowcut": "layer loop",
-    "holitom": "frames of a video.*'divprune'", "holitomouter": "frames of a video.*'divprune'",
-}
 # VisionZip and VisionDrop without their [CLS] token (keep_cls=False) run: dominant patches + merged contextual tokens.
 WITHOUT_CLS = {f"{m}-nocls": (m, {"keep_cls": False}) for m in ("visionzip", "visiondrop")}
 METHODS_HERE = [m for m in runnable_methods("internvl") if m not in DECLINES] + sorted(WITHOUT_CLS)
 MERGING = MERGING | set(WITHOUT_CLS)
-
-
-def enable(model, method, keep, **kwargs):
-    """conftest's ``enable`` (tiny-model options), with the keep_cls=False variants."""
-    name, options = WITHOUT_CLS.get(method, (method, {}))
-    return _enable(model, name, keep, **options, **kwargs)
 _MODELS: dict = {}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
+def enable(model, method, keep, **kwargs):
+    """conftest's ``enable`` (tiny-model options), with the keep_cls=False variants."""
+    name, options = WITHOUT_CLS.get(method, (method, {}))
+    return _enable(model, name, keep, **options, **kwargs)
+
+
 def _model(attn, **options):
-    key = (attn, tuple(sorted(options.items())))
-    if key not in _MODELS:
-        _MODELS[key] = tiny_internvl(attn, **options)
-    return _MODELS[key]
+    return built(_MODELS, (attn, tuple(sorted(options.items()))), lambda: tiny_internvl(attn, **options))
 
 
 @pytest.fixture
@@ -78,12 +61,6 @@ def one(internvl):
     return processor(text=[PROMPT], images=[random_image(*WIDE, seed=1)])
 
 
-def _batch(processor):
-    """Two rows, left padded: one wide image (3 tiles); two images (1 tile, then 3 x 1 tiles + thumbnail = 4)."""
-    images = [random_image(*WIDE, seed=1), random_image(64, 64, seed=2), random_image(192, 64, seed=3)]
-    return [PROMPT, OTHER], [[images[0]], images[1:]], processor(text=[PROMPT, OTHER], images=images)
-
-
 def _expected_kept(method, keep, tiles):
     """Kept tokens of an image of ``tiles`` tiles: per tile (and thumbnail) or one pool, as the method's scope."""
     if METHODS[WITHOUT_CLS.get(method, (method,))[0]].crop_scope == "image":
@@ -94,17 +71,8 @@ def _expected_kept(method, keep, tiles):
 @pytest.mark.parametrize("method", METHODS_HERE)
 def test_keep_all_is_bit_identical_and_disable_leaves_nothing(internvl, one, method):
     model, _ = internvl
-    with torch.no_grad():
-        ref_logits, ref_ids = model(**one).logits, model.generate(**one, **GEN)
-        census = hook_and_attribute_census(model)  # after a first generate (which caches its own attributes)
-        handle = enable(model, method, 1.0)
-        logits, ids = model(**one).logits, model.generate(**one, **GEN)
-    assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids)
-    assert handle.last.n_kept == handle.last.n_visual == 3 * T
-    disable_pruning(model)
-    assert hook_and_attribute_census(model) == census
-    with torch.no_grad():
-        assert torch.equal(model(**one).logits, ref_logits)
+    record = assert_keep_all_is_unpruned(model, one, lambda: enable(model, method, 1.0), **GEN)
+    assert record.n_kept == record.n_visual == 3 * T
 
 
 @pytest.mark.parametrize("method", METHODS_HERE)
@@ -123,25 +91,14 @@ def test_pruned_generate_returns_the_prompt_and_cache_is_consistent(internvl, on
 @pytest.mark.parametrize("method", METHODS_HERE)
 def test_padded_batch_with_several_images_matches_each_prompt_alone(internvl, method):
     model, processor = internvl
-    prompts, images, batch = _batch(processor)
+    prompts, images, batch = two_rows(processor)
     assert bool((batch["attention_mask"] == 0).any()) and batch["pixel_values"].shape[0] == 3 + 1 + 4
     handle = enable(model, method, 0.5)
-    alone = []
-    with torch.no_grad():
-        for prompt, row_images in zip(prompts, images, strict=True):
-            logits = model(**processor(text=[prompt], images=row_images)).logits[0, -1]
-            alone.append((logits, [im.kept for im in handle.last.images]))
-        logits = model(**batch).logits[:, -1]
-        batch_kept = [im.kept for im in handle.last.images]
-        ids = model.generate(**batch, **GEN)
-        ids_nocache = model.generate(**batch, **GEN, use_cache=False)
+    rows = [processor(text=[prompt], images=row_images) for prompt, row_images in zip(prompts, images, strict=True)]
+    assert_rows_match_alone(model, rows, batch)
+    generate_cached_and_uncached(model, batch, **GEN)
     assert [im.n for im in handle.last.images] == [3 * T, T, 4 * T]
     assert [(im.row, im.index_in_row) for im in handle.last.images] == [(0, 0), (1, 0), (1, 1)]
-    assert all(torch.equal(a, b) for a, b in zip([k for _, ks in alone for k in ks], batch_kept, strict=True))
-    for row, (out, _) in enumerate(alone):
-        torch.testing.assert_close(logits[row], out, rtol=1e-4, atol=1e-4)
-    assert torch.equal(ids[:, : batch["input_ids"].shape[1]], batch["input_ids"])
-    assert torch.equal(ids, ids_nocache)
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS_HERE if m not in MERGING])
@@ -254,81 +211,6 @@ def test_bad_inputs_fail_clearly_before_the_vision_tower_runs(internvl, one):
     assert calls == []
 
 
-# --- decoder-stage and two-stage methods through the shared decoder loop (1-D RoPE, as LLaVA) ---------------------
-DECODER_METHODS = decoder_methods() + [m for m in two_stage_methods() if m not in DECLINES]
-DECODER_OPTIONS = {"fastv": {"k": 2}, "dart": {"k": 2}, "feather": {"layers": (1, 2)},
-                   "transprune": {"layers": (1, 2, 3)}, "todre": {"layer": 1, "tau": 1.0},
-                   "sparsevlm": {"layers": (0, 1, 2)}, "adaptinfer": {"layers": (0, 1, 2)},
-                   "vflowopt": {"layers": (1, 2)}}
-DECODER_OPTIONS["catp"] = {"layer": 1}  # 4 layers: in-context pool scored at 0 and 1, cut from 2; query from 3
-
-
-def _enable_decoder(model, method, keep):
-    return enable_pruning(model, method, keep=keep, **DECODER_OPTIONS.get(method, {}))
-
-
-@pytest.mark.parametrize("method", DECODER_METHODS)
-def test_decoder_methods_keep_all_bit_identical_cache_consistent_and_batched(attn, method):
-    model, processor = _model(attn, text_layers=4)
-    one = processor(text=[PROMPT], images=[random_image(*WIDE, seed=1)])
-    try:
-        with torch.no_grad():
-            ref_logits, ref_ids = model(**one).logits, model.generate(**one, **GEN)
-            census = hook_and_attribute_census(model)
-            _enable_decoder(model, method, 1.0)
-            assert torch.equal(model(**one).logits, ref_logits) and torch.equal(model.generate(**one, **GEN), ref_ids)
-            disable_pruning(model)
-            assert hook_and_attribute_census(model) == census
-            handle = _enable_decoder(model, method, 0.5)
-            cached = model.generate(**one, **GEN)
-            assert torch.equal(cached[:, : one["input_ids"].shape[1]], one["input_ids"])
-            assert torch.equal(cached, model.generate(**one, **GEN, use_cache=False))
-            assert handle.last.visual_per_layer[-1] < handle.last.n_visual
-            prompts, images, batch = _batch(processor)
-            alone = [model(**processor(text=[p], images=i)).logits[0, -1] for p, i in zip(prompts, images, strict=True)]
-            logits = model(**batch).logits[:, -1]
-            assert torch.equal(model.generate(**batch, **GEN), model.generate(**batch, **GEN, use_cache=False))
-        for row, out in enumerate(alone):
-            torch.testing.assert_close(logits[row], out, rtol=1e-4, atol=1e-4)
-    finally:
-        disable_pruning(model)
-    assert hook_and_attribute_census(model) == census
-
-
-# --- the real depth: every method at its DEFAULT options and layers --------------------------------------------
-def test_real_depth_runs_every_method_at_its_default_layers_and_declines_the_listed_ones():
-    from tokenprune.real_depth import real_depth
-
-    model, processor = real_depth("internvl", "sdpa")
-    assert len(model.model.vision_tower.encoder.layer) == 24 and len(model.model.language_model.layers) == 28
-    one = processor(text=[PROMPT], images=[random_image(*WIDE, seed=1)])
-    with torch.no_grad():
-        ref = model(**one).logits
-        model.generate(**one, max_new_tokens=1)
-    census = hook_and_attribute_census(model)
-    declined = {}
-    for method in sorted(METHODS) + [["divprune", "fastv"]]:
-        try:
-            handle = enable_pruning(model, method, keep=1.0)
-        except ValueError as err:
-            declined[method] = str(err)
-            assert hook_and_attribute_census(model) == census
-            continue
-        try:
-            with torch.no_grad():
-                assert torch.equal(model(**one).logits, ref), method
-                disable_pruning(model)
-                handle = enable_pruning(model, method, keep=0.25)
-                cached = model.generate(**one, max_new_tokens=2, do_sample=False)
-                assert torch.equal(cached, model.generate(**one, max_new_tokens=2, do_sample=False, use_cache=False))
-            assert handle.last.visual_per_layer[-1] < 3 * T, method
-        finally:
-            disable_pruning(model)
-        assert hook_and_attribute_census(model) == census
-    assert sorted(declined) == sorted(DECLINES)
-    assert all(re.search(DECLINES[m], msg) for m, msg in declined.items())
-
-
 def test_methods_command_lists_internvl(capsys):
     from tokenprune.cli import main
 
@@ -392,42 +274,3 @@ def test_visualize_places_every_tile_in_the_picture_and_the_thumbnail_apart(meth
         assert len(drawn) == int(kept[tile * T:(tile + 1) * T].sum())
     assert sum(per_tile) == rec.kept.numel() and sum(n > 0 for n in per_tile) > 1
     assert _HANDLE_ATTR not in model.__dict__
-
-
-# --- a pruned cache is a cache like any other (the patterns of tests/test_cache_patterns.py, on InternVL3) --------
-@pytest.mark.parametrize("method", ["divprune", "fastervlm", "cdpruner", "fastv", "todre"])
-def test_follow_up_resumed_static_and_beams_on_a_pruned_cache(method):
-    from transformers import DynamicCache
-
-    model, processor = _model("sdpa", text_layers=4)
-    inputs = _batch(processor)[2]  # two rows, three images, left padding
-    gen = dict(do_sample=False, return_dict_in_generate=True, output_logits=True)
-    try:
-        _enable_decoder(model, method, 0.25)
-        with torch.no_grad():
-            out = model.generate(**inputs, past_key_values=DynamicCache(), max_new_tokens=2, min_new_tokens=2, **gen)
-            question = processor.tokenizer(" and the blue square ? ASSISTANT :", return_tensors="pt",
-                                           add_special_tokens=False).input_ids.expand(2, -1)
-            conversation = torch.cat([out.sequences, question], dim=1)
-            turn = conversation[:, inputs["input_ids"].shape[1]:]
-            mask = torch.cat([inputs["attention_mask"], torch.ones_like(turn)], dim=1)  # original coordinates
-            follow = model.generate(input_ids=conversation, attention_mask=mask, past_key_values=out.past_key_values,
-                                    max_new_tokens=2, min_new_tokens=2, **gen)
-            assert torch.equal(follow.sequences[:, : conversation.shape[1]], conversation)
-            if METHODS[method].stage == "vision" and method != "cdpruner":  # image-only: == a fresh pruned run
-                fresh = model.generate(**{**inputs, "input_ids": conversation, "attention_mask": mask},
-                                       max_new_tokens=2, min_new_tokens=2, **gen)
-                assert torch.equal(follow.sequences, fresh.sequences)
-            longer = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, **gen)
-            first = model.generate(**inputs, past_key_values=DynamicCache(), max_new_tokens=2, min_new_tokens=2, **gen)
-            new = first.sequences[:, inputs["input_ids"].shape[1]:]
-            resumed = model.generate(
-                input_ids=first.sequences, past_key_values=first.past_key_values, max_new_tokens=2, min_new_tokens=2,
-                attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(new)], dim=1), **gen)
-            assert torch.equal(resumed.sequences, longer.sequences)
-            static = model.generate(**inputs, cache_implementation="static", max_new_tokens=2, min_new_tokens=2, **gen)
-            assert torch.equal(static.sequences, out.sequences)
-            beams = model.generate(**inputs, num_beams=3, max_new_tokens=2, min_new_tokens=2, do_sample=False)
-            assert torch.equal(beams[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
-    finally:
-        disable_pruning(model)

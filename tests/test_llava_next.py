@@ -2,9 +2,15 @@
 
 import pytest
 import torch
-from conftest import enable, generate_cached_and_uncached, runnable_methods
+from conftest import (
+    assert_keep_all_is_unpruned,
+    assert_rows_match_alone,
+    enable,
+    generate_cached_and_uncached,
+    runnable_methods,
+)
 
-from tokenprune import disable_pruning, enable_pruning
+from tokenprune import enable_pruning
 from tokenprune import functional as F
 from tokenprune.api import _HANDLE_ATTR
 from tokenprune.budget import kept_count
@@ -54,16 +60,8 @@ def test_layout_matches_transformers_packing(size):
 @pytest.mark.parametrize("method", METHODS)
 def test_keep_all_is_bit_identical(nxt, one, method):
     model, _ = nxt
-    with torch.no_grad():
-        ref_logits, ref_ids = model(**one).logits, model.generate(**one, **GEN)
-        handle = enable(model, method, 1.0)
-        logits, ids = model(**one).logits, model.generate(**one, **GEN)
-    assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids)
-    assert handle.last.n_visual == 52 and handle.last.seq_len_after == handle.last.seq_len_before
-    disable_pruning(model)
-    assert _HANDLE_ATTR not in model.__dict__ and "forward" not in model.__dict__
-    with torch.no_grad():
-        assert torch.equal(model(**one).logits, ref_logits)
+    record = assert_keep_all_is_unpruned(model, one, lambda: enable(model, method, 1.0), **GEN)
+    assert record.n_visual == 52 and record.seq_len_after == record.seq_len_before
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -132,23 +130,12 @@ def test_batch_rows_match_each_prompt_alone(nxt, method):
     images = [[random_image(40, 70, seed=1)], [random_image(32, 32, seed=2)],
               [random_image(70, 40, seed=3), random_image(64, 64, seed=4)]]
     handle = enable(model, method, 0.3)
-    alone = []
-    with torch.no_grad():
-        for prompt, imgs in zip(prompts, images, strict=True):
-            out = model(**processor(images=imgs, text=[prompt], return_tensors="pt")).logits[0, -1]
-            alone.append((out, [im.kept for im in handle.last.images]))
-        batch = processor(images=[im for imgs in images for im in imgs], text=prompts, return_tensors="pt",
-                          padding=True)
-        logits = model(**batch).logits[:, -1]
-        batch_kept = [im.kept for im in handle.last.images]
-        ids = model.generate(**batch, **GEN)
-        ids_nocache = model.generate(**batch, **GEN, use_cache=False)
+    rows = [processor(images=imgs, text=[prompt], return_tensors="pt") for prompt, imgs in zip(prompts, images,
+                                                                                              strict=True)]
+    batch = processor(images=[im for imgs in images for im in imgs], text=prompts, return_tensors="pt", padding=True)
+    assert_rows_match_alone(model, rows, batch)
+    generate_cached_and_uncached(model, batch, **GEN)
     assert len({im.n for im in handle.last.images}) > 1  # really different visual counts
-    flat_alone = [k for _, kept in alone for k in kept]
-    assert all(torch.equal(a, b) for a, b in zip(flat_alone, batch_kept, strict=True))
-    for row, (out, _) in enumerate(alone):
-        torch.testing.assert_close(logits[row], out, rtol=1e-4, atol=1e-4)
-    assert torch.equal(ids[:, : batch["input_ids"].shape[1]], batch["input_ids"]) and torch.equal(ids, ids_nocache)
 
 
 def test_record_geometry(nxt, one):

@@ -2,12 +2,19 @@
 
 import pytest
 import torch
-from conftest import MERGING, enable, generate_cached_and_uncached, runnable_methods
+from conftest import (
+    MERGING,
+    assert_keep_all_is_unpruned,
+    assert_rows_match_alone,
+    enable,
+    generate_cached_and_uncached,
+    runnable_methods,
+    runs_without_cls,
+)
 
 from tokenprune import disable_pruning, enable_pruning
 from tokenprune.api import _HANDLE_ATTR
 from tokenprune.budget import kept_count
-from tokenprune.methods import METHODS as REGISTRY
 from tokenprune.tiny_models import random_image, random_video, tiny_qwen
 
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -19,16 +26,8 @@ VIDEO = f"USER : {VID}what is the dog doing ? ASSISTANT :"
 GEN = dict(max_new_tokens=5, do_sample=False)
 
 
-def _runs_without_cls(name: str) -> bool:
-    try:
-        REGISTRY[name].signals_needed(cls_token=False)
-    except ValueError:
-        return False
-    return True
-
-
-METHODS = [m for m in runnable_methods() if _runs_without_cls(m)]
-NO_CLS = [m for m in runnable_methods() if not _runs_without_cls(m)]
+METHODS = [m for m in runnable_methods() if runs_without_cls(m)]
+NO_CLS = [m for m in runnable_methods() if not runs_without_cls(m)]
 
 
 @pytest.fixture(params=["2", "2.5"])
@@ -60,17 +59,8 @@ def language_positions(model):
 @pytest.mark.parametrize("method", METHODS)
 def test_keep_all_is_bit_identical(qwen, one, method):
     model, _ = qwen
-    with torch.no_grad():
-        ref_logits, ref_ids = model(**one).logits, model.generate(**one, **GEN)
-        handle = enable(model, method, 1.0)
-        logits, ids = model(**one).logits, model.generate(**one, **GEN)
-    assert torch.equal(logits, ref_logits) and torch.equal(ids, ref_ids)
-    assert handle.last.n_kept == handle.last.n_visual == 15
-    disable_pruning(model)
-    assert _HANDLE_ATTR not in model.__dict__ and "forward" not in model.__dict__ and "generate" not in model.__dict__
-    assert model.model.rope_deltas is None
-    with torch.no_grad():
-        assert torch.equal(model(**one).logits, ref_logits)
+    record = assert_keep_all_is_unpruned(model, one, lambda: enable(model, method, 1.0), **GEN)
+    assert record.n_kept == record.n_visual == 15
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -147,25 +137,13 @@ def test_batch_rows_match_each_prompt_alone(qwen, method):
     images = [[random_image(84, 140, seed=1)], [random_image(56, 56, seed=2)],
               [random_image(112, 84, seed=3), random_image(56, 112, seed=4)]]
     handle = enable(model, method, 0.3)
-    alone = []
-    with torch.no_grad():
-        for prompt, imgs in zip(prompts, images, strict=True):
-            out = model(**processor(text=[prompt], images=imgs)).logits[0, -1]
-            alone.append((out, [im.kept for im in handle.last.images]))
-        batch = processor(text=prompts, images=[im for imgs in images for im in imgs])
-        assert bool((batch["attention_mask"] == 0).any())
-        logits = model(**batch).logits[:, -1]
-        batch_kept = [im.kept for im in handle.last.images]
-        ids = model.generate(**batch, **GEN)
-        ids_nocache = model.generate(**batch, **GEN, use_cache=False)
+    batch = processor(text=prompts, images=[im for imgs in images for im in imgs])
+    assert bool((batch["attention_mask"] == 0).any())
+    rows = [processor(text=[prompt], images=imgs) for prompt, imgs in zip(prompts, images, strict=True)]
+    assert_rows_match_alone(model, rows, batch)
+    generate_cached_and_uncached(model, batch, **GEN)
     assert [im.index_in_row for im in handle.last.images] == [0, 0, 0, 1]
     assert [im.n_kept for im in handle.last.images] == [kept_count(0.3, n) for n in (15, 4, 12, 8)]  # 5,1,4,2
-    flat_alone = [k for _, kept in alone for k in kept]
-    assert all(torch.equal(a, b) for a, b in zip(flat_alone, batch_kept, strict=True))
-    for row, (out, _) in enumerate(alone):
-        torch.testing.assert_close(logits[row], out, rtol=1e-4, atol=1e-4)
-    assert torch.equal(ids[:, : batch["input_ids"].shape[1]], batch["input_ids"])
-    assert torch.equal(ids, ids_nocache)
 
 
 def test_video_is_pruned_per_frame_by_default(qwen):
