@@ -24,8 +24,6 @@ IMAGE_SIZE = {"llava": (64, 64), "qwen2_vl": (112, 168), "qwen2_5_vl": (112, 168
 # (AnyRes-max-9) to 11 x 12, + 11 newlines + the 16-token base tile = 159 tokens.
 IMAGE_SIZE["llava_onevision"] = (120, 100)
 MAX_TOKENS = 6
-# "label: max |dlogprob|" lines the end-to-end tests measured, printed at the end of the run (conftest.py)
-MEASURED: list[str] = []
 
 
 def image(name: str):

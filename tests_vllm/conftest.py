@@ -17,7 +17,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-from cases import MAX_TOKENS, MEASURED, PROMPTS, Run, image  # noqa: E402
+
+# the helper modules' asserts report their operands, as the tests' own do
+pytest.register_assert_rewrite("compare", "engines", "hf_reference")
+
+from cases import PROMPTS, Run, image  # noqa: E402
+from compare import MEASURED  # noqa: E402
+from engines import engine, generate  # noqa: E402
 
 from tokenprune.integrations.vllm.checkpoints import save_tiny_checkpoint  # noqa: E402
 
@@ -36,20 +42,9 @@ def model_dirs(tmp_path_factory) -> dict[str, str]:
 @functools.cache
 def _vllm_run(path: str, name: str, overrides_json: str) -> Run:
     """One engine, one greedy generation, engine freed. Cached: tests share the runs."""
-    from vllm import LLM, SamplingParams
-
-    overrides = json.loads(overrides_json)
-    llm = LLM(
-        model=path, dtype="float32", max_model_len=1024, max_num_seqs=2, enforce_eager=True, seed=0,
-        limit_mm_per_prompt={"image": 1, "video": 0}, distributed_executor_backend="uni",
-        **({"hf_overrides": overrides} if overrides else {}),
-    )
+    llm = engine(path, json.loads(overrides_json), max_num_seqs=2)
     try:
-        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0, ignore_eos=True)
-        out = llm.generate([{"prompt": PROMPTS[name], "multi_modal_data": {"image": image(name)}}], params)[0]
-        completion = out.outputs[0]
-        logprobs = [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids, strict=True)]
-        return Run(len(out.prompt_token_ids), list(completion.token_ids), logprobs)
+        return generate(llm, [(PROMPTS[name], image(name))])[0][0]
     finally:
         del llm
         gc.collect()
@@ -61,6 +56,14 @@ def vllm_run(model_dirs):
     def run(name: str, overrides: dict | None = None) -> Run:
         return _vllm_run(model_dirs[name], name, json.dumps(overrides or {}, sort_keys=True))
     return run
+
+
+@pytest.fixture(scope="module")
+def hf(model_dirs):
+    """``hf(name) -> HFReference``, loaded once per test module."""
+    from hf_reference import HFReference
+
+    return functools.cache(lambda name: HFReference(model_dirs[name], name))
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -1,6 +1,8 @@
-"""The HF-transformers side of the end-to-end tests: ``generate`` on the unpruned prompt, and an independent pruned
-forward that drops the same image tokens (LLaVA: positions re-indexed, as vLLM does; Qwen: each kept token keeps
-its column of HF's own ``get_rope_index`` on the unpruned prompt) and decodes greedily without a cache."""
+"""The HF-transformers side of the vLLM tests: a saved checkpoint's model and processed request with greedy
+``generate`` (:class:`HFModel`), the same under ``enable_pruning`` (:func:`enable_pruning_generate`), and for the
+end-to-end tests an independent pruned forward that drops the same image tokens (LLaVA: positions re-indexed, as vLLM
+does; Qwen: each kept token keeps its column of HF's own ``get_rope_index`` on the unpruned prompt) and decodes
+greedily without a cache (:class:`HFReference`)."""
 
 from __future__ import annotations
 
@@ -14,33 +16,57 @@ from tokenprune.integrations.vllm.selection import select_image
 from tokenprune.methods import FEATURES, TEXT_EMBEDDINGS
 from tokenprune.patches.base import text_embeddings
 from tokenprune.patches.units import ImageSelection
+from tokenprune.record import ImageRecord
 
 
-class HFReference:
-    def __init__(self, path: str, name: str):
+class HFModel:
+    """A saved checkpoint on the HF side (eager attention) and one processed request (``inputs``: the prompt and its
+    image, or what a test puts there), with greedy ``generate``."""
+
+    def __init__(self, path: str, prompt: str, image, dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.name = name
-        self.qwen = name.startswith("qwen")
         self.processor = AutoProcessor.from_pretrained(path)
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=torch.float32, attn_implementation="eager"
-        ).eval()
+        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
         # vLLM does not apply generation_config.suppress_tokens (the tiny Qwen3 models suppress their vision ids)
         self.model.generation_config.suppress_tokens = None
-        self.inputs = self.processor(text=PROMPTS[name], images=image(name), return_tensors="pt")
-        self.image_token_id = self.model.config.image_token_id
+        self.inputs = self.processor(text=prompt, images=image, return_tensors="pt")
 
     @torch.no_grad()
-    def generate(self) -> Run:
+    def generate(self, inputs: dict | None = None) -> Run:
+        """``MAX_TOKENS`` greedy tokens (no EOS stop) and their logprobs, for ``inputs`` (default: ``self.inputs``)."""
+        inputs = self.inputs if inputs is None else inputs
         out = self.model.generate(
-            **self.inputs, max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None,
+            **inputs, max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None,
             output_logits=True, return_dict_in_generate=True,
         )
-        prompt_len = self.inputs["input_ids"].shape[1]
+        prompt_len = inputs["input_ids"].shape[1]
         tokens = out.sequences[0, prompt_len:].tolist()
         logprobs = [float(torch.log_softmax(lg[0].float(), -1)[t]) for lg, t in zip(out.logits, tokens, strict=True)]
         return Run(prompt_len, tokens, logprobs)
+
+
+def enable_pruning_generate(hf: HFModel, method: str, keep, **options) -> tuple[Run, Run, ImageRecord]:
+    """``(unpruned, pruned, record)``: ``hf``'s generation without pruning, then under ``enable_pruning(method, keep,
+    **options)`` (removed afterwards), and ``handle.last``'s record of the first image (or video)."""
+    from tokenprune import disable_pruning, enable_pruning
+
+    vanilla = hf.generate()
+    handle = enable_pruning(hf.model, method=method, keep=keep, **options)
+    try:
+        return vanilla, hf.generate(), handle.last.images[0]
+    finally:
+        disable_pruning(hf.model)
+
+
+class HFReference(HFModel):
+    """The HF side of the end-to-end tests' families, keyed by name (the prompt and image of ``cases.py``)."""
+
+    def __init__(self, path: str, name: str):
+        super().__init__(path, PROMPTS[name], image(name))
+        self.name = name
+        self.qwen = name.startswith("qwen")
+        self.image_token_id = self.model.config.image_token_id
 
     @torch.no_grad()
     def signals(self, pruning: VllmPruning | None):

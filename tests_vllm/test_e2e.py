@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
-from cases import MEASURED
-from hf_reference import HFReference
+from compare import TOL, assert_matches, max_diff, report
+from hf_reference import HFReference, enable_pruning_generate
 
 from tokenprune.integrations.vllm import vllm_overrides
 from tokenprune.integrations.vllm.options import parse_options
 
 MODELS = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
-TOL = 1e-5  # fp32 noise between the engines is ~5e-7; a position off by one shifts logprobs by ~1e-3 here
-
-
-@pytest.fixture(scope="module")
-def hf(model_dirs):
-    return functools.cache(lambda name: HFReference(model_dirs[name], name))
-
-
-def max_diff(a, b) -> float:
-    return max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True))
-
-
-def report(label: str, diff: float) -> None:
-    MEASURED.append(f"max |dlogprob| {label}: {diff:.2e}")
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -85,11 +69,7 @@ def test_pruned_matches_hf_reference(name, method, keep, options, vllm_run, hf):
     ours, ref = vllm_run(name, overrides), ref_model.pruned(selection)
     vanilla = vllm_run(name)
     assert ours.prompt_len == ref.prompt_len == vanilla.prompt_len - (n - k)
-    assert ours.tokens == ref.tokens
-    report(f"pruned vLLM vs HF reference, {name} {method} keep={keep}", max_diff(ours, ref))
-    assert max_diff(ours, ref) < TOL
-    # the comparison can fail: the unpruned prompt gives other logprobs
-    assert max_diff(vanilla, ref) > 100 * TOL
+    assert_matches(ours, ref, vanilla, f"pruned vLLM vs HF reference, {name} {method} keep={keep}")
     if name.startswith("qwen"):  # ... and so do re-indexed positions (kept tokens must keep their own)
         assert max_diff(ours, ref_model.pruned(selection, reindex_positions=True)) > 10 * TOL
 
@@ -101,22 +81,11 @@ NEXT_CASES = [("fastervlm", 0.5, {}), ("divprune", 0.3, {}), ("visionzip", 0.5, 
 
 @pytest.mark.parametrize(("method", "keep", "options"), NEXT_CASES, ids=[c[0] for c in NEXT_CASES])
 def test_llava_next_pruned_matches_enable_pruning(method, keep, options, vllm_run, model_dirs):
-    from tokenprune import disable_pruning, enable_pruning
-
-    ref_model = HFReference(model_dirs["llava_next"], "llava_next")
-    vanilla = ref_model.generate()
-    handle = enable_pruning(ref_model.model, method=method, keep=keep, **options)
-    try:
-        ref = ref_model.generate()
-        image = handle.last.images[0]
-        kept_rows = len(image.kept) + image.n_merged
-    finally:
-        disable_pruning(ref_model.model)
+    vanilla, ref, image = enable_pruning_generate(HFReference(model_dirs["llava_next"], "llava_next"), method, keep,
+                                                  **options)
+    kept_rows = len(image.kept) + image.n_merged
     ours = vllm_run("llava_next", vllm_overrides("llava_next", method, keep=keep, **options))
     n = 52
     assert kept_rows < n
     assert ours.prompt_len == vllm_run("llava_next").prompt_len - (n - kept_rows)
-    assert ours.tokens == ref.tokens
-    report(f"pruned vLLM vs enable_pruning, llava_next {method} keep={keep}", max_diff(ours, ref))
-    assert max_diff(ours, ref) < TOL
-    assert max_diff(vanilla, ref) > 100 * TOL  # the comparison can fail: the unpruned prompt gives other logprobs
+    assert_matches(ours, ref, vanilla, f"pruned vLLM vs enable_pruning, llava_next {method} keep={keep}")

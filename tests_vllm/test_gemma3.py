@@ -10,14 +10,14 @@ comparison is a real statement about the CPU build, not a blind spot of the test
 
 from __future__ import annotations
 
-import gc
 import re
 
 import pytest
 import torch
 from cases import MAX_TOKENS, Run
-from engines import engine, error_text, generate, run_alone
-from test_e2e import TOL, max_diff, report
+from compare import TOL, assert_batch_equals_alone, assert_matches, max_diff, report
+from engines import alone_and_together, run_alone, start_error
+from hf_reference import HFModel
 
 from tokenprune.integrations.vllm import vllm_overrides
 from tokenprune.integrations.vllm.checkpoints import save_tiny_checkpoint
@@ -37,30 +37,18 @@ def gemma_dir(tmp_path_factory) -> str:
     return save_tiny_checkpoint(NAME, str(tmp_path_factory.mktemp("gemma3") / NAME))
 
 
-class GemmaHF:
-    """The HF side: the processor's inputs, ``generate``, and greedy decoding of a prompt's input embeddings."""
+class GemmaHF(HFModel):
+    """The HF side: the processor's inputs, ``generate`` with or without the bidirectional image block, and greedy
+    decoding of the prompt ``enable_pruning`` builds."""
 
     def __init__(self, path: str, prompt: str = PROMPT, image=None):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        super().__init__(path, prompt, _image() if image is None else image)
 
-        self.processor = AutoProcessor.from_pretrained(path)
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=torch.float32, attn_implementation="eager"
-        ).eval()
-        self.model.generation_config.suppress_tokens = None  # vLLM does not apply it
-        self.inputs = self.processor(text=prompt, images=_image() if image is None else image, return_tensors="pt")
-
-    @torch.no_grad()
     def generate(self, bidirectional: bool) -> Run:
         inputs = dict(self.inputs)
         if not bidirectional:
             inputs.pop("token_type_ids")
-        out = self.model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None,
-                                  output_logits=True, return_dict_in_generate=True)
-        n = self.inputs["input_ids"].shape[1]
-        tokens = out.sequences[0, n:].tolist()
-        return Run(n, tokens, [float(torch.log_softmax(lg[0].float(), -1)[t]) for lg, t in zip(out.logits, tokens,
-                                                                                                 strict=True)])
+        return super().generate(inputs)
 
     @torch.no_grad()
     def pruned(self, method: str, keep, **options) -> tuple[Run, list[int]]:
@@ -130,25 +118,14 @@ def test_pruned_matches_enable_pruning(method, keep, options, gemma_dir, vanilla
     ref, ref_kept = GemmaHF(gemma_dir).pruned(method, keep, **options)
     assert kept == [ref_kept]
     assert ours.prompt_len == ref.prompt_len < vanilla.prompt_len
-    assert ours.tokens == ref.tokens
-    report(f"pruned vLLM vs enable_pruning's prompt (causal), gemma3 {method} keep={keep}", max_diff(ours, ref))
-    assert max_diff(ours, ref) < TOL
-    assert max_diff(vanilla, ref) > 100 * TOL  # the comparison can fail: the unpruned prompt gives other logprobs
+    assert_matches(ours, ref, vanilla, f"pruned vLLM vs enable_pruning's prompt (causal), gemma3 {method} keep={keep}")
 
 
 def test_batch_equals_alone_and_prompt_dependent_indices(gemma_dir):
     question = PROMPT.replace("what is in the image ?", "how many red circle are there ?")
     requests = [(PROMPT, _image()), (question, _image()), (PROMPT, _image(seed=11))]
-    llm = engine(gemma_dir, vllm_overrides(NAME, "cdpruner", keep=9), videos=False)
-    try:
-        alone = [generate(llm, [r]) for r in requests]
-        together, _ = generate(llm, requests)
-    finally:
-        del llm
-        gc.collect()
-    for a, (b, _) in zip(together, alone, strict=True):
-        assert a.tokens == b[0].tokens
-        assert max_diff(a, b[0]) < TOL
+    alone, together = alone_and_together(gemma_dir, requests, vllm_overrides(NAME, "cdpruner", keep=9), videos=False)
+    assert_batch_equals_alone(together, [run for run, _ in alone])
     for (prompt, image), (_, kept) in zip(requests, alone, strict=True):
         _, ref_kept = GemmaHF(gemma_dir, prompt, image).pruned("cdpruner", 9)
         assert kept == [ref_kept]
@@ -156,10 +133,7 @@ def test_batch_equals_alone_and_prompt_dependent_indices(gemma_dir):
 
 
 def test_refused_method_fails_at_engine_start(gemma_dir):
-    with pytest.raises(Exception) as info:  # noqa: PT011 - vLLM may wrap the plugin's ValueError
-        engine(gemma_dir, vllm_overrides(NAME, "fastervlm", keep=9), videos=False)
-    gc.collect()
-    text = error_text(info)
+    text = start_error(gemma_dir, vllm_overrides(NAME, "fastervlm", keep=9), videos=False)
     assert re.search(r"\[CLS\]", text) and re.search(r"nearest method .* is 'holov'", text)
 
 

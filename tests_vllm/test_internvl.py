@@ -5,14 +5,13 @@ start."""
 
 from __future__ import annotations
 
-import gc
 import re
 
 import pytest
-import torch
-from cases import MAX_TOKENS, Run
-from engines import engine, error_text, generate, run_alone
-from test_e2e import TOL, max_diff, report
+from cases import Run
+from compare import TOL, assert_batch_equals_alone, assert_matches, max_diff, report
+from engines import alone_and_together, run_alone, start_error
+from hf_reference import HFModel
 
 from tokenprune.integrations.vllm import vllm_overrides
 from tokenprune.integrations.vllm.checkpoints import save_tiny_checkpoint
@@ -31,25 +30,11 @@ def internvl_dir(tmp_path_factory) -> str:
     return save_tiny_checkpoint(NAME, str(tmp_path_factory.mktemp("internvl") / NAME))
 
 
-class InternVLHF:
+class InternVLHF(HFModel):
+    """The HF side: the processor's inputs, ``generate``, and ``enable_pruning``'s generation and kept tokens."""
+
     def __init__(self, path: str, prompt: str = PROMPT, image=None):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        self.processor = AutoProcessor.from_pretrained(path)
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=torch.float32, attn_implementation="eager"
-        ).eval()
-        self.model.generation_config.suppress_tokens = None  # vLLM does not apply it
-        self.inputs = self.processor(text=prompt, images=_image() if image is None else image, return_tensors="pt")
-
-    @torch.no_grad()
-    def generate(self) -> Run:
-        out = self.model.generate(**self.inputs, max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None,
-                                  output_logits=True, return_dict_in_generate=True)
-        n = self.inputs["input_ids"].shape[1]
-        tokens = out.sequences[0, n:].tolist()
-        return Run(n, tokens, [float(torch.log_softmax(lg[0].float(), -1)[t]) for lg, t in zip(out.logits, tokens,
-                                                                                                 strict=True)])
+        super().__init__(path, prompt, _image() if image is None else image)
 
     def pruned(self, method: str, keep, **options) -> tuple[Run, list[int]]:
         from tokenprune import disable_pruning, enable_pruning
@@ -94,32 +79,19 @@ def test_pruned_matches_enable_pruning(method, keep, options, internvl_dir, vani
     ref, ref_kept = InternVLHF(internvl_dir).pruned(method, keep, **options)
     assert kept == [ref_kept]
     assert ours.prompt_len == ref.prompt_len < vanilla.prompt_len
-    assert ours.tokens == ref.tokens
-    report(f"pruned vLLM vs enable_pruning, internvl {method} keep={keep}", max_diff(ours, ref))
-    assert max_diff(ours, ref) < TOL
-    assert max_diff(vanilla, ref) > 100 * TOL  # the comparison can fail: the unpruned prompt gives other logprobs
+    assert_matches(ours, ref, vanilla, f"pruned vLLM vs enable_pruning, internvl {method} keep={keep}")
 
 
 def test_batch_of_different_requests_equals_each_alone(internvl_dir):
     question = PROMPT.replace("what is in the image ?", "how many red circle are there ?")
     requests = [(PROMPT, _image()), (question, _image()), (PROMPT, random_image(64, 64, seed=11))]  # 1 tile
-    llm = engine(internvl_dir, vllm_overrides(NAME, "mmtok", keep=8))
-    try:
-        alone = [generate(llm, [r]) for r in requests]
-        together, _ = generate(llm, requests)
-    finally:
-        del llm
-        gc.collect()
-    for a, (b, _) in zip(together, alone, strict=True):
-        assert a.tokens == b[0].tokens
-        assert max_diff(a, b[0]) < TOL
+    alone, together = alone_and_together(internvl_dir, requests, vllm_overrides(NAME, "mmtok", keep=8))
+    assert_batch_equals_alone(together, [run for run, _ in alone])
     for (prompt, image), (_, kept) in zip(requests, alone, strict=True):
         assert kept == [InternVLHF(internvl_dir, prompt, image).pruned("mmtok", 8)[1]]
     assert alone[0][1] != alone[1][1]  # the question changes the selection
 
 
 def test_cls_token_method_is_refused_at_engine_start(internvl_dir):
-    with pytest.raises(Exception) as info:  # noqa: PT011 - vLLM may wrap the plugin's ValueError
-        engine(internvl_dir, vllm_overrides(NAME, "visionzip", keep=6))  # keep_cls=True: the [CLS] token itself
-    gc.collect()
-    assert re.search(r"keep_cls=False", error_text(info))
+    text = start_error(internvl_dir, vllm_overrides(NAME, "visionzip", keep=6))  # keep_cls=True: the [CLS] token
+    assert re.search(r"keep_cls=False", text)

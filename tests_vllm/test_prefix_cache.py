@@ -9,6 +9,7 @@ import gc
 
 import pytest
 from cases import MAX_TOKENS, PROMPTS, image
+from engines import engine
 
 from tokenprune.integrations.vllm import vllm_overrides
 
@@ -25,11 +26,7 @@ def _prompt(name: str, question: str) -> str:
 
 
 def _engine(path: str, overrides: dict | None):
-    from vllm import LLM
-
-    return LLM(model=path, dtype="float32", max_model_len=1024, max_num_seqs=4, enforce_eager=True, seed=0,
-               limit_mm_per_prompt={"image": 1, "video": 0}, distributed_executor_backend="uni",
-               enable_prefix_caching=True, block_size=BLOCK, **({"hf_overrides": overrides} if overrides else {}))
+    return engine(path, overrides, enable_prefix_caching=True, block_size=BLOCK)
 
 
 def _run(llm, name: str, questions) -> list[tuple[list[int], list[float], int]]:

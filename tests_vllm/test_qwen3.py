@@ -5,13 +5,13 @@ refused at engine start while pruning."""
 
 from __future__ import annotations
 
-import gc
 import re
 
 import pytest
-from cases import MAX_TOKENS, PROMPTS, image
-from hf_reference import HFReference
-from test_e2e import TOL, max_diff, report
+from cases import PROMPTS, image
+from compare import TOL, assert_batch_equals_alone, assert_matches, max_diff, report
+from engines import alone_and_together, start_error
+from hf_reference import HFReference, enable_pruning_generate
 
 from tokenprune.integrations.vllm import ARCHITECTURES, vllm_overrides
 from tokenprune.tiny_models import random_image
@@ -42,66 +42,27 @@ CASES = [
 
 @pytest.mark.parametrize(("name", "method", "keep", "options"), CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
 def test_pruned_matches_enable_pruning(name, method, keep, options, vllm_run, model_dirs):
-    from tokenprune import disable_pruning, enable_pruning
-
     ref_model = HFReference(model_dirs.get(name + "_hf", model_dirs[name]), name)
-    vanilla = ref_model.generate()
-    handle = enable_pruning(ref_model.model, method=method, keep=keep, **options)
-    try:
-        ref = ref_model.generate()
-        record = handle.last.images[0]
-        rows = len(record.kept) + record.n_merged
-    finally:
-        disable_pruning(ref_model.model)
+    vanilla, ref, record = enable_pruning_generate(ref_model, method, keep, **options)
+    rows = len(record.kept) + record.n_merged
     ours = vllm_run(name, vllm_overrides(name, method, keep=keep, **options))
     assert rows < N_TOKENS
     assert ours.prompt_len == vllm_run(name).prompt_len - (N_TOKENS - rows)
-    assert ours.tokens == ref.tokens
-    report(f"pruned vLLM vs enable_pruning, {name} {method} keep={keep}", max_diff(ours, ref))
-    assert max_diff(ours, ref) < TOL
-    assert max_diff(vanilla, ref) > 100 * TOL  # the comparison can fail: the unpruned prompt gives other logprobs
-
-
-def _generate(llm, batch) -> list[tuple[list[int], list[float]]]:
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0, ignore_eos=True)
-    outs = llm.generate([{"prompt": p, "multi_modal_data": {"image": im}} for p, im in batch], params, use_tqdm=False)
-    return [(list(c.token_ids), [s[t].logprob for s, t in zip(c.logprobs, c.token_ids, strict=True)])
-            for c in (o.outputs[0] for o in outs)]
+    assert_matches(ours, ref, vanilla, f"pruned vLLM vs enable_pruning, {name} {method} keep={keep}")
 
 
 def test_batch_of_different_images_equals_each_alone(model_dirs):
-    from vllm import LLM
-
     name = "qwen3_vl"
-    llm = LLM(model=model_dirs[name], dtype="float32", max_model_len=1024, max_num_seqs=4, enforce_eager=True, seed=0,
-              limit_mm_per_prompt={"image": 1, "video": 0}, distributed_executor_backend="uni",
-              hf_overrides=vllm_overrides(name, "cdpruner", keep=5))
     requests = [(PROMPTS[name], image(name)),
                 (PROMPTS[name].replace("what is in the image ?", "how many red circle are there ?"), image(name)),
                 (PROMPTS[name], random_image(64, 128, seed=11))]  # another grid (4 x 2)
-    try:
-        alone = [_generate(llm, [r])[0] for r in requests]
-        together = _generate(llm, requests)
-    finally:
-        del llm
-        gc.collect()
-    for a, b in zip(together, alone, strict=True):
-        assert a[0] == b[0]
-        assert max(abs(x - y) for x, y in zip(a[1], b[1], strict=True)) < TOL
-    assert alone[0] != alone[1]  # the question matters
+    alone, together = alone_and_together(model_dirs[name], requests, vllm_overrides(name, "cdpruner", keep=5))
+    runs = [run for run, _ in alone]
+    assert_batch_equals_alone(together, runs)
+    assert (runs[0].tokens, runs[0].logprobs) != (runs[1].tokens, runs[1].logprobs)  # the question matters
 
 
 def test_videos_are_refused_at_engine_start(model_dirs):
-    from vllm import LLM
-
     overrides = {"architectures": [ARCHITECTURES["qwen3_vl"][1]], "tokenprune": {"method": "divprune", "keep": 4}}
-    with pytest.raises(Exception) as info:  # noqa: PT011 - vLLM may wrap the plugin's ValueError
-        LLM(model=model_dirs["qwen3_vl"], dtype="float32", max_model_len=1024, enforce_eager=True,
-            limit_mm_per_prompt={"image": 1, "video": 1}, distributed_executor_backend="uni", hf_overrides=overrides)
-    gc.collect()
-    text, cause = str(info.value), info.value.__cause__
-    while cause is not None:
-        text, cause = text + " | " + str(cause), cause.__cause__
+    text = start_error(model_dirs["qwen3_vl"], overrides, limit_mm_per_prompt={"image": 1, "video": 1})
     assert re.search(r"prunes images only", text)

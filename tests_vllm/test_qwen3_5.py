@@ -10,13 +10,12 @@ tests_vllm/test_qwen3.py's (Qwen3-VL, the model class Qwen3.5 extends in vLLM).
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 from cases import PROMPTS, Run
-from engines import engine, generate, run_alone
-from test_e2e import max_diff, report
+from compare import max_diff, report
+from engines import alone_and_together, run_alone
+from hf_reference import HFModel
 
 from tokenprune.integrations.vllm import vllm_overrides
 from tokenprune.integrations.vllm.checkpoints import save_tiny_checkpoint
@@ -42,20 +41,16 @@ def _run_alone(path: str, overrides: dict | None = None) -> tuple[Run, list[list
 
 def _hf_kept(path: str, method: str, keep, prompt: str = PROMPT, image=None, **options) -> list[int]:
     """``enable_pruning``'s kept indices on the HF model in bf16, for the same image and prompt."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     from tokenprune import disable_pruning, enable_pruning
 
-    processor = AutoProcessor.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager").eval()
-    inputs = processor(text=prompt, images=_image() if image is None else image, return_tensors="pt")
-    handle = enable_pruning(model, method=method, keep=keep, **options)
+    hf = HFModel(path, prompt, _image() if image is None else image, dtype=torch.bfloat16)
+    handle = enable_pruning(hf.model, method=method, keep=keep, **options)
     try:
         with torch.no_grad():
-            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+            hf.model.generate(**hf.inputs, max_new_tokens=1, do_sample=False)
         return handle.last.images[0].kept.tolist()
     finally:
-        disable_pruning(model)
+        disable_pruning(hf.model)
 
 
 @pytest.fixture(scope="module")
@@ -78,16 +73,12 @@ def test_pruned_keeps_enable_pruning_indices(method, keep, options, qwen35_dir, 
 def test_batch_equals_alone_and_prompt_dependent_indices(qwen35_dir):
     question = PROMPT.replace("what is in the image ?", "how many red circle are there ?")
     requests = [(PROMPT, _image()), (question, _image()), (PROMPT, random_image(64, 128, seed=11))]  # 4 x 2 tokens
-    llm = engine(qwen35_dir, vllm_overrides(NAME, "cdpruner", keep=5), dtype="bfloat16")
-    try:
-        alone = [generate(llm, [r]) for r in requests]  # each image in its own encoder call
-        together, _ = generate(llm, requests)
-    finally:
-        del llm
-        gc.collect()
+    # alone: each image in its own encoder call
+    alone, together = alone_and_together(qwen35_dir, requests, vllm_overrides(NAME, "cdpruner", keep=5),
+                                         dtype="bfloat16")
     for a, (b, _) in zip(together, alone, strict=True):
-        assert a.tokens == b[0].tokens
-        report("bf16 batch vs alone, qwen3_5 cdpruner", max_diff(a, b[0]))
+        assert a.tokens == b.tokens
+        report("bf16 batch vs alone, qwen3_5 cdpruner", max_diff(a, b))
     kept = [k for _, k in alone]
     assert kept == [[_hf_kept(qwen35_dir, "cdpruner", 5, p, im)] for p, im in requests]
 

@@ -4,11 +4,11 @@ options fail when the engine starts, never mid-request."""
 
 from __future__ import annotations
 
-import gc
 import re
 
 import pytest
-from cases import MAX_TOKENS, PROMPTS, image
+from cases import PROMPTS, image
+from engines import alone_and_together, start_error
 from hf_reference import HFReference
 
 from tokenprune.integrations.vllm import vllm_overrides
@@ -20,30 +20,6 @@ QUESTIONS = ("what is in the image ?", "describe the colours in the top left cor
 
 def _prompt(name: str, question: str) -> str:
     return PROMPTS[name].replace("what is in the image ?", question)
-
-
-def _engine(path: str, overrides: dict):
-    from vllm import LLM
-
-    return LLM(model=path, dtype="float32", max_model_len=1024, max_num_seqs=4, enforce_eager=True, seed=0,
-               limit_mm_per_prompt={"image": 1, "video": 0}, distributed_executor_backend="uni",
-               hf_overrides=overrides)
-
-
-def _generate(llm, requests) -> tuple[list[tuple[list[int], list[float]]], list[list[int]]]:
-    """Greedy outputs (token ids, logprobs) of ``requests`` ``[(prompt, image)]`` in ONE ``generate`` call, and the
-    kept tokens of the last encoder call."""
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=0, ignore_eos=True)
-    outs = llm.generate([{"prompt": p, "multi_modal_data": {"image": im}} for p, im in requests], params,
-                        use_tqdm=False)
-    results = []
-    for out in outs:
-        c = out.outputs[0]
-        results.append((list(c.token_ids), [s[t].logprob for s, t in zip(c.logprobs, c.token_ids, strict=True)]))
-    kept = llm.apply_model(lambda model: [k.tolist() for k in model.tokenprune_kept])[0]
-    return results, kept
 
 
 # (family, method, keep, options): prompt-dependent on both kinds of tower, and an attention signal over a batch of
@@ -59,14 +35,8 @@ def test_batch_equals_each_alone_and_prompt_dependent_indices_equal_hf(name, met
     other = random_image(*((64, 64) if name == "llava" else (112, 84)), seed=11)  # Qwen: another grid (4 x 3)
     requests = [(_prompt(name, QUESTIONS[0]), image(name)), (_prompt(name, QUESTIONS[1]), image(name)),
                 (_prompt(name, QUESTIONS[1]), other)]
-    llm = _engine(model_dirs[name], overrides)
-    try:
-        alone = [_generate(llm, [r]) for r in requests]
-        batch, _ = _generate(llm, requests)
-    finally:
-        del llm
-        gc.collect()
-    assert batch == [a[0][0] for a in alone]  # token ids and logprobs, exactly
+    alone, batch = alone_and_together(model_dirs[name], requests, overrides)
+    assert batch == [run for run, _ in alone]  # token ids and logprobs, exactly
 
     pruning = parse_options(overrides["tokenprune"], cls_token=name == "llava")
     hf = HFReference(model_dirs[name], name)
@@ -75,19 +45,6 @@ def test_batch_equals_each_alone_and_prompt_dependent_indices_equal_hf(name, met
         assert kept[0] == hf.selection(pruning).kept.tolist()
     if method != "hiprune":  # the text matters: the same image under the two questions keeps other tokens
         assert alone[0][1] != alone[1][1]
-
-
-def _start_error(path: str, overrides) -> str:
-    with pytest.raises(Exception) as info:  # noqa: PT011 - vLLM may wrap the plugin's ValueError
-        llm = _engine(path, overrides)
-        del llm
-    gc.collect()
-    text = str(info.value)
-    cause = info.value.__cause__
-    while cause is not None:
-        text += " | " + str(cause)
-        cause = cause.__cause__
-    return text
 
 
 @pytest.mark.parametrize(("name", "raw", "message"), [
@@ -100,7 +57,7 @@ def test_bad_methods_fail_at_engine_start(name, raw, message, model_dirs):
     from tokenprune.integrations.vllm import ARCHITECTURES
 
     overrides = {"architectures": [ARCHITECTURES[name][1]], "tokenprune": raw}
-    assert re.search(re.escape(message), _start_error(model_dirs[name], overrides))
+    assert re.search(re.escape(message), start_error(model_dirs[name], overrides))
 
 
 def test_bad_hf_overrides_json_fails_when_the_cli_parses_it():

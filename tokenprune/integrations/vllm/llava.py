@@ -28,7 +28,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from tokenprune.integrations.vllm.options import CONFIG_KEY, VllmPruning, parse_options
 from tokenprune.integrations.vllm.placeholders import check_embedding_request, pruned_prompt_updates
-from tokenprune.integrations.vllm.prompt_text import TEXT_FIELD, PromptTextProcessor, check_cache_type
+from tokenprune.integrations.vllm.prompt_text import PromptTextModel, PromptTextProcessor, check_cache_type
 from tokenprune.integrations.vllm.selection import select_image
 from tokenprune.methods import FEATURES, TEXT_EMBEDDINGS, SignalRequest
 from tokenprune.patches.clip_signals import OUTPUT_SIGNALS, PROBE_SIGNALS, ClipProbe
@@ -36,6 +36,17 @@ from tokenprune.patches.clip_signals import OUTPUT_SIGNALS, PROBE_SIGNALS, ClipP
 
 def _pruning(hf_config, cls_token: bool = True) -> VllmPruning | None:
     return parse_options(getattr(hf_config, CONFIG_KEY, None), cls_token=cls_token)
+
+
+def placeholder_text(hf_config, pruning: VllmPruning | None,
+                     modalities: tuple[str, ...] = ("image",)) -> tuple[int, tuple[int, ...]] | None:
+    """``PromptTextProcessor._tokenprune_text`` of a LLaVA-family config: the image token and the placeholder tokens
+    of ``modalities`` (``<modality>_token_id``, or ``<modality>_token_index`` on older configs), or None when the
+    method needs no prompt text."""
+    if pruning is None or pruning.keeps_all or TEXT_EMBEDDINGS not in pruning.method.needs:
+        return None
+    ids = tuple(getattr(hf_config, f"{m}_token_id", None) or getattr(hf_config, f"{m}_token_index") for m in modalities)
+    return ids[0], ids
 
 
 class TokenpruneLlavaProcessingInfo(LlavaProcessingInfo):
@@ -54,12 +65,8 @@ class TokenpruneLlavaMultiModalProcessor(PromptTextProcessor, LlavaMultiModalPro
         return pruned_prompt_updates(updates, pruning, only_embeddings_of=mm_items)
 
     def _tokenprune_text(self):
-        pruning = _pruning(self.info.get_hf_config())
-        if pruning is None or pruning.keeps_all or TEXT_EMBEDDINGS not in pruning.method.needs:
-            return None
         config = self.info.get_hf_config()
-        image_token_id = getattr(config, "image_token_id", None) or config.image_token_index
-        return image_token_id, (image_token_id,)
+        return placeholder_text(config, _pruning(config))
 
 
 class _FusedPart:
@@ -85,10 +92,11 @@ def _signal_only_forward(layer: torch.nn.Module):
     return forward
 
 
-class ClipPruning:
-    """What LLaVA-1.5 and LLaVA-NeXT share in vLLM (mixed in before the stock class): the options, the CLIP probe
-    (layers, ``q_proj``/``k_proj`` views), the prompt text of prompt-dependent methods, the record of kept tokens.
-    ``tokenprune_cls_token``: whether the tower has a [CLS] token (False: LLaVA-OneVision's SigLIP)."""
+class ClipPruning(PromptTextModel):
+    """What LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision share in vLLM (mixed in before the stock class): the options,
+    the CLIP probe (layers, ``q_proj``/``k_proj`` views), the prompt text of prompt-dependent methods
+    (:class:`PromptTextModel`), the record of kept tokens. ``tokenprune_cls_token``: whether the tower has a [CLS]
+    token (False: LLaVA-OneVision's SigLIP)."""
 
     tokenprune_cls_token = True
 
@@ -97,7 +105,6 @@ class ClipPruning:
         self.tokenprune_kept: list[torch.Tensor] = []  # the kept tokens of each image of the last encoder call
         self._requests: list[SignalRequest] = []   # the method's requests, layers made non-negative
         self._keys: dict[str, str] = {}            # probe key -> the method's key
-        self._text_ids: list[torch.Tensor] | None = None
         self._feature_layer = len(self.vision_tower.vision_model.encoder.layers) - 1
         if self.tokenprune is None:
             return
@@ -161,25 +168,6 @@ class ClipPruning:
         drop_cls = self.config.vision_feature_select_strategy == "default"
         return [{self._keys[key]: value for key, value in row.items()} for row in probe.per_image(drop_cls=drop_cls)]
 
-    def _text_signals(self, b: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """``{TEXT_EMBEDDINGS: [M, D]}``, the LLM's own input embeddings of the text after image ``b`` of this call,
-        when the method needs them."""
-        if TEXT_EMBEDDINGS not in self.tokenprune.method.needs:
-            return {}
-        if self._text_ids is None:
-            raise RuntimeError(f"{self.tokenprune.method.name} needs the prompt text; the processor did not attach "
-                               f"it ({TEXT_FIELD})")
-        ids = self._text_ids[b].reshape(-1).to(device)
-        return {TEXT_EMBEDDINGS: self.get_language_model().embed_input_ids(ids)}
-
-    def embed_multimodal(self, **kwargs: object):
-        text = kwargs.pop(TEXT_FIELD, None)
-        self._text_ids = None if text is None else list(text)
-        try:
-            return super().embed_multimodal(**kwargs)
-        finally:
-            self._text_ids = None
-
 
 @MULTIMODAL_REGISTRY.register_processor(
     TokenpruneLlavaMultiModalProcessor, info=TokenpruneLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
@@ -208,7 +196,7 @@ class TokenpruneLlavaForConditionalGeneration(ClipPruning, LlavaForConditionalGe
         grid = (side, side) if side * side == n else None
         kept, self.tokenprune_kept = [], []
         for b in range(embeds.shape[0]):
-            signals = {**rows[b], FEATURES: embeds[b], **self._text_signals(b, embeds.device)}
+            signals = {**rows[b], FEATURES: embeds[b], **self._text_signals(b, embeds.device, cls_token=True)}
             chosen = select_image(self.tokenprune, embeds[b], signals, grid, cls_token=True,
                                   project=self.multi_modal_projector)
             kept.append(chosen.features)
@@ -221,7 +209,7 @@ class TokenpruneLlavaForConditionalGeneration(ClipPruning, LlavaForConditionalGe
         for b, emb in enumerate(embeds):
             side = math.isqrt(emb.shape[0])
             grid = (side, side) if side * side == emb.shape[0] else None
-            signals = {FEATURES: emb, **self._text_signals(b, emb.device)}
+            signals = {FEATURES: emb, **self._text_signals(b, emb.device, cls_token=True)}
             chosen = select_image(self.tokenprune, emb, signals, grid, cls_token=True,
                                   project=self.multi_modal_projector)
             out.append(chosen.features)

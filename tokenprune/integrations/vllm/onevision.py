@@ -17,8 +17,6 @@ unit is the whole packed image (DivPrune), refused by the others. Imported by vL
 
 from __future__ import annotations
 
-import torch
-from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 from vllm.model_executor.models.llava_onevision import (
     LlavaOnevisionDummyInputsBuilder,
     LlavaOnevisionForConditionalGeneration,
@@ -27,43 +25,28 @@ from vllm.model_executor.models.llava_onevision import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from tokenprune.integrations.vllm.llava import ClipPruning, _pruning
-from tokenprune.integrations.vllm.llava_next import check_packed_embeddings, placeholder_count, select_packed
-from tokenprune.integrations.vllm.options import VllmPruning
-from tokenprune.integrations.vllm.placeholders import pruned_prompt_updates
-from tokenprune.integrations.vllm.prompt_text import PromptTextProcessor
-from tokenprune.methods import FEATURES, TEXT_EMBEDDINGS
-from tokenprune.patches.llava_next import selection_units
-from tokenprune.patches.llava_onevision import (
-    OnevisionLayout,
-    onevision_layout,
-    onevision_unit_signals,
-    onevision_video_layout,
+from tokenprune.integrations.vllm.llava_next import (
+    AnyRes,
+    AnyResProcessingInfo,
+    AnyResProcessor,
+    AnyResPruning,
+    Plan,
+    counted_placeholders,
+    placeholder_count,
+    unit_plan,
 )
-from tokenprune.patches.units import Unit
+from tokenprune.integrations.vllm.options import VllmPruning
+from tokenprune.methods import FEATURES, TEXT_EMBEDDINGS
+from tokenprune.patches.llava_onevision import onevision_layout, onevision_unit_signals, onevision_video_layout
 from tokenprune.patches.units import select_image as select_units
 
-
-def _options(config) -> VllmPruning | None:
-    return _pruning(config, cls_token=False)
-
-
-def image_plan(config, pruning: VllmPruning, height: int, width: int) -> tuple[OnevisionLayout, list[Unit], list[int]]:
-    """``(layout, units, budgets)`` of one ``height x width`` image: what the processor counts and the model keeps."""
-    n_crops = image_size_to_num_patches(
-        image_size=(height, width), grid_pinpoints=config.image_grid_pinpoints,
-        patch_size=config.vision_config.image_size,
-    )
-    layout = onevision_layout(config, (height, width), n_crops)
-    units, _ = selection_units(layout, pruning.method, pruning.scope)
-    return layout, units, [pruning.kept(u.index.numel()) for u in units]
+LLAVA_ONEVISION = AnyRes("LLaVA-OneVision", cls_token=False, layout=onevision_layout,  # SigLIP: no [CLS]
+                         placeholders=("image", "video"))
 
 
-def video_plan(config, pruning: VllmPruning, frames: int) -> tuple[OnevisionLayout, list[Unit], list[int]]:
+def video_plan(config, pruning: VllmPruning, frames: int) -> Plan:
     """``(layout, units, budgets)`` of one video of ``frames`` frames (pooled frames, one newline at the end)."""
-    layout = onevision_video_layout(config, frames)
-    units, _ = selection_units(layout, pruning.method, pruning.scope)
-    return layout, units, [pruning.kept(u.index.numel()) for u in units]
+    return unit_plan(onevision_video_layout(config, frames), pruning)
 
 
 def prunes_videos(pruning: VllmPruning) -> bool:
@@ -71,59 +54,34 @@ def prunes_videos(pruning: VllmPruning) -> bool:
     return TEXT_EMBEDDINGS not in pruning.method.needs
 
 
-class TokenpruneLlavaOnevisionProcessingInfo(LlavaOnevisionProcessingInfo):
+class TokenpruneLlavaOnevisionProcessingInfo(AnyResProcessingInfo, LlavaOnevisionProcessingInfo):
+    """LLaVA-OneVision's processing info with each image's and each video's kept count of placeholders."""
+
+    tokenprune_anyres = LLAVA_ONEVISION
+
     def get_num_video_tokens(self, *, image_width: int, image_height: int, num_frames: int) -> int:
         n = super().get_num_video_tokens(image_width=image_width, image_height=image_height, num_frames=num_frames)
-        config = self.get_hf_config()
-        pruning = _options(config)
-        if pruning is None or pruning.keeps_all:
+        pruning = self.tokenprune_options()
+        if pruning is None:
             return n
-        layout, units, budgets = video_plan(config, pruning, num_frames)
-        if layout.crop.numel() != n:
-            raise RuntimeError(f"LLaVA-OneVision layout of a {num_frames}-frame video has {layout.crop.numel()} "
-                               f"tokens, vLLM counts {n}")
-        return placeholder_count(layout, units, budgets)
-
-    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        config = self.get_hf_config()
-        pruning = _options(config)
-        if pruning is None or pruning.keeps_all:
-            return n
-        layout, units, budgets = image_plan(config, pruning, image_height, image_width)
-        if layout.crop.numel() != n:
-            raise RuntimeError(f"LLaVA-OneVision layout of a {image_height}x{image_width} image has "
-                               f"{layout.crop.numel()} tokens, vLLM counts {n}")
-        return placeholder_count(layout, units, budgets)
+        plan = video_plan(self.get_hf_config(), pruning, num_frames)
+        return counted_placeholders(n, plan, f"LLaVA-OneVision layout of a {num_frames}-frame video")
 
 
-class TokenpruneLlavaOnevisionMultiModalProcessor(PromptTextProcessor, LlavaOnevisionMultiModalProcessor):
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        """Pixel images get the kept count from ``get_num_image_tokens``; packed image embeddings are cut here."""
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        pruning = _options(self.info.get_hf_config())
-        check_packed_embeddings(pruning, mm_items, cls_token=False, family="LLaVA-OneVision")
-        return pruned_prompt_updates(updates, pruning, only_embeddings_of=mm_items)
-
-    def _tokenprune_text(self):
-        config = self.info.get_hf_config()
-        pruning = _options(config)
-        if pruning is None or pruning.keeps_all or TEXT_EMBEDDINGS not in pruning.method.needs:
-            return None
-        image_token_id = getattr(config, "image_token_id", None) or config.image_token_index
-        video_token_id = getattr(config, "video_token_id", None) or config.video_token_index
-        return image_token_id, (image_token_id, video_token_id)
+class TokenpruneLlavaOnevisionMultiModalProcessor(AnyResProcessor, LlavaOnevisionMultiModalProcessor):
+    """LLaVA-OneVision's processor: packed image embeddings checked and cut, the prompt text attached (video
+    placeholders are not text)."""
 
 
 @MULTIMODAL_REGISTRY.register_processor(
     TokenpruneLlavaOnevisionMultiModalProcessor, info=TokenpruneLlavaOnevisionProcessingInfo,
     dummy_inputs=LlavaOnevisionDummyInputsBuilder,
 )
-class TokenpruneLlavaOnevisionForConditionalGeneration(ClipPruning, LlavaOnevisionForConditionalGeneration):
+class TokenpruneLlavaOnevisionForConditionalGeneration(AnyResPruning, LlavaOnevisionForConditionalGeneration):
     """``LlavaOnevisionForConditionalGeneration`` that keeps ``hf_config.tokenprune``'s selection of each image's
     packed tokens, and of each video's pooled frames."""
 
-    tokenprune_cls_token = False  # SigLIP
+    tokenprune_anyres = LLAVA_ONEVISION
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -146,39 +104,12 @@ class TokenpruneLlavaOnevisionForConditionalGeneration(ClipPruning, LlavaOnevisi
                 f"'divprune' / 'hiprune'"
             )
 
-    def _process_image_input(self, image_input):
-        if self.tokenprune is None or self.tokenprune.keeps_all:
-            return super()._process_image_input(image_input)
-        if image_input["type"] != "pixel_values":  # packed embeddings: the processor admitted whole-image methods only
-            chosen = [select_packed(self.tokenprune, emb, self._text_signals(b, emb.device), cls_token=False,
-                                    project=self.multi_modal_projector) for b, emb in enumerate(image_input["data"])]
-            self.tokenprune_kept = [c.kept for c in chosen]
-            return [c.features for c in chosen]
-        with self._probe() as probe:
-            patches = self._process_image_pixels(image_input)  # per image: [crops, side * side, D]
-        rows = self._probed_rows(probe, sum(p.shape[0] for p in patches))
-        out, start, self.tokenprune_kept = [], 0, []
-        for i, crops in enumerate(patches):
-            size = image_input["image_sizes"][i]
-            feats = self._merge_image_patch_embeddings(size, crops, image_newline=self.image_newline,
-                                                       strategy="spatial_unpad")
-            layout, units, budgets = image_plan(self.config, self.tokenprune, *map(int, size.tolist()))
-            mine, start = rows[start:start + layout.n_crops], start + crops.shape[0]
-            if placeholder_count(layout, units, budgets) == feats.shape[0]:  # nothing pruned: newlines stay too
-                out.append(feats)
-                self.tokenprune_kept.append(torch.arange(feats.shape[0]))
-                continue
-            text = self._text_signals(i, feats.device)
-            tower = onevision_unit_signals(self.config, layout, units, mine)
-            signals = [{FEATURES: feats[u.index.to(feats.device)], **text, **t} for u, t in zip(units, tower,
-                                                                                              strict=True)]
-            chosen = select_units(
-                self.tokenprune.method, feats, units, budgets, signals, image_index=0, row=0, index_in_row=0,
-                cls_token=False, project=self.multi_modal_projector, placement="span",
-            )
-            out.append(chosen.features)
-            self.tokenprune_kept.append(chosen.kept)
-        return out
+    def _tokenprune_pack(self, size, crops):
+        return self._merge_image_patch_embeddings(size, crops, image_newline=self.image_newline,
+                                                  strategy="spatial_unpad")
+
+    def _tokenprune_unit_signals(self, layout, units, rows):
+        return onevision_unit_signals(self.config, layout, units, rows)
 
     def _process_video_pixels(self, inputs):
         if self.tokenprune is None or self.tokenprune.keeps_all:

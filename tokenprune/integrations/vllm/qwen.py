@@ -39,7 +39,16 @@ def _pruning(hf_config) -> VllmPruning | None:
     return None if pruning is None or pruning.keeps_all else pruning
 
 
-class _QwenText(PromptTextProcessor):
+class _QwenProcessor(PromptTextProcessor):
+    """Shared by the Qwen families' processors (mixed in before the stock class): each image's placeholder run cut
+    to its kept count (image embeddings checked first), the prompt text attached for prompt-dependent methods."""
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        pruning = _pruning(self.info.get_hf_config())
+        check_embedding_request(pruning, mm_items, cls_token=False)
+        return pruned_prompt_updates(updates, pruning)
+
     def _tokenprune_text(self):
         pruning = _pruning(self.info.get_hf_config())
         if pruning is None or TEXT_EMBEDDINGS not in pruning.method.signals_needed(cls_token=False):
@@ -48,24 +57,20 @@ class _QwenText(PromptTextProcessor):
         return config.image_token_id, (config.image_token_id, config.video_token_id)
 
 
-class TokenpruneQwen2VLProcessor(_QwenText, Qwen2VLMultiModalProcessor):
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        pruning = _pruning(self.info.get_hf_config())
-        check_embedding_request(pruning, mm_items, cls_token=False)
-        return pruned_prompt_updates(updates, pruning)
+class TokenpruneQwen2VLProcessor(_QwenProcessor, Qwen2VLMultiModalProcessor):
+    """Qwen2-VL's processor with pruned placeholder runs."""
 
 
-class TokenpruneQwen2_5_VLProcessor(_QwenText, Qwen2_5_VLMultiModalProcessor):
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        pruning = _pruning(self.info.get_hf_config())
-        check_embedding_request(pruning, mm_items, cls_token=False)
-        return pruned_prompt_updates(updates, pruning)
+class TokenpruneQwen2_5_VLProcessor(_QwenProcessor, Qwen2_5_VLMultiModalProcessor):
+    """Qwen2.5-VL's processor with pruned placeholder runs."""
 
 
 class _QwenPruning:
-    """Shared by both Qwen families (mixed in before the stock class)."""
+    """Shared by the Qwen families (mixed in before the stock class)."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._tokenprune_init(vllm_config)
 
     def _tokenprune_init(self, vllm_config) -> None:
         self.tokenprune = _pruning(self.config)
@@ -185,15 +190,12 @@ class _QwenPruning:
     TokenpruneQwen2VLProcessor, info=Qwen2VLProcessingInfo, dummy_inputs=Qwen2VLDummyInputsBuilder
 )
 class TokenpruneQwen2VLForConditionalGeneration(_QwenPruning, Qwen2VLForConditionalGeneration):
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._tokenprune_init(vllm_config)
+    """``Qwen2VLForConditionalGeneration`` that keeps ``hf_config.tokenprune``'s selection of each image's tokens."""
 
 
 @MULTIMODAL_REGISTRY.register_processor(
     TokenpruneQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
 )
 class TokenpruneQwen2_5_VLForConditionalGeneration(_QwenPruning, Qwen2_5_VLForConditionalGeneration):
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._tokenprune_init(vllm_config)
+    """``Qwen2_5_VLForConditionalGeneration`` that keeps ``hf_config.tokenprune``'s selection of each image's
+    tokens."""

@@ -29,17 +29,12 @@ from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGene
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from tokenprune.integrations.vllm.mrope import MediaSpan, placeholder_positions
-from tokenprune.integrations.vllm.placeholders import check_embedding_request, pruned_prompt_updates
-from tokenprune.integrations.vllm.qwen import _pruning, _QwenPruning, _QwenText
+from tokenprune.integrations.vllm.qwen import _QwenProcessor, _QwenPruning
 from tokenprune.patches.qwen3_vl import deepstack_like
 
 
-class TokenpruneQwen3VLProcessor(_QwenText, Qwen3VLMultiModalProcessor):
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        pruning = _pruning(self.info.get_hf_config())
-        check_embedding_request(pruning, mm_items, cls_token=False)
-        return pruned_prompt_updates(updates, pruning)
+class TokenpruneQwen3VLProcessor(_QwenProcessor, Qwen3VLMultiModalProcessor):
+    """Qwen3-VL's processor with pruned placeholder runs (also Qwen3-VL-MoE's and Qwen3.5's)."""
 
 
 class _Qwen3Pruning(_QwenPruning):
@@ -78,15 +73,12 @@ class _Qwen3Pruning(_QwenPruning):
     TokenpruneQwen3VLProcessor, info=Qwen3VLProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
 )
 class TokenpruneQwen3VLForConditionalGeneration(_Qwen3Pruning, Qwen3VLForConditionalGeneration):
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._tokenprune_init(vllm_config)
+    """``Qwen3VLForConditionalGeneration`` that keeps ``hf_config.tokenprune``'s selection of each image's tokens."""
 
 
 @MULTIMODAL_REGISTRY.register_processor(
     TokenpruneQwen3VLProcessor, info=Qwen3VLMoeProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
 )
 class TokenpruneQwen3VLMoeForConditionalGeneration(_Qwen3Pruning, Qwen3VLMoeForConditionalGeneration):
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._tokenprune_init(vllm_config)
+    """``Qwen3VLMoeForConditionalGeneration`` that keeps ``hf_config.tokenprune``'s selection of each image's
+    tokens."""

@@ -23,15 +23,17 @@ from tokenprune.integrations.vllm.qwen3 import TokenpruneQwen3VLProcessor, _Qwen
     TokenpruneQwen3VLProcessor, info=Qwen3_5ProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
 )
 class TokenpruneQwen3_5ForConditionalGeneration(_Qwen3Pruning, Qwen3_5ForConditionalGeneration):
-    def __init__(self, *, vllm_config, prefix: str = "model") -> None:
+    """``Qwen3_5ForConditionalGeneration`` that keeps ``hf_config.tokenprune``'s selection of each image's tokens."""
+
+    def __init__(self, *, vllm_config, prefix: str = "model") -> None:  # the stock default prefix
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._tokenprune_init(vllm_config)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
     TokenpruneQwen3VLProcessor, info=Qwen3_5MoeProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
 )
 class TokenpruneQwen3_5MoeForConditionalGeneration(_Qwen3Pruning, Qwen3_5MoeForConditionalGeneration):
-    def __init__(self, *, vllm_config, prefix: str = "model") -> None:
+    """``Qwen3_5MoeForConditionalGeneration`` that keeps ``hf_config.tokenprune``'s selection of each image's tokens."""
+
+    def __init__(self, *, vllm_config, prefix: str = "model") -> None:  # the stock default prefix
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._tokenprune_init(vllm_config)
