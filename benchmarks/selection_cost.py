@@ -16,7 +16,7 @@ after the last one every selector's peak memory is re-measured as the peak of th
 
 ``--merge DIR ... --name NAME`` merges the rows of several sweep runs (one per dtype or shape group, run side by
 side) into ``results/NAME.{json,md,png}``; ``--docs --name NAME`` writes the tables of ``docs/selection_cost.md``
-from ``results/NAME.json`` (checked by ``tests/test_selector_scaling.py``).
+from ``results/NAME.json`` (checked by ``tests/test_selection_sweep.py``).
 """
 
 from __future__ import annotations

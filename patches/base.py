@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from tokenprune.budget import Keep, flops_targets, kept_count
+from tokenprune.compaction import compact, padding_side, reindex_positions
 from tokenprune.methods import PruningMethod
 from tokenprune.patches.decoder_loop import DecoderLoop, LayerRecord
 from tokenprune.patches.generate_routing import CacheRouting
@@ -268,6 +269,39 @@ class VisionStageAdapter(CacheRouting):
             name, tuple(images), before, info.seq_len_after,
             tokens_per_layer=info.tokens_per_layer, visual_per_layer=info.visual_per_layer,
         ))
+
+
+def pad_id(candidates: tuple[int | None, ...], reserved: set[int]) -> int:
+    """The id re-padded rows are filled with: the first configured pad id of ``candidates`` (e.g. the text config's,
+    then the model config's), unless there is none or it is one of the model's ``reserved`` multimodal ids -- then
+    the smallest id that is none of them (padding is masked: any ordinary id will do)."""
+    pad = next((c for c in candidates if c is not None), None)
+    if pad is None or pad in reserved:
+        pad = next(i for i in range(len(reserved) + 1) if i not in reserved)
+    return int(pad)
+
+
+def compacted_inputs(
+    kwargs: dict[str, Any], keep: torch.Tensor, pad: int, *, dropped: tuple[str, ...],
+    extra: dict[str, tuple[torch.Tensor, int]] | None = None,
+) -> dict[str, Any]:
+    """The call's keyword arguments with the placeholders where ``keep`` (``[B, L]``) is False dropped from every
+    per-token input and the rows re-padded (:func:`~tokenprune.compaction.compact`): ``input_ids`` (padded with
+    ``pad``), the ``extra`` per-token inputs ``{name: (tensor, pad value)}``, the attention mask (given, or built
+    when the rows end up with different lengths), labels (``-100``) and position ids (re-indexed contiguously).
+    The ``dropped`` inputs (pixels the adapter has encoded) are left out; the rest passes through."""
+    input_ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+    per_token = {"input_ids": (input_ids, pad), **(extra or {})}
+    counts = keep.sum(dim=1)
+    if mask is not None or bool((counts != counts[0]).any()):  # unequal rows need a mask for the re-padding
+        per_token["attention_mask"] = (mask if mask is not None else torch.ones_like(input_ids), 0)
+    if kwargs.get("labels") is not None:
+        per_token["labels"] = (kwargs["labels"], -100)
+    if kwargs.get("position_ids") is not None:
+        per_token["position_ids"] = (reindex_positions(kwargs["position_ids"], keep), 0)
+    new_kwargs = {k: v for k, v in kwargs.items() if k not in dropped}
+    new_kwargs.update(compact(keep, per_token, side=padding_side(mask)))
+    return new_kwargs
 
 
 def placeholder_positions(

@@ -49,10 +49,16 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
 
-from tokenprune.compaction import compact, padding_side, reindex_positions
 from tokenprune.compute_dtype import compute_dtype_device
 from tokenprune.methods import ATTENTION_MAP, ATTENTION_RECEIVED, FEATURES, PAIRED_TEXT, TEXT_EMBEDDINGS, VISION_HIDDEN
-from tokenprune.patches.base import PrunedCall, VisionStageAdapter, placeholder_positions, text_embeddings
+from tokenprune.patches.base import (
+    PrunedCall,
+    VisionStageAdapter,
+    compacted_inputs,
+    pad_id,
+    placeholder_positions,
+    text_embeddings,
+)
 from tokenprune.patches.clip_signals import ClipProbe, encoder_layers, resolve_layer
 from tokenprune.patches.paired_text import paired_text_embeddings
 from tokenprune.patches.units import Unit, select_image
@@ -200,22 +206,18 @@ class Gemma3Adapter(VisionStageAdapter):
         self, kwargs: dict[str, Any], keep: torch.Tensor, kept_features: list[torch.Tensor], images: list[ImageRecord]
     ) -> PrunedCall:
         """Drop the placeholders where ``keep`` is False from every per-token input, re-pad, re-index positions."""
-        input_ids = kwargs["input_ids"]
-        mask = kwargs.get("attention_mask")
-        new_kwargs = {k: v for k, v in kwargs.items() if k != "pixel_values"}
-        per_token: dict[str, tuple[torch.Tensor, int]] = {
-            "input_ids": (input_ids, _pad_id(self.model.config)), "token_type_ids": (kwargs["token_type_ids"], 0),
-        }
-        counts = keep.sum(dim=1)
-        if mask is not None or bool((counts != counts[0]).any()):  # unequal rows need a mask for the re-padding
-            per_token["attention_mask"] = (mask if mask is not None else torch.ones_like(input_ids), 0)
-        if kwargs.get("labels") is not None:
-            per_token["labels"] = (kwargs["labels"], -100)
-        if kwargs.get("position_ids") is not None:
-            per_token["position_ids"] = (reindex_positions(kwargs["position_ids"], keep), 0)
-        new_kwargs.update(compact(keep, per_token, side=padding_side(mask)))
+        config = self.model.config
+        pad = pad_id(
+            (getattr(config.text_config, "pad_token_id", None),),
+            {config.image_token_id, config.boi_token_id, config.eoi_token_id},
+        )
+        new_kwargs = compacted_inputs(
+            kwargs, keep, pad, dropped=("pixel_values",), extra={"token_type_ids": (kwargs["token_type_ids"], 0)}
+        )
         new_kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=_stacked(kept_features))}
-        record = PruneRecord(self.method.name, tuple(images), input_ids.shape[1], new_kwargs["input_ids"].shape[1])
+        record = PruneRecord(
+            self.method.name, tuple(images), kwargs["input_ids"].shape[1], new_kwargs["input_ids"].shape[1]
+        )
         return PrunedCall(new_kwargs, record)
 
 
@@ -286,11 +288,3 @@ def _expands(kwargs: dict[str, Any], default: Any) -> bool:
     beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
     sequences = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
     return beams > 1 or sequences > 1
-
-
-def _pad_id(config: Any) -> int:
-    pad = getattr(config.text_config, "pad_token_id", None)
-    reserved = {config.image_token_id, config.boi_token_id, config.eoi_token_id}
-    if pad is None or pad in reserved:
-        pad = next(i for i in range(len(reserved) + 1) if i not in reserved)
-    return int(pad)

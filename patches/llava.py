@@ -19,11 +19,17 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from tokenprune.compaction import compact, padding_side, reindex_positions
 from tokenprune.compute_dtype import compute_dtype_device
 from tokenprune.methods import CLS_SIGNALS, FEATURES, PAIRED_TEXT, TEXT_EMBEDDINGS, Selection, SelectionContext
 from tokenprune.patches import image_runs
-from tokenprune.patches.base import PrunedCall, VisionStageAdapter, placeholder_positions, text_embeddings
+from tokenprune.patches.base import (
+    PrunedCall,
+    VisionStageAdapter,
+    compacted_inputs,
+    pad_id,
+    placeholder_positions,
+    text_embeddings,
+)
 from tokenprune.patches.clip_encoder_loop import encode_pruned
 from tokenprune.patches.clip_signals import PROBE_SIGNALS, ClipProbe, encoder_layers, resolve_layer
 from tokenprune.patches.paired_text import paired_text_embeddings
@@ -240,27 +246,11 @@ class LlavaAdapter(VisionStageAdapter):
         self, kwargs: dict[str, Any], keep: torch.Tensor, kept_features: list[torch.Tensor], images: list[ImageRecord]
     ) -> PrunedCall:
         """Drop the placeholders where ``keep`` is False from every per-token input, re-pad, re-index positions."""
-        input_ids = kwargs["input_ids"]
-        length = input_ids.shape[1]
-        new_kwargs = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "image_sizes")}
-        mask = kwargs.get("attention_mask")
-        per_token: dict[str, tuple[torch.Tensor, int]] = {"input_ids": (input_ids, _pad_id(self.model.config))}
-        counts = keep.sum(dim=1)
-        if mask is not None or bool((counts != counts[0]).any()):  # unequal rows need a mask for the re-padding
-            per_token["attention_mask"] = (mask if mask is not None else torch.ones_like(input_ids), 0)
-        if kwargs.get("labels") is not None:
-            per_token["labels"] = (kwargs["labels"], -100)
-        if kwargs.get("position_ids") is not None:
-            per_token["position_ids"] = (reindex_positions(kwargs["position_ids"], keep), 0)
-        new_kwargs.update(compact(keep, per_token, side=padding_side(mask)))
+        config = self.model.config
+        pad = pad_id((getattr(config.text_config, "pad_token_id", None),), {config.image_token_id})
+        new_kwargs = compacted_inputs(kwargs, keep, pad, dropped=("pixel_values", "image_sizes"))
         new_kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=kept_features)}
-        new_length = new_kwargs["input_ids"].shape[1]
-        record = PruneRecord(self.method.name, tuple(images), length, new_length)
+        record = PruneRecord(
+            self.method.name, tuple(images), kwargs["input_ids"].shape[1], new_kwargs["input_ids"].shape[1]
+        )
         return PrunedCall(new_kwargs, record)
-
-
-def _pad_id(config: Any) -> int:
-    pad = getattr(config.text_config, "pad_token_id", None)
-    if pad is None or pad == config.image_token_id:
-        pad = 0 if config.image_token_id != 0 else 1
-    return int(pad)

@@ -24,7 +24,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from tokenprune.compaction import compact, padding_side
 from tokenprune.methods import FEATURES, PAIRED_TEXT, TEXT_EMBEDDINGS
 from tokenprune.patches import entering_images, pruned_cache
-from tokenprune.patches.base import PrunedCall, VisionStageAdapter, placeholder_positions, text_embeddings
+from tokenprune.patches.base import PrunedCall, VisionStageAdapter, pad_id, placeholder_positions, text_embeddings
 from tokenprune.patches.paired_text import paired_text_embeddings
 from tokenprune.patches.qwen_signals import QWEN_SIGNALS, QwenProbe
 from tokenprune.patches.units import ImageSelection, Unit, select_image
@@ -99,7 +99,7 @@ class QwenVLAdapter(VisionStageAdapter):
         new_kwargs = {k: v for k, v in kwargs.items() if k not in ("pixel_values", "pixel_values_videos")}
         full_mask = mask if mask is not None else torch.ones_like(input_ids)
         per_token: dict[str, tuple[torch.Tensor, int]] = {
-            "input_ids": (input_ids, _pad_id(self.model.config)),
+            "input_ids": (input_ids, _pad(self.model.config)),
             "attention_mask": (full_mask, 0),
             "mm_token_type_ids": (mm_types, 0),
             "position_ids": (positions, 0),
@@ -284,11 +284,6 @@ class QwenVLAdapter(VisionStageAdapter):
         )
 
 
-def _pad_id(config: Any) -> int:
-    pad = getattr(config.text_config, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(config, "pad_token_id", None)
-    reserved = {config.image_token_id, config.video_token_id}
-    if pad is None or pad in reserved:
-        pad = next(i for i in range(len(reserved) + 1) if i not in reserved)
-    return int(pad)
+def _pad(config: Any) -> int:
+    text_pad = getattr(config.text_config, "pad_token_id", None)
+    return pad_id((text_pad, getattr(config, "pad_token_id", None)), {config.image_token_id, config.video_token_id})

@@ -222,8 +222,8 @@ class TinyQwenProcessor:
             out["pixel_values_videos"] = torch.cat([v[0] for v in videos])
             out["video_grid_thw"] = torch.cat([v[1] for v in videos])
             video_counts = self._video_token_counts(out["video_grid_thw"])
-        expanded = [self._expand(t, "<|image_pad|>", image_counts) for t in texts]
-        expanded = [self._expand(t, "<|video_pad|>", video_counts) for t in expanded]
+        expanded = [expand_placeholders(t, "<|image_pad|>", image_counts) for t in texts]
+        expanded = [expand_placeholders(t, "<|video_pad|>", video_counts) for t in expanded]
         if image_counts or video_counts:
             raise ValueError("more images/videos than placeholders in the text")
         enc = self.tokenizer(expanded, return_tensors=return_tensors, padding=padding)
@@ -237,15 +237,18 @@ class TinyQwenProcessor:
         """What each ``<|video_pad|>`` of the text expands to, in order: one per video here (Qwen2-VL)."""
         return (grid_thw.prod(-1) // self.merge_size**2).tolist()
 
-    @staticmethod
-    def _expand(text: str, placeholder: str, counts: list[int]) -> str:
-        parts = text.split(placeholder)
-        pieces = [parts[0]]
-        for part in parts[1:]:
-            if not counts:
-                raise ValueError(f"more {placeholder} placeholders in the text than inputs")
-            pieces.append(placeholder * counts.pop(0) + part)
-        return "".join(pieces)
+
+
+def expand_placeholders(text: str, placeholder: str, counts: list[int]) -> str:
+    """Each ``placeholder`` of ``text`` repeated as many times as the next of ``counts`` says (consumed in order):
+    what a processor does to the one placeholder per image or video that a chat template writes."""
+    parts = text.split(placeholder)
+    pieces = [parts[0]]
+    for part in parts[1:]:
+        if not counts:
+            raise ValueError(f"more {placeholder} placeholders in the text than inputs")
+        pieces.append(placeholder * counts.pop(0) + part)
+    return "".join(pieces)
 
 
 def tiny_qwen(

@@ -19,7 +19,7 @@ import math
 import torch
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
-from tokenprune.tiny_models import LlavaSize, _finish, make_tokenizer
+from tokenprune.tiny_models import LlavaSize, _finish, expand_placeholders, make_tokenizer
 
 # (height, width) of the AnyRes grids: up to 4x4 crops of 32 px, so that a large image is down-scaled.
 ONEVISION_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64], [64, 96], [96, 64], [96, 96], [128, 128]]
@@ -78,22 +78,12 @@ class TinyOnevisionProcessor:
             out["pixel_values_videos"] = torch.stack(list(videos))
             pooled = math.ceil(math.isqrt(self.num_image_tokens) / 2)
             video_counts = [v.shape[0] * pooled * pooled + 1 for v in videos]
-        expanded = [_expand(t, "<image>", image_counts) for t in texts]
-        expanded = [_expand(t, "<video>", video_counts) for t in expanded]
+        expanded = [expand_placeholders(t, "<image>", image_counts) for t in texts]
+        expanded = [expand_placeholders(t, "<video>", video_counts) for t in expanded]
         if image_counts or video_counts:
             raise ValueError("more images/videos than placeholders in the text")
         enc = self.tokenizer(expanded, return_tensors=return_tensors, padding=padding)
         return BatchFeature({**enc, **out})
-
-
-def _expand(text: str, placeholder: str, counts: list[int]) -> str:
-    parts = text.split(placeholder)
-    pieces = [parts[0]]
-    for part in parts[1:]:
-        if not counts:
-            raise ValueError(f"more {placeholder} placeholders in the text than inputs")
-        pieces.append(placeholder * counts.pop(0) + part)
-    return "".join(pieces)
 
 
 def tiny_onevision(
