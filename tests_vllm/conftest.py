@@ -66,6 +66,19 @@ def hf(model_dirs):
     return functools.cache(lambda name: HFReference(model_dirs[name], name))
 
 
+def pytest_sessionfinish(session):
+    """On a pytest-xdist worker: hand the measured differences to the controller, which prints the summary."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        output["measured"] = list(MEASURED)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """On the pytest-xdist controller: collect a finished worker's measured differences."""
+    MEASURED.extend(getattr(node, "workeroutput", {}).get("measured", []))
+
+
 def pytest_terminal_summary(terminalreporter):
     if MEASURED:
         terminalreporter.section("measured (vLLM vs HF, fp32, greedy)")
