@@ -8,7 +8,14 @@ import re
 import pytest
 import torch
 from cache_turns import FOLLOW_UP, extend, gen, words
-from conftest import DECODER_OPTIONS, built, decoder_methods, hook_and_attribute_census, two_stage_methods
+from conftest import (
+    DECODER_OPTIONS,
+    assert_keep_all_is_unpruned,
+    built,
+    decoder_methods,
+    hook_and_attribute_census,
+    two_stage_methods,
+)
 from internvl_cases import DECLINES, GEN, PROMPT, WIDE, T, two_rows
 from transformers import DynamicCache
 
@@ -39,14 +46,10 @@ def _enable_decoder(model, method, keep):
 def test_decoder_methods_keep_all_bit_identical_cache_consistent_and_batched(attn, method):
     model, processor = _deep(attn)
     one = processor(text=[PROMPT], images=[random_image(*WIDE, seed=1)])
+    assert_keep_all_is_unpruned(model, one, lambda: _enable_decoder(model, method, 1.0), **GEN)
+    census = hook_and_attribute_census(model)
     try:
         with torch.no_grad():
-            ref_logits, ref_ids = model(**one).logits, model.generate(**one, **GEN)
-            census = hook_and_attribute_census(model)
-            _enable_decoder(model, method, 1.0)
-            assert torch.equal(model(**one).logits, ref_logits) and torch.equal(model.generate(**one, **GEN), ref_ids)
-            disable_pruning(model)
-            assert hook_and_attribute_census(model) == census
             handle = _enable_decoder(model, method, 0.5)
             cached = model.generate(**one, **GEN)
             assert torch.equal(cached[:, : one["input_ids"].shape[1]], one["input_ids"])

@@ -6,12 +6,12 @@ import pytest
 import torch
 from conftest import (
     DECODER_OPTIONS,
+    assert_keep_all_is_unpruned,
     assert_rows_match_alone,
     cached_model,
     decoder_methods,
     generate_cached_and_uncached,
     generate_cached_and_uncached_logits,
-    hook_and_attribute_census,
     left_clean,
     two_stage_methods,
 )
@@ -45,13 +45,7 @@ def _enable_decoder(model, method, keep):
 def test_decoder_methods_keep_all_bit_identical_and_cache_consistent(deep_ov, method):
     model, processor = deep_ov
     inputs = both(processor, size=(40, 70))
-    with torch.no_grad():
-        ref_logits, ref_ids = model(**inputs).logits, model.generate(**inputs, **GEN)
-        census = hook_and_attribute_census(model)
-        _enable_decoder(model, method, 1.0)
-        assert torch.equal(model(**inputs).logits, ref_logits) and torch.equal(model.generate(**inputs, **GEN), ref_ids)
-    disable_pruning(model)
-    assert left_clean(model) and hook_and_attribute_census(model) == census
+    assert_keep_all_is_unpruned(model, inputs, lambda: _enable_decoder(model, method, 1.0), **GEN)
     handle = _enable_decoder(model, method, 0.5)
     generate_cached_and_uncached_logits(model, inputs, **GEN)
     assert handle.last.visual_per_layer[-1] < handle.last.n_visual
